@@ -1,0 +1,48 @@
+"""One progress bar for every long loop (caching, training, sampling, feature extraction).
+
+Engine functions take `progress: bool`; bars go to stderr so `--json` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+stderr_console = Console(stderr=True)
+
+
+def make_progress(*extra_columns, enabled: bool = True) -> Progress:
+    """A rich Progress on stderr: description, bar, n/total, %, elapsed, ETA, then `extra_columns`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        *extra_columns,
+        console=stderr_console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+@contextlib.contextmanager
+def track(total: int, description: str, enabled: bool = True) -> Iterator[callable]:
+    """`with track(n, "Encoding") as advance: ... advance(k)` for simple counted loops."""
+    enabled = enabled and sys.stderr is not None
+    with make_progress(enabled=enabled) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
