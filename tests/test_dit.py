@@ -77,7 +77,7 @@ def test_gradient_checkpointing_gives_same_gradients(golden, golden_model):
         model(golden["fwd.x"], golden["fwd.t"], golden["fwd.y"]).square().mean().backward()
         return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    for a, b in zip(grads(False), grads(True)):
+    for a, b in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

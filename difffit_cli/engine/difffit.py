@@ -1,0 +1,188 @@
+"""The fine-tuning methods: which parameters train, where DiffFit's scale factors go, folding them away.
+
+- `difffit` (the paper's method): every bias except the timestep embedder's (the paper freezes that
+  embedder), the class table, affine norm parameters if the model has any, and scale factors gamma
+  (ones) on the attention and MLP branches of the chosen blocks.
+- `bitfit` (baseline): every bias, plus the class table when the classes are new.
+- `full` (baseline): every parameter except the fixed sin-cos `pos_embed`.
+
+New classes: a dataset with K classes gets a (K+1)-row table. Every row, the null row K included,
+starts as a copy of the base's null row, so an untrained adapter samples the base's unconditional
+distribution and guidance keeps its pre-trained reference point; training pulls the class rows apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from difffit_cli.engine.dit import DiT, DiTConfig, build_dit
+from difffit_cli.engine.errors import DiffFitError
+
+METHODS = ("difffit", "bitfit", "full")
+CLASS_TABLE = "y_embedder.embedding_table.weight"
+GROUPS = ("biases", "gamma", "class_table", "norms", "other")
+
+
+def parse_gamma_blocks(spec: str | None, depth: int) -> list[int]:
+    """'half' (default: the first half, the paper's best placement), 'all', 'none', or '0-5,20'."""
+    text = (spec or "half").strip().lower()
+    if text == "half":
+        return list(range(depth // 2))
+    if text == "all":
+        return list(range(depth))
+    if text in ("none", ""):
+        return []
+    blocks: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            lo, hi = int(first), int(last or first)
+            if lo > hi:
+                raise ValueError
+            blocks.update(range(lo, hi + 1))
+    except ValueError:
+        raise DiffFitError(
+            f"Cannot read --gamma-blocks {spec!r}; use 'half', 'all', 'none' or ranges like '0-5,20'."
+        ) from None
+    if bad := [i for i in blocks if not 0 <= i < depth]:
+        raise DiffFitError(f"--gamma-blocks names block {max(bad)}, but the model has blocks 0-{depth - 1}.")
+    return sorted(blocks)
+
+
+def resize_class_table(model: DiT, num_classes: int) -> None:
+    """Give the model a fresh (num_classes + 1)-row table, every row a copy of the base's null row."""
+    old = model.y_embedder.embedding_table.weight
+    null_row = old[model.config.num_classes].detach()
+    table = null_row.expand(num_classes + 1, -1).clone()
+    model.y_embedder.embedding_table.weight = nn.Parameter(table, requires_grad=old.requires_grad)
+    model.y_embedder.embedding_table.num_embeddings = num_classes + 1
+    model.y_embedder.num_classes = num_classes
+    model.config = replace(model.config, num_classes=num_classes)
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of affine norm parameters (stock DiT has none; a model that adds them gets them trained)."""
+    return {
+        f"{module_name}.{param_name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def is_trainable(name: str, method: str, new_classes: bool, norm_names: set[str]) -> bool:
+    """The per-method rule, on original-layout parameter names."""
+    if method == "full":
+        return name != "pos_embed"
+    is_bias = name.endswith(".bias")
+    if method == "bitfit":
+        return is_bias or (new_classes and name == CLASS_TABLE)
+    # difffit
+    return (
+        (is_bias and not name.startswith("t_embedder."))
+        or name == CLASS_TABLE
+        or ".gamma_" in name
+        or name in norm_names
+    )
+
+
+def prepare_model(
+    model: DiT,
+    method: str = "difffit",
+    gamma_blocks: list[int] | None = None,
+    num_classes: int | None = None,
+    new_classes: bool = False,
+) -> None:
+    """Shape `model` for `method` and set requires_grad: gamma for difffit, a new class table if needed.
+
+    The class table is replaced when `num_classes` differs from the base's, or when `new_classes` is
+    set (same count, different classes); otherwise the base's table is kept (and fine-tuned by difffit).
+    `gamma_blocks` defaults to the first half of the blocks (difffit only).
+    """
+    if method not in METHODS:
+        raise DiffFitError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    new_classes = new_classes or (num_classes is not None and num_classes != model.config.num_classes)
+    if new_classes:
+        resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)
+    if method == "difffit":
+        if gamma_blocks is None:
+            gamma_blocks = parse_gamma_blocks(None, model.config.depth)
+        model.add_scale_factors([i for i in gamma_blocks if i not in model.gamma_blocks])
+    norm_names = norm_parameter_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_trainable(name, method, new_classes, norm_names))
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_group(name: str, norm_names: set[str]) -> str:
+    """Which `info` group a parameter belongs to."""
+    if name == CLASS_TABLE:
+        return "class_table"
+    if ".gamma_" in name:
+        return "gamma"
+    if name in norm_names:
+        return "norms"
+    if name.endswith(".bias"):
+        return "biases"
+    return "other"
+
+
+def count_groups(model: nn.Module, trainable_only: bool = True) -> dict[str, int]:
+    """Parameter counts per group (biases, gamma, class_table, norms, other)."""
+    norm_names = norm_parameter_names(model)
+    counts = dict.fromkeys(GROUPS, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad or not trainable_only:
+            counts[parameter_group(name, norm_names)] += param.numel()
+    return counts
+
+
+def total_parameters(model: nn.Module) -> int:
+    """Every parameter, `pos_embed` included (the reference's convention: DiT-XL/2 = 675,129,632)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def fold_scale_factors(model: DiT) -> None:
+    """Fold gamma into the branch outputs: gamma * (W x + b) = (gamma W) x + gamma b; then drop gamma.
+
+    gamma scales output features, i.e. the rows of attn.proj / mlp.fc2 weights and their biases.
+    """
+    for block in model.blocks:
+        for gamma, linear in ((block.gamma_attn, block.attn.proj), (block.gamma_mlp, block.mlp.fc2)):
+            if gamma is not None:
+                linear.weight.mul_(gamma.to(linear.weight.dtype)[:, None])
+                linear.bias.mul_(gamma.to(linear.bias.dtype))
+        block.remove_scale_factors()
+
+
+def describe_method(config: DiTConfig, method: str = "difffit", *, num_classes: int | None = None,
+                    gamma_blocks: str | list[int] | None = None, new_classes: bool = False) -> dict:
+    """What `method` would train on a model of `config`, counted on a meta-device model (no memory).
+
+    Percentages are of the adapted model (new class table and gamma included).
+    """
+    with torch.device("meta"):
+        model = build_dit(config, init=False)
+    if method == "difffit" and not isinstance(gamma_blocks, list):
+        gamma_blocks = parse_gamma_blocks(gamma_blocks, config.depth)
+    prepare_model(model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes)
+    groups = count_groups(model)
+    total = total_parameters(model)
+    trainable = sum(groups.values())
+    return {
+        "method": method,
+        "gamma_blocks": model.gamma_blocks,
+        "num_classes": model.config.num_classes,
+        "new_class_table": model.y_embedder.num_classes != config.num_classes or new_classes,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "trainable_groups": groups,
+    }

@@ -1,0 +1,134 @@
+"""`difffit merge`: fold an adapter into its base and write a standalone model.
+
+- "original": one .safetensors in the reference checkpoint layout, which `--base` accepts; class
+  names, VAE and positional scale ride along as safetensors metadata (`difffit.*` keys).
+- "diffusers": a DiTPipeline folder (transformer, vae, scheduler, model_index.json with id2label)
+  that stock `diffusers.DiTPipeline.from_pretrained` loads. DiTPipeline hard-codes the null label as
+  1000, so a model with K < 1000 classes gets a 1001-row table: rows K..999 repeat the null row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from difffit_cli.engine.adapter import AdapterMeta, load_source, read_adapter
+from difffit_cli.engine.difffit import CLASS_TABLE, fold_scale_factors
+from difffit_cli.engine.dit import DiT
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.io import atomic_path
+
+FORMATS = ("original", "diffusers")
+DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
+
+
+def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt: str = "original",
+                  force_base: bool = False) -> dict:
+    """Apply `adapter` to its base, fold gamma, write `out`; returns a summary for the CLI."""
+    if fmt not in FORMATS:
+        raise DiffFitError(f"Unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    read_adapter(adapter)  # a clear error if ADAPTER is not an adapter (load_source would try it as a base)
+    loaded, meta = load_source(adapter, base=base, force_base=force_base)
+    model = loaded.model
+    fold_scale_factors(model)
+    out = Path(out)
+    if fmt == "original":
+        write_original(model, out, class_names=loaded.class_names, vae_spec=loaded.vae_spec, meta=meta)
+    else:
+        write_diffusers(model, out, class_names=loaded.class_names, vae=loaded.vae())
+    files = [f for f in out.rglob("*") if f.is_file()] if out.is_dir() else [out]
+    return {
+        "adapter": str(adapter),
+        "base": meta.base_spec if base is None else base,
+        "format": fmt,
+        "out": str(out),
+        "architecture": model.config.name,
+        "num_classes": model.config.num_classes,
+        "null_label": model.config.num_classes if fmt == "original" else DIFFUSERS_NULL_LABEL,
+        "resolution": meta.resolution,
+        "gamma_blocks_folded": meta.gamma_blocks,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def write_original(model: DiT, path: Path, *, class_names, vae_spec: str,
+                   meta: AdapterMeta | None = None) -> None:
+    """The model's state dict in the original layout, fp32, with difffit metadata that load_base reads."""
+    from safetensors.torch import save_file
+
+    if model.gamma_blocks:
+        raise ValueError("fold_scale_factors before writing an original-layout checkpoint")
+    state = {name: t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()}
+    metadata = {
+        "difffit.vae": vae_spec,
+        "difffit.pos_embed_scale": repr(float(model.config.pos_embed_scale)),
+        "difffit.class_names": json.dumps(class_names),
+    }
+    if meta is not None:
+        metadata["difffit.merged_from"] = json.dumps({"base": meta.base_spec, "method": meta.method,
+                                                     "training": meta.training})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
+    """A DiTPipeline folder; `vae` is the base's Autoencoder (a diffusers AutoencoderKL inside)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from difffit_cli.engine.bases import original_to_diffusers
+
+    config = model.config
+    if config.num_classes > DIFFUSERS_NULL_LABEL:
+        raise DiffFitError(
+            f"DiTPipeline supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), "
+            f"this model has {config.num_classes}; merge with --format original instead."
+        )
+    autoencoder = getattr(vae, "vae", None)
+    if autoencoder is None:
+        raise DiffFitError(
+            f"The VAE {vae.spec!r} is not a diffusers AutoencoderKL; a pipeline folder needs one.",
+            hint="Merge with --format original instead.",
+        )
+    state = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
+    state[CLASS_TABLE] = pad_class_table(state[CLASS_TABLE], DIFFUSERS_NULL_LABEL)
+    padded_config = replace(config, num_classes=DIFFUSERS_NULL_LABEL)
+    state, transformer_config = original_to_diffusers(state, padded_config)
+    transformer = DiTTransformer2DModel(**transformer_config)
+    transformer.load_state_dict(state, strict=True)
+    # The schedule DiT was trained with (linear betas 1e-4..0.02, 1000 steps), as facebook/DiT-* ship.
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                              num_train_timesteps=1000, clip_sample=False)
+    names = class_names or [str(i) for i in range(config.num_classes)]
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        transformer.save_pretrained(tmp / "transformer")
+        autoencoder.save_pretrained(tmp / "vae")
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = _model_index(transformer, autoencoder, names)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def pad_class_table(table: torch.Tensor, null_label: int) -> torch.Tensor:
+    """K+1 rows (null last) -> null_label+1 rows: the K class rows, then the null row repeated."""
+    k = table.shape[0] - 1
+    if k == null_label:
+        return table
+    null = table[k:]
+    return torch.cat([table[:k], null.expand(null_label + 1 - k, -1)]).contiguous()
+
+
+def _model_index(transformer, vae, class_names: list[str]) -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "DiTPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "id2label": {str(i): name for i, name in enumerate(class_names)},
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "transformer": ["diffusers", type(transformer).__name__],
+        "vae": ["diffusers", type(vae).__name__],
+    }

@@ -1,0 +1,49 @@
+"""CUDA checks, run by benchmarks/gpu_check.sh on a GPU machine. On a machine without CUDA they are
+reported as skipped (visibly, with the reason); CI has no GPU."""
+
+import pytest
+import torch
+
+from difffit_cli.engine.diffusion import GaussianDiffusion
+from difffit_cli.engine.dit import DiT
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run benchmarks/gpu_check.sh")
+
+
+@pytest.fixture
+def cuda_model(golden_model):
+    model = DiT(golden_model.config).eval()
+    model.load_state_dict(golden_model.state_dict())
+    return model.cuda()
+
+
+def test_forward_matches_reference_on_cuda(golden, cuda_model):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        out = cuda_model(golden["fwd.x"].cuda(), golden["fwd.t"].cuda(), golden["fwd.y"].cuda())
+    torch.testing.assert_close(out.cpu(), golden["fwd.out"], atol=1e-4, rtol=0)
+
+
+def test_loss_matches_reference_on_cuda(golden, cuda_model):
+    diffusion = GaussianDiffusion()
+    y = golden["loss.y"].cuda()
+    with torch.no_grad():
+        out = diffusion.training_losses(
+            lambda x, t: cuda_model(x, t, y), golden["loss.x0"].cuda(), golden["loss.t"].cuda(),
+            golden["loss.noise"].cuda(),
+        )
+    torch.testing.assert_close(out["loss"].cpu(), golden["loss.loss"], atol=1e-4, rtol=0)
+
+
+def test_bf16_autocast_is_close(golden, cuda_model):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = cuda_model(golden["fwd.x"].cuda(), golden["fwd.t"].cuda(), golden["fwd.y"].cuda())
+    assert (out.float().cpu() - golden["fwd.out"]).abs().max() < 0.1
+
+
+def test_gradient_checkpointing_on_cuda(golden, cuda_model):
+    cuda_model.train().set_gradient_checkpointing(True)
+    out = cuda_model(golden["fwd.x"].cuda(), golden["fwd.t"].cuda(), golden["fwd.y"].cuda())
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in cuda_model.parameters() if p.requires_grad)
