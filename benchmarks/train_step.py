@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from difffit_cli.engine.dit import config_for
+
 METHODS = ("difffit", "bitfit", "full")
 
 
@@ -28,7 +30,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Time one method (in this process)."""
     from difffit_cli.engine.difffit import prepare_model, trainable_parameters
     from difffit_cli.engine.diffusion import GaussianDiffusion
-    from difffit_cli.engine.dit import build_dit, config_for
+    from difffit_cli.engine.dit import build_dit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,11 +105,34 @@ def main() -> None:
     }
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
+    forward = forward_flops(config_for(args.config, input_size=args.latent))
+    peak = PEAK_BF16_FLOPS.get(report.get("gpu", "").split()[-1] if "gpu" in report else "", None)
+    for method, result in results.items():
+        result["img_per_s"] = round(args.batch / result["step_s"], 2)
+        # Required FLOPs per image: forward + input gradients (2x forward); full adds weight gradients (3x).
+        needed = (3 if method == "full" else 2) * forward
+        result["tflops_per_s"] = round(needed * result["img_per_s"] / 1e12, 2)
+        if peak and args.precision == "bf16":
+            result["mfu"] = round(needed * result["img_per_s"] / peak, 3)
     for method in ("difffit", "bitfit"):
         mine, full = results[method], results["full"]
         report[f"{method}/full_step_time"] = round(mine["step_s"] / full["step_s"], 3)
         report[f"{method}/full_peak_mem"] = round(mine["peak_mem_mb"] / full["peak_mem_mb"], 3)
     print(json.dumps(report, indent=2))
+
+
+# Dense bf16 tensor-core peak of the SXM parts, by the last word of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "HBM3": 989.4e12, "A100-SXM4-80GB": 312e12}
+
+
+def forward_flops(cfg) -> float:
+    """FLOPs (2 per multiply-add) of one image's forward pass; DiT-XL/2 at 256 px: ~2 x 118.6 G."""
+    d, tokens = cfg.hidden_size, (cfg.input_size // cfg.patch_size) ** 2
+    patch = cfg.patch_size**2
+    block = tokens * (4 + 2 * cfg.mlp_ratio) * d * d + 2 * tokens * tokens * d + 6 * d * d
+    embed = tokens * patch * cfg.in_channels * d + 256 * d + d * d
+    final = tokens * d * patch * cfg.out_channels + 2 * d * d
+    return 2.0 * (cfg.depth * block + embed + final)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ log = logging.getLogger("difffit")
 
 ALIASES = {"DiT-XL/2-256": "facebook/DiT-XL-2-256", "DiT-XL/2-512": "facebook/DiT-XL-2-512"}
 RANDOM_PREFIX = "random:"
-TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny.safetensors"
 # Optional JSON metadata in our own .safetensors bases (merged models, the bundled tiny base).
 METADATA_CLASS_NAMES = "difffit.class_names"
 METADATA_VAE = "difffit.vae"

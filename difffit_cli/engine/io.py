@@ -24,6 +24,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp.unlink()  # the caller creates it (as a file or a folder)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp's name was private (0600); the result gets the usual umask mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         if tmp.is_dir() and path.is_dir():
             old = path.with_name(f".old-{path.name}-{os.getpid()}")
             os.replace(path, old)

@@ -16,6 +16,12 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.adapter import AdapterMeta, load_source, read_adapter
+from difffit_cli.engine.bases import (
+    METADATA_CLASS_NAMES,
+    METADATA_NUM_HEADS,
+    METADATA_POS_EMBED_SCALE,
+    METADATA_VAE,
+)
 from difffit_cli.engine.difffit import CLASS_TABLE, fold_scale_factors
 from difffit_cli.engine.dit import DiT
 from difffit_cli.engine.errors import DiffFitError
@@ -64,9 +70,11 @@ def write_original(model: DiT, path: Path, *, class_names, vae_spec: str,
         raise ValueError("fold_scale_factors before writing an original-layout checkpoint")
     state = {name: t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()}
     metadata = {
-        "difffit.vae": vae_spec,
-        "difffit.pos_embed_scale": repr(float(model.config.pos_embed_scale)),
-        "difffit.class_names": json.dumps(class_names),
+        METADATA_VAE: vae_spec,
+        METADATA_POS_EMBED_SCALE: repr(float(model.config.pos_embed_scale)),
+        METADATA_CLASS_NAMES: json.dumps(class_names),
+        # A non-standard width does not say its head count; always record it.
+        METADATA_NUM_HEADS: str(model.config.num_heads),
     }
     if meta is not None:
         metadata["difffit.merged_from"] = json.dumps({"base": meta.base_spec, "method": meta.method,
