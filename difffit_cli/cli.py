@@ -73,10 +73,6 @@ def _root(
     _state["debug"] = debug
 
 
-def _not_built(command: str) -> None:
-    raise DiffFitError(f"`difffit {command}` is not built yet in this version ({__version__}).")
-
-
 # ---------------------------------------------------------------------------------------------
 # Train
 # ---------------------------------------------------------------------------------------------
@@ -624,12 +620,7 @@ def env(
     if as_json:
         emit_json(report)
         return
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
-    for key, value in report.items():
-        table.add_row(f"[bold]{key}[/bold]", str(value))
-    err.print(table)
+    _print_fields(f"difffit {__version__}", report)
 
 
 def main() -> None:

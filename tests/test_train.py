@@ -216,3 +216,15 @@ def test_grad_accum_grad_checkpointing_and_warmup(tmp_path, conf):
     records = [json.loads(line) for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == [1e-3 * 1 / 4, 1e-3 * 2 / 4]
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
+    from difffit_cli.engine.train import same_classes
+
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    labels = [f"label {i}" for i in range(1000)]
+    assert same_classes(wnids, 1000, labels)  # ImageNet folders against DiT-XL/2's names
+    assert same_classes(["a", "b"], 2, None) and same_classes(["a", "b"], 2, ["a", "b"])
+    assert not same_classes(["a", "b"], 2, ["b", "a"])
+    assert not same_classes(["a", "b", "c"], 2, None)
+    assert not same_classes(wnids[:10], 10, labels[:10])  # wnids only mean ImageNet order at 1000

@@ -321,6 +321,22 @@ def _truncate_log(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+IMAGENET_WNID = re.compile(r"n\d{8}")
+
+
+def same_classes(folder_names: list[str], base_num_classes: int, base_names: list[str] | None) -> bool:
+    """Whether a dataset has the base's classes, so the base's class table is kept (not re-initialised).
+
+    Same count, and the same names, or no names on the base, or ImageNet's sorted wnid folders
+    (n01440764, ...) against a 1000-class base: their sorted order is the standard class order.
+    """
+    if len(folder_names) != base_num_classes:
+        return False
+    if base_names is None or list(base_names) == list(folder_names):
+        return True
+    return base_num_classes == 1000 and all(IMAGENET_WNID.fullmatch(name) for name in folder_names)
+
+
 def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -> FitResult:
     """Train an adapter as `config` says; see the module docstring for the guarantees.
 
@@ -392,8 +408,9 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     # -- model -----------------------------------------------------------------------------------
     model = base.model
     num_classes = len(folder.class_names)
-    new_classes = num_classes != model.config.num_classes or (
-        base.class_names is not None and list(base.class_names) != folder.class_names)
+    new_classes = not same_classes(folder.class_names, model.config.num_classes, base.class_names)
+    # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
+    class_names = folder.class_names if new_classes or not base.class_names else list(base.class_names)
     gamma_blocks = None
     if config.method == "difffit":
         gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth)
@@ -469,7 +486,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             return None
         path = out_dir / "adapter.safetensors"
         meta = make_meta(base, unwrapped, config.method, new_class_table=new_classes,
-                         class_names=folder.class_names, pos_embed=pos_embed, base_config=base_config,
+                         class_names=class_names, pos_embed=pos_embed, base_config=base_config,
                          training=training_summary | {"steps": step, "last_loss": loss})
         with swapped_in(params, ema):
             save_adapter(path, unwrapped, base_state, meta, config.adapter_dtype)
