@@ -312,11 +312,7 @@ def sample(
     from difffit_cli.engine.io import atomic_path
     from difffit_cli.engine.sample import DEFAULT_STEPS, iter_sources, parse_classes, sample_to_folder
 
-    if cfg_channels not in ("3", "all"):
-        raise DiffFitError(f"--cfg-channels must be 3 or all (got {cfg_channels!r}).")
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision not in dtypes:
-        raise DiffFitError(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r}).")
+    channels, dtype = _sampling_numerics(cfg_channels, mixed_precision)
     if device not in ("auto", "cpu", "cuda"):
         raise DiffFitError(f"--device must be auto, cpu or cuda (got {device!r}).")
     if device == "cuda" and not torch.cuda.is_available():
@@ -325,9 +321,8 @@ def sample(
     state = PartialState(cpu=device == "cpu")
     steps = DEFAULT_STEPS.get(scheduler) if steps is None else steps  # an unknown scheduler is refused below
     options = {
-        "cfg_scale": cfg_scale, "cfg_channels": "all" if cfg_channels == "all" else 3, "scheduler": scheduler,
-        "steps": steps, "seed": seed, "batch_size": batch_size, "device": state.device,
-        "dtype": dtypes[mixed_precision],
+        "cfg_scale": cfg_scale, "cfg_channels": channels, "scheduler": scheduler,
+        "steps": steps, "seed": seed, "batch_size": batch_size, "device": state.device, "dtype": dtype,
     }
     results = []
     loaded = iter_sources(sources, base=base, vae=vae, force_base=force_base, device=state.device)
@@ -351,6 +346,18 @@ def sample(
     if as_json and state.is_main_process:
         emit_json({"outputs": results, "n": n, "scheduler": scheduler, "steps": steps, "seed": seed,
                    "cfg_scale": cfg_scale, "cfg_channels": cfg_channels, "processes": state.num_processes})
+
+
+def _sampling_numerics(cfg_channels: str, mixed_precision: str):
+    """--cfg-channels and --mixed-precision, checked: (3 or "all", the sampler's torch dtype)."""
+    import torch
+
+    if cfg_channels not in ("3", "all"):
+        raise DiffFitError(f"--cfg-channels must be 3 or all (got {cfg_channels!r}).")
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if mixed_precision not in dtypes:
+        raise DiffFitError(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r}).")
+    return ("all" if cfg_channels == "all" else 3), dtypes[mixed_precision]
 
 
 @app.command(rich_help_panel=GENERATE)
@@ -483,19 +490,13 @@ def eval_fid(
       difffit eval-fid samples/ data/test --save-stats test-stats.npz
       difffit eval-fid samples2/ test-stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
     """
-    import torch
 
     from difffit_cli.engine.metrics import evaluate
 
-    if cfg_channels not in ("3", "all"):
-        raise DiffFitError(f"--cfg-channels must be 3 or all (got {cfg_channels!r}).")
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision not in dtypes:
-        raise DiffFitError(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r}).")
+    channels, dtype = _sampling_numerics(cfg_channels, mixed_precision)
     sample_options = {
         "base": base, "vae": vae, "force_base": force_base, "classes": classes, "cfg_scale": cfg_scale,
-        "cfg_channels": "all" if cfg_channels == "all" else 3, "scheduler": scheduler, "steps": steps,
-        "seed": seed, "dtype": dtypes[mixed_precision],
+        "cfg_channels": channels, "scheduler": scheduler, "steps": steps, "seed": seed, "dtype": dtype,
     }
     result = evaluate(
         generated, reference, metrics=metrics, num_samples=n,
