@@ -26,7 +26,8 @@ step() {  # step NAME TIMEOUT COMMAND...: run one check, keep its last JSON line
   [ $rc -eq 0 ] || echo "!! $name exited with $rc"
 }
 
-step tests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_dit.py tests/test_diffusion.py
+step tests 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_dit.py tests/test_diffusion.py \
+  tests/test_difffit.py
 step train_step 200 python3 benchmarks/train_step.py --device cuda --config DiT-XL/2 --latent 32 --batch 32 \
   --precision bf16 --repeats 10 --warmup 3
 step sample_throughput 120 python3 benchmarks/sample_throughput.py --device cuda --config DiT-XL/2 --latent 32 \

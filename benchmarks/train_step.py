@@ -28,7 +28,7 @@ METHODS = ("difffit", "bitfit", "full")
 
 def measure(args: argparse.Namespace) -> dict:
     """Time one method (in this process)."""
-    from difffit_cli.engine.difffit import prepare_model, trainable_parameters
+    from difffit_cli.engine.difffit import cast_frozen_matrices, prepare_model, trainable_parameters
     from difffit_cli.engine.diffusion import GaussianDiffusion
     from difffit_cli.engine.dit import build_dit
 
@@ -42,6 +42,9 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_dit(config_for(args.config, input_size=args.latent, num_classes=1000))
     prepare_model(model, args.method)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    if dtype is not None:  # as `difffit fit` does under mixed precision
+        cast_frozen_matrices(model, dtype)
     model.to(device).train()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.0)
@@ -51,7 +54,6 @@ def measure(args: argparse.Namespace) -> dict:
     noise = torch.randn(x0.shape, generator=g).to(device)
     t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from difffit_cli.engine.difffit import (
+    cast_frozen_matrices,
     count_groups,
     describe_method,
     fold_scale_factors,
@@ -17,7 +18,7 @@ from difffit_cli.engine.difffit import (
     prepare_model,
     trainable_parameters,
 )
-from difffit_cli.engine.dit import build_dit, config_for
+from difffit_cli.engine.dit import DiT, build_dit, config_for
 from difffit_cli.engine.errors import DiffFitError
 
 XL = config_for("DiT-XL/2", input_size=32)
@@ -155,3 +156,20 @@ def test_frozen_tensors_untouched_by_adamw_step():
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(model.get_parameter(n).grad is None for n in frozen)
     assert {"blocks.0.attn.qkv.weight", "t_embedder.mlp.0.bias", "pos_embed"} <= set(frozen)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_casting_frozen_matrices_keeps_autocast_outputs_bit_identical(golden, golden_model, device):
+    def run(cast: bool) -> torch.Tensor:
+        model = DiT(golden_model.config)
+        model.load_state_dict(golden_model.state_dict())
+        prepare_model(model, "difffit")
+        if cast:
+            assert cast_frozen_matrices(model, torch.bfloat16) > 0
+            assert model.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+            assert model.blocks[0].mlp.fc1.bias.dtype == torch.float32
+        model.eval().to(device)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            return model(golden["fwd.x"].to(device), golden["fwd.t"].to(device), golden["fwd.y"].to(device))
+
+    assert torch.equal(run(cast=False), run(cast=True))

@@ -228,3 +228,17 @@ def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
     assert not same_classes(["a", "b"], 2, ["b", "a"])
     assert not same_classes(["a", "b", "c"], 2, None)
     assert not same_classes(wnids[:10], 10, labels[:10])  # wnids only mean ImageNet order at 1000
+
+
+def test_bf16_training_stores_frozen_matrices_in_bf16(tmp_path, conf, tiny_base_file, tiny_vae_dir):
+    from difffit_cli.engine.bases import load_base
+
+    base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
+    frozen_before = base.model.blocks[0].attn.qkv.weight.detach().clone()
+    result = fit(conf(steps=2, sample_every=2, mixed_precision="bf16"), base=base, progress=False)
+    qkv = base.model.blocks[0].attn.qkv
+    assert qkv.weight.dtype == torch.bfloat16 and qkv.bias.dtype == torch.float32  # bias trains in fp32
+    assert torch.equal(qkv.weight.float(), frozen_before.to(torch.bfloat16).float())
+    assert base.model.y_embedder.embedding_table.weight.dtype == torch.float32
+    assert (result.out_dir / "samples" / "step-0000002.png").exists()  # previews run in bf16 too
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(result.adapter).values())

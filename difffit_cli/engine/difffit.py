@@ -149,6 +149,23 @@ def total_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def cast_frozen_matrices(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen Linear / Conv2d weights in `dtype` (bf16 or fp16) for autocast training.
+
+    Autocast would cast each of them to `dtype` on every forward and keep the copy for backward;
+    stored pre-cast they give bit-identical matmuls with no cast kernels and half the memory.
+    Trainable tensors stay fp32 (the optimizer's master weights); embeddings and pos_embed are not
+    autocast ops, so they keep their dtype too. Returns the number of values cast.
+    """
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            cast += module.weight.numel()
+    return cast
+
+
+@torch.no_grad()
 def fold_scale_factors(model: DiT) -> None:
     """Fold gamma into the branch outputs: gamma * (W x + b) = (gamma W) x + gamma b; then drop gamma.
 

@@ -321,6 +321,7 @@ def _truncate_log(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGENET_WNID = re.compile(r"n\d{8}")
 
 
@@ -348,7 +349,12 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     from difffit_cli.engine.adapter import make_meta, save_adapter
     from difffit_cli.engine.bases import RANDOM_PREFIX, load_base
     from difffit_cli.engine.data import latent_cache, require_images, scan_image_folder
-    from difffit_cli.engine.difffit import parse_gamma_blocks, prepare_model, trainable_parameters
+    from difffit_cli.engine.difffit import (
+        cast_frozen_matrices,
+        parse_gamma_blocks,
+        prepare_model,
+        trainable_parameters,
+    )
     from difffit_cli.engine.diffusion import GaussianDiffusion
     from difffit_cli.engine.recipes import write_toml
 
@@ -416,6 +422,9 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth)
     prepare_model(model, config.method, gamma_blocks, num_classes, new_classes=new_classes)
     base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+    autocast_dtype = AUTOCAST_DTYPES.get(precision)
+    if autocast_dtype is not None:
+        cast_frozen_matrices(model, autocast_dtype)  # same matmuls as autocast, half the weight memory
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.to(device).train()
     params = trainable_parameters(model)
@@ -471,7 +480,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         with swapped_in(params, ema):
             images = generate(base, PREVIEW_IMAGES, classes=list(range(min(num_classes, PREVIEW_IMAGES))),
                               scheduler="ddim", steps=PREVIEW_STEPS, seed=config.seed,
-                              batch_size=PREVIEW_IMAGES, device=device, progress=False)
+                              batch_size=PREVIEW_IMAGES, device=device, dtype=autocast_dtype or torch.float32,
+                              progress=False)
         unwrapped.train()
         save_grid(images, out_dir / "samples" / f"step-{step:07d}.png")
 
