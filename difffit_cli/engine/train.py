@@ -273,6 +273,11 @@ def _make_accelerator(config: FitConfig, out_dir: Path):
         # TF32 matmuls: ~2x faster fp32 parts on Ampere+, at precision far below the training noise.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # accelerate keeps one process-wide state; a second fit() in the same Python process with another
+    # precision must start from a fresh one (the distributed PartialState is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=config.log_with,
                        project_dir=str(out_dir)), precision
 
