@@ -187,6 +187,10 @@ def _run_fit(given: dict, recipe: str | None, as_json: bool, upscale: bool = Fal
         base = load_base(config.base, vae=config.vae)
         check_upscale(base, config.resolution)
     result = run_fit(config, base=base)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun, one report
+        return
     if as_json:
         emit_json(result.to_dict())
     elif result.interrupted:
