@@ -124,6 +124,9 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and label dropout.")] = 0,
     resolution: Annotated[int | None, typer.Option(
         help="Image size in pixels (default: the base's).")] = None,
+    num_heads: Annotated[int | None, typer.Option(
+        help="Attention heads, for a base of non-standard width that does not record them.",
+        show_default=False)] = None,
     mixed_precision: Annotated[str, typer.Option(
         help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -184,7 +187,7 @@ def _run_fit(given: dict, recipe: str | None, as_json: bool, upscale: bool = Fal
             raise DiffFitError("No base given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
         if config.resolution is None:
             raise DiffFitError("upscale-res needs a target resolution.", hint="Pass --to PX, e.g. --to 512.")
-        base = load_base(config.base, vae=config.vae)
+        base = load_base(config.base, vae=config.vae, num_heads=config.num_heads)
         check_upscale(base, config.resolution)
     result = run_fit(config, base=base)
     from accelerate import PartialState
@@ -556,6 +559,9 @@ def info(
     resolution: Annotated[
         int | None, typer.Option("--resolution", help="Image size in pixels, for random: bases.")
     ] = None,
+    num_heads: Annotated[
+        int | None, typer.Option("--num-heads", help="Attention heads, for a base of non-standard width.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Architecture, size, classes and fingerprint of a base or an adapter; what a method would train.
@@ -583,7 +589,7 @@ def info(
     else:
         from difffit_cli.engine.bases import describe_base, load_base
 
-        loaded = load_base(source, resolution=resolution) if resolution else load_base(source)
+        loaded = load_base(source, resolution=resolution, num_heads=num_heads)
         report = describe_base(loaded)
         if method is not None:
             trained = describe_method(

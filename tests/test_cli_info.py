@@ -81,3 +81,19 @@ def test_info_adapter(tmp_path, tiny_vae_dir):
     assert checked["checked_base_matches"] is True
     result = CliRunner().invoke(app, ["info", str(path), "--method", "bitfit"])
     assert result.exit_code != 0 and "apply to bases" in str(result.exception)
+
+
+def test_non_standard_width_needs_num_heads(tmp_path):
+    from safetensors.torch import save_file
+
+    from difffit_cli.engine.dit import DiTConfig, build_dit
+
+    model = build_dit(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                                num_heads=4, num_classes=10))
+    path = tmp_path / "w64.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    refused = CliRunner().invoke(app, ["info", str(path)])
+    assert refused.exit_code == 1 and "pass --num-heads" in str(refused.exception.message)
+    report = run_json("info", str(path), "--num-heads", "4")
+    assert report["architecture"] == "DiT-d2-w64-h4/2"
+    assert report["total_params"] == sum(p.numel() for p in model.parameters())

@@ -352,7 +352,7 @@ def load_adapter_base(source, meta: AdapterMeta, *, base: str | None = None, vae
 
     spec = base or meta.base_spec
     base_config = DiTConfig(**meta.base_config)
-    options = {}
+    options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
     if spec.startswith("random:"):  # a random base is only reproducible at the size it was made with
         options = {
             "resolution": base_config.input_size * meta.vae_factor,

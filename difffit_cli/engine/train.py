@@ -59,6 +59,7 @@ class FitConfig:
     lr: float | None = None  # default: 1e-3 for difffit and bitfit, 1e-4 for full
     seed: int = 0
     resolution: int | None = None  # default: the base's resolution
+    num_heads: int | None = None  # only for a base of non-standard width that does not record it
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
     device: str = "auto"
     save_every: int = 1000
@@ -384,7 +385,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     if base is None:
         # --resolution sizes a random base; any other base keeps its own and is moved below.
         sized = config.base.startswith(RANDOM_PREFIX)
-        base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae)
+        base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae,
+                         num_heads=config.num_heads)
     base_config = base.config
     resolution = config.resolution or base.resolution
     pos_embed = "standard"
