@@ -113,8 +113,8 @@ def fit(
         help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")] = None,
     vae: Annotated[str | None, typer.Option(help="VAE spec (default: the base's).")] = None,
     method: Annotated[str, typer.Option(help="difffit, bitfit or full.")] = "difffit",
-    recipe: Annotated[str | None, typer.Option(help="TOML recipe (path or shipped name, e.g. food101); "
-                                                       "command-line options win.")] = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder (default: runs/<data>-<method>).")] = None,
     steps: Annotated[int, typer.Option(
         help="Total optimizer steps (a resumed run trains up to it).")] = 24000,
@@ -135,11 +135,10 @@ def fit(
         help="Preview grid every N steps and at step 0 (0: no).")] = 2000,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the newest checkpoint in --out.")] = False,
-    gamma_blocks: Annotated[str | None, typer.Option(help="Blocks with scale factors: half (default), all, "
-                                                             "none or ranges like 0-5,20.")] = None,
+    gamma_blocks: Annotated[str | None, typer.Option(
+        help="Blocks with scale factors: half (default), all, none or ranges like 0-5,20.")] = None,
     ema: Annotated[bool, typer.Option(
-        "--ema/--no-ema", help="Keep an EMA of the trained tensors; the adapter "
-                                                             "uses it.")] = True,
+        "--ema/--no-ema", help="Keep an EMA of the trained tensors; the adapter uses it.")] = True,
     ema_decay: Annotated[float, typer.Option(
         help="EMA decay (warmed up as (1+s)/(10+s) early on).")] = 0.9999,
     cache_latents: Annotated[bool, typer.Option("--cache-latents/--no-cache-latents",
