@@ -57,7 +57,8 @@ class ImageFolder:
         )
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
+def image_files(folder: Path, recursive: bool) -> list[Path]:
+    """The image files under `folder` (by extension, any case; hidden files skipped), sorted."""
     pattern = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         p for p in pattern
@@ -80,13 +81,13 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
     labels: list[int] = []
     class_names: list[str] = []
     for sub in subdirs:
-        found = _image_files(sub, recursive=True)
+        found = image_files(sub, recursive=True)
         if found:
             files += found
             labels += [len(class_names)] * len(found)
             class_names.append(sub.name)
     if not class_names:  # flat folder: one class named after the folder
-        files = _image_files(root, recursive=False)
+        files = image_files(root, recursive=False)
         labels = [0] * len(files)
         class_names = [root.resolve().name]
     if not files:

@@ -182,10 +182,10 @@ class FolderImages:
     """Image files under a folder, recursively, sorted; unreadable ones are skipped and listed."""
 
     def __init__(self, root: Path, limit: int | None = None):
-        from difffit_cli.engine.data import IMAGE_EXTENSIONS, _image_files
+        from difffit_cli.engine.data import IMAGE_EXTENSIONS, image_files
 
         self.root, self.name = root, str(root)
-        self.files = _image_files(root, recursive=True)
+        self.files = image_files(root, recursive=True)
         if not self.files:
             raise DiffFitError(
                 f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
