@@ -37,16 +37,8 @@ from difffit_cli.engine.dit import (
     sincos_pos_embed_2d,
 )
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.vae import (
-    DEFAULT_VAE,
-    HUB_ID,
-    Autoencoder,
-    error_summary,
-    hub_snapshot,
-    load_vae,
-    split_hub_id,
-    vae_geometry,
-)
+from difffit_cli.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
+from difffit_cli.engine.vae import DEFAULT_VAE, Autoencoder, load_vae, vae_geometry
 
 log = logging.getLogger("difffit")
 

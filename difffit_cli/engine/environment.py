@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 import sys
 
 from difffit_cli import __version__
+from difffit_cli.engine.hub import downloads_disabled, hub_cache_dir
 from difffit_cli.engine.io import user_cache_dir
 
 
@@ -26,8 +26,6 @@ def environment_report() -> dict:
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         devices.append("mps")
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     report = {"difffit": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
     for package in ("torch", "torchvision", "diffusers", "accelerate", "safetensors", "huggingface_hub",
                     "torch-fidelity", "typer", "rich", "pillow"):
@@ -36,8 +34,8 @@ def environment_report() -> dict:
         {
             "cuda": torch.version.cuda or "none",
             "devices": ", ".join(devices),
-            "hub_cache": HF_HUB_CACHE,
-            "hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+            "hub_cache": str(hub_cache_dir()),
+            "downloads_disabled": downloads_disabled(),
             "difffit_cache": str(user_cache_dir()),
             "torch_hub_cache": torch.hub.get_dir(),
         }

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub import downloads_disabled
 from difffit_cli.engine.io import atomic_path, user_cache_dir
 from difffit_cli.engine.progress import track
 
@@ -52,11 +53,6 @@ DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED 
 # --------------------------------------------------------------------------------------------
 # Inception weights
 # --------------------------------------------------------------------------------------------
-
-
-def downloads_disabled() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("DIFFFIT_NO_DOWNLOAD", ""))
-    return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
 
 
 def inception_cache_path() -> Path:

@@ -1,4 +1,4 @@
-"""The autoencoder between pixels and DiT latents, and the Hugging Face hub cache it (and bases) come from.
+"""The autoencoder between pixels and DiT latents.
 
 An `Autoencoder` wraps a diffusers `AutoencoderKL` and speaks in *scaled* latents, the space DiT was
 trained in: `encode` returns the scaled latent distribution, `decode` undoes the scaling. The
@@ -8,19 +8,16 @@ identity autoencoder ("identity") lets a DiT run in pixel space (tiny bases, tes
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 # (factor, latent channels) of the two VAEs DiT was trained with, known without fetching their config.
 _KNOWN_GEOMETRY = {DEFAULT_VAE: (8, 4), "stabilityai/sd-vae-ft-mse": (8, 4)}
-# "owner/name" or "owner/name/subfolder" (e.g. "facebook/DiT-XL-2-256/vae").
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
 
 
 class Autoencoder:
@@ -142,58 +139,3 @@ def _read_vae_config(folder: Path, spec: str) -> dict:
             f"VAE {spec}: {folder} holds a {config.get('_class_name', 'model')} model, not an AutoencoderKL."
         )
     return config
-
-
-# --------------------------------------------------------------------------------------------
-# The Hugging Face hub cache (shared with bases.py)
-# --------------------------------------------------------------------------------------------
-
-
-def hub_cache_dir() -> Path:
-    """huggingface_hub's cache folder, read from the environment now (its constants freeze at import)."""
-    if env := os.environ.get("HF_HUB_CACHE"):
-        return Path(env).expanduser()
-    default_home = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
-    return Path(os.environ.get("HF_HOME", default_home)).expanduser() / "hub"
-
-
-def hub_offline() -> bool:
-    """True when downloads are off: HF_HUB_OFFLINE (huggingface_hub's switch) or DIFFFIT_NO_DOWNLOAD."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("DIFFFIT_NO_DOWNLOAD", ""))
-    return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
-
-
-def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: str) -> Path:
-    """The local snapshot folder of `repo_id` holding `allow_patterns`, downloading them if allowed.
-
-    Files land in the standard Hugging Face cache (`hub_cache_dir()`), shared with diffusers.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    cache, offline = hub_cache_dir(), hub_offline()
-    try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
-        why = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set" if offline else None
-        why = why or error_summary(e)
-        raise DiffFitError(
-            f"{what[0].upper()}{what[1:]} is not in the Hugging Face cache {cache} and could not be "
-            f"downloaded ({why}); run `hf download {repo_id}` with network access and the same HF_HOME, "
-            f"or {instead}."
-        ) from None
-    return Path(folder)
-
-
-def split_hub_id(spec: str) -> tuple[str, str]:
-    """"owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
-    owner, name, *rest = spec.split("/")
-    return f"{owner}/{name}", "/".join(rest)
-
-
-def error_summary(error: Exception) -> str:
-    """The first line of an exception's message, for one-sentence errors."""
-    text = str(error).strip().splitlines()
-    return text[0].rstrip(".") if text else type(error).__name__

@@ -1,0 +1,62 @@
+"""The Hugging Face hub cache that bases and VAEs come from, and the one switch that turns downloads off."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from difffit_cli.engine.errors import DiffFitError
+
+# "owner/name" or "owner/name/subfolder" (e.g. "facebook/DiT-XL-2-256/vae").
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (its constants freeze at import)."""
+    if env := os.environ.get("HF_HUB_CACHE"):
+        return Path(env).expanduser()
+    default_home = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(os.environ.get("HF_HOME", default_home)).expanduser() / "hub"
+
+
+def downloads_disabled() -> bool:
+    """True when downloads are off: HF_HUB_OFFLINE (huggingface_hub's switch) or DIFFFIT_NO_DOWNLOAD."""
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("DIFFFIT_NO_DOWNLOAD", ""))
+    return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: str) -> Path:
+    """The local snapshot folder of `repo_id` holding `allow_patterns`, downloading them if allowed.
+
+    Files land in the standard Hugging Face cache (`hub_cache_dir()`), shared with diffusers.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    cache, offline = hub_cache_dir(), downloads_disabled()
+    try:
+        folder = snapshot_download(
+            repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
+        why = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set" if offline else None
+        why = why or error_summary(e)
+        raise DiffFitError(
+            f"{what[0].upper()}{what[1:]} is not in the Hugging Face cache {cache} and could not be "
+            f"downloaded ({why}); run `hf download {repo_id}` with network access and the same HF_HOME, "
+            f"or {instead}."
+        ) from None
+    return Path(folder)
+
+
+def split_hub_id(spec: str) -> tuple[str, str]:
+    """"owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
+    owner, name, *rest = spec.split("/")
+    return f"{owner}/{name}", "/".join(rest)
+
+
+def error_summary(error: Exception) -> str:
+    """The first line of an exception's message, for one-sentence errors."""
+    text = str(error).strip().splitlines()
+    return text[0].rstrip(".") if text else type(error).__name__
