@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from difffit_cli.engine import metrics
+from difffit_cli.engine.devices import resolve_device
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = metrics.resolve_device(args.device)
+    device = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from difffit_cli.engine.devices import autocast_dtype
 from difffit_cli.engine.dit import build_dit, config_for
 from difffit_cli.engine.sample import sample_generators, sample_latents
 
@@ -35,7 +36,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = build_dit(config_for(args.config, input_size=args.latent)).to(device).eval()
-    autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = autocast_dtype(args.precision)
     labels = torch.arange(args.batch, device=device) % model.config.num_classes
 
     def run(steps: int) -> float:

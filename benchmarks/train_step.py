@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from difffit_cli.engine.devices import autocast_dtype
 from difffit_cli.engine.dit import config_for
 
 METHODS = ("difffit", "bitfit", "full")
@@ -42,7 +43,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_dit(config_for(args.config, input_size=args.latent, num_classes=1000))
     prepare_model(model, args.method)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = autocast_dtype(args.precision)
     if dtype is not None:  # as `difffit fit` does under mixed precision
         cast_frozen_matrices(model, dtype)
     model.to(device).train()

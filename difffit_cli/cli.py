@@ -312,18 +312,14 @@ def sample(
       [dim]# compare adapters of one base (swapped, not reloaded)[/dim]
       difffit sample runs/a/adapter.safetensors runs/b/adapter.safetensors --out samples/compare
     """
-    import torch
     from accelerate import PartialState
 
+    from difffit_cli.engine.devices import resolve_device
     from difffit_cli.engine.io import atomic_path
     from difffit_cli.engine.sample import DEFAULT_STEPS, iter_sources, parse_classes, sample_to_folder
 
     channels, dtype = _sampling_numerics(cfg_channels, mixed_precision)
-    if device not in ("auto", "cpu", "cuda"):
-        raise DiffFitError(f"--device must be auto, cpu or cuda (got {device!r}).")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DiffFitError("--device cuda was asked for, but PyTorch sees no CUDA device.",
-                           hint="Use --device cpu.")
+    resolve_device(device)  # a clear error for an unknown device or a missing GPU
     state = PartialState(cpu=device == "cpu")
     steps = DEFAULT_STEPS.get(scheduler) if steps is None else steps  # an unknown scheduler is refused below
     options = {
@@ -358,12 +354,11 @@ def _sampling_numerics(cfg_channels: str, mixed_precision: str):
     """--cfg-channels and --mixed-precision, checked: (3 or "all", the sampler's torch dtype)."""
     import torch
 
+    from difffit_cli.engine.devices import autocast_dtype
+
     if cfg_channels not in ("3", "all"):
         raise DiffFitError(f"--cfg-channels must be 3 or all (got {cfg_channels!r}).")
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if mixed_precision not in dtypes:
-        raise DiffFitError(f"--mixed-precision must be no, fp16 or bf16 (got {mixed_precision!r}).")
-    return ("all" if cfg_channels == "all" else 3), dtypes[mixed_precision]
+    return ("all" if cfg_channels == "all" else 3), autocast_dtype(mixed_precision) or torch.float32
 
 
 @app.command(rich_help_panel=GENERATE)

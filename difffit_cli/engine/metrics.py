@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled
 from difffit_cli.engine.io import atomic_path, user_cache_dir
@@ -399,17 +400,6 @@ class Evaluation:
         # num_reference is null for a statistics file that doesn't record its image count
         counts = {"num_generated": self.num_generated, "num_reference": self.num_reference or None}
         return {**self.metrics, **counts}
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffFitError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu.")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise DiffFitError(f"Unknown device {spec!r}; use auto, cpu or cuda.") from None
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from difffit_cli.engine.devices import AUTOCAST_DTYPES, DEVICES, resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.progress import make_progress, stderr_console
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from difffit_cli.engine.bases import Base
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
 NUM_TRAIN_TIMESTEPS = 1000
 PREVIEW_IMAGES = 8
 PREVIEW_STEPS = 25  # DDIM steps: previews must stay cheap next to training
@@ -253,10 +253,7 @@ def _make_accelerator(config: FitConfig, out_dir: Path):
         raise DiffFitError(f"Unknown --device {config.device!r}; choose one of {', '.join(DEVICES)}.")
     if config.mixed_precision not in MIXED_PRECISION:
         raise DiffFitError(f"Unknown --mixed-precision {config.mixed_precision!r}; choose no, fp16 or bf16.")
-    cuda = torch.cuda.is_available() and config.device != "cpu"
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise DiffFitError("--device cuda was asked for, but PyTorch sees no CUDA GPU.",
-                           hint="Check `difffit env`, or use --device cpu.")
+    cuda = resolve_device(config.device).type == "cuda"
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else ("fp16" if cuda else "no")
@@ -327,7 +324,6 @@ def _truncate_log(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGENET_WNID = re.compile(r"n\d{8}")
 
 
