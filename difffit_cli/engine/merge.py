@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.adapter import AdapterMeta, load_source, read_adapter
+from difffit_cli.engine.adapter import AdapterMeta, is_adapter_file, load_source, read_adapter
 from difffit_cli.engine.bases import (
     METADATA_CLASS_NAMES,
     METADATA_NUM_HEADS,
@@ -36,7 +36,8 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     """Apply `adapter` to its base, fold gamma, write `out`; returns a summary for the CLI."""
     if fmt not in FORMATS:
         raise DiffFitError(f"Unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    read_adapter(adapter)  # a clear error if ADAPTER is not an adapter (load_source would try it as a base)
+    if not is_adapter_file(adapter):
+        read_adapter(adapter)  # raises the one-sentence reason (load_source would try it as a base)
     loaded, meta = load_source(adapter, base=base, force_base=force_base)
     model = loaded.model
     fold_scale_factors(model)
