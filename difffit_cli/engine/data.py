@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
 from difffit_cli.engine.progress import track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -219,12 +219,8 @@ def vae_identity(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         return spec
-    entries = [str(path.resolve())]
-    for f in sorted(path.rglob("*") if path.is_dir() else [path]):
-        if f.is_file():
-            st, name = f.stat(), f.relative_to(path) if path.is_dir() else f.name
-            entries.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(entries)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return f"{path.resolve()}\n" + files_signature(files, path if path.is_dir() else path.parent)
 
 
 def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
@@ -232,9 +228,7 @@ def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
     h = hashlib.sha256()
     head = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae_identity(vae_spec)}
     h.update(json.dumps(head).encode())
-    for f in folder.files:
-        st = f.stat()
-        h.update(f"\n{f.relative_to(folder.root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(files_signature(folder.files, folder.root).encode())
     return h.hexdigest()[:32]
 
 

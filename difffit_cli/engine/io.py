@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -47,6 +47,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def files_signature(files: Iterable[Path], root: Path) -> str:
+    """What identifies a set of files without reading them: relative names, sizes and mtimes, a line each.
+
+    Cache keys (latents, FID statistics, local VAEs) hash this, so an edited or replaced file misses.
+    """
+    lines = []
+    for f in files:
+        st = f.stat()
+        lines.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n")
+    return "".join(lines)
 
 
 def user_cache_dir() -> Path:

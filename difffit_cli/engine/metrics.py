@@ -34,7 +34,7 @@ import torch
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled
-from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
 from difffit_cli.engine.progress import track
 
 METRICS = ("fid", "kid", "isc", "prc")
@@ -192,11 +192,7 @@ class FolderImages:
         self.skipped: list[tuple[Path, str]] = []
 
     def digest(self) -> str:
-        listing = hashlib.sha256(b"folder\0")
-        for path in self.files:
-            stat = path.stat()
-            listing.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return listing.hexdigest()
+        return hashlib.sha256(b"folder\0" + files_signature(self.files, self.root).encode()).hexdigest()
 
     def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
         """Decoded in threads (Pillow releases the GIL), one batch ahead of the consumer."""
