@@ -46,7 +46,7 @@ def sampling(args, workdir: Path) -> dict:
 
     from difffit_cli.engine.bases import Base, original_to_diffusers, state_dict_fingerprint
     from difffit_cli.engine.dit import build_dit, config_for
-    from difffit_cli.engine.sample import generate
+    from difffit_cli.engine.sample import SamplingOptions, generate
 
     # 1000 classes: DiTPipeline hard-codes the null class as 1000.
     config = config_for("DiT-S/2", input_size=args.latent, num_classes=1000)
@@ -80,8 +80,9 @@ def sampling(args, workdir: Path) -> dict:
                      generator=torch.manual_seed(0), output_type="np")
 
         def run_ours(name=ours_name):
-            generate(base, args.batch, classes=labels, cfg_scale=4.0, cfg_channels="all", scheduler=name,
-                     steps=args.steps, batch_size=args.batch, progress=False)
+            options = SamplingOptions(cfg_scale=4.0, cfg_channels="all", scheduler=name, steps=args.steps,
+                                      batch_size=args.batch, device="cpu")
+            generate(base, args.batch, options, classes=labels, progress=False)
 
         run_ours(), run_pipe()  # warm-up (first-call allocations, lazy imports)
         ours, theirs = best_of(args.repeats, run_ours), best_of(args.repeats, run_pipe)
@@ -104,8 +105,8 @@ def swap_ms(base, tensors, meta, repeats: int = 20) -> dict:
 def swapping(workdir: Path) -> dict:
     from difffit_cli.engine.adapter import AdapterMeta, expected_shapes, make_meta, read_adapter, save_adapter
     from difffit_cli.engine.bases import Base, load_base
-    from difffit_cli.engine.difffit import prepare_model, trainable_parameters
     from difffit_cli.engine.dit import DiT, config_for
+    from difffit_cli.engine.methods import prepare_model, trainable_parameters
 
     # DiT-S/2 through the real file path: save an adapter, read it, swap it in and out.
     base = load_base("random:DiT-S/2", resolution=256, num_classes=1000, vae="identity")

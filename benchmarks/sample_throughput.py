@@ -17,7 +17,7 @@ import torch
 
 from difffit_cli.engine.devices import autocast_dtype
 from difffit_cli.engine.dit import build_dit, config_for
-from difffit_cli.engine.sample import sample_generators, sample_latents
+from difffit_cli.engine.sample import sample_denoised, sample_generators
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sample_latents(model, labels, sample_generators(0, range(args.batch)), cfg_scale=args.cfg_scale,
+        sample_denoised(model, labels, sample_generators(0, range(args.batch)), cfg_scale=args.cfg_scale,
                        scheduler=args.scheduler, steps=steps, autocast_dtype=autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()

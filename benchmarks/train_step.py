@@ -29,9 +29,9 @@ METHODS = ("difffit", "bitfit", "full")
 
 def measure(args: argparse.Namespace) -> dict:
     """Time one method (in this process)."""
-    from difffit_cli.engine.difffit import cast_frozen_matrices, prepare_model, trainable_parameters
     from difffit_cli.engine.diffusion import GaussianDiffusion
     from difffit_cli.engine.dit import build_dit
+    from difffit_cli.engine.methods import cast_frozen_matrices, prepare_model, trainable_parameters
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,15 +19,15 @@ from difffit_cli.engine.adapter import (
     AdapterSwapper,
     expected_shapes,
     is_adapter_file,
-    load_source,
     make_meta,
     read_adapter,
     save_adapter,
 )
 from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.difffit import prepare_model, trainable_parameters
 from difffit_cli.engine.dit import build_dit, config_for
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods import prepare_model, trainable_parameters
+from difffit_cli.engine.sources import load_source
 
 X = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([1, 400, 999])

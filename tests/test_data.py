@@ -13,13 +13,12 @@ from PIL import Image
 from difffit_cli.engine.data import (
     center_crop,
     find_bad_images,
-    latent_cache,
     load_image,
-    sample_latents,
     scan_image_folder,
     to_model_range,
 )
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.latents import draw_cached_latents, latent_cache
 
 
 def _save(image: Image.Image, path, **kwargs) -> None:
@@ -185,13 +184,13 @@ def test_latent_cache_matches_encoding_and_is_reused(tmp_path, tiny_vae_dir):
     assert changed.built and changed.path != cache.path and len(calls) == 2
 
 
-def test_sample_latents_picks_flip_and_scales_noise():
+def test_draw_cached_latents_picks_flip_and_scales_noise():
     rows = torch.zeros(3, 2, 2, 1, 1, 1)
     rows[:, 0, 0], rows[:, 1, 0] = 1.0, -1.0  # means: plain 1, flipped -1
     rows[:, :, 1] = 0.5  # std
     flips = torch.tensor([0, 1, 1])
     noise = torch.tensor([2.0, 2.0, 0.0]).view(3, 1, 1, 1)
-    out = sample_latents(rows, flips, noise).flatten()
+    out = draw_cached_latents(rows, flips, noise).flatten()
     assert out.tolist() == [2.0, 0.0, -1.0]
 
 

@@ -153,8 +153,8 @@ def tiny_base(tmp_path_factory):
 
 
 def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_path, monkeypatch):
-    from difffit_cli.engine.adapter import load_source
     from difffit_cli.engine.sample import generate
+    from difffit_cli.engine.sources import load_source
 
     options = {"scheduler": "ddim", "steps": 2, "cfg_scale": 1.5, "seed": 3}
     monkeypatch.chdir(tmp_path)

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from difffit_cli.engine.adapter import load_source
 from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.sample import generate
-from difffit_cli.engine.train import FitConfig, fit
+from difffit_cli.engine.config import FitConfig
+from difffit_cli.engine.sample import SamplingOptions, generate
+from difffit_cli.engine.sources import load_source
+from difffit_cli.engine.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "examples" / "target"
@@ -54,10 +55,10 @@ def test_fitting_the_tiny_base_moves_samples_to_the_target_domain(tmp_path, targ
                        save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
                        out=str(tmp_path / "run"))
     result = fit(config, progress=False)
-    options = dict(scheduler="ddim", steps=25, cfg_scale=1.5, batch_size=32, progress=False)
-    before = generate(load_base("tiny"), 48, **options).numpy()
+    options = SamplingOptions(scheduler="ddim", steps=25, cfg_scale=1.5, batch_size=32)
+    before = generate(load_base("tiny"), 48, options, progress=False).numpy()
     adapted, _ = load_source(str(result.adapter))
-    after = generate(adapted, 48, **options).numpy()
+    after = generate(adapted, 48, options, progress=False).numpy()
 
     base_distance = frechet_distance(pixel_features(before), target_features)
     adapted_distance = frechet_distance(pixel_features(after), target_features)

@@ -8,9 +8,9 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.recipes import SHIPPED, read_options, resolve_fit_config, write_toml
-from difffit_cli.engine.train import FitConfig
 
 PAPER_DATASETS = ("food101", "sun397", "df20m-mini", "caltech101", "cub200", "artbench10", "flowers102",
                   "stanford-cars")

@@ -8,14 +8,15 @@ import sys
 import pytest
 import torch
 
-from difffit_cli.engine.adapter import load_source
 from difffit_cli.engine.bases import load_base
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.dit import sincos_pos_embed_2d
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.merge import merge_adapter
 from difffit_cli.engine.resolution import move_to_resolution
-from difffit_cli.engine.sample import generate
-from difffit_cli.engine.train import FitConfig, fit
+from difffit_cli.engine.sample import SamplingOptions, generate
+from difffit_cli.engine.sources import load_source
+from difffit_cli.engine.train import fit
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_upscaled_fit_samples_and_merges_at_the_new_size(tmp_path, toy_data, tin
     assert adapted.model.pos_embed.shape[1] == 64
     torch.testing.assert_close(adapted.model.pos_embed, base.model.pos_embed, atol=0, rtol=0)
 
-    images = generate(adapted, 2, scheduler="ddim", steps=3, batch_size=2, progress=False)
+    images = generate(adapted, 2, SamplingOptions(scheduler="ddim", steps=3, batch_size=2), progress=False)
     assert images.shape == (2, 32, 32, 3) and images.dtype == torch.uint8
 
     merged_path = tmp_path / "merged.safetensors"

@@ -11,33 +11,29 @@ import torch
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.sample import (
+    SamplingOptions,
     draw_noise,
     generate,
     generate_batches,
-    load_pngs,
-    make_sampler,
     parse_classes,
     resolve_labels,
+    sample_denoised,
     sample_generators,
-    sample_latents,
-    sample_to_folder,
-    save_grid,
-    save_npz,
-    save_pngs,
-    shard,
-    source_name,
     to_uint8,
-    unique_names,
 )
+from difffit_cli.engine.sample_folder import load_pngs, sample_to_folder, save_grid, save_npz, save_pngs, shard
+from difffit_cli.engine.schedulers import make_sampler
 from difffit_cli.engine.vae import load_vae
 
 
 @dataclass
 class LatentBase:
-    """The part of bases.Base that sampling uses: a model and its decoder."""
+    """The part of bases.Base that sampling uses: a model, its decoder and what sample.json names."""
 
     model: torch.nn.Module
     vae_spec: str
+    spec: str = "golden"
+    fingerprint: str = "0" * 16
 
     def vae(self, device="cpu", dtype=torch.float32):
         return load_vae(self.vae_spec, device, dtype)
@@ -102,7 +98,7 @@ def reference_loop(model, labels, seed, spacing, stochastic, cfg_scale, cfg_chan
 def test_guided_loop_matches_reference_loop(golden_model, scheduler, spacing, channels):
     labels = torch.tensor([1, 2, 9])
     expected = reference_loop(golden_model, labels, 7, spacing, scheduler == "ddpm", 1.5, channels)
-    got = sample_latents(golden_model, labels, sample_generators(7, range(3)), cfg_scale=1.5,
+    got = sample_denoised(golden_model, labels, sample_generators(7, range(3)), cfg_scale=1.5,
                          cfg_channels=channels, scheduler=scheduler, steps=10)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # random weights: |x0| reaches ~100
 
@@ -112,7 +108,7 @@ def test_guidance_doubles_the_batch_only_when_guiding(golden_model):
     hook = golden_model.x_embedder.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
     try:
         for scale in (1.0, 4.0):
-            sample_latents(golden_model, torch.tensor([0, 1, 2]), sample_generators(0, range(3)),
+            sample_denoised(golden_model, torch.tensor([0, 1, 2]), sample_generators(0, range(3)),
                            cfg_scale=scale, scheduler="ddim", steps=2)
     finally:
         hook.remove()
@@ -127,7 +123,7 @@ def test_unguided_loop_is_a_plain_conditional_loop(golden_model):
         index = torch.full((2,), i)
         with torch.no_grad():
             x = diffusion.ddim_step(golden_model(x, diffusion.original_timesteps(index), labels), x, index)
-    got = sample_latents(golden_model, labels, sample_generators(3, range(2)), cfg_scale=1.0,
+    got = sample_denoised(golden_model, labels, sample_generators(3, range(2)), cfg_scale=1.0,
                          scheduler="ddim", steps=5)
     torch.testing.assert_close(got, x, atol=1e-6, rtol=0)
 
@@ -137,8 +133,8 @@ def test_dpm_solver_runs_on_dit_schedule(golden_model):
     assert len(sampler.timesteps) == 8 and sampler.timesteps[0] > sampler.timesteps[-1]
     betas = sampler.scheduler.betas
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
-    a = sample_latents(golden_model, torch.tensor([1, 2]), sample_generators(0, range(2)), scheduler=sampler)
-    b = sample_latents(golden_model, torch.tensor([1, 2]), sample_generators(0, range(2)), scheduler=sampler)
+    a = sample_denoised(golden_model, torch.tensor([1, 2]), sample_generators(0, range(2)), scheduler=sampler)
+    b = sample_denoised(golden_model, torch.tensor([1, 2]), sample_generators(0, range(2)), scheduler=sampler)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, atol=0, rtol=0)  # the multistep history is reset between batches
 
@@ -156,23 +152,25 @@ def test_bad_scheduler_and_steps_refused():
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpm-solver"])
 def test_same_seed_same_images_whatever_the_batch_size(base, scheduler):
-    options = {"scheduler": scheduler, "steps": 4, "seed": 5, "progress": False}
-    one = generate(base, 5, batch_size=1, **options)
-    five = generate(base, 5, batch_size=5, **options)
-    three = generate(base, 5, batch_size=3, **options)
+    def options(**changes):
+        return SamplingOptions(**{"scheduler": scheduler, "steps": 4, "seed": 5, **changes})
+
+    one = generate(base, 5, options(batch_size=1), progress=False)
+    five = generate(base, 5, options(batch_size=5), progress=False)
+    three = generate(base, 5, options(batch_size=3), progress=False)
     assert one.shape == (5, 16, 16, 3) and one.dtype == torch.uint8
     assert (one.int() - five.int()).abs().max() <= 1 and (one.int() - three.int()).abs().max() <= 1
     assert (one != five).float().mean() < 0.01
-    other = generate(base, 5, batch_size=5, **{**options, "seed": 6})
+    other = generate(base, 5, options(batch_size=5, seed=6), progress=False)
     assert (other.int() - five.int()).abs().float().mean() > 5
     # An image depends on its index, not on which other images are made with it.
-    (indices, tail), = generate_batches(base, [3, 4], batch_size=8, **options)
+    (indices, tail), = generate_batches(base, [3, 4], options(batch_size=8), progress=False)
     assert indices == [3, 4] and (tail.int() - five[3:].int()).abs().max() <= 1
 
 
 def test_images_are_decoded_latents_in_reference_pixels(base, golden_model):
-    images = generate(base, 2, classes=[3], scheduler="ddim", steps=3, seed=1, progress=False)
-    latents = sample_latents(golden_model, torch.tensor([3, 3]), sample_generators(1, range(2)),
+    images = generate(base, 2, SamplingOptions(scheduler="ddim", steps=3, seed=1), classes=[3], progress=False)
+    latents = sample_denoised(golden_model, torch.tensor([3, 3]), sample_generators(1, range(2)),
                              scheduler="ddim", steps=3)
     with torch.no_grad():
         decoded = base.vae().decode(latents)
@@ -226,15 +224,65 @@ def test_pngs_numbered_from_start_and_lossless(tmp_path):
         save_pngs(images.float(), tmp_path)
 
 
-def test_sample_to_folder_writes_pngs_grid_npz_and_drops_stale(base, tmp_path):
-    save_pngs(images_uint8(1, 16, 16), tmp_path, start=9)  # left over from a larger earlier run
-    summary = sample_to_folder(base, tmp_path, 5, npz=True, scheduler="ddim", steps=2, batch_size=2,
-                               progress=False)
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.npz"]
-    expected = generate(base, 5, scheduler="ddim", steps=2, progress=False).numpy()
+def test_sample_to_folder_writes_pngs_grid_npz_and_a_manifest(base, tmp_path):
+    import json
+
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
+    summary = sample_to_folder(base, tmp_path / "out", 5, options, classes=[2, 7], npz=True, progress=False,
+                               record={"source": "golden.safetensors"})
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sample.json", "samples.npz"]
+    expected = generate(base, 5, options, classes=[2, 7], progress=False).numpy()
     with np.load(summary["npz"]) as data:
         assert np.array_equal(data["arr_0"], expected)
+    settings = json.loads((tmp_path / "out" / "sample.json").read_text())  # written for Python callers too
+    assert settings["source"] == "golden.safetensors" and settings["base"] == "golden"
+    assert settings["classes"] == [2, 7] and settings["n"] == 5 and settings["steps"] == 2
+    assert settings["files"] == names[:5] + ["grid.png", "sample.json", "samples.npz"]
+    assert SamplingOptions(**{k: settings[k] for k in options.to_dict()}) == options
+
+
+def test_resampling_removes_only_what_difffit_wrote(base, tmp_path):
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=4, device="cpu")
+    out = tmp_path / "out"
+    sample_to_folder(base, out, 6, options, npz=True, progress=False)
+    save_pngs(images_uint8(1, 16, 16), out, start=123)  # a user's own file with a sample's name
+    with pytest.raises(DiffFitError, match="already holds samples") as refused:
+        sample_to_folder(base, out, 3, options, progress=False)
+    assert "--overwrite" in refused.value.hint
+    sample_to_folder(base, out, 3, options, progress=False, overwrite=True)
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    # The surplus PNGs and the stale npz of the larger run are gone; the user's file stays.
+    assert names == ["000000.png", "000001.png", "000002.png", "000123.png", "grid.png", "sample.json"]
+    with pytest.raises(DiffFitError, match="000123.png is not one of difffit's samples"):
+        sample_to_folder(base, out, 200, options, progress=False, overwrite=True)
+    assert (out / "000123.png").exists()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "000000.png").write_bytes(b"mine")
+    with pytest.raises(DiffFitError, match="did not write"):
+        sample_to_folder(base, foreign, 1, options, progress=False, overwrite=True)
+    assert (foreign / "000000.png").read_bytes() == b"mine"
+
+
+def test_sampling_options_checked_when_made():
+    assert SamplingOptions().num_steps == 250 and SamplingOptions(scheduler="ddim").num_steps == 50
+    assert SamplingOptions(cfg_channels="all").guided_channels == "all" and SamplingOptions().guided_channels == 3
+    assert SamplingOptions(mixed_precision="bf16").dtype == torch.bfloat16 and SamplingOptions().dtype == torch.float32
+    assert SamplingOptions(scheduler="dpm-solver").to_dict()["steps"] == 25
+    for bad, words in [
+        ({"cfg_channels": "2"}, "--cfg-channels must be 3 or all"),
+        ({"cfg_scale": float("nan")}, "--cfg-scale must be a finite number"),
+        ({"cfg_scale": float("inf")}, "--cfg-scale must be a finite number"),
+        ({"scheduler": "euler"}, "Unknown scheduler 'euler'"),
+        ({"steps": 0}, "--steps must be between 1 and 1000"),
+        ({"batch_size": 0}, "--batch-size must be 1 or more"),
+        ({"seed": -5}, "--seed must be 0 or more"),
+        ({"mixed_precision": "fp8"}, "--mixed-precision must be no, fp16 or bf16"),
+        ({"device": "tpu"}, "Unknown device 'tpu'"),
+    ]:
+        with pytest.raises(DiffFitError, match=words):
+            SamplingOptions(**bad)
 
 
 def test_shards_cover_every_index_once():
@@ -243,7 +291,7 @@ def test_shards_cover_every_index_once():
         assert [i for p in parts for i in p] == list(range(n))
 
 
-# -- classes and names ----------------------------------------------------------------------------
+# -- classes ----------------------------------------------------------------------------
 
 
 def test_classes_by_name_or_index():
@@ -261,17 +309,6 @@ def test_classes_by_name_or_index():
     many = [f"c{i}" for i in range(30)]
     with pytest.raises(DiffFitError, match=r"c19, \.\.\. \(10 more\)"):
         parse_classes(["dog"], many, 30)
-
-
-def test_folder_names_for_sources(tmp_path):
-    run = tmp_path / "food101-difffit"
-    run.mkdir()
-    (run / "adapter.safetensors").touch()
-    (tmp_path / "birds.safetensors").touch()
-    assert source_name(str(run / "adapter.safetensors")) == "food101-difffit"
-    assert source_name(str(tmp_path / "birds.safetensors")) == "birds"
-    assert source_name("DiT-XL/2-256") == "DiT-XL-2-256"
-    assert unique_names(["random:DiT-S/2", "random:DiT-S/2"]) == ["random-DiT-S-2", "random-DiT-S-2-2"]
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -304,7 +341,7 @@ def make_adapter(base_file, path, seed):
 
     from difffit_cli.engine.adapter import make_meta, save_adapter
     from difffit_cli.engine.bases import load_base
-    from difffit_cli.engine.difffit import prepare_model, trainable_parameters
+    from difffit_cli.engine.methods import prepare_model, trainable_parameters
 
     base = load_base(str(base_file))
     model = copy.deepcopy(base.model)
@@ -357,7 +394,7 @@ def test_two_adapters_in_one_run_equal_two_runs(adapters, tmp_path, monkeypatch,
     together = [load_pngs(sorted((tmp_path / "samples" / name).glob("0*.png"))) for name in ("cats", "birds")]
     for adapter, images in zip(adapters, together, strict=True):
         code, _, err = run_cli(monkeypatch, capsys, "sample", adapter, *FAST, "--class", "dog",
-                               "--out", tmp_path / "alone")
+                               "--out", tmp_path / "alone", "--overwrite")
         assert code == 0, err
         assert np.array_equal(load_pngs(sorted((tmp_path / "alone").glob("0*.png"))), images)
     assert not np.array_equal(together[0], together[1])  # the adapters differ, and so do their images

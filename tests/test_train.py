@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.train import FitConfig, fit
+from difffit_cli.engine.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +220,7 @@ def test_grad_accum_grad_checkpointing_and_warmup(tmp_path, conf):
 
 
 def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
-    from difffit_cli.engine.train import same_classes
+    from difffit_cli.engine.methods import same_classes
 
     wnids = [f"n{i:08d}" for i in range(1000)]
     labels = [f"label {i}" for i in range(1000)]

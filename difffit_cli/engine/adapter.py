@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from difffit_cli import __version__
-from difffit_cli.engine.difffit import CLASS_TABLE, describe_method, prepare_model, trainable_parameters
 from difffit_cli.engine.dit import DiT, DiTConfig, build_dit
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.methods import CLASS_TABLE, describe_method, prepare_model, trainable_parameters
 from difffit_cli.engine.resolution import set_resolution
 
 if TYPE_CHECKING:
@@ -191,11 +190,15 @@ def is_adapter_file(path) -> bool:
     return bool(header) and METADATA_KEY in header
 
 
-def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
-    """Tensors and metadata of an adapter; one-sentence DiffFitError for anything wrong with the file."""
+def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+    """Tensors and metadata of an adapter; one-sentence DiffFitError for anything wrong with the file.
+
+    Tensors holding NaN or inf are refused (they would sample black images), unless `allow_non_finite`
+    (`info` reads such a file to flag it)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    refuse_run_folder(path)
     if not path.is_file():
         raise DiffFitError(f"Adapter file {path} does not exist.")
     meta = _parse_meta(path, _header_metadata(path))
@@ -218,7 +221,23 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
     if bad := [n for n in expected if tensors[n].shape != expected[n]]:
         raise DiffFitError(f"{path}: tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
                            f"expected {tuple(expected[bad[0]])}.")
+    if not allow_non_finite and (broken := non_finite_tensors(tensors)):
+        raise DiffFitError(f"{path} holds NaN or inf values (in {', '.join(broken[:3])}); it cannot be used.",
+                           hint="Re-train it, or use an earlier checkpoint's adapter.")
     return tensors, meta
+
+
+def refuse_run_folder(path: str | Path) -> None:
+    """A `fit` run folder given where its adapter is meant: say which file to give instead."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter.safetensors").is_file() and not (path / "model_index.json").exists():
+        raise DiffFitError(f"{path} is a training run folder, not a model.",
+                           hint=f"Use {path / 'adapter.safetensors'}.")
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or inf."""
+    return sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
 
 
 def _parse_meta(path: Path, header: dict | None) -> AdapterMeta:
@@ -330,51 +349,9 @@ def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta:
     return torch.where(stored == 0, base, base + stored)
 
 
-def load_source(source: str, *, base: str | None = None, vae: str | None = None, force_base: bool = False
-                ) -> tuple[Base, AdapterMeta | None]:
-    """An adapter file (applied to its base, or to `base`) or any base spec, ready to sample from."""
-    from difffit_cli.engine.bases import load_base
-
-    if not is_adapter_file(source):  # a base (`base` only applies to adapters)
-        return load_base(str(source), vae=vae), None
-    tensors, meta = read_adapter(source)
-    loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
-    AdapterSwapper(loaded).apply(tensors, meta)
-    loaded.class_names = meta.class_names
-    return loaded, meta
-
-
-def load_adapter_base(source, meta: AdapterMeta, *, base: str | None = None, vae: str | None = None,
-                      force_base: bool = False) -> Base:
-    """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
-    (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
-    from difffit_cli.engine.bases import load_base
-
-    spec = base or meta.base_spec
-    base_config = DiTConfig(**meta.base_config)
-    options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
-    if spec.startswith("random:"):  # a random base is only reproducible at the size it was made with
-        options = {
-            "resolution": base_config.input_size * meta.vae_factor,
-            "num_classes": base_config.num_classes,
-        }
-    loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
-    if loaded.fingerprint != meta.base_fingerprint:
-        message = (
-            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-            f"but {spec} has fingerprint {loaded.fingerprint}."
-        )
-        if not force_base:
-            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
-            raise DiffFitError(message, hint=hint)
-        stderr_console.print(f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).",
-                             highlight=False)
-    return loaded
-
-
 def describe_adapter(path) -> dict:
     """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
-    tensors, meta = read_adapter(path)
+    tensors, meta = read_adapter(path, allow_non_finite=True)
     trained = describe_method(DiTConfig(**meta.base_config), meta.method, num_classes=meta.num_classes,
                               gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table)
     config = meta.dit_config
@@ -405,6 +382,7 @@ def describe_adapter(path) -> dict:
         "training": meta.training,
         "file_bytes": Path(path).stat().st_size,
         "stored_params": sum(t.numel() for t in tensors.values()),
+        "non_finite_tensors": non_finite_tensors(tensors),  # not empty: the adapter is unusable
         "trainable_params": trained["trainable_params"],
         "trainable_percent": trained["trainable_percent"],
         "trainable_groups": trained["trainable_groups"],

@@ -1,19 +1,14 @@
-"""Training data: image-folder scanning, the reference (ADM) preprocessing, and the latent cache.
+"""Training data: image-folder scanning, decoding any image file to RGB, the reference (ADM) crop.
 
 A folder of class sub-folders is a labelled dataset (sorted folder names are the classes); a flat
-folder is one class. Every image is decoded to RGB, center-cropped the way ADM/DiT did it, and
-encoded by the VAE into a latent *distribution* (mean, std). The cache stores that distribution for
-the image and its mirror, so training draws `mean + std * noise` exactly as on-the-fly encoding
-would, without running the VAE again.
+folder is one class. Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
+`engine.latents` turns the crops into latents.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,11 +17,11 @@ import torch
 from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
-from difffit_cli.engine.progress import track
+from difffit_cli.engine.io import has_marker
+from difffit_cli.engine.progress import stderr_console, track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-CACHE_FORMAT = 1
+OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
 
 
 class BadImage(Exception):
@@ -58,12 +53,27 @@ class ImageFolder:
 
 
 def image_files(folder: Path, recursive: bool) -> list[Path]:
-    """The image files under `folder` (by extension, any case; hidden files skipped), sorted."""
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in pattern
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    """The image files under `folder` (by extension, any case; hidden files skipped), sorted.
+
+    Folders difffit wrote (runs, samples, merges: they hold its marker) are never read as data, so
+    `difffit fit .` inside a data folder does not train on its own earlier output.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        if has_marker(here):
+            dirnames.clear()
+            continue
+        found += [here / name for name in filenames if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                  and not name.startswith(".") and (here / name).is_file()]
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def is_output_folder(folder: Path) -> bool:
+    """A folder difffit wrote, or one holding only difffit's outputs (the default `runs/` and `samples/`)."""
+    return has_marker(folder) or (folder.name in OUTPUT_ROOTS and any(has_marker(p) for p in folder.iterdir()))
 
 
 def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_workers: int = 0,
@@ -76,16 +86,23 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DiffFitError(f"The data folder {root} does not exist or is not a folder.")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and not is_output_folder(p))
     files: list[Path] = []
     labels: list[int] = []
     class_names: list[str] = []
+    empty = []
     for sub in subdirs:
         found = image_files(sub, recursive=True)
         if found:
             files += found
             labels += [len(class_names)] * len(found)
             class_names.append(sub.name)
+        else:
+            empty.append(sub.name)
+    if class_names and empty:
+        stderr_console.print(f"[yellow]No images in {', '.join(empty)}; not used as class(es).[/yellow]",
+                             highlight=False)
     if not class_names:  # flat folder: one class named after the folder
         files = image_files(root, recursive=False)
         labels = [0] * len(files)
@@ -188,7 +205,7 @@ def _as_list(batch: list) -> list:
     return batch
 
 
-def _image_batches(files: list[Path], resolution: int, batch_size: int, num_workers: int):
+def image_batches(files: list[Path], resolution: int, batch_size: int, num_workers: int):
     dataset = ImageDataset(files, resolution)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        collate_fn=_as_list, shuffle=False)
@@ -200,103 +217,10 @@ def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
     bad: dict[Path, str] = {}
     with track(len(folder.files), "Checking images", progress) as advance:
         start = 0
-        for batch in _image_batches(folder.files, resolution, 64, num_workers):
+        for batch in image_batches(folder.files, resolution, 64, num_workers):
             for offset, (_, reason) in enumerate(batch):
                 if reason is not None:
                     bad[folder.files[start + offset]] = reason
             start += len(batch)
             advance(len(batch))
     return bad
-
-
-# --------------------------------------------------------------------------------------------
-# Latent cache
-# --------------------------------------------------------------------------------------------
-
-
-def vae_identity(spec: str) -> str:
-    """The VAE spec, made specific for a local folder (absolute path, file sizes and mtimes)."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return spec
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    return f"{path.resolve()}\n" + files_signature(files, path if path.is_dir() else path.parent)
-
-
-def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
-    """Hash of what the cached latents depend on: the files (with sizes and mtimes), resolution, VAE."""
-    h = hashlib.sha256()
-    head = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae_identity(vae_spec)}
-    h.update(json.dumps(head).encode())
-    h.update(files_signature(folder.files, folder.root).encode())
-    return h.hexdigest()[:32]
-
-
-@dataclass
-class LatentCache:
-    """Memory-mapped latent distributions: rows[i] = (plain, flipped) x (mean, std) x (C, h, w), fp16."""
-
-    path: Path
-    rows: np.ndarray
-    row_of: dict[str, int]
-    bad: dict[str, str]
-    built: bool  # False when an existing cache was reused
-
-    def take(self, files: list[Path], root: Path) -> np.ndarray:
-        """Row numbers of `files` (paths under `root`)."""
-        return np.array([self.row_of[str(f.relative_to(root))] for f in files], dtype=np.int64)
-
-
-def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: Callable[[], object],
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
-                 device: torch.device | str = "cpu", num_workers: int = 0,
-                 progress: bool = True) -> LatentCache:
-    """Open the cache for (files, resolution, VAE), building it first (atomically) if needed.
-
-    `get_vae()` returns the engine.vae.Autoencoder; it is only called when the cache must be built.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "latents"
-    path = root / cache_key(folder, resolution, vae_spec)
-    built = not (path / "meta.json").exists()
-    if built:
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)
-    meta = json.loads((path / "meta.json").read_text())
-    rows = np.load(path / "latents.npy", mmap_mode="r")
-    return LatentCache(path, rows, {f: i for i, f in enumerate(meta["files"])}, meta["bad"], built)
-
-
-@torch.no_grad()
-def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae, batch_size: int, device,
-                 num_workers: int, progress: bool) -> None:
-    latent = resolution // vae.factor
-    shape = (len(folder.files), 2, 2, vae.latent_channels, latent, latent)
-    rows = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
-    bad: dict[str, str] = {}
-    start = 0
-    with track(len(folder.files), "Encoding latents", progress) as advance:
-        for batch in _image_batches(folder.files, resolution, batch_size, num_workers):
-            good = [start + i for i, (img, _) in enumerate(batch) if img is not None]
-            for i, (_, reason) in enumerate(batch):
-                if reason is not None:
-                    bad[str(folder.files[start + i].relative_to(folder.root))] = reason
-            if good:
-                images = to_model_range(torch.stack([batch[i - start][0] for i in good]).to(device))
-                mean, std = vae.encode(torch.cat([images, images.flip(-1)]))
-                # (2N, C, h, w) x2 -> (N, flip, mean|std, C, h, w)
-                out = torch.stack([mean, std], 1).unflatten(0, (2, len(good))).transpose(0, 1)
-                rows[good] = out.to("cpu", torch.float16).numpy()
-            start += len(batch)
-            advance(len(batch))
-    rows.flush()
-    del rows
-    meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
-            "files": [str(f.relative_to(folder.root)) for f in folder.files], "bad": bad}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-
-
-def sample_latents(rows: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Cached rows (N, 2, 2, C, h, w) -> latents: mean + std * noise of the plain or mirrored image."""
-    chosen = rows[torch.arange(len(rows)), flips.long()].float()
-    return chosen[:, 0] + chosen[:, 1] * noise

@@ -10,3 +10,9 @@ class DiffFitError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+def require_at_least(option: str, value: int, low: int) -> None:
+    """The one rule for counts and seeds, so every command words it the same way."""
+    if value < low:
+        raise DiffFitError(f"{option} must be {low} or more (got {value}).")

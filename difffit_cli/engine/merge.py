@@ -15,33 +15,40 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.adapter import AdapterMeta, is_adapter_file, load_source, read_adapter
+from difffit_cli.engine.adapter import AdapterMeta, is_adapter_file, read_adapter
 from difffit_cli.engine.bases import (
     METADATA_CLASS_NAMES,
     METADATA_NUM_HEADS,
     METADATA_POS_EMBED_SCALE,
     METADATA_VAE,
 )
-from difffit_cli.engine.difffit import CLASS_TABLE, fold_scale_factors
 from difffit_cli.engine.dit import DiT
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.io import atomic_path, check_output
+from difffit_cli.engine.methods import CLASS_TABLE, fold_scale_factors
+from difffit_cli.engine.sources import load_source
 
 FORMATS = ("original", "diffusers")
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
 
 
 def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt: str = "original",
-                  force_base: bool = False) -> dict:
-    """Apply `adapter` to its base, fold gamma, write `out`; returns a summary for the CLI."""
+                  force_base: bool = False, overwrite: bool = False) -> dict:
+    """Apply `adapter` to its base, fold gamma, write `out`; returns a summary for the CLI.
+
+    An existing `out` is replaced only with `overwrite` (a folder only if difffit wrote it); an `out`
+    that is, holds or sits in an input (the adapter, a local base) is refused either way.
+    """
     if fmt not in FORMATS:
         raise DiffFitError(f"Unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    folder = fmt == "diffusers"
+    check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=folder)
     if not is_adapter_file(adapter):
         read_adapter(adapter)  # raises the one-sentence reason (load_source would try it as a base)
     loaded, meta = load_source(adapter, base=base, force_base=force_base)
+    out = check_output(out, overwrite=overwrite, inputs=[adapter, loaded.spec], folder=folder)
     model = loaded.model
     fold_scale_factors(model)
-    out = Path(out)
     if fmt == "original":
         write_original(model, out, class_names=loaded.class_names, vae_spec=loaded.vae_spec, meta=meta)
     else:
@@ -112,7 +119,7 @@ def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                               num_train_timesteps=1000, clip_sample=False)
     names = class_names or [str(i) for i in range(config.num_classes)]
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, kind="merge") as tmp:
         tmp.mkdir()
         transformer.save_pretrained(tmp / "transformer")
         autoencoder.save_pretrained(tmp / "vae")

@@ -12,8 +12,8 @@ import math
 import sys
 from pathlib import Path
 
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.train import FitConfig, default_out_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,8 +74,7 @@ def resolve_fit_config(given: dict, recipe: str | None = None) -> FitConfig:
     options = read_options(find_recipe(recipe), f"recipe {recipe}") if recipe else {}
     options.update(given)
     if options.get("resume"):
-        probe = FitConfig(**options)
-        out = Path(probe.out).expanduser() if probe.out else default_out_dir(probe.data, probe.method)
+        out = FitConfig(**options).out_dir()
         if (out / "config.toml").exists():
             options = read_options(out / "config.toml") | options
     return FitConfig(**options)

@@ -41,7 +41,7 @@ def target_latent_size(base: Base, resolution: int) -> int:
         raise DiffFitError(
             f"{resolution} px does not fit {base.config.name}'s patch grid: the resolution must be a multiple "
             f"of {step} (VAE factor {base.vae_factor} x patch size {base.config.patch_size}).",
-            hint=f"Try --to {(max(resolution, step) // step + 1) * step}.",
+            hint=f"Try {(max(resolution, step) // step + 1) * step} px.",
         )
     return resolution // base.vae_factor
 
@@ -51,8 +51,8 @@ def check_upscale(base: Base, resolution: int) -> int:
     latent = target_latent_size(base, resolution)
     if latent <= base.config.input_size:
         raise DiffFitError(
-            f"--to {resolution} px is not larger than the base's {base.resolution} px; "
-            "upscale-res only moves a base up in resolution."
+            f"{resolution} px is not larger than the base's {base.resolution} px; "
+            "a base only moves up in resolution (fit at the base's own size by leaving --resolution out)."
         )
     return latent
 

@@ -1,4 +1,4 @@
-"""Batched sampling with classifier-free guidance, and the PNG / grid / npz writers.
+"""Batched sampling with classifier-free guidance: SamplingOptions, the denoising loop, `generate`.
 
 The loop follows the reference sample.py: the latent batch is run as [z, z] with labels [y, null]
 through `forward_with_cfg` and only the conditional half is kept -- we keep only that half from
@@ -12,29 +12,24 @@ the batch size, the batch it lands in, the process that made it, or the device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from difffit_cli.engine.diffusion import GaussianDiffusion
+from difffit_cli.engine.devices import autocast_dtype, resolve_device
 from difffit_cli.engine.dit import DiT
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.progress import make_progress
+from difffit_cli.engine.schedulers import DPMSolverSampler, ReferenceSampler, checked_steps, make_sampler
 
 if TYPE_CHECKING:
-    from difffit_cli.engine.adapter import AdapterMeta
     from difffit_cli.engine.bases import Base
 
-SCHEDULERS = ("ddpm", "ddim", "dpm-solver")
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 25}
-GRID_MAX = 64  # grid.png shows at most this many images (the first ones)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -55,81 +50,54 @@ def draw_noise(
     return noise.to(device, non_blocking=True)
 
 
-# -- schedulers -----------------------------------------------------------------------------------
+# -- settings -------------------------------------------------------------------------------------
 
 
-class ReferenceSampler:
-    """The reference's respaced samplers: ancestral DDPM with the learned variance, or DDIM (eta 0)."""
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample: guidance, scheduler, seed, batching and numerics, checked when made.
 
-    def __init__(self, kind: str, steps: int):
-        self.stochastic = kind == "ddpm"
-        # DDIM uses the reference's even-stride "ddimN" spacing when N allows one (25, 50, 100, ...),
-        # otherwise the section spacing "N" that the reference's sample.py uses for DDPM.
-        spacing = str(steps)
-        if kind == "ddim" and any(len(range(0, 1000, s)) == steps for s in range(1, 1000)):
-            spacing = f"ddim{steps}"
-        self.diffusion = GaussianDiffusion(spacing)
-        self.timesteps = self.diffusion.timesteps[::-1]  # original timesteps, in sampling order
+    The same object drives `difffit sample`, eval-fid's in-memory samples and fit's previews, and
+    is what sample.json records.
+    """
 
-    def reset(self) -> None:
-        pass
+    cfg_scale: float = 4.0
+    cfg_channels: str = "3"  # guide the first 3 latent channels (the reference) or "all"
+    scheduler: str = "ddpm"  # one of SCHEDULERS
+    steps: int | None = None  # None: DEFAULT_STEPS[scheduler]
+    seed: int = 0
+    batch_size: int = 16
+    mixed_precision: str = "no"  # no (exact fp32), fp16 or bf16 autocast
+    device: str = "auto"
 
-    def step_at(
-        self, index: torch.Tensor, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x_t -> x_{t-1} at spaced step `index` (per sample); DDPM without noise returns the mean."""
-        if self.stochastic:
-            return self.diffusion.ddpm_step(
-                model_output, x, index, torch.zeros_like(x) if noise is None else noise
-            )
-        return self.diffusion.ddim_step(model_output, x, index)
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.cfg_scale):
+            raise DiffFitError(f"--cfg-scale must be a finite number (got {self.cfg_scale}).")
+        if self.cfg_channels not in ("3", "all"):
+            raise DiffFitError(f"--cfg-channels must be 3 or all (got {self.cfg_channels!r}).")
+        checked_steps(self.scheduler, self.steps)
+        require_at_least("--batch-size", self.batch_size, 1)
+        require_at_least("--seed", self.seed, 0)
+        autocast_dtype(self.mixed_precision)
+        resolve_device(self.device)  # an unknown device or a missing GPU is refused before any loading
 
-    def step(
-        self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
-    ) -> torch.Tensor:
-        index = torch.full((len(x),), self.diffusion.num_steps - 1 - k, device=x.device, dtype=torch.long)
-        return self.step_at(index, model_output, x, noise)
+    @property
+    def num_steps(self) -> int:
+        return checked_steps(self.scheduler, self.steps)
 
+    @property
+    def guided_channels(self) -> int | str:
+        """`cfg_channels` as `DiT.forward_with_cfg` takes it."""
+        return "all" if self.cfg_channels == "all" else 3
 
-class DPMSolverSampler:
-    """diffusers' multistep DPM-Solver++ on DiT's schedule (linear betas 1e-4..0.02, 1000 steps),
-    driven by the epsilon half of the model output; deterministic, for quick previews."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The sampling numerics: float32 (exact) or the autocast dtype."""
+        return autocast_dtype(self.mixed_precision) or torch.float32
 
-    stochastic = False
-
-    def __init__(self, steps: int):
-        from diffusers import DPMSolverMultistepScheduler
-
-        self.scheduler = DPMSolverMultistepScheduler(
-            num_train_timesteps=1000,
-            beta_start=1e-4,
-            beta_end=0.02,
-            beta_schedule="linear",
-            prediction_type="epsilon",
-        )
-        self.steps = steps
-        self.reset()
-        self.timesteps = [int(t) for t in self.scheduler.timesteps]
-
-    def reset(self) -> None:
-        self.scheduler.set_timesteps(self.steps)  # clears the multistep history between batches
-
-    def step(
-        self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
-    ) -> torch.Tensor:
-        eps = model_output[:, : x.shape[1]]
-        return self.scheduler.step(eps, self.scheduler.timesteps[k], x).prev_sample
-
-
-def make_sampler(scheduler: str, steps: int | None = None) -> ReferenceSampler | DPMSolverSampler:
-    if scheduler not in SCHEDULERS:
-        raise DiffFitError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
-    steps = DEFAULT_STEPS[scheduler] if steps is None else steps
-    if not 1 <= steps <= 1000:
-        raise DiffFitError(f"--steps must be between 1 and 1000 (got {steps}).")
-    if scheduler == "dpm-solver":
-        return DPMSolverSampler(steps)
-    return ReferenceSampler(scheduler, steps)
+    def to_dict(self) -> dict:
+        """The settings with the step count resolved; strict JSON, and `SamplingOptions(**d)` rebuilds them."""
+        return {**dataclasses.asdict(self), "steps": self.num_steps}
 
 
 # -- the latent loop ------------------------------------------------------------------------------
@@ -165,7 +133,7 @@ def make_denoiser(
 
 
 @torch.inference_mode()
-def sample_latents(
+def sample_denoised(
     model: DiT,
     labels: torch.Tensor,
     generators: list[torch.Generator],
@@ -253,55 +221,45 @@ def resolve_labels(num_classes: int, classes: Sequence[int] | None, indices: Seq
 def generate_batches(
     base: Base,
     indices: Sequence[int],
+    options: SamplingOptions,
     *,
     classes: Sequence[int] | None = None,
-    cfg_scale: float = 4.0,
-    cfg_channels: int | str = 3,
-    scheduler: str = "ddpm",
-    steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (sample indices, uint8 images (B, H, W, 3)) batch by batch, so callers can write as they go.
 
-    `dtype` float32 is the exact reference numerics; bfloat16 / float16 run model and decoder under
-    autocast. Moves `base.model` to `device`.
+    float32 (`mixed_precision="no"`) is the exact reference numerics; bf16 / fp16 run model and decoder
+    under autocast. `device` overrides `options.device` (a launcher's process device). Moves
+    `base.model` to the device.
     """
-    if batch_size < 1:
-        raise DiffFitError(f"--batch-size must be at least 1 (got {batch_size}).")
-    indices = [int(i) for i in indices]
-    model = base.model.to(device).eval()
-    labels_all = resolve_labels(model.config.num_classes, classes, indices)
-    sampler = make_sampler(scheduler, steps)
-    autocast_dtype = None if dtype == torch.float32 else dtype
-    vae = base.vae(device, torch.float32)
     from rich.progress import TextColumn
 
+    indices = [int(i) for i in indices]
+    device = torch.device(device) if device is not None else resolve_device(options.device)
+    model = base.model.to(device).eval()
+    labels_all = resolve_labels(model.config.num_classes, classes, indices)
+    sampler = make_sampler(options.scheduler, options.steps)
+    mixed = autocast_dtype(options.mixed_precision)
+    vae = base.vae(device, torch.float32)
     with make_progress(TextColumn("{task.fields[rate]}"), enabled=progress) as bar:
         task = bar.add_task("Sampling", total=len(indices), rate="")
         start = time.perf_counter()
-        for lo in range(0, len(indices), batch_size):
-            batch = indices[lo : lo + batch_size]
-            labels = torch.tensor(labels_all[lo : lo + batch_size], device=device)
-            latents = sample_latents(
+        for lo in range(0, len(indices), options.batch_size):
+            batch = indices[lo : lo + options.batch_size]
+            labels = torch.tensor(labels_all[lo : lo + options.batch_size], device=device)
+            latents = sample_denoised(
                 model,
                 labels,
-                sample_generators(seed, batch),
-                cfg_scale=cfg_scale,
-                cfg_channels=cfg_channels,
+                sample_generators(options.seed, batch),
+                cfg_scale=options.cfg_scale,
+                cfg_channels=options.guided_channels,
                 scheduler=sampler,
-                autocast_dtype=autocast_dtype,
+                autocast_dtype=mixed,
             )
             with (
                 torch.inference_mode(),
-                torch.autocast(
-                    torch.device(device).type,
-                    dtype=autocast_dtype or torch.float32,
-                    enabled=autocast_dtype is not None,
-                ),
+                torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),
             ):
                 images = to_uint8(vae.decode(latents))
             done = lo + len(batch)
@@ -309,191 +267,19 @@ def generate_batches(
             yield batch, images
 
 
-def generate(base: Base, n: int, **options) -> torch.Tensor:
-    """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches` (same options)."""
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
-    return torch.cat([images for _, images in generate_batches(base, range(n), **options)])
-
-
-# -- writers --------------------------------------------------------------------------------------
-
-
-def _as_numpy(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
-    return array
-
-
-def save_pngs(images: torch.Tensor | np.ndarray, folder: str | Path, start: int = 0) -> list[Path]:
-    """images[i] -> folder/{start + i:06d}.png, each written atomically (eval-fid reads them later)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    paths = []
-    for i, image in enumerate(_as_numpy(images)):
-        path = folder / f"{start + i:06d}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(image).save(tmp, format="PNG")
-        paths.append(path)
-    return paths
-
-
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
-    """A near-square grid, ceil(sqrt(n)) columns, row-major, unused cells black."""
-    from PIL import Image
-
-    array = _as_numpy(images)
-    n, h, w, _ = array.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, image in enumerate(array):
-        r, c = divmod(i, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
-    return path
-
-
-def save_npz(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
-    """`arr_0` = N x H x W x 3 uint8, the layout OpenAI's ADM evaluator reads."""
-    array = _as_numpy(images)
-    path = Path(path)
-    with (
-        atomic_path(path) as tmp,
-        open(tmp, "wb") as f,
-    ):  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, arr_0=array)
-    return path
-
-
-def load_pngs(paths: Sequence[str | Path]) -> np.ndarray:
-    """PNG files -> uint8 (N, H, W, 3), filled into one preallocated array (50k images fit once)."""
-    from PIL import Image
-
-    out = None
-    for i, path in enumerate(paths):
-        image = np.asarray(Image.open(path).convert("RGB"))
-        if out is None:
-            out = np.empty((len(paths), *image.shape), dtype=np.uint8)
-        out[i] = image
-    return out
-
-
-# -- a whole run into a folder --------------------------------------------------------------------
-
-
-def shard(n: int, rank: int, world: int) -> range:
-    """The contiguous block of sample indices process `rank` of `world` generates."""
-    size = math.ceil(n / world)
-    return range(min(n, rank * size), min(n, (rank + 1) * size))
-
-
-def sample_to_folder(
-    base: Base, folder: str | Path, n: int, *, npz: bool = False, state=None, progress: bool = True, **options
-) -> dict:
-    """Samples 0..n-1 -> folder/000000.png ..., grid.png (first 64) and, with npz, samples.npz.
-
-    `state` (an accelerate PartialState) shards the indices over processes; each writes its own
-    PNGs and the main process gathers them into the grid and the npz. Returns a summary dict.
-    """
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
-    folder = Path(folder)
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    is_main = rank == 0
-    if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        # Numbered PNGs left by an earlier, larger run would mix into this run's folder (and its FID).
-        for stale in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
-            if int(stale.stem) >= n:
-                stale.unlink()
-    if state is not None:
-        state.wait_for_everyone()
-    start = time.perf_counter()
-    for batch, images in generate_batches(
-        base, shard(n, rank, world), progress=progress and is_main, **options
-    ):
-        save_pngs(images, folder, start=batch[0])
-    if state is not None:
-        state.wait_for_everyone()
-    seconds = time.perf_counter() - start
-    summary = {
-        "dir": str(folder),
-        "images": n,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(n / seconds, 3),
-    }
-    if not is_main:
-        return summary
-    pngs = [folder / f"{i:06d}.png" for i in range(n)]
-    summary["grid"] = str(save_grid(load_pngs(pngs[:GRID_MAX]), folder / "grid.png"))
-    if npz:
-        summary["npz"] = str(save_npz(load_pngs(pngs), folder / "samples.npz"))
-    return summary
-
-
-# -- sources --------------------------------------------------------------------------------------
-
-
-def source_name(source: str) -> str:
-    """A folder name for a source: the file stem (the parent's name for fit's adapter.safetensors)."""
-    path = Path(source)
-    if path.exists():
-        name = path.parent.name if path.is_file() and path.stem in ("adapter", "model") else path.stem
-        name = name or path.resolve().name
-    else:  # a base spec such as "DiT-XL/2-256" or "random:DiT-S/2"
-        name = source
-    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "samples"
-
-
-def unique_names(sources: Sequence[str]) -> list[str]:
-    names: list[str] = []
-    for source in sources:
-        name, k = source_name(source), 2
-        while name in names:
-            name, k = f"{source_name(source)}-{k}", k + 1
-        names.append(name)
-    return names
-
-
-def iter_sources(
-    sources: Sequence[str],
+def generate(
+    base: Base,
+    n: int,
+    options: SamplingOptions | None = None,
     *,
-    base: str | None = None,
-    vae: str | None = None,
-    force_base: bool = False,
-    device: str | torch.device = "cpu",
-) -> Iterator[tuple[str, Base, AdapterMeta | None, list[str] | None]]:
-    """(name, base on `device`, adapter meta or None, class names) per source, in order.
-
-    Consecutive adapters of the same base share one loaded base: the next adapter's tensors are
-    swapped in (milliseconds) instead of reloading the base.
-    """
-    from difffit_cli.engine.adapter import (
-        AdapterSwapper,
-        is_adapter_file,
-        load_adapter_base,
-        load_source,
-        read_adapter,
+    classes: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches`."""
+    if n < 1:
+        raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    batches = generate_batches(
+        base, range(n), options or SamplingOptions(), classes=classes, device=device, progress=progress
     )
-
-    key, loaded, swapper = None, None, None
-    for source, name in zip(sources, unique_names(sources), strict=True):
-        if not is_adapter_file(source):
-            key, swapper = None, None
-            loaded, _ = load_source(source, base=base, vae=vae, force_base=force_base)
-            loaded.model.to(device)
-            yield name, loaded, None, loaded.class_names
-            continue
-        tensors, meta = read_adapter(source)
-        this_key = (base or meta.base_spec, meta.base_fingerprint, vae or meta.vae_spec)
-        if this_key != key:
-            loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
-            loaded.model.to(device)  # before swapping, so the swapper's saved base tensors live there too
-            key, swapper = this_key, AdapterSwapper(loaded)
-        swapper.apply(tensors, meta)
-        yield name, loaded, meta, meta.class_names
+    return torch.cat([images for _, images in batches])

@@ -13,6 +13,7 @@ distribution and guidance keeps its pre-trained reference point; training pulls 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -24,6 +25,7 @@ from difffit_cli.engine.errors import DiffFitError
 METHODS = ("difffit", "bitfit", "full")
 CLASS_TABLE = "y_embedder.embedding_table.weight"
 GROUPS = ("biases", "gamma", "class_table", "norms", "other")
+IMAGENET_WNID = re.compile(r"n\d{8}")
 
 
 def parse_gamma_blocks(spec: str | None, depth: int) -> list[int]:
@@ -203,3 +205,16 @@ def describe_method(config: DiTConfig, method: str = "difffit", *, num_classes: 
         "trainable_percent": 100.0 * trainable / total,
         "trainable_groups": groups,
     }
+
+
+def same_classes(folder_names: list[str], base_num_classes: int, base_names: list[str] | None) -> bool:
+    """Whether a dataset has the base's classes, so the base's class table is kept (not re-initialised).
+
+    Same count, and the same names, or no names on the base, or ImageNet's sorted wnid folders
+    (n01440764, ...) against a 1000-class base: their sorted order is the standard class order.
+    """
+    if len(folder_names) != base_num_classes:
+        return False
+    if base_names is None or list(base_names) == list(folder_names):
+        return True
+    return base_num_classes == 1000 and all(IMAGENET_WNID.fullmatch(name) for name in folder_names)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.difffit import (
+from difffit_cli.engine.dit import DiT, build_dit, config_for
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods import (
     cast_frozen_matrices,
     count_groups,
     describe_method,
@@ -18,8 +20,6 @@ from difffit_cli.engine.difffit import (
     prepare_model,
     trainable_parameters,
 )
-from difffit_cli.engine.dit import DiT, build_dit, config_for
-from difffit_cli.engine.errors import DiffFitError
 
 XL = config_for("DiT-XL/2", input_size=32)
 # DiT-XL/2 bias counts, by hand from the architecture (not from the code under test):

@@ -1,0 +1,97 @@
+"""Every option that more than one command takes, declared once as an `Annotated` alias.
+
+Defaults stay in the command signatures. Where two commands share a flag but not its meaning
+(fit's --steps counts optimizer steps, sample's counts denoising steps), each meaning gets its own
+alias, so a default never changes by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# -- everywhere -----------------------------------------------------------------------------------
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Vae = Annotated[str | None, typer.Option(help="VAE spec (default: the base's / adapter's).")]
+AdapterBase = Annotated[str | None, typer.Option(
+    "--base", help="For an adapter: a base other than the one it names (its fingerprint is checked).",
+    show_default=False)]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an existing output (a folder only if difffit wrote it; never an input).")]
+ForceBase = Annotated[bool, typer.Option(
+    "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
+
+# -- what a model is and what a method trains (fit, upscale-res, info) ----------------------------
+
+Resolution = Annotated[int | None, typer.Option(
+    help="Image size in pixels (default: the base's; sets the size of a random: base).", show_default=False)]
+NumHeads = Annotated[int | None, typer.Option(
+    help="Attention heads, for a base of non-standard width that does not record them.", show_default=False)]
+GammaBlocks = Annotated[str | None, typer.Option(
+    help="Blocks with scale factors: half (default), all, none or ranges like 0-5,20.", show_default=False)]
+
+# -- sampling (sample, eval-fid) ------------------------------------------------------------------
+
+NumImages = Annotated[int, typer.Option("-n", "--num-images", help="Images per source.")]
+Classes = Annotated[list[str] | None, typer.Option(
+    "--class", help="Class name or index; repeat to cycle (default: all classes in turn).", show_default=False)]
+CfgScale = Annotated[float, typer.Option(help="Guidance: 4.0 to look at, 1.5 for FID (the paper's); 1 = none.")]
+CfgChannels = Annotated[str, typer.Option(help="Guide '3' latent channels (reference) or 'all'.")]
+Scheduler = Annotated[str, typer.Option(help="ddpm (reference), ddim or dpm-solver.")]
+SamplingSteps = Annotated[int | None, typer.Option(
+    "--steps", help="Sampling steps (default: ddpm 250, ddim 50, dpm-solver 25).", show_default=False)]
+SamplingSeed = Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i), not on the batch size.")]
+SamplingBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (per process).")]
+SamplingPrecision = Annotated[str, typer.Option("--mixed-precision", help="no (exact fp32), fp16 or bf16 autocast.")]
+
+# -- fit's options (fit and upscale-res take every one of them) -----------------------------------
+
+Data = Annotated[str | None, typer.Argument(
+    help="Image folder: one sub-folder per class, or flat (one class).", show_default=False)]
+FitBase = Annotated[str | None, typer.Option(
+    "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
+Method = Annotated[str, typer.Option(help="difffit, bitfit or full.")]
+Recipe = Annotated[str | None, typer.Option(
+    help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")]
+FitOut = Annotated[str | None, typer.Option("--out", help="Output folder (default: runs/<data>-<method>).")]
+FitSteps = Annotated[int, typer.Option("--steps", help="Total optimizer steps (a resumed run trains up to it).")]
+FitBatchSize = Annotated[int, typer.Option(
+    "--batch-size", help="Global batch per step (split over GPUs, --grad-accum).")]
+LearningRate = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 1e-3; 1e-4 for full).")]
+FitSeed = Annotated[int, typer.Option("--seed", help="Seed of data order, noise and label dropout.")]
+FitPrecision = Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16.")]
+SaveEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")]
+SampleEvery = Annotated[int, typer.Option(help="Preview grid every N steps and at step 0 (0: no).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the newest checkpoint in --out.")]
+Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Keep an EMA of the trained tensors; the adapter uses it.")]
+EmaDecay = Annotated[float, typer.Option(help="EMA decay (warmed up as (1+s)/(10+s) early on).")]
+CacheLatents = Annotated[bool, typer.Option(
+    "--cache-latents/--no-cache-latents", help="Encode each image once and reuse the latents.")]
+CacheDir = Annotated[str | None, typer.Option(help="Latent cache folder (default: <user cache>/latents).")]
+GradCheckpointing = Annotated[bool, typer.Option(
+    "--grad-checkpointing", help="Recompute activations: less memory, slower.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+Keep = Annotated[int, typer.Option(help="Checkpoints to keep (the newest).")]
+LogEvery = Annotated[int, typer.Option(help="Write log.jsonl every N steps.")]
+Warmup = Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")]
+GradAccum = Annotated[int, typer.Option(help="Gradient accumulation micro-steps per step.")]
+AdapterDtype = Annotated[str, typer.Option(help="fp16 (stored as differences) or fp32.")]
+LogWith = Annotated[str | None, typer.Option(help="Also log to tensorboard (if installed).")]
+NumWorkers = Annotated[int | None, typer.Option(help="Image-loading processes (default: min(8, CPUs)).")]
+
+# -- flags that mean something else in each command ----------------------------------------------
+
+SampleOut = Annotated[Path | None, typer.Option(
+    "--out", help="Output folder (default samples/<source>; a sub-folder per source).", show_default=False)]
+MergeOut = Annotated[Path, typer.Option(
+    "--out", "-o", help="Output: a .safetensors file, or a folder for diffusers.", show_default=False)]
+EvalNumImages = Annotated[int | None, typer.Option(
+    "-n", "--num-images", help="Generated images to use: the first N of a folder/npz (default all), "
+    "or N samples from a model (default 50,000).", show_default=False)]
+EvalBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per Inception (and sampling) batch.")]
+MethodToDescribe = Annotated[str | None, typer.Option(
+    "--method", help="Show what this method would train: difffit, bitfit, full.", show_default=False)]

@@ -1,0 +1,74 @@
+"""`difffit info` and `difffit env`: what a model is, and what this machine has."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from difffit_cli import __version__
+from difffit_cli.cli import _options as opt
+from difffit_cli.cli._render import console, emit_json, print_fields
+
+
+def info(
+    source: Annotated[str, typer.Argument(
+        help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
+    method: opt.MethodToDescribe = None,
+    num_classes: Annotated[int | None, typer.Option(
+        "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
+    gamma_blocks: opt.GammaBlocks = None,
+    base: opt.AdapterBase = None,
+    resolution: opt.Resolution = None,
+    num_heads: opt.NumHeads = None,
+    as_json: opt.Json = False,
+) -> None:
+    """Architecture, size, classes and fingerprint of a base or an adapter; what a method would train.
+
+    [bold]Examples[/bold]
+
+    difffit info DiT-XL/2-256
+
+    difffit info random:DiT-XL/2 --method difffit --num-classes 101
+
+    difffit info runs/food/adapter.safetensors --json
+    """
+    from difffit_cli.engine.sources import describe_source
+
+    report = describe_source(source, method=method, num_classes=num_classes, gamma_blocks=gamma_blocks,
+                             base=base, resolution=resolution, num_heads=num_heads)
+    if as_json:
+        emit_json(report)
+    else:
+        _render_info(report)
+
+
+def _render_info(report: dict) -> None:
+    from rich.table import Table
+
+    report = dict(report)
+    groups = report.pop("trainable_groups", None)
+    print_fields(f"{report['kind']}: {report.get('path') or report.get('spec', '')}", report)
+    if groups:
+        total = report.get("adapted_total_params", report["total_params"])
+        trained = Table(title=f"What {report['method']} trains")
+        trained.add_column("group")
+        trained.add_column("parameters", justify="right")
+        trained.add_column("% of model", justify="right")
+        for name, count in [*groups.items(), ("total", sum(groups.values()))]:
+            trained.add_row(name, f"{count:,}", f"{100 * count / total:.4f}")
+        console.print(trained)
+    if report.get("non_finite_tensors"):
+        console.print(f"[bold red]Unusable:[/bold red] NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
+                      "sample, merge and eval-fid refuse this adapter.", highlight=False)
+
+
+def env(as_json: opt.Json = False) -> None:
+    """Versions, devices and cache locations, for bug reports."""
+    from difffit_cli.engine.environment import environment_report
+
+    report = environment_report()
+    if as_json:
+        emit_json(report)
+    else:
+        print_fields(f"difffit {__version__}", report)

@@ -1,0 +1,106 @@
+"""Training checkpoints: written atomically, read back for an exact resume.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding the trained tensors and their EMA
+(`trained.safetensors`), the optimizer state (`optimizer.pt`) and `state.json` (step, elapsed time,
+method, seed, class names). It is built under a `.tmp-` name and renamed into place, so a folder
+with the real name is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.progress import stderr_console
+
+CHECKPOINT = re.compile(r"^step-(\d{7})$")
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a half-written one only ever exists under a .tmp- name)."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT.match(p.name))]
+    return sorted(c for c in found if (c[1] / "state.json").exists())
+
+
+def save_checkpoint(out_dir: Path, step: int, params: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+    """Write checkpoint `step`, then drop all but the newest `keep` (only checkpoint folders are removed)."""
+    path = out_dir / "checkpoints" / f"step-{step:07d}"
+    tensors = {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
+    tensors.update({f"ema.{name}": e.detach().float().cpu().contiguous() for name, e in ema.items()})
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "trained.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """Restore trained tensors, EMA and optimizer from `path`; returns its state.json."""
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "trained.safetensors"))
+    expected = set(params) | {f"ema.{n}" for n in ema}
+    if set(tensors) != expected or any(tensors[n].shape != p.shape for n, p in params.items()):
+        raise DiffFitError(
+            f"The checkpoint {path} was made for a different model or method than this run.",
+            hint="Resume with the same --base, --method, --gamma-blocks and data, or choose a new --out.",
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+        for name, e in ema.items():
+            e.copy_(tensors[f"ema.{name}"])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def restore_newest(checkpoints: list[tuple[int, Path]], params: dict[str, torch.nn.Parameter],
+                   ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load the newest readable checkpoint: (its step, its state.json); (0, {}) when there is none.
+
+    A damaged checkpoint (a crash while the disk filled, say) falls back to the one before it;
+    one that belongs to another model or method is an error, not a fallback.
+    """
+    for step, path in reversed(checkpoints):
+        try:
+            return step, load_checkpoint(path, params, ema, optimizer)
+        except DiffFitError:
+            raise
+        except Exception as exc:
+            stderr_console.print(f"[yellow]Checkpoint {path} is unreadable ({exc}); trying an older one.[/yellow]",
+                                 highlight=False)
+    return 0, {}
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step` (written after the checkpoint a resumed run starts from).
+
+    Lines that are not difffit records (no integer "step") are kept as they are.
+    """
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        record = None
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+        step_of = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step_of, int) or step_of <= step:
+            kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))

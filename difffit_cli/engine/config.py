@@ -1,0 +1,137 @@
+"""What a fit run is asked to do (FitConfig, checked once before any work) and what it did (FitResult)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from difffit_cli.engine.devices import DEVICES
+from difffit_cli.engine.errors import DiffFitError, require_at_least
+from difffit_cli.engine.methods import METHODS
+from difffit_cli.engine.resolution import PE_MODES
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+ADAPTER_DTYPES = ("fp16", "fp32")
+TRACKERS = ("tensorboard",)
+MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
+
+
+@dataclass
+class FitConfig:
+    """Every option of `difffit fit` and `difffit upscale-res`.
+
+    None means "decided at run time" (from the base, the method or the data). A `resolution` other
+    than the base's moves the base there first (the positional-encoding trick by default).
+    """
+
+    data: str | None = None
+    base: str | None = None
+    vae: str | None = None  # default: the base's VAE
+    method: str = "difffit"
+    out: str | None = None  # default: runs/<data folder name>-<method>
+    steps: int = 24000  # total optimizer steps of the run (a resumed run trains up to this)
+    batch_size: int = 32  # global batch per optimizer step (all processes, all accumulation steps)
+    lr: float | None = None  # default: 1e-3 for difffit and bitfit, 1e-4 for full
+    seed: int = 0
+    resolution: int | None = None  # default: the base's resolution
+    num_heads: int | None = None  # only for a base of non-standard width that does not record it
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
+    device: str = "auto"
+    save_every: int = 1000
+    sample_every: int = 2000  # 0 = no preview grids
+    resume: bool = False
+    gamma_blocks: str | None = None  # default: the first half of the blocks
+    ema: bool = True
+    ema_decay: float = 0.9999
+    cache_latents: bool = True
+    cache_dir: str | None = None
+    grad_checkpointing: bool = False
+    compile: bool = False
+    keep: int = 2
+    log_every: int = 1
+    warmup: int = 0
+    grad_accum: int = 1
+    adapter_dtype: str = "fp16"
+    log_with: str | None = None
+    num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
+    pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
+
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)
+
+    def validate(self) -> FitConfig:
+        """Check every option before any work starts; one sentence per problem. Returns self."""
+        _choice("--method", self.method, METHODS)
+        _choice("--device", self.device, DEVICES, prefix_ok="cuda:")
+        _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        if self.pos_embed is not None:
+            _choice("--pe", self.pos_embed, PE_MODES)
+        if self.data is None:
+            raise DiffFitError("No training data given.", hint="Pass a DATA folder or a --recipe with `data`.")
+        if self.base is None:
+            raise DiffFitError("No base model given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
+        for name in ("steps", "batch_size", "keep", "log_every", "grad_accum"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("save_every", "sample_every", "warmup", "seed"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("resolution", "num_heads"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
+            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_RESOLUTION} px.")
+        if self.num_workers is not None:
+            _at_least("num_workers", self.num_workers, 0)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
+        if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
+        if self.log_with is not None:
+            _choice("--log-with", self.log_with, TRACKERS)
+            if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+                raise DiffFitError("--log-with tensorboard needs the tensorboard package.",
+                                   hint="pip install tensorboard")
+        return self
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...], prefix_ok: str | None = None) -> None:
+    if value in allowed or (prefix_ok and isinstance(value, str) and value.startswith(prefix_ok)):
+        return
+    raise DiffFitError(f"Unknown {option} {value!r}; choose one of {', '.join(allowed)}.")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    require_at_least(f"--{name.replace('_', '-')}", value, low)
+
+
+def default_out_dir(data: str | None, method: str) -> Path:
+    name = Path(data).expanduser().resolve().name if data else "run"
+    return Path("runs") / f"{name}-{method}"
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    adapter: Path | None
+    step: int
+    start_step: int
+    steps: int
+    loss: float | None
+    images: int
+    classes: int
+    skipped: int
+    trainable_params: int
+    elapsed_s: float
+    img_per_s: float | None
+    interrupted: bool
+    cache: str | None
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (exit 130 / 143)
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
