@@ -132,9 +132,12 @@ def test_disk_full_and_permission_problems_are_one_sentence(tmp_path, monkeypatc
     (["fit", "{data}", "--base", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
     (["sample", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
     (["fit", "{data}", "--base", "random:DiT-S/2", "--adapter-dtype", "int8"], "--adapter-dtype"),
+    (["fit", "{data}", "--base", "tiny", "--resolution", "33"], "33 px does not fit"),
+    (["fit", "{data}", "--base", "tiny", "--resolution", "16"], "not larger than the base's 32 px"),
 ])
 def test_bad_options_are_one_sentence_before_any_work(monkeypatch, capsys, tmp_path, toy_data, args, words):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, *[a.format(data=toy_data) for a in args])
     assert code == 1 and "Traceback" not in err and words in err.replace("\n", " "), err
+    assert "--to" not in err or args[0] == "upscale-res"  # fit has no --to to hint at
     assert not (tmp_path / "runs").exists()

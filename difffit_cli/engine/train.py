@@ -90,17 +90,19 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     config.validate()
     out_dir = config.out_dir()
     check_run_folder(out_dir, config.data)
-    # -- accelerator (and the lock on --out), base at the run's resolution, data ---------------------
+    # -- accelerator, data, base at the run's resolution; then the lock on --out ---------------------
     accelerator, precision = _make_accelerator(config, out_dir)
-    with _tf32_matmuls(accelerator.device.type == "cuda"), \
-            run_lock(out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        held.enter_context(_tf32_matmuls(accelerator.device.type == "cuda"))
+        folder = scan_image_folder(config.data)  # bad data, then a bad base, fail before --out is touched
+        base, base_config, pos_embed = _load_base_at_resolution(config, base)
+        if accelerator.is_main_process:
+            held.enter_context(run_lock(out_dir))
         checkpoints = list_checkpoints(out_dir)
         if done := _nothing_to_resume(config, out_dir, checkpoints):
             return done
         if accelerator.is_main_process:
             claim_run_folder(out_dir)
-        folder = scan_image_folder(config.data)  # before the base: bad data fails fast
-        base, base_config, pos_embed = _load_base_at_resolution(config, base)
         run = Run(config, out_dir, accelerator, precision, base, pos_embed, folder, [], True)
         _prepare_data(run, progress and run.main)
         # -- trainable state, resume ------------------------------------------------------------------
