@@ -160,7 +160,7 @@ def test_loss_png_decodes(real_run, tmp_path):
 def test_tensorboard_events_hold_the_preview_image(real_run, tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
     from difffit_cli.engine.trackers import log_preview
 

@@ -40,15 +40,16 @@ CURVES = (  # (log key, label, smoothed?, style)
     ("val_loss", "val_loss", False, {"color": "C3", "marker": "o", "markersize": 3}),
 )
 MAX_POINTS = 2000  # points per plotted curve; longer series are thinned after smoothing
-THUMBNAIL_PX = 384  # preview grids are shrunk to at most this size (the width they are shown at)
+THUMBNAIL_PX = 320  # preview grids are shrunk to at most this size (the width they are shown at)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
 table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .timeline{display:flex;gap:.75rem;overflow-x:auto;padding-bottom:.5rem}
-figure{margin:0;text-align:center}figure img{width:384px;image-rendering:pixelated;border:1px solid #ddd}
+figure{margin:0;text-align:center}figure img{width:320px;image-rendering:pixelated;border:1px solid #ddd}
 pre{background:#f7f7f7;padding:.75rem;overflow-x:auto;font-size:.85rem}
 section.run{border-top:2px solid #ddd;margin-top:2rem}svg{max-width:100%;height:auto}
+.overview{display:flex;gap:1.5rem;align-items:flex-start;flex-wrap:wrap}.plot{flex:1;min-width:420px}
 """
 
 
@@ -171,17 +172,19 @@ def _comparison_row(name: str, info: dict) -> tuple[str, ...]:
 
 
 def _summary_rows(s: dict) -> list[tuple[str, str]]:
+    """The run's summary table: (label, formatted value), leaving out what the run does not record."""
     training = s.get("training", {})
-    rows = [("method", s.get("method")), ("base", s.get("base")), ("architecture", s.get("architecture")),
-            ("resolution", s.get("resolution")), ("classes", s.get("num_classes")),
-            ("trainable params", _fmt(s.get("trainable_params"), ",")),
-            ("adapter bytes", _fmt(s.get("file_bytes"), ",")), ("steps", training.get("steps", s.get("logged_steps"))),
-            ("batch size", training.get("batch_size")), ("learning rate", training.get("lr")),
-            ("training images", training.get("images")), ("training time", format_duration(s.get("elapsed_s"))),
-            ("img/s (median)", _fmt(s.get("img_per_s"), ".1f")), ("peak memory (MB)", _fmt(s.get("peak_mem_mb"))),
-            ("final loss", _fmt(s.get("final_loss"), ".4f")),
-            ("final val_loss", _fmt(s.get("final_val_loss"), ".4f"))]
-    return [(k, _fmt(v)) for k, v in rows if v is not None]
+    elapsed = s.get("elapsed_s")
+    rows = [("method", s.get("method"), ""), ("base", s.get("base"), ""), ("architecture", s.get("architecture"), ""),
+            ("resolution", s.get("resolution"), ""), ("classes", s.get("num_classes"), ""),
+            ("trainable params", s.get("trainable_params"), ","), ("adapter bytes", s.get("file_bytes"), ","),
+            ("steps", training.get("steps", s.get("logged_steps")), ","),
+            ("batch size", training.get("batch_size"), ""), ("learning rate", training.get("lr"), ""),
+            ("training images", training.get("images"), ","),
+            ("training time", format_duration(elapsed) if elapsed is not None else None, ""),
+            ("img/s (median)", s.get("img_per_s"), ".1f"), ("peak memory (MB)", s.get("peak_mem_mb"), ",.0f"),
+            ("final loss", s.get("final_loss"), ".4f"), ("final val_loss", s.get("final_val_loss"), ".4f")]
+    return [(label, _fmt(value, spec)) for label, value, spec in rows if value is not None]
 
 
 def _timeline(found: list[tuple[int, Path]]) -> str:
@@ -202,12 +205,14 @@ def _timeline(found: list[tuple[int, Path]]) -> str:
 
 def _run_section(i: int, name: str, info: dict) -> str:
     parts = [f'<section class="run" id="run-{i}"><h2>{html.escape(name)}</h2>',
-             f"<p><code>{html.escape(str(info['path']))}</code></p>", _table(_summary_rows(info["summary"]))]
+             f"<p><code>{html.escape(str(info['path']))}</code></p>",
+             '<div class="overview">', _table(_summary_rows(info["summary"]))]
     if info["records"]:
         plotted = {key: dict(zip(("step", "value"), series(info["records"], key), strict=True))
                    for key in ("loss", "mse", "vb", "val_loss")}
-        parts += ["<h3>Loss</h3>", _inline_svg(_loss_figure({name: info["records"]}), f"loss-{i}"),
+        parts += [f'<div class="plot">{_inline_svg(_loss_figure({name: info["records"]}), f"loss-{i}")}</div>',
                   f'<script type="application/json" class="log-data">{json.dumps(plotted)}</script>']
+    parts.append("</div>")
     if info["previews"]:
         parts += ["<h3>Samples during training</h3>", _timeline(info["previews"])]
     for file, result in info["evals"].items():
@@ -231,8 +236,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool
     paths = [Path(p) for p in run_dirs]
     infos = [_run_info(p) for p in paths]
     names = unique_names([str(p) for p in paths])
-    body = [f"<h1>difffit report</h1><p>{len(infos)} run(s); written {datetime.date.today()} by difffit "
-            f"{__version__}.</p>"]
+    count = f"{len(infos)} run{'s' if len(infos) > 1 else ''}"
+    body = [f"<h1>difffit report</h1><p>{count}; written {datetime.date.today()} by difffit {__version__}.</p>"]
     if len(infos) > 1:
         body += ["<h2>Comparison</h2>", _table([_comparison_row(n, i) for n, i in zip(names, infos, strict=True)],
                                                 header=COMPARISON, numeric=True)]
