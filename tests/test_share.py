@@ -262,3 +262,19 @@ def test_pull_lists_the_repo_on_the_hub_when_online(run_dir, hf_home, monkeypatc
     monkeypatch.setattr("huggingface_hub.hf_hub_download", hf_hub_download)
     assert resolve_adapter_source("me/online") == str(run_dir / "adapter.safetensors")
     assert downloads == [("me/online", "adapter.safetensors", False)]
+
+
+def test_upload_failures_are_one_sentence(run_dir, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DIFFFIT_NO_DOWNLOAD", "0")
+
+    def no_network(self, repo_id, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    with pytest.raises(DiffFitError, match=r"Uploading to me/toy failed \(\[Errno -2\] Name or service not known\)"
+                       ) as error:
+        push_adapter(run_dir / "adapter.safetensors", "me/toy")
+    assert "network" in error.value.hint

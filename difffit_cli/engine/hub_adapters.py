@@ -56,33 +56,52 @@ def resolve_adapter_source(spec: str) -> str | None:
     return _download(repo_id, candidates[0], spec)
 
 
-def _repo_files(repo_id: str) -> list[str] | None:
-    """The repo's file names: from the Hub when downloads are on, else (or when the Hub cannot be
-    reached) from the cached snapshot; None when neither knows the repo."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+def network_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached, besides its own HfHubHTTPError:
+    OSError (requests, before 1.0), httpx.HTTPError (1.x) or httpx2.HTTPError (2.x)."""
+    import importlib
 
-    if not downloads_disabled():
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[Exception]] = [HfHubHTTPError, OSError]
+    for name in ("httpx", "httpx2"):
         try:
-            return HfApi().list_repo_files(repo_id)
-        except (HfHubHTTPError, HFValidationError, OSError, ValueError):
-            pass  # not on the Hub or no network: the cache may still know it
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+def _repo_files(repo_id: str) -> list[str] | None:
+    """The repo's file names: from its cached snapshot when that tells what the repo is (so a cached
+    base or adapter needs no network), else from the Hub when downloads are on; None when neither
+    knows the repo."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cached = None
     try:
         folder = Path(snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=True))
+        cached = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
-        return None
-    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        pass
+    if downloads_disabled() or any(name in BASE_FILES or name.endswith(".safetensors") for name in cached or []):
+        return cached
+    try:
+        return HfApi().list_repo_files(repo_id)
+    except (*network_errors(), HFValidationError, ValueError):
+        return cached  # not on the Hub, or no network
 
 
 def _download(repo_id: str, filename: str, spec: str) -> str:
     """`filename` of `repo_id` through the Hub cache; one sentence when it is neither cached nor reachable."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     offline = downloads_disabled()
     try:
         path = hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir(), local_files_only=offline)
-    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as exc:
+    except (LocalEntryNotFoundError, HFValidationError, *network_errors()) as exc:
         why = OFFLINE if offline else error_summary(exc)
         raise DiffFitError(
             f"The adapter {filename} of the hub repo {repo_id} is not in the Hugging Face cache "

@@ -15,6 +15,7 @@ from difffit_cli.engine.adapter import load_source
 from difffit_cli.engine.card import model_card
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled, error_summary
+from difffit_cli.engine.hub_adapters import network_errors
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.merge import merge_adapter
 from difffit_cli.engine.runs import previews, read_eval_json, training_summary
@@ -110,7 +111,9 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
-    except (HfHubHTTPError, OSError) as exc:
-        raise DiffFitError(f"Uploading to {repo_id} failed ({error_summary(exc)}).",
-                           hint="Log in with `hf auth login` (a token with write access), then push again.") from None
+    except network_errors() as exc:
+        refused = isinstance(exc, HfHubHTTPError)  # the Hub answered: no token, no write access, bad name
+        hint = ("Log in with `hf auth login` (a token with write access to the repo), then push again."
+                if refused else "Check the network connection, then push again.")
+        raise DiffFitError(f"Uploading to {repo_id} failed ({error_summary(exc)}).", hint=hint) from None
     return str(getattr(commit, "commit_url", None) or repo_url)
