@@ -13,6 +13,7 @@ from pathlib import Path
 
 from difffit_cli.engine.adapter import load_source
 from difffit_cli.engine.card import model_card
+from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled, error_summary
 from difffit_cli.engine.hub_adapters import network_errors
@@ -86,7 +87,8 @@ def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> st
     if grid_classes:
         base, meta = load_source(str(adapter))
         classes = parse_classes(grid_classes, meta.class_names, meta.num_classes)
-        images = generate(base, GRID_PER_CLASS * len(classes), classes=classes, progress=False, **GRID_SAMPLING)
+        images = generate(base, GRID_PER_CLASS * len(classes), classes=classes, device=resolve_device("auto"),
+                          progress=False, **GRID_SAMPLING)
         save_grid(images, path)
         names = [meta.class_names[c] if meta.class_names else str(c) for c in classes]
         settings = GRID_SAMPLING
