@@ -240,6 +240,9 @@ def test_pull_offline_failures_are_one_sentence(run_dir, hf_home):
     with pytest.raises(DiffFitError, match="a.safetensors, b.safetensors"):
         resolve_adapter_source("hf://me/two")
     assert resolve_adapter_source("hf://me/two/b.safetensors")
+    assert resolve_adapter_source("me/two") is None  # bare: only push's adapter.safetensors marks an adapter repo
+    cached_repo("me/one", {"food.safetensors": run_dir / "adapter.safetensors"})
+    assert resolve_adapter_source("hf://me/one").endswith("food.safetensors")
     cached_repo("me/other", {"weights.safetensors": run_dir / "checkpoints" / "step-0000004" / "trained.safetensors"})
     with pytest.raises(DiffFitError, match="not a difffit adapter"):
         resolve_adapter_source("hf://me/other")

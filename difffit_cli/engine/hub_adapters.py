@@ -1,9 +1,10 @@
 """Adapters on the Hugging Face Hub: `hf://OWNER/NAME[/file]` or `OWNER/NAME` to a local file.
 
-An adapter repo (what `difffit push` uploads) holds a difffit adapter .safetensors, adapter.safetensors
-by default, and none of a base's files (model_index.json, config.json, transformer/). A base repo
-is left to `bases.load_base`. Files land in the standard Hub cache, so a later offline run
-(HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD) reads them from there.
+An adapter repo (what `difffit push` uploads) holds a difffit adapter .safetensors and none of a
+base's files (model_index.json, config.json, transformer/). `OWNER/NAME` means an adapter repo when
+it holds adapter.safetensors (push's name); `hf://OWNER/NAME` also takes a repo's only .safetensors,
+and `hf://OWNER/NAME/FILE` any file. Everything else is left to `bases.load_base`. Files land in
+the standard Hub cache, so a later offline run (HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD) reads them there.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def resolve_adapter_source(spec: str) -> str | None:
         return None
     candidates = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
     if ADAPTER_FILE in candidates:
-        candidates = [ADAPTER_FILE]
+        return _download(repo_id, ADAPTER_FILE, spec)
+    if not explicit:
+        return None  # a bare OWNER/NAME is an adapter repo only by push's file name (no guessing downloads)
     if len(candidates) != 1:
-        if not explicit and not candidates:
-            return None
         found = ", ".join(candidates) or "no .safetensors file"
         raise DiffFitError(f"The hub repo {repo_id} holds {found}, not one {ADAPTER_FILE}.",
                            hint=f"Name the file: hf://{repo_id}/FILE.safetensors.")
