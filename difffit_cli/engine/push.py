@@ -56,10 +56,10 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
     if downloads_disabled():
         raise DiffFitError("push needs the network, but HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set.",
                            hint="Unset them, or use --dry-run --out DIR to see what would be uploaded.")
+    message = message or f"Upload {'merged ' if merged else ''}{summary['method']} adapter with difffit"
     with tempfile.TemporaryDirectory(prefix="difffit-push-") as tmp:
         files = build_upload_folder(adapter, Path(tmp), **build)
-        url = _upload(Path(tmp), repo_id, private=private, revision=revision,
-                      message=message or f"Upload {summary['method']} adapter with difffit")
+        url = _upload(Path(tmp), repo_id, private=private, revision=revision, message=message)
     return {"repo_id": repo_id, "dry_run": False, "out": None, "files": files, "url": url, "revision": revision,
             "private": private}
 
