@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.report import write_loss_plot, write_report
 from difffit_cli.engine.runs import read_log, smooth
-from difffit_cli.engine.train import FitConfig, fit
+from difffit_cli.engine.train import fit
 
 
 @pytest.fixture(scope="module")

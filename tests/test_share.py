@@ -15,11 +15,12 @@ from test_adapter import train, write_base
 
 from difffit_cli.engine.adapter import read_adapter, save_adapter
 from difffit_cli.engine.card import hub_base_id, model_card
+from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.push import push_adapter
 from difffit_cli.engine.runs import training_summary
-from difffit_cli.engine.train import FitConfig, fit
+from difffit_cli.engine.train import fit
 
 SNAPSHOT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -211,6 +212,23 @@ def test_pull_adapter_repo_from_the_cache(run_dir, hf_home):
         path = resolve_adapter_source(spec)
         assert path is not None and str(hf_home / "hub") in path, spec
         assert read_adapter(path)[1].to_dict() == read_adapter(adapter)[1].to_dict()
+
+
+def test_commands_take_a_hub_adapter(run_dir, hf_home, tmp_path, monkeypatch, capsys):
+    """sample, merge and info read hf://OWNER/NAME from the Hub cache (offline), as a local adapter."""
+    from test_sample import run_cli
+
+    cached_repo("me/toy", {"adapter.safetensors": run_dir / "adapter.safetensors", "README.md": "card"})
+    code, out, err = run_cli(monkeypatch, capsys, "info", "hf://me/toy", "--json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "adapter" and str(hf_home / "hub") in json.loads(out)["path"]
+    code, out, err = run_cli(monkeypatch, capsys, "sample", "hf://me/toy", "-n", "2", "--scheduler", "ddim",
+                             "--steps", "2", "--device", "cpu", "--out", tmp_path / "s", "--json")
+    assert code == 0, err
+    assert json.loads(out)["outputs"][0]["source"] == "hf://me/toy" and (tmp_path / "s" / "000001.png").is_file()
+    code, out, err = run_cli(monkeypatch, capsys, "merge", "hf://me/toy", "--out", tmp_path / "m.safetensors")
+    assert code == 0, err
+    assert (tmp_path / "m.safetensors").is_file()
 
 
 def test_pull_tells_base_repos_and_local_paths_apart(run_dir, hf_home):

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from difffit_cli import __version__
-from difffit_cli.cli import evaluate, generate, inspect, train
+from difffit_cli.cli import evaluate, generate, inspect, share, train
 from difffit_cli.cli._render import console
 from difffit_cli.engine.errors import DiffFitError
 
@@ -76,6 +76,8 @@ app.command(rich_help_panel="Generate")(generate.merge)
 app.command("eval-fid", rich_help_panel="Evaluate")(evaluate.eval_fid)
 app.command(rich_help_panel="Inspect")(inspect.info)
 app.command(rich_help_panel="Inspect")(inspect.env)
+app.command(rich_help_panel="Share", help=share.PUSH_HELP)(share.push)
+app.command(rich_help_panel="Share", help=share.REPORT_HELP)(share.report)
 
 
 def main() -> None:

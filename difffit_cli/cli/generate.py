@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -73,7 +72,8 @@ def sample(
 
 
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="The adapter.safetensors to fold into its base.")],
+    adapter: Annotated[str, typer.Argument(
+        help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str, typer.Option(
@@ -101,7 +101,7 @@ def merge(
     """
     from difffit_cli.engine.merge import merge_adapter
 
-    summary = merge_adapter(str(adapter), out, base=base, fmt=fmt, force_base=force_base, overwrite=overwrite)
+    summary = merge_adapter(adapter, out, base=base, fmt=fmt, force_base=force_base, overwrite=overwrite)
     if as_json:
         emit_json(summary)
     else:

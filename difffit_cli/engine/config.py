@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,10 @@ from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods import METHODS
 from difffit_cli.engine.resolution import PE_MODES
+from difffit_cli.engine.trackers import check_log_with
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ADAPTER_DTYPES = ("fp16", "fp32")
-TRACKERS = ("tensorboard",)
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
 
@@ -92,11 +91,7 @@ class FitConfig:
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
-        if self.log_with is not None:
-            _choice("--log-with", self.log_with, TRACKERS)
-            if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
-                raise DiffFitError("--log-with tensorboard needs the tensorboard package.",
-                                   hint="pip install tensorboard")
+        check_log_with(self.log_with)
         return self
 
 

@@ -35,13 +35,13 @@ def has_marker(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, kind: str = "output") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
 
     A crash (or SIGKILL) mid-write leaves at most a `.tmp-*` file, never a half-written `path`.
-    Works for files and for folders; a folder gets difffit's marker (`kind` says what it holds). An
-    existing folder is swapped out only when it carries that marker (commands check `--overwrite`
-    before they get here; this is the last line of defence).
+    Works for files and for folders; a folder gets difffit's marker (`kind` says what it holds; None:
+    no marker). An existing folder is swapped out only when it is empty or carries that marker
+    (commands check `--overwrite` before they get here; this is the last line of defence).
     """
     path = Path(path)
     try:
@@ -54,14 +54,14 @@ def atomic_path(path: str | os.PathLike, kind: str = "output") -> Iterator[Path]
     tmp.unlink()  # the caller creates it (as a file or a folder)
     try:
         yield tmp
-        if tmp.is_dir():
+        if tmp.is_dir() and kind is not None:
             write_marker(tmp, kind)
         # mkstemp's name, and some writers (safetensors), make private (0600) files: the result gets
         # the modes of the user's umask, as any file they create would.
         for item in (tmp, *tmp.rglob("*")) if tmp.is_dir() else (tmp,):
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_umask())
         if tmp.is_dir() and path.is_dir():
-            if not has_marker(path):
+            if any(path.iterdir()) and not has_marker(path):
                 raise DiffFitError(f"{path} already exists and was not written by difffit; it is left as it is.",
                                    hint="Choose another output path.")
             old = path.with_name(f".old-{path.name}-{os.getpid()}")

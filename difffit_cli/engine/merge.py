@@ -26,7 +26,7 @@ from difffit_cli.engine.dit import DiT
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path, check_output
 from difffit_cli.engine.methods import CLASS_TABLE, fold_scale_factors
-from difffit_cli.engine.sources import load_source
+from difffit_cli.engine.sources import load_source, local_source
 
 FORMATS = ("original", "diffusers")
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
@@ -42,6 +42,7 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     if fmt not in FORMATS:
         raise DiffFitError(f"Unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     folder = fmt == "diffusers"
+    adapter = local_source(adapter)
     check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=folder)
     if not is_adapter_file(adapter):
         read_adapter(adapter)  # raises the one-sentence reason (load_source would try it as a base)

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from difffit_cli.engine.adapter import load_source
 from difffit_cli.engine.card import model_card
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
@@ -20,7 +19,9 @@ from difffit_cli.engine.hub_adapters import network_errors
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.merge import merge_adapter
 from difffit_cli.engine.runs import previews, read_eval_json, training_summary
-from difffit_cli.engine.sample import generate, parse_classes, save_grid
+from difffit_cli.engine.sample import SamplingOptions, generate, parse_classes
+from difffit_cli.engine.sample_folder import save_grid
+from difffit_cli.engine.sources import load_source
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ADAPTER_FILE = "adapter.safetensors"
@@ -48,7 +49,7 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise DiffFitError(f"{out} already exists and is not an empty folder; --dry-run writes a new one.",
                                hint="Choose another --out.")
-        with atomic_path(out) as tmp:
+        with atomic_path(out, kind=None) as tmp:  # no marker: exactly the files that would be uploaded
             tmp.mkdir()
             files = build_upload_folder(adapter, tmp, **build)
         return {"repo_id": repo_id, "dry_run": True, "out": str(out), "files": files, "url": None,
@@ -87,8 +88,8 @@ def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> st
     if grid_classes:
         base, meta = load_source(str(adapter))
         classes = parse_classes(grid_classes, meta.class_names, meta.num_classes)
-        images = generate(base, GRID_PER_CLASS * len(classes), classes=classes, device=resolve_device("auto"),
-                          progress=False, **GRID_SAMPLING)
+        images = generate(base, GRID_PER_CLASS * len(classes), SamplingOptions(**GRID_SAMPLING), classes=classes,
+                          device=resolve_device("auto"), progress=False)
         save_grid(images, path)
         names = [meta.class_names[c] if meta.class_names else str(c) for c in classes]
         settings = GRID_SAMPLING

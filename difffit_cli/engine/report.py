@@ -30,7 +30,7 @@ from difffit_cli.engine.runs import (
     split_eval,
     training_summary,
 )
-from difffit_cli.engine.sample import unique_names
+from difffit_cli.engine.sources import unique_names
 
 CURVES = (  # (log key, label, smoothed?, style)
     ("loss", "loss", False, {"color": "C0", "alpha": 0.3, "linewidth": 0.8}),

@@ -21,6 +21,7 @@ from difffit_cli.engine.adapter import (
 from difffit_cli.engine.bases import Base, describe_base, load_base
 from difffit_cli.engine.dit import DiTConfig
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.methods import describe_method
 from difffit_cli.engine.progress import stderr_console
 from difffit_cli.engine.sample import SamplingOptions, parse_classes
@@ -32,7 +33,8 @@ from difffit_cli.engine.sample_folder import sample_to_folder
 def load_source(
     source: str, *, base: str | None = None, vae: str | None = None, force_base: bool = False
 ) -> tuple[Base, AdapterMeta | None]:
-    """An adapter file (applied to its base, or to `base`) or any base spec, ready to sample from."""
+    """An adapter file or Hub adapter (applied to its base, or to `base`) or any base spec, ready to sample from."""
+    source = local_source(source)
     refuse_run_folder(source)
     if not is_adapter_file(source):  # a base (`base` only applies to adapters)
         return load_base(str(source), vae=vae), None
@@ -41,6 +43,12 @@ def load_source(
     AdapterSwapper(loaded).apply(tensors, meta)
     loaded.class_names = meta.class_names
     return loaded, meta
+
+
+def local_source(spec: str) -> str:
+    """`hf://OWNER/NAME[/file]` or an adapter repo's `OWNER/NAME` -> the adapter file in the Hub cache;
+    anything else unchanged (a local path, an alias, a base repo)."""
+    return resolve_adapter_source(str(spec)) or str(spec)
 
 
 def load_adapter_base(
@@ -111,7 +119,8 @@ def iter_sources(
     swapped in (milliseconds) instead of reloading the base.
     """
     key, loaded, swapper = None, None, None
-    for source, name in zip(sources, unique_names(sources), strict=True):
+    for spec, name in zip(sources, unique_names(sources), strict=True):
+        source = local_source(spec)
         if not is_adapter_file(source):
             key, swapper = None, None
             loaded, _ = load_source(source, base=base, vae=vae, force_base=force_base)
@@ -143,6 +152,7 @@ def describe_source(
 ) -> dict:
     """The `difffit info` report: an adapter's metadata (checked against `base` if given), or a base's
     architecture and, with `method`, what that method would train on it for `num_classes` classes."""
+    source = local_source(source)
     refuse_run_folder(source)
     if is_adapter_file(source):
         if method or num_classes or gamma_blocks:

@@ -45,9 +45,11 @@ from difffit_cli.engine.methods import (
 )
 from difffit_cli.engine.progress import make_progress, stderr_console
 from difffit_cli.engine.recipes import write_toml
+from difffit_cli.engine.report import write_loss_plot
 from difffit_cli.engine.resolution import move_to_resolution
 from difffit_cli.engine.sample import SamplingOptions, generate
 from difffit_cli.engine.sample_folder import save_grid
+from difffit_cli.engine.trackers import log_preview
 
 NUM_TRAIN_TIMESTEPS = 1000
 PREVIEW_IMAGES = 8
@@ -122,7 +124,10 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             _checkpoint(run, outcome.step, elapsed_before + outcome.elapsed)
         if not outcome.stop_signal and config.sample_every and outcome.step > start_step:
             _preview(run, outcome.step)
-        adapter = _write_adapter(run, base_config, training | {"steps": outcome.step, "last_loss": outcome.loss})
+        adapter = _write_adapter(run, base_config, training | {
+            "steps": outcome.step, "last_loss": outcome.loss, "elapsed_s": round(elapsed_before + outcome.elapsed, 3)})
+        if run.main:
+            write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
         if config.log_with:
             accelerator.end_training()
     return FitResult(
@@ -434,7 +439,10 @@ def _preview(run: Run, step: int) -> None:
         images = generate(run.base, PREVIEW_IMAGES, options, classes=classes, device=run.accelerator.device,
                           progress=False)
     run.accelerator.unwrap_model(run.model).train()
-    save_grid(images, run.out_dir / "samples" / f"step-{step:07d}.png")
+    grid = save_grid(images, run.out_dir / "samples" / f"step-{step:07d}.png")
+    write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
+    if run.config.log_with:
+        log_preview(run.accelerator, grid, step)
 
 
 def _write_adapter(run: Run, base_config, training: dict) -> Path | None:

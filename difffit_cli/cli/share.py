@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from difffit_cli.cli import emit_json, err
+from difffit_cli.cli import _options as opt
+from difffit_cli.cli._render import console, emit_json
 from difffit_cli.engine.errors import DiffFitError
 
 PUSH_HELP = """Upload an adapter (or the model merged from it) to the Hugging Face Hub with a model card.
@@ -61,7 +62,7 @@ def push(
                        ] = False,
     out: Annotated[Path | None, typer.Option(help="With --dry-run: the new folder to write.", show_default=False)
                    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    as_json: opt.Json = False,
 ) -> None:
     from difffit_cli.engine.push import push_adapter
 
@@ -73,10 +74,10 @@ def push(
     if as_json:
         emit_json(result)
     elif dry_run:
-        err.print(f"[green]Wrote[/green] {result['out']} (nothing uploaded): {', '.join(result['files'])}",
-                  highlight=False)
+        console.print(f"[green]Wrote[/green] {result['out']} (nothing uploaded): {', '.join(result['files'])}",
+                      highlight=False)
     else:
-        err.print(f"[green]Pushed[/green] {', '.join(result['files'])} to {result['url']}", highlight=False)
+        console.print(f"[green]Pushed[/green] {', '.join(result['files'])} to {result['url']}", highlight=False)
 
 
 REPORT_HELP = """One self-contained HTML page about one or more runs of `difffit fit`.
@@ -100,8 +101,8 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders written by difffit fit.",
                                                    show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    overwrite: opt.Overwrite = False,
+    as_json: opt.Json = False,
 ) -> None:
     from difffit_cli.engine.report import write_report
 
@@ -111,4 +112,4 @@ def report(
         emit_json({"out": str(path), "runs": [str(p) for p in run_dirs], "bytes": size})
     else:
         runs = f"{len(run_dirs)} run{'s' if len(run_dirs) > 1 else ''}"
-        err.print(f"[green]Wrote[/green] {path} ({runs}, {size / 1024:.0f} KB)", highlight=False)
+        console.print(f"[green]Wrote[/green] {path} ({runs}, {size / 1024:.0f} KB)", highlight=False)
