@@ -53,6 +53,17 @@ def test_diffusers_merge_never_deletes_an_existing_folder(run_folder, tmp_path):
     assert (pipeline / "model_index.json").is_file()
 
 
+def test_diffusers_merge_into_the_current_folder_is_refused(run_folder, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(monkeypatch, capsys, "merge", run_folder / "adapter.safetensors", "--format", "diffusers",
+                           "--out", ".", "--overwrite")
+    assert code == 1 and "not written by difffit" in err.replace("\n", " ")
+    assert [p.name for p in work.iterdir()] == ["thesis.tex"]
+
+
 def test_merge_to_a_file_never_replaces_an_input_or_an_unasked_file(run_folder, tmp_path):
     adapter_file = run_folder / "adapter.safetensors"
     original = adapter_file.read_bytes()
