@@ -47,7 +47,7 @@ def main() -> None:
 
     from diffusers import DiTTransformer2DModel
 
-    from difffit_cli.engine.bases import original_to_diffusers
+    from difffit_cli.engine.diffusers_layout import original_to_diffusers
     from difffit_cli.engine.dit import build_dit, config_for
 
     device = torch.device(args.device)

@@ -44,7 +44,8 @@ def best_of(repeats: int, fn) -> float:
 def sampling(args, workdir: Path) -> dict:
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
-    from difffit_cli.engine.bases import Base, original_to_diffusers, state_dict_fingerprint
+    from difffit_cli.engine.bases import Base, state_dict_fingerprint
+    from difffit_cli.engine.diffusers_layout import original_to_diffusers
     from difffit_cli.engine.dit import build_dit, config_for
     from difffit_cli.engine.sample import SamplingOptions, generate
 

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.adapter import AdapterMeta, is_adapter_file, read_adapter
-from difffit_cli.engine.bases import (
+from difffit_cli.engine.diffusers_layout import original_to_diffusers
+from difffit_cli.engine.dit import DiT
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.formats import (
     METADATA_CLASS_NAMES,
     METADATA_NUM_HEADS,
     METADATA_POS_EMBED_SCALE,
     METADATA_VAE,
 )
-from difffit_cli.engine.dit import DiT
-from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path, check_output
 from difffit_cli.engine.methods import CLASS_TABLE, fold_scale_factors
 from difffit_cli.engine.sources import load_source, local_source
@@ -95,8 +96,6 @@ def write_original(model: DiT, path: Path, *, class_names, vae_spec: str,
 def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
     """A DiTPipeline folder; `vae` is the base's Autoencoder (a diffusers AutoencoderKL inside)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-    from difffit_cli.engine.bases import original_to_diffusers
 
     config = model.config
     if config.num_classes > DIFFUSERS_NULL_LABEL:
