@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difffit_cli.engine import metrics
+from difffit_cli.engine import image_sets, inception, metrics
 from difffit_cli.engine.devices import resolve_device
+from difffit_cli.testing import random_inception_weights
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["DIFFFIT_CACHE"] = str(root / "cache")
-        weights = metrics.random_inception_weights(root / "inception.pth")
+        weights = random_inception_weights(root / "inception.pth")
         folder = root / "images"
         folder.mkdir()
         rng = np.random.default_rng(0)
@@ -64,11 +65,11 @@ def main() -> None:
 
 
 def our_images_per_s(folder: Path, weights: Path, device: torch.device, batch_size: int) -> float:
-    extractor = metrics.InceptionFeatures(weights, device)
+    extractor = inception.InceptionFeatures(weights, device)
     extractor(np.zeros((2, 64, 64, 3), np.uint8))  # warm-up (kernel selection, lazy init)
-    images = metrics.FolderImages(folder)
+    images = image_sets.FolderImages(folder)
     start = _sync(device)
-    metrics.extract_features(images, extractor, batch_size=batch_size, description="ours", progress=False)
+    inception.extract_features(images, extractor, batch_size=batch_size, description="ours", progress=False)
     return images.count / (_sync(device) - start)
 
 
@@ -79,7 +80,7 @@ def torch_fidelity_images_per_s(folder: Path, weights: Path, device: torch.devic
     cuda = device.type == "cuda"
     options = {"input1": str(folder), "cuda": cuda, "batch_size": batch_size, "verbose": False,
                "feature_extractor_weights_path": str(weights)}
-    extractor = create_feature_extractor(metrics.FEATURE_EXTRACTOR, ["2048"], **options)
+    extractor = create_feature_extractor(inception.FEATURE_EXTRACTOR, ["2048"], **options)
     extractor(torch.zeros((2, 3, 64, 64), dtype=torch.uint8, device=device))
     start = _sync(device)
     features = extract_featuresdict_from_input_id(1, extractor, **options)

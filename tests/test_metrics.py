@@ -16,15 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from difffit_cli.engine import metrics
+from difffit_cli.engine import inception, metrics
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.testing import random_inception_weights
 
 N = 12
 
 
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
-    return metrics.random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def _write_folder(folder, images):
@@ -153,15 +154,17 @@ def tiny_base(tmp_path_factory):
 
 
 def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_path, monkeypatch):
-    from difffit_cli.engine.sample import generate
+    from dataclasses import replace
+
+    from difffit_cli.engine.sample import SamplingOptions, generate
     from difffit_cli.engine.sources import load_source
 
-    options = {"scheduler": "ddim", "steps": 2, "cfg_scale": 1.5, "seed": 3}
+    options = SamplingOptions(scheduler="ddim", steps=2, cfg_scale=1.5, seed=3)
     monkeypatch.chdir(tmp_path)
-    result = run(tiny_base, image_sets["B"], weights, num_samples=N, sample_options=options, batch_size=5)
+    result = run(tiny_base, image_sets["B"], weights, num_samples=N, sampling=options, batch_size=5)
     assert result.num_generated == N and list(tmp_path.iterdir()) == []  # nothing written
     base, _ = load_source(str(tiny_base))
-    images = generate(base, N, batch_size=N, progress=False, **options).numpy()
+    images = generate(base, N, replace(options, batch_size=N), progress=False).numpy()
     with open(tmp_path / "g.npz", "wb") as f:
         np.savez(f, arr_0=images)
     # batch 5 vs 12 moves the DiT's float rounding a little; other images would move FID by far more
@@ -205,15 +208,15 @@ def test_missing_weights_offline_fails_fast_naming_the_file(image_sets, weights,
     with pytest.raises(DiffFitError) as info:
         metrics.evaluate(str(image_sets["A"]), str(image_sets["B"]), progress=False)
     assert time.perf_counter() - start < 5
-    assert metrics.INCEPTION_FILE in info.value.message
+    assert inception.INCEPTION_FILE in info.value.message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in info.value.message
     # put where the message says, it is found without --inception-weights
     import shutil
 
-    target = metrics.inception_cache_path()
+    target = inception.inception_cache_path()
     target.parent.mkdir(parents=True)
     shutil.copy(weights, target)
-    assert metrics.resolve_inception_weights() == target
+    assert inception.resolve_inception_weights() == target
 
 
 def test_json_output_has_only_the_asked_metrics(image_sets, weights):

@@ -17,14 +17,10 @@ may also be a model source (adapter or base), sampled in memory.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
-import socket
 import zipfile
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,293 +28,16 @@ import numpy as np
 import torch
 
 from difffit_cli.engine.devices import resolve_device
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import downloads_disabled
-from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
-from difffit_cli.engine.progress import track
+from difffit_cli.engine.errors import DiffFitError, require_at_least
+from difffit_cli.engine.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
+from difffit_cli.engine.inception import LazyExtractor, extract_features, resolve_inception_weights
+from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.sample import SamplingOptions
 
 METRICS = ("fid", "kid", "isc", "prc")
-FEATURE_EXTRACTOR = "inception-v3-compat"
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-# pytorch-fid's copy of the same converted weights (same hash suffix); accepted if it is what's cached.
-INCEPTION_ALIASES = (INCEPTION_FILE, "pt_inception-2015-12-05-6726825d.pth")
 STATS_FORMAT = 1
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3
-DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED is a model
-
-
-# --------------------------------------------------------------------------------------------
-# Inception weights
-# --------------------------------------------------------------------------------------------
-
-
-def inception_cache_path() -> Path:
-    """Where torch-fidelity's own download lands: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def _network_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The FID Inception weights file: `path`, else the torch hub cache, else a download if allowed.
-
-    Checked before torch-fidelity is asked for anything, so offline machines fail fast with the
-    file name and place instead of hanging in a download.
-    """
-    if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise DiffFitError(f"The Inception weights file {path} does not exist.")
-        return path
-    target = inception_cache_path()
-    for name in INCEPTION_ALIASES:
-        if (target.parent / name).is_file():
-            return target.parent / name
-    how = f"download {INCEPTION_URL} and put it at {target}, or pass --inception-weights PATH"
-    if downloads_disabled():
-        raise DiffFitError(
-            f"The FID Inception weights {INCEPTION_FILE} are not cached and downloads are off "
-            f"(HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD); {how}."
-        )
-    if not _network_reachable():
-        raise DiffFitError(
-            f"The FID Inception weights {INCEPTION_FILE} are not cached and there is no network; {how}."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:  # torch.hub writes to a temporary name and renames it into place
-        torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=True)
-    except Exception as exc:
-        raise DiffFitError(f"Downloading the FID Inception weights failed ({exc}); {how}.") from None
-    return target
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
-    """A randomly initialised FID Inception state dict in torch-fidelity's format (tests, benchmarks).
-
-    Convolutions get He init so activations keep their scale through 90-odd layers (the default
-    init shrinks them to ~1e-8, which would make every distance vanish).
-    """
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    cls = tf_inception.FeatureExtractorInceptionV3
-    torch.manual_seed(seed)
-    # The constructor always loads weights; let it build the layers and skip the loading.
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None):
-        net = cls(FEATURE_EXTRACTOR, ["2048"])
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(net.state_dict(), tmp)
-    return path
-
-
-class InceptionFeatures:
-    """torch-fidelity's FID Inception on `device`: uint8 (N, H, W, 3) -> {"2048": pool3, ...}."""
-
-    def __init__(self, weights: Path, device: torch.device, features: tuple[str, ...] = ("2048",)):
-        from torch_fidelity.utils import create_feature_extractor
-
-        try:  # torch-fidelity unpickles the file; load it safely first so only tensors ever get there
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DiffFitError(f"{weights} is not a readable PyTorch weights file ({exc}).") from None
-        try:  # cuda=False: we move it ourselves (torch-fidelity's default would be CUDA)
-            net = create_feature_extractor(
-                FEATURE_EXTRACTOR, list(features), cuda=False, feature_extractor_weights_path=str(weights),
-                verbose=False,
-            )
-        except RuntimeError as exc:
-            raise DiffFitError(
-                f"{weights} is not torch-fidelity's FID Inception ({str(exc).splitlines()[0]})."
-            ) from None
-        self.net = net.to(device, memory_format=torch.channels_last)
-        self.device = device
-        self.features = features
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> dict[str, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        out = self.net(x.permute(0, 3, 1, 2))  # NHWC memory is already channels-last NCHW
-        return {name: value.cpu() for name, value in zip(self.features, out, strict=True)}
-
-
-def extractor_identity(weights: Path) -> str:
-    """Part of every statistics cache key: the network and the exact weights file."""
-    return f"{FEATURE_EXTRACTOR}/sha256:{file_digest(weights)}"
-
-
-# --------------------------------------------------------------------------------------------
-# Image sets: a count and uint8 batches; a content digest where one is cheap and meaningful
-# --------------------------------------------------------------------------------------------
-
-
-class FolderImages:
-    """Image files under a folder, recursively, sorted; unreadable ones are skipped and listed."""
-
-    def __init__(self, root: Path, limit: int | None = None):
-        from difffit_cli.engine.data import IMAGE_EXTENSIONS, image_files
-
-        self.root, self.name = root, str(root)
-        self.files = image_files(root, recursive=True)
-        if not self.files:
-            raise DiffFitError(
-                f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
-            )
-        self.files = _take(self.files, limit, str(root))
-        self.count = len(self.files)
-        self.skipped: list[tuple[Path, str]] = []
-
-    def digest(self) -> str:
-        return hashlib.sha256(b"folder\0" + files_signature(self.files, self.root).encode()).hexdigest()
-
-    def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        """Decoded in threads (Pillow releases the GIL), one batch ahead of the consumer."""
-        from difffit_cli.engine.data import BadImage, load_image
-
-        def read(path: Path) -> np.ndarray | None:
-            try:
-                return np.asarray(load_image(path))
-            except BadImage as exc:
-                self.skipped.append((path, str(exc)))
-                return None
-
-        chunks = [self.files[i : i + batch_size] for i in range(0, self.count, batch_size)]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            pending: deque = deque()
-            for chunk in chunks:
-                pending.append([pool.submit(read, path) for path in chunk])
-                if len(pending) > 1:
-                    yield [f.result() for f in pending.popleft()]
-            while pending:
-                yield [f.result() for f in pending.popleft()]
-
-
-class NpzImages:
-    """`arr_0` of an .npz, streamed out of the zip in batches (a 50k x 256 px file is 9.8 GB)."""
-
-    def __init__(self, path: Path, limit: int | None = None):
-        self.path, self.name = path, str(path)
-        with _open_npy(path, "arr_0") as (_, shape, dtype, fortran):
-            if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or fortran:
-                raise DiffFitError(
-                    f"{path}: arr_0 holds {dtype} {tuple(shape)}; expected N x H x W x 3 uint8 images "
-                    f"(the ADM/DiT sample format)."
-                )
-        if shape[0] == 0:
-            raise DiffFitError(f"{path}: arr_0 holds no images.")
-        self.shape = shape
-        self.count = len(_take(range(shape[0]), limit, str(path)))
-        self.skipped: list[tuple[Path, str]] = []
-
-    def digest(self) -> str:
-        return file_digest(self.path)
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        per_image = int(np.prod(self.shape[1:]))
-        with _open_npy(self.path, "arr_0") as (f, *_):
-            for start in range(0, self.count, batch_size):
-                n = min(batch_size, self.count - start)
-                data = f.read(n * per_image)
-                yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, *self.shape[1:])
-
-
-class ModelSamples:
-    """`count` samples of an adapter or base, generated batch by batch and never written to disk.
-
-    `sample_options`: `generate_batches`' keywords, with `classes` as --class strings (names or
-    indices), plus `base`, `vae`, `force_base` for `load_source`.
-    """
-
-    def __init__(self, source: str, count: int | None, sample_options: dict):
-        from difffit_cli.engine.adapter import load_source
-        from difffit_cli.engine.sample import parse_classes
-
-        options = dict(sample_options)
-        self.base, _ = load_source(
-            source, base=options.pop("base", None), vae=options.pop("vae", None),
-            force_base=options.pop("force_base", False),
-        )
-        options["classes"] = parse_classes(
-            options.pop("classes", None) or [], self.base.class_names, self.base.model.config.num_classes
-        )
-        self.count = DEFAULT_NUM_SAMPLES if count is None else count
-        if self.count < 1:
-            raise DiffFitError(f"-n must be at least 1 (got {self.count}).")
-        self.options, self.name = options, source
-        self.skipped: list[tuple[Path, str]] = []
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        from difffit_cli.engine.sample import generate_batches
-
-        options = {"batch_size": batch_size, **self.options}
-        for _, images in generate_batches(self.base, range(self.count), **options):
-            yield images.numpy()
-
-
-def _take(items, limit: int | None, where: str):
-    if limit is None:
-        return items
-    if limit < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {limit}).")
-    if limit > len(items):
-        raise DiffFitError(f"{where} holds {len(items)} images, fewer than the {limit} asked for with -n.")
-    return items[:limit]
-
-
-class _open_npy:
-    """Context manager: (file object at the data, shape, dtype, fortran_order) of one npz member."""
-
-    def __init__(self, path: Path, name: str):
-        self.path, self.name = path, name
-
-    def __enter__(self):
-        try:
-            self.zip = zipfile.ZipFile(self.path)
-            self.file = self.zip.open(f"{self.name}.npy")
-            version = np.lib.format.read_magic(self.file)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(self.file)
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-            self.__exit__()
-            raise DiffFitError(f"{self.path}: cannot read {self.name} ({exc}).") from None
-        return self.file, shape, dtype, fortran
-
-    def __exit__(self, *exc) -> None:
-        for handle in (getattr(self, "file", None), getattr(self, "zip", None)):
-            if handle is not None:
-                handle.close()
-
-
-def _npz_members(path: Path) -> set[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return {name.removesuffix(".npy") for name in zf.namelist()}
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DiffFitError(f"{path} is not a readable .npz file ({exc}).") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,8 +126,9 @@ def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
-def open_input(spec: str, *, role: str, limit: int | None, need_features: bool,
-               sample_options: dict | None = None) -> FolderImages | NpzImages | ModelSamples | Statistics:
+def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, model: ModelInput | None = None,
+               device: torch.device | None = None, progress: bool = True
+               ) -> FolderImages | NpzImages | ModelSamples | Statistics:
     """GENERATED or REFERENCE -> an image set to extract from, or statistics read from a file."""
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -416,7 +136,7 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool,
     if path.suffix.lower() == ".npz":
         if not path.is_file():
             raise DiffFitError(f"The {role} file {path} does not exist.")
-        members = _npz_members(path)
+        members = npz_members(path)
         has_stats = {"mu", "sigma"} <= members
         # An ADM reference batch has both: FID uses its precomputed mu/sigma, as ADM's evaluator does.
         if has_stats and (not need_features or "features" in members):
@@ -431,46 +151,12 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool,
         if has_stats:
             raise DiffFitError(f"{path} holds only mu/sigma; KID, IS and precision/recall need arr_0 images.")
         raise DiffFitError(f"{path} has neither images (arr_0) nor statistics (mu, sigma).")
-    if role == "reference" or sample_options is None:
+    if role == "reference" or model is None:
         raise DiffFitError(f"The {role} {spec} is neither a folder of images nor an .npz file.")
-    return ModelSamples(spec, limit, sample_options)
+    return ModelSamples(spec, limit, model, device or resolve_device("auto"), progress)
 
 
-def extract_features(images, extractor: InceptionFeatures, *, batch_size: int, description: str,
-                     progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run the extractor over an image set; images of different sizes are batched separately."""
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.features}
-    with track(images.count, description, enabled=progress) as advance:
-        for batch in images.batches(batch_size):
-            if isinstance(batch, list):
-                valid = [image for image in batch if image is not None]
-                groups = [np.stack(list(run)) for _, run in itertools.groupby(valid, key=lambda a: a.shape)]
-            else:
-                groups = [batch]
-            for group in groups:
-                for name, value in extractor(group).items():
-                    out[name].append(value)
-            advance(len(batch))
-    if not out["2048"]:
-        raise DiffFitError(f"None of the {images.count} images in {images.name} could be read.")
-    return {name: torch.cat(values) for name, values in out.items()}
-
-
-class _LazyExtractor:
-    """The network is built only when some image set actually needs extracting (not on cache hits)."""
-
-    def __init__(self, weights: Path, device: torch.device, features: tuple[str, ...]):
-        self.path, self.device, self.features = weights, device, features
-        self.identity = extractor_identity(weights)
-        self._net: InceptionFeatures | None = None
-
-    def get(self) -> InceptionFeatures:
-        if self._net is None:
-            self._net = InceptionFeatures(self.path, self.device, self.features)
-        return self._net
-
-
-def reference_statistics(images, extractor: _LazyExtractor, *, keep_features: bool, batch_size: int,
+def reference_statistics(images, extractor: LazyExtractor, *, keep_features: bool, batch_size: int,
                          progress: bool) -> tuple[Statistics, str]:
     """Statistics of a reference image set, from the on-disk cache when its content was seen before."""
     key = hashlib.sha256(f"{STATS_FORMAT}\0{extractor.identity}\0{images.digest()}\0{images.count}".encode())
@@ -578,31 +264,35 @@ def evaluate(
     save_stats: str | os.PathLike | None = None,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
-    sample_options: dict | None = None,
+    sampling: SamplingOptions | None = None,
+    classes: Sequence[str] | None = None,
+    base: str | None = None,
+    vae: str | None = None,
+    force_base: bool = False,
     progress: bool = True,
 ) -> Evaluation:
     """Compare GENERATED with REFERENCE (see the module docstring for what each may be).
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
-    generated input (a model is loaded, not yet sampled). `sample_options` are `generate_batches`'
-    keyword arguments plus base / vae / force_base for `load_source`.
+    generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
+    `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
+    say how its samples are made.
     """
     metrics = parse_metrics(metrics)
-    if batch_size < 1:
-        raise DiffFitError(f"--batch-size must be at least 1 (got {batch_size}).")
+    require_at_least("--batch-size", batch_size, 1)
     if "kid" in metrics and (kid_subsets < 1 or kid_subset_size < 2):
         raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
     torch_device = resolve_device(device)
     needs_features = "kid" in metrics or "prc" in metrics
     layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features)
-    options = {"device": torch_device, "progress": progress, **(sample_options or {})}
-    gen_input = open_input(generated, role="generated", limit=num_samples,
-                           need_features=needs_features or "isc" in metrics, sample_options=options)
+    model = ModelInput(sampling or ModelInput().sampling, classes, base, vae, force_base)
+    gen_input = open_input(generated, role="generated", limit=num_samples, need_features=needs_features or
+                           "isc" in metrics, model=model, device=torch_device, progress=progress)
     check_counts(metrics, gen_input.count, ref_input.count or gen_input.count, kid_subset_size)
     if not isinstance(ref_input, Statistics) or not isinstance(gen_input, Statistics):
         # Resolved now: a missing file fails here, not after an hour of sampling.
-        extractor = _LazyExtractor(resolve_inception_weights(inception_weights), torch_device, layers)
+        extractor = LazyExtractor(resolve_inception_weights(inception_weights), torch_device, layers)
 
     if isinstance(ref_input, Statistics):
         ref, ref_source = ref_input, "file"
