@@ -1,9 +1,10 @@
-"""Training checkpoints: written atomically, read back for an exact resume.
+"""The run folder and its checkpoints: written atomically, read back for an exact resume.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding the trained tensors and their EMA
 (`trained.safetensors`), the optimizer state (`optimizer.pt`) and `state.json` (step, elapsed time,
 method, seed, class names). It is built under a `.tmp-` name and renamed into place, so a folder
-with the real name is always complete.
+with the real name is always complete. The run folder itself is difffit's (its marker), checked
+before a run writes into it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from difffit_cli.engine.config import FitConfig, FitResult
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.io import LOCK, atomic_path, has_marker, write_marker
 from difffit_cli.engine.progress import stderr_console
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
@@ -104,3 +106,51 @@ def truncate_log(path: Path, step: int) -> None:
             kept.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
+# -- the run folder --------------------------------------------------------------------------------
+
+
+def check_run_folder(out_dir: Path, data: str) -> None:
+    """--out must be a new or empty folder, or one of difffit's runs; never the data or a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DiffFitError(f"--out {out_dir} is an existing file; a run needs a folder.", hint="Choose a new --out.")
+    data_dir = Path(data).expanduser().resolve()
+    if out_dir.resolve() == data_dir or out_dir.resolve() in data_dir.parents:
+        raise DiffFitError(f"--out {out_dir} holds the training data {data}; an input is never an output.",
+                           hint="Choose another --out.")
+    legacy_run = (out_dir / "config.toml").is_file() and (out_dir / "checkpoints").is_dir()  # difffit 0.1
+    foreign = out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir())  # a lock alone: a run starting
+    if foreign and not (has_marker(out_dir) or legacy_run):
+        raise DiffFitError(f"--out {out_dir} already holds files that difffit did not write.",
+                           hint="Choose a new or empty folder for the run.")
+
+
+def claim_run_folder(out_dir: Path) -> None:
+    """Mark the (locked) run folder as difffit's; remove half-written files of killed runs in it."""
+    write_marker(out_dir, "run")
+    for folder in (out_dir, out_dir / "checkpoints", out_dir / "samples"):
+        for leftover in folder.glob(".tmp-*") if folder.is_dir() else ():
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[int, Path]]) -> FitResult | None:
+    """Refuse a fresh run over checkpoints; for a resume already at --steps, the result without any work."""
+    if not checkpoints:
+        return None
+    if not config.resume:
+        raise DiffFitError(f"{out_dir} already holds checkpoints of an earlier run.",
+                           hint="Add --resume to continue it, or choose another --out.")
+    last, path = checkpoints[-1]
+    if config.steps < last:
+        raise DiffFitError(f"--steps {config.steps} is below the step of the newest checkpoint ({last}) in {out_dir}.",
+                           hint=f"--steps counts the whole run: give {last} or more.")
+    if config.steps > last:
+        return None
+    stderr_console.print(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
+    state = json.loads((path / "state.json").read_text())
+    adapter = out_dir / "adapter.safetensors"
+    return FitResult(out_dir=out_dir, adapter=adapter if adapter.exists() else None, step=last, start_step=last,
+                     steps=config.steps, loss=None, images=state.get("images", 0),
+                     classes=len(state.get("class_names", [])), skipped=0, trainable_params=0, elapsed_s=0.0,
+                     img_per_s=None, interrupted=False, cache=None)

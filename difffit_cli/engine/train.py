@@ -15,9 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +25,21 @@ from rich.progress import TextColumn
 from difffit_cli.engine.adapter import make_meta, save_adapter
 from difffit_cli.engine.bases import RANDOM_PREFIX, Base, load_base
 from difffit_cli.engine.batches import Batches, Split, step_seed
-from difffit_cli.engine.checkpoints import list_checkpoints, restore_newest, save_checkpoint, truncate_log
+from difffit_cli.engine.checkpoints import (
+    check_run_folder,
+    claim_run_folder,
+    list_checkpoints,
+    nothing_to_resume,
+    restore_newest,
+    save_checkpoint,
+    truncate_log,
+)
 from difffit_cli.engine.config import FitConfig, FitResult
 from difffit_cli.engine.data import ImageFolder, find_bad_images, require_images, scan_image_folder
-from difffit_cli.engine.devices import AUTOCAST_DTYPES, resolve_device
+from difffit_cli.engine.devices import AUTOCAST_DTYPES, make_accelerator, tf32_matmuls
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import LOCK, atomic_path, has_marker, run_lock, write_marker
+from difffit_cli.engine.io import atomic_path, run_lock
 from difffit_cli.engine.latents import CachedLatents, EncodedLatents, latent_cache
 from difffit_cli.engine.methods import (
     cast_frozen_matrices,
@@ -49,6 +54,7 @@ from difffit_cli.engine.report import write_loss_plot
 from difffit_cli.engine.resolution import move_to_resolution
 from difffit_cli.engine.sample import SamplingOptions, generate
 from difffit_cli.engine.sample_folder import save_grid
+from difffit_cli.engine.signals import StopFlag
 from difffit_cli.engine.trackers import log_preview
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -93,15 +99,15 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     out_dir = config.out_dir()
     check_run_folder(out_dir, config.data)
     # -- accelerator, data, base at the run's resolution; then the lock on --out ---------------------
-    accelerator, precision = _make_accelerator(config, out_dir)
+    accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
     with contextlib.ExitStack() as held:
-        held.enter_context(_tf32_matmuls(accelerator.device.type == "cuda"))
+        held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
         folder = scan_image_folder(config.data)  # bad data, then a bad base, fail before --out is touched
         base, base_config, pos_embed = _load_base_at_resolution(config, base)
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
         checkpoints = list_checkpoints(out_dir)
-        if done := _nothing_to_resume(config, out_dir, checkpoints):
+        if done := nothing_to_resume(config, out_dir, checkpoints):
             return done
         if accelerator.is_main_process:
             claim_run_folder(out_dir)
@@ -140,79 +146,6 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
 
 
 # -- phases -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _tf32_matmuls(enabled: bool):
-    """TF32 matmuls for the run (about 2x faster fp32 parts on Ampere+, far below the training noise),
-    restored afterwards so the caller's process keeps its own settings."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if enabled:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def check_run_folder(out_dir: Path, data: str) -> None:
-    """--out must be a new or empty folder, or one of difffit's runs; never the data or a file."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DiffFitError(f"--out {out_dir} is an existing file; a run needs a folder.", hint="Choose a new --out.")
-    data_dir = Path(data).expanduser().resolve()
-    if out_dir.resolve() == data_dir or out_dir.resolve() in data_dir.parents:
-        raise DiffFitError(f"--out {out_dir} holds the training data {data}; an input is never an output.",
-                           hint="Choose another --out.")
-    legacy_run = (out_dir / "config.toml").is_file() and (out_dir / "checkpoints").is_dir()  # difffit 0.1
-    foreign = out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir())  # a lock alone: a run starting
-    if foreign and not (has_marker(out_dir) or legacy_run):
-        raise DiffFitError(f"--out {out_dir} already holds files that difffit did not write.",
-                           hint="Choose a new or empty folder for the run.")
-
-
-def claim_run_folder(out_dir: Path) -> None:
-    """Mark the (locked) run folder as difffit's; remove half-written files of killed runs in it."""
-    write_marker(out_dir, "run")
-    for folder in (out_dir, out_dir / "checkpoints", out_dir / "samples"):
-        for leftover in folder.glob(".tmp-*") if folder.is_dir() else ():
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-
-
-def _nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[int, Path]]) -> FitResult | None:
-    """Refuse a fresh run over checkpoints; for a resume already at --steps, the result without any work."""
-    if not checkpoints:
-        return None
-    if not config.resume:
-        raise DiffFitError(f"{out_dir} already holds checkpoints of an earlier run.",
-                           hint="Add --resume to continue it, or choose another --out.")
-    last, path = checkpoints[-1]
-    if config.steps < last:
-        raise DiffFitError(f"--steps {config.steps} is below the step of the newest checkpoint ({last}) in {out_dir}.",
-                           hint=f"--steps counts the whole run: give {last} or more.")
-    if config.steps > last:
-        return None
-    stderr_console.print(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
-    state = json.loads((path / "state.json").read_text())
-    adapter = out_dir / "adapter.safetensors"
-    return FitResult(out_dir=out_dir, adapter=adapter if adapter.exists() else None, step=last, start_step=last,
-                     steps=config.steps, loss=None, images=state.get("images", 0),
-                     classes=len(state.get("class_names", [])), skipped=0, trainable_params=0, elapsed_s=0.0,
-                     img_per_s=None, interrupted=False, cache=None)
-
-
-def _make_accelerator(config: FitConfig, out_dir: Path):
-    """accelerate for the process group and trackers; mixed precision is ours (autocast + scaler), so
-    that fits with different precisions can run one after another in one Python process."""
-    from accelerate import Accelerator
-
-    cuda = resolve_device(config.device).type == "cuda"
-    precision = config.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else ("fp16" if cuda else "no")
-    if precision == "fp16" and not cuda:
-        raise DiffFitError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU.")
-    accelerator = Accelerator(mixed_precision="no", cpu=not cuda, log_with=config.log_with, project_dir=str(out_dir))
-    return accelerator, precision
 
 
 def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base, object, str]:
@@ -480,34 +413,3 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(live[name])
-
-
-class StopFlag:
-    """Ctrl-C or SIGTERM (Slurm, Kubernetes, `docker stop`) asks the loop to stop after the current step,
-    save a checkpoint and return; a second Ctrl-C interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal: str | None = None  # the name of the first stop signal received
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = self.signal or signal.Signals(signum).name
-        stderr_console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this step and saving a "
-                             "checkpoint (Ctrl-C again: abort, no save).[/yellow]")
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
