@@ -1,4 +1,4 @@
-"""Devices and mixed-precision modes as the command line names them, checked in one place; the accelerator.
+"""Devices and mixed-precision modes as the command line names them, checked in one place; the accelerator."""
 
 from __future__ import annotations
 
