@@ -48,13 +48,13 @@ def main() -> None:
     from diffusers import DiTTransformer2DModel
 
     from difffit_cli.engine.diffusers_layout import original_to_diffusers
-    from difffit_cli.engine.dit import build_dit, config_for
+    from difffit_cli.engine.dit import DiT, config_for
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = config_for(args.config, input_size=args.latent, num_classes=1000)
     torch.manual_seed(0)
-    ours = build_dit(config)
+    ours = DiT(config)
     # Reference init zeroes the adaLN and final layers; fill them so both models compute something real.
     with torch.no_grad():
         for name, param in ours.named_parameters():

@@ -46,12 +46,12 @@ def sampling(args, workdir: Path) -> dict:
 
     from difffit_cli.engine.bases import Base, state_dict_fingerprint
     from difffit_cli.engine.diffusers_layout import original_to_diffusers
-    from difffit_cli.engine.dit import build_dit, config_for
+    from difffit_cli.engine.dit import DiT, config_for
     from difffit_cli.engine.sample import SamplingOptions, generate
 
     # 1000 classes: DiTPipeline hard-codes the null class as 1000.
     config = config_for("DiT-S/2", input_size=args.latent, num_classes=1000)
-    model = build_dit(config).eval()
+    model = DiT(config).eval()
     with torch.no_grad():  # reference init zeroes the output layers; give every weight a value
         for name, p in model.named_parameters():
             if name != "pos_embed":

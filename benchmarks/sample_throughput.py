@@ -16,7 +16,7 @@ import time
 import torch
 
 from difffit_cli.engine.devices import autocast_dtype
-from difffit_cli.engine.dit import build_dit, config_for
+from difffit_cli.engine.dit import DiT, config_for
 from difffit_cli.engine.sample import sample_denoised, sample_generators
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = build_dit(config_for(args.config, input_size=args.latent)).to(device).eval()
+    model = DiT(config_for(args.config, input_size=args.latent)).to(device).eval()
     autocast = autocast_dtype(args.precision)
     labels = torch.arange(args.batch, device=device) % model.config.num_classes
 

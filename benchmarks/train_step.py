@@ -30,7 +30,7 @@ METHODS = ("difffit", "bitfit", "full")
 def measure(args: argparse.Namespace) -> dict:
     """Time one method (in this process)."""
     from difffit_cli.engine.diffusion import GaussianDiffusion
-    from difffit_cli.engine.dit import build_dit
+    from difffit_cli.engine.dit import DiT
     from difffit_cli.engine.methods import cast_frozen_matrices, prepare_model, trainable_parameters
 
     if args.threads:
@@ -41,7 +41,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    model = build_dit(config_for(args.config, input_size=args.latent, num_classes=1000))
+    model = DiT(config_for(args.config, input_size=args.latent, num_classes=1000))
     prepare_model(model, args.method)
     dtype = autocast_dtype(args.precision)
     if dtype is not None:  # as `difffit fit` does under mixed precision

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from difffit_cli.engine.dit import DiTConfig, build_dit
+from difffit_cli.engine.dit import DiT, DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 INIT = REPO / "runs" / "tiny-base" / "init.safetensors"
@@ -30,7 +30,7 @@ CLASSES = ["circle", "cross", "square", "triangle"]  # the sorted folder names o
 
 def write_init() -> None:
     torch.manual_seed(0)
-    model = build_dit(CONFIG)
+    model = DiT(CONFIG)
     INIT.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"difffit.num_heads": str(CONFIG.num_heads), "difffit.vae": "identity",
                 "difffit.class_names": json.dumps(CLASSES)}

@@ -108,10 +108,10 @@ def tiny_base_file(tmp_path_factory) -> Path:
     """
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiTConfig, build_dit
+    from difffit_cli.engine.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2,
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2,
                                 num_heads=6, mlp_ratio=1.0, num_classes=10))
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -24,7 +24,7 @@ from difffit_cli.engine.adapter import (
     save_adapter,
 )
 from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.dit import build_dit, config_for
+from difffit_cli.engine.dit import DiT, config_for
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods import prepare_model, trainable_parameters
 from difffit_cli.engine.sources import load_source
@@ -36,7 +36,7 @@ T = torch.tensor([1, 400, 999])
 def write_base(path, vae_dir, seed=0, num_classes=10):
     """A 4-block DiT-S/2 base file (8x8 latents, 16 px with the tiny VAE) with every weight non-zero."""
     torch.manual_seed(seed)
-    model = build_dit(replace(config_for("DiT-S/2", input_size=8, num_classes=num_classes), depth=4))
+    model = DiT(replace(config_for("DiT-S/2", input_size=8, num_classes=num_classes), depth=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":

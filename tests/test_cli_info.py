@@ -86,9 +86,9 @@ def test_info_adapter(tmp_path, tiny_vae_dir):
 def test_non_standard_width_needs_num_heads(tmp_path):
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiTConfig, build_dit
+    from difffit_cli.engine.dit import DiT, DiTConfig
 
-    model = build_dit(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
                                 num_heads=4, num_classes=10))
     path = tmp_path / "w64.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.dit import DiT, build_dit, config_for
+from difffit_cli.engine.dit import DiT, config_for
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods import (
     cast_frozen_matrices,
@@ -32,7 +32,7 @@ XL_TOTAL = 675_129_632
 
 def meta_xl():
     with torch.device("meta"):
-        return build_dit(XL, init=False)
+        return DiT(XL)
 
 
 def n_trainable(model) -> int:
@@ -42,7 +42,7 @@ def n_trainable(model) -> int:
 def tiny(num_classes=10, seed=0):
     """A small DiT with every weight non-zero (adaLN-Zero init would hide most of the network)."""
     torch.manual_seed(seed)
-    model = build_dit(replace(config_for("DiT-S/2", input_size=8, num_classes=num_classes), depth=4)).eval()
+    model = DiT(replace(config_for("DiT-S/2", input_size=8, num_classes=num_classes), depth=4)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

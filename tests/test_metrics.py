@@ -138,10 +138,10 @@ def tiny_base(tmp_path_factory):
     """A 1-block DiT on 8 px pixel space (identity VAE), saved as an original-layout base file."""
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiTConfig, build_dit
+    from difffit_cli.engine.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6,
+    model = DiT(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6,
                                 num_classes=4))
     with torch.no_grad():
         for name, p in model.named_parameters():

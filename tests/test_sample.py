@@ -321,10 +321,10 @@ def base_file(tmp_path_factory, tiny_vae_dir):
 
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiTConfig, build_dit
+    from difffit_cli.engine.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, hidden_size=384, depth=2, num_heads=6, num_classes=10))
+    model = DiT(DiTConfig(input_size=8, hidden_size=384, depth=2, num_heads=6, num_classes=10))
     with torch.no_grad():  # the reference init zeroes the output layers; make every weight matter
         for name, p in model.named_parameters():
             if name != "pos_embed":

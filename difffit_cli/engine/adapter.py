@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from difffit_cli import __version__
-from difffit_cli.engine.dit import DiT, DiTConfig, build_dit
+from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.methods import CLASS_TABLE, describe_method, prepare_model, trainable_parameters
@@ -121,7 +121,7 @@ def make_meta(base: Base, model: DiT, method: str, *, new_class_table: bool, cla
 def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
     """The tensors an adapter with this metadata holds, from a meta-device model (no memory)."""
     with torch.device("meta"):
-        model = build_dit(DiTConfig(**meta.base_config), init=False)
+        model = DiT(DiTConfig(**meta.base_config))
     prepare_model(model, meta.method, meta.gamma_blocks, meta.num_classes, new_classes=meta.new_class_table)
     return {name: p.shape for name, p in trainable_parameters(model).items()}
 

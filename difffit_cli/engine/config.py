@@ -15,6 +15,7 @@ from difffit_cli.engine.trackers import check_log_with
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ADAPTER_DTYPES = ("fp16", "fp32")
+KEEP_BEST = ("fid", "val_loss")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
 
@@ -57,6 +58,20 @@ class FitConfig:
     log_with: str | None = None
     num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
     pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
+    image_column: str | None = None  # a dataset's image column (default: its first Image feature)
+    label_column: str | None = None  # a dataset's label column (default: its first ClassLabel feature)
+    class_balance: bool = False  # draw every class equally often, whatever its image count
+    repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
+    snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
+    p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
+    val_fraction: float = 0.0  # held out of the data, per class, for the validation loss
+    val_data: str | None = None  # or a separate validation folder / dataset
+    val_every: int = 0  # validation loss every N steps (0: only at the end, when there is a validation set)
+    eval_every: int = 0  # FID/KID of samples every N steps (0: never)
+    eval_n: int = 1000
+    eval_reference: str | None = None  # image folder or statistics .npz
+    inception_weights: str | None = None
+    keep_best: str | None = None  # "fid" or "val_loss": keep best/adapter.safetensors
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
@@ -92,7 +107,39 @@ class FitConfig:
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
+        self._validate_data_and_validation()
         return self
+
+    def _validate_data_and_validation(self) -> None:
+        for name in ("val_every", "eval_every"):
+            _at_least(name, getattr(self, name), 0)
+        _at_least("eval_n", self.eval_n, 2)
+        counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
+            raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
+        for name in ("snr_gamma", "p2_gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise DiffFitError(f"--{name.replace('_', '-')} must be a positive number (got {value}).")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DiffFitError(f"--val-fraction must be in [0, 1) (got {self.val_fraction}).")
+        if self.val_fraction and self.val_data:
+            raise DiffFitError("--val-fraction and --val-data both name a validation set; give one.")
+        has_val = bool(self.val_fraction or self.val_data)
+        if self.val_every and not has_val:
+            raise DiffFitError("--val-every needs a validation set.", hint="Add --val-fraction 0.1 or --val-data DIR.")
+        if self.eval_every and not self.eval_reference:
+            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz).")
+        if self.keep_best is not None:
+            _choice("--keep-best", self.keep_best, KEEP_BEST)
+            if self.keep_best == "fid" and not self.eval_every:
+                raise DiffFitError("--keep-best fid needs --eval-every N and --eval-reference.")
+            if self.keep_best == "val_loss" and not has_val:
+                raise DiffFitError("--keep-best val_loss needs a validation set (--val-fraction or --val-data).")
+
+    def loss_weighting(self) -> dict[str, float]:
+        """The weighting of the MSE term, as the adapter's training summary records it ({} for none)."""
+        return {k: v for k, v in (("snr_gamma", self.snr_gamma), ("p2_gamma", self.p2_gamma)) if v is not None}
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...], prefix_ok: str | None = None) -> None:
@@ -127,6 +174,8 @@ class FitResult:
     interrupted: bool
     cache: str | None
     stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (exit 130 / 143)
+    best_step: int | None = None  # with --keep-best: the step of best/adapter.safetensors
+    best_metric: float | None = None  # and its value of the --keep-best metric
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,23 +1,27 @@
 """Training data: image-folder scanning, decoding any image file to RGB, the reference (ADM) crop.
 
 A folder of class sub-folders is a labelled dataset (sorted folder names are the classes); a flat
-folder is one class. Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
+folder is one class. A Hugging Face dataset (`engine.hf_data`) is the same `ImageFolder` with rows
+for files. Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
 `engine.latents` turns the crops into latents.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import has_marker
+from difffit_cli.engine.io import files_signature, has_marker
 from difffit_cli.engine.progress import stderr_console, track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -29,17 +33,59 @@ class BadImage(Exception):
 
 
 @dataclass(frozen=True)
+class Row:
+    """Row `index` of a dataset: the item a dataset has where a folder has a file."""
+
+    index: int
+    source: str
+
+    def __str__(self) -> str:  # how a skipped row is named
+        return f"{self.source} row {self.index}"
+
+
+class RowSource(Protocol):
+    """A table of images (engine.hf_data.HFRows): what the rows of an ImageFolder are read from."""
+
+    def load(self, index: int) -> Image.Image: ...  # RGB, or raise BadImage
+
+    def signature(self, rows: Sequence[int]) -> str: ...  # what the latent cache keys on
+
+
+@dataclass(frozen=True)
 class ImageFolder:
-    """The usable images of a folder, their labels, and the files that were skipped (path, reason)."""
+    """The usable images of a folder (or rows of a dataset), their labels, and the skipped ones (item, reason)."""
 
     root: Path
-    files: list[Path]
+    files: list[Path] | list[Row]
     labels: list[int]
     class_names: list[str]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path | Row, str]] = field(default_factory=list)
+    rows: RowSource | None = None  # set for a dataset, whose files are then Rows
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def load(self, item: Path | Row) -> Image.Image:
+        return self.rows.load(item.index) if self.rows is not None else load_image(item)
+
+    def key(self, item: Path | Row) -> str:
+        """The item's name in the latent cache."""
+        return f"row-{item.index}" if self.rows is not None else str(item.relative_to(self.root))
+
+    def signature(self) -> str:
+        """What the items' latents depend on: row numbers and the dataset fingerprint, or paths, sizes, mtimes."""
+        if self.rows is not None:
+            return self.rows.signature([row.index for row in self.files])
+        return files_signature(self.files, self.root)
+
+    def by_key(self, reasons: dict[str, str]) -> dict[Path | Row, str]:
+        """{cache key: reason} -> {item: reason}, for `without`."""
+        return {item: reasons[self.key(item)] for item in self.files if self.key(item) in reasons}
+
+    def take(self, indices: Sequence[int]) -> ImageFolder:
+        """The items at `indices` (a held-out split); classes are kept, nothing counts as skipped."""
+        return replace(self, files=[self.files[i] for i in indices], labels=[self.labels[i] for i in indices],
+                       skipped=[])
 
     def without(self, bad: dict[Path, str]) -> ImageFolder:
         """The same folder with the files in `bad` moved to `skipped` (class indices are kept)."""
@@ -147,10 +193,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode one file to RGB or raise BadImage with the reason."""
+def load_image(path: Path | io.BytesIO) -> Image.Image:
+    """Decode one file (or a dataset row's bytes) to RGB or raise BadImage with the reason."""
     try:
-        if path.stat().st_size == 0:
+        if (path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size) == 0:
             raise BadImage("empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat both as a decompression bomb.
@@ -187,15 +233,15 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """Item i -> (uint8 (3, R, R) tensor or None, reason or None); never raises for a bad file."""
 
-    def __init__(self, files: list[Path], resolution: int):
-        self.files, self.resolution = files, resolution
+    def __init__(self, folder: ImageFolder, resolution: int):
+        self.folder, self.resolution = folder, resolution
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.folder)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         try:
-            arr = center_crop(load_image(self.files[i]), self.resolution)
+            arr = center_crop(self.folder.load(self.folder.files[i]), self.resolution)
         except BadImage as exc:
             return None, str(exc)
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), None
@@ -205,19 +251,19 @@ def _as_list(batch: list) -> list:
     return batch
 
 
-def image_batches(files: list[Path], resolution: int, batch_size: int, num_workers: int):
-    dataset = ImageDataset(files, resolution)
+def image_batches(folder: ImageFolder, resolution: int, batch_size: int, num_workers: int):
+    dataset = ImageDataset(folder, resolution)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        collate_fn=_as_list, shuffle=False)
 
 
 def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
-                    progress: bool = True) -> dict[Path, str]:
-    """Decode every image once; {path: reason} for the ones that cannot be used."""
-    bad: dict[Path, str] = {}
+                    progress: bool = True) -> dict[Path | Row, str]:
+    """Decode every image once; {item: reason} for the ones that cannot be used."""
+    bad: dict[Path | Row, str] = {}
     with track(len(folder.files), "Checking images", progress) as advance:
         start = 0
-        for batch in image_batches(folder.files, resolution, 64, num_workers):
+        for batch in image_batches(folder, resolution, 64, num_workers):
             for offset, (_, reason) in enumerate(batch):
                 if reason is not None:
                     bad[folder.files[start + offset]] = reason

@@ -149,12 +149,16 @@ class GaussianDiffusion:
     # -- training loss -------------------------------------------------------------------------------
 
     def training_losses(
-        self, model: ModelFn, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor
+        self, model: ModelFn, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor,
+        mse_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample hybrid loss: MSE on epsilon + the variational bound for the learned variance.
 
         `model(xt, t)` is called with original timesteps. Inside the VB term the predicted mean is
-        detached, so the VB term trains only the variance (IDDPM's L_hybrid).
+        detached, so the VB term trains only the variance (IDDPM's L_hybrid). `mse_weights` (one per
+        step, from `mse_weights`) reweights the MSE term only: min-SNR and P2 are derived for the
+        epsilon objective, while the VB term is already the exact bound for the variance and
+        reweighting it would no longer make it one. "mse" stays the unweighted MSE, for the log.
         """
         xt = self.q_sample(x0, index, noise)
         output = model(xt, self.original_timesteps(index))
@@ -162,7 +166,25 @@ class GaussianDiffusion:
         frozen = torch.cat([eps.detach(), var_values], dim=1)
         vb = self.vb_terms_bpd(frozen, x0, xt, index)
         mse = (noise - eps).float().pow(2).mean(dim=tuple(range(1, x0.ndim)))
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weighted = mse if mse_weights is None else mse_weights.to(mse.device)[index].float() * mse
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}
+
+    def mse_weights(self, snr_gamma: float | None = None, p2_gamma: float | None = None) -> torch.Tensor | None:
+        """Per-step weights of the epsilon MSE (float64), None when neither weighting is on.
+
+        SNR(t) = alpha_bar / (1 - alpha_bar). Min-SNR-gamma (Hang et al. 2023) caps the x0-space weight
+        at gamma, which for epsilon prediction is min(SNR, gamma) / SNR. P2 (Choi et al. 2022, k = 1)
+        is 1 / (1 + SNR)^gamma. Both given: their product.
+        """
+        if snr_gamma is None and p2_gamma is None:
+            return None
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        weights = torch.ones_like(snr)
+        if snr_gamma is not None:
+            weights = weights * snr.clamp(max=snr_gamma) / snr
+        if p2_gamma is not None:
+            weights = weights / (1 + snr) ** p2_gamma
+        return weights
 
     def vb_terms_bpd(
         self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, index: torch.Tensor

@@ -234,6 +234,7 @@ class DiT(nn.Module):
             [DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(h, config.patch_size, config.out_channels)
+        self.initialize_weights()  # as the reference; free on the meta device, where loaders build
 
     # -- initialisation (reference: xavier linears, adaLN-Zero) ------------------------------------
 
@@ -335,11 +336,3 @@ def _sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000**omega
     out = pos[:, None] * omega[None]
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def build_dit(config: DiTConfig, init: bool = True) -> DiT:
-    """A DiT with the reference initialisation (or uninitialised, for loading weights into)."""
-    model = DiT(config)
-    if init:
-        model.initialize_weights()
-    return model

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffit_cli.engine.data import ImageDataset, ImageFolder, image_batches, to_model_range
+from difffit_cli.engine.data import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
 from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
 from difffit_cli.engine.progress import stderr_console, track
 from difffit_cli.engine.vae import Autoencoder
@@ -45,11 +45,12 @@ def vae_identity(spec: str) -> str:
 
 
 def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
-    """Hash of what the cached latents depend on: the files (with sizes and mtimes), resolution, VAE."""
+    """Hash of what the cached latents depend on: the files (with sizes and mtimes) or the dataset
+    fingerprint and rows, the resolution, the VAE."""
     h = hashlib.sha256()
     head = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae_identity(vae_spec)}
     h.update(json.dumps(head).encode())
-    h.update(files_signature(folder.files, folder.root).encode())
+    h.update(folder.signature().encode())
     return h.hexdigest()[:32]
 
 
@@ -73,9 +74,9 @@ class LatentCache:
     bad: dict[str, str]
     built: bool  # False when an existing cache was reused
 
-    def take(self, files: list[Path], root: Path) -> np.ndarray:
-        """Row numbers of `files` (paths under `root`)."""
-        return np.array([self.row_of[str(f.relative_to(root))] for f in files], dtype=np.int64)
+    def take(self, folder: ImageFolder) -> np.ndarray:
+        """Cache rows of the folder's items."""
+        return np.array([self.row_of[folder.key(item)] for item in folder.files], dtype=np.int64)
 
 
 def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: Callable[[], Autoencoder],
@@ -166,10 +167,10 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
     bad: dict[str, str] = {}
     start = 0
     with track(len(folder.files), "Encoding latents", progress) as advance:
-        for batch in image_batches(folder.files, resolution, batch_size, num_workers):
+        for batch in image_batches(folder, resolution, batch_size, num_workers):
             for i, (_, reason) in enumerate(batch):
                 if reason is not None:
-                    bad[str(folder.files[start + i].relative_to(folder.root))] = reason
+                    bad[folder.key(folder.files[start + i])] = reason
             good = [start + i for i, (img, _) in enumerate(batch) if img is not None]
             if good:
                 images = torch.stack([batch[i - start][0] for i in good]).to(device)
@@ -179,7 +180,7 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
                 finite = torch.isfinite(out).flatten(1).all(1)
                 for i, ok in zip(good, finite.tolist(), strict=True):
                     if not ok:
-                        bad[str(folder.files[i].relative_to(folder.root))] = "the VAE encodes it to NaN or inf"
+                        bad[folder.key(folder.files[i])] = "the VAE encodes it to NaN or inf"
                 rows[good] = out.numpy()
             start += len(batch)
             advance(len(batch))
@@ -187,7 +188,7 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
     del rows
     (tmp / "owner.json").unlink()
     meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
-            "files": [str(f.relative_to(folder.root)) for f in folder.files], "bad": bad,
+            "files": [folder.key(item) for item in folder.files], "bad": bad,
             "checksum": file_checksum(tmp / "latents.npy")}
     (tmp / "meta.json").write_text(json.dumps(meta))
 
@@ -203,12 +204,26 @@ def draw_cached_latents(rows: torch.Tensor, flips: torch.Tensor, noise: torch.Te
     return draw_latents(rows[torch.arange(len(rows)), flips.long()], noise)
 
 
+def usable_latents(folder: ImageFolder, resolution: int, vae_spec: str, vae: Callable[..., Autoencoder], *,
+                   cache: bool, cache_dir: str | os.PathLike | None, batch_size: int, device: torch.device,
+                   num_workers: int, progress: bool) -> tuple[ImageFolder, CachedLatents | EncodedLatents]:
+    """The folder without its unusable images, and latents for the rest: from the latent cache (built
+    first if needed), or, without `cache`, encoded on the fly. `vae(device[, dtype])` gives the VAE."""
+    if cache:
+        opened = latent_cache(folder, resolution, vae_spec, lambda: vae(device), cache_dir, batch_size, device,
+                              num_workers, progress)
+        folder = folder.without(folder.by_key(opened.bad))
+        return folder, CachedLatents(opened, folder)
+    folder = folder.without(find_bad_images(folder, resolution, num_workers, progress))
+    return folder, EncodedLatents(folder, resolution, vae(device, torch.float32))
+
+
 class CachedLatents:
     """Training latents read from a `LatentCache` (memory-mapped rows, then to the device)."""
 
     def __init__(self, cache: LatentCache, folder: ImageFolder):
         self.cache = cache
-        self.rows = torch.from_numpy(cache.take(folder.files, folder.root))
+        self.rows = torch.from_numpy(cache.take(folder))
 
     def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
              device: torch.device) -> torch.Tensor:
@@ -220,7 +235,7 @@ class EncodedLatents:
     """Training latents encoded on the fly, every step (`--no-cache-latents`)."""
 
     def __init__(self, folder: ImageFolder, resolution: int, vae: Autoencoder):
-        self.dataset, self.vae = ImageDataset(folder.files, resolution), vae
+        self.dataset, self.vae = ImageDataset(folder, resolution), vae
 
     @torch.no_grad()
     def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from difffit_cli.engine.dit import DiT, DiTConfig, build_dit
+from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
 
 METHODS = ("difffit", "bitfit", "full")
@@ -188,7 +188,7 @@ def describe_method(config: DiTConfig, method: str = "difffit", *, num_classes: 
     Percentages are of the adapted model (new class table and gamma included).
     """
     with torch.device("meta"):
-        model = build_dit(config, init=False)
+        model = DiT(config)
     if method == "difffit" and not isinstance(gamma_blocks, list):
         gamma_blocks = parse_gamma_blocks(gamma_blocks, config.depth)
     prepare_model(model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes)

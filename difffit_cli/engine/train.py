@@ -24,7 +24,7 @@ from rich.progress import TextColumn
 
 from difffit_cli.engine.adapter import make_meta, save_adapter
 from difffit_cli.engine.bases import RANDOM_PREFIX, Base, load_base
-from difffit_cli.engine.batches import Batches, Split, step_seed
+from difffit_cli.engine.batches import Batches, DataOrder, Split, item_repeats, step_seed
 from difffit_cli.engine.checkpoints import (
     check_run_folder,
     claim_run_folder,
@@ -35,12 +35,13 @@ from difffit_cli.engine.checkpoints import (
     truncate_log,
 )
 from difffit_cli.engine.config import FitConfig, FitResult
-from difffit_cli.engine.data import ImageFolder, find_bad_images, require_images, scan_image_folder
+from difffit_cli.engine.data import ImageFolder, require_images
 from difffit_cli.engine.devices import AUTOCAST_DTYPES, make_accelerator, tf32_matmuls
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hf_data import HF_PREFIX, open_data
 from difffit_cli.engine.io import atomic_path, run_lock
-from difffit_cli.engine.latents import CachedLatents, EncodedLatents, latent_cache
+from difffit_cli.engine.latents import CachedLatents, usable_latents
 from difffit_cli.engine.methods import (
     cast_frozen_matrices,
     parse_gamma_blocks,
@@ -56,6 +57,7 @@ from difffit_cli.engine.sample import SamplingOptions, generate
 from difffit_cli.engine.sample_folder import save_grid
 from difffit_cli.engine.signals import StopFlag
 from difffit_cli.engine.trackers import log_preview
+from difffit_cli.engine.validation import Validation, split_validation
 
 NUM_TRAIN_TIMESTEPS = 1000
 PREVIEW_IMAGES = 8
@@ -82,6 +84,7 @@ class Run:
     ema: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     cache: str | None = None
+    validation: Validation | None = None
 
     @property
     def main(self) -> bool:
@@ -102,7 +105,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
     with contextlib.ExitStack() as held:
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
-        folder = scan_image_folder(config.data)  # bad data, then a bad base, fail before --out is touched
+        # bad data, then a bad base, fail before --out is touched
+        folder, val_folder = split_validation(config, open_data(config.data, config.image_column, config.label_column))
         base, base_config, pos_embed = _load_base_at_resolution(config, base)
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
@@ -121,7 +125,12 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         if config.log_with:
             accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
         training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
-                    "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema}
+                    "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
+                    **config.loss_weighting()}
+        if val_folder is not None or config.eval_every:
+            run.validation = Validation(run, val_folder, lambda step: _write_adapter(
+                run, base_config, training | {"steps": step}, "best/adapter.safetensors"), progress and run.main)
+            run.validation.restore(out_dir, start_step)
         # -- the loop, then the finish -----------------------------------------------------------------
         if start_step == 0:
             _preview(run, 0)
@@ -142,7 +151,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
         img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
         stop_signal=outcome.stop_signal,
-        cache=run.cache)
+        cache=run.cache, **(run.validation.result() if run.validation else {}))
 
 
 # -- phases -----------------------------------------------------------------------------------------
@@ -167,19 +176,14 @@ def _prepare_data(run: Run, progress: bool) -> None:
     config, base, device = run.config, run.base, run.accelerator.device
     split = Split(config.batch_size, config.grad_accum, run.accelerator.process_index, run.accelerator.num_processes)
     num_workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
-    folder = run.folder
-    if config.cache_latents:
-        cache = None
-        for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-            if run.main == turn:
-                cache = latent_cache(folder, base.resolution, base.vae_spec, lambda: base.vae(device),
-                                     config.cache_dir, split.per_process, device, num_workers, progress)
-            run.accelerator.wait_for_everyone()
-        folder = folder.without({folder.root / rel: reason for rel, reason in cache.bad.items()})
-        latents, run.cache = CachedLatents(cache, folder), str(cache.path)
-    else:
-        folder = folder.without(find_bad_images(folder, base.resolution, num_workers, progress))
-        latents = EncodedLatents(folder, base.resolution, base.vae(device, torch.float32))
+    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
+        if run.main == turn:
+            folder, latents = usable_latents(run.folder, base.resolution, base.vae_spec, base.vae,
+                                             cache=config.cache_latents, cache_dir=config.cache_dir,
+                                             batch_size=split.per_process, device=device, num_workers=num_workers,
+                                             progress=progress)
+        run.accelerator.wait_for_everyone()
+    run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
     if run.main:
         _report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
@@ -188,7 +192,9 @@ def _prepare_data(run: Run, progress: bool) -> None:
     # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
     run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
     latent_shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
-    run.batches = Batches(latents, folder.labels, latent_shape, split, config.seed, device)
+    order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
+                      config.class_balance)
+    run.batches = Batches(latents, folder.labels, latent_shape, split, config.seed, device, order)
 
 
 def _prepare_trainable_state(run: Run) -> None:
@@ -226,8 +232,9 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
 
 def _resolved_config(run: Run) -> dict:
     config = run.config
+    data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
     resolved = dataclasses.asdict(config) | {
-        "data": str(Path(config.data).expanduser().resolve()), "base": run.base.spec, "out": str(run.out_dir),
+        "data": data, "base": run.base.spec, "out": str(run.out_dir),
         "lr": config.learning_rate(), "resolution": run.base.resolution, "mixed_precision": run.precision}
     resolved.pop("resume")
     return resolved
@@ -261,6 +268,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     diffusion = GaussianDiffusion(num_train_steps=NUM_TRAIN_TIMESTEPS)
+    mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
     forward = torch.compile(model) if config.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     per_process, lr = run.batches.split.per_process, config.learning_rate()
@@ -284,7 +292,8 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                     noise = torch.randn(x0.shape, generator=g).to(device)
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        losses = diffusion.training_losses(_denoiser(forward, y, run.autocast_dtype), x0, t, noise)
+                        losses = diffusion.training_losses(_denoiser(forward, y, run.autocast_dtype), x0, t, noise,
+                                                           mse_weights)
                         loss = losses["loss"].mean()
                         accelerator.backward(scaler.scale(loss / config.grad_accum))
                     sums[:3] += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean()]).detach()
@@ -321,6 +330,9 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                 if stats[3] > 0:
                     stop_signal = stop.signal or "SIGTERM"  # or another process of the run was signalled
                     break
+                if run.validation and run.validation.due(step):  # before the checkpoint, which records the best
+                    with swapped_in(run.params, run.ema):
+                        run.validation.evaluate(run, step, log)
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     _checkpoint(run, step, elapsed_before + now - t_start)
                 if config.sample_every and step % config.sample_every == 0 and step < config.steps:
@@ -356,7 +368,8 @@ def _update_ema(run: Run, step: int) -> None:
 def _checkpoint(run: Run, step: int, elapsed: float) -> None:
     if run.main:
         state = {"elapsed_s": elapsed, "method": run.config.method, "seed": run.config.seed,
-                 "class_names": run.class_names, "images": len(run.folder)}
+                 "class_names": run.class_names, "images": len(run.folder),
+                 **(run.validation.state() if run.validation else {})}
         save_checkpoint(run.out_dir, step, run.params, run.ema, run.optimizer, state, run.config.keep)
     run.accelerator.wait_for_everyone()
 
@@ -378,10 +391,10 @@ def _preview(run: Run, step: int) -> None:
         log_preview(run.accelerator, grid, step)
 
 
-def _write_adapter(run: Run, base_config, training: dict) -> Path | None:
+def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.safetensors") -> Path | None:
     if not run.main:
         return None
-    path = run.out_dir / "adapter.safetensors"
+    path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
     meta = make_meta(run.base, model, run.config.method, new_class_table=run.new_classes,
                      class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
