@@ -152,3 +152,15 @@ def test_bad_options_are_one_sentence_before_any_work(monkeypatch, capsys, tmp_p
     assert code == 1 and "Traceback" not in err and words in err.replace("\n", " "), err
     assert "--to" not in err or args[0] == "upscale-res"  # fit has no --to to hint at
     assert not (tmp_path / "runs").exists()
+
+
+def test_diffusers_merge_of_another_mlp_ratio_is_one_sentence(tmp_path, tiny_base_file, tiny_vae_dir, toy_data):
+    from difffit_cli.engine.config import FitConfig
+    from difffit_cli.engine.train import fit
+
+    run = fit(FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, batch_size=4,
+                        save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
+                        out=str(tmp_path / "run")), progress=False)  # the fixture base has MLP ratio 1
+    with pytest.raises(DiffFitError, match="only MLP ratio 4, this model has 1"):
+        merge_adapter(str(run.adapter), tmp_path / "pipeline", fmt="diffusers")
+    assert not (tmp_path / "pipeline").exists()

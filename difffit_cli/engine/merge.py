@@ -103,6 +103,9 @@ def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
             f"DiTPipeline supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), "
             f"this model has {config.num_classes}; merge with --format original instead."
         )
+    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
+        raise DiffFitError(f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}; "
+                           "merge with --format original instead.")
     autoencoder = getattr(vae, "vae", None)
     if autoencoder is None:
         raise DiffFitError(
