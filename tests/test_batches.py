@@ -51,3 +51,18 @@ def test_held_out_is_stratified_fixed_by_seed_and_keeps_a_training_image():
     assert chosen == held_out(LABELS, 0.2, seed=1) and chosen != held_out(LABELS, 0.2, seed=2)
     assert Counter(LABELS[i] for i in held_out(LABELS, 0.99, 0)) == {0: 29, 1: 5, 2: 2}
     assert held_out([0, 1], 0.5, 0) == []  # a class of one image keeps it for training
+
+
+def test_recipe_repeats_table_reads_and_round_trips(tmp_path):
+    import tomllib
+
+    from difffit_cli.engine.recipes import read_options, write_toml
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('steps = 10\nclass_balance = true\n\n[repeats]\nrose = 3\n"sweet pea" = 2\n')
+    options = read_options(recipe)
+    assert options == {"steps": 10, "class_balance": True, "repeats": {"rose": 3, "sweet pea": 2}}
+    assert tomllib.loads(write_toml(options)) == options  # the resolved config.toml reads back the same
+    recipe.write_text('[repeats]\nrose = "many"\n')
+    with pytest.raises(DiffFitError, match="rose"):
+        read_options(recipe)

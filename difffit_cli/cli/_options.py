@@ -51,7 +51,8 @@ SamplingPrecision = Annotated[str, typer.Option("--mixed-precision", help="no (e
 # -- fit's options (fit and upscale-res take every one of them) -----------------------------------
 
 Data = Annotated[str | None, typer.Argument(
-    help="Image folder: one sub-folder per class, or flat (one class).", show_default=False)]
+    help="Image folder (one sub-folder per class, or flat: one class), or a dataset: hf:OWNER/NAME[:split], "
+    "a save_to_disk folder or parquet files.", show_default=False)]
 FitBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
 Method = Annotated[str, typer.Option(help="difffit, bitfit or full.")]
@@ -82,6 +83,31 @@ GradAccum = Annotated[int, typer.Option(help="Gradient accumulation micro-steps 
 AdapterDtype = Annotated[str, typer.Option(help="fp16 (stored as differences) or fp32.")]
 LogWith = Annotated[str | None, typer.Option(help="Also log to tensorboard (if installed).")]
 NumWorkers = Annotated[int | None, typer.Option(help="Image-loading processes (default: min(8, CPUs)).")]
+ImageColumn = Annotated[str | None, typer.Option(
+    help="A dataset's image column (default: its first Image feature).", show_default=False)]
+LabelColumn = Annotated[str | None, typer.Option(
+    help="A dataset's label column (default: its first ClassLabel feature; none: one class).", show_default=False)]
+ClassBalance = Annotated[bool, typer.Option(
+    "--class-balance", help="Draw every class equally often, whatever its image count.")]
+Repeats = Annotated[int, typer.Option(help="Each image N times per epoch (per class: a [repeats] table in a recipe).")]
+SnrGamma = Annotated[float | None, typer.Option(
+    help="Min-SNR-gamma weighting of the MSE term, e.g. 5 (default: off, the reference loss).", show_default=False)]
+P2Gamma = Annotated[float | None, typer.Option(
+    help="P2 weighting (k=1) of the MSE term, e.g. 1 (default: off).", show_default=False)]
+ValFraction = Annotated[float, typer.Option(
+    help="Hold out this fraction of each class (fixed by --seed) for validation.")]
+ValData = Annotated[str | None, typer.Option(
+    help="A separate validation folder or dataset, with the training classes.", show_default=False)]
+ValEvery = Annotated[int, typer.Option(help="Validation loss every N steps (0: at the end only).")]
+EvalEvery = Annotated[int, typer.Option(help="FID/KID of --eval-n samples every N steps (0: never).")]
+EvalN = Annotated[int, typer.Option(help="Samples per in-training FID (DDIM 50 steps, cfg 1.5).")]
+EvalReference = Annotated[str | None, typer.Option(
+    help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached).",
+    show_default=False)]
+FitInceptionWeights = Annotated[str | None, typer.Option(
+    "--inception-weights", help="FID Inception weights file (default: the torch hub cache).", show_default=False)]
+KeepBest = Annotated[str | None, typer.Option(
+    help="Keep best/adapter.safetensors by fid or val_loss.", show_default=False)]
 
 # -- flags that mean something else in each command ----------------------------------------------
 

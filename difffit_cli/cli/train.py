@@ -31,6 +31,12 @@ Outputs in --out: adapter.safetensors, checkpoints/, samples/, log.jsonl, config
   [dim]# 8 GPUs (--batch-size is the global batch; each GPU takes 1/8 of it)[/dim]
   accelerate launch --multi_gpu --num_processes 8 -m difffit_cli fit ./flowers --base DiT-XL/2-256
 
+  [dim]# hold out 10% of each class; validation loss every 1000 steps; keep best/adapter.safetensors by it[/dim]
+  difffit fit ./flowers --base DiT-XL/2-256 --val-fraction 0.1 --val-every 1000 --keep-best val_loss
+
+  [dim]# a Hugging Face dataset (downloaded once; also a save_to_disk or parquet folder)[/dim]
+  difffit fit hf:OWNER/NAME:train --base DiT-XL/2-256 --image-column image --label-column label
+
   [dim]# a tiny CPU run to see everything work[/dim]
   difffit fit ./images --base random:DiT-S/2 --vae identity --resolution 32 --steps 50 --batch-size 8
 """
@@ -111,6 +117,20 @@ def fit(
     adapter_dtype: opt.AdapterDtype = "fp16",
     log_with: opt.LogWith = None,
     num_workers: opt.NumWorkers = None,
+    image_column: opt.ImageColumn = None,
+    label_column: opt.LabelColumn = None,
+    class_balance: opt.ClassBalance = False,
+    repeats: opt.Repeats = 1,
+    snr_gamma: opt.SnrGamma = None,
+    p2_gamma: opt.P2Gamma = None,
+    val_fraction: opt.ValFraction = 0.0,
+    val_data: opt.ValData = None,
+    val_every: opt.ValEvery = 0,
+    eval_every: opt.EvalEvery = 0,
+    eval_n: opt.EvalN = 1000,
+    eval_reference: opt.EvalReference = None,
+    inception_weights: opt.FitInceptionWeights = None,
+    keep_best: opt.KeepBest = None,
     as_json: opt.Json = False,
 ) -> None:
     """`fit`, and `upscale-res` (the same run with --to as its resolution)."""
@@ -145,5 +165,8 @@ def _run(given: dict, recipe: str | None, as_json: bool, needs_resolution: bool 
     else:
         loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
         console.print(f"[green]Done:[/green] {result.step} steps{loss}; adapter: {result.adapter}")
+        if result.best_step is not None:
+            console.print(f"Best {config.keep_best} {result.best_metric:.4f} at step {result.best_step}: "
+                          f"{result.out_dir / 'best' / 'adapter.safetensors'}")
     if result.interrupted:
         raise typer.Exit(EXIT_CODES.get(result.stop_signal, 130))

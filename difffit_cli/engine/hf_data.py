@@ -34,7 +34,7 @@ def is_dataset(spec: str) -> bool:
     if spec.startswith(HF_PREFIX):
         return True
     path = _local_path(spec)[0]
-    return path.is_dir() and (any((path / m).is_file() for m in SAVED_MARKERS) or any(path.rglob("*.parquet")))
+    return path.is_dir() and (any((path / m).is_file() for m in SAVED_MARKERS) or bool(_parquet_files(path)))
 
 
 def open_data(spec: str, image_column: str | None = None, label_column: str | None = None) -> ImageFolder:
@@ -104,6 +104,12 @@ def _local_path(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
+def _parquet_files(path: Path) -> list[str]:
+    """Parquet files in the folder or one level down (the Hub's data/train-*.parquet), never a deep walk:
+    an image folder of a million files must not pay for this check."""
+    return sorted(str(p) for pattern in ("*.parquet", "*/*.parquet") for p in path.glob(pattern))
+
+
 def _load(spec: str):
     """The Dataset (one split) a spec names; every failure is one sentence."""
     import datasets
@@ -116,7 +122,7 @@ def _load(spec: str):
         path, split = _local_path(spec)
         if any((path / m).is_file() for m in SAVED_MARKERS):
             return _one_split(datasets.load_from_disk(str(path)), spec, split)
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        files = _parquet_files(path)
         return _one_split(datasets.load_dataset("parquet", data_files=files, split=split or None), spec, split)
     except DiffFitError:
         raise

@@ -40,7 +40,10 @@ def find_recipe(spec: str) -> Path:
 
 def _coerce(key: str, value, source: str):
     """Check a recipe value against the option's type (int where a float is written as 24000.0 too)."""
-    kind = _TYPES[str(_FIELDS[key].type).split("|")[0].strip()]
+    declared = str(_FIELDS[key].type)
+    if isinstance(value, dict) and "dict[str, int]" in declared:  # a table such as [repeats]: class = count
+        return {str(k): _coerce(key, v, f"{source}, [{key}] {k}") for k, v in value.items()}
+    kind = _TYPES[declared.split("|")[0].strip()]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
@@ -98,6 +101,8 @@ def _toml_value(value) -> str:
         return json.dumps(str(value), ensure_ascii=False)  # a valid TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, so it can sit among the flat keys
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 

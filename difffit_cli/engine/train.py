@@ -248,7 +248,8 @@ def _write_run_record(run: Run, start_step: int) -> None:
 
 
 def _tracker_config(run: Run) -> dict:
-    return {k: v for k, v in _resolved_config(run).items() if v is not None}
+    # Trackers take scalars and strings: a per-class [repeats] table goes as its text.
+    return {k: str(v) if isinstance(v, dict) else v for k, v in _resolved_config(run).items() if v is not None}
 
 
 # -- the loop ---------------------------------------------------------------------------------------

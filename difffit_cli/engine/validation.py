@@ -54,6 +54,8 @@ def split_validation(config: FitConfig, folder: ImageFolder) -> tuple[ImageFolde
     if config.val_data:
         val = open_data(config.val_data, config.image_column, config.label_column)
         index = {name: i for i, name in enumerate(folder.class_names)}
+        if len(folder.class_names) == len(val.class_names) == 1:  # two flat folders: named after themselves
+            index = {val.class_names[0]: 0}
         unknown = sorted({val.class_names[label] for label in val.labels} - set(index))
         if unknown:
             raise DiffFitError(f"--val-data {config.val_data} has classes the training data lacks: "
@@ -78,6 +80,7 @@ class Validation:
         config, device = run.config, run.accelerator.device
         self.val_every, self.eval_every, self.steps = config.val_every, config.eval_every, config.steps
         self.keep_best, self.save_best = config.keep_best, save_best
+        self.has_val = val is not None  # known to every process, so all of them agree on due()
         self.best: dict | None = None  # {"metric", "value", "step"}
         self.x0 = self.labels = self.reference = self.extractor = None
         if not run.main:
@@ -96,7 +99,7 @@ class Validation:
         return self.val_due(step) or bool(self.eval_every and step % self.eval_every == 0)
 
     def val_due(self, step: int) -> bool:
-        return self.x0 is not None and ((self.val_every and step % self.val_every == 0) or step == self.steps)
+        return self.has_val and ((self.val_every and step % self.val_every == 0) or step == self.steps)
 
     def evaluate(self, run: Run, step: int, log) -> dict:
         """Validation loss and/or FID at `step` with the weights in the model now: logged, and the best kept."""
