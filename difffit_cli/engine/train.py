@@ -34,6 +34,7 @@ from difffit_cli.engine.devices import AUTOCAST_DTYPES, DEVICES, resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.progress import make_progress, stderr_console
+from difffit_cli.engine.step import step_seed
 
 if TYPE_CHECKING:
     from difffit_cli.engine.bases import Base
@@ -114,10 +115,6 @@ def default_out_dir(data: str | None, method: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # Randomness: everything is a function of (seed, step, rank)
 # --------------------------------------------------------------------------------------------
-
-
-def step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class DataOrder:
