@@ -230,7 +230,7 @@ def main() -> None:
     runs, skipped = contenders(args)
     common = _without_values(sys.argv[1:], ("--methods", "--precision", "--compile"))
     workers, cold_cache = {}, tempfile.mkdtemp(prefix="inductor-cold-")
-    shared_cache = tempfile.mkdtemp(prefix="inductor-")
+    shared_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.mkdtemp(prefix="inductor-")
     for method, precision, compile_ in runs:  # one at a time: a compile never competes with another
         # The first compiled worker compiles from an empty cache (the cold figure); later ones share one.
         cold = compile_ == "on" and not any(c == "on" for _, _, c in workers)

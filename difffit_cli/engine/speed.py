@@ -68,21 +68,20 @@ def make_optimizer(params: Iterable[torch.Tensor], lr: float, device: torch.devi
 # -- attention ---------------------------------------------------------------------------------------
 
 
-def choose_attention_backend(device: torch.device | str, *, batch: int = 32, heads: int = 16, tokens: int = 256,
-                             head_dim: int = HEAD_DIM_DIT, dtype: torch.dtype = torch.bfloat16,
-                             repeats: int = 10) -> str | None:
-    """The faster of flash and cuDNN SDPA for this shape, by timing forward + backward; None on the CPU
-    (or when neither runs: then SDPA's own choice stands)."""
+def time_attention_backends(device: torch.device | str, *, batch: int = 32, heads: int = 16, tokens: int = 256,
+                            head_dim: int = HEAD_DIM_DIT, dtype: torch.dtype = torch.bfloat16,
+                            repeats: int = 10) -> dict[str, float]:
+    """Seconds of SDPA forward + backward per backend ("flash", "cudnn") that runs this shape on this
+    CUDA device; empty on the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
-        return None
+        return {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     timings = {}
-    for name in ("flash", "cudnn"):
-        backend = SDPBackend.FLASH_ATTENTION if name == "flash" else SDPBackend.CUDNN_ATTENTION
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel([backend]):
                 for i in range(repeats + 2):
@@ -94,6 +93,13 @@ def choose_attention_backend(device: torch.device | str, *, batch: int = 32, hea
             timings[name] = (time.perf_counter() - start) / repeats
         except RuntimeError:  # this backend does not run this shape / dtype on this GPU
             continue
+    return timings
+
+
+def choose_attention_backend(device: torch.device | str, **shape) -> str | None:
+    """The faster of flash and cuDNN SDPA for this shape (`time_attention_backends`' keywords) by
+    measurement; None on the CPU or when neither runs (then SDPA's own choice stands)."""
+    timings = time_attention_backends(device, **shape)
     return min(timings, key=timings.get) if timings else None
 
 
