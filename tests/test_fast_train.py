@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from difffit_cli.engine.difffit import prepare_model, trainable_parameters
 from difffit_cli.engine.diffusion import GaussianDiffusion
-from difffit_cli.engine.dit import DiTConfig, build_dit
+from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.sample import sample_generators, sample_latents, to_uint8
+from difffit_cli.engine.methods import prepare_model, trainable_parameters
+from difffit_cli.engine.sample import sample_denoised, sample_generators, to_uint8
 from difffit_cli.engine.speed import (
     attention_backend,
     choose_attention_backend,
@@ -114,7 +114,7 @@ def test_optimizer_and_attention_on_cpu():
 
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10,
+    model = DiT(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10,
                                 class_dropout_prob=0.0))
     with torch.no_grad():  # adaLN-Zero init would make every block the identity
         for p in model.parameters():
@@ -173,6 +173,6 @@ def test_compiled_padded_sampling_matches_eager():
     labels = torch.tensor([1, 2, 3, 3])
     out = {}
     for name, model, idx, lab in (("eager", eager, [10, 11, 12], labels[:3]), ("compiled", compiled, indices, labels)):
-        latents = sample_latents(model, lab, sample_generators(0, idx), cfg_scale=1.5, scheduler="ddim", steps=5)
+        latents = sample_denoised(model, lab, sample_generators(0, idx), cfg_scale=1.5, scheduler="ddim", steps=5)
         out[name] = to_uint8(latents[:real, :3].clamp(-1, 1)).int()
     assert (out["compiled"] - out["eager"]).abs().max() <= 1

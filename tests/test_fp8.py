@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.difffit import prepare_model, trainable_parameters
-from difffit_cli.engine.dit import DiTConfig, build_dit
+from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.fp8 import (
     E4M3,
@@ -16,6 +15,7 @@ from difffit_cli.engine.fp8 import (
     reference_linear,
     require_fp8,
 )
+from difffit_cli.engine.methods import prepare_model, trainable_parameters
 
 
 def _kernel_reason() -> str | None:
@@ -94,7 +94,7 @@ def test_weight_is_frozen_fp8_and_gets_no_gradient():
 
 def _tiny_difffit():
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10))
+    model = DiT(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10))
     prepare_model(model, "difffit")
     return model
 
@@ -135,7 +135,7 @@ def test_swapped_model_trains_its_biases_and_stays_close():
 
 def test_full_fine_tuning_has_nothing_to_quantize():
     torch.manual_seed(0)
-    model = build_dit(DiTConfig(input_size=8, hidden_size=64, depth=1, num_heads=4, num_classes=10))
+    model = DiT(DiTConfig(input_size=8, hidden_size=64, depth=1, num_heads=4, num_classes=10))
     prepare_model(model, "full")
     assert quantize_frozen_linears(model) == 0
 
