@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
 from difffit_cli.engine.devices import AUTOCAST_DTYPES, DEVICES, resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
@@ -80,9 +81,21 @@ class FitConfig:
     log_with: str | None = None
     num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
     pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
+    # Method settings (engine/baselines.py MethodSettings has the defaults and where they come from).
+    gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
+    rank: int = 8  # lora
+    lora_alpha: float | None = None  # lora; default = rank
+    lora_targets: str | None = None  # lora; default "qkv,proj"
+    adapter_dim: int = 64  # adapter-parallel, adapter-sequential
+    prompt_tokens: int = 8  # vpt-deep
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings(gamma_placement=self.gamma_placement, rank=self.rank, lora_alpha=self.lora_alpha,
+                              lora_targets=parse_lora_targets(self.lora_targets), adapter_dim=self.adapter_dim,
+                              prompt_tokens=self.prompt_tokens).validate()
 
 
 @dataclass
@@ -297,6 +310,7 @@ def _check_config(config: FitConfig, base: Base | None) -> None:
             raise DiffFitError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(config, name)}).")
     if not 0.0 <= config.ema_decay < 1.0:
         raise DiffFitError(f"--ema-decay must be in [0, 1) (got {config.ema_decay}).")
+    config.method_settings()
 
 
 def _report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
@@ -423,7 +437,9 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     gamma_blocks = None
     if config.method == "difffit":
         gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth)
-    prepare_model(model, config.method, gamma_blocks, num_classes, new_classes=new_classes)
+    torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' initialisation (LoRA A, adapters, prompts)
+    settings = config.method_settings()
+    prepare_model(model, config.method, gamma_blocks, num_classes, new_classes=new_classes, settings=settings)
     base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     autocast_dtype = AUTOCAST_DTYPES.get(precision)
     if autocast_dtype is not None:
@@ -500,7 +516,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         path = out_dir / "adapter.safetensors"
         meta = make_meta(base, unwrapped, config.method, new_class_table=new_classes,
                          class_names=class_names, pos_embed=pos_embed, base_config=base_config,
-                         training=training_summary | {"steps": step, "last_loss": loss})
+                         training=training_summary | {"steps": step, "last_loss": loss}, settings=settings)
         with swapped_in(params, ema):
             save_adapter(path, unwrapped, base_state, meta, config.adapter_dtype)
         return path
