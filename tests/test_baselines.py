@@ -238,6 +238,26 @@ def test_swapping_adapters_of_different_methods_restores_the_base_exactly(base_s
         assert torch.equal(outputs(model, 10), reference), ident
 
 
+def test_multi_adapter_sampling_and_eval_fid_for_every_method(adapters, tmp_path, toy_data):
+    """`sample A B C ...` (one base, adapters swapped in) and `eval-fid ADAPTER` for every method."""
+    from difffit_cli.engine.metrics import evaluate, random_inception_weights
+    from difffit_cli.engine.sample import generate, iter_sources
+
+    paths = [adapters[ident][0] for ident in IDS]
+    for ident, (_, loaded, meta, _) in zip(IDS, iter_sources(paths), strict=True):
+        alone, _ = load_source(adapters[ident][0])
+        options = dict(scheduler="ddim", steps=2, seed=0, batch_size=2, progress=False)
+        images = generate(loaded, 2, **options)
+        assert images.shape == (2, 16, 16, 3) and meta.method == VARIANTS[IDS.index(ident)][0]
+        assert torch.equal(images, generate(alone, 2, **options)), ident  # swapped in = loaded alone
+
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    for ident in ("vpt-deep", "adapter-parallel"):
+        result = evaluate(adapters[ident][0], str(toy_data), num_samples=4, inception_weights=str(weights),
+                          device="cpu", sample_options=dict(scheduler="ddim", steps=2), progress=False)
+        assert np.isfinite(result.metrics["fid"]) and result.num_generated == 4
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in FOLDABLE])
 def test_merge_refuses_methods_that_cannot_fold(adapters, method, tmp_path):
     with pytest.raises(DiffFitError) as refused:
