@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -82,9 +82,6 @@ class MethodSettings:
             raise DiffFitError(f"--lora-alpha must be positive (got {self.lora_alpha}).")
         parse_lora_targets(self.lora_targets)
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

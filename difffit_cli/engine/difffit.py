@@ -29,6 +29,7 @@ METHODS = ("full", "adapter-parallel", "adapter-sequential", "bitfit", "vpt-deep
 FOLDABLE = ("full", "bitfit", "lora", "difffit")  # the rest add computation that no weight can absorb
 CLASS_TABLE = "y_embedder.embedding_table.weight"
 GROUPS = ("biases", "gamma", "class_table", "norms", "lora", "adapters", "prompts", "other")
+ADDED_GROUPS = ("lora", "adapters", "prompts")
 # Tensors a method adds (rather than changes), by name, and the value they have in the base model.
 ADDED = {".gamma_": 1.0, ".lora_A.": 0.0, ".lora_B.": 0.0, ".adapter.": 0.0, ".prompts": 0.0}
 
@@ -251,5 +252,6 @@ def describe_method(config: DiTConfig, method: str = "difffit", *, num_classes: 
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
-        "trainable_groups": groups,
+        # The added-module groups only where the method has them (info's table stays short).
+        "trainable_groups": {g: n for g, n in groups.items() if n or g not in ADDED_GROUPS},
     }
