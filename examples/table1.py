@@ -5,7 +5,7 @@ default learning rate unless --lr is given) in a fresh process, so the peak memo
 own; then its adapter is evaluated with `engine.metrics.evaluate` (what `difffit eval-fid ADAPTER
 DATA -n N` runs: sample N images from the adapter, FID against the training images).
 
-    python examples/table1.py                    # bundled tiny base, examples/target, CPU: ~8 minutes
+    python examples/table1.py                    # bundled tiny base, examples/target, shared 2-core CPU: ~9 minutes
     python examples/table1.py --base DiT-XL/2-256 --data ./food-101 --steps 24000 --batch-size 32 \\
         --fid-samples 10000 --sample-steps 250 --inception-weights pt_inception-2015-12-05.pth
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -100,7 +101,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = args.inception_weights or str(random_inception_weights(out / "random-inception.pth"))
-    note = (f"Budget: {args.steps} steps x batch {args.batch_size} per method on {args.base} / {args.data}, seed 0; "
+    note = (f"Budget: {args.steps} steps x batch {args.batch_size} per method on {args.base} / "
+            f"{os.path.relpath(args.data)}, seed 0; "
             f"FID from {args.fid_samples} samples (DDIM {args.sample_steps} steps, cfg {args.cfg_scale}) against "
             "the training images.")
     if args.inception_weights is None:
