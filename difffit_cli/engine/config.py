@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
 from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods import METHODS
@@ -58,6 +59,13 @@ class FitConfig:
     log_with: str | None = None
     num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
     pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
+    # Method settings (engine/baselines.py MethodSettings has the defaults and where they come from).
+    gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
+    rank: int = 8  # lora
+    lora_alpha: float | None = None  # lora; default = rank
+    lora_targets: str | None = None  # lora; default "qkv,proj"
+    adapter_dim: int = 64  # adapter-parallel, adapter-sequential
+    prompt_tokens: int = 8  # vpt-deep
     image_column: str | None = None  # a dataset's image column (default: its first Image feature)
     label_column: str | None = None  # a dataset's label column (default: its first ClassLabel feature)
     class_balance: bool = False  # draw every class equally often, whatever its image count
@@ -75,6 +83,11 @@ class FitConfig:
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings(gamma_placement=self.gamma_placement, rank=self.rank, lora_alpha=self.lora_alpha,
+                              lora_targets=parse_lora_targets(self.lora_targets), adapter_dim=self.adapter_dim,
+                              prompt_tokens=self.prompt_tokens).validate()
 
     def out_dir(self) -> Path:
         return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)

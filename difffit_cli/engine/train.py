@@ -201,7 +201,9 @@ def _prepare_trainable_state(run: Run) -> None:
     """Freeze and unfreeze as the method says; optimizer and EMA over the trained tensors only."""
     config, model = run.config, run.base.model
     gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth) if config.method == "difffit" else None
-    prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes)
+    torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
+    prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
+                  settings=config.method_settings())
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     if run.autocast_dtype is not None:
         cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
@@ -396,7 +398,8 @@ def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.s
         return None
     path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
-    meta = make_meta(run.base, model, run.config.method, new_class_table=run.new_classes,
+    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings(),
+                     new_class_table=run.new_classes,
                      class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
     with swapped_in(run.params, run.ema):
         save_adapter(path, model, run.base_state, meta, run.config.adapter_dtype)
