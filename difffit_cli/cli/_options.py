@@ -33,6 +33,16 @@ NumHeads = Annotated[int | None, typer.Option(
     help="Attention heads, for a base of non-standard width that does not record them.", show_default=False)]
 GammaBlocks = Annotated[str | None, typer.Option(
     help="Blocks with scale factors: half (default), all, none or ranges like 0-5,20.", show_default=False)]
+GammaPlacement = Annotated[str, typer.Option(
+    help="difffit: scale factors on each branch (the paper's), or branch+attn (also on qkv and proj).")]
+Rank = Annotated[int, typer.Option(help="lora: the rank (the paper's LoRA-R8 and -R16).")]
+LoraAlpha = Annotated[float | None, typer.Option(help="lora: the scale alpha (default: the rank).",
+                                                  show_default=False)]
+LoraTargets = Annotated[str | None, typer.Option(
+    help="lora: comma-separated layers among qkv, proj, fc1, fc2, adaLN, final (default: qkv,proj).",
+    show_default=False)]
+AdapterDim = Annotated[int, typer.Option(help="adapter-parallel / adapter-sequential: the bottleneck width.")]
+PromptTokens = Annotated[int, typer.Option(help="vpt-deep: learned prompt tokens per block.")]
 
 # -- sampling (sample, eval-fid) ------------------------------------------------------------------
 
@@ -54,7 +64,8 @@ Data = Annotated[str | None, typer.Argument(
     help="Image folder: one sub-folder per class, or flat (one class).", show_default=False)]
 FitBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
-Method = Annotated[str, typer.Option(help="difffit, bitfit or full.")]
+Method = Annotated[str, typer.Option(
+    help="difffit, bitfit, full, lora, adapter-parallel, adapter-sequential or vpt-deep.")]
 Recipe = Annotated[str | None, typer.Option(
     help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")]
 FitOut = Annotated[str | None, typer.Option("--out", help="Output folder (default: runs/<data>-<method>).")]
@@ -94,4 +105,5 @@ EvalNumImages = Annotated[int | None, typer.Option(
     "or N samples from a model (default 50,000).", show_default=False)]
 EvalBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per Inception (and sampling) batch.")]
 MethodToDescribe = Annotated[str | None, typer.Option(
-    "--method", help="Show what this method would train: difffit, bitfit, full.", show_default=False)]
+    "--method", help="Show what this method would train (any fit --method), next to the paper's count.",
+    show_default=False)]
