@@ -65,7 +65,7 @@ Data = Annotated[str | None, typer.Argument(
 FitBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
 Method = Annotated[str, typer.Option(
-    help="difffit, bitfit, full, lora, adapter-parallel, adapter-sequential or vpt-deep.")]
+    help="difffit, bitfit, full, lora, adapter-parallel, adapter-sequential or vpt-deep (README: Methods).")]
 Recipe = Annotated[str | None, typer.Option(
     help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")]
 FitOut = Annotated[str | None, typer.Option("--out", help="Output folder (default: runs/<data>-<method>).")]

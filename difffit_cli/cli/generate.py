@@ -77,7 +77,8 @@ def merge(
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder")
+        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder; "
+        "peft: a LoRA adapter folder for peft.PeftModel.from_pretrained")
     ] = "original",
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
@@ -96,6 +97,8 @@ def merge(
     difffit sample food.safetensors -n 16   [dim]# the merged file is a base[/dim]
 
     difffit merge runs/food/adapter.safetensors --format diffusers --out food-pipeline/
+
+    difffit merge runs/food-lora/adapter.safetensors --format peft --out food-lora-peft/
 
     difffit merge runs/food/adapter.safetensors --out food.safetensors --overwrite   [dim]# replace it[/dim]
     """
