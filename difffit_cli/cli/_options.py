@@ -74,7 +74,9 @@ FitBatchSize = Annotated[int, typer.Option(
     "--batch-size", help="Global batch per step (split over GPUs, --grad-accum).")]
 LearningRate = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 1e-3; 1e-4 for full).")]
 FitSeed = Annotated[int, typer.Option("--seed", help="Seed of data order, noise and label dropout.")]
-FitPrecision = Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16.")]
+FitPrecision = Annotated[str, typer.Option(
+    "--mixed-precision", help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16, or fp8 (frozen matrices in float8; "
+    "FP8 GPUs such as the H100).")]
 SaveEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")]
 SampleEvery = Annotated[int, typer.Option(help="Preview grid every N steps and at step 0 (0: no).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the newest checkpoint in --out.")]
@@ -85,7 +87,8 @@ CacheLatents = Annotated[bool, typer.Option(
 CacheDir = Annotated[str | None, typer.Option(help="Latent cache folder (default: <user cache>/latents).")]
 GradCheckpointing = Annotated[bool, typer.Option(
     "--grad-checkpointing", help="Recompute activations: less memory, slower.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+Compile = Annotated[str, typer.Option(
+    help="torch.compile each DiT block: auto (on CUDA), on or off. Fixed shapes, so it compiles once.")]
 Keep = Annotated[int, typer.Option(help="Checkpoints to keep (the newest).")]
 LogEvery = Annotated[int, typer.Option(help="Write log.jsonl every N steps.")]
 Warmup = Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")]

@@ -109,7 +109,7 @@ def fit(
     cache_latents: opt.CacheLatents = True,
     cache_dir: opt.CacheDir = None,
     grad_checkpointing: opt.GradCheckpointing = False,
-    compile: opt.Compile = False,
+    compile: opt.Compile = "auto",
     keep: opt.Keep = 2,
     log_every: opt.LogEvery = 1,
     warmup: opt.Warmup = 0,

@@ -12,9 +12,10 @@ from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods import METHODS
 from difffit_cli.engine.resolution import PE_MODES
+from difffit_cli.engine.speed import COMPILE_CHOICES
 from difffit_cli.engine.trackers import check_log_with
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "val_loss")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
@@ -50,7 +51,7 @@ class FitConfig:
     cache_latents: bool = True
     cache_dir: str | None = None
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: str = "auto"  # auto (on for CUDA), on or off: torch.compile of each DiT block
     keep: int = 2
     log_every: int = 1
     warmup: int = 0
@@ -98,6 +99,7 @@ class FitConfig:
         _choice("--device", self.device, DEVICES, prefix_ok="cuda:")
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
         _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        _choice("--compile", self.compile, COMPILE_CHOICES)
         if self.pos_embed is not None:
             _choice("--pe", self.pos_embed, PE_MODES)
         if self.data is None:
