@@ -25,6 +25,7 @@ def sample(
     batch_size: opt.SamplingBatchSize = 16,
     mixed_precision: opt.SamplingPrecision = "no",
     device: opt.Device = "auto",
+    compile: opt.Compile = "auto",
     out: opt.SampleOut = None,
     npz: Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")] = False,
     force_base: opt.ForceBase = False,
@@ -59,7 +60,8 @@ def sample(
     from difffit_cli.engine.sources import sample_sources
 
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
-                              seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
+                              seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
+                              compile=compile)
     summary = sample_sources(sources, n, options, out=out, classes=classes, base=base, vae=vae,
                              force_base=force_base, npz=npz, overwrite=overwrite)
     if not is_main_process():
