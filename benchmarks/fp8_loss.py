@@ -27,7 +27,8 @@ from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_ge
 def train(args: argparse.Namespace, precision: str, device: torch.device) -> list[float]:
     """Per-window mean losses (windows of `--log-every` steps) of one run."""
     torch.manual_seed(0)
-    model = DiT(config_for(args.config, input_size=args.latent, num_classes=1000))
+    with torch.device(device):  # initialised where it runs: 675M values init in seconds on a GPU
+        model = DiT(config_for(args.config, input_size=args.latent, num_classes=1000))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed" and not p.any():

@@ -44,6 +44,7 @@ run_stage() {  # run_stage NAME TIMEOUT COMMAND...: stdout (one JSON object) -> 
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
   local rc=$?
+  echo $rc > "$OUT/$name.rc"
   tail -n 30 "$OUT/$name.json"
   [ $rc -eq 0 ] || { echo "!! $name exited with $rc"; tail -n 15 "$OUT/$name.log"; }
   echo "-- $name: $((SECONDS - start)) s"
@@ -86,13 +87,16 @@ env = environment("cuda" if torch.cuda.is_available() else "cpu")
 path = out / f"{result_name(env)}.json"
 # A second call on the same day (the rest of the stages) adds to the first call's file.
 merged = json.loads(path.read_text()) if path.exists() else {"environment": env, "stages": {}, "failed": []}
-merged["failed"] = [s for s in merged["failed"] if s not in stages]
+merged["failed"] = [s for s in merged["failed"] if s.split()[0] not in stages]
 for stage in stages:
     text = (out / f"{stage}.json").read_text() if (out / f"{stage}.json").exists() else ""
+    rc = (out / f"{stage}.rc").read_text().strip() if (out / f"{stage}.rc").exists() else "missing"
     try:
-        merged["stages"][stage] = json.loads(text) if stage != "tests" else text.strip().splitlines()[-1:]
-    except (json.JSONDecodeError, IndexError):
-        merged["failed"].append(stage)
+        merged["stages"][stage] = json.loads(text) if stage != "tests" else text.strip().splitlines()
+    except json.JSONDecodeError:
+        rc = rc if rc != "0" else "no JSON"
+    if rc != "0":
+        merged["failed"].append(f"{stage} (exit {rc})")
 path.write_text(json.dumps(merged, indent=1))
 print(f"wrote {path}; failed stages: {merged['failed'] or 'none'}")
 EOF
