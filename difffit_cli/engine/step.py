@@ -10,6 +10,7 @@ first, so a checkpoint never follows an undetected NaN).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -70,3 +71,29 @@ class LossMeter:
         self._sums.zero_()
         self._steps = 0
         return out
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], step: int, decay: float) -> None:
+    """One foreach lerp of the EMA over the trained tensors only; the decay warms up as (1+s)/(10+s)."""
+    if ema:
+        decay = min(decay, (1 + step) / (10 + step))  # short runs would otherwise keep the initial values
+        torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in params.values()], 1 - decay)
+
+
+@contextlib.contextmanager
+def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
+    """Temporarily put `values` (the EMA) into `params`."""
+    if not values:
+        yield
+        return
+    live = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(live[name])

@@ -34,7 +34,7 @@ from difffit_cli.engine.checkpoints import (
     truncate_log,
 )
 from difffit_cli.engine.config import FitConfig, FitResult
-from difffit_cli.engine.data import ImageFolder, require_images
+from difffit_cli.engine.data import ImageFolder, report_skipped, require_images
 from difffit_cli.engine.devices import AUTOCAST_DTYPES, make_accelerator, tf32_matmuls
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
@@ -56,8 +56,14 @@ from difffit_cli.engine.resolution import move_to_resolution
 from difffit_cli.engine.sample import SamplingOptions, generate
 from difffit_cli.engine.sample_folder import save_grid
 from difffit_cli.engine.signals import StopFlag
-from difffit_cli.engine.speed import compile_blocks, make_optimizer, resolve_compile
-from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_generator
+from difffit_cli.engine.speed import (
+    attention_backend,
+    choose_attention_backend,
+    compile_blocks,
+    make_optimizer,
+    resolve_compile,
+)
+from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_generator, swapped_in, update_ema
 from difffit_cli.engine.trackers import log_preview
 from difffit_cli.engine.validation import Validation, split_validation
 
@@ -187,7 +193,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
         run.accelerator.wait_for_everyone()
     run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
     if run.main:
-        _report_skipped(folder.skipped, len(run.folder.files))
+        report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
     run.folder = folder
     run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
@@ -210,8 +216,9 @@ def _prepare_trainable_state(run: Run) -> None:
     device = run.accelerator.device
     if run.autocast_dtype is not None:
         cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
-    if run.precision == "fp8":
-        quantize_frozen_linears(model)  # block Linears: forward and input gradient in float8, no weight gradient
+    if run.precision == "fp8" and not quantize_frozen_linears(model):  # forward and input gradient in float8
+        raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
+                           "speed up.", hint="Use --mixed-precision bf16.")
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.to(device).train()
     if resolve_compile(config.compile, device):
@@ -286,8 +293,11 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     t_first, step_log = None, step  # rates ignore the slow first step
     bar = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"), enabled=progress)
     log = (run.out_dir / "log.jsonl").open("a") if run.main else None
+    cfg = run.base.config  # flash or cuDNN attention, whichever measures faster here (CUDA; None on the CPU)
+    backend = choose_attention_backend(device, batch=per_process, heads=cfg.num_heads, head_dim=cfg.hidden_size //
+                                       cfg.num_heads, tokens=(cfg.input_size // cfg.patch_size) ** 2)
     try:
-        with bar, StopFlag() as stop, log or contextlib.nullcontext():
+        with bar, StopFlag() as stop, log or contextlib.nullcontext(), attention_backend(backend):
             task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
             while step < config.steps:
                 torch.manual_seed(step_seed(config.seed, step, rank, 1))  # the label dropout's RNG
@@ -308,7 +318,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                _update_ema(run, step)
+                update_ema(run.ema, run.params, step, run.config.ema_decay)
                 step += 1
                 now = time.perf_counter()
                 t_first = t_first or now
@@ -366,14 +376,6 @@ def _denoiser(forward, y: torch.Tensor, autocast_dtype: torch.dtype | None):
     return denoise
 
 
-@torch.no_grad()
-def _update_ema(run: Run, step: int) -> None:
-    if run.ema:
-        decay = min(run.config.ema_decay, (1 + step) / (10 + step))  # warm-up for short runs
-        trained = [p.detach().float() for p in run.params.values()]
-        torch._foreach_lerp_(list(run.ema.values()), trained, 1 - decay)
-
-
 # -- outputs ----------------------------------------------------------------------------------------
 
 
@@ -414,28 +416,3 @@ def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.s
     with swapped_in(run.params, run.ema):
         save_adapter(path, model, run.base_state, meta, run.config.adapter_dtype)
     return path
-
-
-def _report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
-    for path, reason in skipped:
-        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
-    if skipped:
-        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")
-
-
-@contextlib.contextmanager
-def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
-    """Temporarily put `values` (the EMA) into `params`."""
-    if not values:
-        yield
-        return
-    live = {name: p.detach().clone() for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(values[name])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(live[name])
