@@ -1,57 +1,46 @@
-"""Forward+backward time of our DiT against diffusers' DiTTransformer2DModel on the same weights.
+"""Forward+backward time of our DiT against diffusers' DiTTransformer2DModel on the same weights,
+interleaved over repeats.
 
     python benchmarks/dit_forward.py                # CPU, DiT-S/2, latent 32, batch 8, fp32
-    python benchmarks/dit_forward.py --device cuda --config DiT-XL/2 --batch 32
+    python benchmarks/dit_forward.py --device cuda --config DiT-XL/2 --batch 32 --precision bf16 --compile on
 
-Prints one JSON object: median seconds per step for each, and ratio = ours / diffusers (goal <= 1.0).
-Both models run in eval mode (no label dropout) with gradients on, so they do identical work;
-`max_abs_diff` shows how far diffusers' numerics (timestep frequencies, norm eps) sit from ours.
+Prints one JSON object: per model the median, min and max seconds per step, and ours/diffusers
+repeat by repeat (goal <= 0.8 on the GPU). Both run in eval mode (no label dropout) with gradients
+on, so they do identical work; with --compile on both are compiled block by block (same
+conditions). `max_abs_diff` shows how far diffusers' numerics (timestep frequencies, norm eps) sit
+from ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
+from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
 
-
-def time_step(model, args: tuple, repeats: int, warmup: int, sync) -> float:
-    """Median seconds of forward + backward of a mean-square loss."""
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        out = model(*args)
-        out = out if isinstance(out, torch.Tensor) else out.sample
-        out.square().mean().backward()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+from difffit_cli.engine.devices import autocast_dtype
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    small = small_mode()
     parser.add_argument("--config", default="DiT-S/2")
-    parser.add_argument("--latent", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--latent", type=int, default=8 if small else 32)
+    parser.add_argument("--batch", type=int, default=2 if small else 8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
+    parser.add_argument("--compile", default="off", choices=("off", "on"))
+    parser.add_argument("--repeats", type=int, default=3 if small else 7)
+    parser.add_argument("--warmup", type=int, default=1 if small else 2)
     args = parser.parse_args()
 
     from diffusers import DiTTransformer2DModel
 
     from difffit_cli.engine.diffusers_layout import original_to_diffusers
     from difffit_cli.engine.dit import DiT, config_for
+    from difffit_cli.engine.speed import compile_blocks
 
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = config_for(args.config, input_size=args.latent, num_classes=1000)
     torch.manual_seed(0)
     ours = DiT(config)
@@ -70,23 +59,24 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch,), device=device)
     with torch.no_grad():
         diff = (ours(x, t, y) - theirs(x, t, y).sample).abs().max().item()
-    ours_s = time_step(ours, (x, t, y), args.repeats, args.warmup, sync)
-    theirs_s = time_step(theirs, (x, t, y), args.repeats, args.warmup, sync)
-    print(json.dumps({
-        "benchmark": "dit_forward_backward",
-        "config": config.name,
-        "latent": args.latent,
-        "batch": args.batch,
-        "dtype": "float32",
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "ours_s": round(ours_s, 4),
-        "diffusers_s": round(theirs_s, 4),
-        "ratio": round(ours_s / theirs_s, 3),
-        "max_abs_diff": diff,
-        "torch": torch.__version__,
-    }))
+    if args.compile == "on":
+        compile_blocks(ours)
+        compile_blocks(theirs, blocks="transformer_blocks")
+    dtype = autocast_dtype(args.precision)
+
+    def step(model) -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x, t, y)
+        out = out if isinstance(out, torch.Tensor) else out.sample
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    times = interleave({"ours": timer(lambda: step(ours), device), "diffusers": timer(lambda: step(theirs), device)},
+                       args.repeats, warmup=args.warmup)
+    emit({"benchmark": "dit_forward_backward", **environment(device), "config": config.name, "latent": args.latent,
+          "batch": args.batch, "precision": args.precision, "compile": args.compile, "repeats": args.repeats,
+          "ours_s": spread(times["ours"]), "diffusers_s": spread(times["diffusers"]),
+          "ours/diffusers": paired_ratio(times["ours"], times["diffusers"]), "max_abs_diff": diff})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""eval-fid speed: our Inception feature extraction against torch-fidelity's own pipeline, and the
-time of a repeat evaluation whose reference statistics come from the cache. Prints one JSON object.
+"""eval-fid speed: our Inception feature extraction against torch-fidelity's own pipeline (interleaved
+over repeats: median, min, max), and the time of a repeat evaluation whose reference statistics come
+from the cache. Prints one JSON object.
 
 Random Inception weights (same network, no download), so the FID values themselves mean nothing.
 
@@ -9,7 +10,6 @@ Random Inception weights (same network, no download), so the FID values themselv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import emit, environment, interleave, paired_ratio, small_mode, spread
 from PIL import Image
 
 from difffit_cli.engine import image_sets, inception, metrics
@@ -26,10 +27,12 @@ from difffit_cli.testing import random_inception_weights
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=200)
+    small = small_mode()
+    parser.add_argument("--num-images", type=int, default=20 if small else 200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=2 if small else 5)
     args = parser.parse_args()
     device = resolve_device(args.device)
 
@@ -44,8 +47,9 @@ def main() -> None:
             image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
             Image.fromarray(image).save(folder / f"{i:06d}.png")
 
-        theirs = torch_fidelity_images_per_s(folder, weights, device, args.batch_size)
-        ours = our_images_per_s(folder, weights, device, args.batch_size)
+        ours, theirs = our_extraction(folder, weights, device, args.batch_size), \
+            torch_fidelity_extraction(folder, weights, device, args.batch_size)
+        times = interleave({"ours": ours, "torch_fidelity": theirs}, args.repeats, warmup=0)
 
         def evaluate() -> float:
             start = time.perf_counter()
@@ -55,26 +59,30 @@ def main() -> None:
 
         cold, repeat = evaluate(), evaluate()
 
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "num_images": args.num_images, "size": args.size, "batch_size": args.batch_size,
-        "ours_images_per_s": round(ours, 2), "torch_fidelity_images_per_s": round(theirs, 2),
-        "speedup": round(ours / theirs, 3), "goal_speedup": 1.0,
-        "fid_cold_s": round(cold, 2), "fid_repeat_cached_reference_s": round(repeat, 2),
-    }, indent=2))
+    emit({"benchmark": "fid_features", **environment(device), "num_images": args.num_images, "size": args.size,
+          "batch_size": args.batch_size, "repeats": args.repeats,
+          "ours_images_per_s": spread([args.num_images / t for t in times["ours"]], 2),
+          "torch_fidelity_images_per_s": spread([args.num_images / t for t in times["torch_fidelity"]], 2),
+          "speedup": paired_ratio(times["torch_fidelity"], times["ours"]), "goal_speedup": 1.2,
+          "fid_cold_s": round(cold, 2), "fid_repeat_cached_reference_s": round(repeat, 2)})
 
 
-def our_images_per_s(folder: Path, weights: Path, device: torch.device, batch_size: int) -> float:
+def our_extraction(folder: Path, weights: Path, device: torch.device, batch_size: int):
+    """A callable: one timed pass of our extractor over the folder (built and warmed up once)."""
     extractor = inception.InceptionFeatures(weights, device)
     extractor(np.zeros((2, 64, 64, 3), np.uint8))  # warm-up (kernel selection, lazy init)
-    images = image_sets.FolderImages(folder)
-    start = _sync(device)
-    inception.extract_features(images, extractor, batch_size=batch_size, description="ours", progress=False)
-    return images.count / (_sync(device) - start)
+
+    def run() -> float:
+        start = _sync(device)
+        inception.extract_features(image_sets.FolderImages(folder), extractor, batch_size=batch_size,
+                                 description="ours", progress=False)
+        return _sync(device) - start
+
+    return run
 
 
-def torch_fidelity_images_per_s(folder: Path, weights: Path, device: torch.device, batch_size: int) -> float:
-    """torch-fidelity's calculate_metrics path: its folder dataset, DataLoader workers, batching."""
+def torch_fidelity_extraction(folder: Path, weights: Path, device: torch.device, batch_size: int):
+    """The same for torch-fidelity's calculate_metrics path: its folder dataset, DataLoader workers, batching."""
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
     cuda = device.type == "cuda"
@@ -82,9 +90,13 @@ def torch_fidelity_images_per_s(folder: Path, weights: Path, device: torch.devic
                "feature_extractor_weights_path": str(weights)}
     extractor = create_feature_extractor(inception.FEATURE_EXTRACTOR, ["2048"], **options)
     extractor(torch.zeros((2, 3, 64, 64), dtype=torch.uint8, device=device))
-    start = _sync(device)
-    features = extract_featuresdict_from_input_id(1, extractor, **options)
-    return len(features["2048"]) / (_sync(device) - start)
+
+    def run() -> float:
+        start = _sync(device)
+        extract_featuresdict_from_input_id(1, extractor, **options)
+        return _sync(device) - start
+
+    return run
 
 
 def _sync(device: torch.device) -> float:

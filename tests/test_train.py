@@ -42,9 +42,10 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls_on_learnable_data(tmp_path, conf):
-    result = fit(conf(steps=40, batch_size=8, lr=1e-2, ema=False), progress=False)
+    # 60 steps: at 40, how far the loss falls depends on the draws (0.57x-0.61x of the start measured).
+    result = fit(conf(steps=60, batch_size=8, lr=1e-2, ema=False), progress=False)
     losses = [json.loads(line)["loss"] for line in (result.out_dir / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 40
+    assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     record = json.loads((result.out_dir / "log.jsonl").read_text().splitlines()[-1])
     assert set(record) >= {"step", "loss", "mse", "vb", "lr", "img_per_s", "elapsed_s"}
@@ -202,7 +203,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, conf, monkeypatch):
         return out
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
-    with pytest.raises(DiffFitError, match="nan at step 4.*step 2 is kept"):
+    with pytest.raises(DiffFitError, match=r"nan within the 1 step\(s\) before step 4.*step 2 is kept"):
         fit(conf(steps=10, save_every=2), progress=False)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
 

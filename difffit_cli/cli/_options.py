@@ -33,6 +33,16 @@ NumHeads = Annotated[int | None, typer.Option(
     help="Attention heads, for a base of non-standard width that does not record them.", show_default=False)]
 GammaBlocks = Annotated[str | None, typer.Option(
     help="Blocks with scale factors: half (default), all, none or ranges like 0-5,20.", show_default=False)]
+GammaPlacement = Annotated[str, typer.Option(
+    help="difffit: scale factors on each branch (the paper's), or branch+attn (also on qkv and proj).")]
+Rank = Annotated[int, typer.Option(help="lora: the rank (the paper's LoRA-R8 and -R16).")]
+LoraAlpha = Annotated[float | None, typer.Option(help="lora: the scale alpha (default: the rank).",
+                                                  show_default=False)]
+LoraTargets = Annotated[str | None, typer.Option(
+    help="lora: comma-separated layers among qkv, proj, fc1, fc2, adaLN, final (default: qkv,proj).",
+    show_default=False)]
+AdapterDim = Annotated[int, typer.Option(help="adapter-parallel / adapter-sequential: the bottleneck width.")]
+PromptTokens = Annotated[int, typer.Option(help="vpt-deep: learned prompt tokens per block.")]
 
 # -- sampling (sample, eval-fid) ------------------------------------------------------------------
 
@@ -55,7 +65,8 @@ Data = Annotated[str | None, typer.Argument(
     "a save_to_disk folder or parquet files.", show_default=False)]
 FitBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
-Method = Annotated[str, typer.Option(help="difffit, bitfit or full.")]
+Method = Annotated[str, typer.Option(
+    help="difffit, bitfit, full, lora, adapter-parallel, adapter-sequential or vpt-deep (README: Methods).")]
 Recipe = Annotated[str | None, typer.Option(
     help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")]
 FitOut = Annotated[str | None, typer.Option("--out", help="Output folder (default: runs/<data>-<method>).")]
@@ -64,7 +75,9 @@ FitBatchSize = Annotated[int, typer.Option(
     "--batch-size", help="Global batch per step (split over GPUs, --grad-accum).")]
 LearningRate = Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 1e-3; 1e-4 for full).")]
 FitSeed = Annotated[int, typer.Option("--seed", help="Seed of data order, noise and label dropout.")]
-FitPrecision = Annotated[str, typer.Option("--mixed-precision", help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16.")]
+FitPrecision = Annotated[str, typer.Option(
+    "--mixed-precision", help="auto (bf16 on CUDA, no on CPU), no, fp16, bf16, or fp8 (frozen matrices in float8; "
+    "FP8 GPUs such as the H100).")]
 SaveEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")]
 SampleEvery = Annotated[int, typer.Option(help="Preview grid every N steps and at step 0 (0: no).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the newest checkpoint in --out.")]
@@ -75,7 +88,8 @@ CacheLatents = Annotated[bool, typer.Option(
 CacheDir = Annotated[str | None, typer.Option(help="Latent cache folder (default: <user cache>/latents).")]
 GradCheckpointing = Annotated[bool, typer.Option(
     "--grad-checkpointing", help="Recompute activations: less memory, slower.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+Compile = Annotated[str, typer.Option(
+    help="torch.compile each DiT block: auto (on CUDA), on or off. Fixed shapes, so it compiles once.")]
 Keep = Annotated[int, typer.Option(help="Checkpoints to keep (the newest).")]
 LogEvery = Annotated[int, typer.Option(help="Write log.jsonl every N steps.")]
 Warmup = Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")]
@@ -120,4 +134,5 @@ EvalNumImages = Annotated[int | None, typer.Option(
     "or N samples from a model (default 50,000).", show_default=False)]
 EvalBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per Inception (and sampling) batch.")]
 MethodToDescribe = Annotated[str | None, typer.Option(
-    "--method", help="Show what this method would train: difffit, bitfit, full.", show_default=False)]
+    "--method", help="Show what this method would train (any fit --method), next to the paper's count.",
+    show_default=False)]

@@ -25,6 +25,7 @@ def sample(
     batch_size: opt.SamplingBatchSize = 16,
     mixed_precision: opt.SamplingPrecision = "no",
     device: opt.Device = "auto",
+    compile: opt.Compile = "auto",
     out: opt.SampleOut = None,
     npz: Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")] = False,
     force_base: opt.ForceBase = False,
@@ -59,7 +60,8 @@ def sample(
     from difffit_cli.engine.sources import sample_sources
 
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
-                              seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
+                              seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
+                              compile=compile)
     summary = sample_sources(sources, n, options, out=out, classes=classes, base=base, vae=vae,
                              force_base=force_base, npz=npz, overwrite=overwrite)
     if not is_main_process():
@@ -77,7 +79,8 @@ def merge(
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder")
+        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder; "
+        "peft: a LoRA adapter folder for peft.PeftModel.from_pretrained")
     ] = "original",
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
@@ -96,6 +99,8 @@ def merge(
     difffit sample food.safetensors -n 16   [dim]# the merged file is a base[/dim]
 
     difffit merge runs/food/adapter.safetensors --format diffusers --out food-pipeline/
+
+    difffit merge runs/food-lora/adapter.safetensors --format peft --out food-lora-peft/
 
     difffit merge runs/food/adapter.safetensors --out food.safetensors --overwrite   [dim]# replace it[/dim]
     """

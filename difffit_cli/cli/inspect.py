@@ -18,6 +18,12 @@ def info(
     num_classes: Annotated[int | None, typer.Option(
         "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
     gamma_blocks: opt.GammaBlocks = None,
+    gamma_placement: opt.GammaPlacement = "branch",
+    rank: opt.Rank = 8,
+    lora_alpha: opt.LoraAlpha = None,
+    lora_targets: opt.LoraTargets = None,
+    adapter_dim: opt.AdapterDim = 64,
+    prompt_tokens: opt.PromptTokens = 8,
     base: opt.AdapterBase = None,
     resolution: opt.Resolution = None,
     num_heads: opt.NumHeads = None,
@@ -31,12 +37,18 @@ def info(
 
     difffit info random:DiT-XL/2 --method difffit --num-classes 101
 
+    difffit info random:DiT-XL/2 --method lora --rank 16 --num-classes 101   [dim]# next to the paper's count[/dim]
+
     difffit info runs/food/adapter.safetensors --json
     """
+    from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
     from difffit_cli.engine.sources import describe_source
 
+    settings = MethodSettings(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
+                              lora_targets=parse_lora_targets(lora_targets), adapter_dim=adapter_dim,
+                              prompt_tokens=prompt_tokens).validate()
     report = describe_source(source, method=method, num_classes=num_classes, gamma_blocks=gamma_blocks,
-                             base=base, resolution=resolution, num_heads=num_heads)
+                             settings=settings, base=base, resolution=resolution, num_heads=num_heads)
     if as_json:
         emit_json(report)
     else:

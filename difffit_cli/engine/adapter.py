@@ -1,13 +1,14 @@
 """The adapter file: the trained tensors of a DiffFit run plus JSON metadata, in one .safetensors.
 
 Storage: an fp16 adapter (the default) stores each tensor as its difference from the base (gamma
-as gamma - 1, whose base value is 1), so fp16 rounding is relative to the change, not the weight,
-and an untouched tensor is stored as exact zeros and reproduces the base bit for bit. An fp32
-adapter stores the trained values as they are, so applying it reproduces the trained model exactly.
-A new class table (its shape differs from the base's) is always stored as values.
+as gamma - 1, whose base value is 1; the tensors LoRA, adapters and prompts add as they are), so
+fp16 rounding is relative to the change, not the weight, and an untouched tensor is stored as
+exact zeros and reproduces the base bit for bit. An fp32 adapter stores the trained values as they
+are, so applying it reproduces the trained model exactly. A new class table (its shape differs
+from the base's) is always stored as values.
 
-Which tensors a file must hold follows from its metadata (method, gamma blocks, class table), so
-a missing or extra tensor is caught on read, before anything touches a model.
+Which tensors a file must hold follows from its metadata (method, its settings, gamma blocks, class
+table), so a missing or extra tensor is caught on read, before anything touches a model.
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ import torch
 from torch import nn
 
 from difffit_cli import __version__
+from difffit_cli.engine.baselines import MethodSettings, add_method_modules
 from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
-from difffit_cli.engine.methods import CLASS_TABLE, describe_method, prepare_model, trainable_parameters
+from difffit_cli.engine.methods import (
+    CLASS_TABLE,
+    added_reference,
+    describe_method,
+    prepare_model,
+    trainable_parameters,
+)
 from difffit_cli.engine.resolution import set_resolution
 
 if TYPE_CHECKING:
@@ -55,6 +63,7 @@ class AdapterMeta:
     class_names: list[str] | None = None
     pos_embed: str = "standard"  # "standard", or upscale-res's "trick" / "plain"
     training: dict = field(default_factory=dict)  # steps, batch_size, lr, seed, last_loss, ...
+    settings: dict = field(default_factory=dict)  # the method's settings (MethodSettings.for_method)
     storage: str = "delta"  # "delta" (fp16 default) or "values" (fp32); set by save_adapter
     dtype: str = "fp16"
     difffit_version: str = __version__
@@ -89,6 +98,10 @@ class AdapterMeta:
     def pos_embed_scale(self) -> float:
         return self.config["pos_embed_scale"]
 
+    @property
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings.from_dict(self.settings)
+
     def to_dict(self) -> dict:
         """The stored fields plus the derived ones (architecture, resolution, ...) for readers and --json."""
         out = dataclasses.asdict(self)
@@ -98,8 +111,8 @@ class AdapterMeta:
 
 
 def make_meta(base: Base, model: DiT, method: str, *, new_class_table: bool, class_names=None,
-              training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | None = None
-              ) -> AdapterMeta:
+              training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | None = None,
+              settings: MethodSettings | None = None) -> AdapterMeta:
     """Metadata for `model`, prepared by `prepare_model` from `base`. Pass `base_config` when the base's
     model was changed in place since loading (upscale-res moves it to a new resolution)."""
     return AdapterMeta(
@@ -115,6 +128,7 @@ def make_meta(base: Base, model: DiT, method: str, *, new_class_table: bool, cla
         class_names=list(class_names) if class_names is not None else None,
         pos_embed=pos_embed,
         training=dict(training or {}),
+        settings=(settings or MethodSettings()).for_method(method),
     )
 
 
@@ -122,7 +136,8 @@ def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
     """The tensors an adapter with this metadata holds, from a meta-device model (no memory)."""
     with torch.device("meta"):
         model = DiT(DiTConfig(**meta.base_config))
-    prepare_model(model, meta.method, meta.gamma_blocks, meta.num_classes, new_classes=meta.new_class_table)
+        prepare_model(model, meta.method, meta.gamma_blocks, meta.num_classes, new_classes=meta.new_class_table,
+                      settings=meta.method_settings)
     return {name: p.shape for name, p in trainable_parameters(model).items()}
 
 
@@ -156,9 +171,10 @@ def save_adapter(path, model: DiT, base_state: dict[str, torch.Tensor], meta: Ad
 
 def _reference(name: str, base_state: dict[str, torch.Tensor], shape: torch.Size, meta: AdapterMeta
                ) -> torch.Tensor:
-    """What a delta is measured from: 1 for gamma, the base's tensor, or 0 for a new class table."""
-    if ".gamma_" in name:
-        return torch.ones(shape)
+    """What a delta is measured from: an added tensor's base value (1 for gamma, else 0), the base's
+    tensor, or 0 for a new class table."""
+    if (added := added_reference(name)) is not None:
+        return torch.full(shape, added)
     if name == CLASS_TABLE and meta.new_class_table:
         return torch.zeros(shape)
     return base_state[name].detach().float().cpu()
@@ -198,10 +214,7 @@ def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, tor
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    refuse_run_folder(path)
-    if not path.is_file():
-        raise DiffFitError(f"Adapter file {path} does not exist.")
-    meta = _parse_meta(path, _header_metadata(path))
+    meta = read_adapter_meta(path)
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -238,6 +251,15 @@ def refuse_run_folder(path: str | Path) -> None:
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors holding NaN or inf."""
     return sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
+
+
+def read_adapter_meta(path) -> AdapterMeta:
+    """An adapter's metadata, from the file header only (no tensors read)."""
+    path = Path(path)
+    refuse_run_folder(path)
+    if not path.is_file():
+        raise DiffFitError(f"Adapter file {path} does not exist.")
+    return _parse_meta(path, _header_metadata(path))
 
 
 def _parse_meta(path: Path, header: dict | None) -> AdapterMeta:
@@ -281,13 +303,15 @@ class AdapterSwapper:
     """Apply adapters to one loaded base and take them off again, in milliseconds.
 
     `apply` replaces the touched Parameter objects (and pos_embed, the class table, gamma) with new
-    ones and keeps the originals; `restore` puts the originals back, so the base is bit-identical
-    afterwards and nothing of the base is ever copied.
+    ones, adds the modules its method adds (LoRA layers, adapters, prompts) and keeps every original;
+    `restore` puts the originals back, so the base is bit-identical afterwards, whatever the method,
+    and nothing of the base is ever copied.
     """
 
     def __init__(self, base: Base):
         self.model: DiT = base.model
         self._saved: list[tuple[nn.Module, str, object]] = []
+        self._flags: list[tuple[nn.Parameter, bool]] = []
 
     def _set(self, owner: object, name: str, value: object) -> None:
         self._saved.append((owner, name, getattr(owner, name)))
@@ -317,6 +341,10 @@ class AdapterSwapper:
                 model.y_embedder.num_classes = meta.num_classes
                 table.num_embeddings = meta.num_classes + 1
                 model.config = dataclasses.replace(model.config, num_classes=meta.num_classes)
+            # peft marks the base's parameters frozen when it injects LoRA: remember the flags too.
+            self._flags = [(p, p.requires_grad) for p in model.parameters()]
+            with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten below
+                add_method_modules(model, meta.method, meta.method_settings, self._set)
             for name, stored in tensors.items():
                 module_name, leaf = name.rsplit(".", 1)
                 module = model.get_submodule(module_name)
@@ -330,7 +358,9 @@ class AdapterSwapper:
         """Put the base's own tensors back (a no-op when nothing is applied)."""
         for owner, name, value in reversed(self._saved):
             setattr(owner, name, value)
-        self._saved = []
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        self._saved, self._flags = [], []
 
 
 def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta: AdapterMeta) -> torch.Tensor:
@@ -338,8 +368,8 @@ def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta:
     stored = stored.float()
     if meta.storage == "values" or (name == CLASS_TABLE and meta.new_class_table):
         return stored
-    if current is None:  # gamma, stored as gamma - 1
-        return stored + 1.0
+    if (added := added_reference(name)) is not None:  # gamma is stored as gamma - 1
+        return stored + added
     if current.shape != stored.shape:
         raise DiffFitError(
             f"The adapter's {name} has shape {tuple(stored.shape)}, the base's {tuple(current.shape)}."
@@ -353,7 +383,8 @@ def describe_adapter(path) -> dict:
     """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
     tensors, meta = read_adapter(path, allow_non_finite=True)
     trained = describe_method(DiTConfig(**meta.base_config), meta.method, num_classes=meta.num_classes,
-                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table)
+                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table,
+                              settings=meta.method_settings)
     config = meta.dit_config
     return {
         "kind": "adapter",
@@ -371,6 +402,7 @@ def describe_adapter(path) -> dict:
         "pos_embed_scale": meta.pos_embed_scale,
         "fingerprint": meta.base_fingerprint,
         "method": meta.method,
+        "settings": meta.settings,
         "gamma_blocks": meta.gamma_blocks,
         "base": meta.base_spec,
         "base_fingerprint": meta.base_fingerprint,

@@ -7,13 +7,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
 from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods import METHODS
 from difffit_cli.engine.resolution import PE_MODES
+from difffit_cli.engine.speed import COMPILE_CHOICES
 from difffit_cli.engine.trackers import check_log_with
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "val_loss")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
@@ -49,7 +51,7 @@ class FitConfig:
     cache_latents: bool = True
     cache_dir: str | None = None
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: str = "auto"  # auto (on for CUDA), on or off: torch.compile of each DiT block
     keep: int = 2
     log_every: int = 1
     warmup: int = 0
@@ -58,6 +60,13 @@ class FitConfig:
     log_with: str | None = None
     num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
     pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
+    # Method settings (engine/baselines.py MethodSettings has the defaults and where they come from).
+    gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
+    rank: int = 8  # lora
+    lora_alpha: float | None = None  # lora; default = rank
+    lora_targets: str | None = None  # lora; default "qkv,proj"
+    adapter_dim: int = 64  # adapter-parallel, adapter-sequential
+    prompt_tokens: int = 8  # vpt-deep
     image_column: str | None = None  # a dataset's image column (default: its first Image feature)
     label_column: str | None = None  # a dataset's label column (default: its first ClassLabel feature)
     class_balance: bool = False  # draw every class equally often, whatever its image count
@@ -76,6 +85,11 @@ class FitConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
 
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings(gamma_placement=self.gamma_placement, rank=self.rank, lora_alpha=self.lora_alpha,
+                              lora_targets=parse_lora_targets(self.lora_targets), adapter_dim=self.adapter_dim,
+                              prompt_tokens=self.prompt_tokens).validate()
+
     def out_dir(self) -> Path:
         return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)
 
@@ -85,6 +99,7 @@ class FitConfig:
         _choice("--device", self.device, DEVICES, prefix_ok="cuda:")
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
         _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        _choice("--compile", self.compile, COMPILE_CHOICES)
         if self.pos_embed is not None:
             _choice("--pe", self.pos_embed, PE_MODES)
         if self.data is None:

@@ -270,3 +270,10 @@ def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
             start += len(batch)
             advance(len(batch))
     return bad
+
+
+def report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
+    for path, reason in skipped:
+        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+    if skipped:
+        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.fp8 import require_fp8
 
 DEVICES = ("auto", "cpu", "cuda")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8 runs the frozen block Linears in float8 (engine.fp8) and everything else under bf16 autocast.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -27,8 +29,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of --mixed-precision no / bf16 / fp16 (None for no)."""
-    if precision != "no" and precision not in AUTOCAST_DTYPES:
+    """The autocast dtype of sampling's --mixed-precision no / bf16 / fp16 (None for no); fp8 is fit's only."""
+    if precision not in ("no", "bf16", "fp16"):
         raise DiffFitError(f"--mixed-precision must be no, fp16 or bf16 (got {precision!r}).")
     return AUTOCAST_DTYPES.get(precision)
 
@@ -57,5 +59,7 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None, pr
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else ("fp16" if cuda else "no")
     if precision == "fp16" and not cuda:
         raise DiffFitError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on the CPU.")
+    if precision == "fp8":
+        require_fp8(resolve_device(device))
     accelerator = Accelerator(mixed_precision="no", cpu=not cuda, log_with=log_with, project_dir=str(project_dir))
     return accelerator, precision

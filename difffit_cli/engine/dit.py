@@ -5,8 +5,10 @@ One file, the whole model visible at once. Parameter names follow the original c
 Differences from the reference are in speed only: attention goes through
 `scaled_dot_product_attention`, and blocks can be gradient-checkpointed.
 
-DiffFit adds optional per-block scale factors (`gamma_attn`, `gamma_mlp`); they are absent
-(None) unless a method adds them, so a stock model has exactly the reference's parameters.
+Fine-tuning methods add optional parts, each absent (None) unless a method adds it, so a stock
+model has exactly the reference's parameters: DiffFit's per-block scale factors (`gamma_attn`,
+`gamma_mlp`, and `attn.gamma_qkv` / `attn.gamma_proj` for the branch+attn placement), a bottleneck
+adapter beside or after the MLP (`adapter`), and VPT-deep prompt tokens (`prompts`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def config_for(name: str, **overrides) -> DiTConfig:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _ones(n: int, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.ones(n, dtype=like.dtype, device=like.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,12 +157,20 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, hidden_size * 3)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        # Scale factors on the qkv and proj outputs (DiffFit's "branch+attn" placement).
+        self.gamma_qkv: nn.Parameter | None = None
+        self.gamma_proj: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        qkv = self.qkv(x)
+        if self.gamma_qkv is not None:
+            qkv = qkv * self.gamma_qkv
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        if self.gamma_proj is not None:
+            x = x * self.gamma_proj
+        return x
 
 
 class Mlp(nn.Module):
@@ -169,8 +183,30 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class Bottleneck(nn.Module):
+    """AdaptFormer-style adapter: down-projection, ReLU, up-projection (zero-initialised), fixed scale.
+
+    `placement` is "parallel" (it reads the MLP's input and its output is added to the MLP's) or
+    "sequential" (it reads the MLP's output and adds to it, a residual adapter after the MLP).
+    The zero up-projection makes an untrained adapter add exactly 0.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, scale: float, placement: str):
+        super().__init__()
+        self.scale, self.placement = scale, placement
+        self.down = nn.Linear(hidden_size, dim)
+        self.up = nn.Linear(dim, hidden_size)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.down(x))) * self.scale
+
+
 class DiTBlock(nn.Module):
-    """adaLN-Zero block. Optional DiffFit scale factors multiply each branch before its gated add."""
+    """adaLN-Zero block. Optional DiffFit scale factors multiply each branch before its gated add;
+    an optional adapter joins the MLP branch; optional VPT prompts join the tokens for this block only."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -181,27 +217,40 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.gamma_attn: nn.Parameter | None = None
         self.gamma_mlp: nn.Parameter | None = None
+        self.adapter: Bottleneck | None = None
+        self.prompts: nn.Parameter | None = None  # (N, hidden) VPT-deep tokens
 
-    def add_scale_factors(self) -> None:
-        """Add DiffFit's gamma (ones, so the block's output is unchanged until trained)."""
-        hidden, like = self.attn.proj.out_features, self.attn.proj.weight
-        self.gamma_attn = nn.Parameter(torch.ones(hidden, dtype=like.dtype, device=like.device))
-        self.gamma_mlp = nn.Parameter(torch.ones(hidden, dtype=like.dtype, device=like.device))
+    def add_scale_factors(self, attn: bool = False) -> None:
+        """Add DiffFit's gamma (ones, so the block's output is unchanged until trained); `attn` adds
+        the qkv and proj ones too."""
+        like = self.attn.proj.weight
+        hidden = like.shape[0]
+        self.gamma_attn, self.gamma_mlp = _ones(hidden, like), _ones(hidden, like)
+        if attn:
+            self.attn.gamma_qkv, self.attn.gamma_proj = _ones(3 * hidden, like), _ones(hidden, like)
 
     def remove_scale_factors(self) -> None:
         self.gamma_attn = None
         self.gamma_mlp = None
+        self.attn.gamma_qkv = None
+        self.attn.gamma_proj = None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.prompts is not None:  # prepended here, dropped at the end: later layers never see them
+            x = torch.cat([self.prompts.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.gamma_attn is not None:
             h = h * self.gamma_attn
         x = x + gate_msa.unsqueeze(1) * h
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        m = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        h = self.mlp(m)
+        if self.adapter is not None:
+            h = h + self.adapter(m if self.adapter.placement == "parallel" else h)
         if self.gamma_mlp is not None:
             h = h * self.gamma_mlp
-        return x + gate_mlp.unsqueeze(1) * h
+        x = x + gate_mlp.unsqueeze(1) * h
+        return x if self.prompts is None else x[:, self.prompts.shape[0]:]
 
 
 class FinalLayer(nn.Module):
@@ -305,9 +354,9 @@ class DiT(nn.Module):
 
     # -- DiffFit scale factors -----------------------------------------------------------------
 
-    def add_scale_factors(self, blocks: list[int]) -> None:
+    def add_scale_factors(self, blocks: list[int], attn: bool = False) -> None:
         for i in blocks:
-            self.blocks[i].add_scale_factors()
+            self.blocks[i].add_scale_factors(attn)
 
     @property
     def gamma_blocks(self) -> list[int]:

@@ -5,6 +5,13 @@
 - "diffusers": a DiTPipeline folder (transformer, vae, scheduler, model_index.json with id2label)
   that stock `diffusers.DiTPipeline.from_pretrained` loads. DiTPipeline hard-codes the null label as
   1000, so a model with K < 1000 classes gets a 1001-row table: rows K..999 repeat the null row.
+- "peft" (LoRA adapters only): a peft folder (adapter_model.safetensors, adapter_config.json) that
+  `peft.PeftModel.from_pretrained(dit, folder)` loads onto difffit's DiT; a new class table rides
+  along as a peft `modules_to_save` entry, so `dit` must have the adapter's class count
+  (`methods.resize_class_table(dit, K)`).
+
+LoRA folds into the weights (W + (alpha / r) B A) and gamma does; adapters and VPT prompts add
+computation no weight can absorb, so their adapters are refused here: sample from them instead.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.adapter import AdapterMeta, is_adapter_file, read_adapter
+from difffit_cli.engine.adapter import AdapterMeta, read_adapter_meta
+from difffit_cli.engine.baselines import fold_lora, lora_config
 from difffit_cli.engine.diffusers_layout import original_to_diffusers
 from difffit_cli.engine.dit import DiT
 from difffit_cli.engine.errors import DiffFitError
@@ -26,35 +34,44 @@ from difffit_cli.engine.formats import (
     METADATA_VAE,
 )
 from difffit_cli.engine.io import atomic_path, check_output
-from difffit_cli.engine.methods import CLASS_TABLE, fold_scale_factors
+from difffit_cli.engine.methods import CLASS_TABLE, FOLDABLE, fold_scale_factors
 from difffit_cli.engine.sources import load_source, local_source
 
-FORMATS = ("original", "diffusers")
+FORMATS = ("original", "diffusers", "peft")
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
 
 
 def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt: str = "original",
                   force_base: bool = False, overwrite: bool = False) -> dict:
-    """Apply `adapter` to its base, fold gamma, write `out`; returns a summary for the CLI.
+    """Apply `adapter` to its base, fold gamma and LoRA (or export LoRA for peft), write `out`; returns a
+    summary for the CLI.
 
     An existing `out` is replaced only with `overwrite` (a folder only if difffit wrote it); an `out`
     that is, holds or sits in an input (the adapter, a local base) is refused either way.
     """
     if fmt not in FORMATS:
         raise DiffFitError(f"Unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    folder = fmt == "diffusers"
+    folder = fmt != "original"
     adapter = local_source(adapter)
     check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=folder)
-    if not is_adapter_file(adapter):
-        read_adapter(adapter)  # raises the one-sentence reason (load_source would try it as a base)
+    meta = read_adapter_meta(adapter)  # also the one-sentence reason for a non-adapter (not tried as a base)
+    if meta.method not in FOLDABLE:
+        raise DiffFitError(f"A {meta.method} adapter adds layers that cannot be folded into the base weights; "
+                           f"sample from the adapter instead (difffit sample {adapter}).")
+    if fmt == "peft" and meta.method != "lora":
+        raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
     loaded, meta = load_source(adapter, base=base, force_base=force_base)
     out = check_output(out, overwrite=overwrite, inputs=[adapter, loaded.spec], folder=folder)
     model = loaded.model
-    fold_scale_factors(model)
-    if fmt == "original":
-        write_original(model, out, class_names=loaded.class_names, vae_spec=loaded.vae_spec, meta=meta)
+    if fmt == "peft":
+        write_peft(model, out, meta)
     else:
-        write_diffusers(model, out, class_names=loaded.class_names, vae=loaded.vae())
+        fold_lora(model)
+        fold_scale_factors(model)
+        if fmt == "original":
+            write_original(model, out, class_names=loaded.class_names, vae_spec=loaded.vae_spec, meta=meta)
+        else:
+            write_diffusers(model, out, class_names=loaded.class_names, vae=loaded.vae())
     files = [f for f in out.rglob("*") if f.is_file()] if out.is_dir() else [out]
     return {
         "adapter": str(adapter),
@@ -129,6 +146,25 @@ def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
         scheduler.save_pretrained(tmp / "scheduler")
         index = _model_index(transformer, autoencoder, names)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_peft(model: DiT, folder: Path, meta: AdapterMeta) -> None:
+    """A peft LoRA folder from `model` with the adapter applied (peft's key layout and config file)."""
+    from safetensors.torch import save_file
+
+    prefix = "base_model.model."  # what PeftModel.save_pretrained writes and from_pretrained expects
+    state = {prefix + name.replace(".default.", "."): t.detach().float().cpu().contiguous()
+             for name, t in model.state_dict().items() if ".lora_" in name}
+    to_save = None
+    if meta.new_class_table:
+        to_save = ["y_embedder.embedding_table"]
+        state[prefix + CLASS_TABLE] = model.y_embedder.embedding_table.weight.detach().float().cpu().contiguous()
+    config = lora_config(meta.method_settings, modules_to_save=to_save)
+    config.base_model_name_or_path = meta.base_spec
+    with atomic_path(folder, kind="merge") as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
 
 
 def pad_class_table(table: torch.Tensor, null_label: int) -> torch.Tensor:

@@ -5,6 +5,8 @@
   (ones) on the attention and MLP branches of the chosen blocks.
 - `bitfit` (baseline): every bias, plus the class table when the classes are new.
 - `full` (baseline): every parameter except the fixed sin-cos `pos_embed`.
+- `lora`, `adapter-parallel`, `adapter-sequential`, `vpt-deep` (baselines, engine/baselines.py): only
+  what they add (LoRA A/B, the adapters, the prompts), plus the class table when the classes are new.
 
 New classes: a dataset with K classes gets a (K+1)-row table. Every row, the null row K included,
 starts as a copy of the base's null row, so an untrained adapter samples the base's unconditional
@@ -19,12 +21,25 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from difffit_cli.engine.baselines import MethodSettings, add_method_modules
 from difffit_cli.engine.dit import DiT, DiTConfig
 from difffit_cli.engine.errors import DiffFitError
 
-METHODS = ("difffit", "bitfit", "full")
+# Every method, in the paper's Table 1 order (benchmarks and examples/table1.py iterate over it).
+METHODS = ("full", "adapter-parallel", "adapter-sequential", "bitfit", "vpt-deep", "lora", "difffit")
+FOLDABLE = ("full", "bitfit", "lora", "difffit")  # the rest add computation that no weight can absorb
 CLASS_TABLE = "y_embedder.embedding_table.weight"
-GROUPS = ("biases", "gamma", "class_table", "norms", "other")
+GROUPS = ("biases", "gamma", "class_table", "norms", "lora", "adapters", "prompts", "other")
+ADDED_GROUPS = ("lora", "adapters", "prompts")
+# Tensors a method adds (rather than changes), by name, and the value they have in the base model.
+ADDED = {".gamma_": 1.0, ".lora_A.": 0.0, ".lora_B.": 0.0, ".adapter.": 0.0, ".prompts": 0.0}
+
+# Trainable parameters (millions) on DiT-XL/2 as the DiffFit paper reports them: Xie et al. 2023 (ICCV),
+# Table 1, "Params (M)" column (101-class Food-101 table included). LoRA is keyed by rank (R8, R16).
+PAPER_TRAINABLE_M: dict[str, float | dict[int, float]] = {
+    "full": 673.8, "adapter-parallel": 4.28, "adapter-sequential": 4.28, "bitfit": 0.61, "vpt-deep": 2.81,
+    "lora": {8: 1.15, 16: 2.18}, "difffit": 0.83,
+}
 IMAGENET_WNID = re.compile(r"n\d{8}")
 
 
@@ -75,13 +90,22 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
+def added_reference(name: str) -> float | None:
+    """The base value of a tensor a method adds (1 for gamma, 0 for LoRA, adapters, prompts); None for
+    the base's own tensors."""
+    return next((value for key, value in ADDED.items() if key in name), None)
+
+
 def is_trainable(name: str, method: str, new_classes: bool, norm_names: set[str]) -> bool:
     """The per-method rule, on original-layout parameter names."""
     if method == "full":
         return name != "pos_embed"
     is_bias = name.endswith(".bias")
+    new_table = new_classes and name == CLASS_TABLE
     if method == "bitfit":
-        return is_bias or (new_classes and name == CLASS_TABLE)
+        return is_bias or new_table
+    if method != "difffit":  # the baselines that add modules: those train (they add nothing else)
+        return new_table or (added_reference(name) is not None and ".gamma_" not in name)
     # difffit
     return (
         (is_bias and not name.startswith("t_embedder."))
@@ -97,8 +121,10 @@ def prepare_model(
     gamma_blocks: list[int] | None = None,
     num_classes: int | None = None,
     new_classes: bool = False,
+    settings: MethodSettings | None = None,
 ) -> None:
-    """Shape `model` for `method` and set requires_grad: gamma for difffit, a new class table if needed.
+    """Shape `model` for `method` and set requires_grad: gamma for difffit, the modules a baseline adds
+    (`settings`), a new class table if needed.
 
     The class table is replaced when `num_classes` differs from the base's, or when `new_classes` is
     set (same count, different classes); otherwise the base's table is kept (and fine-tuned by difffit).
@@ -106,13 +132,16 @@ def prepare_model(
     """
     if method not in METHODS:
         raise DiffFitError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    settings = (settings or MethodSettings()).validate()
     new_classes = new_classes or (num_classes is not None and num_classes != model.config.num_classes)
     if new_classes:
         resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)
     if method == "difffit":
         if gamma_blocks is None:
             gamma_blocks = parse_gamma_blocks(None, model.config.depth)
-        model.add_scale_factors([i for i in gamma_blocks if i not in model.gamma_blocks])
+        attn = settings.gamma_placement == "branch+attn"
+        model.add_scale_factors([i for i in gamma_blocks if i not in model.gamma_blocks], attn=attn)
+    add_method_modules(model, method, settings)
     norm_names = norm_parameter_names(model)
     for name, param in model.named_parameters():
         param.requires_grad_(is_trainable(name, method, new_classes, norm_names))
@@ -130,13 +159,19 @@ def parameter_group(name: str, norm_names: set[str]) -> str:
         return "gamma"
     if name in norm_names:
         return "norms"
+    if ".lora_" in name:
+        return "lora"
+    if ".adapter." in name:
+        return "adapters"
+    if name.endswith(".prompts"):
+        return "prompts"
     if name.endswith(".bias"):
         return "biases"
     return "other"
 
 
 def count_groups(model: nn.Module, trainable_only: bool = True) -> dict[str, int]:
-    """Parameter counts per group (biases, gamma, class_table, norms, other)."""
+    """Parameter counts per group (biases, gamma, class_table, norms, lora, adapters, prompts, other)."""
     norm_names = norm_parameter_names(model)
     counts = dict.fromkeys(GROUPS, 0)
     for name, param in model.named_parameters():
@@ -171,39 +206,56 @@ def cast_frozen_matrices(model: nn.Module, dtype: torch.dtype) -> int:
 def fold_scale_factors(model: DiT) -> None:
     """Fold gamma into the branch outputs: gamma * (W x + b) = (gamma W) x + gamma b; then drop gamma.
 
-    gamma scales output features, i.e. the rows of attn.proj / mlp.fc2 weights and their biases.
+    gamma scales output features, i.e. the rows of attn.proj / mlp.fc2 weights and their biases (and
+    of attn.qkv for the branch+attn placement, whose gamma_proj folds into attn.proj with gamma_attn).
     """
     for block in model.blocks:
-        for gamma, linear in ((block.gamma_attn, block.attn.proj), (block.gamma_mlp, block.mlp.fc2)):
+        pairs = ((block.gamma_attn, block.attn.proj), (block.gamma_mlp, block.mlp.fc2),
+                 (block.attn.gamma_qkv, block.attn.qkv), (block.attn.gamma_proj, block.attn.proj))
+        for gamma, linear in pairs:
             if gamma is not None:
                 linear.weight.mul_(gamma.to(linear.weight.dtype)[:, None])
                 linear.bias.mul_(gamma.to(linear.bias.dtype))
         block.remove_scale_factors()
 
 
+def paper_trainable_params(config: DiTConfig, method: str, settings: MethodSettings) -> int | None:
+    """The paper's Table 1 count for `method` (DiT-XL/2 only; LoRA at ranks 8 and 16 only)."""
+    value = PAPER_TRAINABLE_M.get(method) if config.name == "DiT-XL/2" else None
+    if isinstance(value, dict):
+        value = value.get(settings.rank)
+    return None if value is None else round(value * 1e6)
+
+
 def describe_method(config: DiTConfig, method: str = "difffit", *, num_classes: int | None = None,
-                    gamma_blocks: str | list[int] | None = None, new_classes: bool = False) -> dict:
+                    gamma_blocks: str | list[int] | None = None, new_classes: bool = False,
+                    settings: MethodSettings | None = None) -> dict:
     """What `method` would train on a model of `config`, counted on a meta-device model (no memory).
 
-    Percentages are of the adapted model (new class table and gamma included).
+    Percentages are of the adapted model (new class table and added modules included).
     """
+    settings = settings or MethodSettings()
     with torch.device("meta"):
         model = DiT(config)
-    if method == "difffit" and not isinstance(gamma_blocks, list):
-        gamma_blocks = parse_gamma_blocks(gamma_blocks, config.depth)
-    prepare_model(model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes)
+        if method == "difffit" and not isinstance(gamma_blocks, list):
+            gamma_blocks = parse_gamma_blocks(gamma_blocks, config.depth)
+        prepare_model(model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes,
+                      settings=settings)
     groups = count_groups(model)
     total = total_parameters(model)
     trainable = sum(groups.values())
     return {
         "method": method,
+        "settings": settings.for_method(method),
+        "paper_trainable_params": paper_trainable_params(config, method, settings),
         "gamma_blocks": model.gamma_blocks,
         "num_classes": model.config.num_classes,
         "new_class_table": model.y_embedder.num_classes != config.num_classes or new_classes,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
-        "trainable_groups": groups,
+        # The added-module groups only where the method has them (info's table stays short).
+        "trainable_groups": {g: n for g, n in groups.items() if n or g not in ADDED_GROUPS},
     }
 
 

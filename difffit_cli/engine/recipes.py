@@ -67,6 +67,8 @@ def read_options(path: str | Path, source: str | None = None) -> dict:
         if name not in _FIELDS or name == "resume":
             raise DiffFitError(f"{source}: unknown option `{key}`; recipe keys are `difffit fit` option "
                                "names such as data, base, method, steps, batch_size, lr, resolution.")
+        if name == "compile" and isinstance(value, bool):  # difffit 0.1 wrote compile = true / false
+            value = "on" if value else "off"
         options[name] = _coerce(name, value, source)
     return options
 

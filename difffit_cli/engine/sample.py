@@ -26,6 +26,7 @@ from difffit_cli.engine.dit import DiT
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.progress import make_progress
 from difffit_cli.engine.schedulers import DPMSolverSampler, ReferenceSampler, checked_steps, make_sampler
+from difffit_cli.engine.speed import compile_blocks, padded_batch, resolve_compile
 
 if TYPE_CHECKING:
     from difffit_cli.engine.bases import Base
@@ -69,6 +70,7 @@ class SamplingOptions:
     batch_size: int = 16
     mixed_precision: str = "no"  # no (exact fp32), fp16 or bf16 autocast
     device: str = "auto"
+    compile: str = "off"  # auto (on CUDA), on or off: each DiT block compiled once, last batch padded
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.cfg_scale):
@@ -80,6 +82,7 @@ class SamplingOptions:
         require_at_least("--seed", self.seed, 0)
         autocast_dtype(self.mixed_precision)
         resolve_device(self.device)  # an unknown device or a missing GPU is refused before any loading
+        resolve_compile(self.compile, resolve_device(self.device))
 
     @property
     def num_steps(self) -> int:
@@ -242,21 +245,27 @@ def generate_batches(
     sampler = make_sampler(options.scheduler, options.steps)
     mixed = autocast_dtype(options.mixed_precision)
     vae = base.vae(device, torch.float32)
+    compiled = resolve_compile(options.compile, device)
+    if compiled:
+        compile_blocks(model)
     with make_progress(TextColumn("{task.fields[rate]}"), enabled=progress) as bar:
         task = bar.add_task("Sampling", total=len(indices), rate="")
         start = time.perf_counter()
         for lo in range(0, len(indices), options.batch_size):
             batch = indices[lo : lo + options.batch_size]
-            labels = torch.tensor(labels_all[lo : lo + options.batch_size], device=device)
+            labels = labels_all[lo : lo + options.batch_size]
+            # Compiled: every batch at the full size (the last one padded), so one graph serves the run.
+            padded, real = padded_batch(batch, options.batch_size) if compiled else (batch, len(batch))
+            labels = torch.tensor(labels + labels[-1:] * (len(padded) - real), device=device)
             latents = sample_denoised(
                 model,
                 labels,
-                sample_generators(options.seed, batch),
+                sample_generators(options.seed, padded),
                 cfg_scale=options.cfg_scale,
                 cfg_channels=options.guided_channels,
                 scheduler=sampler,
                 autocast_dtype=mixed,
-            )
+            )[:real]
             with (
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),

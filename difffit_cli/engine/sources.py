@@ -18,6 +18,7 @@ from difffit_cli.engine.adapter import (
     read_adapter,
     refuse_run_folder,
 )
+from difffit_cli.engine.baselines import MethodSettings
 from difffit_cli.engine.bases import Base, describe_base, load_base
 from difffit_cli.engine.dit import DiTConfig
 from difffit_cli.engine.errors import DiffFitError
@@ -146,6 +147,7 @@ def describe_source(
     method: str | None = None,
     num_classes: int | None = None,
     gamma_blocks: str | None = None,
+    settings: MethodSettings | None = None,
     base: str | None = None,
     resolution: int | None = None,
     num_heads: int | None = None,
@@ -165,7 +167,8 @@ def describe_source(
     loaded = load_base(source, resolution=resolution, num_heads=num_heads)
     report = describe_base(loaded)
     if method is not None:
-        trained = describe_method(loaded.config, method, num_classes=num_classes, gamma_blocks=gamma_blocks)
+        trained = describe_method(loaded.config, method, num_classes=num_classes, gamma_blocks=gamma_blocks,
+                                  settings=settings)
         # The base's own class count and size stay under their names; the adapted model's get these.
         report["target_num_classes"] = trained.pop("num_classes")
         report["adapted_total_params"] = trained.pop("total_params")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,10 +34,11 @@ from difffit_cli.engine.checkpoints import (
     truncate_log,
 )
 from difffit_cli.engine.config import FitConfig, FitResult
-from difffit_cli.engine.data import ImageFolder, require_images
+from difffit_cli.engine.data import ImageFolder, report_skipped, require_images
 from difffit_cli.engine.devices import AUTOCAST_DTYPES, make_accelerator, tf32_matmuls
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.fp8 import quantize_frozen_linears
 from difffit_cli.engine.hf_data import HF_PREFIX, open_data
 from difffit_cli.engine.io import atomic_path, run_lock
 from difffit_cli.engine.latents import CachedLatents, usable_latents
@@ -56,6 +56,14 @@ from difffit_cli.engine.resolution import move_to_resolution
 from difffit_cli.engine.sample import SamplingOptions, generate
 from difffit_cli.engine.sample_folder import save_grid
 from difffit_cli.engine.signals import StopFlag
+from difffit_cli.engine.speed import (
+    attention_backend,
+    choose_attention_backend,
+    compile_blocks,
+    make_optimizer,
+    resolve_compile,
+)
+from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_generator, swapped_in, update_ema
 from difffit_cli.engine.trackers import log_preview
 from difffit_cli.engine.validation import Validation, split_validation
 
@@ -185,7 +193,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
         run.accelerator.wait_for_everyone()
     run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
     if run.main:
-        _report_skipped(folder.skipped, len(run.folder.files))
+        report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
     run.folder = folder
     run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
@@ -201,14 +209,22 @@ def _prepare_trainable_state(run: Run) -> None:
     """Freeze and unfreeze as the method says; optimizer and EMA over the trained tensors only."""
     config, model = run.config, run.base.model
     gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth) if config.method == "difffit" else None
-    prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes)
+    torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
+    prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
+                  settings=config.method_settings())
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+    device = run.accelerator.device
     if run.autocast_dtype is not None:
         cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
+    if run.precision == "fp8" and not quantize_frozen_linears(model):  # forward and input gradient in float8
+        raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
+                           "speed up.", hint="Use --mixed-precision bf16.")
     model.set_gradient_checkpointing(config.grad_checkpointing)
-    model.to(run.accelerator.device).train()
+    model.to(device).train()
+    if resolve_compile(config.compile, device):
+        compile_blocks(model)  # one graph per block shape, fixed batch: no recompiles
     run.params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(list(run.params.values()), lr=config.learning_rate(), weight_decay=0.0)
+    optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
     run.ema = {n: p.detach().float().clone() for n, p in run.params.items()} if config.ema else {}
 
@@ -270,71 +286,78 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     diffusion = GaussianDiffusion(num_train_steps=NUM_TRAIN_TIMESTEPS)
     mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
-    forward = torch.compile(model) if config.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     per_process, lr = run.batches.split.per_process, config.learning_rate()
     step, loss_value, smoothed, rate, stop_signal = start_step, None, None, None, None
+    meter = LossMeter(device, config.log_every)  # loss sums stay on the device between log lines
     t_start = t_log = time.perf_counter()
     t_first, step_log = None, step  # rates ignore the slow first step
     bar = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"), enabled=progress)
-    log = (run.out_dir / "log.jsonl").open("a") if run.main else None
+    cfg = run.base.config  # flash or cuDNN attention, whichever measures faster here (CUDA; None on the CPU)
+    backend = choose_attention_backend(device, batch=per_process, heads=cfg.num_heads, head_dim=cfg.hidden_size //
+                                       cfg.num_heads, tokens=(cfg.input_size // cfg.patch_size) ** 2)
     try:
-        with bar, StopFlag() as stop, log or contextlib.nullcontext():
+        # The log opens after the signal handlers are in place: a run whose log exists can always be stopped.
+        with bar, StopFlag() as stop, attention_backend(backend), \
+                (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log:
             task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
             while step < config.steps:
                 torch.manual_seed(step_seed(config.seed, step, rank, 1))  # the label dropout's RNG
-                g = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 2))
+                g = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 2))  # data order, flips
+                on_device = step_generator(device, config.seed, step, rank)  # timesteps and noise
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
-                sums = torch.zeros(4, device=device)
                 for micro in range(config.grad_accum):
                     x0, y = run.batches.micro_batch(step, micro, g)
-                    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (per_process,), generator=g).to(device)
-                    noise = torch.randn(x0.shape, generator=g).to(device)
+                    t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], NUM_TRAIN_TIMESTEPS)
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        losses = diffusion.training_losses(_denoiser(forward, y, run.autocast_dtype), x0, t, noise,
+                        losses = diffusion.training_losses(_denoiser(model, y, run.autocast_dtype), x0, t, noise,
                                                            mse_weights)
                         loss = losses["loss"].mean()
                         accelerator.backward(scaler.scale(loss / config.grad_accum))
-                    sums[:3] += torch.stack([loss, losses["mse"].mean(), losses["vb"].mean()]).detach()
-                sums[:3] /= config.grad_accum
-                sums[3] = float(stop.requested)
-                stats = accelerator.reduce(sums, "mean").tolist() if world > 1 else sums.tolist()
-                if not all(math.isfinite(v) for v in stats[:3]):
-                    kept = list_checkpoints(run.out_dir)
-                    raise DiffFitError(
-                        f"The loss became {stats[0]} at step {step + 1}; training stopped"
-                        + (f" (the checkpoint of step {kept[-1][0]} is kept)." if kept else "."),
-                        hint="Lower --lr, add --warmup, or use --mixed-precision bf16 or no instead of fp16.")
+                    meter.add(loss, losses["mse"].mean(), losses["vb"].mean())
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                _update_ema(run, step)
+                update_ema(run.ema, run.params, step, run.config.ema_decay)
                 step += 1
-                loss_value = stats[0]
-                smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
                 now = time.perf_counter()
                 t_first = t_first or now
                 rate = config.batch_size * (step - start_step - 1) / (now - t_first) if now > t_first else None
-                bar.update(task, advance=1, loss=f"{smoothed:.4f}", rate=f"{rate:.1f} img/s" if rate else "")
-                if run.main and (step % config.log_every == 0 or step == config.steps):
-                    record = {"step": step, "loss": stats[0], "mse": stats[1], "vb": stats[2],
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "img_per_s": round(config.batch_size * (step - step_log) / max(now - t_log, 1e-9), 3),
-                              "elapsed_s": round(elapsed_before + now - t_start, 3)}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    t_log, step_log = now, step
-                    if config.log_with:
-                        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                if stats[3] > 0:
-                    stop_signal = stop.signal or "SIGTERM"  # or another process of the run was signalled
-                    break
+                checkpoint_due = config.save_every and step % config.save_every == 0 and step < config.steps
+                requested = stop.requested  # a host flag: no device sync
+                # The one host sync. Collective under several processes: on schedule there, never on one's own.
+                if meter.due(step, config.steps) or checkpoint_due or (requested and world == 1):
+                    stats = meter.read(lambda v: accelerator.reduce(v, "mean") if world > 1 else v,
+                                       extra=(float(requested),))
+                    if not stats["finite"]:
+                        kept = list_checkpoints(run.out_dir)
+                        raise DiffFitError(
+                            f"The loss became {stats['loss']} within the {stats['steps']} step(s) before step {step}; "
+                            "training stopped" + (f" (the checkpoint of step {kept[-1][0]} is kept)." if kept else "."),
+                            hint="Lower --lr, add --warmup, or use --mixed-precision bf16 or no instead of fp16.")
+                    loss_value = stats["loss"]
+                    smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+                    bar.update(task, loss=f"{smoothed:.4f}")
+                    if run.main:
+                        record = {"step": step, "loss": stats["loss"], "mse": stats["mse"], "vb": stats["vb"],
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "img_per_s": round(config.batch_size * (step - step_log) / max(now - t_log, 1e-9), 3),
+                                  "elapsed_s": round(elapsed_before + now - t_start, 3)}
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        t_log, step_log = now, step
+                        if config.log_with:
+                            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    if stats["extra"][0] > 0:
+                        stop_signal = stop.signal or "SIGTERM"  # or another process of the run was signalled
+                        break
+                bar.update(task, advance=1, rate=f"{rate:.1f} img/s" if rate else "")
                 if run.validation and run.validation.due(step):  # before the checkpoint, which records the best
                     with swapped_in(run.params, run.ema):
                         run.validation.evaluate(run, step, log)
-                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                if checkpoint_due:
                     _checkpoint(run, step, elapsed_before + now - t_start)
                 if config.sample_every and step % config.sample_every == 0 and step < config.steps:
                     _preview(run, step)
@@ -353,14 +376,6 @@ def _denoiser(forward, y: torch.Tensor, autocast_dtype: torch.dtype | None):
             return forward(xt, t, y).float()
 
     return denoise
-
-
-@torch.no_grad()
-def _update_ema(run: Run, step: int) -> None:
-    if run.ema:
-        decay = min(run.config.ema_decay, (1 + step) / (10 + step))  # warm-up for short runs
-        trained = [p.detach().float() for p in run.params.values()]
-        torch._foreach_lerp_(list(run.ema.values()), trained, 1 - decay)
 
 
 # -- outputs ----------------------------------------------------------------------------------------
@@ -397,33 +412,9 @@ def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.s
         return None
     path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
-    meta = make_meta(run.base, model, run.config.method, new_class_table=run.new_classes,
+    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings(),
+                     new_class_table=run.new_classes,
                      class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
     with swapped_in(run.params, run.ema):
         save_adapter(path, model, run.base_state, meta, run.config.adapter_dtype)
     return path
-
-
-def _report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
-    for path, reason in skipped:
-        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
-    if skipped:
-        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")
-
-
-@contextlib.contextmanager
-def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
-    """Temporarily put `values` (the EMA) into `params`."""
-    if not values:
-        yield
-        return
-    live = {name: p.detach().clone() for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(values[name])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(live[name])

@@ -1,0 +1,47 @@
+"""The benchmark helpers that decide what gets quoted: interleaving, spreads, the scaling model."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _timing  # noqa: E402
+import scaling  # noqa: E402
+
+
+def test_interleave_rotates_the_order_and_keeps_round_order():
+    calls = []
+    contenders = {name: (lambda n=name: calls.append(n) or float(len(calls))) for name in "abc"}
+    times = _timing.interleave(contenders, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert times == {"a": [4.0, 9.0, 11.0], "b": [5.0, 7.0, 12.0], "c": [6.0, 8.0, 10.0]}
+
+
+def test_spread_paired_ratio_and_the_reproduction_rule():
+    assert _timing.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert _timing.paired_ratio([1.0, 2.0], [2.0, 2.0]) == {"median": 0.75, "min": 0.5, "max": 1.0, "n": 2}
+    first, second = {"median": 0.6, "min": 0.5, "max": 0.7}, {"median": 0.65, "min": 0.55, "max": 0.8}
+    assert _timing.reproduces(first, second)
+    assert not _timing.reproduces(first, {"median": 0.76, "min": 0.7, "max": 0.8})
+
+
+def test_result_name_has_gpu_torch_and_date():
+    env = {"gpu": "NVIDIA H200", "torch": "2.14.1+cu130", "date": "2026-11-29T01:00:00Z"}
+    assert _timing.result_name(env) == "NVIDIA-H200_torch-2.14.1_2026-11-29"
+
+
+def test_ring_allreduce_volume_and_the_scaling_table():
+    # 2(N-1)/N of the bytes over the link, plus 2(N-1) hops.
+    assert scaling.allreduce_seconds(10**9, 4, 1e9, 0.0, 4) == pytest.approx(2 * 3 / 4 * 4.0)
+    assert scaling.allreduce_seconds(10**9, 1, 1e9, 1.0, 4) == 0.0
+    out = scaling.model(argparse.Namespace(difffit_img_s=368.0, full_img_s=282.0, batch=32, classes=101,
+                                           bytes_per_value=4))
+    assert 600_000 < out["inputs"]["trainable_values"]["difffit"] < 700_000
+    assert out["inputs"]["trainable_values"]["full"] > 674_000_000
+    one_gpu = out["table"]["nvlink-900GB/s"][0]["no_overlap"]["full/difffit_step"]
+    assert one_gpu == pytest.approx(368 / 282, abs=1e-3)
+    assert max(r["gpus"] for r in out["table"]["nvlink-900GB/s"]) == 8  # NVLink: one node
+    assert out["peak_advantage"]["ethernet-100Gb/s"]["full/difffit_step_no_overlap"] > 2
