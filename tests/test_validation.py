@@ -75,14 +75,15 @@ def test_overfitting_shows_training_loss_falling_and_validation_loss_rising(tmp_
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
     result = fit(conf(tmp_path / "train", base="random:DiT-S/2", vae="identity", resolution=4, method="full",
-                      steps=50, batch_size=8, lr=1e-3, ema=False, val_data=str(tmp_path / "val"), val_every=10),
+                      steps=100, batch_size=8, lr=1e-3, ema=False, val_data=str(tmp_path / "val"), val_every=10),
                  progress=False)
     losses = [value for _, value in records(result.out_dir, "loss")]
     val_losses = records(result.out_dir, "val_loss")
-    assert [step for step, _ in val_losses] == [10, 20, 30, 40, 50]
+    assert [step for step, _ in val_losses] == list(range(10, 101, 10))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])  # training keeps improving ...
-    lowest = min(range(5), key=lambda i: val_losses[i][1])
-    assert lowest < 4 and val_losses[-1][1] > val_losses[lowest][1] * 1.03  # ... validation turned up
+    # ... while validation bottoms out (measured: step 60, 0.285) and turns up (step 100: 0.343, 1.2x).
+    lowest = min(range(10), key=lambda i: val_losses[i][1])
+    assert lowest < 9 and val_losses[-1][1] > val_losses[lowest][1] * 1.1
 
 
 def test_keep_best_val_loss_and_resume_restores_split_and_best(tmp_path, conf, toy_data):
