@@ -86,3 +86,10 @@ def test_columns_labels_and_errors(tmp_path, toy_data):
         open_data(str(toy_data), label_column="species")
     with pytest.raises(DiffFitError, match="Cannot load the dataset hf:nobody/nothing"):
         open_data("hf:nobody/nothing")
+
+
+def test_default_out_dir_of_a_hub_dataset_is_a_plain_folder_name():
+    from difffit_cli.engine.config import default_out_dir
+
+    assert default_out_dir("hf:nelorth/oxford-flowers:train", "difffit") == Path("runs/oxford-flowers-train-difffit")
+    assert default_out_dir("hf:owner/cub200", "lora") == Path("runs/cub200-lora")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,11 @@ def _at_least(name: str, value: int, low: int) -> None:
 
 
 def default_out_dir(data: str | None, method: str) -> Path:
-    name = Path(data).expanduser().resolve().name if data else "run"
+    """runs/<data folder>-<method>; for hf:OWNER/NAME[:split], runs/NAME-split-<method>."""
+    if data and data.startswith("hf:"):
+        name = re.sub(r"[^\w.-]+", "-", data[len("hf:"):].rsplit("/", 1)[-1]).strip("-")
+    else:
+        name = Path(data).expanduser().resolve().name if data else "run"
     return Path("runs") / f"{name}-{method}"
 
 
