@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import socket
 from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
 
 # "owner/name" or "owner/name/subfolder" (e.g. "facebook/DiT-XL-2-256/vae").
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+OFFLINE = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set"
 
 
 def hub_cache_dir() -> Path:
@@ -26,22 +29,44 @@ def downloads_disabled() -> bool:
     return any(flag.strip().lower() in {"1", "true", "yes", "on"} for flag in flags)
 
 
+def network_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether `host` answers on port 443: a quick look before waiting on a download or a service."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def network_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached: its own HfHubHTTPError, OSError
+    (requests, before 1.0), httpx.HTTPError (1.x) or httpx2.HTTPError (2.x)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[Exception]] = [HfHubHTTPError, OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
 def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: str) -> Path:
     """The local snapshot folder of `repo_id` holding `allow_patterns`, downloading them if allowed.
 
     Files land in the standard Hugging Face cache (`hub_cache_dir()`), shared with diffusers.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     cache, offline = hub_cache_dir(), downloads_disabled()
     try:
         folder = snapshot_download(
             repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
-        why = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set" if offline else None
-        why = why or error_summary(e)
+    except (LocalEntryNotFoundError, HFValidationError, *network_errors()) as e:
+        why = OFFLINE if offline else error_summary(e)
         raise DiffFitError(
             f"{what[0].upper()}{what[1:]} is not in the Hugging Face cache {cache} and could not be "
             f"downloaded ({why}); run `hf download {repo_id}` with network access and the same HF_HOME, "

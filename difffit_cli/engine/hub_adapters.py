@@ -14,12 +14,19 @@ from pathlib import Path
 from difffit_cli.engine.adapter import is_adapter_file
 from difffit_cli.engine.bases import ALIASES
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import HUB_ID, downloads_disabled, error_summary, hub_cache_dir, split_hub_id
+from difffit_cli.engine.hub import (
+    HUB_ID,
+    OFFLINE,
+    downloads_disabled,
+    error_summary,
+    hub_cache_dir,
+    network_errors,
+    split_hub_id,
+)
 
 PREFIX = "hf://"
 ADAPTER_FILE = "adapter.safetensors"
 BASE_FILES = ("model_index.json", "config.json", "transformer/config.json")
-OFFLINE = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set"
 
 
 def resolve_adapter_source(spec: str) -> str | None:
@@ -55,22 +62,6 @@ def resolve_adapter_source(spec: str) -> str | None:
         raise DiffFitError(f"The hub repo {repo_id} holds {found}, not one {ADAPTER_FILE}.",
                            hint=f"Name the file: hf://{repo_id}/FILE.safetensors.")
     return _download(repo_id, candidates[0], spec)
-
-
-def network_errors() -> tuple[type[Exception], ...]:
-    """What huggingface_hub raises when the Hub cannot be reached, besides its own HfHubHTTPError:
-    OSError (requests, before 1.0), httpx.HTTPError (1.x) or httpx2.HTTPError (2.x)."""
-    import importlib
-
-    from huggingface_hub.errors import HfHubHTTPError
-
-    errors: list[type[Exception]] = [HfHubHTTPError, OSError]
-    for name in ("httpx", "httpx2"):
-        try:
-            errors.append(importlib.import_module(name).HTTPError)
-        except ImportError:
-            continue
-    return tuple(errors)
 
 
 def _repo_files(repo_id: str) -> list[str] | None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import downloads_disabled
+from difffit_cli.engine.hub import downloads_disabled, network_reachable
 from difffit_cli.engine.progress import track
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -33,14 +32,6 @@ INCEPTION_ALIASES = (INCEPTION_FILE, "pt_inception-2015-12-05-6726825d.pth")
 def inception_cache_path() -> Path:
     """Where torch-fidelity's own download lands: <torch hub dir>/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def network_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
@@ -64,7 +55,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
             f"The FID Inception weights {INCEPTION_FILE} are not cached and downloads are off "
             f"(HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD); {how}."
         )
-    if not network_reachable():
+    if not network_reachable("github.com"):
         raise DiffFitError(
             f"The FID Inception weights {INCEPTION_FILE} are not cached and there is no network; {how}."
         )

@@ -14,8 +14,7 @@ from pathlib import Path
 from difffit_cli.engine.card import model_card
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import downloads_disabled, error_summary
-from difffit_cli.engine.hub_adapters import network_errors
+from difffit_cli.engine.hub import downloads_disabled, error_summary, network_errors
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.merge import merge_adapter
 from difffit_cli.engine.runs import previews, read_eval_json, training_summary

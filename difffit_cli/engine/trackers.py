@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import downloads_disabled
+from difffit_cli.engine.hub import downloads_disabled, network_reachable
 
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-WANDB_HOST = ("api.wandb.ai", 443)
+WANDB_HOST = "api.wandb.ai"
 PREVIEW_KEY = "preview"
 
 
@@ -32,18 +31,10 @@ def check_log_with(name: str | None) -> None:
     if not any(importlib.util.find_spec(module) for module in TRACKERS[name]):
         raise DiffFitError(f"--log-with {name} needs the {name} package, which is not installed.",
                            hint=f"pip install {name}")
-    if name == "wandb" and "WANDB_MODE" not in os.environ and not _reachable(WANDB_HOST):
+    if name != "wandb" or "WANDB_MODE" in os.environ:
+        return
+    if downloads_disabled() or not network_reachable(WANDB_HOST, timeout=2.0):
         os.environ["WANDB_MODE"] = "offline"  # wandb reads it at init; `wandb sync` uploads the run later
-
-
-def _reachable(address: tuple[str, int], timeout: float = 2.0) -> bool:
-    if downloads_disabled():
-        return False
-    try:
-        with socket.create_connection(address, timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def log_preview(accelerator, image: np.ndarray | str | Path, step: int) -> None:
