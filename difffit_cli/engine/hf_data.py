@@ -22,6 +22,7 @@ from PIL import Image
 
 from difffit_cli.engine.data import BadImage, ImageFolder, Row, load_image, scan_image_folder, to_rgb
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub import error_summary
 
 HF_PREFIX = "hf:"
 SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # written by save_to_disk
@@ -130,9 +131,9 @@ def _load(spec: str):
         if exc.errno == errno.ENOSPC:
             raise DiffFitError(f"The dataset {spec} does not fit on the disk of the Hugging Face cache.",
                                hint="Free space, or point HF_HOME at a larger disk.") from None
-        raise DiffFitError(f"Cannot load the dataset {spec} ({_first_line(exc)}).") from None
+        raise DiffFitError(f"Cannot load the dataset {spec} ({error_summary(exc)}).") from None
     except Exception as exc:  # datasets raises many types (hub errors, missing splits, bad files)
-        raise DiffFitError(f"Cannot load the dataset {spec} ({_first_line(exc)}).",
+        raise DiffFitError(f"Cannot load the dataset {spec} ({error_summary(exc)}).",
                            hint="Check the name and split; offline, only datasets already in the cache load.") from None
 
 
@@ -161,10 +162,6 @@ def _check_disk_space(name: str) -> None:
     if needed > free:
         raise DiffFitError(f"The dataset {name} needs about {needed / 1e9:.1f} GB and {cache} has "
                            f"{free / 1e9:.1f} GB free.", hint="Free space, or point HF_HOME at a larger disk.")
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # -- columns and classes --------------------------------------------------------------------------
