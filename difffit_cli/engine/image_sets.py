@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from difffit_cli.engine.inception import file_digest
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.sample import SamplingOptions, generate_batches, parse_classes
 from difffit_cli.engine.sources import load_source
+
+if TYPE_CHECKING:
+    from difffit_cli.engine.bases import Base
 
 DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED is a model
 
@@ -109,20 +113,27 @@ class ModelInput:
 
 
 class ModelSamples:
-    """`count` samples of an adapter or base, generated batch by batch and never written to disk."""
+    """`count` samples of a loaded base (an adapter applied, or the model being trained), generated batch by
+    batch and never written to disk."""
 
-    def __init__(self, source: str, count: int | None, model: ModelInput, device: torch.device,
-                 progress: bool = True):
-        self.base, _ = load_source(source, base=model.base, vae=model.vae, force_base=model.force_base)
-        self.classes = parse_classes(model.classes or [], self.base.class_names, self.base.model.config.num_classes)
-        self.count = DEFAULT_NUM_SAMPLES if count is None else count
-        if self.count < 1:
-            require_at_least("-n", self.count, 1)
-        self.sampling, self.device, self.progress, self.name = model.sampling, device, progress, source
+    def __init__(self, base: Base, count: int, sampling: SamplingOptions, device: torch.device, *,
+                 classes: Sequence[int] | None = None, progress: bool = True, name: str = "samples"):
+        require_at_least("-n", count, 1)
+        self.base, self.count, self.sampling, self.classes = base, count, sampling, classes
+        self.device, self.progress, self.name = device, progress, name
         self.skipped: list[tuple[Path, str]] = []
 
+    @classmethod
+    def from_source(cls, source: str, count: int | None, model: ModelInput, device: torch.device,
+                    progress: bool = True) -> ModelSamples:
+        """eval-fid's GENERATED when it names an adapter or a base."""
+        base, _ = load_source(source, base=model.base, vae=model.vae, force_base=model.force_base)
+        classes = parse_classes(model.classes or [], base.class_names, base.model.config.num_classes)
+        return cls(base, DEFAULT_NUM_SAMPLES if count is None else count, model.sampling, device, classes=classes,
+                   progress=progress, name=source)
+
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        sampling = replace(self.sampling, batch_size=batch_size)  # eval-fid's --batch-size drives both
+        sampling = replace(self.sampling, batch_size=batch_size)  # the extraction batch drives both
         for _, images in generate_batches(self.base, range(self.count), sampling, classes=self.classes,
                                           device=self.device, progress=self.progress):
             yield images.numpy()

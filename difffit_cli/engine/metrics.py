@@ -153,7 +153,7 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
         raise DiffFitError(f"{path} has neither images (arr_0) nor statistics (mu, sigma).")
     if role == "reference" or model is None:
         raise DiffFitError(f"The {role} {spec} is neither a folder of images nor an .npz file.")
-    return ModelSamples(spec, limit, model, device or resolve_device("auto"), progress)
+    return ModelSamples.from_source(spec, limit, model, device or resolve_device("auto"), progress)
 
 
 def reference_statistics(images, extractor: LazyExtractor, *, keep_features: bool, batch_size: int,

@@ -97,3 +97,12 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(live[name])
+
+
+def denoiser(forward, y: torch.Tensor, autocast_dtype: torch.dtype | None):
+    """The model as the loss calls it: autocast around the network only, fp32 out (the loss stays fp32)."""
+    def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(xt.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return forward(xt, t, y).float()
+
+    return denoise

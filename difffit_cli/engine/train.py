@@ -63,7 +63,14 @@ from difffit_cli.engine.speed import (
     make_optimizer,
     resolve_compile,
 )
-from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_generator, swapped_in, update_ema
+from difffit_cli.engine.step import (
+    LossMeter,
+    denoiser,
+    draw_timesteps_and_noise,
+    step_generator,
+    swapped_in,
+    update_ema,
+)
 from difffit_cli.engine.trackers import log_preview
 from difffit_cli.engine.validation import Validation, split_validation
 
@@ -312,7 +319,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                     t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], NUM_TRAIN_TIMESTEPS)
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        losses = diffusion.training_losses(_denoiser(model, y, run.autocast_dtype), x0, t, noise,
+                        losses = diffusion.training_losses(denoiser(model, y, run.autocast_dtype), x0, t, noise,
                                                            mse_weights)
                         loss = losses["loss"].mean()
                         accelerator.backward(scaler.scale(loss / config.grad_accum))
@@ -367,15 +374,6 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
             hint="Try a smaller --batch-size or a larger --grad-accum, --grad-checkpointing, "
                  "or --mixed-precision bf16.") from None
     return Outcome(step, loss_value, rate, time.perf_counter() - t_start, stop_signal)
-
-
-def _denoiser(forward, y: torch.Tensor, autocast_dtype: torch.dtype | None):
-    """The model as the loss calls it: autocast around the network only, fp32 out (the loss stays fp32)."""
-    def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(xt.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return forward(xt, t, y).float()
-
-    return denoise
 
 
 # -- outputs ----------------------------------------------------------------------------------------

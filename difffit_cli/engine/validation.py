@@ -17,12 +17,11 @@ Everything runs on the main process, with the weights the loop puts in (the EMA 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from difffit_cli.engine.batches import held_out, step_seed
@@ -32,11 +31,13 @@ from difffit_cli.engine.data import ImageFolder, require_images
 from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hf_data import open_data
+from difffit_cli.engine.image_sets import ModelSamples
 from difffit_cli.engine.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit_cli.engine.latents import usable_latents
 from difffit_cli.engine.metrics import Statistics, compute_metrics, open_input, reference_statistics
 from difffit_cli.engine.progress import stderr_console
-from difffit_cli.engine.sample import SamplingOptions, draw_noise, generate_batches, sample_generators
+from difffit_cli.engine.sample import SamplingOptions, draw_noise, sample_generators
+from difffit_cli.engine.step import denoiser
 
 if TYPE_CHECKING:
     from difffit_cli.engine.train import Run
@@ -124,7 +125,7 @@ class Validation:
         config = run.config
         options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
                                   mixed_precision=run.precision)
-        samples = _Samples(run, config.eval_n, options)
+        samples = ModelSamples(run.base, config.eval_n, options, run.accelerator.device, progress=False)
         features = extract_features(samples, self.extractor.get(), batch_size=config.batch_size,
                                     description="Inception features", progress=False)
         generated = Statistics.from_features(features, self.extractor.identity, keep_features=True)
@@ -175,12 +176,8 @@ def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, ba
         j = torch.arange(lo, min(lo + batch_size, pairs))
         x, y = x0[j // VAL_TIMESTEPS].to(device), labels[j // VAL_TIMESTEPS].to(device)
         noise = draw_noise(sample_generators(step_seed(seed, VAL_SEED), j.tolist()), x.shape[1:], device)
-
-        def denoise(xt: torch.Tensor, t: torch.Tensor, y=y) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                return model(xt, t, y).float()
-
-        total += diffusion.training_losses(denoise, x, timesteps[j].to(device), noise)["loss"].sum().item()
+        losses = diffusion.training_losses(denoiser(model, y, autocast_dtype), x, timesteps[j].to(device), noise)
+        total += losses["loss"].sum().item()
     return total / pairs
 
 
@@ -200,16 +197,3 @@ def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch
         noise = draw_noise(sample_generators(step_seed(config.seed, VAL_SEED, 1), index.tolist()), shape, "cpu")
         parts.append(latents.draw(index, torch.zeros_like(index), noise, device).cpu())
     return torch.cat(parts), torch.tensor(val.labels)
-
-
-class _Samples:
-    """`count` samples of the model being trained, as an image set for `extract_features`."""
-
-    def __init__(self, run: Run, count: int, options: SamplingOptions):
-        self.run, self.count, self.options, self.name = run, count, options, "samples"
-        self.skipped: list = []
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        for _, images in generate_batches(self.run.base, range(self.count), self.options,
-                                          device=self.run.accelerator.device, progress=False):
-            yield images.numpy()
