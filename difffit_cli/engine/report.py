@@ -18,7 +18,7 @@ from pathlib import Path
 
 from difffit_cli import __version__
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.io import atomic_path, check_output
 from difffit_cli.engine.runs import (
     eval_results,
     format_duration,
@@ -228,11 +228,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool
     """Write the HTML report of `run_dirs` to `out` (refused if it exists, unless `overwrite`)."""
     if not run_dirs:
         raise DiffFitError("No run folder given.", hint="Pass one or more folders written by difffit fit.")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DiffFitError(f"{out} already exists.", hint="Choose another --out, or pass --overwrite.")
-    if out.is_dir():
-        raise DiffFitError(f"{out} is a folder; --out names the .html file to write.")
+    out = check_output(out, overwrite=overwrite, inputs=run_dirs)
     paths = [Path(p) for p in run_dirs]
     infos = [_run_info(p) for p in paths]
     names = unique_names([str(p) for p in paths])
