@@ -41,12 +41,12 @@ def info(
 
     difffit info runs/food/adapter.safetensors --json
     """
-    from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
+    from difffit_cli.engine.baselines import MethodSettings
     from difffit_cli.engine.sources import describe_source
 
-    settings = MethodSettings(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
-                              lora_targets=parse_lora_targets(lora_targets), adapter_dim=adapter_dim,
-                              prompt_tokens=prompt_tokens).validate()
+    settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
+                                             lora_targets=lora_targets, adapter_dim=adapter_dim,
+                                             prompt_tokens=prompt_tokens)).validate()
     report = describe_source(source, method=method, num_classes=num_classes, gamma_blocks=gamma_blocks,
                              settings=settings, base=base, resolution=resolution, num_heads=num_heads)
     if as_json:

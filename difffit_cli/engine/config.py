@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
+from difffit_cli.engine.baselines import MethodSettings
 from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods import METHODS
@@ -87,9 +87,8 @@ class FitConfig:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
 
     def method_settings(self) -> MethodSettings:
-        return MethodSettings(gamma_placement=self.gamma_placement, rank=self.rank, lora_alpha=self.lora_alpha,
-                              lora_targets=parse_lora_targets(self.lora_targets), adapter_dim=self.adapter_dim,
-                              prompt_tokens=self.prompt_tokens).validate()
+        """The method's settings, checked (the fields of the same names; lora_targets parsed)."""
+        return MethodSettings.from_dict(dataclasses.asdict(self)).validate()
 
     def out_dir(self) -> Path:
         return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)
