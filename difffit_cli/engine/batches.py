@@ -120,10 +120,9 @@ class Batches:
     """Micro-batches (latents x0, labels) for the training loop, drawn from cached or encoded latents."""
 
     def __init__(self, latents: CachedLatents | EncodedLatents, labels: list[int], latent_shape: tuple[int, ...],
-                 split: Split, seed: int, device: torch.device, order: DataOrder | None = None):
+                 split: Split, order: DataOrder, device: torch.device):
         self.latents, self.labels = latents, torch.tensor(labels)
-        self.latent_shape, self.split, self.device = latent_shape, split, device
-        self.order = order or DataOrder(labels, seed)
+        self.latent_shape, self.split, self.order, self.device = latent_shape, split, order, device
 
     def micro_batch(self, step: int, micro: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.split.per_process

@@ -209,7 +209,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
     latent_shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
     order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
                       config.class_balance)
-    run.batches = Batches(latents, folder.labels, latent_shape, split, config.seed, device, order)
+    run.batches = Batches(latents, folder.labels, latent_shape, split, order, device)
 
 
 def _prepare_trainable_state(run: Run) -> None:
