@@ -22,6 +22,9 @@ AdapterBase = Annotated[str | None, typer.Option(
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output (a folder only if difffit wrote it; never an input).")]
+InceptionWeights = Annotated[str | None, typer.Option(
+    help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default: the torch "
+    "hub cache, downloaded once.", show_default=False)]
 ForceBase = Annotated[bool, typer.Option(
     "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
 
@@ -118,8 +121,6 @@ EvalN = Annotated[int, typer.Option(help="Samples per in-training FID (DDIM 50 s
 EvalReference = Annotated[str | None, typer.Option(
     help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached).",
     show_default=False)]
-FitInceptionWeights = Annotated[str | None, typer.Option(
-    "--inception-weights", help="FID Inception weights file (default: the torch hub cache).", show_default=False)]
 KeepBest = Annotated[str | None, typer.Option(
     help="Keep best/adapter.safetensors by fid or val_loss.", show_default=False)]
 

@@ -25,9 +25,7 @@ def eval_fid(
     n: opt.EvalNumImages = None,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall).")] = "fid",
-    inception_weights: Annotated[Path | None, typer.Option(
-        help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default: "
-        "the torch hub cache, downloaded once.", show_default=False)] = None,
+    inception_weights: opt.InceptionWeights = None,
     batch_size: opt.EvalBatchSize = 64,
     device: opt.Device = "auto",
     save_stats: Annotated[Path | None, typer.Option(
@@ -78,7 +76,7 @@ def eval_fid(
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
     result = evaluate(
         generated, reference, metrics=metrics, num_samples=n,
-        inception_weights=str(inception_weights) if inception_weights else None, batch_size=batch_size,
+        inception_weights=inception_weights, batch_size=batch_size,
         device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
         sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, progress=True,
     )

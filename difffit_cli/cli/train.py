@@ -135,7 +135,7 @@ def fit(
     eval_every: opt.EvalEvery = 0,
     eval_n: opt.EvalN = 1000,
     eval_reference: opt.EvalReference = None,
-    inception_weights: opt.FitInceptionWeights = None,
+    inception_weights: opt.InceptionWeights = None,
     keep_best: opt.KeepBest = None,
     as_json: opt.Json = False,
 ) -> None:
