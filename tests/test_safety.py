@@ -205,11 +205,13 @@ def test_damaged_cache_is_named_and_rebuilt(tmp_path, toy_data, tiny_vae_dir, ca
 def test_stale_cache_builds_of_dead_processes_are_removed(tmp_path):
     root = tmp_path / "cache"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for name, pid in (("dead", int(dead.stdout)), ("alive", os.getpid())):
-        (root / f".tmp-{name}").mkdir(parents=True)
-        (root / f".tmp-{name}" / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
+    # Build folders are named by atomic_path after the 32-hex cache key; --cache-dir may hold anything else.
+    dead_build, alive_build, users = f".tmp-{'d' * 32}-x1", f".tmp-{'a' * 32}-x2", ".tmp-my-notes"
+    for name, pid in ((dead_build, int(dead.stdout)), (alive_build, os.getpid()), (users, int(dead.stdout))):
+        (root / name).mkdir(parents=True)
+        (root / name / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
     remove_stale_builds(root)
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-alive"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([alive_build, users])
 
 
 # -- signals and file modes ---------------------------------------------------------------------------------

@@ -452,3 +452,17 @@ def test_compiled_sampling_matches_eager_with_a_padded_last_batch(golden_model, 
     b = generate(compiled_base, 3, replace(eager, compile="on"), classes=[1, 2, 3], progress=False)
     assert b.shape == a.shape == (3, 16, 16, 3)
     assert (a.int() - b.int()).abs().max() <= 1  # uint8 levels: compiled kernels round differently
+
+
+def test_a_manifest_never_reaches_outside_its_folder(base, tmp_path):
+    import json
+
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
+    out = tmp_path / "out"
+    sample_to_folder(base, out, 1, options, progress=False)
+    (tmp_path / "precious.txt").write_text("mine")
+    manifest = json.loads((out / "sample.json").read_text())
+    manifest["files"].append("../precious.txt")  # an edited or foreign sample.json
+    (out / "sample.json").write_text(json.dumps(manifest))
+    sample_to_folder(base, out, 1, options, progress=False, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "mine"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import zlib
@@ -33,6 +34,7 @@ from difffit_cli.engine.vae import Autoencoder
 CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
 CHECKSUM_CHUNK = 1 << 24
 STALE_TMP_SECONDS = 7 * 24 * 3600  # a half-built cache this old has no live owner left
+BUILD_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-\w+")  # atomic_path's temporary name for a cache folder
 
 
 def vae_identity(spec: str) -> str:
@@ -126,11 +128,12 @@ def _open_checked(path: Path) -> tuple[tuple[np.ndarray, dict] | None, str]:
 
 
 def remove_stale_builds(root: Path) -> None:
-    """Remove `.tmp-*` cache builds left by killed runs: those whose owner process is gone, or very old."""
+    """Remove cache builds left by killed runs: those whose owner process is gone, or very old. Only names
+    that a build of this cache takes (`.tmp-<cache key>-*`) are touched: --cache-dir may be any folder."""
     if not root.is_dir():
         return
     for tmp in root.glob(".tmp-*"):
-        if tmp.is_dir() and not _build_owner_alive(tmp):
+        if BUILD_NAME.fullmatch(tmp.name) and tmp.is_dir() and not _build_owner_alive(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -35,7 +35,9 @@ def read_manifest(folder: Path) -> set[str] | None:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {str(f) for f in files} if isinstance(files, list) else None
+    if not isinstance(files, list):
+        return None
+    return {f for f in map(str, files) if Path(f).name == f}  # plain names only: nothing outside the folder
 
 
 def prepare_sample_folder(folder: Path, planned: Sequence[str], overwrite: bool) -> None:
