@@ -6,21 +6,19 @@
 The VAE is `AutoencoderKL` with stabilityai/sd-vae-ft-ema's architecture and random weights (the same
 compute; nothing downloaded). Per image, the cache holds 2 (flips) x 2 (mean, std) x 4 x 32 x 32 fp16
 values = 32 KiB at 256 px; the checksum reads that back when a run opens the cache. Encoding and
-checksumming alternate over the repeats; prints one JSON object with medians, min and max, and the
-ratio (the goal: under 5%).
+checksumming alternate over the repeats (benchmarks/_timing.py); prints one JSON object with medians,
+min and max, and the ratio (the goal: under 5%).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import emit, environment, interleave, paired_ratio, spread, timer
 
 from difffit_cli.engine.latents import file_checksum
 
@@ -43,26 +41,16 @@ def main() -> None:
     vae = AutoencoderKL(**SD_VAE).to(device).eval()
     images = torch.rand(args.batch * 2, 3, args.resolution, args.resolution, device=device) * 2 - 1  # + mirrors
     latent = args.resolution // 8
-    with tempfile.TemporaryDirectory() as tmp:
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "latents.npy"
         np.save(path, np.zeros((args.rows, 2, 2, 4, latent, latent), dtype=np.float16))
-        encode_s, checksum_s = [], []
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-            start = time.perf_counter()
-            with torch.no_grad():
-                vae.encode(images).latent_dist.sample()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            encode_s.append((time.perf_counter() - start) / args.batch)
-            start = time.perf_counter()
-            file_checksum(path)
-            checksum_s.append((time.perf_counter() - start) / args.rows)
-    ratios = [c / e for c, e in zip(checksum_s, encode_s, strict=True)]
-    summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-               for name, v in (("encode_s_per_image", encode_s), ("checksum_s_per_image", checksum_s),
-                               ("checksum_over_encode", ratios))}
-    print(json.dumps({"device": str(device), "resolution": args.resolution, "batch": args.batch,
-                      "rows": args.rows, "repeats": args.repeats, **summary}, indent=2))
+        times = interleave({"encode": timer(lambda: vae.encode(images).latent_dist.sample(), device),
+                            "checksum": timer(lambda: file_checksum(path), device)}, args.repeats)
+    encode = [t / args.batch for t in times["encode"]]
+    checksum = [t / args.rows for t in times["checksum"]]
+    emit({**environment(device), "resolution": args.resolution, "batch": args.batch, "rows": args.rows,
+          "encode_s_per_image": spread(encode, 7), "checksum_s_per_image": spread(checksum, 9),
+          "checksum_over_encode": paired_ratio(checksum, encode, 9)})
 
 
 if __name__ == "__main__":
