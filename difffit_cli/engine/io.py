@@ -58,8 +58,9 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterato
             write_marker(tmp, kind)
         # mkstemp's name, and some writers (safetensors), make private (0600) files: the result gets
         # the modes of the user's umask, as any file they create would.
+        umask = _umask()
         for item in (tmp, *tmp.rglob("*")) if tmp.is_dir() else (tmp,):
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~_umask())
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
         if tmp.is_dir() and path.is_dir():
             if any(path.iterdir()) and not has_marker(path):
                 raise DiffFitError(f"{path} already exists and was not written by difffit; it is left as it is.",
