@@ -81,7 +81,7 @@ class SamplingOptions:
         require_at_least("--batch-size", self.batch_size, 1)
         require_at_least("--seed", self.seed, 0)
         autocast_dtype(self.mixed_precision)
-        resolve_device(self.device)  # an unknown device or a missing GPU is refused before any loading
+        # An unknown device, a missing GPU or an unknown --compile is refused before any loading.
         resolve_compile(self.compile, resolve_device(self.device))
 
     @property
