@@ -124,6 +124,7 @@ def test_merged_push_is_a_dit_pipeline(tmp_path, tiny_vae_dir):
     result = push_adapter(tmp_path / "adapter.safetensors", "me/merged", merged=True, dry_run_out=tmp_path / "up")
     assert "model_index.json" in result["files"] and "adapter.safetensors" not in result["files"]
     assert "transformer/config.json" in result["files"] and "grid.png" not in result["files"]
+    assert ".difffit" not in result["files"]  # the local folder marker is not uploaded
     meta_yaml, _ = front_matter((tmp_path / "up" / "README.md").read_text())
     assert meta_yaml["library_name"] == "diffusers"
 

@@ -15,7 +15,7 @@ from difffit_cli.engine.card import model_card
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled, error_summary, network_errors
-from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.io import MARKER, atomic_path
 from difffit_cli.engine.merge import merge_adapter
 from difffit_cli.engine.runs import previews, read_eval_json, training_summary
 from difffit_cli.engine.sample import SamplingOptions, generate, parse_classes
@@ -69,6 +69,7 @@ def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: 
     """Write the repo's files into the empty `folder`; returns their names, sorted."""
     if merged:
         merge_adapter(str(adapter), folder / "pipeline", fmt="diffusers")
+        (folder / "pipeline" / MARKER).unlink()  # difffit's local folder marker has no place on the Hub
         for item in (folder / "pipeline").iterdir():  # a DiTPipeline loads from the repo's root
             item.rename(folder / item.name)
         (folder / "pipeline").rmdir()
