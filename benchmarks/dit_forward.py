@@ -36,9 +36,9 @@ def main() -> None:
 
     from diffusers import DiTTransformer2DModel
 
-    from difffit_cli.engine.diffusers_layout import original_to_diffusers
-    from difffit_cli.engine.dit import DiT, config_for
-    from difffit_cli.engine.speed import compile_blocks
+    from difffit_cli.engine.models.diffusers_layout import original_to_diffusers
+    from difffit_cli.engine.models.dit import DiT, config_for
+    from difffit_cli.engine.models.speed import compile_blocks
 
     device = torch.device(args.device)
     config = config_for(args.config, input_size=args.latent, num_classes=1000)

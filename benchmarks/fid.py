@@ -20,8 +20,8 @@ import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread
 from PIL import Image
 
-from difffit_cli.engine import image_sets, inception, metrics
 from difffit_cli.engine.devices import resolve_device
+from difffit_cli.engine.evaluation import image_sets, inception, metrics
 from difffit_cli.testing import random_inception_weights
 
 

@@ -20,11 +20,11 @@ import time
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
 
-from difffit_cli.engine.devices import autocast_dtype
-from difffit_cli.engine.dit import DiT, config_for
-from difffit_cli.engine.fp8 import fp8_support, quantize_frozen_linears
-from difffit_cli.engine.sample import sample_denoised, sample_generators
-from difffit_cli.engine.speed import compile_blocks
+from difffit_cli.engine.devices import autocast_dtype, fp8_support
+from difffit_cli.engine.evaluation.sample import sample_denoised, sample_generators
+from difffit_cli.engine.models.dit import DiT, config_for
+from difffit_cli.engine.models.fp8 import quantize_frozen_linears
+from difffit_cli.engine.models.speed import compile_blocks
 
 
 def main() -> None:

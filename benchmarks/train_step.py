@@ -29,8 +29,8 @@ import time
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, synchronizer
 
-from difffit_cli.engine.dit import config_for
-from difffit_cli.engine.methods import METHODS
+from difffit_cli.engine.methods.trainable import METHODS
+from difffit_cli.engine.models.dit import config_for
 
 # Dense tensor-core peaks of the SXM parts (bf16), by a word of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -51,13 +51,13 @@ def forward_flops(cfg) -> float:
 
 def build_step(args: argparse.Namespace):
     """The model and a `step()` closure for one contender (method, precision, compile)."""
-    from difffit_cli.engine.devices import AUTOCAST_DTYPES
-    from difffit_cli.engine.diffusion import GaussianDiffusion
-    from difffit_cli.engine.dit import DiT
-    from difffit_cli.engine.fp8 import quantize_frozen_linears, require_fp8
-    from difffit_cli.engine.methods import cast_frozen_matrices, prepare_model, trainable_parameters
-    from difffit_cli.engine.speed import compile_blocks, make_optimizer
-    from difffit_cli.engine.step import LossMeter, draw_timesteps_and_noise, step_generator
+    from difffit_cli.engine.devices import AUTOCAST_DTYPES, require_fp8
+    from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+    from difffit_cli.engine.models.diffusion import GaussianDiffusion
+    from difffit_cli.engine.models.dit import DiT
+    from difffit_cli.engine.models.fp8 import quantize_frozen_linears
+    from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
+    from difffit_cli.engine.training.step import LossMeter, draw_timesteps_and_noise, step_generator
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -165,7 +165,7 @@ class Worker:
 
 def contenders(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """(method, precision, compile) triples to run, and the skipped ones with the reason."""
-    from difffit_cli.engine.fp8 import fp8_support
+    from difffit_cli.engine.devices import fp8_support
 
     runs, skipped = [], {}
     for method, precision, compile_ in itertools.product(args.methods, args.precision, args.compile):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.inception import FEATURE_EXTRACTOR
+from difffit_cli.engine.evaluation.inception import FEATURE_EXTRACTOR
 from difffit_cli.engine.io import atomic_path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from difffit_cli.engine.dit import DiT, DiTConfig
+from difffit_cli.engine.models.dit import DiT, DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 INIT = REPO / "runs" / "tiny-base" / "init.safetensors"

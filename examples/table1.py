@@ -1,8 +1,8 @@
 """The DiffFit paper's Table 1 in one script: every fine-tuning method on one dataset, one budget.
 
-Each method is trained with `engine.train.fit` (same data, steps, batch and seed; each method's own
+Each method is trained with `engine.training.train.fit` (same data, steps, batch and seed; each method's own
 default learning rate unless --lr is given) in a fresh process, so the peak memory is that method's
-own; then its adapter is evaluated with `engine.metrics.evaluate` (what `difffit eval-fid ADAPTER
+own; then its adapter is evaluated with `engine.evaluation.metrics.evaluate` (what `difffit eval-fid ADAPTER
 DATA -n N` runs: sample N images from the adapter, FID against the training images).
 
     python examples/table1.py                    # bundled tiny base, examples/target, shared 2-core CPU: ~9 minutes
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.adapter import describe_adapter
-from difffit_cli.engine.config import FitConfig
-from difffit_cli.engine.methods import METHODS
-from difffit_cli.engine.metrics import evaluate
-from difffit_cli.engine.sample import SamplingOptions
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.evaluation.metrics import evaluate
+from difffit_cli.engine.evaluation.sample import SamplingOptions
+from difffit_cli.engine.methods.adapter import describe_adapter
+from difffit_cli.engine.methods.trainable import METHODS
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 from difffit_cli.testing import random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]

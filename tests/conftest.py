@@ -51,7 +51,7 @@ def golden() -> dict:
 
 @pytest.fixture(scope="session")
 def golden_model(golden):
-    from difffit_cli.engine.dit import DiT, DiTConfig
+    from difffit_cli.engine.models.dit import DiT, DiTConfig
 
     model = DiT(DiTConfig(**golden["config"])).eval()
     model.load_state_dict(golden["state"])
@@ -108,7 +108,7 @@ def tiny_base_file(tmp_path_factory) -> Path:
     """
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiT, DiTConfig
+    from difffit_cli.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2,

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from difffit_cli.engine.adapter import (
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
     expected_shapes,
@@ -23,11 +24,10 @@ from difffit_cli.engine.adapter import (
     read_adapter,
     save_adapter,
 )
-from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.dit import DiT, config_for
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods import prepare_model, trainable_parameters
-from difffit_cli.engine.sources import load_source
+from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit_cli.engine.models.bases import load_base
+from difffit_cli.engine.models.dit import DiT, config_for
 
 X = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([1, 400, 999])

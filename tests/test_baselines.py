@@ -14,13 +14,12 @@ from test_methods import meta_xl, n_trainable, tiny
 from test_train import adapter_tensors
 from torch import nn
 
-from difffit_cli.engine.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
-from difffit_cli.engine.baselines import MethodSettings, parse_lora_targets
-from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.merge import merge_adapter
-from difffit_cli.engine.methods import (
+from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
+from difffit_cli.engine.methods.baselines import MethodSettings, parse_lora_targets
+from difffit_cli.engine.methods.merge import merge_adapter
+from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.methods.trainable import (
     FOLDABLE,
     METHODS,
     count_groups,
@@ -29,8 +28,9 @@ from difffit_cli.engine.methods import (
     prepare_model,
     trainable_parameters,
 )
-from difffit_cli.engine.sources import load_source
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.models.bases import load_base
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 
 ADDING = ("lora", "adapter-parallel", "adapter-sequential", "vpt-deep")
 # Small settings for the 384-wide test models (the defaults are sized for DiT-XL/2).
@@ -242,9 +242,9 @@ def test_swapping_adapters_of_different_methods_restores_the_base_exactly(base_s
 
 def test_multi_adapter_sampling_and_eval_fid_for_every_method(adapters, tmp_path, toy_data):
     """`sample A B C ...` (one base, adapters swapped in) and `eval-fid ADAPTER` for every method."""
-    from difffit_cli.engine.metrics import evaluate
-    from difffit_cli.engine.sample import SamplingOptions, generate
-    from difffit_cli.engine.sources import iter_sources
+    from difffit_cli.engine.evaluation.metrics import evaluate
+    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+    from difffit_cli.engine.methods.sources import iter_sources
     from difffit_cli.testing import random_inception_weights
 
     paths = [adapters[ident][0] for ident in IDS]
@@ -290,7 +290,7 @@ def test_lora_merges_into_both_formats(adapters, ident, tmp_path):
 def test_peft_export_loads_with_peft_model_from_pretrained(adapters, base_spec, tmp_path):
     from peft import PeftModel
 
-    from difffit_cli.engine.methods import resize_class_table
+    from difffit_cli.engine.methods.trainable import resize_class_table
 
     path, model = adapters["lora"]
     expected = outputs(model, 4)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from difffit_cli.engine import bases
-from difffit_cli.engine.bases import Base, describe_base, load_base, state_dict_fingerprint
-from difffit_cli.engine.diffusers_layout import diffusers_to_original, original_to_diffusers
-from difffit_cli.engine.dit import DIT_CONFIGS, DiT, DiTConfig, config_for
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.formats import config_from_state_dict
+from difffit_cli.engine.models import bases
+from difffit_cli.engine.models.bases import Base, describe_base, load_base, state_dict_fingerprint
+from difffit_cli.engine.models.diffusers_layout import diffusers_to_original, original_to_diffusers
+from difffit_cli.engine.models.dit import DIT_CONFIGS, DiT, DiTConfig, config_for
+from difffit_cli.engine.models.formats import config_from_state_dict
 
 ATOL = 1e-5
 HEADS = 4  # the golden model's width (64) is not a standard one, so its head count must be given

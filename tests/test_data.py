@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from difffit_cli.engine.data import (
+from difffit_cli.engine.data.images import (
     center_crop,
     find_bad_images,
     load_image,
     scan_image_folder,
     to_model_range,
 )
+from difffit_cli.engine.data.latents import draw_cached_latents, latent_cache
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.latents import draw_cached_latents, latent_cache
 
 
 def _save(image: Image.Image, path, **kwargs) -> None:
@@ -150,7 +150,7 @@ def _image_tree(root, n=5, size=16):
 
 
 def test_latent_cache_matches_encoding_and_is_reused(tmp_path, tiny_vae_dir):
-    from difffit_cli.engine.vae import load_vae
+    from difffit_cli.engine.models.vae import load_vae
 
     _image_tree(tmp_path / "imgs")
     folder = scan_image_folder(tmp_path / "imgs")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difffit_cli.engine.diffusion import GaussianDiffusion, space_timesteps
+from difffit_cli.engine.models.diffusion import GaussianDiffusion, space_timesteps
 
 
 def test_hybrid_loss_matches_reference(golden, golden_model):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difffit_cli.engine.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
+from difffit_cli.engine.models.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
 
 
 def test_forward_matches_reference(golden, golden_model):

@@ -4,18 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.dit import DiT, DiTConfig
+from difffit_cli.engine.devices import fp8_support, require_fp8
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.fp8 import (
+from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit_cli.engine.models.dit import DiT, DiTConfig
+from difffit_cli.engine.models.fp8 import (
     E4M3,
     FP8FrozenLinear,
-    fp8_support,
     quantize,
     quantize_frozen_linears,
     reference_linear,
-    require_fp8,
 )
-from difffit_cli.engine.methods import prepare_model, trainable_parameters
 
 
 def _kernel_reason() -> str | None:

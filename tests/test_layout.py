@@ -91,6 +91,35 @@ def test_no_import_cycle_counting_function_level_imports():
             raise AssertionError("import cycle: " + " -> ".join(cycle))
 
 
+# The engine's layers, lowest first: a module imports only from its own layer or a lower one. Methods and
+# evaluation are peers (sources samples; evaluation reads adapters through sources).
+LAYERS = {"models": 1, "data": 2, "methods": 3, "evaluation": 3, "training": 4, "sharing": 5}
+
+
+def layer(module: str) -> int:
+    """0 for the plumbing at the engine's root (errors, io, hub, ...), 6 for the CLI."""
+    parts = module.split(".")
+    if parts[:2] == ["difffit_cli", "cli"]:
+        return 6
+    return LAYERS.get(parts[2], 0) if parts[:2] == ["difffit_cli", "engine"] and len(parts) > 2 else 0
+
+
+def test_engine_dependencies_point_down():
+    upward = [f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
+              for name, tree in all_modules.items() if name.startswith("difffit_cli.engine.")
+              for target, _, _ in imported(tree, name)
+              if target in all_modules and target != "difffit_cli" and layer(target) > layer(name)]
+    assert upward == []
+
+
+def test_every_engine_subpackage_is_a_layer():
+    packages = {p.name for p in (PACKAGE / "engine").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(LAYERS)
+    for name in packages:
+        doc = ast.get_docstring(all_modules[f"difffit_cli.engine.{name}"])
+        assert doc, f"engine/{name}/__init__.py needs a docstring saying what the layer is"
+
+
 def _parents(module: str) -> list[str]:
     parts = module.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
@@ -98,8 +127,8 @@ def _parents(module: str) -> list[str]:
 
 def test_the_layout_test_sees_what_it_checks():
     """Guard against a vacuous pass: the walk finds the engine, its imports and the CLI's lazy imports."""
-    assert {"difffit_cli.engine.train", "difffit_cli.cli", "difffit_cli.engine.dit"} <= set(all_modules)
-    train_imports = {target for target, _, _ in imported(all_modules["difffit_cli.engine.train"], "")}
-    assert "difffit_cli.engine.config" in train_imports
+    assert {"difffit_cli.engine.training.train", "difffit_cli.cli", "difffit_cli.engine.models.dit"} <= set(all_modules)
+    train_imports = {target for target, _, _ in imported(all_modules["difffit_cli.engine.training.train"], "")}
+    assert "difffit_cli.engine.training.config" in train_imports
     cli_inner = [t for t, _, inner in imported(all_modules["difffit_cli.cli.train"], "") if inner]
-    assert "difffit_cli.engine.train" in cli_inner or "difffit_cli.engine" in cli_inner
+    assert "difffit_cli.engine.training.train" in cli_inner or "difffit_cli.engine" in cli_inner

@@ -11,10 +11,10 @@ from test_adapter import T, X, outputs, train, write_base
 from typer.testing import CliRunner
 
 from difffit_cli.cli import app
-from difffit_cli.engine.adapter import save_adapter
-from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.merge import merge_adapter
-from difffit_cli.engine.sources import load_source
+from difffit_cli.engine.methods.adapter import save_adapter
+from difffit_cli.engine.methods.merge import merge_adapter
+from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.models.bases import load_base
 
 
 @pytest.fixture(scope="module")

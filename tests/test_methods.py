@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.dit import DiT, config_for
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods import (
+from difffit_cli.engine.methods.trainable import (
     cast_frozen_matrices,
     count_groups,
     describe_method,
@@ -20,6 +19,7 @@ from difffit_cli.engine.methods import (
     prepare_model,
     trainable_parameters,
 )
+from difffit_cli.engine.models.dit import DiT, config_for
 
 XL = config_for("DiT-XL/2", input_size=32)
 # DiT-XL/2 bias counts, by hand from the architecture (not from the code under test):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from difffit_cli.engine import inception, metrics
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.evaluation import inception, metrics
 from difffit_cli.testing import random_inception_weights
 
 N = 12
@@ -138,7 +138,7 @@ def tiny_base(tmp_path_factory):
     """A 1-block DiT on 8 px pixel space (identity VAE), saved as an original-layout base file."""
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiT, DiTConfig
+    from difffit_cli.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6,
@@ -156,8 +156,8 @@ def tiny_base(tmp_path_factory):
 def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from difffit_cli.engine.sample import SamplingOptions, generate
-    from difffit_cli.engine.sources import load_source
+    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+    from difffit_cli.engine.methods.sources import load_source
 
     options = SamplingOptions(scheduler="ddim", steps=2, cfg_scale=1.5, seed=3)
     monkeypatch.chdir(tmp_path)

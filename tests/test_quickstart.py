@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.config import FitConfig
-from difffit_cli.engine.sample import SamplingOptions, generate
-from difffit_cli.engine.sources import load_source
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.models.bases import load_base
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "examples" / "target"

@@ -8,9 +8,9 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
-from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.recipes import SHIPPED, read_options, resolve_fit_config, write_toml
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.recipes import SHIPPED, read_options, resolve_fit_config, write_toml
 
 PAPER_DATASETS = ("food101", "sun397", "df20m-mini", "caltech101", "cub200", "artbench10", "flowers102",
                   "stanford-cars")
@@ -35,7 +35,7 @@ def test_cli_beats_recipe_beats_defaults(tmp_path):
 
 def test_cli_detects_given_options(tmp_path, monkeypatch):
     """Through the real CLI: an option left at its default must not override the recipe."""
-    import difffit_cli.engine.train as train
+    import difffit_cli.engine.training.train as train
     from difffit_cli import cli
 
     recipe = tmp_path / "r.toml"

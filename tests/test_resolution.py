@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from difffit_cli.engine.bases import load_base
-from difffit_cli.engine.config import FitConfig
-from difffit_cli.engine.dit import sincos_pos_embed_2d
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.merge import merge_adapter
-from difffit_cli.engine.resolution import move_to_resolution
-from difffit_cli.engine.sample import SamplingOptions, generate
-from difffit_cli.engine.sources import load_source
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+from difffit_cli.engine.methods.merge import merge_adapter
+from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.models.bases import load_base
+from difffit_cli.engine.models.dit import sincos_pos_embed_2d
+from difffit_cli.engine.models.resolution import move_to_resolution
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 
 
 @pytest.fixture

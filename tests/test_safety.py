@@ -15,13 +15,13 @@ import pytest
 import torch
 from test_train import REPO, _cli, _wait_for, adapter_tensors
 
-from difffit_cli.engine.config import FitConfig
-from difffit_cli.engine.data import scan_image_folder
+from difffit_cli.engine.data.images import scan_image_folder
+from difffit_cli.engine.data.latents import latent_cache, remove_stale_builds
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import MARKER, atomic_path, check_output, run_lock, write_marker
-from difffit_cli.engine.latents import latent_cache, remove_stale_builds
-from difffit_cli.engine.train import fit
-from difffit_cli.engine.vae import load_vae
+from difffit_cli.engine.models.vae import load_vae
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from difffit_cli.engine.diffusion import GaussianDiffusion
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.sample import (
+from difffit_cli.engine.evaluation.sample import (
     SamplingOptions,
     draw_noise,
     generate,
@@ -21,9 +20,17 @@ from difffit_cli.engine.sample import (
     sample_generators,
     to_uint8,
 )
-from difffit_cli.engine.sample_folder import load_pngs, sample_to_folder, save_grid, save_npz, save_pngs, shard
-from difffit_cli.engine.schedulers import make_sampler
-from difffit_cli.engine.vae import load_vae
+from difffit_cli.engine.evaluation.sample_folder import (
+    load_pngs,
+    sample_to_folder,
+    save_grid,
+    save_npz,
+    save_pngs,
+    shard,
+)
+from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.schedulers import make_sampler
+from difffit_cli.engine.models.vae import load_vae
 
 
 @dataclass
@@ -321,7 +328,7 @@ def base_file(tmp_path_factory, tiny_vae_dir):
 
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.dit import DiT, DiTConfig
+    from difffit_cli.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, hidden_size=384, depth=2, num_heads=6, num_classes=10))
@@ -339,9 +346,9 @@ def make_adapter(base_file, path, seed):
     """An adapter as fit leaves one: 3 named classes, perturbed trainable tensors (fp32: exact)."""
     import copy
 
-    from difffit_cli.engine.adapter import make_meta, save_adapter
-    from difffit_cli.engine.bases import load_base
-    from difffit_cli.engine.methods import prepare_model, trainable_parameters
+    from difffit_cli.engine.methods.adapter import make_meta, save_adapter
+    from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
+    from difffit_cli.engine.models.bases import load_base
 
     base = load_base(str(base_file))
     model = copy.deepcopy(base.model)

@@ -13,14 +13,14 @@ import yaml
 from PIL import Image
 from test_adapter import train, write_base
 
-from difffit_cli.engine.adapter import read_adapter, save_adapter
-from difffit_cli.engine.card import hub_base_id, model_card
-from difffit_cli.engine.config import FitConfig
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub_adapters import resolve_adapter_source
-from difffit_cli.engine.push import push_adapter
-from difffit_cli.engine.runs import training_summary
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.methods.adapter import read_adapter, save_adapter
+from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
+from difffit_cli.engine.sharing.card import hub_base_id, model_card
+from difffit_cli.engine.sharing.push import push_adapter
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.runs import training_summary
+from difffit_cli.engine.training.train import fit
 
 SNAPSHOT = "89abcdef0123456789abcdef0123456789abcdef"
 

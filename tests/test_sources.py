@@ -1,4 +1,4 @@
-"""engine/sources.py: the inputs of sample / info / merge / eval-fid, used from Python."""
+"""engine/methods/sources.py: the inputs of sample / info / merge / eval-fid, used from Python."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from test_adapter import train, write_base
 
-from difffit_cli.engine.adapter import save_adapter
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.sample import SamplingOptions
-from difffit_cli.engine.sample_folder import load_pngs
-from difffit_cli.engine.sources import describe_source, sample_sources, source_name, unique_names
+from difffit_cli.engine.evaluation.sample import SamplingOptions
+from difffit_cli.engine.evaluation.sample_folder import load_pngs
+from difffit_cli.engine.methods.adapter import save_adapter
+from difffit_cli.engine.methods.sources import describe_source, sample_sources, source_name, unique_names
 
 FAST = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from difffit_cli.engine.adapter import read_adapter
-from difffit_cli.engine.config import FitConfig
-from difffit_cli.engine.diffusion import GaussianDiffusion, linear_betas
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.train import fit
+from difffit_cli.engine.methods.adapter import read_adapter
+from difffit_cli.engine.models.diffusion import GaussianDiffusion, linear_betas
+from difffit_cli.engine.training.config import FitConfig
+from difffit_cli.engine.training.train import fit
 
 
 def _losses(golden, golden_model, **weighting):

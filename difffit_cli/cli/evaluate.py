@@ -69,8 +69,8 @@ def eval_fid(
       difffit eval-fid samples/ data/test --save-stats test-stats.npz
       difffit eval-fid samples2/ test-stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
     """
-    from difffit_cli.engine.metrics import evaluate
-    from difffit_cli.engine.sample import SamplingOptions
+    from difffit_cli.engine.evaluation.metrics import evaluate
+    from difffit_cli.engine.evaluation.sample import SamplingOptions
 
     sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)

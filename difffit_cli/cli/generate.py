@@ -56,8 +56,8 @@ def sample(
       [dim]# sample again into the same folder: replaces (and removes) only difffit's own earlier samples[/dim]
       difffit sample runs/food101/adapter.safetensors -n 8 --overwrite
     """
-    from difffit_cli.engine.sample import SamplingOptions
-    from difffit_cli.engine.sources import sample_sources
+    from difffit_cli.engine.evaluation.sample import SamplingOptions
+    from difffit_cli.engine.methods.sources import sample_sources
 
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                               seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
@@ -104,7 +104,7 @@ def merge(
 
     difffit merge runs/food/adapter.safetensors --out food.safetensors --overwrite   [dim]# replace it[/dim]
     """
-    from difffit_cli.engine.merge import merge_adapter
+    from difffit_cli.engine.methods.merge import merge_adapter
 
     summary = merge_adapter(adapter, out, base=base, fmt=fmt, force_base=force_base, overwrite=overwrite)
     if as_json:

@@ -41,8 +41,8 @@ def info(
 
     difffit info runs/food/adapter.safetensors --json
     """
-    from difffit_cli.engine.baselines import MethodSettings
-    from difffit_cli.engine.sources import describe_source
+    from difffit_cli.engine.methods.baselines import MethodSettings
+    from difffit_cli.engine.methods.sources import describe_source
 
     settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
                                              lora_targets=lora_targets, adapter_dim=adapter_dim,

@@ -64,7 +64,7 @@ def push(
                    ] = None,
     as_json: opt.Json = False,
 ) -> None:
-    from difffit_cli.engine.push import push_adapter
+    from difffit_cli.engine.sharing.push import push_adapter
 
     if dry_run != (out is not None):
         raise DiffFitError("--dry-run and --out go together.", hint="Pass both, e.g. --dry-run --out upload/.")
@@ -104,7 +104,7 @@ def report(
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:
-    from difffit_cli.engine.report import write_report
+    from difffit_cli.engine.sharing.report import write_report
 
     path = write_report(run_dirs, out, overwrite=overwrite)
     size = path.stat().st_size

@@ -155,8 +155,8 @@ def _given_options(ctx: typer.Context) -> dict:
 
 
 def _run(given: dict, recipe: str | None, as_json: bool, needs_resolution: bool = False) -> None:
-    from difffit_cli.engine import train
-    from difffit_cli.engine.recipes import resolve_fit_config
+    from difffit_cli.engine.training import train
+    from difffit_cli.engine.training.recipes import resolve_fit_config
 
     config = resolve_fit_config(given, recipe)
     if needs_resolution and config.resolution is None:  # --to or the recipe's `resolution`

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FitConfig": "config", "FitResult": "config", "fit": "train", "load_base": "bases",
-    "SamplingOptions": "sample", "generate": "sample", "sample_to_folder": "sample_folder",
-    "evaluate": "metrics", "merge_adapter": "merge", "load_source": "sources",
+    "FitConfig": "training.config", "FitResult": "training.config", "fit": "training.train",
+    "load_base": "models.bases", "SamplingOptions": "evaluation.sample", "generate": "evaluation.sample",
+    "sample_to_folder": "evaluation.sample_folder", "evaluate": "evaluation.metrics",
+    "merge_adapter": "methods.merge", "load_source": "methods.sources",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.fp8 import require_fp8
 
 DEVICES = ("auto", "cpu", "cuda")
-# fp8 runs the frozen block Linears in float8 (engine.fp8) and everything else under bf16 autocast.
+# fp8 runs the frozen block Linears in float8 (engine.models.fp8) and everything else under bf16 autocast.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
@@ -63,3 +62,23 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None, pr
         require_fp8(resolve_device(device))
     accelerator = Accelerator(mixed_precision="no", cpu=not cuda, log_with=log_with, project_dir=str(project_dir))
     return accelerator, precision
+
+
+def fp8_support(device: torch.device | str) -> str | None:
+    """None when `device` runs fp8 matmuls on tensor cores; otherwise the reason, in one sentence."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"--mixed-precision fp8 needs an NVIDIA GPU with FP8 tensor cores; this run is on {device.type}."
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return (f"--mixed-precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: L4, L40, "
+                f"H100, H200, B200); {name} has {major}.{minor}.")
+    return None
+
+
+def require_fp8(device: torch.device | str) -> None:
+    """Raise the one-sentence DiffFitError of `fp8_support` when `device` has no FP8 tensor cores."""
+    reason = fp8_support(device)
+    if reason is not None:
+        raise DiffFitError(reason, hint="Use --mixed-precision bf16 (the default on CUDA).")

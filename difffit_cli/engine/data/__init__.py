@@ -1,0 +1,1 @@
+"""Training data: image folders, Hugging Face datasets, the latent cache and the batch order."""

@@ -1,0 +1,133 @@
+"""What each training step sees, as a pure function of (seed, step, process).
+
+Exactness on resume comes from one rule: every random draw of optimizer step s on process r is a
+function of (seed, s, r). The data order is a per-epoch permutation seeded by (seed, epoch); the
+flips, latent noise, timesteps and diffusion noise come from a generator seeded by (seed, s, r);
+the global torch RNG (the model's label dropout) is re-seeded from the same triple each step. So a
+checkpoint needs only the step, and a run resumed from step 20 draws exactly what an uninterrupted
+run draws. The held-out validation items (`held_out`) are a function of (seed, item list) too.
+
+`--batch-size` is the global batch of one optimizer step; each of P processes takes its own slice
+of it (batch / (P * grad_accum) per micro-step), so results do not depend on how many GPUs ran them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from difffit_cli.engine.data.latents import CachedLatents, EncodedLatents
+from difffit_cli.engine.errors import DiffFitError
+
+
+def step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class DataOrder:
+    """An endless stream of dataset indices: epoch e is a shuffle, seeded by (seed, e), of a pool.
+
+    The pool holds each item once, or `repeats[i]` times. With `balance`, every class fills as many
+    places of an epoch as the largest class has (its items in a fresh order each epoch, cycled), so
+    classes are drawn equally whatever their sizes; the default pool draws exactly as before.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int, repeats: Sequence[int] | None = None, balance: bool = False):
+        self.seed, self.balance = seed, balance
+        counts = torch.tensor(repeats if repeats is not None else [1] * len(labels), dtype=torch.long)
+        self.pool = torch.repeat_interleave(torch.arange(len(labels)), counts)
+        pool_labels = torch.tensor(list(labels), dtype=torch.long)[self.pool]
+        self.by_class = [self.pool[pool_labels == c] for c in pool_labels.unique().tolist()]
+        self.n = max(len(c) for c in self.by_class) * len(self.by_class) if balance else len(self.pool)
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0x0D47A))
+            pool = self.pool
+            if self.balance:
+                places = self.n // len(self.by_class)
+                pool = torch.cat([items[torch.randperm(len(items), generator=g).repeat(-(-places // len(items)))]
+                                  [:places] for items in self.by_class])
+            self._perms[epoch] = pool[torch.randperm(self.n, generator=g)]
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Stream positions start .. start+count-1."""
+        positions = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for epoch in positions.div(self.n, rounding_mode="floor").unique().tolist():
+            mask = positions // self.n == epoch
+            out[mask] = self._perm(epoch)[positions[mask] % self.n]
+        return out
+
+
+def item_repeats(repeats: int | dict[str, int], labels: Sequence[int], class_names: Sequence[str]) -> list[int] | None:
+    """--repeats as one count per item: a global integer, or {class name: count} (others once); None for 1."""
+    if isinstance(repeats, int):
+        return None if repeats == 1 else [repeats] * len(labels)
+    unknown = sorted(set(repeats) - set(class_names))
+    if unknown:
+        raise DiffFitError(f"`repeats` names class(es) the data does not have: {', '.join(unknown)}.",
+                           hint=f"The classes are: {', '.join(class_names[:20])}.")
+    per_class = [repeats.get(name, 1) for name in class_names]
+    return [per_class[label] for label in labels]
+
+
+def held_out(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """The validation items: round(fraction * n) of each class, chosen by (seed, class), never a class's
+    last item. A pure function of the seed and the item list, so a resumed run holds out the same ones."""
+    labels_t = torch.tensor(list(labels), dtype=torch.long)
+    chosen: list[int] = []
+    for c in labels_t.unique().tolist():
+        items = torch.nonzero(labels_t == c).flatten()
+        k = min(math.floor(fraction * len(items) + 0.5), len(items) - 1)
+        g = torch.Generator().manual_seed(step_seed(seed, c, 0x5A1D))
+        chosen += items[torch.randperm(len(items), generator=g)[:k]].tolist()
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one optimizer step's global batch splits over processes and accumulation micro-steps."""
+
+    batch_size: int
+    grad_accum: int
+    rank: int
+    world: int
+
+    @property
+    def per_process(self) -> int:
+        per_process, rest = divmod(self.batch_size, self.world * self.grad_accum)
+        if rest or not per_process:
+            raise DiffFitError(
+                f"--batch-size {self.batch_size} does not split evenly over {self.world} process(es) x "
+                f"--grad-accum {self.grad_accum}.", hint="Use a multiple of their product as the batch size.")
+        return per_process
+
+    def start(self, step: int, micro: int) -> int:
+        """The data-stream position of this process's slice of micro-step `micro` of `step`."""
+        return step * self.batch_size + (micro * self.world + self.rank) * self.per_process
+
+
+class Batches:
+    """Micro-batches (latents x0, labels) for the training loop, drawn from cached or encoded latents."""
+
+    def __init__(self, latents: CachedLatents | EncodedLatents, labels: list[int], latent_shape: tuple[int, ...],
+                 split: Split, order: DataOrder, device: torch.device):
+        self.latents, self.labels = latents, torch.tensor(labels)
+        self.latent_shape, self.split, self.order, self.device = latent_shape, split, order, device
+
+    def micro_batch(self, step: int, micro: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.split.per_process
+        index = self.order.take(self.split.start(step, micro), n)
+        flips = torch.randint(0, 2, (n,), generator=g)
+        latent_noise = torch.randn((n, *self.latent_shape), generator=g)
+        x0 = self.latents.draw(index, flips, latent_noise, self.device)
+        return x0, self.labels[index].to(self.device)

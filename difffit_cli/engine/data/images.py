@@ -1,0 +1,279 @@
+"""Training data: image-folder scanning, decoding any image file to RGB, the reference (ADM) crop.
+
+A folder of class sub-folders is a labelled dataset (sorted folder names are the classes); a flat
+folder is one class. A Hugging Face dataset (`engine.data.hf_datasets`) is the same `ImageFolder` with rows
+for files. Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
+`engine.data.latents` turns the crops into latents.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.io import files_signature, has_marker
+from difffit_cli.engine.progress import stderr_console, track
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """Row `index` of a dataset: the item a dataset has where a folder has a file."""
+
+    index: int
+    source: str
+
+    def __str__(self) -> str:  # how a skipped row is named
+        return f"{self.source} row {self.index}"
+
+
+class RowSource(Protocol):
+    """A table of images (engine.data.hf_datasets.HFRows): what the rows of an ImageFolder are read from."""
+
+    def load(self, index: int) -> Image.Image: ...  # RGB, or raise BadImage
+
+    def signature(self, rows: Sequence[int]) -> str: ...  # what the latent cache keys on
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """The usable images of a folder (or rows of a dataset), their labels, and the skipped ones (item, reason)."""
+
+    root: Path
+    files: list[Path] | list[Row]
+    labels: list[int]
+    class_names: list[str]
+    skipped: list[tuple[Path | Row, str]] = field(default_factory=list)
+    rows: RowSource | None = None  # set for a dataset, whose files are then Rows
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, item: Path | Row) -> Image.Image:
+        return self.rows.load(item.index) if self.rows is not None else load_image(item)
+
+    def key(self, item: Path | Row) -> str:
+        """The item's name in the latent cache."""
+        return f"row-{item.index}" if self.rows is not None else str(item.relative_to(self.root))
+
+    def signature(self) -> str:
+        """What the items' latents depend on: row numbers and the dataset fingerprint, or paths, sizes, mtimes."""
+        if self.rows is not None:
+            return self.rows.signature([row.index for row in self.files])
+        return files_signature(self.files, self.root)
+
+    def by_key(self, reasons: dict[str, str]) -> dict[Path | Row, str]:
+        """{cache key: reason} -> {item: reason}, for `without`."""
+        return {item: reasons[self.key(item)] for item in self.files if self.key(item) in reasons}
+
+    def take(self, indices: Sequence[int]) -> ImageFolder:
+        """The items at `indices` (a held-out split); classes are kept, nothing counts as skipped."""
+        return replace(self, files=[self.files[i] for i in indices], labels=[self.labels[i] for i in indices],
+                       skipped=[])
+
+    def without(self, bad: dict[Path, str]) -> ImageFolder:
+        """The same folder with the files in `bad` moved to `skipped` (class indices are kept)."""
+        keep = [i for i, f in enumerate(self.files) if f not in bad]
+        return replace(
+            self,
+            files=[self.files[i] for i in keep],
+            labels=[self.labels[i] for i in keep],
+            skipped=self.skipped + [(f, bad[f]) for f in self.files if f in bad],
+        )
+
+
+def image_files(folder: Path, recursive: bool) -> list[Path]:
+    """The image files under `folder` (by extension, any case; hidden files skipped), sorted.
+
+    Folders difffit wrote (runs, samples, merges: they hold its marker) are never read as data, so
+    `difffit fit .` inside a data folder does not train on its own earlier output.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        if has_marker(here):
+            dirnames.clear()
+            continue
+        found += [here / name for name in filenames if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                  and not name.startswith(".") and (here / name).is_file()]
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def is_output_folder(folder: Path) -> bool:
+    """A folder difffit wrote, or one holding only difffit's outputs (the default `runs/` and `samples/`)."""
+    return has_marker(folder) or (folder.name in OUTPUT_ROOTS and any(has_marker(p) for p in folder.iterdir()))
+
+
+def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_workers: int = 0,
+                      progress: bool = True) -> ImageFolder:
+    """List the images under `root`: class sub-folders (sorted) are the classes, a flat folder is one.
+
+    Only the extensions in IMAGE_EXTENSIONS count (any case); other files are ignored. With
+    `validate`, every image is decoded once and unreadable ones go to `skipped`.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DiffFitError(f"The data folder {root} does not exist or is not a folder.")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and not is_output_folder(p))
+    files: list[Path] = []
+    labels: list[int] = []
+    class_names: list[str] = []
+    empty = []
+    for sub in subdirs:
+        found = image_files(sub, recursive=True)
+        if found:
+            files += found
+            labels += [len(class_names)] * len(found)
+            class_names.append(sub.name)
+        else:
+            empty.append(sub.name)
+    if class_names and empty:
+        stderr_console.print(f"[yellow]No images in {', '.join(empty)}; not used as class(es).[/yellow]",
+                             highlight=False)
+    if not class_names:  # flat folder: one class named after the folder
+        files = image_files(root, recursive=False)
+        labels = [0] * len(files)
+        class_names = [root.resolve().name]
+    if not files:
+        raise DiffFitError(
+            f"No images found in {root}.",
+            hint=f"Put {', '.join(sorted(IMAGE_EXTENSIONS))} files in it, one sub-folder per class.",
+        )
+    folder = ImageFolder(root, files, labels, class_names)
+    if validate:
+        folder = folder.without(find_bad_images(folder, 8, num_workers, progress))
+        require_images(folder)
+    return folder
+
+
+def require_images(folder: ImageFolder) -> None:
+    if not folder.files:
+        raise DiffFitError(f"None of the {len(folder.skipped)} image files in {folder.root} could be read.",
+                           hint="The files are named above with the reason each one was skipped.")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and the reference preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, EXIF orientation applied; transparency is composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit grayscale: Pillow's convert() clips at 255 instead of rescaling.
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: Path | io.BytesIO) -> Image.Image:
+    """Decode one file (or a dataset row's bytes) to RGB or raise BadImage with the reason."""
+    try:
+        if (path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size) == 0:
+            raise BadImage("empty file")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat both as a decompression bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)") from None
+    except Exception as exc:  # Pillow raises many types for broken files (OSError, SyntaxError, ...)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadImage(f"not a readable image ({reason})") from None
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's center crop: halve with a box filter while the short side is >= 2*size, resize the short
+    side to `size` (bicubic), then cut the central size x size square. Returns (size, size, 3) uint8."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    arr = np.array(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> float in [-1, 1], as the reference's Normalize(0.5, 0.5)."""
+    return images.float() / 127.5 - 1.0
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item i -> (uint8 (3, R, R) tensor or None, reason or None); never raises for a bad file."""
+
+    def __init__(self, folder: ImageFolder, resolution: int):
+        self.folder, self.resolution = folder, resolution
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            arr = center_crop(self.folder.load(self.folder.files[i]), self.resolution)
+        except BadImage as exc:
+            return None, str(exc)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), None
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def image_batches(folder: ImageFolder, resolution: int, batch_size: int, num_workers: int):
+    dataset = ImageDataset(folder, resolution)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       collate_fn=_as_list, shuffle=False)
+
+
+def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
+                    progress: bool = True) -> dict[Path | Row, str]:
+    """Decode every image once; {item: reason} for the ones that cannot be used."""
+    bad: dict[Path | Row, str] = {}
+    with track(len(folder.files), "Checking images", progress) as advance:
+        start = 0
+        for batch in image_batches(folder, resolution, 64, num_workers):
+            for offset, (_, reason) in enumerate(batch):
+                if reason is not None:
+                    bad[folder.files[start + offset]] = reason
+            start += len(batch)
+            advance(len(batch))
+    return bad
+
+
+def report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
+    for path, reason in skipped:
+        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+    if skipped:
+        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")

@@ -1,0 +1,248 @@
+"""Latents for training: the VAE's latent *distribution* (mean, std) of each image and its mirror.
+
+Training draws `mean + std * noise`. The cache stores the distribution once per image (plain and
+mirrored, fp16, memory-mapped) so later runs never run the VAE; `EncodedLatents` encodes on the fly
+(`--no-cache-latents`, the reference behaviour). Both draw from the same distribution through the
+same `draw_latents`.
+
+The cache is checked when a run opens it: its `meta.json` records a checksum of `latents.npy`, so
+values overwritten in place, a truncated file or a broken `meta.json` are named on stderr and the
+cache is rebuilt. Latents the VAE returns as NaN or inf mark that image as unusable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
+from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
+from difffit_cli.engine.models.vae import Autoencoder
+from difffit_cli.engine.progress import stderr_console, track
+
+CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
+CHECKSUM_CHUNK = 1 << 24
+STALE_TMP_SECONDS = 7 * 24 * 3600  # a half-built cache this old has no live owner left
+BUILD_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-\w+")  # atomic_path's temporary name for a cache folder
+
+
+def vae_identity(spec: str) -> str:
+    """The VAE spec, made specific for a local folder (absolute path, file sizes and mtimes)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return f"{path.resolve()}\n" + files_signature(files, path if path.is_dir() else path.parent)
+
+
+def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
+    """Hash of what the cached latents depend on: the files (with sizes and mtimes) or the dataset
+    fingerprint and rows, the resolution, the VAE."""
+    h = hashlib.sha256()
+    head = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae_identity(vae_spec)}
+    h.update(json.dumps(head).encode())
+    h.update(folder.signature().encode())
+    return h.hexdigest()[:32]
+
+
+def file_checksum(path: Path) -> str:
+    """CRC-32 of a file, read in 16 MB chunks. It catches accidental damage (a stray write, a bad disk,
+    a truncated copy), which is all a cache needs; at about 2 GB/s it costs a small fraction of encoding."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+@dataclass
+class LatentCache:
+    """Memory-mapped latent distributions: rows[i] = (plain, flipped) x (mean, std) x (C, h, w), fp16."""
+
+    path: Path
+    rows: np.ndarray
+    row_of: dict[str, int]
+    bad: dict[str, str]
+    built: bool  # False when an existing cache was reused
+
+    def take(self, folder: ImageFolder) -> np.ndarray:
+        """Cache rows of the folder's items."""
+        return np.array([self.row_of[folder.key(item)] for item in folder.files], dtype=np.int64)
+
+
+def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: Callable[[], Autoencoder],
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                 device: torch.device | str = "cpu", num_workers: int = 0,
+                 progress: bool = True) -> LatentCache:
+    """Open the cache for (files, resolution, VAE), building it first (atomically) if needed.
+
+    `get_vae()` returns the engine.models.vae.Autoencoder; it is only called when the cache must be built.
+    A damaged cache is named on stderr and rebuilt.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "latents"
+    remove_stale_builds(root)
+    path = root / cache_key(folder, resolution, vae_spec)
+    opened, built = None, False
+    if path.exists():
+        opened, problem = _open_checked(path)
+        if opened is None:
+            stderr_console.print(f"[yellow]The latent cache {path} is damaged ({problem}); rebuilding it.[/yellow]",
+                                 highlight=False)
+    if opened is None:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)
+        opened, problem = _open_checked(path)
+        if opened is None:  # only a concurrent writer or a failing disk gets here
+            raise OSError(f"the latent cache {path} just written cannot be read back ({problem})")
+        built = True
+    rows, meta = opened
+    return LatentCache(path, rows, {f: i for i, f in enumerate(meta["files"])}, meta["bad"], built)
+
+
+def _open_checked(path: Path) -> tuple[tuple[np.ndarray, dict] | None, str]:
+    """((rows, meta), "") for an intact cache, else (None, what is wrong)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != CACHE_FORMAT or "checksum" not in meta:
+            return None, "written by another difffit version"
+        if file_checksum(path / "latents.npy") != meta["checksum"]:
+            return None, "latents.npy does not match its checksum"
+        rows = np.load(path / "latents.npy", mmap_mode="r")
+        if list(rows.shape) != meta["shape"]:
+            return None, "latents.npy has the wrong shape"
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        return None, f"{type(exc).__name__}: {exc}"
+    return (rows, meta), ""
+
+
+def remove_stale_builds(root: Path) -> None:
+    """Remove cache builds left by killed runs: those whose owner process is gone, or very old. Only names
+    that a build of this cache takes (`.tmp-<cache key>-*`) are touched: --cache-dir may be any folder."""
+    if not root.is_dir():
+        return
+    for tmp in root.glob(".tmp-*"):
+        if BUILD_NAME.fullmatch(tmp.name) and tmp.is_dir() and not _build_owner_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_owner_alive(tmp: Path) -> bool:
+    try:
+        owner = json.loads((tmp / "owner.json").read_text())
+    except (OSError, ValueError):
+        owner = None
+    if not isinstance(owner, dict) or owner.get("host") != os.uname().nodename:
+        # Another machine's build, or no owner record: only age tells it is abandoned.
+        return time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        return True
+    return True
+
+
+def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) on the VAE's device -> (N, mean|std, C, h, w) float."""
+    mean, std = vae.encode(to_model_range(images))
+    return torch.stack([mean.float(), std.float()], 1)
+
+
+@torch.no_grad()
+def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencoder, batch_size: int, device,
+                 num_workers: int, progress: bool) -> None:
+    (tmp / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    latent = resolution // vae.factor
+    shape = (len(folder.files), 2, 2, vae.latent_channels, latent, latent)
+    rows = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
+    bad: dict[str, str] = {}
+    start = 0
+    with track(len(folder.files), "Encoding latents", progress) as advance:
+        for batch in image_batches(folder, resolution, batch_size, num_workers):
+            for i, (_, reason) in enumerate(batch):
+                if reason is not None:
+                    bad[folder.key(folder.files[start + i])] = reason
+            good = [start + i for i, (img, _) in enumerate(batch) if img is not None]
+            if good:
+                images = torch.stack([batch[i - start][0] for i in good]).to(device)
+                # (2N, 2, C, h, w) -> (N, flip, mean|std, C, h, w)
+                out = encode_distribution(vae, torch.cat([images, images.flip(-1)])).unflatten(0, (2, len(good)))
+                out = out.transpose(0, 1).to("cpu", torch.float16)
+                finite = torch.isfinite(out).flatten(1).all(1)
+                for i, ok in zip(good, finite.tolist(), strict=True):
+                    if not ok:
+                        bad[folder.key(folder.files[i])] = "the VAE encodes it to NaN or inf"
+                rows[good] = out.numpy()
+            start += len(batch)
+            advance(len(batch))
+    rows.flush()
+    del rows
+    (tmp / "owner.json").unlink()
+    meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
+            "files": [folder.key(item) for item in folder.files], "bad": bad,
+            "checksum": file_checksum(tmp / "latents.npy")}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def draw_latents(distribution: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(N, mean|std, C, h, w) and noise (N, C, h, w) -> latents mean + std * noise, in float32."""
+    distribution = distribution.float()
+    return distribution[:, 0] + distribution[:, 1] * noise
+
+
+def draw_cached_latents(rows: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Cached rows (N, 2, 2, C, h, w) -> latents of the plain or mirrored image (flips: 0 or 1 each)."""
+    return draw_latents(rows[torch.arange(len(rows)), flips.long()], noise)
+
+
+def usable_latents(folder: ImageFolder, resolution: int, vae_spec: str, vae: Callable[..., Autoencoder], *,
+                   cache: bool, cache_dir: str | os.PathLike | None, batch_size: int, device: torch.device,
+                   num_workers: int, progress: bool) -> tuple[ImageFolder, CachedLatents | EncodedLatents]:
+    """The folder without its unusable images, and latents for the rest: from the latent cache (built
+    first if needed), or, without `cache`, encoded on the fly. `vae(device[, dtype])` gives the VAE."""
+    if cache:
+        opened = latent_cache(folder, resolution, vae_spec, lambda: vae(device), cache_dir, batch_size, device,
+                              num_workers, progress)
+        folder = folder.without(folder.by_key(opened.bad))
+        return folder, CachedLatents(opened, folder)
+    folder = folder.without(find_bad_images(folder, resolution, num_workers, progress))
+    return folder, EncodedLatents(folder, resolution, vae(device, torch.float32))
+
+
+class CachedLatents:
+    """Training latents read from a `LatentCache` (memory-mapped rows, then to the device)."""
+
+    def __init__(self, cache: LatentCache, folder: ImageFolder):
+        self.cache = cache
+        self.rows = torch.from_numpy(cache.take(folder))
+
+    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
+        rows = torch.from_numpy(np.ascontiguousarray(self.cache.rows[self.rows[index].numpy()]))
+        return draw_cached_latents(rows.to(device), flips.to(device), noise.to(device))
+
+
+class EncodedLatents:
+    """Training latents encoded on the fly, every step (`--no-cache-latents`)."""
+
+    def __init__(self, folder: ImageFolder, resolution: int, vae: Autoencoder):
+        self.dataset, self.vae = ImageDataset(folder, resolution), vae
+
+    @torch.no_grad()
+    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
+        images = torch.stack([self.dataset[i][0] for i in index.tolist()]).to(device)
+        images = torch.where(flips.to(device).view(-1, 1, 1, 1).bool(), images.flip(-1), images)
+        return draw_latents(encode_distribution(self.vae, images), noise.to(device))

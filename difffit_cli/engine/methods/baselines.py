@@ -1,0 +1,176 @@
+"""The paper's baselines beside DiffFit: LoRA (built on Hugging Face peft), bottleneck adapters, VPT-deep.
+
+Each adds modules to the model; `add_method_modules` is the one place they are added, used both when a
+run prepares its model and when an adapter file is applied to a loaded base (which passes a `setter`
+that remembers every replaced attribute, so the base can be restored exactly afterwards).
+
+Defaults and where they come from (README "Methods" has the whole list):
+- LoRA rank 8 (the paper's LoRA-R8; R16 is `--rank 16`); alpha = rank, i.e. scale alpha / r = 1 at any
+  rank (peft's own defaults are r=8, alpha=8, the same scale); targets attn qkv + proj. The paper's
+  Table 1 counts for LoRA-R8/R16 match qkv alone (`--lora-targets qkv`).
+- Adapters: bottleneck width 64 (with it the adapters' count matches the paper's 4.28M on DiT-XL/2),
+  ReLU, scale 0.1, zero up-projection: AdaptFormer's defaults (Chen et al. 2022).
+- VPT-deep: 8 tokens per block, initialised N(0, 0.02) like DiT's class table; the paper gives neither.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.models.dit import Bottleneck, DiT
+
+# --lora-targets short names -> the module path inside a block (original layout).
+LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                "adaLN": "adaLN_modulation.1"}
+ADAPTER_PLACEMENTS = {"adapter-parallel": "parallel", "adapter-sequential": "sequential"}
+ADAPTER_SCALE = 0.1  # AdaptFormer's fixed scale
+PROMPT_INIT_STD = 0.02
+GAMMA_PLACEMENTS = ("branch", "branch+attn")
+Setter = Callable[[object, str, object], None]
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The settings of every method; an adapter file records the ones its method uses (`for_method`)."""
+
+    gamma_placement: str = "branch"  # difffit: "branch" (the paper) or "branch+attn" (thuml's re-implementation)
+    rank: int = 8  # lora
+    lora_alpha: float | None = None  # lora; None = rank
+    lora_targets: tuple[str, ...] = ("qkv", "proj")  # lora
+    adapter_dim: int = 64  # adapter-parallel / adapter-sequential
+    prompt_tokens: int = 8  # vpt-deep
+
+    @property
+    def alpha(self) -> float:
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    def for_method(self, method: str) -> dict:
+        """The settings `method` uses, as stored in adapter files and shown by `info`."""
+        if method == "difffit":
+            return {"gamma_placement": self.gamma_placement}
+        if method == "lora":
+            return {"rank": self.rank, "lora_alpha": self.alpha, "lora_targets": list(self.lora_targets)}
+        if method in ADAPTER_PLACEMENTS:
+            return {"adapter_dim": self.adapter_dim, "adapter_scale": ADAPTER_SCALE}
+        if method == "vpt-deep":
+            return {"prompt_tokens": self.prompt_tokens}
+        return {}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> MethodSettings:
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in (values or {}).items() if k in known}
+        if "lora_targets" in kept:
+            kept["lora_targets"] = parse_lora_targets(kept["lora_targets"])
+        return cls(**kept)
+
+    def validate(self) -> MethodSettings:
+        if self.gamma_placement not in GAMMA_PLACEMENTS:
+            raise DiffFitError(f"Unknown --gamma-placement {self.gamma_placement!r}; choose branch or branch+attn.")
+        for name in ("rank", "adapter_dim"):
+            if getattr(self, name) < 1:
+                raise DiffFitError(f"--{name.replace('_', '-')} must be 1 or more (got {getattr(self, name)}).")
+        if self.prompt_tokens < 0:
+            raise DiffFitError(f"--prompt-tokens must be 0 or more (got {self.prompt_tokens}).")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise DiffFitError(f"--lora-alpha must be positive (got {self.lora_alpha}).")
+        parse_lora_targets(self.lora_targets)
+        return self
+
+
+def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """'qkv,proj' (default), or any of qkv, proj, fc1, fc2, adaLN; 'attn' and 'mlp' name two each."""
+    if spec is None:
+        return ("qkv", "proj")
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    groups = {"attn": ["qkv", "proj"], "mlp": ["fc1", "fc2"]}
+    names = [name for part in parts for name in groups.get(part, [part])]
+    if bad := [n for n in names if n not in LORA_TARGETS]:
+        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {', '.join(LORA_TARGETS)}, attn or mlp.")
+    if not names:
+        raise DiffFitError("--lora-targets is empty; name at least one of qkv, proj, fc1, fc2, adaLN.")
+    return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA, on peft
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = None):
+    """The peft LoraConfig: B starts at zero (an untrained LoRA adds exactly 0), no dropout (the paper
+    states none), no bias training (the biases stay the base's), targets by a regex over block modules."""
+    from peft import LoraConfig
+
+    paths = "|".join(re.escape(LORA_TARGETS[t]) for t in settings.lora_targets)
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
+                      init_lora_weights=True, target_modules=rf"blocks\.\d+\.({paths})",
+                      modules_to_save=modules_to_save)
+
+
+def lora_target_names(model: DiT, targets: tuple[str, ...]) -> list[str]:
+    return [f"blocks.{i}.{LORA_TARGETS[t]}" for i in range(len(model.blocks)) for t in targets]
+
+
+def add_lora(model: DiT, settings: MethodSettings, setter: Setter = setattr) -> None:
+    """Wrap the target linears in peft LoRA layers (peft's inject_adapter_in_model, adapter "default")."""
+    from peft import inject_adapter_in_model
+
+    for name in lora_target_names(model, settings.lora_targets):
+        parent, leaf = name.rsplit(".", 1)
+        owner = model.get_submodule(parent)
+        setter(owner, leaf, getattr(owner, leaf))  # lets a setter that remembers put the plain linear back
+    inject_adapter_in_model(lora_config(settings), model)
+    # The model keeps peft's layers only; the settings live in the adapter file (and a second
+    # injection after a swap would otherwise see a stale config).
+    del model.peft_config
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+@torch.no_grad()
+def fold_lora(model: DiT) -> None:
+    """W <- W + (alpha / r) B A in every LoRA layer (peft's merge), then put the plain linears back."""
+    for name, module in lora_layers(model):
+        module.merge()
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, module.get_base_layer())
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters and prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def add_adapters(model: DiT, method: str, dim: int, setter: Setter = setattr) -> None:
+    like = model.blocks[0].attn.proj.weight
+    for block in model.blocks:
+        adapter = Bottleneck(like.shape[0], dim, ADAPTER_SCALE, ADAPTER_PLACEMENTS[method])
+        setter(block, "adapter", adapter.to(like.device, like.dtype))
+
+
+def add_prompts(model: DiT, tokens: int, setter: Setter = setattr) -> None:
+    like = model.blocks[0].attn.proj.weight
+    for block in model.blocks:
+        prompts = torch.randn(tokens, like.shape[0], device=like.device, dtype=like.dtype) * PROMPT_INIT_STD
+        setter(block, "prompts", nn.Parameter(prompts) if tokens else None)
+
+
+def add_method_modules(model: DiT, method: str, settings: MethodSettings, setter: Setter = setattr) -> None:
+    """Add what `method` adds beyond DiffFit's gamma (which `methods.prepare_model` places)."""
+    if method == "lora":
+        add_lora(model, settings, setter)
+    elif method in ADAPTER_PLACEMENTS:
+        add_adapters(model, method, settings.adapter_dim, setter)
+    elif method == "vpt-deep":
+        add_prompts(model, settings.prompt_tokens, setter)

@@ -1,0 +1,214 @@
+"""What `sample`, `eval-fid`, `merge` and `info` take as input: an adapter file (applied to its base)
+or any base spec. Loading, describing and sampling such sources lives here, once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.evaluation.sample import SamplingOptions, parse_classes
+from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
+from difffit_cli.engine.methods.adapter import (
+    AdapterMeta,
+    AdapterSwapper,
+    describe_adapter,
+    is_adapter_file,
+    read_adapter,
+    refuse_run_folder,
+)
+from difffit_cli.engine.methods.baselines import MethodSettings
+from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
+from difffit_cli.engine.methods.trainable import describe_method
+from difffit_cli.engine.models.bases import Base, describe_base, load_base
+from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.progress import stderr_console
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_source(
+    source: str, *, base: str | None = None, vae: str | None = None, force_base: bool = False
+) -> tuple[Base, AdapterMeta | None]:
+    """An adapter file or Hub adapter (applied to its base, or to `base`) or any base spec, ready to sample from."""
+    source = local_source(source)
+    refuse_run_folder(source)
+    if not is_adapter_file(source):  # a base (`base` only applies to adapters)
+        return load_base(str(source), vae=vae), None
+    tensors, meta = read_adapter(source)
+    loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
+    AdapterSwapper(loaded).apply(tensors, meta)
+    loaded.class_names = meta.class_names
+    return loaded, meta
+
+
+def local_source(spec: str) -> str:
+    """`hf://OWNER/NAME[/file]` or an adapter repo's `OWNER/NAME` -> the adapter file in the Hub cache;
+    anything else unchanged (a local path, an alias, a base repo)."""
+    return resolve_adapter_source(str(spec)) or str(spec)
+
+
+def load_adapter_base(
+    source: str | Path,
+    meta: AdapterMeta,
+    *,
+    base: str | None = None,
+    vae: str | None = None,
+    force_base: bool = False,
+) -> Base:
+    """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
+    (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
+    spec = base or meta.base_spec
+    base_config = DiTConfig(**meta.base_config)
+    options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
+    if spec.startswith("random:"):  # a random base is only reproducible at the size it was made with
+        options = {
+            "resolution": base_config.input_size * meta.vae_factor,
+            "num_classes": base_config.num_classes,
+        }
+    loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
+    if loaded.fingerprint != meta.base_fingerprint:
+        message = (
+            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
+            f"but {spec} has fingerprint {loaded.fingerprint}."
+        )
+        if not force_base:
+            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
+            raise DiffFitError(message, hint=hint)
+        stderr_console.print(
+            f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).", highlight=False
+        )
+    return loaded
+
+
+def source_name(source: str) -> str:
+    """A folder name for a source: the file stem (the parent's name for fit's adapter.safetensors)."""
+    path = Path(source)
+    if path.exists():
+        name = path.parent.name if path.is_file() and path.stem in ("adapter", "model") else path.stem
+        name = name or path.resolve().name
+    else:  # a base spec such as "DiT-XL/2-256" or "random:DiT-S/2"
+        name = source
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "samples"
+
+
+def unique_names(sources: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for source in sources:
+        name, k = source_name(source), 2
+        while name in names:
+            name, k = f"{source_name(source)}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def iter_sources(
+    sources: Sequence[str],
+    *,
+    base: str | None = None,
+    vae: str | None = None,
+    force_base: bool = False,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, Base, AdapterMeta | None, list[str] | None]]:
+    """(name, base on `device`, adapter meta or None, class names) per source, in order.
+
+    Consecutive adapters of the same base share one loaded base: the next adapter's tensors are
+    swapped in (milliseconds) instead of reloading the base.
+    """
+    key, loaded, swapper = None, None, None
+    for spec, name in zip(sources, unique_names(sources), strict=True):
+        source = local_source(spec)
+        if not is_adapter_file(source):
+            key, swapper = None, None
+            loaded, _ = load_source(source, base=base, vae=vae, force_base=force_base)
+            loaded.model.to(device)
+            yield name, loaded, None, loaded.class_names
+            continue
+        tensors, meta = read_adapter(source)
+        this_key = (base or meta.base_spec, meta.base_fingerprint, vae or meta.vae_spec)
+        if this_key != key:
+            loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
+            loaded.model.to(device)  # before swapping, so the swapper's saved base tensors live there too
+            key, swapper = this_key, AdapterSwapper(loaded)
+        swapper.apply(tensors, meta)
+        yield name, loaded, meta, meta.class_names
+
+
+# -- what the commands do with them ---------------------------------------------------------------
+
+
+def describe_source(
+    source: str,
+    *,
+    method: str | None = None,
+    num_classes: int | None = None,
+    gamma_blocks: str | None = None,
+    settings: MethodSettings | None = None,
+    base: str | None = None,
+    resolution: int | None = None,
+    num_heads: int | None = None,
+) -> dict:
+    """The `difffit info` report: an adapter's metadata (checked against `base` if given), or a base's
+    architecture and, with `method`, what that method would train on it for `num_classes` classes."""
+    source = local_source(source)
+    refuse_run_folder(source)
+    if is_adapter_file(source):
+        if method or num_classes or gamma_blocks:
+            raise DiffFitError("--method, --num-classes and --gamma-blocks apply to bases, not adapters.")
+        report = describe_adapter(source)
+        if base is not None:
+            report["checked_base"] = base
+            report["checked_base_matches"] = load_base(base).fingerprint == report["base_fingerprint"]
+        return report
+    loaded = load_base(source, resolution=resolution, num_heads=num_heads)
+    report = describe_base(loaded)
+    if method is not None:
+        trained = describe_method(loaded.config, method, num_classes=num_classes, gamma_blocks=gamma_blocks,
+                                  settings=settings)
+        # The base's own class count and size stay under their names; the adapted model's get these.
+        report["target_num_classes"] = trained.pop("num_classes")
+        report["adapted_total_params"] = trained.pop("total_params")
+        report.update(trained)
+    return report
+
+
+def sample_sources(
+    sources: Sequence[str],
+    n: int,
+    options: SamplingOptions,
+    *,
+    out: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    base: str | None = None,
+    vae: str | None = None,
+    force_base: bool = False,
+    npz: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """`difffit sample`: n images per source into a folder each, with grid.png and sample.json.
+
+    One source goes to `out` (default samples/<source name>); several go to sub-folders of `out`
+    (default samples/). `classes` are names or indices (cycled). Under `accelerate launch` the images
+    are split over the processes. Returns the run summary, with one entry per source in "outputs".
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=options.device == "cpu")
+    root = Path(out) if out is not None else None
+    outputs = []
+    loaded = iter_sources(sources, base=base, vae=vae, force_base=force_base, device=state.device)
+    for source, (name, source_base, meta, class_names) in zip(sources, loaded, strict=True):
+        folder = (root or Path("samples")) / name if len(sources) > 1 or root is None else root
+        class_ids = parse_classes(classes or [], class_names, source_base.model.config.num_classes)
+        record = {"source": source, "adapter": meta.to_dict() if meta else None}
+        summary = sample_to_folder(source_base, folder, n, options, classes=class_ids, npz=npz, state=state,
+                                   progress=progress, record=record, overwrite=overwrite)
+        outputs.append({**summary, "source": source})
+    return {"outputs": outputs, "n": n, "scheduler": options.scheduler, "steps": options.num_steps,
+            "seed": options.seed, "cfg_scale": options.cfg_scale, "cfg_channels": options.cfg_channels,
+            "processes": state.num_processes}

@@ -1,0 +1,2 @@
+"""The model layer: the DiT (reference numerics), diffusion and samplers, bases and checkpoint formats,
+fp8 and compile."""

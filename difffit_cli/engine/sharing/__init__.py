@@ -1,0 +1,1 @@
+"""Sharing a trained adapter: the model card, push to the Hub, the HTML report."""

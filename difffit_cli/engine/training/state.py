@@ -1,0 +1,50 @@
+"""Run: what the phases of one fit share (train.py's phases and loop, validation's evaluations)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from difffit_cli.engine.data.batches import Batches
+from difffit_cli.engine.data.images import ImageFolder
+from difffit_cli.engine.devices import AUTOCAST_DTYPES
+from difffit_cli.engine.models.bases import Base
+from difffit_cli.engine.training.config import FitConfig
+
+if TYPE_CHECKING:  # validation.py uses Run; Run only holds a Validation
+    from difffit_cli.engine.training.validation import Validation
+
+
+@dataclass
+class Run:
+    """What the phases of one fit share: settings, the process group, the model and its trained state."""
+
+    config: FitConfig
+    out_dir: Path
+    accelerator: object
+    precision: str  # "no", "fp16" or "bf16"
+    base: Base
+    pos_embed: str  # "standard", or the mode the base was moved to a new resolution with
+    folder: ImageFolder
+    class_names: list[str]
+    new_classes: bool
+    batches: Batches | None = None
+    model: torch.nn.Module | None = None
+    params: dict[str, torch.nn.Parameter] = dataclasses.field(default_factory=dict)
+    base_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ema: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    cache: str | None = None
+    validation: Validation | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AUTOCAST_DTYPES.get(self.precision)

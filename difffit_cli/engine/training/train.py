@@ -1,0 +1,388 @@
+"""fit(): an image folder and a base in, an adapter out.
+
+`fit` reads as an outline of named phases (accelerator, base, data, trainable state, resume, loop,
+finish); `train_loop` is the one flat training loop. Randomness and batch splitting live in
+`engine.data.batches` (every draw is a function of (seed, step, process), so a resumed run equals an
+uninterrupted one); checkpoint files in `engine.training.checkpoints`.
+
+Multi-GPU: `accelerate launch -m difffit_cli fit ...`; process 0 writes every file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import TextColumn
+
+from difffit_cli.engine.data.batches import Batches, DataOrder, Split, item_repeats, step_seed
+from difffit_cli.engine.data.hf_datasets import HF_PREFIX, open_data
+from difffit_cli.engine.data.images import report_skipped, require_images
+from difffit_cli.engine.data.latents import CachedLatents, usable_latents
+from difffit_cli.engine.devices import make_accelerator, tf32_matmuls
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+from difffit_cli.engine.evaluation.sample_folder import save_grid
+from difffit_cli.engine.io import atomic_path, run_lock
+from difffit_cli.engine.methods.adapter import make_meta, save_adapter
+from difffit_cli.engine.methods.trainable import (
+    cast_frozen_matrices,
+    parse_gamma_blocks,
+    prepare_model,
+    same_classes,
+    trainable_parameters,
+)
+from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base, load_base
+from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.fp8 import quantize_frozen_linears
+from difffit_cli.engine.models.resolution import move_to_resolution
+from difffit_cli.engine.models.speed import (
+    attention_backend,
+    choose_attention_backend,
+    compile_blocks,
+    make_optimizer,
+    resolve_compile,
+)
+from difffit_cli.engine.progress import make_progress, stderr_console
+from difffit_cli.engine.training.checkpoints import (
+    check_run_folder,
+    claim_run_folder,
+    list_checkpoints,
+    nothing_to_resume,
+    restore_newest,
+    save_checkpoint,
+    truncate_log,
+)
+from difffit_cli.engine.training.config import FitConfig, FitResult
+from difffit_cli.engine.training.loss_plot import write_loss_plot
+from difffit_cli.engine.training.recipes import write_toml
+from difffit_cli.engine.training.signals import StopFlag
+from difffit_cli.engine.training.state import Run
+from difffit_cli.engine.training.step import (
+    LossMeter,
+    denoiser,
+    draw_timesteps_and_noise,
+    step_generator,
+    swapped_in,
+    update_ema,
+)
+from difffit_cli.engine.training.trackers import log_preview
+from difffit_cli.engine.training.validation import Validation, split_validation
+
+NUM_TRAIN_TIMESTEPS = 1000
+PREVIEW_IMAGES = 8
+PREVIEW_STEPS = 25  # DDIM steps: previews must stay cheap next to training
+
+
+def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -> FitResult:
+    """Train an adapter as `config` says. `base`: an already loaded base (changed in place), else
+    `config.base` is loaded. A `config.resolution` other than the base's moves the base there first."""
+    config.validate()
+    out_dir = config.out_dir()
+    check_run_folder(out_dir, config.data)
+    # -- accelerator, data, base at the run's resolution; then the lock on --out ---------------------
+    accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
+    with contextlib.ExitStack() as held:
+        held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
+        # bad data, then a bad base, fail before --out is touched
+        folder, val_folder = split_validation(config, open_data(config.data, config.image_column, config.label_column))
+        base, base_config, pos_embed = _load_base_at_resolution(config, base)
+        if accelerator.is_main_process:
+            held.enter_context(run_lock(out_dir))
+        checkpoints = list_checkpoints(out_dir)
+        if done := nothing_to_resume(config, out_dir, checkpoints):
+            return done
+        if accelerator.is_main_process:
+            claim_run_folder(out_dir)
+        run = Run(config, out_dir, accelerator, precision, base, pos_embed, folder, [], True)
+        _prepare_data(run, progress and run.main)
+        # -- trainable state, resume ------------------------------------------------------------------
+        _prepare_trainable_state(run)
+        start_step, elapsed_before = _resume(run, checkpoints)
+        if run.main:
+            _write_run_record(run, start_step)
+        if config.log_with:
+            accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
+        training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
+                    "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
+                    **config.loss_weighting()}
+        if val_folder is not None or config.eval_every:
+            run.validation = Validation(run, val_folder, lambda step: _write_adapter(
+                run, base_config, training | {"steps": step}, "best/adapter.safetensors"), progress and run.main)
+            run.validation.restore(out_dir, start_step)
+        # -- the loop, then the finish -----------------------------------------------------------------
+        if start_step == 0:
+            _preview(run, 0)
+        outcome = train_loop(run, start_step, elapsed_before, progress and run.main)
+        if outcome.step > start_step or not checkpoints:
+            _checkpoint(run, outcome.step, elapsed_before + outcome.elapsed)
+        if not outcome.stop_signal and config.sample_every and outcome.step > start_step:
+            _preview(run, outcome.step)
+        adapter = _write_adapter(run, base_config, training | {
+            "steps": outcome.step, "last_loss": outcome.loss, "elapsed_s": round(elapsed_before + outcome.elapsed, 3)})
+        if run.main:
+            write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
+        if config.log_with:
+            accelerator.end_training()
+    return FitResult(
+        out_dir=out_dir, adapter=adapter, step=outcome.step, start_step=start_step, steps=config.steps,
+        loss=outcome.loss, images=len(run.folder), classes=len(run.class_names), skipped=len(run.folder.skipped),
+        trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
+        img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
+        stop_signal=outcome.stop_signal,
+        cache=run.cache, **(run.validation.result() if run.validation else {}))
+
+
+# -- phases -----------------------------------------------------------------------------------------
+
+
+def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base, object, str]:
+    """(base at the run's resolution, its config before any move, positional mode)."""
+    if base is None:
+        # --resolution sizes a random base; any other base keeps its own and is moved below.
+        sized = config.base.startswith(RANDOM_PREFIX)
+        base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae,
+                         num_heads=config.num_heads)
+    base_config, pos_embed = base.config, "standard"
+    if config.resolution is not None and config.resolution != base.resolution:
+        pos_embed = config.pos_embed or "trick"
+        base = move_to_resolution(base, config.resolution, pos_embed)
+    return base, base_config, pos_embed
+
+
+def _prepare_data(run: Run, progress: bool) -> None:
+    """Latents for every usable image (cached, or a VAE encoding them each step) and the class table plan."""
+    config, base, device = run.config, run.base, run.accelerator.device
+    split = Split(config.batch_size, config.grad_accum, run.accelerator.process_index, run.accelerator.num_processes)
+    num_workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
+    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
+        if run.main == turn:
+            folder, latents = usable_latents(run.folder, base.resolution, base.vae_spec, base.vae,
+                                             cache=config.cache_latents, cache_dir=config.cache_dir,
+                                             batch_size=split.per_process, device=device, num_workers=num_workers,
+                                             progress=progress)
+        run.accelerator.wait_for_everyone()
+    run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
+    if run.main:
+        report_skipped(folder.skipped, len(run.folder.files))
+    require_images(folder)
+    run.folder = folder
+    run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
+    # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
+    run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
+    latent_shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
+    order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
+                      config.class_balance)
+    run.batches = Batches(latents, folder.labels, latent_shape, split, order, device)
+
+
+def _prepare_trainable_state(run: Run) -> None:
+    """Freeze and unfreeze as the method says; optimizer and EMA over the trained tensors only."""
+    config, model = run.config, run.base.model
+    gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth) if config.method == "difffit" else None
+    torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
+    prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
+                  settings=config.method_settings())
+    run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+    device = run.accelerator.device
+    if run.autocast_dtype is not None:
+        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
+    if run.precision == "fp8" and not quantize_frozen_linears(model):  # forward and input gradient in float8
+        raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
+                           "speed up.", hint="Use --mixed-precision bf16.")
+    model.set_gradient_checkpointing(config.grad_checkpointing)
+    model.to(device).train()
+    if resolve_compile(config.compile, device):
+        compile_blocks(model)  # one graph per block shape, fixed batch: no recompiles
+    run.params = trainable_parameters(model)
+    optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
+    run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
+    run.ema = {n: p.detach().float().clone() for n, p in run.params.items()} if config.ema else {}
+
+
+def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
+    """(start step, seconds trained before) from the newest readable checkpoint; (0, 0) for a new run."""
+    if not run.config.resume:
+        return 0, 0.0
+    if checkpoints:
+        trained_on = json.loads((checkpoints[-1][1] / "state.json").read_text()).get("class_names")
+        if trained_on is not None and trained_on != run.class_names:
+            raise DiffFitError(
+                f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
+                f"the data now has [{', '.join(run.class_names)}].",
+                hint="Resume with the same class folders, or start a new run with another --out.")
+    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer)
+    if not state and run.main:
+        stderr_console.print(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
+    return step, state.get("elapsed_s", 0.0)
+
+
+def _resolved_config(run: Run) -> dict:
+    config = run.config
+    data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
+    resolved = dataclasses.asdict(config) | {
+        "data": data, "base": run.base.spec, "out": str(run.out_dir),
+        "lr": config.learning_rate(), "resolution": run.base.resolution, "mixed_precision": run.precision}
+    resolved.pop("resume")
+    return resolved
+
+
+def _write_run_record(run: Run, start_step: int) -> None:
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run.out_dir / "config.toml") as tmp:
+        tmp.write_text(write_toml(_resolved_config(run), header="Resolved configuration of this run (difffit fit)."))
+    truncate_log(run.out_dir / "log.jsonl", start_step)
+
+
+def _tracker_config(run: Run) -> dict:
+    # Trackers take scalars and strings: a per-class [repeats] table goes as its text.
+    return {k: str(v) if isinstance(v, dict) else v for k, v in _resolved_config(run).items() if v is not None}
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    step: int
+    loss: float | None
+    rate: float | None  # images per second after the first (slow) step
+    elapsed: float
+    stop_signal: str | None  # "SIGINT" or "SIGTERM" when a signal stopped the run early
+
+
+def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool) -> Outcome:
+    """Optimizer steps from `start_step` to `config.steps`: log, checkpoint and preview on schedule."""
+    config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    diffusion = GaussianDiffusion(num_train_steps=NUM_TRAIN_TIMESTEPS)
+    mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
+    per_process, lr = run.batches.split.per_process, config.learning_rate()
+    step, loss_value, smoothed, rate, stop_signal = start_step, None, None, None, None
+    meter = LossMeter(device, config.log_every)  # loss sums stay on the device between log lines
+    t_start = t_log = time.perf_counter()
+    t_first, step_log = None, step  # rates ignore the slow first step
+    bar = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"), enabled=progress)
+    cfg = run.base.config  # flash or cuDNN attention, whichever measures faster here (CUDA; None on the CPU)
+    backend = choose_attention_backend(device, batch=per_process, heads=cfg.num_heads, head_dim=cfg.hidden_size //
+                                       cfg.num_heads, tokens=(cfg.input_size // cfg.patch_size) ** 2)
+    try:
+        # The log opens after the signal handlers are in place: a run whose log exists can always be stopped.
+        with bar, StopFlag() as stop, attention_backend(backend), \
+                (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log:
+            task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
+            while step < config.steps:
+                torch.manual_seed(step_seed(config.seed, step, rank, 1))  # the label dropout's RNG
+                g = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 2))  # data order, flips
+                on_device = step_generator(device, config.seed, step, rank)  # timesteps and noise
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
+                for micro in range(config.grad_accum):
+                    x0, y = run.batches.micro_batch(step, micro, g)
+                    t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], NUM_TRAIN_TIMESTEPS)
+                    sync = micro == config.grad_accum - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        losses = diffusion.training_losses(denoiser(model, y, run.autocast_dtype), x0, t, noise,
+                                                           mse_weights)
+                        loss = losses["loss"].mean()
+                        accelerator.backward(scaler.scale(loss / config.grad_accum))
+                    meter.add(loss, losses["mse"].mean(), losses["vb"].mean())
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                update_ema(run.ema, run.params, step, run.config.ema_decay)
+                step += 1
+                now = time.perf_counter()
+                t_first = t_first or now
+                rate = config.batch_size * (step - start_step - 1) / (now - t_first) if now > t_first else None
+                checkpoint_due = config.save_every and step % config.save_every == 0 and step < config.steps
+                requested = stop.requested  # a host flag: no device sync
+                # The one host sync. Collective under several processes: on schedule there, never on one's own.
+                if meter.due(step, config.steps) or checkpoint_due or (requested and world == 1):
+                    stats = meter.read(lambda v: accelerator.reduce(v, "mean") if world > 1 else v,
+                                       extra=(float(requested),))
+                    if not stats["finite"]:
+                        kept = list_checkpoints(run.out_dir)
+                        raise DiffFitError(
+                            f"The loss became {stats['loss']} within the {stats['steps']} step(s) before step {step}; "
+                            "training stopped" + (f" (the checkpoint of step {kept[-1][0]} is kept)." if kept else "."),
+                            hint="Lower --lr, add --warmup, or use --mixed-precision bf16 or no instead of fp16.")
+                    loss_value = stats["loss"]
+                    smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+                    bar.update(task, loss=f"{smoothed:.4f}")
+                    if run.main:
+                        record = {"step": step, "loss": stats["loss"], "mse": stats["mse"], "vb": stats["vb"],
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "img_per_s": round(config.batch_size * (step - step_log) / max(now - t_log, 1e-9), 3),
+                                  "elapsed_s": round(elapsed_before + now - t_start, 3)}
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        t_log, step_log = now, step
+                        if config.log_with:
+                            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    if stats["extra"][0] > 0:
+                        stop_signal = stop.signal or "SIGTERM"  # or another process of the run was signalled
+                        break
+                bar.update(task, advance=1, rate=f"{rate:.1f} img/s" if rate else "")
+                if run.validation and run.validation.due(step):  # before the checkpoint, which records the best
+                    with swapped_in(run.params, run.ema):
+                        run.validation.evaluate(run, step, log)
+                if checkpoint_due:
+                    _checkpoint(run, step, elapsed_before + now - t_start)
+                if config.sample_every and step % config.sample_every == 0 and step < config.steps:
+                    _preview(run, step)
+    except torch.cuda.OutOfMemoryError:
+        raise DiffFitError(
+            f"CUDA ran out of memory with {per_process} images per micro-step on {device}.",
+            hint="Try a smaller --batch-size or a larger --grad-accum, --grad-checkpointing, "
+                 "or --mixed-precision bf16.") from None
+    return Outcome(step, loss_value, rate, time.perf_counter() - t_start, stop_signal)
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+
+def _checkpoint(run: Run, step: int, elapsed: float) -> None:
+    if run.main:
+        state = {"elapsed_s": elapsed, "method": run.config.method, "seed": run.config.seed,
+                 "class_names": run.class_names, "images": len(run.folder),
+                 **(run.validation.state() if run.validation else {})}
+        save_checkpoint(run.out_dir, step, run.params, run.ema, run.optimizer, state, run.config.keep)
+    run.accelerator.wait_for_everyone()
+
+
+def _preview(run: Run, step: int) -> None:
+    """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
+    if not (run.main and run.config.sample_every):
+        return
+    options = SamplingOptions(scheduler="ddim", steps=PREVIEW_STEPS, seed=run.config.seed, batch_size=PREVIEW_IMAGES,
+                              mixed_precision=run.precision)
+    classes = list(range(min(len(run.class_names), PREVIEW_IMAGES)))
+    with swapped_in(run.params, run.ema):
+        images = generate(run.base, PREVIEW_IMAGES, options, classes=classes, device=run.accelerator.device,
+                          progress=False)
+    run.accelerator.unwrap_model(run.model).train()
+    grid = save_grid(images, run.out_dir / "samples" / f"step-{step:07d}.png")
+    write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
+    if run.config.log_with:
+        log_preview(run.accelerator, grid, step)
+
+
+def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.safetensors") -> Path | None:
+    if not run.main:
+        return None
+    path = run.out_dir / name
+    model = run.accelerator.unwrap_model(run.model)
+    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings(),
+                     new_class_table=run.new_classes,
+                     class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
+    with swapped_in(run.params, run.ema):
+        save_adapter(path, model, run.base_state, meta, run.config.adapter_dtype)
+    return path
