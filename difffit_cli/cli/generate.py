@@ -78,10 +78,11 @@ def merge(
         help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
-    fmt: Annotated[str, typer.Option(
-        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder; "
-        "peft: a LoRA adapter folder for peft.PeftModel.from_pretrained")
-    ] = "original",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (PixArt's "
+        "default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
+        "peft.PeftModel.from_pretrained", show_default=False)
+    ] = None,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,

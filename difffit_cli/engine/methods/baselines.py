@@ -16,7 +16,6 @@ Defaults and where they come from (README "Methods" has the whole list):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,15 +23,14 @@ from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.dit import Bottleneck, DiT
+from difffit_cli.engine.models.families import FAMILIES, family_of
+from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.family import Family, Setter
 
-# --lora-targets short names -> the module path inside a block (original layout).
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                "adaLN": "adaLN_modulation.1"}
 ADAPTER_PLACEMENTS = {"adapter-parallel": "parallel", "adapter-sequential": "sequential"}
 ADAPTER_SCALE = 0.1  # AdaptFormer's fixed scale
 PROMPT_INIT_STD = 0.02
 GAMMA_PLACEMENTS = ("branch", "branch+attn")
-Setter = Callable[[object, str, object], None]
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class MethodSettings:
     gamma_placement: str = "branch"  # difffit: "branch" (the paper) or "branch+attn" (thuml's re-implementation)
     rank: int = 8  # lora
     lora_alpha: float | None = None  # lora; None = rank
-    lora_targets: tuple[str, ...] = ("qkv", "proj")  # lora
+    lora_targets: tuple[str, ...] | None = None  # lora; None: the family's default (DiT: qkv, proj)
     adapter_dim: int = 64  # adapter-parallel / adapter-sequential
     prompt_tokens: int = 8  # vpt-deep
 
@@ -50,12 +48,13 @@ class MethodSettings:
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
-    def for_method(self, method: str) -> dict:
-        """The settings `method` uses, as stored in adapter files and shown by `info`."""
+    def for_method(self, method: str, family: Family = DIT) -> dict:
+        """The settings `method` uses on `family`'s models, as stored in adapter files and shown by `info`."""
         if method == "difffit":
             return {"gamma_placement": self.gamma_placement}
         if method == "lora":
-            return {"rank": self.rank, "lora_alpha": self.alpha, "lora_targets": list(self.lora_targets)}
+            return {"rank": self.rank, "lora_alpha": self.alpha,
+                    "lora_targets": list(parse_lora_targets(self.lora_targets, family))}
         if method in ADAPTER_PLACEMENTS:
             return {"adapter_dim": self.adapter_dim, "adapter_scale": ADAPTER_SCALE}
         if method == "vpt-deep":
@@ -66,11 +65,12 @@ class MethodSettings:
     def from_dict(cls, values: dict | None) -> MethodSettings:
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in (values or {}).items() if k in known}
-        if "lora_targets" in kept:
-            kept["lora_targets"] = parse_lora_targets(kept["lora_targets"])
+        if kept.get("lora_targets") is not None:
+            kept["lora_targets"] = _split(kept["lora_targets"])
         return cls(**kept)
 
-    def validate(self) -> MethodSettings:
+    def validate(self, family: Family | None = None) -> MethodSettings:
+        """Check every setting; the LoRA targets against `family`'s names, or any family's when not known yet."""
         if self.gamma_placement not in GAMMA_PLACEMENTS:
             raise DiffFitError(f"Unknown --gamma-placement {self.gamma_placement!r}; choose branch or branch+attn.")
         for name in ("rank", "adapter_dim"):
@@ -80,21 +80,31 @@ class MethodSettings:
             raise DiffFitError(f"--prompt-tokens must be 0 or more (got {self.prompt_tokens}).")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise DiffFitError(f"--lora-alpha must be positive (got {self.lora_alpha}).")
-        parse_lora_targets(self.lora_targets)
+        if family is not None:
+            parse_lora_targets(self.lora_targets, family)
+        elif self.lora_targets is not None:
+            known = {name for f in FAMILIES.values() for name in (*f.lora_targets(), *f.lora_groups())}
+            if bad := [n for n in self.lora_targets if n not in known]:
+                raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {', '.join(sorted(known))}.")
         return self
 
 
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """'qkv,proj' (default), or any of qkv, proj, fc1, fc2, adaLN; 'attn' and 'mlp' name two each."""
+def _split(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip())
+
+
+def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None, family: Family = DIT) -> tuple[str, ...]:
+    """`family`'s target names (DiT: 'qkv,proj' by default, or any of qkv, proj, fc1, fc2, adaLN; 'attn' and
+    'mlp' name two each); None: the family's default."""
     if spec is None:
-        return ("qkv", "proj")
-    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    groups = {"attn": ["qkv", "proj"], "mlp": ["fc1", "fc2"]}
-    names = [name for part in parts for name in groups.get(part, [part])]
-    if bad := [n for n in names if n not in LORA_TARGETS]:
-        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {', '.join(LORA_TARGETS)}, attn or mlp.")
+        return family.default_lora_targets()
+    table, groups = family.lora_targets(), family.lora_groups()
+    names = [name for part in _split(spec) for name in groups.get(part, [part])]
+    if bad := [n for n in names if n not in table]:
+        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r} for {family.title}; use "
+                           f"{', '.join(table)}{', ' + ' or '.join(groups) if groups else ''}.")
     if not names:
-        raise DiffFitError("--lora-targets is empty; name at least one of qkv, proj, fc1, fc2, adaLN.")
+        raise DiffFitError(f"--lora-targets is empty; name at least one of {', '.join(table)}.")
     return tuple(dict.fromkeys(names))
 
 
@@ -103,30 +113,34 @@ def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = None):
+def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = None, family: Family = DIT):
     """The peft LoraConfig: B starts at zero (an untrained LoRA adds exactly 0), no dropout (the paper
     states none), no bias training (the biases stay the base's), targets by a regex over block modules."""
     from peft import LoraConfig
 
-    paths = "|".join(re.escape(LORA_TARGETS[t]) for t in settings.lora_targets)
+    table = family.lora_targets()
+    paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family) for path in table[t])
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
-                      init_lora_weights=True, target_modules=rf"blocks\.\d+\.({paths})",
+                      init_lora_weights=True, target_modules=rf"{family.blocks}\.\d+\.({paths})",
                       modules_to_save=modules_to_save)
 
 
-def lora_target_names(model: DiT, targets: tuple[str, ...]) -> list[str]:
-    return [f"blocks.{i}.{LORA_TARGETS[t]}" for i in range(len(model.blocks)) for t in targets]
+def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[str]:
+    table = family.lora_targets()
+    return [f"{family.blocks}.{i}.{path}" for i in range(family.depth(model)) for t in targets for path in table[t]]
 
 
-def add_lora(model: DiT, settings: MethodSettings, setter: Setter = setattr) -> None:
+def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setattr) -> None:
     """Wrap the target linears in peft LoRA layers (peft's inject_adapter_in_model, adapter "default")."""
     from peft import inject_adapter_in_model
 
-    for name in lora_target_names(model, settings.lora_targets):
+    family = family_of(model)
+    targets = parse_lora_targets(settings.lora_targets, family)
+    for name in lora_target_names(model, targets, family):
         parent, leaf = name.rsplit(".", 1)
         owner = model.get_submodule(parent)
         setter(owner, leaf, getattr(owner, leaf))  # lets a setter that remembers put the plain linear back
-    inject_adapter_in_model(lora_config(settings), model)
+    inject_adapter_in_model(lora_config(settings, family=family), model)
     # The model keeps peft's layers only; the settings live in the adapter file (and a second
     # injection after a swap would otherwise see a stale config).
     del model.peft_config
@@ -139,7 +153,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def fold_lora(model: DiT) -> None:
+def fold_lora(model: nn.Module) -> None:
     """W <- W + (alpha / r) B A in every LoRA layer (peft's merge), then put the plain linears back."""
     for name, module in lora_layers(model):
         module.merge()
@@ -166,7 +180,7 @@ def add_prompts(model: DiT, tokens: int, setter: Setter = setattr) -> None:
         setter(block, "prompts", nn.Parameter(prompts) if tokens else None)
 
 
-def add_method_modules(model: DiT, method: str, settings: MethodSettings, setter: Setter = setattr) -> None:
+def add_method_modules(model: nn.Module, method: str, settings: MethodSettings, setter: Setter = setattr) -> None:
     """Add what `method` adds beyond DiffFit's gamma (which `methods.prepare_model` places)."""
     if method == "lora":
         add_lora(model, settings, setter)

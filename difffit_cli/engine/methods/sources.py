@@ -16,16 +16,16 @@ from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
 from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
-    describe_adapter,
     is_adapter_file,
+    non_finite_tensors,
     read_adapter,
     refuse_run_folder,
 )
 from difffit_cli.engine.methods.baselines import MethodSettings
 from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.methods.trainable import describe_method
-from difffit_cli.engine.models.bases import Base, describe_base, load_base
-from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.models.bases import Base
+from difffit_cli.engine.models.families import family_of, family_of_spec, load_base
 from difffit_cli.engine.progress import stderr_console
 
 # -- loading --------------------------------------------------------------------------------------
@@ -63,14 +63,11 @@ def load_adapter_base(
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
     spec = base or meta.base_spec
-    base_config = DiTConfig(**meta.base_config)
-    options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
-    if spec.startswith("random:"):  # a random base is only reproducible at the size it was made with
-        options = {
-            "resolution": base_config.input_size * meta.vae_factor,
-            "num_classes": base_config.num_classes,
-        }
-    loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
+    family = meta.model_family
+    if (given := family_of_spec(spec)) is not family:
+        raise DiffFitError(f"{source} is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
+                           "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
+    loaded = load_base(spec, vae=vae or meta.vae_spec, **family.adapter_base_options(meta, spec))
     if loaded.fingerprint != meta.base_fingerprint:
         message = (
             f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
@@ -141,6 +138,51 @@ def iter_sources(
 # -- what the commands do with them ---------------------------------------------------------------
 
 
+def describe_adapter(path) -> dict:
+    """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
+    tensors, meta = read_adapter(path, allow_non_finite=True)
+    family = meta.model_family
+    trained = describe_method(meta.base_config, meta.method, num_classes=meta.num_classes,
+                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table,
+                              settings=meta.method_settings, family=family)
+    classes = {"num_classes": meta.num_classes, "class_names": meta.class_names, "null_index": meta.null_index} \
+        if family.class_table else {}
+    positions = {"pos_embed": meta.pos_embed, "pos_embed_scale": meta.pos_embed_scale} \
+        if meta.pos_embed_scale is not None else {}
+    return {
+        "kind": "adapter",
+        "family": family.name,
+        "path": str(path),
+        "architecture": meta.architecture,
+        "total_params": trained["total_params"],
+        **classes,
+        "latent_size": meta.latent_size,
+        "resolution": meta.resolution,
+        **family.channels(meta.config),
+        **positions,
+        "fingerprint": meta.base_fingerprint,
+        "method": meta.method,
+        "settings": meta.settings,
+        "gamma_blocks": meta.gamma_blocks,
+        "base": meta.base_spec,
+        "base_fingerprint": meta.base_fingerprint,
+        "base_architecture": family.architecture(meta.base_config),
+        "vae": meta.vae_spec,
+        "dtype": meta.dtype,
+        "storage": meta.storage,
+        "steps": meta.training.get("steps"),
+        "training": meta.training,
+        "file_bytes": Path(path).stat().st_size,
+        "stored_params": sum(t.numel() for t in tensors.values()),
+        "non_finite_tensors": non_finite_tensors(tensors),  # not empty: the adapter is unusable
+        "trainable_params": trained["trainable_params"],
+        "trainable_percent": trained["trainable_percent"],
+        "trainable_groups": trained["trainable_groups"],
+        "difffit_version": meta.difffit_version,
+        "format": f"{meta.format} v{meta.version}",
+    }
+
+
 def describe_source(
     source: str,
     *,
@@ -164,13 +206,18 @@ def describe_source(
             report["checked_base"] = base
             report["checked_base_matches"] = load_base(base).fingerprint == report["base_fingerprint"]
         return report
-    loaded = load_base(source, resolution=resolution, num_heads=num_heads)
-    report = describe_base(loaded)
+    # info never downloads a text-to-image base's weights: its counts come from the config (meta device)
+    loaded = load_base(source, resolution=resolution, num_heads=num_heads, info=True)
+    family = family_of(loaded)
+    report = {"family": family.name, **family.describe(loaded)}
     if method is not None:
-        trained = describe_method(loaded.config, method, num_classes=num_classes, gamma_blocks=gamma_blocks,
-                                  settings=settings)
+        if num_classes is not None and not family.class_table:
+            raise DiffFitError(f"--num-classes applies to class-conditional bases; {source} is a {family.title} "
+                               "base, conditioned on text.")
+        trained = describe_method(family.config_of(loaded.model), method, num_classes=num_classes,
+                                  gamma_blocks=gamma_blocks, settings=settings, family=family)
         # The base's own class count and size stay under their names; the adapted model's get these.
-        report["target_num_classes"] = trained.pop("num_classes")
+        report["target_num_classes"] = trained.pop("num_classes", None)
         report["adapted_total_params"] = trained.pop("total_params")
         report.update(trained)
     return report

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import describe_adapter
+from difffit_cli.engine.methods.sources import describe_adapter
 
 PREVIEW = re.compile(r"^step-(\d+)\.png$")
 EVAL_FILES = "eval*.json"
