@@ -69,3 +69,28 @@ def tiny_clip_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 400, max_l
     with tempfile.TemporaryDirectory() as files:  # CLIPTokenizerFast reads CLIP's vocab.json and merges.txt
         bpe.model.save(files)
         return CLIPTokenizerFast.from_pretrained(files, model_max_length=max_length)
+
+
+def tiny_clip(vocab_size: int, max_length: int = 16, image_size: int = 32, seed: int = 0):
+    """A 2-layer CLIPModel (text and 32 px vision towers, 16-d projections), random weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    towers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(text_config={**towers, "vocab_size": vocab_size, "max_position_embeddings": max_length,
+                                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                        vision_config={**towers, "image_size": image_size, "patch_size": 8}, projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def save_tiny_clip(folder: str | Path, model=None, seed: int = 0) -> Path:
+    """A CLIPModel (`model`, else a random tiny_clip) and its CLIPProcessor, loadable with from_pretrained."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    tokenizer = tiny_clip_tokenizer()
+    model = model if model is not None else tiny_clip(len(tokenizer), tokenizer.model_max_length, seed=seed)
+    size = model.config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return Path(folder)
