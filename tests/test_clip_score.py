@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ from t2i_fixtures import save_tiny_clip
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.clip_score import clip_score
+from difffit_cli.engine.evaluation.metrics import evaluate
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
 PROMPTS = [f"a {name} square" for name in COLOURS]
@@ -98,3 +103,105 @@ def test_a_hub_id_loads_from_the_cache_and_is_refused_offline_when_absent(traine
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffFitError, match="Cannot load the CLIP model"):
         score(images, PROMPTS, str(tmp_path / "empty"))
+
+
+# -- eval-fid --metrics clip on prompt samples ------------------------------------------------------------
+
+
+def sample_folder(root, images, prompts=None):
+    """What `difffit sample --prompt` writes: numbered PNGs, a grid, sample.json with the prompts, the marker."""
+    from PIL import Image
+
+    root.mkdir()
+    names = [f"{i:06d}.png" for i in range(len(images))]
+    for name, image in zip(names, images, strict=True):
+        Image.fromarray(image).save(root / name)
+    Image.new("RGB", (64, 64)).save(root / "grid.png")
+    manifest = {"files": [*names, "grid.png", "sample.json"], **({"prompts": prompts} if prompts else {})}
+    (root / "sample.json").write_text(json.dumps(manifest))
+    (root / ".difffit").write_text('{"tool": "difffit", "kind": "samples"}\n')
+    return root
+
+
+def test_eval_fid_scores_a_prompt_sample_folder(trained_clip, tmp_path):
+    images, prompts = squares(11) + squares(12), PROMPTS + PROMPTS[::-1]
+    folder = sample_folder(tmp_path / "samples", images, prompts)
+    result = evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), device="cpu", progress=False)
+    assert result.metrics == {"clip_score": pytest.approx(score(images, prompts, trained_clip), abs=1e-9)}
+    assert result.num_generated == 8 and result.reference_source == "none"  # grid.png is not a sample
+    first = evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), num_samples=3, device="cpu",
+                     progress=False)
+    assert first.metrics["clip_score"] == pytest.approx(score(images[:3], prompts[:3], trained_clip), abs=1e-9)
+
+
+def test_eval_fid_and_clip_together_skip_an_unreadable_sample_once(trained_clip, tmp_path):
+    from difffit_cli.testing import random_inception_weights
+
+    images, prompts = squares(13) + squares(14), PROMPTS * 2
+    folder = sample_folder(tmp_path / "samples", images, prompts)
+    (folder / "000002.png").write_bytes(b"not a png")
+    reference = sample_folder(tmp_path / "reference", squares(15) + squares(16))  # a sample folder as reference
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    result = evaluate(str(folder), str(reference), metrics="fid,clip", clip_model=str(trained_clip),
+                      inception_weights=str(weights), device="cpu", progress=False)
+    assert set(result.metrics) == {"fid", "clip_score"} and result.metrics["fid"] > 0
+    assert (result.num_generated, result.num_reference) == (7, 8)
+    assert [path.name for path, _ in result.skipped] == ["000002.png"]
+    kept = [i for i in range(8) if i != 2]
+    expected = score([images[i] for i in kept], [prompts[i] for i in kept], trained_clip)
+    assert result.metrics["clip_score"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_prompts_of_a_sample_npz_are_its_folders(trained_clip, tmp_path):
+    images, prompts = squares(17), PROMPTS
+    folder = sample_folder(tmp_path / "samples", images, prompts)
+    with open(folder / "samples.npz", "wb") as f:
+        np.savez(f, arr_0=np.stack(images))
+    manifest = json.loads((folder / "sample.json").read_text())
+    (folder / "sample.json").write_text(json.dumps({**manifest, "files": [*manifest["files"], "samples.npz"]}))
+    result = evaluate(str(folder / "samples.npz"), metrics="clip", clip_model=str(trained_clip), device="cpu",
+                      progress=False)
+    assert result.metrics["clip_score"] == pytest.approx(score(images, prompts, trained_clip), abs=1e-9)
+
+
+def test_clip_without_prompts_or_with_a_wrong_count_is_one_sentence(trained_clip, tmp_path):
+    from PIL import Image
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+
+    for i, image in enumerate(squares(0)):
+        Image.fromarray(image).save(plain / f"{i}.png")
+    with pytest.raises(DiffFitError, match="records no prompts"):
+        evaluate(str(plain), metrics="clip", clip_model=str(trained_clip), progress=False)
+    no_prompts = sample_folder(tmp_path / "unprompted", squares(1))
+    with pytest.raises(DiffFitError, match="records no prompts"):
+        evaluate(str(no_prompts), metrics="clip", clip_model=str(trained_clip), progress=False)
+    wrong = sample_folder(tmp_path / "wrong", squares(2), PROMPTS[:3])
+    with pytest.raises(DiffFitError, match="lists 3 prompts for 4 samples"):
+        evaluate(str(wrong), metrics="clip", clip_model=str(trained_clip), progress=False)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--metrics", "fid"], "fid compare the generated images with a REFERENCE; none was given"),
+    (["--clip-model", "x/y"], "--clip-model is the model of the clip metric; add clip to --metrics"),
+    (["{folder}", "--metrics", "clip"], "A REFERENCE was given, but --metrics clip"),
+    (["--metrics", "clip", "--clip-model", "someone/absent"], "CLIP model someone/absent is not in the Hugging Face"),
+])
+def test_eval_fid_clip_refusals_on_the_command_line(tmp_path, args, words):
+    folder = sample_folder(tmp_path / "samples", squares(0), PROMPTS)
+    args = [a.format(folder=folder) for a in args]
+    done = subprocess.run([sys.executable, "-m", "difffit_cli", "eval-fid", str(folder), *args], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and words in " ".join(done.stderr.split()), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_eval_fid_clip_json_on_the_command_line(trained_clip, tmp_path):
+    folder = sample_folder(tmp_path / "samples", squares(3), PROMPTS)
+    done = subprocess.run([sys.executable, "-m", "difffit_cli", "eval-fid", str(folder), "--metrics", "clip",
+                           "--clip-model", str(trained_clip), "--device", "cpu", "--json"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"clip_score": pytest.approx(score(squares(3), PROMPTS, trained_clip)),
+                                       "num_generated": 4, "num_reference": None}

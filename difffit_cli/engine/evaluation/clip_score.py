@@ -51,7 +51,9 @@ def score_pairs(pairs: Iterable[tuple[ImageLike, str]], count: int, *, model: st
             cut += sum(length > max_tokens for length in lengths)
             text = processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_tokens,
                                        return_tensors="pt").to(device)
-            pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+            # Writable copies (an array of a Pillow image is read-only, which torch.from_numpy warns about).
+            pixels = processor.image_processor(images=[np.array(i) for i in images], return_tensors="pt")
+            pixels = pixels["pixel_values"]
             # What CLIPModel.get_{image,text}_features compute, spelled out: their return type changed
             # between transformers 4 (a tensor) and 5 (a model output).
             image = net.visual_projection(net.vision_model(pixel_values=pixels.to(device)).pooler_output)
@@ -73,7 +75,7 @@ def load_clip(spec: str, device: torch.device):
     downloaded once unless downloads are off)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = _clip_folder(spec)
+    folder = clip_folder(spec)
     try:
         model = CLIPModel.from_pretrained(folder, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(folder)
@@ -83,7 +85,8 @@ def load_clip(spec: str, device: torch.device):
     return model.float().eval().to(device), processor
 
 
-def _clip_folder(spec: str) -> Path:
+def clip_folder(spec: str) -> Path:
+    """The local folder of a CLIP model spec (a folder, or a hub id through the Hugging Face cache)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
