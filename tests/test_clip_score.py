@@ -183,7 +183,7 @@ def test_clip_without_prompts_or_with_a_wrong_count_is_one_sentence(trained_clip
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--metrics", "fid"], "fid compare the generated images with a REFERENCE; none was given"),
+    (["--metrics", "fid"], "--metrics fid compares the generated images with a REFERENCE; none was given"),
     (["--clip-model", "x/y"], "--clip-model is the model of the clip metric; add clip to --metrics"),
     (["{folder}", "--metrics", "clip"], "A REFERENCE was given, but --metrics clip"),
     (["--metrics", "clip", "--clip-model", "someone/absent"], "CLIP model someone/absent is not in the Hugging Face"),

@@ -85,7 +85,7 @@ class TextEmbeddings:
 
     def take(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The embeddings of images `indices`: a batch on the CPU, leading dim len(indices)."""
-        return self._gather(self.rows[torch.as_tensor(indices, dtype=torch.long)])
+        return self._gather(self.rows[torch.as_tensor(indices, dtype=torch.long).cpu()])
 
     def of(self, caption: str) -> dict[str, torch.Tensor]:
         """The embeddings of one caption (e.g. "" for caption dropout) as a batch of one."""

@@ -74,14 +74,20 @@ def load_clip(spec: str, device: torch.device):
     """(CLIPModel in float32 on `device`, CLIPProcessor) from a folder or a hub id (the Hugging Face cache;
     downloaded once unless downloads are off)."""
     from transformers import CLIPModel, CLIPProcessor
+    from transformers.utils import logging as transformers_logging
 
     folder = clip_folder(spec)
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load: noise beside ours
     try:
         model = CLIPModel.from_pretrained(folder, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise DiffFitError(f"Cannot load the CLIP model {spec} from {folder} ({error_summary(exc)}).",
                            hint="--clip-model takes a hub id or a folder with a CLIPModel and its processor.") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return model.float().eval().to(device), processor
 
 

@@ -289,7 +289,8 @@ def evaluate(
     if clip_model is not None and "clip" not in metrics:
         raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
     if inception and reference is None:
-        raise DiffFitError(f"{', '.join(inception)} compare the generated images with a REFERENCE; none was given.",
+        raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
+                           "none was given.",
                            hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
     if reference is not None and not inception:
         raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
