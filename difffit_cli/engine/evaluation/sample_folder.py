@@ -2,13 +2,15 @@
 
 `sample.json` in a sample folder lists every file the run wrote. That list is what makes a folder
 difffit's: a later run into it (with `--overwrite`) replaces or removes only the files listed there,
-so a user's own `000123.png` beside them is never touched.
+so a user's own `000123.png` beside them is never touched. Prompt samples also record `prompts`, the
+prompt of each image in sample order, which `eval-fid --metrics clip` scores the images against.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "sample.json"
 GRID_MAX = 64  # grid.png shows at most this many images (the first ones)
+SAMPLE_PNG = re.compile(r"(\d{6,})\.png")  # sample i is f"{i:06d}.png"
 
 
 def read_manifest(folder: Path) -> set[str] | None:
@@ -38,6 +41,24 @@ def read_manifest(folder: Path) -> set[str] | None:
     if not isinstance(files, list):
         return None
     return {f for f in map(str, files) if Path(f).name == f}  # plain names only: nothing outside the folder
+
+
+def sample_images(folder: Path) -> list[Path] | None:
+    """The samples of a `difffit sample` folder in sample order (not its grid); None for any other folder."""
+    listed = read_manifest(folder)
+    if listed is None:
+        return None
+    numbered = {int(m.group(1)): name for name in listed if (m := SAMPLE_PNG.fullmatch(name))}
+    return [folder / numbered[i] for i in sorted(numbered)]
+
+
+def sample_prompts(folder: Path) -> list[str] | None:
+    """The prompt of each sample (sample.json's `prompts`, in sample order), or None when it records none."""
+    try:
+        prompts = json.loads((folder / MANIFEST).read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompts if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) else None
 
 
 def prepare_sample_folder(folder: Path, planned: Sequence[str], overwrite: bool) -> None:
