@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from pixart_fixtures import make_tiny_pixart, make_tiny_transformer
+from t2i_fixtures import make_tiny_pixart, make_tiny_transformer
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
