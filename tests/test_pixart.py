@@ -102,6 +102,7 @@ def test_an_untrained_adapter_is_the_base_bit_for_bit(method):
 def test_gamma_sits_on_the_three_branch_outputs_of_the_first_half():
     model = make_tiny_transformer(layers=4)
     keys = set(model.state_dict())
+    weight = model.transformer_blocks[0].attn1.to_out[0].weight
     prepare_model(model, "difffit")
     assert PIXART.gamma_blocks(model) == [0, 1]
     gammas = sorted(name for name in trainable_parameters(model) if ".gamma_" in name)
@@ -109,8 +110,7 @@ def test_gamma_sits_on_the_three_branch_outputs_of_the_first_half():
                       for path in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")]
     # Shared, not copied: the projection keeps diffusers' parameter names and objects.
     block = model.transformer_blocks[0]
-    assert isinstance(block.attn1.to_out[0], ScaledLinear) and block.attn1.to_out[0].weight is \
-        block.attn1.to_out[0].plain.weight
+    assert isinstance(block.attn1.to_out[0], ScaledLinear) and block.attn1.to_out[0].weight is weight
     assert set(model.state_dict()) - keys == {name for name in gammas}
     prepare_model(make_tiny_transformer(), "difffit", gamma_blocks=[3],
                   settings=MethodSettings(gamma_placement="branch+attn"))
@@ -224,6 +224,15 @@ def test_adapter_file_records_the_family_and_swaps_exactly(pipeline_dir, tmp_pat
     assert torch.equal(run(base.model), expected)  # fp32 values: the trained model exactly
     swapper.restore()
     assert torch.equal(run(base.model), before) and not any(isinstance(m, ScaledLinear) for m in base.model.modules())
+    # Folding an applied adapter (what merge does) gives its outputs; folding gamma leaves the base's own
+    # tensors alone (peft's LoRA merge adds into the base weight in place: merge needs nothing after it).
+    swapper.apply(tensors, read)
+    fold_lora(base.model)
+    PIXART.fold_gamma(base.model)
+    torch.testing.assert_close(run(base.model), expected, atol=1e-5, rtol=1e-5)
+    swapper.restore()
+    if method != "lora":
+        assert torch.equal(run(base.model), before)
     loaded, _ = load_source(str(tmp_path / "a.safetensors"))
     assert torch.equal(run(loaded.model), expected)
     report = describe_source(str(tmp_path / "a.safetensors"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions, parse_classes
+from difffit_cli.engine.evaluation.sample import SamplingOptions, check_conditioning, parse_classes
 from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
 from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
@@ -230,6 +230,7 @@ def sample_sources(
     *,
     out: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
     base: str | None = None,
     vae: str | None = None,
     force_base: bool = False,
@@ -240,22 +241,27 @@ def sample_sources(
     """`difffit sample`: n images per source into a folder each, with grid.png and sample.json.
 
     One source goes to `out` (default samples/<source name>); several go to sub-folders of `out`
-    (default samples/). `classes` are names or indices (cycled). Under `accelerate launch` the images
-    are split over the processes. Returns the run summary, with one entry per source in "outputs".
+    (default samples/). `classes` are names or indices (cycled), for class-conditional sources;
+    `prompts` (cycled) for text-to-image ones. Under `accelerate launch` the images are split over the
+    processes. Returns the run summary, with one entry per source in "outputs".
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=options.device == "cpu")
     root = Path(out) if out is not None else None
-    outputs = []
+    outputs, used = [], []
     loaded = iter_sources(sources, base=base, vae=vae, force_base=force_base, device=state.device)
     for source, (name, source_base, meta, class_names) in zip(sources, loaded, strict=True):
         folder = (root or Path("samples")) / name if len(sources) > 1 or root is None else root
-        class_ids = parse_classes(classes or [], class_names, source_base.model.config.num_classes)
+        class_ids = classes  # a text-to-image source refuses them when it samples
+        if classes and family_of(source_base).class_table:
+            class_ids = parse_classes(classes, class_names, source_base.model.config.num_classes)
         record = {"source": source, "adapter": meta.to_dict() if meta else None}
-        summary = sample_to_folder(source_base, folder, n, options, classes=class_ids, npz=npz, state=state,
-                                   progress=progress, record=record, overwrite=overwrite)
+        check_conditioning(source_base, class_ids, prompts)  # before the folder is made
+        used.append(options.for_base(source_base))
+        summary = sample_to_folder(source_base, folder, n, used[-1], classes=class_ids, prompts=prompts, npz=npz,
+                                   state=state, progress=progress, record=record, overwrite=overwrite)
         outputs.append({**summary, "source": source})
-    return {"outputs": outputs, "n": n, "scheduler": options.scheduler, "steps": options.num_steps,
-            "seed": options.seed, "cfg_scale": options.cfg_scale, "cfg_channels": options.cfg_channels,
-            "processes": state.num_processes}
+    first = used[0]
+    return {"outputs": outputs, "n": n, "scheduler": first.scheduler, "steps": first.num_steps, "seed": first.seed,
+            "cfg_scale": first.cfg_scale, "cfg_channels": first.cfg_channels, "processes": state.num_processes}

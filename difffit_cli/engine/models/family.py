@@ -57,6 +57,7 @@ class Family:
     class_table: str | None = None  # the class table's parameter name, for class-conditional families
     groups: tuple[str, ...]  # the `info` groups of its parameters, in order
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
+    schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
 
     # -- loading and describing ---------------------------------------------------------------------
@@ -173,6 +174,31 @@ class Family:
     def diffusion(self, base) -> GaussianDiffusion:
         """The diffusion process the base was trained with (the hybrid loss runs on it)."""
         return GaussianDiffusion()
+
+    def sampling_defaults(self, base) -> dict:
+        """What `sample` uses where the user gave nothing: {"cfg_scale", "scheduler"[, "steps"]}."""
+        raise NotImplementedError
+
+    # -- text-conditional families ------------------------------------------------------------------
+
+    def check_ready(self, base) -> None:
+        """Refuse, in one sentence, a base whose text encoder, tokenizer, VAE or scheduler is missing."""
+
+    def text_key(self, base, max_tokens: int) -> str:
+        """What cached text embeddings depend on besides the caption: encoder identity and token count."""
+        raise NotImplementedError
+
+    def prompt_encoder(self, base, device: torch.device, max_tokens: int, what: str = "prompt"):
+        """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call."""
+        raise NotImplementedError
+
+    def check_sample_size(self, base, width: int | None, height: int | None) -> None:
+        """Refuse, in one sentence, an image size the family's pipeline cannot make."""
+
+    def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
+                      device: torch.device):
+        """One batch of images (uint8, B x H x W x 3) for text rows `text`, through the family's pipeline."""
+        raise NotImplementedError
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from difffit_cli.engine.models.dit import CLASS_TABLE, DiT, DiTConfig
 from difffit_cli.engine.models.family import METHODS, Family, Setter, added_reference
 from difffit_cli.engine.models.fp8 import KEEP_BF16
 from difffit_cli.engine.models.resolution import set_resolution
+from difffit_cli.engine.models.schedulers import SCHEDULERS
 
 DIT_OPTIONS = ("resolution", "num_classes", "num_heads", "vae")  # load_base's keywords
 SHAPE_KEYS = ("depth", "hidden_size", "patch_size", "in_channels", "learn_sigma")  # what an adapter cannot change
@@ -70,6 +71,7 @@ class DiTFamily(Family):
     groups = ("biases", "gamma", "class_table", "norms", "lora", "adapters", "prompts", "other")
     pipeline_tag = "unconditional-image-generation"  # the Hub has no class-conditional task
     merge_formats = ("original", "diffusers", "peft")
+    schedulers = SCHEDULERS
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, DiT)
@@ -166,6 +168,14 @@ class DiTFamily(Family):
 
     def forward(self, model: DiT, base: Base):
         return model  # model(x_t, t, labels)
+
+    def check_sample_size(self, base: Base, width: int | None, height: int | None) -> None:
+        if width is not None or height is not None:
+            raise DiffFitError(f"--width and --height apply to text-to-image bases; {base.spec} samples at its "
+                               f"{base.resolution} px (move it with `difffit upscale-res`).")
+
+    def sampling_defaults(self, base: Base) -> dict:
+        return {"cfg_scale": 4.0, "scheduler": "ddpm"}  # ddpm's steps: its own default (250)
 
     def set_gradient_checkpointing(self, model: DiT, enabled: bool) -> None:
         model.set_gradient_checkpointing(enabled)

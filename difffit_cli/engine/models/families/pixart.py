@@ -26,16 +26,24 @@ scheduler config).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difffit_cli.engine.devices import autocast_dtype
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.families.pixart_bases import TRANSFORMER_CLASSES, PixArtBase, load_pixart_base
-from difffit_cli.engine.models.families.pixart_pipeline import write_pixart_pipeline
+from difffit_cli.engine.models.families.pixart_pipeline import (
+    SCHEDULERS,
+    pipeline_images,
+    prompt_encoder,
+    sampling_defaults,
+    write_pixart_pipeline,
+)
 from difffit_cli.engine.models.family import Family, Setter, added_reference
 
 METHODS = ("full", "bitfit", "lora", "difffit")
@@ -60,7 +68,6 @@ class ScaledLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.gamma_ = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device,
                                               dtype=linear.weight.dtype))
-        object.__setattr__(self, "plain", linear)  # the original module (not a submodule): put back on fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -80,6 +87,7 @@ class PixArtFamily(Family):
     methods = METHODS
     blocks = "transformer_blocks"
     groups = ("biases", "gamma", "modulation", "norms", "lora", "other")
+    schedulers = ("pipeline", *SCHEDULERS)  # "pipeline": the pipeline's own (PixArt's: dpm-solver)
 
     def owns(self, model: nn.Module) -> bool:
         return type(model).__name__ in TRANSFORMER_CLASSES and getattr(model, "config", {}).get("norm_type") \
@@ -171,13 +179,17 @@ class PixArtFamily(Family):
 
     @torch.no_grad()
     def fold_gamma(self, model: nn.Module) -> None:
+        """Each ScaledLinear becomes a plain Linear holding gamma W and gamma b: new tensors, so a base
+        whose projections an adapter shares is left as it was."""
         for name, module in list(model.named_modules()):
             if isinstance(module, ScaledLinear):
                 gamma = module.gamma_.to(module.weight.dtype)
-                module.weight.mul_(gamma[:, None])
-                module.bias.mul_(gamma)
-                owner, leaf = name.rsplit(".", 1)
-                setattr(model.get_submodule(owner), leaf, module.plain)
+                folded = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
+                                                  device=module.weight.device, dtype=module.weight.dtype)
+                folded.weight = nn.Parameter(module.weight * gamma[:, None], module.weight.requires_grad)
+                folded.bias = nn.Parameter(module.bias * gamma, module.bias.requires_grad)
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, folded)
 
     def write_pipeline(self, base: PixArtBase, model: nn.Module, folder) -> None:
         write_pixart_pipeline(base, model, folder)
@@ -215,6 +227,34 @@ class PixArtFamily(Family):
         else:
             betas = torch.linspace(start, end, steps, dtype=torch.float64)
         return GaussianDiffusion(num_train_steps=steps, betas=betas)
+
+    def sampling_defaults(self, base: PixArtBase) -> dict:
+        return sampling_defaults(base)
+
+    def check_ready(self, base: PixArtBase) -> None:
+        base.check_components()
+
+    def text_key(self, base: PixArtBase, max_tokens: int) -> str:
+        return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
+
+    def prompt_encoder(self, base: PixArtBase, device: torch.device, max_tokens: int, what: str = "prompt"):
+        # T5 v1.1 was trained in bf16, and fp16 overflows it: bf16 on a GPU (half of T5-XXL's fp32 18 GB).
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return prompt_encoder(base, device, dtype, max_tokens, what)
+
+    def check_sample_size(self, base: PixArtBase, width: int | None, height: int | None) -> None:
+        # The pipeline wants multiples of 8 px; the transformer whole patches of latent pixels.
+        step = math.lcm(8, base.vae_factor * base.model.config.patch_size)
+        for name, value in (("--width", width), ("--height", height)):
+            if value is not None and value % step:
+                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
+
+    def sample_images(self, base: PixArtBase, text: dict, negative: dict, generators: list[torch.Generator],
+                      options, device: torch.device):
+        return pipeline_images(base, text, negative, generators, cfg_scale=options.cfg_scale, steps=options.steps,
+                               scheduler=options.scheduler, width=options.width or base.resolution,
+                               height=options.height or base.resolution, device=device,
+                               autocast_dtype=autocast_dtype(options.mixed_precision))
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
         if enabled:

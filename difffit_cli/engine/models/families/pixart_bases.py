@@ -21,6 +21,7 @@ import torch
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary, hub_snapshot, split_hub_id
+from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.models.bases import state_dict_fingerprint
 from difffit_cli.engine.models.vae import Autoencoder, load_vae, vae_geometry
 
@@ -96,6 +97,15 @@ class Components:
     def vae_spec(self) -> str:
         return f"{self.repo_id}/vae" if self.repo_id is not None else str((self.folder / "vae").resolve())
 
+    def encoder_identity(self) -> str:
+        """What identifies the text encoder without loading it: a Hub repo at its snapshot (commit), or the
+        local folder's tokenizer and encoder files (names, sizes, mtimes)."""
+        if self.repo_id is not None:
+            return f"{self.repo_id}@{self.folder.name}"
+        files = sorted(f for name in ("tokenizer", "text_encoder") for f in (self.folder / name).rglob("*")
+                       if f.is_file())
+        return f"{self.folder.resolve()}\n{files_signature(files, self.folder)}"
+
 
 def _component_complete(folder: Path) -> bool:
     if not (folder / "config.json").is_file() and not (folder / "scheduler_config.json").is_file():
@@ -144,6 +154,12 @@ class PixArtBase:
             self.components.path("vae", "the VAE")
             self._vae = load_vae(self.vae_spec, device, dtype)
         return self._vae.to(device, dtype)
+
+    def check_components(self) -> None:
+        """A local pipeline folder missing a component is named now; a Hub repo's come when first needed."""
+        if self.components.repo_id is None:
+            for name in ("tokenizer", "text_encoder", "vae", "scheduler"):
+                self.components.path(name, f"the {name}")
 
     def scheduler_config(self) -> dict:
         path = self.components.path("scheduler", "the scheduler") / "scheduler_config.json"

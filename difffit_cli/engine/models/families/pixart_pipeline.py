@@ -32,8 +32,7 @@ from difffit_cli.engine.progress import stderr_console
 
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
 # --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
-SCHEDULERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
-              "euler": "EulerDiscreteScheduler"}
+SCHEDULERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
 PIPELINE_LOGGER = "diffusers.pipelines.pixart_alpha"
 LONG_PROMPTS_SHOWN = 3
 
@@ -76,13 +75,17 @@ def prompt_encoder(base: PixArtBase, device: torch.device | str, dtype: torch.dt
                    what: str = "prompt") -> Callable[[list[str]], dict[str, torch.Tensor]]:
     """`encode(texts)` -> {"prompt_embeds": (B, L, D), "prompt_attention_mask": (B, L)} on the CPU, by the
     pipeline's encode_prompt. Texts longer than `max_tokens` tokens are truncated as the pipeline does,
-    with one warning naming them (`what`: "prompt" or "caption")."""
-    tokenizer, encoder = text_encoder(base, device, dtype)
-    pipe = _pipeline_class(base.pipeline)(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
-                                          scheduler=None)
+    with one warning naming them (`what`: "prompt" or "caption"). The encoder loads on the first call, so
+    a run whose texts are all cached never loads (or downloads) it."""
+    loaded = []
 
     @torch.no_grad()
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        if not loaded:
+            tokenizer, encoder = text_encoder(base, device, dtype)
+            loaded.append((tokenizer, _pipeline_class(base.pipeline)(tokenizer=tokenizer, text_encoder=encoder,
+                                                                     vae=None, transformer=None, scheduler=None)))
+        tokenizer, pipe = loaded[0]
         warn_truncated(texts, tokenizer, max_tokens, what)
         with _quiet_pipeline():
             embeds, mask, _, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, device=device,
@@ -109,27 +112,26 @@ def warn_truncated(texts: Sequence[str], tokenizer, max_tokens: int, what: str) 
 
 
 def default_scheduler_name(base: PixArtBase) -> str:
-    """The --scheduler name of the pipeline's own scheduler (its class name when difffit has no short one)."""
-    cls = base.scheduler_config().get("_class_name", "DPMSolverMultistepScheduler")
-    return next((name for name, klass in SCHEDULERS.items() if klass == cls), cls)
+    """The --scheduler name of the pipeline's own scheduler ("pipeline" when difffit has no short name)."""
+    cls = base.scheduler_config().get("_class_name")
+    return next((name for name, klass in SCHEDULERS.items() if klass == cls), "pipeline")
 
 
 def make_scheduler(base: PixArtBase, name: str):
-    """The scheduler `name` (a SCHEDULERS key or the pipeline's own class name) from the pipeline's config."""
+    """The scheduler `name` (a SCHEDULERS key, or "pipeline": the pipeline's own), from the pipeline's config."""
     import diffusers
 
     config = base.scheduler_config()
-    cls = SCHEDULERS.get(name, name)
-    if cls != config.get("_class_name") and name not in SCHEDULERS:
-        raise DiffFitError(f"Unknown --scheduler {name!r} for PixArt; choose {', '.join(SCHEDULERS)}.")
-    return getattr(diffusers, cls).from_config(config)
+    if name not in (*SCHEDULERS, "pipeline"):
+        raise DiffFitError(f"Unknown --scheduler {name!r} for PixArt; choose {', '.join(SCHEDULERS)} or pipeline.")
+    return getattr(diffusers, SCHEDULERS.get(name, config.get("_class_name"))).from_config(config)
 
 
 def sampling_defaults(base: PixArtBase) -> dict:
     """The pipeline's own guidance scale, step count and scheduler."""
     return {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
             "steps": int(pipeline_default(base.pipeline, "num_inference_steps")),
-            "scheduler": default_scheduler_name(base)}
+                "scheduler": default_scheduler_name(base)}
 
 
 @torch.inference_mode()
@@ -148,8 +150,8 @@ def pipeline_images(base: PixArtBase, text: dict[str, torch.Tensor], negative: d
                       prompt_attention_mask=text["prompt_attention_mask"].to(device),
                       negative_prompt_embeds=negative["prompt_embeds"].to(device, dtype),
                       negative_prompt_attention_mask=negative["prompt_attention_mask"].to(device),
-                      guidance_scale=cfg_scale, num_inference_steps=steps, generator=generators, width=width,
-                      height=height, use_resolution_binning=False, output_type="pil").images
+                      negative_prompt=None, guidance_scale=cfg_scale, num_inference_steps=steps, generator=generators,
+                      width=width, height=height, use_resolution_binning=False, output_type="pil").images
     return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
@@ -165,7 +167,9 @@ def write_pixart_pipeline(base: PixArtBase, model: torch.nn.Module, folder: Path
     dtype = getattr(torch, base.stored_dtype)
     with atomic_path(folder, kind="merge") as tmp:
         tmp.mkdir()
-        model.to(dtype).save_pretrained(tmp / "transformer")
+        if next(model.parameters()).dtype != dtype:
+            model.to(dtype)
+        model.save_pretrained(tmp / "transformer")
         for name, source in sources.items():
             _link_tree(source, tmp / name)
         index = {**{k: v for k, v in index.items() if k in COMPONENTS},
