@@ -62,10 +62,12 @@ def test_sample_folder_records_each_images_prompt(adapter, tmp_path):
     assert np.array_equal(pngs, images(adapter, 3, PROMPTS))
 
 
-def test_the_pipelines_defaults_and_other_schedulers(pipeline_dir):
+def test_the_pipelines_defaults_and_other_schedulers(pipeline_dir, tiny_base_file):
     base = load_base(str(pipeline_dir))
     resolved = SamplingOptions(cfg_scale=None, scheduler=None).for_base(base)
     assert (resolved.cfg_scale, resolved.scheduler, resolved.steps) == (4.5, "dpm-solver", 20)
+    dit = SamplingOptions(cfg_scale=None, scheduler=None).for_base(load_base(str(tiny_base_file)))
+    assert (dit.cfg_scale, dit.scheduler, dit.num_steps) == (4.0, "ddpm", 250)  # DiT's defaults, as before
     ddim = images(pipeline_dir, 1, PROMPTS, scheduler="ddim")
     assert not np.array_equal(ddim, images(pipeline_dir, 1, PROMPTS))
     wide = images(pipeline_dir, 1, PROMPTS, width=32, height=16)

@@ -133,6 +133,9 @@ CaptionDropout = Annotated[float, typer.Option(
 MaxTextTokens = Annotated[int | None, typer.Option(
     help="Text-to-image: caption tokens the text encoder sees (default: the base's; PixArt-alpha 120, "
     "PixArt-Sigma 300).", show_default=False)]
+ValidationPrompts = Annotated[list[str] | None, typer.Option(
+    "--validation-prompt", help="Text-to-image: a prompt of the preview grids (fixed seeds, step 0 included); repeat "
+    "for more (default: the data's first captions).", show_default=False)]
 ClassBalance = Annotated[bool, typer.Option(
     "--class-balance", help="Draw every class equally often, whatever its image count.")]
 Repeats = Annotated[int, typer.Option(help="Each image N times per epoch (per class: a [repeats] table in a recipe).")]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from difffit_cli.engine.data.text_cache import text_embeddings
+from difffit_cli.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit_cli.engine.devices import autocast_dtype, resolve_device
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.models.dit import DiT
@@ -273,13 +273,15 @@ def generate_batches(
     *,
     classes: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
+    embeddings: TextEmbeddings | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (sample indices, uint8 images (B, H, W, 3)) batch by batch, so callers can write as they go.
 
     Sample i is of class classes[i % len(classes)] (class-conditional bases) or prompt prompts[i %
-    len(prompts)] (text-conditional ones). float32 (`mixed_precision="no"`) is the exact reference
+    len(prompts)] (text-conditional ones; `embeddings`, when given, already holds the prompts' embeddings,
+    as fit's previews do). float32 (`mixed_precision="no"`) is the exact reference
     numerics; bf16 / fp16 run model and decoder under autocast. `device` overrides `options.device` (a
     launcher's process device). Moves `base.model` to the device.
     """
@@ -289,7 +291,10 @@ def generate_batches(
     device = torch.device(device) if device is not None else resolve_device(options.device)
     options = options.for_base(base)
     check_conditioning(base, classes, prompts)
-    batch_images = _BATCHES[family_of(base).conditioning](base, indices, options, classes or prompts, device)
+    if family_of(base).conditioning == "text":
+        batch_images = _text_batches(base, indices, options, prompts, device, embeddings)
+    else:
+        batch_images = _class_batches(base, indices, options, classes, device)
     with make_progress(TextColumn("{task.fields[rate]}"), enabled=progress) as bar:
         task = bar.add_task("Sampling", total=len(indices), rate="")
         start = time.perf_counter()
@@ -338,30 +343,29 @@ def _class_batches(base: Base, indices: list[int], options: SamplingOptions, cla
     return images
 
 
-def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prompts: Sequence[str] | None,
-                  device: torch.device) -> Callable[[int, list[int]], torch.Tensor]:
+def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prompts: Sequence[str],
+                  device: torch.device, embeddings: TextEmbeddings | None) -> Callable[[int, list[int]], torch.Tensor]:
     """Text families: `images(lo, batch)` through the family's pipeline. Each distinct prompt (and the
     negative prompt) is encoded once, on its own, so its embedding does not depend on the other prompts
     of the run; the text encoder is freed before the first image."""
     family = family_of(base)
     per_image = [prompts[i % len(prompts)] for i in indices]
-    encode = family.prompt_encoder(base, device, base.max_text_tokens)
-    texts = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
-                            extra=[options.negative_prompt])
-    del encode  # the encoder goes with it (T5-XXL: 9 GB)
-    negative = texts.of(options.negative_prompt)
+    if embeddings is None:
+        encode = family.prompt_encoder(base, device, base.max_text_tokens)
+        embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
+                                     extra=[options.negative_prompt])
+        del encode  # the encoder goes with it (T5-XXL: 9 GB)
+    negative = embeddings.of(options.negative_prompt)
     base.model.to(device).eval()
 
     def images(lo: int, batch: list[int]) -> torch.Tensor:
-        rows = texts.take(torch.arange(lo, lo + len(batch)))
-        unconditional = {k: v.expand(len(batch), *v.shape[1:]) for k, v in negative.items()}
-        out = family.sample_images(base, rows, unconditional, sample_generators(options.seed, batch), options, device)
+        rows = [embeddings.of(prompt) for prompt in per_image[lo : lo + len(batch)]]
+        text = {name: torch.cat([row[name] for row in rows]) for name in negative}
+        unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
+        out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
         return torch.from_numpy(out)
 
     return images
-
-
-_BATCHES = {"class": _class_batches, "text": _text_batches}
 
 
 def generate(
@@ -371,6 +375,7 @@ def generate(
     *,
     classes: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
+    embeddings: TextEmbeddings | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -378,5 +383,5 @@ def generate(
     if n < 1:
         raise DiffFitError(f"-n must be at least 1 (got {n}).")
     batches = generate_batches(base, range(n), options or SamplingOptions(), classes=classes, prompts=prompts,
-                               device=device, progress=progress)
+                               embeddings=embeddings, device=device, progress=progress)
     return torch.cat([images for _, images in batches])

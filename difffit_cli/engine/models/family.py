@@ -58,6 +58,7 @@ class Family:
     groups: tuple[str, ...]  # the `info` groups of its parameters, in order
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
     schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
+    preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
 
     # -- loading and describing ---------------------------------------------------------------------

@@ -66,7 +66,7 @@ class FitConfig:
     gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
     rank: int = 8  # lora
     lora_alpha: float | None = None  # lora; default = rank
-    lora_targets: str | None = None  # lora; default "qkv,proj"
+    lora_targets: str | None = None  # lora; default: the family's (DiT "qkv,proj"; PixArt "to_q,to_k,to_v,to_out.0")
     adapter_dim: int = 64  # adapter-parallel, adapter-sequential
     prompt_tokens: int = 8  # vpt-deep
     image_column: str | None = None  # a dataset's image column (default: its first Image feature)
@@ -76,6 +76,7 @@ class FitConfig:
     caption_template: str | None = None  # class folders as captions, e.g. "a photo of {class}"
     caption_dropout: float = 0.1  # the fraction of captions replaced by the empty one (trains the guidance branch)
     max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300)
+    validation_prompts: list[str] | None = None  # preview prompts (default: the data's first captions)
     class_balance: bool = False  # draw every class equally often, whatever its image count
     repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term

@@ -72,6 +72,7 @@ class DiTFamily(Family):
     pipeline_tag = "unconditional-image-generation"  # the Hub has no class-conditional task
     merge_formats = ("original", "diffusers", "peft")
     schedulers = SCHEDULERS
+    preview_sampling = {"scheduler": "ddim", "steps": 25}  # previews must stay cheap next to training
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, DiT)
