@@ -97,6 +97,6 @@ def text_summary(run: Run) -> dict:
     """The text settings an adapter's training summary records (nothing for class-conditional runs)."""
     if run.family.conditioning != "text":
         return {}
-    return {"caption_dropout": run.config.caption_dropout,
+    return {"pipeline": run.base.pipeline, "caption_dropout": run.config.caption_dropout,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
             "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}
