@@ -217,7 +217,8 @@ def describe_source(
         trained = describe_method(family.config_of(loaded.model), method, num_classes=num_classes,
                                   gamma_blocks=gamma_blocks, settings=settings, family=family)
         # The base's own class count and size stay under their names; the adapted model's get these.
-        report["target_num_classes"] = trained.pop("num_classes", None)
+        if "num_classes" in trained:  # class-conditional families only
+            report["target_num_classes"] = trained.pop("num_classes")
         report["adapted_total_params"] = trained.pop("total_params")
         report.update(trained)
     return report
