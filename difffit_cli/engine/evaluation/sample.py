@@ -311,8 +311,9 @@ def check_conditioning(base: Base, classes: Sequence | None, prompts: Sequence[s
     family = family_of(base)
     if (classes and family.conditioning != "class") or (prompts and family.conditioning != "text"):
         given, wanted = ("--class", "--prompt") if classes else ("--prompt", "--class")
-        raise DiffFitError(f"{given} does not apply to {base.spec}, a {family.title} base conditioned on "
-                           f"{family.conditioning}s; use {wanted}.")
+        what = "text" if family.conditioning == "text" else "classes"
+        raise DiffFitError(f"{given} does not apply to {base.spec}, a {family.title} base conditioned on {what}; "
+                           f"use {wanted}.")
     if family.conditioning == "text" and not prompts:
         raise DiffFitError(f"{base.spec} is a text-to-image base; give it --prompt TEXT or --prompts FILE.")
 

@@ -24,6 +24,7 @@ from difffit_cli.engine.hub import error_summary, hub_snapshot, split_hub_id
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.models.bases import state_dict_fingerprint
 from difffit_cli.engine.models.vae import Autoencoder, load_vae, vae_geometry
+from difffit_cli.engine.progress import library_bars_off
 
 PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # α repos still say the latter
@@ -248,7 +249,8 @@ def _load(spec: str, transformer_dir: Path, components: Components, pipeline: st
         return _config_only(spec, {k: v for k, v in config.items() if not k.startswith("_")},
                             Alias(hub_id or spec, components.repo_id or spec, pipeline))
     try:
-        model = PixArtTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+        with library_bars_off():
+            model = PixArtTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise DiffFitError(f"Could not load the PixArt transformer of {spec} from {transformer_dir} "
                            f"({error_summary(e)}).") from None

@@ -28,7 +28,7 @@ from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.models.families.pixart_bases import PixArtBase, pipeline_default, read_json
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import library_bars_off, stderr_console
 
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
 # --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
@@ -63,8 +63,9 @@ def text_encoder(base: PixArtBase, device: torch.device | str, dtype: torch.dtyp
     encoder_dir = base.components.path("text_encoder", "the text encoder")
     variant = "fp16" if any(encoder_dir.glob("*.fp16*.safetensors")) else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        encoder = T5EncoderModel.from_pretrained(encoder_dir, torch_dtype=dtype, variant=variant)
+        with library_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            encoder = T5EncoderModel.from_pretrained(encoder_dir, torch_dtype=dtype, variant=variant)
     except (OSError, ValueError, RuntimeError) as e:
         raise DiffFitError(f"Could not load the text encoder of {base.spec} from {encoder_dir.parent} "
                            f"({error_summary(e)}).") from None
