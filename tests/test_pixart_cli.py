@@ -56,3 +56,25 @@ def test_refusals_are_one_sentence(pipeline_dir, tmp_path, monkeypatch, capsys, 
     code, out, err = run_cli(monkeypatch, capsys, *argv)
     assert code == 1 and "Traceback" not in err and words in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_one_family_on_a_base_of_the_other_is_one_sentence(pipeline_dir, tiny_base_file, tmp_path,
+                                                                          monkeypatch, capsys):
+    from test_pixart import trained_adapter
+
+    from difffit_cli.engine.methods.adapter import make_meta, save_adapter
+    from difffit_cli.engine.methods.trainable import prepare_model
+    from difffit_cli.engine.models.bases import load_base
+
+    trained_adapter(pipeline_dir, tmp_path / "pixart.safetensors")
+    dit = load_base(str(tiny_base_file))
+    state = {n: p.detach().clone() for n, p in dit.model.named_parameters()}
+    prepare_model(dit.model, "difffit")
+    save_adapter(tmp_path / "dit.safetensors", dit.model, state, make_meta(dit, dit.model, "difffit"))
+    for adapter, base, words in ((tmp_path / "pixart.safetensors", tiny_base_file, "is a PixArt adapter, and"),
+                                 (tmp_path / "dit.safetensors", pipeline_dir, "is a DiT adapter, and")):
+        for command in (("sample", adapter, "--base", base, "--out", tmp_path / "out"),
+                        ("merge", adapter, "--base", base, "--out", tmp_path / "out")):
+            code, out, err = run_cli(monkeypatch, capsys, *command)
+            assert code == 1 and "Traceback" not in err and words in err, err
+            assert not (tmp_path / "out").exists()

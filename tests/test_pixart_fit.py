@@ -184,6 +184,13 @@ def test_previews_show_the_validation_prompts_at_fixed_seeds(conf, tmp_path):
     assert meta.training["caption_dropout"] == 0.1 and meta.training["max_text_tokens"] == 120
 
 
+def test_an_adapter_samples_with_the_token_count_it_trained_with(conf, data):
+    result = fit(conf(steps=1, max_text_tokens=6), progress=False)
+    base, meta = load_source(str(result.adapter))
+    assert meta.training["max_text_tokens"] == 6 and base.max_text_tokens == 6
+    assert load_base(conf().base).max_text_tokens == 120  # the base alone: the pipeline's own
+
+
 def test_caption_dropout_uses_the_empty_caption_at_the_rate_asked():
     captions = [f"caption {i}" for i in range(4)]
     encode = lambda texts: {"prompt_embeds": torch.tensor([[float(len(t))] for t in texts]).unsqueeze(-1),  # noqa: E731

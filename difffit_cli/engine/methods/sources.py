@@ -42,7 +42,7 @@ def load_source(
     tensors, meta = read_adapter(source)
     loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
     AdapterSwapper(loaded).apply(tensors, meta)
-    loaded.class_names = meta.class_names
+    meta.model_family.adopt_adapter(loaded, meta)  # DiT: its class names; PixArt: its caption tokens
     return loaded, meta
 
 
@@ -132,6 +132,7 @@ def iter_sources(
             loaded.model.to(device)  # before swapping, so the swapper's saved base tensors live there too
             key, swapper = this_key, AdapterSwapper(loaded)
         swapper.apply(tensors, meta)
+        meta.model_family.adopt_adapter(loaded, meta)
         yield name, loaded, meta, meta.class_names
 
 

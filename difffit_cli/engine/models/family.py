@@ -138,6 +138,10 @@ class Family:
         adapted model's shape, every change through `setter` (AdapterSwapper undoes them)."""
         raise NotImplementedError
 
+    def adopt_adapter(self, base, meta) -> None:
+        """What an applied adapter changes of the base besides tensors (DiT: class names; text families:
+        the caption token count it was trained with)."""
+
     def add_gamma(self, model: nn.Module, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
         """Add scale factors (ones) in `blocks`; `setter` lets AdapterSwapper remember what it replaced."""
         raise NotImplementedError

@@ -146,6 +146,9 @@ class DiTFamily(Family):
             table.num_embeddings = meta.num_classes + 1
             model.config = replace(model.config, num_classes=meta.num_classes)
 
+    def adopt_adapter(self, base: Base, meta) -> None:
+        base.class_names = meta.class_names
+
     def add_gamma(self, model: DiT, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
         model.add_scale_factors([i for i in blocks if i not in model.gamma_blocks], attn=placement == "branch+attn")
 

@@ -165,6 +165,9 @@ class PixArtFamily(Family):
         if meta.method == "difffit":
             self.add_gamma(model, meta.gamma_blocks, meta.settings.get("gamma_placement", "branch"), setter)
 
+    def adopt_adapter(self, base: PixArtBase, meta) -> None:
+        base.text_tokens = meta.training.get("max_text_tokens")
+
     def add_gamma(self, model: nn.Module, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
         paths = BRANCHES + (QKV if placement == "branch+attn" else ())
         for i in blocks:

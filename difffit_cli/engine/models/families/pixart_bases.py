@@ -127,6 +127,7 @@ class PixArtBase:
     pipeline: str  # the diffusers pipeline class: PixArtAlphaPipeline or PixArtSigmaPipeline
     hub_id: str | None = None  # the transformer's Hub repo, for model cards
     stored_dtype: str = "float32"  # the transformer file's dtype: merge writes the merged weights in it
+    text_tokens: int | None = None  # an applied adapter's --max-text-tokens (None: the pipeline's own)
     family: str = "pixart"
     class_names: None = None
     _vae: Autoencoder | None = field(default=None, init=False, repr=False, compare=False)
@@ -147,8 +148,9 @@ class PixArtBase:
 
     @property
     def max_text_tokens(self) -> int:
-        """The pipeline's own default token count (120 for α, 300 for Σ)."""
-        return pipeline_default(self.pipeline, "max_sequence_length")
+        """The caption tokens the model reads: an applied adapter's, else the pipeline's own default (120
+        for α, 300 for Σ)."""
+        return self.text_tokens or pipeline_default(self.pipeline, "max_sequence_length")
 
     def vae(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Autoencoder:
         if self._vae is None:
