@@ -101,12 +101,11 @@ class PixArtFamily(Family):
     def describe(self, base: PixArtBase) -> dict:
         config = base.model.config
         return {
-            "kind": "base", "family": self.name, "spec": base.spec, "source_format": base.source_format,
-            "pipeline": base.pipeline, "architecture": self.architecture(dict(config)),
+            "kind": "base", "spec": base.spec, "source_format": base.source_format, "pipeline": base.pipeline,
+            "architecture": self.architecture(dict(config)),
             "total_params": sum(p.numel() for p in base.model.parameters()),
-            "resolution": base.resolution,
-            "latent_size": config.sample_size, "in_channels": config.in_channels,
-            **self.channels(config), "patch_size": config.patch_size,
+            "resolution": base.resolution, "latent_size": config.sample_size, **self.channels(config),
+            "patch_size": config.patch_size,
             "max_text_tokens": base.max_text_tokens, "text_channels": config.caption_channels,
             "fingerprint": base.fingerprint, "vae": base.vae_spec if base.source_format != "config" else None,
             "hub_id": base.hub_id,

@@ -144,7 +144,9 @@ def pipeline_images(base: PixArtBase, text: dict[str, torch.Tensor], negative: d
     pipe = _pipeline_class(base.pipeline)(tokenizer=None, text_encoder=None, vae=vae.vae, transformer=base.model,
                                           scheduler=make_scheduler(base, scheduler))
     pipe.set_progress_bar_config(disable=True)
-    dtype = next(base.model.parameters()).dtype
+    # The pipeline draws its latents in the embeddings' dtype and steps the scheduler in it: float32 always
+    # (bf16 scheduler steps lose detail); under --mixed-precision autocast runs the transformer in bf16/fp16.
+    dtype = torch.float32
     with _quiet_pipeline(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                            enabled=autocast_dtype is not None):
         images = pipe(prompt_embeds=text["prompt_embeds"].to(device, dtype),
