@@ -83,6 +83,9 @@ def test_second_run_encodes_nothing_and_a_changed_caption_only_itself(t5, tmp_pa
     torch.testing.assert_close(changed.take(torch.tensor([3]))["prompt_embeds"], expected["prompt_embeds"],
                                rtol=1e-5, atol=1e-6)
     _assert_equal(changed.take(torch.tensor([0, 5])), first.take(torch.tensor([0, 5])))
+    mixed = changed.take(torch.arange(6))  # one batch from both shards
+    for i in range(6):
+        _assert_equal({name: t[i : i + 1] for name, t in mixed.items()}, changed.take(torch.tensor([i])))
     # Another key (another encoder, token count or fingerprint) is another cache.
     other = Encoder(t5, max_tokens=8)
     assert text_embeddings(CAPTIONS, other, key="t5/8", cache_dir=tmp_path, progress=False).path != first.path

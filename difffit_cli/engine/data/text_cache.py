@@ -95,16 +95,19 @@ class TextEmbeddings:
 
     def _gather(self, unique: torch.Tensor) -> dict[str, torch.Tensor]:
         shard_of, row_of = self.location[unique].unbind(1)
-        first = self.shards[0]
+        dtypes = self.shards[0].dtypes
         # Not pinned: each batch is a fresh tensor, and pinning it would cost a page-locked allocation
         # per step, more than an asynchronous copy of a few MB saves.
-        out = {name: torch.empty((len(unique), *first.arrays[name].shape[1:]), dtype=first.dtypes[name])
-               for name in first.arrays}
+        if bool((shard_of == shard_of[0]).all()):  # the usual case: one shard holds the whole batch
+            rows = row_of.numpy()
+            return {name: _to_torch(a[rows], dtypes[name]) for name, a in self.shards[int(shard_of[0])].arrays.items()}
+        out = {name: torch.empty((len(unique), *a.shape[1:]), dtype=dtypes[name])
+               for name, a in self.shards[0].arrays.items()}
         for s in shard_of.unique().tolist():
-            picked = shard_of == s
-            rows = row_of[picked].numpy()
+            positions = (shard_of == s).nonzero().squeeze(1)
+            rows = row_of[positions].numpy()
             for name, array in self.shards[s].arrays.items():
-                out[name][picked] = _to_torch(array[rows], first.dtypes[name])
+                out[name].index_copy_(0, positions, _to_torch(array[rows], dtypes[name]))
         return out
 
 
@@ -132,11 +135,12 @@ def text_embeddings(captions: Sequence[str], encode: Encode, *, key: str, cache_
     todo = [c for c in unique if c not in held]
     encoded = len(todo)
     if todo:
+        # One batch first: its form tells whether the shards on disk still match this encoder.
         first = _encode(todo[:batch_size], encode, batch_size, dtype, False, None)
         if shards and first.spec() != shards[0].spec():
             _discard(shards, "out of date", f"it holds {shards[0].spec()}; the encoder now gives {first.spec()}")
-            shards, encoded = [], len(unique)
-            todo = todo[:batch_size] + [c for c in unique if c not in set(todo[:batch_size])]
+            shards, encoded, done = [], len(unique), set(first.captions)
+            todo = first.captions + [c for c in unique if c not in done]
         shards.append(_write_shard(folder, key, todo, encode, batch_size, dtype, progress, first))
     return TextEmbeddings(unique, rows, shards, encoded, folder)
 
