@@ -29,6 +29,7 @@ import os
 import resource
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from _timing import (
@@ -78,7 +79,8 @@ def build(args: argparse.Namespace):
     model.train()
     params = trainable_parameters(model)
     optimizer = make_optimizer(params.values(), 1e-4, device)
-    diffusion, forward = _diffusion(), PIXART.forward(model, None)
+    # The 1024-MS model's pixel-size micro-conditions need the VAE factor: the public pipelines' is 8.
+    diffusion, forward = _diffusion(), PIXART.forward(model, SimpleNamespace(vae_factor=8))
     side, counter = config["sample_size"], itertools.count()
 
     def step(batch: int) -> None:
@@ -86,11 +88,13 @@ def build(args: argparse.Namespace):
         t, noise = draw_timesteps_and_noise(g, batch, (4, side, side), 1000)
         x0 = torch.randn((batch, 4, side, side), device=device, generator=g)
         text = _text(encoder, batch, args.tokens, config["caption_channels"], device, g)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            losses = diffusion.training_losses(lambda x, s: forward(x, s, text).float(), x0, t, noise)
-        losses["loss"].mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                losses = diffusion.training_losses(lambda x, s: forward(x, s, text).float(), x0, t, noise)
+            losses["loss"].mean().backward()
+            optimizer.step()
+        finally:  # also after an out-of-memory probe: no stale gradients held into the next batch
+            optimizer.zero_grad(set_to_none=True)
 
     return step, sum(p.numel() for p in params.values())
 

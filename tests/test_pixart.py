@@ -253,3 +253,21 @@ def test_adapters_apply_only_to_their_own_family(pipeline_dir, tmp_path, tiny_ba
     _, dit_meta = read_adapter(tmp_path / "dit.safetensors")
     with pytest.raises(DiffFitError, match="is a DiT adapter, and .* is a PixArt base"):
         load_adapter_base(tmp_path / "dit.safetensors", dit_meta, base=str(pipeline_dir))
+
+
+def test_the_1024_models_micro_conditions_are_the_pipelines():
+    """The α 1024-MS model also reads the image size: (height, width) in pixels and height / width, as its
+    pipeline passes them. 48 wide: the size embedders split the width in three."""
+    from types import SimpleNamespace
+
+    model = make_tiny_transformer(num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48,
+                                  use_additional_conditions=True)
+    x, t, text = x_t_c()
+    x = torch.nn.functional.pad(x, (0, 4))  # 8 x 12 latents: 16 x 24 px with a VAE of factor 2
+    with torch.no_grad():
+        ours = PIXART.forward(model, SimpleNamespace(vae_factor=2))(x, t, text)
+        theirs = model(x, encoder_hidden_states=text["prompt_embeds"], encoder_attention_mask=text[
+            "prompt_attention_mask"], timestep=t, added_cond_kwargs={
+            "resolution": torch.tensor([[16.0, 24.0]] * 2), "aspect_ratio": torch.tensor([[16 / 24]] * 2)},
+            return_dict=False)[0]
+    assert torch.equal(ours, theirs)

@@ -163,3 +163,20 @@ def test_lora_exports_for_peft_onto_the_diffusers_transformer(pipeline_dir, tmp_
     from test_pixart import run
 
     torch.testing.assert_close(run(model), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_eval_fid_scores_a_pixart_sample_folder_against_its_prompts(adapter, tmp_path):
+    """The contract with eval-fid: `sample --prompt` writes the prompts, `eval-fid --metrics clip` reads them
+    (and matches a direct CLIP score of the same images and prompts)."""
+    from t2i_fixtures import save_tiny_clip
+
+    from difffit_cli.engine.evaluation.clip_score import clip_score
+    from difffit_cli.engine.evaluation.metrics import evaluate
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    options = SamplingOptions(cfg_scale=None, scheduler=None, **FAST)
+    sample_sources([str(adapter)], 3, options, out=tmp_path / "s", prompts=PROMPTS, progress=False)
+    result = evaluate(str(tmp_path / "s"), metrics="clip", clip_model=str(clip), device="cpu", progress=False)
+    pngs = load_pngs([tmp_path / "s" / f"{i:06d}.png" for i in range(3)])
+    direct = clip_score(pngs, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], model=str(clip), device="cpu", progress=False)
+    assert result.metrics["clip_score"] == pytest.approx(direct, rel=1e-5)
