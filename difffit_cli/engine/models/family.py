@@ -177,7 +177,9 @@ class Family:
         raise NotImplementedError
 
     def diffusion(self, base) -> GaussianDiffusion:
-        """The diffusion process the base was trained with (the hybrid loss runs on it)."""
+        """The process the base was trained with: what `fit` draws timesteps from (`num_steps`) and whose
+        `training_losses(model_fn, x0, t, noise, weights)` is the loss of one batch. DiT and PixArt share
+        the DDPM hybrid loss; a flow-matching family (SD3, FLUX) returns its own with the same methods."""
         return GaussianDiffusion()
 
     def sampling_defaults(self, base) -> dict:
