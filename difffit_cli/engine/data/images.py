@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -140,11 +141,14 @@ def image_files(folder: Path, recursive: bool, skip_outputs: bool = False) -> li
             dirnames.clear()
             continue
         for name in sorted(filenames):
-            path = here / name
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or name.startswith(".") or not path.is_file():
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
                 continue
-            st = path.stat()
-            if (st.st_dev, st.st_ino) not in seen_files:
+            path = here / name
+            try:
+                st = path.stat()  # through links: the real file
+            except OSError:  # a dangling link
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen_files:
                 seen_files.add((st.st_dev, st.st_ino))
                 found.append(path)
         if not recursive:
