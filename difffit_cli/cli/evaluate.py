@@ -29,7 +29,8 @@ def eval_fid(
     batch_size: opt.EvalBatchSize = 64,
     device: opt.Device = "auto",
     save_stats: Annotated[Path | None, typer.Option(
-        help="Also write the reference statistics to this .npz (usable as REFERENCE later).",
+        help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
+        "needs --overwrite.",
         show_default=False)] = None,
     kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets.")] = 100,
     kid_subset_size: Annotated[int, typer.Option(help="KID: images per subset (<= images per side).")] = 1000,
@@ -43,6 +44,7 @@ def eval_fid(
     seed: opt.SamplingSeed = 0,
     mixed_precision: opt.SamplingPrecision = "no",
     force_base: opt.ForceBase = False,
+    overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:
     """FID (and KID, IS, precision/recall) between generated and reference images.
@@ -79,6 +81,7 @@ def eval_fid(
         inception_weights=inception_weights, batch_size=batch_size,
         device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
         sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, progress=True,
+        overwrite=overwrite,
     )
     _render_skipped(result.skipped)
     if as_json:

@@ -35,20 +35,21 @@ def has_marker(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: str = "--out") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
 
     A crash (or SIGKILL) mid-write leaves at most a `.tmp-*` file, never a half-written `path`.
     Works for files and for folders; a folder gets difffit's marker (`kind` says what it holds; None:
     no marker). An existing folder is swapped out only when it is empty or carries that marker
-    (commands check `--overwrite` before they get here; this is the last line of defence).
+    (commands check `--overwrite` before they get here; this is the last line of defence). A full disk
+    is one sentence whose hint names `option`, the setting that puts the file elsewhere.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     except OSError as exc:
-        raise _friendly_os_error(exc, path) from None
+        raise _friendly_os_error(exc, path, option) from None
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller creates it (as a file or a folder)
@@ -72,10 +73,10 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterato
         else:
             os.replace(tmp, path)
     except OSError as exc:
-        raise _friendly_os_error(exc, path) from None
+        raise _friendly_os_error(exc, path, option) from None
     except Exception as exc:  # writers that wrap the OS error (torch.save, safetensors) in their own type
         if any(words in str(exc) for words in DISK_FULL_WORDS):
-            raise _friendly_os_error(OSError(errno.ENOSPC, str(exc)), path) from None
+            raise _friendly_os_error(OSError(errno.ENOSPC, str(exc)), path, option) from None
         raise
     finally:
         if tmp.exists():
@@ -95,11 +96,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _friendly_os_error(exc: OSError, path: Path) -> Exception:
+def _friendly_os_error(exc: OSError, path: Path, option: str) -> Exception:
     """Disk full and permission problems as one sentence naming the path; anything else unchanged."""
     if exc.errno == errno.ENOSPC:
         return DiffFitError(f"The disk is full while writing {path}; nothing was written under that name.",
-                            hint="Free some space, or write elsewhere with --out.")
+                            hint=f"Free some space, or write elsewhere with {option}.")
     if isinstance(exc, PermissionError):
         return DiffFitError(f"Permission denied writing {path}.", hint="Choose a folder you can write to.")
     return exc

@@ -1,6 +1,7 @@
 """Image sets for eval-fid: a count and uint8 batches, and a content digest where one is cheap.
 
-A folder of images (searched recursively, any sizes: each image is resized on its own), `arr_0` of
+A folder of images (searched recursively, any sizes: each image is resized on its own; `difffit sample`
+folders count, without their grid.png), `arr_0` of
 an `.npz` (N x H x W x 3 uint8, the ADM/DiT sample format, streamed out of the zip), or samples of
 an adapter or base made in memory and never written.
 """
@@ -24,6 +25,7 @@ from difffit_cli.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_fil
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.evaluation.inception import file_digest
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
+from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.methods.sources import load_source
 
@@ -37,9 +39,8 @@ class FolderImages:
     """Image files under a folder, recursively, sorted; unreadable ones are skipped and listed."""
 
     def __init__(self, root: Path, limit: int | None = None):
-
         self.root, self.name = root, str(root)
-        self.files = image_files(root, recursive=True)
+        self.files = sample_images(image_files(root, recursive=True))
         if not self.files:
             raise DiffFitError(
                 f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
@@ -137,6 +138,17 @@ class ModelSamples:
         for _, images in generate_batches(self.base, range(self.count), sampling, classes=self.classes,
                                           device=self.device, progress=self.progress):
             yield images.numpy()
+
+
+def sample_images(files: list[Path]) -> list[Path]:
+    """The images among `files` that are samples: folders `difffit sample` wrote are read (scoring samples is
+    what they are for), but not their grid.png, a picture of the others; an unfinished run is refused."""
+    manifests = {folder: read_manifest(folder) for folder in {f.parent for f in files}}
+    for folder, manifest in sorted(manifests.items()):
+        if manifest is not None and not manifest[1]:
+            raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
+                               hint="Let it finish, or sample again with --overwrite.")
+    return [f for f in files if not (f.name == GRID and manifests[f.parent] and GRID in manifests[f.parent][0])]
 
 
 def _take(items, limit: int | None, where: str):

@@ -32,7 +32,7 @@ from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit_cli.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.io import atomic_path, check_output, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc")
 STATS_FORMAT = 1
@@ -72,14 +72,15 @@ class Statistics:
         )
 
 
-def save_statistics(path: str | os.PathLike, stats: Statistics) -> Path:
-    """An .npz with `mu`, `sigma` (ADM's names) and, when kept, `features`; usable as a REFERENCE."""
+def save_statistics(path: str | os.PathLike, stats: Statistics, option: str = "--save-stats") -> Path:
+    """An .npz with `mu`, `sigma` (ADM's names) and, when kept, `features`; usable as a REFERENCE.
+    `option`: what puts it elsewhere (named when the disk is full)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "count": np.array(stats.count),
               "difffit_stats": np.array(json.dumps({"format": STATS_FORMAT, "extractor": stats.extractor}))}
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+    with atomic_path(path, option=option) as tmp, open(tmp, "wb") as f:  # a file: np.savez would add ".npz"
         np.savez(f, **arrays)
     return path
 
@@ -171,7 +172,7 @@ def reference_statistics(images, extractor: LazyExtractor, *, keep_features: boo
     stats = Statistics.from_features(features, extractor.identity, keep_features, images.skipped)
     if not images.skipped:  # a decode failure might be transient; don't make it permanent
         save_statistics(cached, Statistics(stats.mu, stats.sigma, stats.count, stats.features,
-                                           extractor=stats.extractor))
+                                           extractor=stats.extractor), option="DIFFFIT_CACHE")
     return stats, "extracted"
 
 
@@ -270,14 +271,19 @@ def evaluate(
     vae: str | None = None,
     force_base: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Evaluation:
     """Compare GENERATED with REFERENCE (see the module docstring for what each may be).
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
     generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
     `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
-    say how its samples are made.
+    say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
+    existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
     """
+    if save_stats is not None:
+        inputs = [generated, reference, *(spec for spec in (base, vae, inception_weights) if spec)]
+        save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
     metrics = parse_metrics(metrics)
     require_at_least("--batch-size", batch_size, 1)
     if "kid" in metrics and (kid_subsets < 1 or kid_subset_size < 2):
@@ -307,8 +313,8 @@ def evaluate(
         features = extract_features(gen_input, extractor.get(), batch_size=batch_size,
                                     description="Inception features (generated)", progress=progress)
         gen = Statistics.from_features(features, extractor.identity, needs_features, gen_input.skipped)
-    if save_stats is not None:
-        save_statistics(save_stats, ref)
     values = compute_metrics(metrics, gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                              device=torch_device)
+    if save_stats is not None:
+        save_statistics(save_stats, ref)
     return Evaluation(values, gen.count, ref.count, ref_source, gen.skipped + ref.skipped)

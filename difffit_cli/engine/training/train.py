@@ -23,7 +23,7 @@ from rich.progress import TextColumn
 
 from difffit_cli.engine.data.batches import Batches, DataOrder, Split, item_repeats, step_seed
 from difffit_cli.engine.data.hf_datasets import HF_PREFIX, open_data
-from difffit_cli.engine.data.images import report_skipped, require_images
+from difffit_cli.engine.data.images import report_skipped, require_images, without_unreadable_classes
 from difffit_cli.engine.data.latents import CachedLatents, usable_latents
 from difffit_cli.engine.devices import make_accelerator, tf32_matmuls
 from difffit_cli.engine.errors import DiffFitError
@@ -172,7 +172,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
-    run.folder = folder
+    run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
     run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
     # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
     run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
