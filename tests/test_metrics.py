@@ -172,6 +172,22 @@ def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_pa
                                                   .metrics["fid"], rel=1e-3)
 
 
+def test_a_sample_folder_is_read_as_its_samples(tiny_base, image_sets, weights, tmp_path):
+    """`difffit sample`'s folder carries difffit's marker, which folder scans skip: it is read through its
+    manifest, so its samples count (once, in order) and its grid.png does not."""
+    from difffit_cli.engine.evaluation.sample import SamplingOptions
+    from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
+    from difffit_cli.engine.methods.sources import load_source
+
+    base, _ = load_source(str(tiny_base))
+    options = SamplingOptions(scheduler="ddim", steps=2, cfg_scale=1.5, seed=3, device="cpu")
+    sample_to_folder(base, tmp_path / "samples", N, options, npz=True, progress=False)
+    from_folder = run(tmp_path / "samples", image_sets["B"], weights)
+    assert from_folder.num_generated == N
+    assert from_folder.metrics["fid"] == pytest.approx(
+        run(tmp_path / "samples" / "samples.npz", image_sets["B"], weights).metrics["fid"], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")

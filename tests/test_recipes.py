@@ -80,3 +80,32 @@ def test_toml_writer_round_trips():
               "none": None, "p": Path("/x/y")}
     parsed = tomllib.loads(write_toml(values, header="test"))
     assert parsed == {"s": values["s"], "i": 3, "f": 1e-3, "b": False, "l": [1, 2], "p": "/x/y"}
+
+
+def test_caption_options_from_the_cli_and_recipes(tmp_path, monkeypatch):
+    """Declared on fit, carried into FitConfig and recipes, checked before any work."""
+    import difffit_cli.engine.training.train as train
+    from difffit_cli import cli
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = "imgs"\nbase = "b"\ncaption-dropout = 0\nmax_text_tokens = 77\n'
+                      'caption_template = "a photo of {class}"\n')
+    seen = {}
+
+    def fake_fit(config, **kwargs):
+        seen["config"] = config.validate()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    result = CliRunner().invoke(cli.app, ["fit", "--recipe", str(recipe), "--caption-column", "prompt"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.caption_column, config.caption_template, config.caption_dropout, config.max_text_tokens) == (
+        "prompt", "a photo of {class}", 0.0, 77)
+    assert FitConfig().caption_dropout == 0.1 and FitConfig().max_text_tokens is None
+    for args, words in ((["--caption-dropout", "1"], "--caption-dropout must be in [0, 1)"),
+                        (["--caption-dropout", "nan"], "--caption-dropout must be in [0, 1)"),
+                        (["--max-text-tokens", "0"], "--max-text-tokens must be 1 or more"),
+                        (["--caption-template", "a photo"], "has no {class} placeholder")):
+        result = CliRunner().invoke(cli.app, ["fit", "--recipe", str(recipe), *args])
+        assert isinstance(result.exception, DiffFitError) and words in str(result.exception), args

@@ -16,8 +16,9 @@ import pytest
 import torch
 from test_train import REPO, _cli, _wait_for, adapter_tensors
 
+from difffit_cli.engine.data.cache_files import remove_stale_builds
 from difffit_cli.engine.data.images import scan_image_folder
-from difffit_cli.engine.data.latents import latent_cache, remove_stale_builds
+from difffit_cli.engine.data.latents import latent_cache
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import MARKER, atomic_path, check_output, run_lock, write_marker
 from difffit_cli.engine.models.vae import load_vae

@@ -104,6 +104,17 @@ ImageColumn = Annotated[str | None, typer.Option(
     help="A dataset's image column (default: its first Image feature).", show_default=False)]
 LabelColumn = Annotated[str | None, typer.Option(
     help="A dataset's label column (default: its first ClassLabel feature; none: one class).", show_default=False)]
+CaptionColumn = Annotated[str | None, typer.Option(
+    help="Text-to-image: the caption column of metadata.jsonl/.csv files or of a dataset (default: text, else "
+    "caption; in metadata files, else the only text column).", show_default=False)]
+CaptionTemplate = Annotated[str | None, typer.Option(
+    help="Text-to-image: caption images that have no caption of their own from their class folder, e.g. "
+    "\"a photo of {class}\" (underscores in folder names read as spaces).", show_default=False)]
+CaptionDropout = Annotated[float, typer.Option(
+    help="Text-to-image: train on the empty caption this often, for classifier-free guidance; 0 <= P < 1.")]
+MaxTextTokens = Annotated[int | None, typer.Option(
+    help="Text-to-image: caption tokens the text encoder sees (default: the base's; PixArt-alpha 120, "
+    "PixArt-Sigma 300).", show_default=False)]
 ClassBalance = Annotated[bool, typer.Option(
     "--class-balance", help="Draw every class equally often, whatever its image count.")]
 Repeats = Annotated[int, typer.Option(help="Each image N times per epoch (per class: a [repeats] table in a recipe).")]

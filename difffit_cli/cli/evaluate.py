@@ -1,4 +1,4 @@
-"""`difffit eval-fid`: FID and friends between generated and reference images."""
+"""`difffit eval-fid`: FID and friends between generated and reference images; CLIP score against prompts."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from difffit_cli.cli import _options as opt
 from difffit_cli.cli._render import console, emit_json
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
-                "isc_std": "IS std", "precision": "Precision", "recall": "Recall"}
+                "isc_std": "IS std", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score"}
 SKIPPED_SHOWN = 20
 
 
@@ -19,12 +20,16 @@ def eval_fid(
     generated: Annotated[str, typer.Argument(
         help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
         show_default=False)],
-    reference: Annotated[str, typer.Argument(
-        help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file.",
-        show_default=False)],
+    reference: Annotated[str | None, typer.Argument(
+        help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
+        "(not needed for --metrics clip alone).", show_default=False)] = None,
     n: opt.EvalNumImages = None,
     metrics: Annotated[str, typer.Option(
-        help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall).")] = "fid",
+        help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
+        "image against its prompt).")] = "fid",
+    clip_model: Annotated[str | None, typer.Option(
+        help="CLIP model of the clip metric: hub id or local folder (default: openai/clip-vit-large-patch14).",
+        show_default=False)] = None,
     inception_weights: opt.InceptionWeights = None,
     batch_size: opt.EvalBatchSize = 64,
     device: opt.Device = "auto",
@@ -52,6 +57,8 @@ def eval_fid(
     Features: torch-fidelity's FID Inception (TF-ported 2015-12-05 weights, TF-exact resizing).
     FIDs are comparable with published numbers.
     Reference statistics are cached by content: a second evaluation extracts nothing from the reference.
+    The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
+    over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
     When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
     say how to sample it.
 
@@ -70,6 +77,10 @@ def eval_fid(
       [dim]# keep the reference statistics in a file and reuse it; weights from a local file[/dim]
       difffit eval-fid samples/ data/test --save-stats test-stats.npz
       difffit eval-fid samples2/ test-stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
+
+      [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
+      difffit eval-fid samples/ramen data/ramen --metrics fid,clip
+      difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
     """
     from difffit_cli.engine.evaluation.metrics import evaluate
     from difffit_cli.engine.evaluation.sample import SamplingOptions
@@ -80,8 +91,8 @@ def eval_fid(
         generated, reference, metrics=metrics, num_samples=n,
         inception_weights=inception_weights, batch_size=batch_size,
         device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-        sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, progress=True,
-        overwrite=overwrite,
+        sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, clip_model=clip_model,
+        progress=True, overwrite=overwrite,
     )
     _render_skipped(result.skipped)
     if as_json:
@@ -92,7 +103,7 @@ def eval_fid(
 
 def _render_skipped(skipped: list) -> None:
     for path, reason in skipped[:SKIPPED_SHOWN]:
-        console.print(f"[yellow]Skipped[/yellow] {path}: {reason}", highlight=False)
+        console.print(f"[yellow]Skipped[/yellow] {escape(str(path))}: {escape(reason)}", highlight=False)
     if skipped:
         console.print(f"[yellow]{len(skipped)} unreadable image(s) skipped.[/yellow]", highlight=False)
 
@@ -106,6 +117,7 @@ def _render_metrics(result) -> None:
     for key, value in result.metrics.items():
         table.add_row(METRIC_NAMES[key], f"{value:.6g}")
     table.add_row("generated images", f"{result.num_generated:,}", style="dim")
-    reference = f"{result.num_reference:,}" if result.num_reference else "unknown"
-    table.add_row(f"reference images ({result.reference_source})", reference, style="dim")
+    if result.reference_source != "none":
+        reference = f"{result.num_reference:,}" if result.num_reference else "unknown"
+        table.add_row(f"reference images ({result.reference_source})", reference, style="dim")
     console.print(table)

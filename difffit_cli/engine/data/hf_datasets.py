@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from difffit_cli.engine.data.captions import TEXT_COLUMNS
 from difffit_cli.engine.data.images import BadImage, ImageFolder, Row, load_image, scan_image_folder, to_rgb
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
@@ -38,8 +39,14 @@ def is_dataset(spec: str) -> bool:
     return path.is_dir() and (any((path / m).is_file() for m in SAVED_MARKERS) or bool(_parquet_files(path)))
 
 
-def open_data(spec: str, image_column: str | None = None, label_column: str | None = None) -> ImageFolder:
-    """Training data from an image folder or a dataset (see the module docstring)."""
+def open_data(spec: str, image_column: str | None = None, label_column: str | None = None,
+              caption_column: str | None = None) -> ImageFolder:
+    """Training data from an image folder or a dataset (see the module docstring).
+
+    A dataset's captions come from `caption_column` (default: `text`, else `caption`, when present);
+    an image folder's captions are found by `engine.data.captions.attach_captions`, which takes
+    `caption_column` for its metadata files.
+    """
     if not is_dataset(spec):
         if image_column or label_column:
             raise DiffFitError(f"--image-column and --label-column apply to datasets; {spec} is an image folder.",
@@ -48,7 +55,9 @@ def open_data(spec: str, image_column: str | None = None, label_column: str | No
     dataset = _load(spec)
     image_column = image_column or _default_column(dataset, "Image", IMAGE_COLUMNS, "image")
     label_column = label_column or _default_column(dataset, "ClassLabel", LABEL_COLUMNS, None)
-    for option, column in (("--image-column", image_column), ("--label-column", label_column)):
+    caption_column = caption_column or next((c for c in TEXT_COLUMNS if c in dataset.column_names), None)
+    for option, column in (("--image-column", image_column), ("--label-column", label_column),
+                           ("--caption-column", caption_column)):
         if column is not None and column not in dataset.column_names:
             raise DiffFitError(f"{spec} has no column {column!r} ({option}); its columns: "
                                f"{', '.join(dataset.column_names)}.")
@@ -57,9 +66,11 @@ def open_data(spec: str, image_column: str | None = None, label_column: str | No
     rows = [i for i in range(len(dataset)) if i not in unlabelled]
     if not rows:
         raise DiffFitError(f"{spec} has no labelled rows (column {label_column!r}).")
+    captions = _captions(dataset, caption_column, name) if caption_column else None
     return ImageFolder(Path(name), [Row(i, name) for i in rows], [labels[i] for i in rows], class_names,
                        skipped=[(Row(i, name), "no label") for i in sorted(unlabelled)],
-                       rows=HFRows(dataset, image_column))
+                       rows=HFRows(dataset, image_column),
+                       captions=None if captions is None else [captions[i] for i in rows])
 
 
 class HFRows:
@@ -173,6 +184,17 @@ def _default_column(dataset, feature_type: str, names: tuple[str, ...], fallback
         if type(feature).__name__ == feature_type:
             return column
     return next((c for c in names if c in dataset.column_names), fallback)
+
+
+def _captions(dataset, column: str, name: str) -> list[str]:
+    """The caption of each row, stripped; "" where a row has none (attach_captions names those rows)."""
+    captions = []
+    for i, value in enumerate(dataset.select_columns([column])[column]):
+        if value is not None and not isinstance(value, str):
+            raise DiffFitError(f"{name} row {i}: the caption column {column!r} holds {type(value).__name__}, "
+                               "not text.", hint="Name a column of strings with --caption-column.")
+        captions.append((value or "").strip())
+    return captions
 
 
 def _labels(dataset, column: str | None, name: str) -> tuple[list[int], list[str], set[int]]:

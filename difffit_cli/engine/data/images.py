@@ -2,7 +2,8 @@
 
 A folder of class sub-folders is a labelled dataset (sorted folder names are the classes); a flat
 folder is one class. A Hugging Face dataset (`engine.data.hf_datasets`) is the same `ImageFolder` with rows
-for files. Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
+for files. Text-to-image data carries a caption per item (`engine.data.captions` finds them).
+Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
 `engine.data.latents` turns the crops into latents.
 """
 
@@ -56,7 +57,10 @@ class RowSource(Protocol):
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """The usable images of a folder (or rows of a dataset), their labels, and the skipped ones (item, reason)."""
+    """The usable images of a folder (or rows of a dataset), their labels, and the skipped ones (item, reason).
+
+    `captions`, when set, holds one caption per item, aligned with `files` (every subset keeps it so).
+    """
 
     root: Path
     files: list[Path] | list[Row]
@@ -64,6 +68,13 @@ class ImageFolder:
     class_names: list[str]
     skipped: list[tuple[Path | Row, str]] = field(default_factory=list)
     rows: RowSource | None = None  # set for a dataset, whose files are then Rows
+    captions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("labels", "captions"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.files):
+                raise ValueError(f"{len(values)} {name} for {len(self.files)} items: they must be aligned")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -87,18 +98,17 @@ class ImageFolder:
 
     def take(self, indices: Sequence[int]) -> ImageFolder:
         """The items at `indices` (a held-out split); classes are kept, nothing counts as skipped."""
-        return replace(self, files=[self.files[i] for i in indices], labels=[self.labels[i] for i in indices],
-                       skipped=[])
+        return replace(self, **self._subset(indices), skipped=[])
 
-    def without(self, bad: dict[Path, str]) -> ImageFolder:
+    def without(self, bad: dict[Path | Row, str]) -> ImageFolder:
         """The same folder with the files in `bad` moved to `skipped` (class indices are kept)."""
         keep = [i for i, f in enumerate(self.files) if f not in bad]
-        return replace(
-            self,
-            files=[self.files[i] for i in keep],
-            labels=[self.labels[i] for i in keep],
-            skipped=self.skipped + [(f, bad[f]) for f in self.files if f in bad],
-        )
+        return replace(self, **self._subset(keep), skipped=self.skipped + [(f, bad[f]) for f in self.files if f in bad])
+
+    def _subset(self, indices: Sequence[int]) -> dict:
+        """The per-item fields at `indices`: the one place that knows which fields are aligned with `files`."""
+        return {name: None if values is None else [values[i] for i in indices]
+                for name, values in (("files", self.files), ("labels", self.labels), ("captions", self.captions))}
 
     def keep_classes(self, names: Sequence[str]) -> ImageFolder:
         """The items of the classes named in `names`, labelled by their place there (a held-out set takes the

@@ -16,10 +16,7 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
-import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +25,14 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
 from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
+from difffit_cli.engine.io import files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
 from difffit_cli.engine.progress import stderr_console, track
 
 CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
-CHECKSUM_CHUNK = 1 << 24
-STALE_TMP_SECONDS = 7 * 24 * 3600  # a half-built cache this old has no live owner left
-BUILD_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-\w+")  # atomic_path's temporary name for a cache folder
 
 
 def vae_identity(spec: str) -> str:
@@ -49,6 +44,12 @@ def vae_identity(spec: str) -> str:
     return f"{path.resolve()}\n" + files_signature(files, path if path.is_dir() else path.parent)
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """The latent cache's folder: --cache-dir, else <user cache>/latents. Text embeddings live beside the
+    latents, in its `text` sub-folder (engine.data.text_cache)."""
+    return Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "latents"
+
+
 def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
     """Hash of what the cached latents depend on: the files (with sizes and mtimes) or the dataset
     fingerprint and rows, the resolution, the VAE."""
@@ -57,16 +58,6 @@ def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
     h.update(json.dumps(head).encode())
     h.update(folder.signature().encode())
     return h.hexdigest()[:32]
-
-
-def file_checksum(path: Path) -> str:
-    """CRC-32 of a file, read in 16 MB chunks. It catches accidental damage (a stray write, a bad disk,
-    a truncated copy), which is all a cache needs; at about 2 GB/s it costs a small fraction of encoding."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHECKSUM_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return f"crc32:{crc:08x}"
 
 
 @dataclass
@@ -93,7 +84,7 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
     `get_vae()` returns the engine.models.vae.Autoencoder; it is only called when the cache must be built.
     A damaged cache is named on stderr and rebuilt.
     """
-    root = Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "latents"
+    root = cache_root(cache_dir)
     remove_stale_builds(root)
     path = root / cache_key(folder, resolution, vae_spec)
     opened, built = None, False
@@ -103,8 +94,7 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
             stderr_console.print(f"[yellow]The latent cache {path} is damaged ({problem}); rebuilding it.[/yellow]",
                                  highlight=False)
     if opened is None:
-        with atomic_path(path, option="--cache-dir") as tmp:
-            tmp.mkdir()
+        with cache_build(path, option="--cache-dir") as tmp:
             _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)
         opened, problem = _open_checked(path)
         if opened is None:  # only a concurrent writer or a failing disk gets here
@@ -130,33 +120,6 @@ def _open_checked(path: Path) -> tuple[tuple[np.ndarray, dict] | None, str]:
     return (rows, meta), ""
 
 
-def remove_stale_builds(root: Path) -> None:
-    """Remove cache builds left by killed runs: those whose owner process is gone, or very old. Only names
-    that a build of this cache takes (`.tmp-<cache key>-*`) are touched: --cache-dir may be any folder."""
-    if not root.is_dir():
-        return
-    for tmp in root.glob(".tmp-*"):
-        if BUILD_NAME.fullmatch(tmp.name) and tmp.is_dir() and not _build_owner_alive(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _build_owner_alive(tmp: Path) -> bool:
-    try:
-        owner = json.loads((tmp / "owner.json").read_text())
-    except (OSError, ValueError):
-        owner = None
-    if not isinstance(owner, dict) or owner.get("host") != os.uname().nodename:
-        # Another machine's build, or no owner record: only age tells it is abandoned.
-        return time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError):
-        return True
-    return True
-
-
 def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, 3, H, W) on the VAE's device -> (N, mean|std, C, h, w) float."""
     mean, std = vae.encode(to_model_range(images))
@@ -166,7 +129,6 @@ def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencoder, batch_size: int, device,
                  num_workers: int, progress: bool) -> None:
-    (tmp / "owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
     latent = resolution // vae.factor
     shape = (len(folder.files), 2, 2, vae.latent_channels, latent, latent)
     bad: dict[str, str] = {}
@@ -192,7 +154,6 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
             rows_file.write(rows.tobytes())
             start += len(batch)
             advance(len(batch))
-    (tmp / "owner.json").unlink()
     meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
             "files": [folder.key(item) for item in folder.files], "bad": bad,
             "checksum": file_checksum(tmp / "latents.npy")}

@@ -3,7 +3,8 @@
 A folder of images (searched recursively, any sizes: each image is resized on its own; `difffit sample`
 folders count, without their grid.png), `arr_0` of
 an `.npz` (N x H x W x 3 uint8, the ADM/DiT sample format, streamed out of the zip), or samples of
-an adapter or base made in memory and never written.
+an adapter or base made in memory and never written. A folder written by `difffit sample` is read
+as its manifest lists it (its samples, not its grid); the prompts it records, if any, are `prompts`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from difffit_cli.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_fil
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.evaluation.inception import file_digest
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
-from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest
+from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest, sample_images, sample_prompts
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.methods.sources import load_source
 
@@ -36,17 +37,21 @@ DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED 
 
 
 class FolderImages:
-    """Image files under a folder, recursively, sorted; unreadable ones are skipped and listed."""
+    """Image files under a folder, recursively, sorted (a sample folder's samples, in order); unreadable ones
+    are skipped and listed."""
 
     def __init__(self, root: Path, limit: int | None = None):
         self.root, self.name = root, str(root)
-        self.files = sample_images(image_files(root, recursive=True))
+        samples = sample_images(root)  # a `difffit sample` folder: exactly its samples, in order
+        self.files = samples if samples is not None else without_sample_grids(image_files(root, recursive=True))
         if not self.files:
             raise DiffFitError(
                 f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
             )
+        prompts = _aligned_prompts(root, len(self.files)) if samples is not None else None
         self.files = _take(self.files, limit, str(root))
         self.count = len(self.files)
+        self.prompts = None if prompts is None else prompts[: self.count]
         self.skipped: list[tuple[Path, str]] = []
 
     def digest(self) -> str:
@@ -59,7 +64,8 @@ class FolderImages:
             try:
                 return np.asarray(load_image(path))
             except BadImage as exc:
-                self.skipped.append((path, str(exc)))
+                if all(path != seen for seen, _ in self.skipped):  # read once per metric family: listed once
+                    self.skipped.append((path, str(exc)))
                 return None
 
         chunks = [self.files[i : i + batch_size] for i in range(0, self.count, batch_size)]
@@ -89,6 +95,10 @@ class NpzImages:
         self.shape = shape
         self.count = len(_take(range(shape[0]), limit, str(path)))
         self.skipped: list[tuple[Path, str]] = []
+        # The npz a sample run wrote (--npz) holds its samples in order, so the run's prompts apply.
+        manifest = read_manifest(path.parent)
+        prompts = _aligned_prompts(path.parent, shape[0]) if manifest and path.name in manifest[0] else None
+        self.prompts = None if prompts is None else prompts[: self.count]
 
     def digest(self) -> str:
         return file_digest(self.path)
@@ -140,15 +150,24 @@ class ModelSamples:
             yield images.numpy()
 
 
-def sample_images(files: list[Path]) -> list[Path]:
-    """The images among `files` that are samples: folders `difffit sample` wrote are read (scoring samples is
-    what they are for), but not their grid.png, a picture of the others; an unfinished run is refused."""
+def without_sample_grids(files: list[Path]) -> list[Path]:
+    """`files` of a folder holding `difffit sample` folders: their samples are read (scoring samples is what
+    they are for), but not their grid.png, a picture of the others; an unfinished run is refused."""
     manifests = {folder: read_manifest(folder) for folder in {f.parent for f in files}}
     for folder, manifest in sorted(manifests.items()):
         if manifest is not None and not manifest[1]:
             raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
                                hint="Let it finish, or sample again with --overwrite.")
     return [f for f in files if not (f.name == GRID and manifests[f.parent] and GRID in manifests[f.parent][0])]
+
+
+def _aligned_prompts(folder: Path, count: int) -> list[str] | None:
+    """A sample folder's prompts, one per sample, or None; a manifest whose count is off is refused."""
+    prompts = sample_prompts(folder)
+    if prompts is not None and len(prompts) != count:
+        raise DiffFitError(f"{folder}/sample.json lists {len(prompts)} prompts for {count} samples.",
+                           hint="The folder was changed after sampling; sample it again.")
+    return prompts
 
 
 def _take(items, limit: int | None, where: str):

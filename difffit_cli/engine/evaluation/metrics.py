@@ -29,12 +29,13 @@ import torch
 
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError, require_at_least
+from difffit_cli.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_folder, score_pairs
 from difffit_cli.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit_cli.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit_cli.engine.evaluation.sample import SamplingOptions
 from difffit_cli.engine.io import atomic_path, check_output, user_cache_dir
 
-METRICS = ("fid", "kid", "isc", "prc")
+METRICS = ("fid", "kid", "isc", "prc", "clip")
 STATS_FORMAT = 1
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3
@@ -109,7 +110,7 @@ class Evaluation:
     metrics: dict[str, float]
     num_generated: int
     num_reference: int
-    reference_source: str  # "extracted", "cache" or "file"
+    reference_source: str  # "extracted", "cache", "file", or "none" (the clip metric alone)
     skipped: list[tuple[Path, str]]
 
     def to_json(self) -> dict:
@@ -255,7 +256,7 @@ def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, 
 
 def evaluate(
     generated: str,
-    reference: str,
+    reference: str | None = None,
     *,
     metrics: str | tuple[str, ...] = ("fid",),
     num_samples: int | None = None,
@@ -270,6 +271,7 @@ def evaluate(
     base: str | None = None,
     vae: str | None = None,
     force_base: bool = False,
+    clip_model: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> Evaluation:
@@ -280,25 +282,69 @@ def evaluate(
     `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
     say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
     existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
+    The `clip` metric scores GENERATED against the prompts its sample folder records, with `clip_model`
+    (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
     if save_stats is not None:
         inputs = [generated, reference, *(spec for spec in (base, vae, inception_weights) if spec)]
         save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
     metrics = parse_metrics(metrics)
+    inception = tuple(m for m in metrics if m != "clip")
     require_at_least("--batch-size", batch_size, 1)
     if "kid" in metrics and (kid_subsets < 1 or kid_subset_size < 2):
         raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
+    if clip_model is not None and "clip" not in metrics:
+        raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
+    if inception and reference is None:
+        raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
+                           "none was given.",
+                           hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
+    if save_stats is not None and not inception:
+        raise DiffFitError("--save-stats saves the REFERENCE's Inception statistics; --metrics clip computes none.")
+    if reference is not None and not inception:
+        raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
+                           hint="Leave the REFERENCE out, or add fid to --metrics.")
     torch_device = resolve_device(device)
     needs_features = "kid" in metrics or "prc" in metrics
-    layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
-    ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features)
+    ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception \
+        else None
     model = ModelInput(sampling or ModelInput().sampling, classes, base, vae, force_base)
     gen_input = open_input(generated, role="generated", limit=num_samples, need_features=needs_features or
                            "isc" in metrics, model=model, device=torch_device, progress=progress)
+    if "clip" in metrics:
+        if getattr(gen_input, "prompts", None) is None:
+            raise DiffFitError(f"The clip metric scores each image against its prompt, and {generated} records no "
+                               "prompts.", hint="Score a folder written by `difffit sample --prompt ...`: its "
+                               "sample.json lists them.")
+        clip_model = clip_folder(clip_model or DEFAULT_CLIP_MODEL)  # a missing model fails now, not after FID
+    values, ref, ref_source, skipped = {}, None, "none", []
+    if inception:
+        values, ref, ref_source, skipped = _inception_metrics(
+            inception, gen_input, ref_input, inception_weights=inception_weights, batch_size=batch_size,
+            device=torch_device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+            progress=progress)
+    if "clip" in metrics:
+        pairs = ((image, prompt) for images, prompts in zip(gen_input.batches(batch_size),
+                                                             _chunks(gen_input.prompts, batch_size), strict=True)
+                 for image, prompt in zip(images, prompts, strict=True) if image is not None)
+        values["clip_score"] = score_pairs(pairs, gen_input.count, model=str(clip_model), device=torch_device,
+                                           batch_size=batch_size, progress=progress)
+        skipped = skipped or list(gen_input.skipped)
+    if save_stats is not None:  # only once every metric is computed: a failed run writes nothing
+        save_statistics(save_stats, ref)
+    return Evaluation(values, gen_input.count - len(gen_input.skipped), ref.count if ref else 0, ref_source, skipped)
+
+
+def _inception_metrics(metrics: tuple[str, ...], gen_input, ref_input, *, inception_weights: str | None,
+                       batch_size: int, device: torch.device, save_stats, kid_subsets: int, kid_subset_size: int,
+                       progress: bool) -> tuple[dict[str, float], Statistics, str, list]:
+    """(values, reference statistics, reference source, skipped images) of FID, KID, IS and precision/recall."""
+    needs_features = "kid" in metrics or "prc" in metrics
+    layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
     check_counts(metrics, gen_input.count, ref_input.count or gen_input.count, kid_subset_size)
     if not isinstance(ref_input, Statistics) or not isinstance(gen_input, Statistics):
         # Resolved now: a missing file fails here, not after an hour of sampling.
-        extractor = LazyExtractor(resolve_inception_weights(inception_weights), torch_device, layers)
+        extractor = LazyExtractor(resolve_inception_weights(inception_weights), device, layers)
 
     if isinstance(ref_input, Statistics):
         ref, ref_source = ref_input, "file"
@@ -314,7 +360,9 @@ def evaluate(
                                     description="Inception features (generated)", progress=progress)
         gen = Statistics.from_features(features, extractor.identity, needs_features, gen_input.skipped)
     values = compute_metrics(metrics, gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                             device=torch_device)
-    if save_stats is not None:
-        save_statistics(save_stats, ref)
-    return Evaluation(values, gen.count, ref.count, ref_source, gen.skipped + ref.skipped)
+                             device=device)
+    return values, ref, ref_source, gen.skipped + ref.skipped
+
+
+def _chunks(items: list, size: int):
+    return (items[i : i + size] for i in range(0, len(items), size))

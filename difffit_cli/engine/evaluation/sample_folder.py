@@ -5,7 +5,9 @@ difffit's: a later run into it (with `--overwrite`) replaces or removes only the
 so a user's own `000123.png` beside them is never touched. A run holds the folder's lock (the one `fit`
 takes), writes sample.json first with "complete": false, removes the earlier run's files, and marks
 it complete once every file is written: an interrupted run never passes for a finished one (eval-fid
-refuses it), and `--overwrite` replaces it.
+refuses it), and `--overwrite` replaces it. Prompt samples also record
+`prompts`, the prompt of each image in sample order, which `eval-fid --metrics clip` scores the
+images against.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 MANIFEST = "sample.json"
 GRID = "grid.png"
 GRID_MAX = 64  # grid.png shows at most this many images (the first ones)
+SAMPLE_PNG = re.compile(r"(\d{6,})\.png")  # sample i is f"{i:06d}.png"
 
 
 def read_manifest(folder: Path) -> tuple[set[str], bool] | None:
@@ -45,6 +49,29 @@ def read_manifest(folder: Path) -> tuple[set[str], bool] | None:
     if not isinstance(files, list):
         return None
     return {f for f in map(str, files) if Path(f).name == f}, complete is True  # plain names: nothing outside
+
+
+def sample_images(folder: Path) -> list[Path] | None:
+    """The samples of a `difffit sample` folder in sample order (not its grid, nor a user's file beside them);
+    None for any other folder. An unfinished run is refused: its files are a mix of two runs."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None
+    listed, complete = manifest
+    if not complete:
+        raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
+                           hint="Let it finish, or sample again with --overwrite.")
+    numbered = {int(m.group(1)): name for name in listed if (m := SAMPLE_PNG.fullmatch(name))}
+    return [folder / numbered[i] for i in sorted(numbered)]
+
+
+def sample_prompts(folder: Path) -> list[str] | None:
+    """The prompt of each sample (sample.json's `prompts`, in sample order), or None when it records none."""
+    try:
+        prompts = json.loads((folder / MANIFEST).read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompts if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) else None
 
 
 def check_sample_folder(folder: Path, planned: Sequence[str], overwrite: bool) -> set[str]:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from difffit_cli.engine.data.captions import check_template
 from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods.baselines import MethodSettings
@@ -70,6 +71,11 @@ class FitConfig:
     prompt_tokens: int = 8  # vpt-deep
     image_column: str | None = None  # a dataset's image column (default: its first Image feature)
     label_column: str | None = None  # a dataset's label column (default: its first ClassLabel feature)
+    # Text-to-image data (engine/data/captions.py says where captions come from, in which order).
+    caption_column: str | None = None  # metadata files' / a dataset's text column (default: text, else caption)
+    caption_template: str | None = None  # class folders as captions, e.g. "a photo of {class}"
+    caption_dropout: float = 0.1  # the fraction of captions replaced by the empty one (trains the guidance branch)
+    max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300)
     class_balance: bool = False  # draw every class equally often, whatever its image count
     repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
@@ -132,6 +138,11 @@ class FitConfig:
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
+        check_template(self.caption_template)
+        if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout < 1.0):
+            raise DiffFitError(f"--caption-dropout must be in [0, 1) (got {self.caption_dropout}).")
+        if self.max_text_tokens is not None:
+            _at_least("max_text_tokens", self.max_text_tokens, 1)
         for name in ("snr_gamma", "p2_gamma"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

@@ -1,0 +1,96 @@
+"""Tiny text-to-image components built in place (no download): tokenizers trained here, tiny encoders.
+
+`save_tiny_t5(folder)` writes `text_encoder/` (a T5EncoderModel) and `tokenizer/` (a T5 tokenizer
+trained with `tokenizers`), the layout of a diffusers pipeline folder; `tiny_clip_tokenizer()` trains
+a byte-level BPE wrapped as a CLIP tokenizer. Tests import this module; keep it small and importable.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "a photo of a cat", "a photo of a dog", "a red bowl of ramen, studio light", "a bowl of noodles",
+    "a dog on the beach at sunset", "a cat sleeping on a sofa", "a blue square on a white background",
+    "a green circle", "an orange triangle", "a portrait of an astronaut riding a horse", "hot dogs",
+    "a watercolor painting of mountains", "a city street at night, neon lights, rain",
+]
+
+
+def tiny_t5_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 200):
+    """A T5 tokenizer (unigram; <pad> 0, </s> 1, <unk> 2, as T5's) trained on `corpus`."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import T5TokenizerFast
+
+    unigram = SentencePieceUnigramTokenizer()
+    # Every printable character as a word of its own, so any ASCII caption tokenizes without <unk>.
+    unigram.train_from_iterator([*corpus, " ".join(string.printable.strip())], vocab_size=vocab_size,
+                                special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
+    return T5TokenizerFast(tokenizer_object=unigram._tokenizer, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    """A 2-layer T5 v1.1-style encoder (gated GELU, as PixArt's T5-XXL), random weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config).eval()
+
+
+def save_tiny_t5(folder: str | Path, d_model: int = 32, seed: int = 0) -> Path:
+    """folder/text_encoder (T5EncoderModel) and folder/tokenizer, loadable with from_pretrained."""
+    folder = Path(folder)
+    tokenizer = tiny_t5_tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    tiny_t5_encoder(len(tokenizer), d_model, seed).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def tiny_clip_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 400, max_length: int = 16):
+    """A CLIP tokenizer over a byte-level BPE trained on `corpus` (CLIP's `</w>` word ends, lower case)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizerFast
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+                                  show_progress=False)
+    bpe.train_from_iterator([*corpus, " ".join(string.printable.strip())], trainer)
+    with tempfile.TemporaryDirectory() as files:  # CLIPTokenizerFast reads CLIP's vocab.json and merges.txt
+        bpe.model.save(files)
+        return CLIPTokenizerFast.from_pretrained(files, model_max_length=max_length)
+
+
+def tiny_clip(vocab_size: int, max_length: int = 16, image_size: int = 32, seed: int = 0):
+    """A 2-layer CLIPModel (text and 32 px vision towers, 16-d projections), random weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    towers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(text_config={**towers, "vocab_size": vocab_size, "max_position_embeddings": max_length,
+                                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                        vision_config={**towers, "image_size": image_size, "patch_size": 8}, projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def save_tiny_clip(folder: str | Path, model=None, seed: int = 0) -> Path:
+    """A CLIPModel (`model`, else a random tiny_clip) and its CLIPProcessor, loadable with from_pretrained."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    tokenizer = tiny_clip_tokenizer()
+    model = model if model is not None else tiny_clip(len(tokenizer), tokenizer.model_max_length, seed=seed)
+    size = model.config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return Path(folder)
