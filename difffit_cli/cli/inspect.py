@@ -56,6 +56,7 @@ def info(
 
 
 def _render_info(report: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     report = dict(report)
@@ -70,6 +71,16 @@ def _render_info(report: dict) -> None:
         for name, count in [*groups.items(), ("total", sum(groups.values()))]:
             trained.add_row(name, f"{count:,}", f"{100 * count / total:.4f}")
         console.print(trained)
+    if "checked_base" in report:
+        checked = escape(report["checked_base"])
+        if report["checked_base_matches"]:
+            console.print(f"[green]--base {checked} is the adapter's base[/green] (fingerprint "
+                          f"{report['base_fingerprint']}).", highlight=False)
+        else:
+            console.print(f"[yellow]--base {checked} is not the adapter's base:[/yellow] its fingerprint is "
+                          f"{report['checked_base_fingerprint']}, the adapter's ({escape(report['base'])}) is "
+                          f"{report['base_fingerprint']}; sample and merge refuse it without --force-base.",
+                          highlight=False)
     if report.get("non_finite_tensors"):
         console.print(f"[bold red]Unusable:[/bold red] NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
                       "sample, merge and eval-fid refuse this adapter.", highlight=False)

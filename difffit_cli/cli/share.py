@@ -100,7 +100,9 @@ opens anywhere, offline.
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders written by difffit fit.",
                                                    show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="The HTML file to write (a folder, or a name ending in /: report.html in it).")
+    ] = "report.html",
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:

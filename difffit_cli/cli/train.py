@@ -165,6 +165,8 @@ def _run(given: dict, recipe: str | None, as_json: bool, needs_resolution: bool 
     config = resolve_fit_config(given, recipe)
     if needs_resolution and config.resolution is None:  # --to or the recipe's `resolution`
         raise DiffFitError("upscale-res needs a target resolution.", hint="Pass --to PX, e.g. --to 512.")
+    if needs_resolution:
+        config.pos_embed = config.pos_embed or "trick"  # a positional mode: the base must move up
     result = train.fit(config)
     if not is_main_process():  # under accelerate launch / torchrun, one report
         return

@@ -18,6 +18,7 @@ import torch
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled, network_reachable
+from difffit_cli.engine.models.formats import read_torch
 from difffit_cli.engine.progress import track
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -81,10 +82,9 @@ class InceptionFeatures:
     def __init__(self, weights: Path, device: torch.device, features: tuple[str, ...] = ("2048",)):
         from torch_fidelity.utils import create_feature_extractor
 
-        try:  # torch-fidelity unpickles the file; load it safely first so only tensors ever get there
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DiffFitError(f"{weights} is not a readable PyTorch weights file ({exc}).") from None
+        # torch-fidelity unpickles the file; read it safely first (difffit's one reader of .pt files, with its
+        # one-sentence errors) so that only tensors ever get there.
+        read_torch(weights)
         try:  # cuda=False: we move it ourselves (torch-fidelity's default would be CUDA)
             net = create_feature_extractor(
                 FEATURE_EXTRACTOR, list(features), cuda=False, feature_extractor_weights_path=str(weights),

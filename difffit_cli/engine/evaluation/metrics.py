@@ -217,7 +217,8 @@ def frechet_distance(gen: Statistics, ref: Statistics, device: torch.device | st
             factor = v * w.clamp(min=0).sqrt()
     tr_covmean = torch.linalg.eigvalsh(factor.T @ s2 @ factor).clamp(min=0).sqrt().sum().item()
     diff = gen.mu - ref.mu
-    return float(diff @ diff + np.trace(gen.sigma) + np.trace(ref.sigma) - 2 * tr_covmean)
+    # A distance is never negative; round-off takes two nearly equal sides (a folder against itself) to -1e-7.
+    return max(0.0, float(diff @ diff + np.trace(gen.sigma) + np.trace(ref.sigma) - 2 * tr_covmean))
 
 
 def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, *, kid_subsets: int = 100,

@@ -270,7 +270,14 @@ def generate_batches(
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),
             ):
-                images = to_uint8(vae.decode(latents))
+                decoded = vae.decode(latents)
+            if not torch.isfinite(decoded).all():  # to_uint8 would turn them into black images
+                raise DiffFitError(
+                    f"Sampling produced NaN or inf values (images {batch[0]}-{batch[-1]}); they would be black "
+                    "images, so nothing more is written or scored.",
+                    hint=f"Lower --cfg-scale (now {options.cfg_scale:g}), or use --mixed-precision no; an adapter "
+                         "whose training diverged samples this way too.")
+            images = to_uint8(decoded)
             done = lo + len(batch)
             bar.update(task, advance=len(batch), rate=f"{done / (time.perf_counter() - start):.2f} img/s")
             yield batch, images

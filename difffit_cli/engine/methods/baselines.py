@@ -15,6 +15,7 @@ Defaults and where they come from (README "Methods" has the whole list):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -78,10 +79,29 @@ class MethodSettings:
                 raise DiffFitError(f"--{name.replace('_', '-')} must be 1 or more (got {getattr(self, name)}).")
         if self.prompt_tokens < 0:
             raise DiffFitError(f"--prompt-tokens must be 0 or more (got {self.prompt_tokens}).")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise DiffFitError(f"--lora-alpha must be positive (got {self.lora_alpha}).")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise DiffFitError(f"--lora-alpha must be a positive number (got {self.lora_alpha}).")
         parse_lora_targets(self.lora_targets)
         return self
+
+    def check_fits(self, method: str, model: DiT) -> None:
+        """Refuse sizes the model cannot use, before the method's modules are allocated (a rank of 100,000
+        would take gigabytes and train nothing a full-rank update does not). `model` may be on the meta device."""
+        width, name = model.config.hidden_size, model.config.name
+        if method == "lora":
+            layers = {t: model.blocks[0].get_submodule(LORA_TARGETS[t]) for t in self.lora_targets}
+            target, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+            limit = min(layer.in_features, layer.out_features)
+            if self.rank > limit:
+                raise DiffFitError(f"--rank {self.rank} is above {limit}, the smaller dimension of the {target} "
+                                   f"layers of {name}; a LoRA rank can be at most that.")
+        if method in ADAPTER_PLACEMENTS and self.adapter_dim > width:
+            raise DiffFitError(f"--adapter-dim {self.adapter_dim} is above the width of {name} ({width}); "
+                               "a bottleneck adapter can be at most as wide as the layer it adapts.")
+        tokens = model.pos_embed.shape[1]  # image tokens at the model's current resolution
+        if method == "vpt-deep" and self.prompt_tokens > tokens:
+            raise DiffFitError(f"--prompt-tokens {self.prompt_tokens} is above the {tokens} image tokens of {name} "
+                               f"at latent size {model.config.input_size}; use at most {tokens}.")
 
 
 def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -29,13 +29,14 @@ from difffit_cli.engine.methods.baselines import fold_lora, lora_config
 from difffit_cli.engine.methods.sources import load_source, local_source
 from difffit_cli.engine.methods.trainable import CLASS_TABLE, FOLDABLE, fold_scale_factors
 from difffit_cli.engine.models.diffusers_layout import original_to_diffusers
-from difffit_cli.engine.models.dit import DiT
+from difffit_cli.engine.models.dit import DiT, DiTConfig
 from difffit_cli.engine.models.formats import (
     METADATA_CLASS_NAMES,
     METADATA_NUM_HEADS,
     METADATA_POS_EMBED_SCALE,
     METADATA_VAE,
 )
+from difffit_cli.engine.models.vae import IDENTITY_VAE
 
 FORMATS = ("original", "diffusers", "peft")
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
@@ -60,6 +61,8 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
                            f"sample from the adapter instead (difffit sample {adapter}).")
     if fmt == "peft" and meta.method != "lora":
         raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
+    if fmt == "diffusers":  # refused before the base is loaded
+        check_diffusers(meta.dit_config, meta.vae_spec)
     loaded, meta = load_source(adapter, base=base, force_base=force_base)
     out = check_output(out, overwrite=overwrite, inputs=[adapter, loaded.spec], folder=folder)
     model = loaded.model
@@ -115,20 +118,8 @@ def write_diffusers(model: DiT, folder: Path, *, class_names, vae) -> None:
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     config = model.config
-    if config.num_classes > DIFFUSERS_NULL_LABEL:
-        raise DiffFitError(
-            f"DiTPipeline supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), "
-            f"this model has {config.num_classes}; merge with --format original instead."
-        )
-    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
-        raise DiffFitError(f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}; "
-                           "merge with --format original instead.")
-    autoencoder = getattr(vae, "vae", None)
-    if autoencoder is None:
-        raise DiffFitError(
-            f"The VAE {vae.spec!r} is not a diffusers AutoencoderKL; a pipeline folder needs one.",
-            hint="Merge with --format original instead.",
-        )
+    check_diffusers(config, vae.spec)
+    autoencoder = vae.vae
     state = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     state[CLASS_TABLE] = pad_class_table(state[CLASS_TABLE], DIFFUSERS_NULL_LABEL)
     padded_config = replace(config, num_classes=DIFFUSERS_NULL_LABEL)
@@ -165,6 +156,32 @@ def write_peft(model: DiT, folder: Path, meta: AdapterMeta) -> None:
         tmp.mkdir()
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
+
+
+def diffusers_problem(config: DiTConfig, vae_spec: str) -> str | None:
+    """Why a model of `config` with the VAE `vae_spec` cannot become a DiTPipeline (None: it can)."""
+    if config.num_classes > DIFFUSERS_NULL_LABEL:
+        return f"it supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), this model has " \
+               f"{config.num_classes}"
+    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
+        return f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}"
+    if vae_spec == IDENTITY_VAE:  # the one autoencoder that is not a diffusers AutoencoderKL
+        return "its VAE is 'identity' (pixel space), and a pipeline needs a diffusers AutoencoderKL"
+    return None
+
+
+def check_diffusers(config: DiTConfig, vae_spec: str) -> None:
+    if problem := diffusers_problem(config, vae_spec):
+        raise DiffFitError(f"A DiTPipeline cannot hold this model: {problem}.",
+                           hint="Merge with --format original instead.")
+
+
+def merge_formats(meta: AdapterMeta) -> list[str]:
+    """The --format values `merge` writes for this adapter (none for methods that cannot fold)."""
+    if meta.method not in FOLDABLE:
+        return []
+    diffusers = [] if diffusers_problem(meta.dit_config, meta.vae_spec) else ["diffusers"]
+    return ["original", *diffusers, *(["peft"] if meta.method == "lora" else [])]
 
 
 def pad_class_table(table: torch.Tensor, null_label: int) -> torch.Tensor:

@@ -16,9 +16,11 @@ from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
 from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
+    check_base_architecture,
     describe_adapter,
     is_adapter_file,
     read_adapter,
+    read_adapter_meta,
     refuse_run_folder,
 )
 from difffit_cli.engine.methods.baselines import MethodSettings
@@ -62,6 +64,24 @@ def load_adapter_base(
 ) -> Base:
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
+    loaded = base_for_adapter(meta, base=base, vae=vae)
+    if loaded.fingerprint != meta.base_fingerprint:
+        message = (
+            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
+            f"but {loaded.spec} has fingerprint {loaded.fingerprint}."
+        )
+        if not force_base:
+            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
+            raise DiffFitError(message, hint=hint)
+        stderr_console.print(
+            f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).", highlight=False
+        )
+    return loaded
+
+
+def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | None = None) -> Base:
+    """The base an adapter names, or `base` instead, loaded as the adapter needs it and refused when its
+    architecture does not fit the adapter; the fingerprint is left to the caller."""
     spec = base or meta.base_spec
     base_config = DiTConfig(**meta.base_config)
     options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
@@ -70,18 +90,16 @@ def load_adapter_base(
             "resolution": base_config.input_size * meta.vae_factor,
             "num_classes": base_config.num_classes,
         }
-    loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
-    if loaded.fingerprint != meta.base_fingerprint:
-        message = (
-            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-            f"but {spec} has fingerprint {loaded.fingerprint}."
-        )
-        if not force_base:
-            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
-            raise DiffFitError(message, hint=hint)
-        stderr_console.print(
-            f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).", highlight=False
-        )
+    try:
+        loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
+    except DiffFitError as first:  # another base may not take the adapter's head count: load it as it is
+        if base is None:
+            raise
+        try:
+            loaded = load_base(spec, vae=vae or meta.vae_spec)
+        except DiffFitError:
+            raise first from None
+    check_base_architecture(meta, loaded.config, spec)
     return loaded
 
 
@@ -157,13 +175,16 @@ def describe_source(
     source = local_source(source)
     refuse_run_folder(source)
     if is_adapter_file(source):
-        if method or num_classes or gamma_blocks:
+        if method or num_classes is not None or gamma_blocks:
             raise DiffFitError("--method, --num-classes and --gamma-blocks apply to bases, not adapters.")
         report = describe_adapter(source)
-        if base is not None:
-            report["checked_base"] = base
-            report["checked_base_matches"] = load_base(base).fingerprint == report["base_fingerprint"]
+        if base is not None:  # the adapter as `sample --base` would apply it: same loading, same checks
+            checked = base_for_adapter(read_adapter_meta(source), base=base)
+            report |= {"checked_base": base, "checked_base_fingerprint": checked.fingerprint,
+                       "checked_base_matches": checked.fingerprint == report["base_fingerprint"]}
         return report
+    if base is not None:
+        raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
     loaded = load_base(source, resolution=resolution, num_heads=num_heads)
     report = describe_base(loaded)
     if method is not None:

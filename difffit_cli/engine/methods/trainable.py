@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods.baselines import MethodSettings, add_method_modules
 from difffit_cli.engine.models.dit import DiT, DiTConfig
 
@@ -133,6 +133,9 @@ def prepare_model(
     if method not in METHODS:
         raise DiffFitError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     settings = (settings or MethodSettings()).validate()
+    settings.check_fits(method, model)
+    if num_classes is not None:
+        require_at_least("--num-classes", num_classes, 1)
     new_classes = new_classes or (num_classes is not None and num_classes != model.config.num_classes)
     if new_classes:
         resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)

@@ -92,7 +92,9 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
         # bad data, then a bad base, fail before --out is touched
         folder, val_folder = split_validation(config, open_data(config.data, config.image_column, config.label_column))
+        config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base)
+        config.check_architecture(base.config)  # before the method's modules are allocated
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
         checkpoints = list_checkpoints(out_dir)
@@ -150,7 +152,9 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
         base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae,
                          num_heads=config.num_heads)
     base_config, pos_embed = base.config, "standard"
-    if config.resolution is not None and config.resolution != base.resolution:
+    # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
+    # is refused there, not trained at 32 px.
+    if config.resolution is not None and (config.resolution != base.resolution or config.pos_embed):
         pos_embed = config.pos_embed or "trick"
         base = move_to_resolution(base, config.resolution, pos_embed)
     return base, base_config, pos_embed
@@ -210,14 +214,16 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
     """(start step, seconds trained before) from the newest readable checkpoint; (0, 0) for a new run."""
     if not run.config.resume:
         return 0, 0.0
-    if checkpoints:
-        trained_on = json.loads((checkpoints[-1][1] / "state.json").read_text()).get("class_names")
+
+    def same_classes(state: dict) -> None:
+        trained_on = state.get("class_names")
         if trained_on is not None and trained_on != run.class_names:
             raise DiffFitError(
                 f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
                 f"the data now has [{', '.join(run.class_names)}].",
                 hint="Resume with the same class folders, or start a new run with another --out.")
-    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer)
+
+    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_classes)
     if not state and run.main:
         stderr_console.print(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
     return step, state.get("elapsed_s", 0.0)
