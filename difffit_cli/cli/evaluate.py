@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json
+from difffit_cli.cli._render import emit_json, print_table, say
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
                 "isc_std": "IS std", "precision": "Precision", "recall": "Recall"}
@@ -17,9 +17,10 @@ SKIPPED_SHOWN = 20
 
 def eval_fid(
     generated: Annotated[str, typer.Argument(
-        help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
+        metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
         show_default=False)],
     reference: Annotated[str, typer.Argument(
+        metavar="REFERENCE",
         help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file.",
         show_default=False)],
     n: opt.EvalNumImages = None,
@@ -89,9 +90,9 @@ def eval_fid(
 
 def _render_skipped(skipped: list) -> None:
     for path, reason in skipped[:SKIPPED_SHOWN]:
-        console.print(f"[yellow]Skipped[/yellow] {path}: {reason}", highlight=False)
+        say(("Skipped", "yellow"), f" {path}: {reason}")
     if skipped:
-        console.print(f"[yellow]{len(skipped)} unreadable image(s) skipped.[/yellow]", highlight=False)
+        say((f"{len(skipped)} unreadable image(s) skipped.", "yellow"))
 
 
 def _render_metrics(result) -> None:
@@ -105,4 +106,4 @@ def _render_metrics(result) -> None:
     table.add_row("generated images", f"{result.num_generated:,}", style="dim")
     reference = f"{result.num_reference:,}" if result.num_reference else "unknown"
     table.add_row(f"reference images ({result.reference_source})", reference, style="dim")
-    console.print(table)
+    print_table(table)

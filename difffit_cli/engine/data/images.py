@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, has_marker
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
@@ -147,8 +147,7 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
         else:
             empty.append(sub.name)
     if class_names and empty:
-        stderr_console.print(f"[yellow]No images in {', '.join(empty)}; not used as class(es).[/yellow]",
-                             highlight=False)
+        say((f"No images in {', '.join(empty)}; not used as class(es).", "yellow"))
     if not class_names:  # flat folder: one class named after the folder
         files = image_files(root, recursive=False)
         labels = [0] * len(files)
@@ -274,6 +273,6 @@ def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
 
 def report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
     for path, reason in skipped:
-        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        say(f"skipped {path}: {reason}")
     if skipped:
-        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")
+        say((f"Skipped {len(skipped)} of {total} image files (named above).", "yellow"))

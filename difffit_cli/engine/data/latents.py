@@ -29,7 +29,7 @@ import torch
 from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
 from difffit_cli.engine.io import atomic_path, files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
 CHECKSUM_CHUNK = 1 << 24
@@ -97,8 +97,7 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
     if path.exists():
         opened, problem = _open_checked(path)
         if opened is None:
-            stderr_console.print(f"[yellow]The latent cache {path} is damaged ({problem}); rebuilding it.[/yellow]",
-                                 highlight=False)
+            say((f"The latent cache {path} is damaged ({problem}); rebuilding it.", "yellow"))
     if opened is None:
         with atomic_path(path) as tmp:
             tmp.mkdir()
