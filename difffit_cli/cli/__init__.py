@@ -35,7 +35,7 @@ EXAMPLES = """
 """
 
 
-ERROR, HINT = ("Error:", "bold red"), ("Hint:", "dim")
+ERROR, HINT = ("Error:", "bold red"), ("Hint:", "dim")  # the styled labels of a failure's two lines
 
 
 @dataclass
