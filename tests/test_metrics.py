@@ -18,7 +18,8 @@ from PIL import Image
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation import inception, metrics
-from difffit_cli.testing import random_inception_weights
+from difffit_cli.engine.evaluation.inception import random_inception_weights
+from difffit_cli.engine.io import user_cache_dir
 
 N = 12
 
@@ -233,6 +234,20 @@ def test_missing_weights_offline_fails_fast_naming_the_file(image_sets, weights,
     target.parent.mkdir(parents=True)
     shutil.copy(weights, target)
     assert inception.resolve_inception_weights() == target
+
+
+def test_random_weights_are_an_offline_value_cached_once(ours, image_sets, weights, monkeypatch):
+    monkeypatch.setenv("DIFFFIT_NO_DOWNLOAD", "1")
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    path = inception.resolve_inception_weights("random")
+    assert torch.equal(torch.random.get_rng_state(), before)  # a run's random stream is not disturbed
+    assert path.is_relative_to(user_cache_dir())
+    made = path.stat().st_mtime_ns
+    assert inception.resolve_inception_weights("random") == path and path.stat().st_mtime_ns == made
+    cached, seeded = torch.load(path, weights_only=True), torch.load(weights, weights_only=True)
+    assert cached.keys() == seeded.keys() and all(torch.equal(cached[k], seeded[k]) for k in cached)
+    assert run(image_sets["A"], image_sets["B"], "random").metrics["fid"] == pytest.approx(ours.metrics["fid"])
 
 
 def test_json_output_has_only_the_asked_metrics(image_sets, weights):

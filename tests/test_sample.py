@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_amplified
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import (
@@ -63,16 +64,18 @@ def test_steps_match_reference(golden, golden_model, name, scheduler, steps):
     index, xt = golden[f"{name}.index"], golden[f"{name}.xt"]
     with torch.no_grad():
         output = golden_model(xt, sampler.diffusion.original_timesteps(index), golden["fwd.y"])
+
+    def step(noise):  # each step of the model output, within what the step amplifies its rounding by
+        return lambda o: sampler.step_at(index, o, xt.to(o.dtype), None if noise is None else noise.to(o.dtype))
+
     if scheduler == "ddim":
-        torch.testing.assert_close(sampler.step_at(index, output, xt, None), golden["ddim25.ddim_prev"],
-                                   atol=1e-5, rtol=0)
+        assert_close_amplified(sampler.step_at(index, output, xt, None), golden["ddim25.ddim_prev"], step(None), output)
         return
-    mean = sampler.step_at(index, output, xt, None)
-    torch.testing.assert_close(mean, golden["s250.mean"], atol=1e-5, rtol=0)
+    assert_close_amplified(sampler.step_at(index, output, xt, None), golden["s250.mean"], step(None), output)
     noise = torch.randn_like(xt)
     expected = golden["s250.mean"] + torch.exp(0.5 * golden["s250.log_variance"]) * noise
     expected[index == 0] = golden["s250.mean"][index == 0]  # the last step adds no noise
-    torch.testing.assert_close(sampler.step_at(index, output, xt, noise), expected, atol=1e-5, rtol=0)
+    assert_close_amplified(sampler.step_at(index, output, xt, noise), expected, step(noise), output)
 
 
 def reference_loop(model, labels, seed, spacing, stochastic, cfg_scale, cfg_channels=3):

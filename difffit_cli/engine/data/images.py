@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, has_marker
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
@@ -128,8 +128,8 @@ def without_unreadable_classes(folder: ImageFolder, scanned: ImageFolder, announ
     if not gone:
         return folder
     if announce:
-        stderr_console.print(f"No readable images in {', '.join(folder.class_names[i] for i in gone)}; not used as "
-                             "class(es).", style="yellow", markup=False, highlight=False)
+        say((f"No readable images in {', '.join(folder.class_names[i] for i in gone)}; not used as class(es).",
+             "yellow"))
     return folder.keep_classes([name for i, name in enumerate(folder.class_names) if i not in gone])
 
 
@@ -181,8 +181,7 @@ def links_back(link: Path, *below: Path) -> bool:
     target = link.resolve()
     if not any(real.is_relative_to(target) for real in below):
         return False
-    stderr_console.print(f"Not following {link}: it links back to {target}, a folder above it (a loop).",
-                         style="yellow", markup=False, highlight=False)
+    say((f"Not following {link}: it links back to {target}, a folder above it (a loop).", "yellow"))
     return True
 
 
@@ -216,8 +215,7 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
         else:
             empty.append(sub.name)
     if class_names and empty:
-        stderr_console.print(f"[yellow]No images in {', '.join(empty)}; not used as class(es).[/yellow]",
-                             highlight=False)
+        say((f"No images in {', '.join(empty)}; not used as class(es).", "yellow"))
     if not class_names:  # flat folder: one class named after the folder
         files = image_files(root, recursive=False, skip_outputs=True)
         labels = [0] * len(files)
@@ -351,6 +349,6 @@ def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
 
 def report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
     for path, reason in skipped:
-        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        say(f"skipped {path}: {reason}")
     if skipped:
-        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")
+        say((f"Skipped {len(skipped)} of {total} image files (named above).", "yellow"))

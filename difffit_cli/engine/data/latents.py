@@ -30,7 +30,7 @@ from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_i
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
 
@@ -91,8 +91,7 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
     if path.exists():
         opened, problem = _open_checked(path)
         if opened is None:
-            stderr_console.print(f"[yellow]The latent cache {path} is damaged ({problem}); rebuilding it.[/yellow]",
-                                 highlight=False)
+            say((f"The latent cache {path} is damaged ({problem}); rebuilding it.", "yellow"))
     if opened is None:
         with cache_build(path, option="--cache-dir") as tmp:
             _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)

@@ -24,11 +24,9 @@ import torch
 from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods.lora_targets import DEFAULT_LORA_TARGETS, LORA_TARGETS, parse_lora_targets
 from difffit_cli.engine.models.dit import Bottleneck, DiT
 
-# --lora-targets short names -> the module path inside a block (original layout).
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                "adaLN": "adaLN_modulation.1"}
 ADAPTER_PLACEMENTS = {"adapter-parallel": "parallel", "adapter-sequential": "sequential"}
 ADAPTER_SCALE = 0.1  # AdaptFormer's fixed scale
 PROMPT_INIT_STD = 0.02
@@ -43,7 +41,7 @@ class MethodSettings:
     gamma_placement: str = "branch"  # difffit: "branch" (the paper) or "branch+attn" (thuml's re-implementation)
     rank: int = 8  # lora
     lora_alpha: float | None = None  # lora; None = rank
-    lora_targets: tuple[str, ...] = ("qkv", "proj")  # lora
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # lora
     adapter_dim: int = 64  # adapter-parallel / adapter-sequential
     prompt_tokens: int = 8  # vpt-deep
 
@@ -102,20 +100,6 @@ class MethodSettings:
         if method == "vpt-deep" and self.prompt_tokens > tokens:
             raise DiffFitError(f"--prompt-tokens {self.prompt_tokens} is above the {tokens} image tokens of {name} "
                                f"at latent size {model.config.input_size}; use at most {tokens}.")
-
-
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """'qkv,proj' (default), or any of qkv, proj, fc1, fc2, adaLN; 'attn' and 'mlp' name two each."""
-    if spec is None:
-        return ("qkv", "proj")
-    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    groups = {"attn": ["qkv", "proj"], "mlp": ["fc1", "fc2"]}
-    names = [name for part in parts for name in groups.get(part, [part])]
-    if bad := [n for n in names if n not in LORA_TARGETS]:
-        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {', '.join(LORA_TARGETS)}, attn or mlp.")
-    if not names:
-        raise DiffFitError("--lora-targets is empty; name at least one of qkv, proj, fc1, fc2, adaLN.")
-    return tuple(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------------------------

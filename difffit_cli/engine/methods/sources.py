@@ -28,7 +28,7 @@ from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.methods.trainable import describe_method
 from difffit_cli.engine.models.bases import Base, describe_base, load_base
 from difffit_cli.engine.models.dit import DiTConfig
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 
 # -- loading --------------------------------------------------------------------------------------
 
@@ -73,9 +73,7 @@ def load_adapter_base(
         if not force_base:
             hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
             raise DiffFitError(message, hint=hint)
-        stderr_console.print(
-            f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).", highlight=False
-        )
+        say(("Warning:", "yellow"), f" {message} Applying it anyway (--force-base).")
     return loaded
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import LOCK, atomic_path, has_marker, write_marker
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 from difffit_cli.engine.training.config import FitConfig, FitResult
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
@@ -97,8 +97,7 @@ def restore_newest(checkpoints: list[tuple[int, Path]], params: dict[str, torch.
         except DiffFitError:
             raise
         except Exception as exc:
-            stderr_console.print(f"[yellow]Checkpoint {path} is unreadable ({exc}); trying an older one.[/yellow]",
-                                 highlight=False)
+            say((f"Checkpoint {path} is unreadable ({exc}); trying an older one.", "yellow"))
     return 0, {}
 
 
@@ -160,7 +159,7 @@ def nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[
                            hint=f"--steps counts the whole run: give {last} or more.")
     if config.steps > last:
         return None
-    stderr_console.print(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
+    say(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
     try:
         state = read_state(path)
     except (OSError, ValueError):  # the counts below are only for the report

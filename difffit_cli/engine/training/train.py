@@ -49,7 +49,7 @@ from difffit_cli.engine.models.speed import (
     make_optimizer,
     resolve_compile,
 )
-from difffit_cli.engine.progress import make_progress, stderr_console
+from difffit_cli.engine.progress import make_progress, say
 from difffit_cli.engine.training.checkpoints import (
     check_run_folder,
     claim_run_folder,
@@ -225,7 +225,7 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
 
     step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_classes)
     if not state and run.main:
-        stderr_console.print(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
+        say(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
     return step, state.get("elapsed_s", 0.0)
 
 

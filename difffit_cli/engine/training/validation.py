@@ -33,7 +33,7 @@ from difffit_cli.engine.evaluation.inception import LazyExtractor, extract_featu
 from difffit_cli.engine.evaluation.metrics import Statistics, compute_metrics, open_input, reference_statistics
 from difffit_cli.engine.evaluation.sample import SamplingOptions, draw_noise, sample_generators
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 from difffit_cli.engine.training.checkpoints import list_checkpoints
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.state import Run
@@ -186,7 +186,7 @@ def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch
                                   cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
                                   num_workers=0, progress=progress)
     for item, reason in val.skipped:
-        stderr_console.print(f"skipped validation image {item}: {reason}", highlight=False, markup=False)
+        say(f"skipped validation image {item}: {reason}")
     require_images(val)
     shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
     parts = []
