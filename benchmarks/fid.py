@@ -22,7 +22,7 @@ from PIL import Image
 
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.evaluation import image_sets, inception, metrics
-from difffit_cli.testing import random_inception_weights
+from difffit_cli.engine.evaluation.inception import random_inception_weights
 
 
 def main() -> None:

@@ -30,11 +30,10 @@ import torch
 
 from difffit_cli.engine.evaluation.metrics import evaluate
 from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.methods.adapter import describe_adapter
+from difffit_cli.engine.methods.sources import describe_adapter
 from difffit_cli.engine.methods.trainable import METHODS
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.train import fit
-from difffit_cli.testing import random_inception_weights
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("method", "trainable_params", "trainable_percent", "adapter_bytes", "img_per_s", "peak_memory_mb",
@@ -96,19 +95,20 @@ def main() -> None:
     parser.add_argument("--fid-samples", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per FID sample")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="the paper's FID guidance scale")
-    parser.add_argument("--inception-weights", default=None, help="default: random weights (FIDs then mean nothing)")
+    parser.add_argument("--inception-weights", default="random",
+                        help="default: random weights (FIDs then mean nothing)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     args = parser.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = args.inception_weights or str(random_inception_weights(out / "random-inception.pth"))
+    weights = args.inception_weights
     note = (f"Budget: {args.steps} steps x batch {args.batch_size} per method on {args.base} / "
             f"{os.path.relpath(args.data)}, seed 0; "
             f"FID from {args.fid_samples} samples (DDIM {args.sample_steps} steps, cfg {args.cfg_scale}) against "
             "the training images.")
-    if args.inception_weights is None:
+    if weights == "random":
         note += (" FID used RANDOM Inception weights (the real ones are not available offline): these FIDs only "
                  "show that the pipeline runs, they do not rank the methods.")
     rows, start = [], time.perf_counter()

@@ -58,6 +58,68 @@ def golden_model(golden):
     return model
 
 
+# Two correct float32 runs of the golden model (another CPU, another BLAS kernel) agree to this, element
+# by element: test_dit checks our forward against the reference's at exactly this tolerance.
+MODEL_ATOL = 1e-5
+
+
+def assert_close_amplified(actual: torch.Tensor, expected: torch.Tensor, formula, model_output: torch.Tensor,
+                           atol: float = MODEL_ATOL) -> None:
+    """`actual` = `formula(model_output)` matches the reference's float32 value, within the model's rounding
+    times what the formula amplifies it by, plus the formula's own rounding.
+
+    A formula of the output multiplies the model's float32 rounding by its derivative: pred_xstart =
+    sqrt(1/abar) x_t - sqrt(1/abar - 1) eps scales eps's rounding by ~157 at t = 999, so a fixed 1e-5 holds
+    on one machine and fails on the next. Element i may therefore differ by
+    - atol * (1 + sum_j |d f_i / d o_j|): atol on each output element o_j times the formula's sensitivity to
+      it (exact: autograd in float64), and atol once more;
+    - plus twice the formula's own float32 rounding, measured here against float64 on the same output: the
+      reference rounded the same operations at the same precision, and the two roundings may add up. It
+      matters where a formula cancels, as the decoder likelihood at t = 0 does (cdf_plus - cdf_min).
+    No number here is picked until the test passes. `formula(o)` must compute in o's dtype (cast its other
+    inputs to `o.dtype`).
+    """
+    output = model_output.detach()
+    jacobian = torch.autograd.functional.jacobian(formula, output.double(), vectorize=True)
+    amplification = jacobian.abs().reshape(actual.numel(), -1).sum(dim=1).reshape(actual.shape)
+    with torch.no_grad():
+        rounding = (formula(output.float()).double() - formula(output.double())).abs()
+    tolerance = atol * (1 + amplification) + 2 * rounding
+    diff = (actual.double() - expected.double()).abs()
+    worst = int((diff / tolerance).argmax())
+    assert (diff <= tolerance).all(), (
+        f"{(diff > tolerance).sum()} of {diff.numel()} elements differ by more than their tolerance; worst: "
+        f"{diff.flatten()[worst]:.3g} against {tolerance.flatten()[worst]:.3g} "
+        f"(amplification {amplification.flatten()[worst]:.3g}, float32 rounding {rounding.flatten()[worst]:.3g})")
+
+
+def assert_loss_matches_reference(golden: dict, model, device: str = "cpu", atol: float = MODEL_ATOL) -> None:
+    """The hybrid loss's terms (`training_losses`, run on `device`) on the golden batch equal the reference's."""
+    from difffit_cli.engine.models.diffusion import GaussianDiffusion
+
+    diffusion = GaussianDiffusion()
+    x0, t, noise = (golden[f"loss.{key}"].to(device) for key in ("x0", "t", "noise"))
+    xt = diffusion.q_sample(x0, t, noise)
+    with torch.no_grad():
+        output = model(xt, diffusion.original_timesteps(t), golden["loss.y"].to(device))
+    out = diffusion.training_losses(lambda *_: output, x0, t, noise)
+
+    def term(name: str, o: torch.Tensor) -> torch.Tensor:
+        # Undetached: the VB term trains no eps, but its value still moves with eps's rounding.
+        mse = diffusion.training_losses(lambda *_: o, x0.to(o), t.to(o.device), noise.to(o))["mse"]
+        vb = diffusion.vb_terms_bpd(o, x0.to(o), xt.to(o), t.to(o.device))
+        return {"mse": mse, "vb": vb, "loss": mse + vb}[name]
+
+    for name in ("loss", "mse", "vb"):
+        assert_close_amplified(out[name].cpu(), golden[f"loss.{name}"], lambda o, name=name: term(name, o),
+                               output.cpu(), atol)
+
+
+def guidance_atol(scale: float, atol: float = MODEL_ATOL) -> float:
+    """Guided eps = (1 - s) uncond + s cond adds up both outputs' rounding: atol * (|1 - s| + |s|)."""
+    return atol * (abs(1 - scale) + abs(scale))
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
-from difffit_cli.engine.methods.baselines import MethodSettings, parse_lora_targets
+from difffit_cli.engine.methods.baselines import MethodSettings
+from difffit_cli.engine.methods.lora_targets import parse_lora_targets
 from difffit_cli.engine.methods.merge import merge_adapter
 from difffit_cli.engine.methods.sources import load_source
 from difffit_cli.engine.methods.trainable import (
@@ -242,10 +243,10 @@ def test_swapping_adapters_of_different_methods_restores_the_base_exactly(base_s
 
 def test_multi_adapter_sampling_and_eval_fid_for_every_method(adapters, tmp_path, toy_data):
     """`sample A B C ...` (one base, adapters swapped in) and `eval-fid ADAPTER` for every method."""
+    from difffit_cli.engine.evaluation.inception import random_inception_weights
     from difffit_cli.engine.evaluation.metrics import evaluate
     from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
     from difffit_cli.engine.methods.sources import iter_sources
-    from difffit_cli.testing import random_inception_weights
 
     paths = [adapters[ident][0] for ident in IDS]
     for ident, (_, loaded, meta, _) in zip(IDS, iter_sources(paths), strict=True):

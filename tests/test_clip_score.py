@@ -135,7 +135,7 @@ def test_eval_fid_scores_a_prompt_sample_folder(trained_clip, tmp_path):
 
 
 def test_eval_fid_and_clip_together_skip_an_unreadable_sample_once(trained_clip, tmp_path):
-    from difffit_cli.testing import random_inception_weights
+    from difffit_cli.engine.evaluation.inception import random_inception_weights
 
     images, prompts = squares(13) + squares(14), PROMPTS * 2
     folder = sample_folder(tmp_path / "samples", images, prompts)

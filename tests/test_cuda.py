@@ -3,8 +3,8 @@ reported as skipped (visibly, with the reason); CI has no GPU."""
 
 import pytest
 import torch
+from conftest import assert_loss_matches_reference
 
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.dit import DiT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run benchmarks/gpu_check.sh")
@@ -26,14 +26,7 @@ def test_forward_matches_reference_on_cuda(golden, cuda_model):
 
 
 def test_loss_matches_reference_on_cuda(golden, cuda_model):
-    diffusion = GaussianDiffusion()
-    y = golden["loss.y"].cuda()
-    with torch.no_grad():
-        out = diffusion.training_losses(
-            lambda x, t: cuda_model(x, t, y), golden["loss.x0"].cuda(), golden["loss.t"].cuda(),
-            golden["loss.noise"].cuda(),
-        )
-    torch.testing.assert_close(out["loss"].cpu(), golden["loss.loss"], atol=1e-4, rtol=0)
+    assert_loss_matches_reference(golden, cuda_model, device="cuda", atol=1e-4)  # the forward's CUDA tolerance
 
 
 def test_bf16_autocast_is_close(golden, cuda_model):

@@ -199,3 +199,83 @@ def test_find_bad_images_reports_each(tmp_path):
     folder = scan_image_folder(tmp_path / "imgs")
     bad = find_bad_images(folder, 8, progress=False)
     assert [p.name for p in bad] == ["broken.png"]
+
+
+# -- symlinks: each real folder read once, each real file counted once, loops not followed --------------
+
+
+def _two_classes(root, per_class=8):
+    for cls in ("c1", "c2"):
+        for i in range(per_class):
+            _save(Image.new("RGB", (8, 8), (i * 20, 0, 0)), root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def deadline():
+    """Fail (instead of hanging the suite) when the code under test runs past 20 s."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError("still scanning after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_symlink_loop_adds_no_image_and_no_other_class(tmp_path, capsys, deadline):
+    from difffit_cli.engine.evaluation.image_sets import FolderImages
+
+    root = _two_classes(tmp_path / "data")
+    os.symlink("..", root / "c1" / "up")  # reached 656 "images" from 16 files, c1 holding c2's images
+    os.symlink(".", root / "c2" / "self")  # reached 8 * 41 from 8
+    folder = scan_image_folder(root)
+    assert folder.class_names == ["c1", "c2"] and len(folder) == 16
+    assert [f.relative_to(root).parts[0] for f, label in zip(folder.files, folder.labels, strict=True)
+            if label == 0] == ["c1"] * 8
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"Not following {root / 'c1' / 'up'}" in err and f"Not following {root / 'c2' / 'self'}" in err
+    assert FolderImages(root).count == 16  # eval-fid's folders scan the same way
+
+
+def test_two_loops_in_one_folder_end_quickly(tmp_path, deadline):
+    from difffit_cli.engine.evaluation.image_sets import FolderImages
+
+    root = _two_classes(tmp_path / "data")
+    os.symlink("..", root / "c1" / "up")
+    os.symlink(".", root / "c1" / "self")  # two loops: 2^40 paths, the walk ran for hours
+    assert len(scan_image_folder(root)) == 16
+    assert FolderImages(root / "c1").count == 8
+
+
+def test_a_file_reached_twice_counts_once_and_links_out_are_followed(tmp_path, deadline):
+    root = _two_classes(tmp_path / "data", per_class=2)
+    os.symlink("0.png", root / "c1" / "alias.png")  # the same file under a second name
+    (root / "c1" / "sub").mkdir()
+    os.symlink("../1.png", root / "c1" / "sub" / "again.png")
+    _save(Image.new("RGB", (8, 8)), tmp_path / "elsewhere" / "far.png")
+    os.symlink(tmp_path / "elsewhere", root / "c2" / "more")  # a folder outside the data: followed
+    os.symlink(tmp_path / "elsewhere", root / "c2" / "more-again")  # the same folder twice: read once
+    os.symlink(".", root / "everything")  # a class folder that is the data folder itself: a loop
+    folder = scan_image_folder(root)
+    assert folder.class_names == ["c1", "c2"]
+    assert [f.relative_to(root).as_posix() for f in folder.files] == ["c1/0.png", "c1/1.png", "c2/0.png",
+                                                                      "c2/1.png", "c2/more/far.png"]
+
+
+# -- images the centre crop cannot take -----------------------------------------------------------------
+
+
+def test_a_thin_strip_is_skipped_before_it_is_upscaled(tmp_path):
+    _save(Image.new("RGB", (60000, 1)), tmp_path / "strips" / "strip.png")  # 259 bytes; 12 GB when cropped at 256
+    _save(Image.new("RGB", (1, 51)), tmp_path / "strips" / "tall.png")
+    _save(Image.new("RGB", (50, 1), (0, 9, 0)), tmp_path / "strips" / "banner.png")  # 50:1 is still taken
+    folder = scan_image_folder(tmp_path / "strips", validate=True, progress=False)
+    assert [f.name for f in folder.files] == ["banner.png"]
+    reasons = dict((p.name, reason) for p, reason in folder.skipped)
+    assert reasons["strip.png"] == "60000 x 1 px is more elongated than 50:1, too thin for a centre crop"
+    assert "1 x 51 px" in reasons["tall.png"]
+    assert center_crop(load_image(folder.files[0]), 8).shape == (8, 8, 3)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation import inception, metrics
-from difffit_cli.testing import random_inception_weights
+from difffit_cli.engine.evaluation.inception import random_inception_weights
+from difffit_cli.engine.io import user_cache_dir
 
 N = 12
 
@@ -235,6 +236,20 @@ def test_missing_weights_offline_fails_fast_naming_the_file(image_sets, weights,
     assert inception.resolve_inception_weights() == target
 
 
+def test_random_weights_are_an_offline_value_cached_once(ours, image_sets, weights, monkeypatch):
+    monkeypatch.setenv("DIFFFIT_NO_DOWNLOAD", "1")
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    path = inception.resolve_inception_weights("random")
+    assert torch.equal(torch.random.get_rng_state(), before)  # a run's random stream is not disturbed
+    assert path.is_relative_to(user_cache_dir())
+    made = path.stat().st_mtime_ns
+    assert inception.resolve_inception_weights("random") == path and path.stat().st_mtime_ns == made
+    cached, seeded = torch.load(path, weights_only=True), torch.load(weights, weights_only=True)
+    assert cached.keys() == seeded.keys() and all(torch.equal(cached[k], seeded[k]) for k in cached)
+    assert run(image_sets["A"], image_sets["B"], "random").metrics["fid"] == pytest.approx(ours.metrics["fid"])
+
+
 def test_json_output_has_only_the_asked_metrics(image_sets, weights):
     done = subprocess.run(
         [sys.executable, "-m", "difffit_cli", "eval-fid", str(image_sets["A"]), str(image_sets["B"]),
@@ -245,3 +260,63 @@ def test_json_output_has_only_the_asked_metrics(image_sets, weights):
     result = json.loads(done.stdout)
     assert set(result) == {"fid", "isc_mean", "isc_std", "num_generated", "num_reference"}
     assert result["num_generated"] == N and result["fid"] > 0
+
+
+def _cli(monkeypatch, capsys, *args):
+    """`difffit ARGS` in this process, through main() and its error handling: (exit code, stdout, stderr)."""
+    from difffit_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["difffit", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+def test_eval_fid_scores_a_folder_that_difffit_sample_wrote(tiny_base, image_sets, weights, tmp_path, monkeypatch,
+                                                            capsys):
+    """The pattern of eval-fid's --help: `difffit sample ... --out DIR`, then `difffit eval-fid DIR REFERENCE`."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(monkeypatch, capsys, "sample", tiny_base, "-n", "5", "--scheduler", "ddim", "--steps", "2",
+                        "--device", "cpu", "--npz", "--out", "samples/x")
+    assert code == 0, err
+    common = ["--inception-weights", weights, "--device", "cpu", "--json"]
+    code, out, err = _cli(monkeypatch, capsys, "eval-fid", "samples/x", image_sets["B"], *common)
+    assert code == 0, err  # was: "No images found in samples/x"
+    folder = json.loads(out)
+    assert folder["num_generated"] == 5  # the PNGs; grid.png is a picture of them, not a sixth sample
+    code, out, err = _cli(monkeypatch, capsys, "eval-fid", "samples/x/samples.npz", image_sets["B"], *common)
+    assert code == 0, err
+    assert folder["fid"] == pytest.approx(json.loads(out)["fid"], rel=1e-6)
+
+
+def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weights, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    a, b = (shutil.copytree(image_sets[name], tmp_path / name) for name in "AB")  # a failure spoils only copies
+    weights = shutil.copy(weights, tmp_path / "inception.pth")
+    image = (b / "001.png").read_bytes()
+    for target, words in [(b / "001.png", "would overwrite the input"),  # was: the image became an npz
+                          (a / "stats.npz", "would overwrite the input"),  # inside an input folder
+                          (weights, "would overwrite the input")]:
+        with pytest.raises(DiffFitError, match=words):
+            run(a, b, weights, save_stats=target)
+    assert (b / "001.png").read_bytes() == image and not (a / "stats.npz").exists()
+    existing = tmp_path / "stats.npz"
+    existing.write_bytes(b"someone's file")
+    with pytest.raises(DiffFitError, match="already exists") as refused:
+        run(a, b, weights, save_stats=existing)
+    assert "--overwrite" in refused.value.hint and existing.read_bytes() == b"someone's file"
+    code, _, err = _cli(monkeypatch, capsys, "eval-fid", a, b, "--inception-weights", weights, "--device", "cpu",
+                        "--save-stats", existing, "--overwrite")
+    assert code == 0, err
+    assert metrics.load_statistics(existing).count == N
+    # A run that fails writes nothing: statistics of another size cannot be compared with the reference's.
+    with open(tmp_path / "other.npz", "wb") as f:
+        np.savez(f, mu=np.zeros(3), sigma=np.eye(3), count=np.array(50))
+    with pytest.raises(DiffFitError, match="statistics of different sizes"):
+        run(tmp_path / "other.npz", b, weights, save_stats=tmp_path / "new.npz")
+    assert not (tmp_path / "new.npz").exists()

@@ -81,7 +81,7 @@ def test_upscaled_fit_samples_and_merges_at_the_new_size(tmp_path, toy_data, tin
 def test_cli_refuses_a_smaller_target_in_one_sentence(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     run = subprocess.run(
         [sys.executable, "-m", "difffit_cli", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
-         "--vae", str(tiny_vae_dir), "--to", "8", "--out", str(tmp_path / "run")],
+         "--vae", str(tiny_vae_dir), "--to", "8", "--batch-size", "4", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 1

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,6 +162,79 @@ def test_bad_options_fail_before_any_work(conf, tmp_path, option, value, message
     with pytest.raises(DiffFitError, match=message):
         fit(conf(**{option: value}), progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_class_whose_images_are_all_unreadable_is_dropped(conf, tmp_path, toy_data, capsys):
+    val = shutil.copytree(toy_data, tmp_path / "val")
+    common = dict(class_balance=True, val_data=str(val), val_every=2, steps=4)
+    clean = fit(conf(out=str(tmp_path / "clean"), **common), progress=False)
+    (toy_data / "green").mkdir()  # sorted between blue and red: red's label moves if green stays a class
+    for i in range(3):
+        (toy_data / "green" / f"{i}.png").write_text("not an image")
+    capsys.readouterr()
+    result = fit(conf(**common), progress=False)
+    assert "No readable images in green; not used as class(es)." in " ".join(capsys.readouterr().err.split())
+    assert result.classes == clean.classes == 2 and result.skipped == 3
+    a, b = adapter_tensors(clean.adapter), adapter_tensors(result.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # a 2-class table
+    losses = [[json.loads(line).get("val_loss") for line in (run.out_dir / "log.jsonl").read_text().splitlines()]
+              for run in (clean, result)]
+    assert losses[0] == losses[1] and any(losses[0])  # red's held-out images keep red's label
+
+
+def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, tiny_base_file, tiny_vae_dir,
+                                                          monkeypatch, capsys):
+    import errno
+
+    from test_sample import run_cli
+
+    from difffit_cli.engine.data import latents
+
+    real_open = open
+
+    class FullDisk:
+        """A file on a disk that fills up after its first 200 bytes (the npy header fits)."""
+
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data) -> int:
+            if self.written + len(data) > 200:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def opening(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(latents, "open", opening, raising=False)  # the writes of latents.npy, at the OS boundary
+    cache = tmp_path / "cache"
+    args = ["fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir, "--steps", "2", "--batch-size", "4",
+            "--num-workers", "0", "--cache-dir", cache, "--out", tmp_path / "run", "--sample-every", "0"]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    err = " ".join(err.split())
+    assert code == 1 and "Traceback" not in err, err  # was: rc 135 (Bus error) and nothing on stderr
+    assert f"The disk is full while writing {cache}" in err and "--cache-dir" in err
+    assert [p.name for p in cache.iterdir()] == []  # the half-built cache is gone
+    monkeypatch.undo()
+    encoded = []
+    monkeypatch.setattr(latents, "encode_distribution", lambda *a: encoded.append(1))
+    monkeypatch.setattr(latents.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    err = " ".join(err.split())
+    assert code == 1 and encoded == [], err  # refused before any image is encoded
+    assert f"The latent cache needs 0.00 GB and the disk of {cache} has 0.00 GB free." in err and "--cache-dir" in err
+    assert [p.name for p in cache.iterdir()] == []
 
 
 # -- the latent cache: checked when opened, rebuilt when damaged --------------------------------------------

@@ -14,7 +14,7 @@ from test_sample import FAST, adapters, base_file, run_cli  # noqa: F401 - fixtu
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
-from difffit_cli.engine.methods.adapter import read_adapter
+from difffit_cli.engine.methods.adapter import read_adapter, tensors_checksum
 from difffit_cli.engine.methods.merge import merge_adapter
 
 
@@ -100,7 +100,9 @@ def test_nan_options_and_adapters_are_refused(monkeypatch, capsys, adapters, tmp
     broken = tmp_path / "broken.safetensors"
     with safe_open(adapters[0], "pt") as reader:  # keep the original header metadata
         metadata = reader.metadata()
-    save_file(tensors, str(broken), metadata=metadata)
+    # As a diverged training run writes it: NaN stored, and the checksum of what is stored.
+    meta = json.loads(metadata["difffit"]) | {"checksum": tensors_checksum(tensors)}
+    save_file(tensors, str(broken), metadata={"difffit": json.dumps(meta)})
     with pytest.raises(DiffFitError, match="NaN or inf"):
         read_adapter(broken)
     code, _, err = run_cli(monkeypatch, capsys, "sample", broken, *FAST, "--out", tmp_path / "s2")
@@ -143,8 +145,9 @@ def test_disk_full_and_permission_problems_are_one_sentence(tmp_path, monkeypatc
     (["fit", "{data}", "--base", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
     (["sample", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
     (["fit", "{data}", "--base", "random:DiT-S/2", "--adapter-dtype", "int8"], "--adapter-dtype"),
-    (["fit", "{data}", "--base", "tiny", "--resolution", "33"], "33 px does not fit"),
-    (["fit", "{data}", "--base", "tiny", "--resolution", "16"], "not larger than the base's 32 px"),
+    (["fit", "{data}", "--base", "tiny", "--resolution", "33", "--batch-size", "4"], "33 px does not fit"),
+    (["fit", "{data}", "--base", "tiny", "--resolution", "16", "--batch-size", "4"],
+     "not larger than the base's 32 px"),
 ])
 def test_bad_options_are_one_sentence_before_any_work(monkeypatch, capsys, tmp_path, toy_data, args, words):
     monkeypatch.chdir(tmp_path)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_amplified
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import (
@@ -62,16 +64,18 @@ def test_steps_match_reference(golden, golden_model, name, scheduler, steps):
     index, xt = golden[f"{name}.index"], golden[f"{name}.xt"]
     with torch.no_grad():
         output = golden_model(xt, sampler.diffusion.original_timesteps(index), golden["fwd.y"])
+
+    def step(noise):  # each step of the model output, within what the step amplifies its rounding by
+        return lambda o: sampler.step_at(index, o, xt.to(o.dtype), None if noise is None else noise.to(o.dtype))
+
     if scheduler == "ddim":
-        torch.testing.assert_close(sampler.step_at(index, output, xt, None), golden["ddim25.ddim_prev"],
-                                   atol=1e-5, rtol=0)
+        assert_close_amplified(sampler.step_at(index, output, xt, None), golden["ddim25.ddim_prev"], step(None), output)
         return
-    mean = sampler.step_at(index, output, xt, None)
-    torch.testing.assert_close(mean, golden["s250.mean"], atol=1e-5, rtol=0)
+    assert_close_amplified(sampler.step_at(index, output, xt, None), golden["s250.mean"], step(None), output)
     noise = torch.randn_like(xt)
     expected = golden["s250.mean"] + torch.exp(0.5 * golden["s250.log_variance"]) * noise
     expected[index == 0] = golden["s250.mean"][index == 0]  # the last step adds no noise
-    torch.testing.assert_close(sampler.step_at(index, output, xt, noise), expected, atol=1e-5, rtol=0)
+    assert_close_amplified(sampler.step_at(index, output, xt, noise), expected, step(noise), output)
 
 
 def reference_loop(model, labels, seed, spacing, stochastic, cfg_scale, cfg_channels=3):
@@ -473,3 +477,81 @@ def test_a_manifest_never_reaches_outside_its_folder(base, tmp_path):
     (out / "sample.json").write_text(json.dumps(manifest))
     sample_to_folder(base, out, 1, options, progress=False, overwrite=True)
     assert (tmp_path / "precious.txt").read_text() == "mine"
+
+
+# -- interrupted and concurrent runs ----------------------------------------------------------------------
+
+
+def _interrupt_after_first_batch(monkeypatch):
+    import difffit_cli.engine.evaluation.sample_folder as sample_folder
+
+    real, calls = sample_folder.save_pngs, []
+
+    def save_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # Ctrl-C while the second batch is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample_folder, "save_pngs", save_then_interrupt)
+
+
+def test_an_interrupted_sample_never_passes_for_a_finished_one(base, tmp_path, monkeypatch):
+    import json
+
+    from difffit_cli.engine.evaluation.image_sets import FolderImages
+
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
+    out = tmp_path / "out"
+    sample_to_folder(base, out, 6, options, progress=False)
+    assert json.loads((out / "sample.json").read_text())["complete"] is True
+    with monkeypatch.context() as patched:
+        _interrupt_after_first_batch(patched)
+        with pytest.raises(KeyboardInterrupt):
+            sample_to_folder(base, out, 6, replace(options, seed=7), progress=False, overwrite=True)
+    manifest = json.loads((out / "sample.json").read_text())
+    assert manifest["complete"] is False and manifest["seed"] == 7  # not the finished seed-0 run it replaces
+    # Only the new run's first batch is there: no seed-0 images mixed in under the new manifest.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "000000.png", "000001.png", "sample.json"]
+    with pytest.raises(DiffFitError, match="unfinished `difffit sample` run"):
+        FolderImages(out)
+    with pytest.raises(DiffFitError, match="already holds samples of an unfinished run"):
+        sample_to_folder(base, out, 6, replace(options, seed=7), progress=False)
+    sample_to_folder(base, out, 6, replace(options, seed=7), progress=False, overwrite=True)
+    clean = sample_to_folder(base, tmp_path / "clean", 6, replace(options, seed=7), progress=False)
+    assert np.array_equal(load_pngs(sorted(out.glob("0*.png"))),
+                          load_pngs(sorted(Path(clean["dir"]).glob("0*.png"))))
+    assert json.loads((out / "sample.json").read_text())["complete"] is True
+    assert FolderImages(out).count == 6  # the grid is not a sample
+
+
+def test_an_interrupted_first_sample_can_be_replaced(base, tmp_path, monkeypatch):
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
+    out = tmp_path / "fresh"
+    with monkeypatch.context() as patched:
+        _interrupt_after_first_batch(patched)
+        with pytest.raises(KeyboardInterrupt):
+            sample_to_folder(base, out, 4, options, progress=False)
+    sample_to_folder(base, out, 4, options, progress=False, overwrite=True)  # was: "did not write"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        f"{i:06d}.png" for i in range(4)] + ["grid.png", "sample.json"]
+
+
+def test_a_second_sample_into_a_folder_in_use_is_refused(base, tmp_path):
+    from difffit_cli.engine.io import LOCK, run_lock
+
+    options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
+    out = tmp_path / "cs"
+    with run_lock(out), pytest.raises(DiffFitError, match="in use by another difffit run"):
+        sample_to_folder(base, out, 2, options, progress=False)
+    assert [p.name for p in out.iterdir()] == [LOCK]  # the refused run wrote nothing
+    sample_to_folder(base, out, 2, options, progress=False)
+    with run_lock(out), pytest.raises(DiffFitError, match="in use by another difffit run"):
+        sample_to_folder(base, out, 2, options, progress=False)  # not "already holds samples": it is in use
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "mine.png").write_bytes(b"mine")
+    with pytest.raises(DiffFitError, match="did not write"):
+        sample_to_folder(base, foreign, 1, options, progress=False, overwrite=True)
+    assert [p.name for p in foreign.iterdir()] == ["mine.png"]  # not even a lock file

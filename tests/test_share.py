@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -50,7 +51,8 @@ def front_matter(text: str) -> tuple[dict, str]:
 def test_hub_base_id():
     assert hub_base_id("DiT-XL/2-256") == "facebook/DiT-XL-2-256"
     assert hub_base_id("someone/my-dit") == "someone/my-dit"
-    assert hub_base_id("someone/my-dit/transformer") == "someone/my-dit"
+    assert hub_base_id("hf://someone/my-dit") == "someone/my-dit"
+    assert hub_base_id("someone/my-dit/transformer") is None  # more than one "/": a local path
     assert hub_base_id("random:DiT-S/2") is None and hub_base_id("tiny") is None
     assert hub_base_id(__file__) is None
 
@@ -59,7 +61,8 @@ def test_card_front_matter_and_body(run_dir):
     from huggingface_hub import ModelCard
 
     summary = training_summary(run_dir / "adapter.safetensors")
-    summary["base"] = "DiT-XL/2-256"  # as if trained on the public base
+    summary["base"] = "DiT-XL/2-256"  # as if trained on the public base (MLP ratio 4, a diffusers VAE)
+    summary["merge_formats"] = ["original", "diffusers"]
     eval_result = {"fid": 12.3456, "kid_mean": 0.0123, "num_generated": 1000, "num_reference": 500,
                    "cfg_scale": 1.5}
     card = model_card(summary, "me/toy-difffit", eval_result=eval_result, grid="grid.png", grid_caption="Preview.")
@@ -86,7 +89,38 @@ def test_card_of_a_local_base_without_eval_or_grid(run_dir):
     meta, body = front_matter(str(model_card(summary, "me/x", license="mit")))
     assert "base_model" not in meta and "base_model_relation" not in meta and meta["license"] == "mit"
     assert "## Evaluation" not in body and "![Samples]" not in body
-    assert f"`{summary['base']}`" in body
+    # A public card never shows the author's file system: the base and the VAE by name, the base's fingerprint.
+    base, vae = Path(summary["base"]), Path(summary["vae"])
+    assert base.is_absolute() and vae.is_absolute() and str(base.parent) not in body and str(vae) not in body
+    assert f"`{base.name}` (a local base) (fingerprint `{summary['base_fingerprint']}`)" in body
+    assert f"| VAE | `{vae.name}` (local) |" in body
+    # ... and only commands that work: the local base passed by hand, and no DiTPipeline for an MLP ratio of 1.
+    assert f"difffit sample hf://me/x --base {base.name} -n 16" in body
+    assert summary["merge_formats"] == ["original"] and "--format diffusers" not in body
+    assert f"difffit merge hf://me/x --base {base.name} --out x.safetensors" in body
+
+
+@pytest.mark.parametrize("method, vae, shown", [
+    ("difffit", "stabilityai/sd-vae-ft-ema", "--format diffusers"),  # every merge works
+    ("difffit", "identity", "difffit merge hf://me/x --out x.safetensors"),  # no pipeline without an AutoencoderKL
+    ("adapter-parallel", "stabilityai/sd-vae-ft-ema", "not merged into its base"),  # nothing folds
+])
+def test_card_gives_only_merge_instructions_that_work(run_dir, method, vae, shown):
+    from difffit_cli.engine.methods.adapter import read_adapter_meta
+    from difffit_cli.engine.methods.merge import merge_formats
+    from difffit_cli.engine.models.dit import config_for
+
+    xl = config_for("DiT-XL/2", input_size=32).to_dict()
+    meta = dataclasses.replace(read_adapter_meta(run_dir / "adapter.safetensors"), method=method, vae_spec=vae,
+                               config=xl, base_config=xl, base_spec="DiT-XL/2-256")
+    summary = training_summary(run_dir / "adapter.safetensors") | {
+        "method": method, "vae": vae, "base": meta.base_spec, "merge_formats": merge_formats(meta)}
+    _, body = front_matter(str(model_card(summary, "me/x")))
+    assert shown in body
+    if method == "adapter-parallel":
+        assert "difffit merge" not in body
+    if vae == "identity":
+        assert "--format diffusers" not in body and "DiTPipeline" not in body
 
 
 # -- push -----------------------------------------------------------------------------------------
@@ -209,7 +243,7 @@ def hf_home(tmp_path, monkeypatch) -> Path:
 def test_pull_adapter_repo_from_the_cache(run_dir, hf_home):
     adapter = run_dir / "adapter.safetensors"
     cached_repo("me/toy", {"adapter.safetensors": adapter, "README.md": "card", "grid.png": "png"})
-    for spec in ("hf://me/toy", "me/toy", "hf://me/toy/adapter.safetensors", "me/toy/adapter.safetensors"):
+    for spec in ("hf://me/toy", "me/toy", "hf://me/toy/adapter.safetensors"):
         path = resolve_adapter_source(spec)
         assert path is not None and str(hf_home / "hub") in path, spec
         assert read_adapter(path)[1].to_dict() == read_adapter(adapter)[1].to_dict()
@@ -265,8 +299,9 @@ def test_pull_offline_failures_are_one_sentence(run_dir, hf_home):
     cached_repo("me/other", {"weights.safetensors": run_dir / "checkpoints" / "step-0000004" / "trained.safetensors"})
     with pytest.raises(DiffFitError, match="not a difffit adapter"):
         resolve_adapter_source("hf://me/other")
-    with pytest.raises(DiffFitError, match="hf://OWNER/NAME"):
+    with pytest.raises(DiffFitError, match="does not name a hub repo") as error:
         resolve_adapter_source("hf://not a repo")
+    assert "hf://OWNER/NAME" in error.value.hint
 
 
 def test_pull_lists_the_repo_on_the_hub_when_online(run_dir, hf_home, monkeypatch):

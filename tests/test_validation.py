@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from difffit_cli.engine.data.images import scan_image_folder
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.evaluation.inception import random_inception_weights
 from difffit_cli.engine.methods.adapter import read_adapter
 from difffit_cli.engine.models.dit import DiT, DiTConfig
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.train import fit
 from difffit_cli.engine.training.validation import split_validation, validation_loss
-from difffit_cli.testing import random_inception_weights
 
 
 def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -74,8 +74,10 @@ def test_overfitting_shows_training_loss_falling_and_validation_loss_rising(tmp_
         (tmp_path / split).mkdir()
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+    # Batches of 8 from 2 images: each image 4 times per step, stated with --repeats (a batch may not exceed an epoch).
     result = fit(conf(tmp_path / "train", base="random:DiT-S/2", vae="identity", resolution=4, method="full",
-                      steps=100, batch_size=8, lr=1e-3, ema=False, val_data=str(tmp_path / "val"), val_every=10),
+                      steps=100, batch_size=8, repeats=4, lr=1e-3, ema=False, val_data=str(tmp_path / "val"),
+                      val_every=10),
                  progress=False)
     losses = [value for _, value in records(result.out_dir, "loss")]
     val_losses = records(result.out_dir, "val_loss")

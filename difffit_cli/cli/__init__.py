@@ -15,7 +15,7 @@ import typer
 
 from difffit_cli import __version__
 from difffit_cli.cli import evaluate, generate, inspect, share, train
-from difffit_cli.cli._render import console
+from difffit_cli.cli._render import say
 from difffit_cli.engine.errors import DiffFitError
 
 EXAMPLES = """
@@ -33,6 +33,9 @@ EXAMPLES = """
   [dim]# fold the adapter into a standalone model[/dim]
   difffit merge adapter.safetensors --out merged.safetensors
 """
+
+
+ERROR, HINT = ("Error:", "bold red"), ("Hint:", "dim")  # the styled labels of a failure's two lines
 
 
 @dataclass
@@ -87,23 +90,22 @@ def main() -> None:
     except DiffFitError as exc:
         if session.debug:
             raise
-        console.print(f"[bold red]Error:[/bold red] {exc.message}", highlight=False)
+        say(ERROR, f" {exc.message}")
         if exc.hint:
-            console.print(f"[dim]Hint:[/dim] {exc.hint}", highlight=False)
+            say(HINT, f" {exc.hint}")
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print("[yellow]Interrupted.[/yellow]")
+        say(("Interrupted.", "yellow"))
         sys.exit(130)
     except OSError as exc:  # the file system said no (permissions, a missing folder, a full disk)
         if session.debug:
             raise
         where = f": {exc.filename}" if exc.filename else ""
-        console.print(f"[bold red]Error:[/bold red] {exc.strerror or exc}{where}.", highlight=False)
+        say(ERROR, f" {exc.strerror or exc}{where}.")
         sys.exit(1)
     except Exception as exc:  # an unexpected failure still gets one sentence, not a traceback
         if session.debug:
             raise
-        console.print(f"[bold red]Error:[/bold red] {type(exc).__name__}: {exc}", highlight=False)
-        console.print("[dim]Hint:[/dim] run again with `difffit --debug ...` for the full traceback.",
-                      highlight=False)
+        say(ERROR, f" {type(exc).__name__}: {exc}")
+        say(HINT, " run again with `difffit --debug ...` for the full traceback.")
         sys.exit(1)

@@ -12,6 +12,12 @@ from typing import Annotated
 
 import typer
 
+from difffit_cli.engine.methods.lora_targets import DEFAULT_LORA_TARGETS, describe_lora_targets
+
+# Help text is Rich markup (the commands' examples use [bold] and [dim]): write a literal [word] as "\\[word]".
+# Every command's output option is --out, or -o for short.
+OUT = ("--out", "-o")
+
 # -- everywhere -----------------------------------------------------------------------------------
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -23,8 +29,9 @@ AdapterBase = Annotated[str | None, typer.Option(
 Overwrite = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output (a folder only if difffit wrote it; never an input).")]
 InceptionWeights = Annotated[str | None, typer.Option(
-    help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default: the torch "
-    "hub cache, downloaded once.", show_default=False)]
+    help="FID Inception weights: a file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or random "
+    "(a fixed random network that works offline, for tests: its FIDs only show that the pipeline runs); default: "
+    "the torch hub cache, downloaded once.", show_default=False)]
 ForceBase = Annotated[bool, typer.Option(
     "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
 
@@ -42,7 +49,7 @@ Rank = Annotated[int, typer.Option(help="lora: the rank (the paper's LoRA-R8 and
 LoraAlpha = Annotated[float | None, typer.Option(help="lora: the scale alpha (default: the rank).",
                                                   show_default=False)]
 LoraTargets = Annotated[str | None, typer.Option(
-    help="lora: comma-separated layers among qkv, proj, fc1, fc2, adaLN, final (default: qkv,proj).",
+    help=f"lora: comma-separated layers among {describe_lora_targets()} (default: {','.join(DEFAULT_LORA_TARGETS)}).",
     show_default=False)]
 AdapterDim = Annotated[int, typer.Option(help="adapter-parallel / adapter-sequential: the bottleneck width.")]
 PromptTokens = Annotated[int, typer.Option(help="vpt-deep: learned prompt tokens per block.")]
@@ -82,15 +89,15 @@ SamplingPrecision = Annotated[str, typer.Option("--mixed-precision", help="no (e
 # -- fit's options (fit and upscale-res take every one of them) -----------------------------------
 
 Data = Annotated[str | None, typer.Argument(
-    help="Image folder (one sub-folder per class, or flat: one class), or a dataset: hf:OWNER/NAME[:split], "
-    "a save_to_disk folder or parquet files.", show_default=False)]
+    metavar="DATA", help="Image folder (one sub-folder per class, or flat: one class), or a dataset: "
+    "hf:OWNER/NAME[:split], a save_to_disk folder or parquet files.", show_default=False)]
 FitBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: alias (DiT-XL/2-256), hub id, local file or folder, or random:DiT-S/2.")]
 Method = Annotated[str, typer.Option(
     help="difffit, bitfit, full, lora, adapter-parallel, adapter-sequential or vpt-deep (README: Methods).")]
 Recipe = Annotated[str | None, typer.Option(
     help="TOML recipe (path or shipped name, e.g. food101); command-line options win.")]
-FitOut = Annotated[str | None, typer.Option("--out", help="Output folder (default: runs/<data>-<method>).")]
+FitOut = Annotated[str | None, typer.Option(*OUT, help="Output folder (default: runs/<data>-<method>).")]
 FitSteps = Annotated[int, typer.Option("--steps", help="Total optimizer steps (a resumed run trains up to it).")]
 FitBatchSize = Annotated[int, typer.Option(
     "--batch-size", help="Global batch per step (split over GPUs, --grad-accum).")]
@@ -116,7 +123,9 @@ LogEvery = Annotated[int, typer.Option(help="Write log.jsonl every N steps.")]
 Warmup = Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")]
 GradAccum = Annotated[int, typer.Option(help="Gradient accumulation micro-steps per step.")]
 AdapterDtype = Annotated[str, typer.Option(help="fp16 (stored as differences) or fp32.")]
-LogWith = Annotated[str | None, typer.Option(help="Also log to tensorboard (if installed).")]
+LogWith = Annotated[str | None, typer.Option(
+    help="Also log scalars and preview grids to tensorboard or wandb (each needs its package; wandb logs offline "
+    "without network).", show_default=False)]
 NumWorkers = Annotated[int | None, typer.Option(help="Image-loading processes (default: min(8, CPUs)).")]
 ImageColumn = Annotated[str | None, typer.Option(
     help="A dataset's image column (default: its first Image feature).", show_default=False)]
@@ -138,7 +147,8 @@ ValidationPrompts = Annotated[list[str] | None, typer.Option(
     "for more (default: the data's first captions).", show_default=False)]
 ClassBalance = Annotated[bool, typer.Option(
     "--class-balance", help="Draw every class equally often, whatever its image count.")]
-Repeats = Annotated[int, typer.Option(help="Each image N times per epoch (per class: a [repeats] table in a recipe).")]
+Repeats = Annotated[int, typer.Option(
+    help="Each image N times per epoch (per class: a \\[repeats] table in a recipe).")]
 SnrGamma = Annotated[float | None, typer.Option(
     help="Min-SNR-gamma weighting of the MSE term, e.g. 5 (default: off, the reference loss).", show_default=False)]
 P2Gamma = Annotated[float | None, typer.Option(
@@ -159,9 +169,9 @@ KeepBest = Annotated[str | None, typer.Option(
 # -- flags that mean something else in each command ----------------------------------------------
 
 SampleOut = Annotated[Path | None, typer.Option(
-    "--out", help="Output folder (default samples/<source>; a sub-folder per source).", show_default=False)]
+    *OUT, help="Output folder (default samples/<source>; a sub-folder per source).", show_default=False)]
 MergeOut = Annotated[Path, typer.Option(
-    "--out", "-o", help="Output: a .safetensors file, or a folder for diffusers.", show_default=False)]
+    *OUT, help="Output: a .safetensors file, or a folder for diffusers.", show_default=False)]
 EvalNumImages = Annotated[int | None, typer.Option(
     "-n", "--num-images", help="Generated images to use: the first N of a folder/npz (default all), "
     "or N samples from a model (default 50,000).", show_default=False)]
@@ -169,3 +179,8 @@ EvalBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per Inc
 MethodToDescribe = Annotated[str | None, typer.Option(
     "--method", help="Show what this method would train (any fit --method), next to the paper's count.",
     show_default=False)]
+PushOut = Annotated[Path | None, typer.Option(
+    *OUT, help="With --dry-run: the new folder to write.", show_default=False)]
+# A str, not a Path: a trailing "/" (a folder to write report.html in) must survive parsing.
+ReportOut = Annotated[str, typer.Option(
+    *OUT, help="The HTML file to write (a folder, or a name ending in /: report.html in it).")]

@@ -10,7 +10,10 @@ import json
 import math
 import sys
 
+from difffit_cli.engine.progress import say
 from difffit_cli.engine.progress import stderr_console as console
+
+__all__ = ["console", "emit_json", "is_main_process", "print_fields", "print_table", "say"]
 
 
 def emit_json(obj: dict) -> None:
@@ -29,11 +32,22 @@ def _finite(value):
     return value
 
 
+def print_table(table) -> None:
+    """A rich Table on stderr. Its cells and title are shown as written: `[red]` in a path stays `[red]`."""
+    from rich.text import Text
+
+    if isinstance(table.title, str):
+        table.title = Text(table.title, style="table.title")
+    console.print(table, markup=False, highlight=False)
+
+
 def print_fields(title: str, fields: dict) -> None:
     """A key/value table on stderr; long lists and dicts are shortened to one line."""
     from rich.table import Table
 
     table = Table(title=title, show_header=False, box=None, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
     for key, value in fields.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
@@ -44,8 +58,8 @@ def print_fields(title: str, fields: dict) -> None:
             value = f"{value:,}"
         elif isinstance(value, float):
             value = f"{value:.4g}"
-        table.add_row(f"[bold]{key}[/bold]", str(value))
-    console.print(table, highlight=False)
+        table.add_row(key, str(value))
+    print_table(table)
 
 
 def is_main_process() -> bool:

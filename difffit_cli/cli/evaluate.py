@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json
+from difffit_cli.cli._render import emit_json, print_table, say
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
                 "isc_std": "IS std", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score"}
@@ -18,9 +17,10 @@ SKIPPED_SHOWN = 20
 
 def eval_fid(
     generated: Annotated[str, typer.Argument(
-        help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
+        metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
         show_default=False)],
     reference: Annotated[str | None, typer.Argument(
+        metavar="REFERENCE",
         help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
         "(not needed for --metrics clip alone).", show_default=False)] = None,
     n: opt.EvalNumImages = None,
@@ -34,7 +34,8 @@ def eval_fid(
     batch_size: opt.EvalBatchSize = 64,
     device: opt.Device = "auto",
     save_stats: Annotated[Path | None, typer.Option(
-        help="Also write the reference statistics to this .npz (usable as REFERENCE later).",
+        help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
+        "needs --overwrite.",
         show_default=False)] = None,
     kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets.")] = 100,
     kid_subset_size: Annotated[int, typer.Option(help="KID: images per subset (<= images per side).")] = 1000,
@@ -48,6 +49,7 @@ def eval_fid(
     seed: opt.SamplingSeed = 0,
     mixed_precision: opt.SamplingPrecision = "no",
     force_base: opt.ForceBase = False,
+    overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:
     """FID (and KID, IS, precision/recall) between generated and reference images.
@@ -90,7 +92,7 @@ def eval_fid(
         inception_weights=inception_weights, batch_size=batch_size,
         device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
         sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, clip_model=clip_model,
-        progress=True,
+        progress=True, overwrite=overwrite,
     )
     _render_skipped(result.skipped)
     if as_json:
@@ -101,9 +103,9 @@ def eval_fid(
 
 def _render_skipped(skipped: list) -> None:
     for path, reason in skipped[:SKIPPED_SHOWN]:
-        console.print(f"[yellow]Skipped[/yellow] {escape(str(path))}: {escape(reason)}", highlight=False)
+        say(("Skipped", "yellow"), f" {path}: {reason}")
     if skipped:
-        console.print(f"[yellow]{len(skipped)} unreadable image(s) skipped.[/yellow]", highlight=False)
+        say((f"{len(skipped)} unreadable image(s) skipped.", "yellow"))
 
 
 def _render_metrics(result) -> None:
@@ -118,4 +120,4 @@ def _render_metrics(result) -> None:
     if result.reference_source != "none":
         reference = f"{result.num_reference:,}" if result.num_reference else "unknown"
         table.add_row(f"reference images ({result.reference_source})", reference, style="dim")
-    console.print(table)
+    print_table(table)

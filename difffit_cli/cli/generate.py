@@ -7,12 +7,13 @@ from typing import Annotated
 import typer
 
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json, is_main_process, print_fields
+from difffit_cli.cli._render import emit_json, is_main_process, print_fields, say
 
 
 def sample(
     sources: Annotated[list[str], typer.Argument(
-        help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).", show_default=False)],
+        metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
+        show_default=False)],
     n: opt.NumImages = 16,
     base: opt.AdapterBase = None,
     vae: opt.Vae = None,
@@ -80,15 +81,15 @@ def sample(
     if not is_main_process():
         return
     for output in summary["outputs"]:
-        console.print(f"[green]Wrote[/green] {n} image{'s' if n != 1 else ''} to {output['dir']} "
-                      f"({output['images_per_second']:.2f} img/s)", highlight=False)
+        say(("Wrote", "green"), f" {n} image{'s' if n != 1 else ''} to {output['dir']} "
+            f"({output['images_per_second']:.2f} img/s)")
     if as_json:
         emit_json(summary)
 
 
 def merge(
     adapter: Annotated[str, typer.Argument(
-        help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
+        metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str | None, typer.Option(

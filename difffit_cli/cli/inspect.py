@@ -8,12 +8,12 @@ import typer
 
 from difffit_cli import __version__
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json, print_fields
+from difffit_cli.cli._render import emit_json, print_fields, print_table, say
 
 
 def info(
     source: Annotated[str, typer.Argument(
-        help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
+        metavar="SOURCE", help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
     method: opt.MethodToDescribe = None,
     num_classes: Annotated[int | None, typer.Option(
         "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
@@ -69,10 +69,18 @@ def _render_info(report: dict) -> None:
         trained.add_column("% of model", justify="right")
         for name, count in [*groups.items(), ("total", sum(groups.values()))]:
             trained.add_row(name, f"{count:,}", f"{100 * count / total:.4f}")
-        console.print(trained)
+        print_table(trained)
+    if "checked_base" in report:
+        checked = report["checked_base"]
+        if report["checked_base_matches"]:
+            say((f"--base {checked} is the adapter's base", "green"), f" (fingerprint {report['base_fingerprint']}).")
+        else:
+            say((f"--base {checked} is not the adapter's base:", "yellow"),
+                f" its fingerprint is {report['checked_base_fingerprint']}, the adapter's ({report['base']}) is "
+                f"{report['base_fingerprint']}; sample and merge refuse it without --force-base.")
     if report.get("non_finite_tensors"):
-        console.print(f"[bold red]Unusable:[/bold red] NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
-                      "sample, merge and eval-fid refuse this adapter.", highlight=False)
+        say(("Unusable:", "bold red"), f" NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
+            "sample, merge and eval-fid refuse this adapter.")
 
 
 def env(as_json: opt.Json = False) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json
+from difffit_cli.cli._render import emit_json, say
 from difffit_cli.engine.errors import DiffFitError
 
 PUSH_HELP = """Upload an adapter (or the model merged from it) to the Hugging Face Hub with a model card.
@@ -60,8 +60,7 @@ def push(
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the upload folder to --out; upload nothing.")
                        ] = False,
-    out: Annotated[Path | None, typer.Option(help="With --dry-run: the new folder to write.", show_default=False)
-                   ] = None,
+    out: opt.PushOut = None,
     as_json: opt.Json = False,
 ) -> None:
     from difffit_cli.engine.sharing.push import push_adapter
@@ -74,10 +73,9 @@ def push(
     if as_json:
         emit_json(result)
     elif dry_run:
-        console.print(f"[green]Wrote[/green] {result['out']} (nothing uploaded): {', '.join(result['files'])}",
-                      highlight=False)
+        say(("Wrote", "green"), f" {result['out']} (nothing uploaded): {', '.join(result['files'])}")
     else:
-        console.print(f"[green]Pushed[/green] {', '.join(result['files'])} to {result['url']}", highlight=False)
+        say(("Pushed", "green"), f" {', '.join(result['files'])} to {result['url']}")
 
 
 REPORT_HELP = """One self-contained HTML page about one or more runs of `difffit fit`.
@@ -98,9 +96,9 @@ opens anywhere, offline.
 
 
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders written by difffit fit.",
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run folders written by difffit fit.",
                                                    show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+    out: opt.ReportOut = "report.html",
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:
@@ -112,4 +110,4 @@ def report(
         emit_json({"out": str(path), "runs": [str(p) for p in run_dirs], "bytes": size})
     else:
         runs = f"{len(run_dirs)} run{'s' if len(run_dirs) > 1 else ''}"
-        console.print(f"[green]Wrote[/green] {path} ({runs}, {size / 1024:.0f} KB)", highlight=False)
+        say(("Wrote", "green"), f" {path} ({runs}, {size / 1024:.0f} KB)")

@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperCommand
 
 from difffit_cli.cli import _options as opt
-from difffit_cli.cli._render import console, emit_json, is_main_process
+from difffit_cli.cli._render import emit_json, is_main_process, say
 from difffit_cli.engine.errors import DiffFitError
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number
@@ -169,18 +169,20 @@ def _run(given: dict, recipe: str | None, as_json: bool, needs_resolution: bool 
     config = resolve_fit_config(given, recipe)
     if needs_resolution and config.resolution is None:  # --to or the recipe's `resolution`
         raise DiffFitError("upscale-res needs a target resolution.", hint="Pass --to PX, e.g. --to 512.")
+    if needs_resolution:
+        config.pos_embed = config.pos_embed or "trick"  # a positional mode: the base must move up
     result = train.fit(config)
     if not is_main_process():  # under accelerate launch / torchrun, one report
         return
     if as_json:
         emit_json(result.to_dict())
     elif result.interrupted:
-        console.print(f"[yellow]Stopped at step {result.step}; checkpoint saved; go on with --resume.[/yellow]")
+        say((f"Stopped at step {result.step}; checkpoint saved; go on with --resume.", "yellow"))
     else:
         loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
-        console.print(f"[green]Done:[/green] {result.step} steps{loss}; adapter: {result.adapter}")
+        say(("Done:", "green"), f" {result.step} steps{loss}; adapter: {result.adapter}")
         if result.best_step is not None:
-            console.print(f"Best {config.keep_best} {result.best_metric:.4f} at step {result.best_step}: "
-                          f"{result.out_dir / 'best' / 'adapter.safetensors'}")
+            say(f"Best {config.keep_best} {result.best_metric:.4f} at step {result.best_step}: "
+                f"{result.out_dir / 'best' / 'adapter.safetensors'}")
     if result.interrupted:
         raise typer.Exit(EXIT_CODES.get(result.stop_signal, 130))

@@ -6,13 +6,54 @@ import importlib
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
 
 # "owner/name" or "owner/name/subfolder" (e.g. "facebook/DiT-XL-2-256/vae").
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+HUB_NAME = re.compile(r"^[\w.-]+$")  # one part of a hub address: owner, repo name, file or folder name
+HF_PREFIX = "hf://"  # says "on the Hub" explicitly, as in hf://OWNER/NAME[/FILE]
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")  # checkpoint files: always local paths
 OFFLINE = "downloads are off: HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A place on the Hub that a spec names: a repo, and a file or folder in it ("" for the repo itself)."""
+
+    repo_id: str
+    filename: str = ""
+    explicit: bool = False  # written as hf://, so the user certainly means the Hub
+
+
+def hub_ref(spec: str, *, subfolders: bool = False) -> HubRef | None:
+    """Where `spec` points on the Hub, or None when it is a local path (or no Hub name at all).
+
+    `hf://OWNER/NAME[/FILE]` always means the Hub; a malformed one is a DiffFitError saying what is wrong.
+    Without the prefix only a bare `OWNER/NAME` does (with `subfolders`, also `OWNER/NAME/SUB`: a VAE inside
+    a pipeline repo). A path that exists, ends in a checkpoint suffix, starts with `.`, `/` or `~`, or holds
+    more `/`s is local, so a mistyped path fails at once as missing instead of after a round of Hub retries.
+    """
+    if spec.startswith(HF_PREFIX):
+        return _explicit_ref(spec)
+    local = spec.startswith((".", "/", "~")) or spec.lower().endswith(WEIGHT_SUFFIXES) or Path(spec).exists()
+    if local or not HUB_ID.match(spec) or (spec.count("/") > 1 and not subfolders):
+        return None
+    repo_id, rest = split_hub_id(spec)
+    return HubRef(repo_id, rest)
+
+
+def _explicit_ref(spec: str) -> HubRef:
+    parts = spec[len(HF_PREFIX):].rstrip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise DiffFitError(f"{spec} does not name a hub repo: it needs an owner and a name, one '/' apart.",
+                           hint="Write hf://OWNER/NAME, or hf://OWNER/NAME/FILE for one file of the repo.")
+    if bad := next((part for part in parts if not HUB_NAME.match(part)), None):
+        raise DiffFitError(f"{spec} is not a hub address: {bad!r} holds characters other than letters, digits, "
+                           "'-', '_' and '.'.")
+    return HubRef(f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), explicit=True)
 
 
 def hub_cache_dir() -> Path:

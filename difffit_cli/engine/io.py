@@ -21,6 +21,7 @@ from difffit_cli.engine.errors import DiffFitError
 
 MARKER = ".difffit"  # a small JSON file in every folder difffit creates as an output
 LOCK = ".difffit.lock"
+TMP_NAME_CHARS = 200  # of an output's name kept in its temporary name
 # How torch.save ("unexpected pos"), safetensors (StorageFull) and the OS word a full disk.
 DISK_FULL_WORDS = ("No space left", "StorageFull", "unexpected pos", "failed writing file")
 
@@ -35,20 +36,23 @@ def has_marker(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: str = "--out") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
 
     A crash (or SIGKILL) mid-write leaves at most a `.tmp-*` file, never a half-written `path`.
     Works for files and for folders; a folder gets difffit's marker (`kind` says what it holds; None:
     no marker). An existing folder is swapped out only when it is empty or carries that marker
-    (commands check `--overwrite` before they get here; this is the last line of defence).
+    (commands check `--overwrite` before they get here; this is the last line of defence). A full disk
+    is one sentence whose hint names `option`, the setting that puts the file elsewhere.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        # The name is cut so that any valid output name leaves a valid temporary one (".tmp-" + 8 random
+        # characters would push a 250-character name past the file system's 255).
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name[:TMP_NAME_CHARS]}-", dir=path.parent)
     except OSError as exc:
-        raise _friendly_os_error(exc, path) from None
+        raise _friendly_os_error(exc, path, option) from None
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller creates it (as a file or a folder)
@@ -74,10 +78,13 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output") -> Iterato
         else:
             os.replace(tmp, path)
     except OSError as exc:
-        raise _friendly_os_error(exc, path) from None
+        raise _friendly_os_error(exc, path, option) from None
     except Exception as exc:  # writers that wrap the OS error (torch.save, safetensors) in their own type
         if any(words in str(exc) for words in DISK_FULL_WORDS):
-            raise _friendly_os_error(OSError(errno.ENOSPC, str(exc)), path) from None
+            raise _friendly_os_error(OSError(errno.ENOSPC, str(exc)), path, option) from None
+        if tmp.name in str(exc):  # torch.save's "File .tmp-... cannot be opened", say: name the real output
+            said = str(exc).replace(str(tmp), str(path)).replace(tmp.name, path.name)
+            raise DiffFitError(f"Could not write {path} ({said.rstrip('.')}).") from None
         raise
     finally:
         if tmp.exists():
@@ -97,14 +104,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _friendly_os_error(exc: OSError, path: Path) -> Exception:
-    """Disk full and permission problems as one sentence naming the path; anything else unchanged."""
+def _friendly_os_error(exc: OSError, path: Path, option: str) -> Exception:
+    """Disk full and permission problems as one sentence naming the path; anything else as the same error
+    about `path` (never the temporary name, which the user never asked for)."""
     if exc.errno == errno.ENOSPC:
         return DiffFitError(f"The disk is full while writing {path}; nothing was written under that name.",
-                            hint="Free some space, or write elsewhere with --out.")
+                            hint=f"Free some space, or write elsewhere with {option}.")
     if isinstance(exc, PermissionError):
         return DiffFitError(f"Permission denied writing {path}.", hint="Choose a folder you can write to.")
-    return exc
+    return OSError(exc.errno, exc.strerror, str(path)) if exc.errno is not None else exc
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),

@@ -1,6 +1,8 @@
-"""One progress bar for every long loop (caching, training, sampling, feature extraction).
+"""The stderr console: one progress bar for every long loop (caching, training, sampling, feature
+extraction), and `say` for every line a person reads.
 
 Engine functions take `progress: bool`; bars go to stderr so `--json` output on stdout stays clean.
+Nothing printed here is read as Rich markup: paths, class names and messages may hold [brackets].
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 stderr_console = Console(stderr=True)
+Part = str | tuple[str, str]
+
+
+def say(*parts: Part) -> None:
+    """One line on stderr from plain strings and (text, style) pairs, e.g. `say(("Wrote", "green"), f" {path}")`.
+
+    Text is shown as written, never parsed as markup: `[red]` in a file name stays `[red]`.
+    """
+    stderr_console.print(Text.assemble(*parts), highlight=False)
 
 
 def make_progress(*extra_columns, enabled: bool = True) -> Progress:
     """A rich Progress on stderr: description, bar, n/total, %, elapsed, ETA, then `extra_columns`."""
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),

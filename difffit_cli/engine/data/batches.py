@@ -14,6 +14,7 @@ of it (batch / (P * grad_accum) per micro-step), so results do not depend on how
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ import torch
 from difffit_cli.engine.data.latents import CachedLatents, EncodedLatents
 from difffit_cli.engine.data.text_cache import TextEmbeddings
 from difffit_cli.engine.errors import DiffFitError
+
+# DataOrder shuffles an epoch in memory (about 40 bytes an item with its cached permutations), so --repeats
+# may grow an epoch up to this many items (or the dataset's own size, if larger): 10M items is ~400 MB.
+MAX_EPOCH_ITEMS = 10_000_000
 
 
 def step_seed(*parts: int) -> int:
@@ -43,7 +48,7 @@ class DataOrder:
         self.pool = torch.repeat_interleave(torch.arange(len(labels)), counts)
         pool_labels = torch.tensor(list(labels), dtype=torch.long)[self.pool]
         self.by_class = [self.pool[pool_labels == c] for c in pool_labels.unique().tolist()]
-        self.n = max(len(c) for c in self.by_class) * len(self.by_class) if balance else len(self.pool)
+        self.n = epoch_size(labels, repeats, balance)
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -67,6 +72,15 @@ class DataOrder:
             mask = positions // self.n == epoch
             out[mask] = self._perm(epoch)[positions[mask] % self.n]
         return out
+
+
+def epoch_size(labels: Sequence[int], repeats: Sequence[int] | None = None, balance: bool = False) -> int:
+    """Items in one epoch of a DataOrder, counted without building it: each item `repeats[i]` times, or with
+    `balance` as many per class as the largest class has."""
+    per_class = Counter()
+    for label, count in zip(labels, repeats if repeats is not None else [1] * len(labels), strict=True):
+        per_class[label] += count
+    return max(per_class.values()) * len(per_class) if balance else sum(per_class.values())
 
 
 def item_repeats(repeats: int | dict[str, int], labels: Sequence[int], class_names: Sequence[str]) -> list[int] | None:

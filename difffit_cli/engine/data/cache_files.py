@@ -38,10 +38,11 @@ def file_checksum(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def cache_build(path: Path) -> Iterator[Path]:
+def cache_build(path: Path, option: str = "--cache-dir") -> Iterator[Path]:
     """A new, empty folder to build the cache `path` in (its name: a 32-hex key); renamed into place on
-    success. The owner record inside lets `remove_stale_builds` tell a live build from an abandoned one."""
-    with atomic_path(path) as tmp:
+    success. The owner record inside lets `remove_stale_builds` tell a live build from an abandoned one.
+    A full disk is one sentence whose hint names `option`, the setting that puts the cache elsewhere."""
+    with atomic_path(path, option=option) as tmp:
         tmp.mkdir()
         (tmp / OWNER).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
         yield tmp

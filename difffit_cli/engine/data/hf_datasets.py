@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
 
 HF_PREFIX = "hf:"
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # NAME (a canonical dataset) or OWNER/NAME
 SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # written by save_to_disk
 IMAGE_COLUMNS = ("image", "img", "picture")
 LABEL_COLUMNS = ("label", "labels", "class", "fine_label")
@@ -107,6 +109,16 @@ class HFRows:
 # -- loading --------------------------------------------------------------------------------------
 
 
+def hub_dataset(spec: str) -> tuple[str, str]:
+    """hf:[OWNER/]NAME[:split] -> (the dataset's hub name, the split or ""); one sentence for a spec that
+    names no dataset (checked with the options, before anything loads)."""
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    if not HUB_DATASET.match(name):
+        raise DiffFitError(f"{spec} does not name a Hugging Face dataset.",
+                           hint="Write hf:OWNER/NAME or hf:OWNER/NAME:split, e.g. hf:cifar10:train.")
+    return name, split
+
+
 def _local_path(spec: str) -> tuple[Path, str | None]:
     """(folder, split) of a local spec: DIR, or DIR:split when DIR exists and DIR:split does not."""
     path = Path(spec).expanduser()
@@ -128,7 +140,7 @@ def _load(spec: str):
 
     try:
         if spec.startswith(HF_PREFIX):
-            name, _, split = spec[len(HF_PREFIX):].partition(":")
+            name, split = hub_dataset(spec)
             _check_disk_space(name)
             return _one_split(datasets.load_dataset(name, split=split or None), spec, split)
         path, split = _local_path(spec)
@@ -202,7 +214,7 @@ def _labels(dataset, column: str | None, name: str) -> tuple[list[int], list[str
     from datasets import ClassLabel
 
     if column is None:  # unlabelled: one class, as a flat folder is
-        return [0] * len(dataset), [Path(name.removeprefix(HF_PREFIX).split(":")[0]).name], set()
+        return [0] * len(dataset), [Path(hub_dataset(name)[0] if name.startswith(HF_PREFIX) else name).name], set()
     values = list(dataset.select_columns([column])[column])
     feature = dataset.features[column]
     missing = {i for i, v in enumerate(values) if v is None or (isinstance(feature, ClassLabel) and v == -1)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,10 +24,12 @@ from PIL import Image, ImageOps
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, has_marker
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
+# The most elongated image the centre crop takes: resized, it holds at most 50 crops' pixels (150 MB at 1024 px).
+MAX_ASPECT_RATIO = 50
 
 
 class BadImage(Exception):
@@ -107,24 +110,79 @@ class ImageFolder:
         return {name: None if values is None else [values[i] for i in indices]
                 for name, values in (("files", self.files), ("labels", self.labels), ("captions", self.captions))}
 
+    def keep_classes(self, names: Sequence[str]) -> ImageFolder:
+        """The items of the classes named in `names`, labelled by their place there (a held-out set takes the
+        training data's classes this way, after some were dropped)."""
+        place = {name: i for i, name in enumerate(names)}
+        new = [place.get(name) for name in self.class_names]
+        keep = [i for i, label in enumerate(self.labels) if new[label] is not None]
+        return replace(self, files=[self.files[i] for i in keep], labels=[new[self.labels[i]] for i in keep],
+                       class_names=list(names))
 
-def image_files(folder: Path, recursive: bool) -> list[Path]:
+
+def without_unreadable_classes(folder: ImageFolder, scanned: ImageFolder, announce: bool = True) -> ImageFolder:
+    """`folder` (`scanned` less its unreadable items) without the classes that lost every item, named on stderr
+    as a class folder without images is: the adapter would have a class it never trained."""
+    left = set(folder.labels)
+    gone = sorted({label for label in scanned.labels if label not in left})
+    if not gone:
+        return folder
+    if announce:
+        say((f"No readable images in {', '.join(folder.class_names[i] for i in gone)}; not used as class(es).",
+             "yellow"))
+    return folder.keep_classes([name for i, name in enumerate(folder.class_names) if i not in gone])
+
+
+def image_files(folder: Path, recursive: bool, skip_outputs: bool = False) -> list[Path]:
     """The image files under `folder` (by extension, any case; hidden files skipped), sorted.
 
-    Folders difffit wrote (runs, samples, merges: they hold its marker) are never read as data, so
-    `difffit fit .` inside a data folder does not train on its own earlier output.
+    Symbolic links are followed, but each real folder is read once and each real file counted once; a
+    link back to a folder above it (`up -> ..`, `self -> .`) is a loop: named on stderr, not followed. So
+    a data folder never yields more images than it holds, nor another class's images, and never hangs.
+    With `skip_outputs` (training data), folders difffit wrote (runs, samples, merges: they hold its
+    marker) are passed over, so `difffit fit .` inside a data folder does not train on its own earlier
+    output; eval-fid reads them (samples are what it scores).
     """
-    found = []
+    top = folder.resolve()
+    seen_folders, seen_files, found = {top}, set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = Path(dirpath)
-        if has_marker(here):
+        if skip_outputs and has_marker(here):
             dirnames.clear()
             continue
-        found += [here / name for name in filenames if Path(name).suffix.lower() in IMAGE_EXTENSIONS
-                  and not name.startswith(".") and (here / name).is_file()]
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
+                continue
+            path = here / name
+            try:
+                st = path.stat()  # through links: the real file
+            except OSError:  # a dangling link
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                found.append(path)
         if not recursive:
             break
+        real_here, kept = here.resolve(), []
+        for name in sorted(dirnames):  # sorted: a folder reached by two paths is always read under the same one
+            if links_back(here / name, real_here, top):
+                continue
+            real = (here / name).resolve()
+            if real not in seen_folders:
+                seen_folders.add(real)
+                kept.append(name)
+        dirnames[:] = kept
     return sorted(found)
+
+
+def links_back(link: Path, *below: Path) -> bool:
+    """Whether the folder `link` leads to a folder above (or equal to) one of the real folders `below`:
+    a symlink loop. It is named on stderr; the caller does not follow it."""
+    target = link.resolve()
+    if not any(real.is_relative_to(target) for real in below):
+        return False
+    say((f"Not following {link}: it links back to {target}, a folder above it (a loop).", "yellow"))
+    return True
 
 
 def is_output_folder(folder: Path) -> bool:
@@ -143,13 +201,13 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
     if not root.is_dir():
         raise DiffFitError(f"The data folder {root} does not exist or is not a folder.")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and not is_output_folder(p))
+                     and not is_output_folder(p) and not links_back(p, root.resolve()))
     files: list[Path] = []
     labels: list[int] = []
     class_names: list[str] = []
     empty = []
     for sub in subdirs:
-        found = image_files(sub, recursive=True)
+        found = image_files(sub, recursive=True, skip_outputs=True)
         if found:
             files += found
             labels += [len(class_names)] * len(found)
@@ -157,10 +215,9 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
         else:
             empty.append(sub.name)
     if class_names and empty:
-        stderr_console.print(f"[yellow]No images in {', '.join(empty)}; not used as class(es).[/yellow]",
-                             highlight=False)
+        say((f"No images in {', '.join(empty)}; not used as class(es).", "yellow"))
     if not class_names:  # flat folder: one class named after the folder
-        files = image_files(root, recursive=False)
+        files = image_files(root, recursive=False, skip_outputs=True)
         labels = [0] * len(files)
         class_names = [root.resolve().name]
     if not files:
@@ -225,7 +282,15 @@ def load_image(path: Path | io.BytesIO) -> Image.Image:
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: halve with a box filter while the short side is >= 2*size, resize the short
-    side to `size` (bicubic), then cut the central size x size square. Returns (size, size, 3) uint8."""
+    side to `size` (bicubic), then cut the central size x size square. Returns (size, size, 3) uint8.
+
+    Scaling the short side up multiplies the long one too: a 60000 x 1 px strip (a 259-byte PNG) would
+    become 15 million x 256 px, 12 GB. An image more elongated than MAX_ASPECT_RATIO is a BadImage
+    (skipped with its reason); its crop would be a sliver of it anyway.
+    """
+    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+        raise BadImage(f"{image.width} x {image.height} px is more elongated than {MAX_ASPECT_RATIO}:1, too thin "
+                       "for a centre crop")
     while min(image.size) >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = size / min(image.size)
@@ -284,6 +349,6 @@ def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
 
 def report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
     for path, reason in skipped:
-        stderr_console.print(f"skipped {path}: {reason}", highlight=False, markup=False)
+        say(f"skipped {path}: {reason}")
     if skipped:
-        stderr_console.print(f"[yellow]Skipped {len(skipped)} of {total} image files (named above).[/yellow]")
+        say((f"Skipped {len(skipped)} of {total} image files (named above).", "yellow"))

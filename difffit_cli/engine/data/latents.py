@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
 from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
+from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 CACHE_FORMAT = 2  # 2: meta.json records a checksum of latents.npy
 
@@ -87,10 +91,9 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
     if path.exists():
         opened, problem = _open_checked(path)
         if opened is None:
-            stderr_console.print(f"[yellow]The latent cache {path} is damaged ({problem}); rebuilding it.[/yellow]",
-                                 highlight=False)
+            say((f"The latent cache {path} is damaged ({problem}); rebuilding it.", "yellow"))
     if opened is None:
-        with cache_build(path) as tmp:
+        with cache_build(path, option="--cache-dir") as tmp:
             _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)
         opened, problem = _open_checked(path)
         if opened is None:  # only a concurrent writer or a failing disk gets here
@@ -127,33 +130,53 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
                  num_workers: int, progress: bool) -> None:
     latent = resolution // vae.factor
     shape = (len(folder.files), 2, 2, vae.latent_channels, latent, latent)
-    rows = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
     bad: dict[str, str] = {}
     start = 0
-    with track(len(folder.files), "Encoding latents", progress) as advance:
+    with _rows_file(tmp / "latents.npy", shape) as rows_file, \
+            track(len(folder.files), "Encoding latents", progress) as advance:
         for batch in image_batches(folder, resolution, batch_size, num_workers):
             for i, (_, reason) in enumerate(batch):
                 if reason is not None:
                     bad[folder.key(folder.files[start + i])] = reason
-            good = [start + i for i, (img, _) in enumerate(batch) if img is not None]
+            rows = np.zeros((len(batch), *shape[1:]), dtype=np.float16)  # an unreadable image's row stays 0
+            good = [i for i, (img, _) in enumerate(batch) if img is not None]
             if good:
-                images = torch.stack([batch[i - start][0] for i in good]).to(device)
+                images = torch.stack([batch[i][0] for i in good]).to(device)
                 # (2N, 2, C, h, w) -> (N, flip, mean|std, C, h, w)
                 out = encode_distribution(vae, torch.cat([images, images.flip(-1)])).unflatten(0, (2, len(good)))
                 out = out.transpose(0, 1).to("cpu", torch.float16)
                 finite = torch.isfinite(out).flatten(1).all(1)
                 for i, ok in zip(good, finite.tolist(), strict=True):
                     if not ok:
-                        bad[folder.key(folder.files[i])] = "the VAE encodes it to NaN or inf"
+                        bad[folder.key(folder.files[start + i])] = "the VAE encodes it to NaN or inf"
                 rows[good] = out.numpy()
+            rows_file.write(rows.tobytes())
             start += len(batch)
             advance(len(batch))
-    rows.flush()
-    del rows
     meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
             "files": [folder.key(item) for item in folder.files], "bad": bad,
             "checksum": file_checksum(tmp / "latents.npy")}
     (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def _rows_file(path: Path, shape: tuple[int, ...]) -> BinaryIO:
+    """latents.npy (fp16 rows of `shape`), open to write its rows in order after the header.
+
+    Written through the file, not a memory map (np.lib.format.open_memmap): on a full disk a write to a
+    map is a Bus error that kills the process with nothing said and its temporary folder left, where a
+    file write is an OSError (ENOSPC) that atomic_path turns into one sentence, removing the folder. The
+    free space is checked first, so a disk too small fails before any image is encoded.
+    """
+    needed = math.prod(shape) * np.dtype(np.float16).itemsize
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise DiffFitError(f"The latent cache needs {needed / 1e9:.2f} GB and the disk of {path.parent.parent} has "
+                           f"{free / 1e9:.2f} GB free.", hint="Free some space, or put the cache elsewhere with "
+                           "--cache-dir (or --no-cache-latents).")
+    rows_file = open(path, "wb")  # noqa: SIM115 - the caller closes it
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(rows_file, header)
+    return rows_file
 
 
 def draw_latents(distribution: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.markup import escape
 
 from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
 from difffit_cli.engine.data.latents import cache_root
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.progress import stderr_console, track
+from difffit_cli.engine.progress import say, track
 
 TEXT_FORMAT = 1
 SHARD_NAME = re.compile(r"[0-9a-f]{32}")
@@ -293,6 +292,5 @@ def _open_shard(path: Path, key: str) -> tuple[Shard | None, str]:
 def _discard(shards: list[Shard], state: str, why: str) -> None:
     """Name each shard on stderr and remove it (a folder this cache wrote: its name matches SHARD_NAME)."""
     for shard in shards:
-        stderr_console.print(f"[yellow]The text-embedding cache {escape(str(shard.path))} is {state} "
-                             f"({escape(why)}); encoding its captions again.[/yellow]", highlight=False)
+        say((f"The text-embedding cache {shard.path} is {state} ({why}); encoding its captions again.", "yellow"))
         shutil.rmtree(shard.path, ignore_errors=True)

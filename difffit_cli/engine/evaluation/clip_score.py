@@ -21,7 +21,7 @@ from PIL import Image
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
-from difffit_cli.engine.progress import library_bars_off, stderr_console, track
+from difffit_cli.engine.progress import library_bars_off, say, track
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-image papers score with
 
@@ -65,8 +65,8 @@ def score_pairs(pairs: Iterable[tuple[ImageLike, str]], count: int, *, model: st
     if not scored:
         raise DiffFitError("There are no images to compute a CLIP score of.")
     if cut:
-        stderr_console.print(f"[yellow]{cut} of {scored} prompts are longer than the CLIP model's {max_tokens} "
-                             f"tokens; they were scored on their first {max_tokens}.[/yellow]", highlight=False)
+        say((f"{cut} of {scored} prompts are longer than the CLIP model's {max_tokens} tokens; they were scored "
+             f"on their first {max_tokens}.", "yellow"))
     return total / scored
 
 

@@ -1,6 +1,7 @@
 """Image sets for eval-fid: a count and uint8 batches, and a content digest where one is cheap.
 
-A folder of images (searched recursively, any sizes: each image is resized on its own), `arr_0` of
+A folder of images (searched recursively, any sizes: each image is resized on its own; `difffit sample`
+folders count, without their grid.png), `arr_0` of
 an `.npz` (N x H x W x 3 uint8, the ADM/DiT sample format, streamed out of the zip), or samples of
 an adapter or base made in memory and never written. A folder written by `difffit sample` is read
 as its manifest lists it (its samples, not its grid); the prompts it records, if any, are `prompts`.
@@ -25,7 +26,7 @@ from difffit_cli.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_fil
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.evaluation.inception import file_digest
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
-from difffit_cli.engine.evaluation.sample_folder import read_manifest, sample_images, sample_prompts
+from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest, sample_images, sample_prompts
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.methods.sources import load_source
 from difffit_cli.engine.models.families import family_of
@@ -42,9 +43,8 @@ class FolderImages:
 
     def __init__(self, root: Path, limit: int | None = None):
         self.root, self.name = root, str(root)
-        samples = sample_images(root)
-        # A sample folder carries difffit's marker, which image_files skips: its manifest says what it holds.
-        self.files = samples if samples is not None else image_files(root, recursive=True)
+        samples = sample_images(root)  # a `difffit sample` folder: exactly its samples, in order
+        self.files = samples if samples is not None else without_sample_grids(image_files(root, recursive=True))
         if not self.files:
             raise DiffFitError(
                 f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
@@ -97,7 +97,8 @@ class NpzImages:
         self.count = len(_take(range(shape[0]), limit, str(path)))
         self.skipped: list[tuple[Path, str]] = []
         # The npz a sample run wrote (--npz) holds its samples in order, so the run's prompts apply.
-        prompts = _aligned_prompts(path.parent, shape[0]) if path.name in (read_manifest(path.parent) or ()) else None
+        manifest = read_manifest(path.parent)
+        prompts = _aligned_prompts(path.parent, shape[0]) if manifest and path.name in manifest[0] else None
         self.prompts = None if prompts is None else prompts[: self.count]
 
     def digest(self) -> str:
@@ -152,6 +153,17 @@ class ModelSamples:
         for _, images in generate_batches(self.base, range(self.count), sampling, classes=self.classes,
                                           device=self.device, progress=self.progress):
             yield images.numpy()
+
+
+def without_sample_grids(files: list[Path]) -> list[Path]:
+    """`files` of a folder holding `difffit sample` folders: their samples are read (scoring samples is what
+    they are for), but not their grid.png, a picture of the others; an unfinished run is refused."""
+    manifests = {folder: read_manifest(folder) for folder in {f.parent for f in files}}
+    for folder, manifest in sorted(manifests.items()):
+        if manifest is not None and not manifest[1]:
+            raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
+                               hint="Let it finish, or sample again with --overwrite.")
+    return [f for f in files if not (f.name == GRID and manifests[f.parent] and GRID in manifests[f.parent][0])]
 
 
 def _aligned_prompts(folder: Path, count: int) -> list[str] | None:

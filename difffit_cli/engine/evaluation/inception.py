@@ -18,6 +18,8 @@ import torch
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import downloads_disabled, network_reachable
+from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.models.formats import read_torch
 from difffit_cli.engine.progress import track
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -27,6 +29,9 @@ INCEPTION_URL = (
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # pytorch-fid's copy of the same converted weights (same hash suffix); accepted if it is what's cached.
 INCEPTION_ALIASES = (INCEPTION_FILE, "pt_inception-2015-12-05-6726825d.pth")
+# `--inception-weights random`: the same network, randomly initialised (seed 0) and cached. It runs offline, so
+# tests and demos can exercise FID end to end; its numbers show that the pipeline runs, not image quality.
+RANDOM_WEIGHTS = "random"
 
 
 def inception_cache_path() -> Path:
@@ -35,11 +40,15 @@ def inception_cache_path() -> Path:
 
 
 def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The FID Inception weights file: `path`, else the torch hub cache, else a download if allowed.
+    """The FID Inception weights file: `path` (or `random`, see RANDOM_WEIGHTS), else the torch hub cache,
+    else a download if allowed.
 
     Checked before torch-fidelity is asked for anything, so offline machines fail fast with the
     file name and place instead of hanging in a download.
     """
+    if path == RANDOM_WEIGHTS:
+        cached = user_cache_dir() / "inception" / "random-seed0.pth"
+        return cached if cached.is_file() else random_inception_weights(cached)
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
@@ -67,6 +76,32 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialised FID Inception state dict in torch-fidelity's format, written to `path`.
+
+    Convolutions get He init so activations keep their scale through 90-odd layers (the default
+    init shrinks them to ~1e-8, which would make every distance vanish). The global RNG is left as it was.
+    """
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    cls = tf_inception.FeatureExtractorInceptionV3
+    # The constructor always loads weights; let it build the layers and skip the loading.
+    with torch.random.fork_rng(devices=[]), \
+            mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None):
+        torch.manual_seed(seed)
+        net = cls(FEATURE_EXTRACTOR, ["2048"])
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(net.state_dict(), tmp)
+    return path
+
+
 def file_digest(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,10 +116,9 @@ class InceptionFeatures:
     def __init__(self, weights: Path, device: torch.device, features: tuple[str, ...] = ("2048",)):
         from torch_fidelity.utils import create_feature_extractor
 
-        try:  # torch-fidelity unpickles the file; load it safely first so only tensors ever get there
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DiffFitError(f"{weights} is not a readable PyTorch weights file ({exc}).") from None
+        # torch-fidelity unpickles the file; read it safely first (difffit's one reader of .pt files, with its
+        # one-sentence errors) so that only tensors ever get there.
+        read_torch(weights)
         try:  # cuda=False: we move it ourselves (torch-fidelity's default would be CUDA)
             net = create_feature_extractor(
                 FEATURE_EXTRACTOR, list(features), cuda=False, feature_extractor_weights_path=str(weights),

@@ -33,7 +33,7 @@ from difffit_cli.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_fo
 from difffit_cli.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit_cli.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.io import atomic_path, user_cache_dir
+from difffit_cli.engine.io import atomic_path, check_output, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")
 STATS_FORMAT = 1
@@ -73,14 +73,15 @@ class Statistics:
         )
 
 
-def save_statistics(path: str | os.PathLike, stats: Statistics) -> Path:
-    """An .npz with `mu`, `sigma` (ADM's names) and, when kept, `features`; usable as a REFERENCE."""
+def save_statistics(path: str | os.PathLike, stats: Statistics, option: str = "--save-stats") -> Path:
+    """An .npz with `mu`, `sigma` (ADM's names) and, when kept, `features`; usable as a REFERENCE.
+    `option`: what puts it elsewhere (named when the disk is full)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "count": np.array(stats.count),
               "difffit_stats": np.array(json.dumps({"format": STATS_FORMAT, "extractor": stats.extractor}))}
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+    with atomic_path(path, option=option) as tmp, open(tmp, "wb") as f:  # a file: np.savez would add ".npz"
         np.savez(f, **arrays)
     return path
 
@@ -172,7 +173,7 @@ def reference_statistics(images, extractor: LazyExtractor, *, keep_features: boo
     stats = Statistics.from_features(features, extractor.identity, keep_features, images.skipped)
     if not images.skipped:  # a decode failure might be transient; don't make it permanent
         save_statistics(cached, Statistics(stats.mu, stats.sigma, stats.count, stats.features,
-                                           extractor=stats.extractor))
+                                           extractor=stats.extractor), option="DIFFFIT_CACHE")
     return stats, "extracted"
 
 
@@ -216,7 +217,8 @@ def frechet_distance(gen: Statistics, ref: Statistics, device: torch.device | st
             factor = v * w.clamp(min=0).sqrt()
     tr_covmean = torch.linalg.eigvalsh(factor.T @ s2 @ factor).clamp(min=0).sqrt().sum().item()
     diff = gen.mu - ref.mu
-    return float(diff @ diff + np.trace(gen.sigma) + np.trace(ref.sigma) - 2 * tr_covmean)
+    # A distance is never negative; round-off takes two nearly equal sides (a folder against itself) to -1e-7.
+    return max(0.0, float(diff @ diff + np.trace(gen.sigma) + np.trace(ref.sigma) - 2 * tr_covmean))
 
 
 def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, *, kid_subsets: int = 100,
@@ -272,15 +274,21 @@ def evaluate(
     force_base: bool = False,
     clip_model: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Evaluation:
     """Compare GENERATED with REFERENCE (see the module docstring for what each may be).
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
     generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
     `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
-    say how its samples are made. The `clip` metric scores GENERATED against the prompts its sample
-    folder records, with `clip_model` (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
+    say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
+    existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
+    The `clip` metric scores GENERATED against the prompts its sample folder records, with `clip_model`
+    (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
+    if save_stats is not None:
+        inputs = [generated, reference, *(spec for spec in (base, vae, inception_weights) if spec)]
+        save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
     metrics = parse_metrics(metrics)
     inception = tuple(m for m in metrics if m != "clip")
     require_at_least("--batch-size", batch_size, 1)
@@ -292,6 +300,8 @@ def evaluate(
         raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
                            "none was given.",
                            hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
+    if save_stats is not None and not inception:
+        raise DiffFitError("--save-stats saves the REFERENCE's Inception statistics; --metrics clip computes none.")
     if reference is not None and not inception:
         raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
                            hint="Leave the REFERENCE out, or add fid to --metrics.")
@@ -308,9 +318,9 @@ def evaluate(
                                "prompts.", hint="Score a folder written by `difffit sample --prompt ...`: its "
                                "sample.json lists them.")
         clip_model = clip_folder(clip_model or DEFAULT_CLIP_MODEL)  # a missing model fails now, not after FID
-    values, num_reference, ref_source, skipped = {}, 0, "none", []
+    values, ref, ref_source, skipped = {}, None, "none", []
     if inception:
-        values, num_reference, ref_source, skipped = _inception_metrics(
+        values, ref, ref_source, skipped = _inception_metrics(
             inception, gen_input, ref_input, inception_weights=inception_weights, batch_size=batch_size,
             device=torch_device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
             progress=progress)
@@ -321,13 +331,15 @@ def evaluate(
         values["clip_score"] = score_pairs(pairs, gen_input.count, model=str(clip_model), device=torch_device,
                                            batch_size=batch_size, progress=progress)
         skipped = skipped or list(gen_input.skipped)
-    return Evaluation(values, gen_input.count - len(gen_input.skipped), num_reference, ref_source, skipped)
+    if save_stats is not None:  # only once every metric is computed: a failed run writes nothing
+        save_statistics(save_stats, ref)
+    return Evaluation(values, gen_input.count - len(gen_input.skipped), ref.count if ref else 0, ref_source, skipped)
 
 
 def _inception_metrics(metrics: tuple[str, ...], gen_input, ref_input, *, inception_weights: str | None,
                        batch_size: int, device: torch.device, save_stats, kid_subsets: int, kid_subset_size: int,
-                       progress: bool) -> tuple[dict[str, float], int, str, list]:
-    """(values, reference count, reference source, skipped images) of FID, KID, IS and precision/recall."""
+                       progress: bool) -> tuple[dict[str, float], Statistics, str, list]:
+    """(values, reference statistics, reference source, skipped images) of FID, KID, IS and precision/recall."""
     needs_features = "kid" in metrics or "prc" in metrics
     layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
     check_counts(metrics, gen_input.count, ref_input.count or gen_input.count, kid_subset_size)
@@ -348,11 +360,9 @@ def _inception_metrics(metrics: tuple[str, ...], gen_input, ref_input, *, incept
         features = extract_features(gen_input, extractor.get(), batch_size=batch_size,
                                     description="Inception features (generated)", progress=progress)
         gen = Statistics.from_features(features, extractor.identity, needs_features, gen_input.skipped)
-    if save_stats is not None:
-        save_statistics(save_stats, ref)
     values = compute_metrics(metrics, gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                              device=device)
-    return values, ref.count, ref_source, gen.skipped + ref.skipped
+    return values, ref, ref_source, gen.skipped + ref.skipped
 
 
 def _chunks(items: list, size: int):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from difffit_cli.engine.data.text_cache import TextEmbeddings, text_embeddings
@@ -92,7 +93,9 @@ class SamplingOptions:
         known = list(dict.fromkeys(name for family in FAMILIES.values() for name in family.schedulers))
         if self.scheduler is not None and self.scheduler not in known:
             raise DiffFitError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(known)}.")
-        if self.steps is not None and not 1 <= self.steps <= 1000:
+        if self.scheduler in SCHEDULERS:  # DiT's names (text families take them too): their step rules
+            checked_steps(self.scheduler, self.steps)
+        elif self.steps is not None and not 1 <= self.steps <= 1000:
             raise DiffFitError(f"--steps must be between 1 and 1000 (got {self.steps}).")
         for name in ("width", "height"):
             if getattr(self, name) is not None:
@@ -197,6 +200,21 @@ def sample_denoised(
         noise = draw_noise(generators, shape, device) if sampler.stochastic and k < last else None
         x = sampler.step(k, output, x, noise)
     return x
+
+
+def check_finite(images: torch.Tensor | np.ndarray, batch: list[int], options: SamplingOptions) -> None:
+    """Refuse NaN or inf pixels, which the conversion to bytes would turn into black images."""
+    if not bool(np.isfinite(images).all() if isinstance(images, np.ndarray) else torch.isfinite(images).all()):
+        raise DiffFitError(
+            f"Sampling produced NaN or inf values (images {batch[0]}-{batch[-1]}); they would be black images, "
+            "so nothing more is written or scored.",
+            hint=f"Lower --cfg-scale (now {options.cfg_scale:g}), or use --mixed-precision no; an adapter whose "
+                 "training diverged samples this way too.")
+
+
+def to_bytes(images: np.ndarray) -> np.ndarray:
+    """A pipeline's float images in [0, 1] (N, H, W, 3) -> uint8, as diffusers' numpy_to_pil converts them."""
+    return (images * 255).round().astype(np.uint8)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -339,7 +357,9 @@ def _class_batches(base: Base, indices: list[int], options: SamplingOptions, cla
                                   cfg_channels=options.guided_channels, scheduler=sampler, autocast_dtype=mixed)[:real]
         with torch.inference_mode(), torch.autocast(device.type, dtype=mixed or torch.float32,
                                                     enabled=mixed is not None):
-            return to_uint8(vae.decode(latents))
+            decoded = vae.decode(latents)
+        check_finite(decoded, batch, options)
+        return to_uint8(decoded)
 
     return images
 
@@ -364,7 +384,8 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
         text = {name: torch.cat([row[name] for row in rows]) for name in negative}
         unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
         out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
-        return torch.from_numpy(out)
+        check_finite(out, batch, options)
+        return torch.from_numpy(to_bytes(out))
 
     return images
 

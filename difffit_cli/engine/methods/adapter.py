@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,12 +25,14 @@ from torch import nn
 
 from difffit_cli import __version__
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub import error_summary
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.methods.baselines import MethodSettings, add_method_modules
 from difffit_cli.engine.methods.trainable import CLASS_TABLE, prepare_model, trainable_parameters
 from difffit_cli.engine.models.dit import DiTConfig
 from difffit_cli.engine.models.families import family_named, family_of
 from difffit_cli.engine.models.family import Family, added_reference
+from difffit_cli.engine.models.formats import damaged_file, read_safetensors_header
 
 if TYPE_CHECKING:
     from difffit_cli.engine.models.bases import Base
@@ -62,6 +64,7 @@ class AdapterMeta:
     storage: str = "delta"  # "delta" (fp16 default) or "values" (fp32); set by save_adapter
     dtype: str = "fp16"
     family: str = "dit"  # the model family (engine/models/families); files from before families are DiT's
+    checksum: str | None = None  # of the stored tensors (tensors_checksum), set by save_adapter; older files: None
     difffit_version: str = __version__
     format: str = FORMAT
     version: int = VERSION
@@ -165,6 +168,7 @@ def save_adapter(path, model: nn.Module, base_state: dict[str, torch.Tensor], me
         if not torch.isfinite(stored).all():
             raise DiffFitError(f"Tensor {name} does not fit in {dtype} (overflow or NaN); save with fp32.")
         tensors[name] = stored
+    meta = dataclasses.replace(meta, checksum=tensors_checksum(tensors))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta.to_dict())})
 
@@ -185,25 +189,15 @@ def _reference(name: str, base_state: dict[str, torch.Tensor], shape: torch.Size
 # ---------------------------------------------------------------------------------------------
 
 
-def _header_metadata(path: Path) -> dict | None:
-    """The safetensors header's __metadata__, read without the tensors (survives a truncated body)."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                return None
-            return json.loads(f.read(size)).get("__metadata__") or {}
-    except (OSError, struct.error, ValueError, UnicodeDecodeError, AttributeError):
-        return None
-
-
 def is_adapter_file(path) -> bool:
     """True for a file whose safetensors header says it is a difffit adapter (any version)."""
     path = Path(path)
     if not path.is_file():
         return False
-    header = _header_metadata(path)
-    return bool(header) and METADATA_KEY in header
+    try:
+        return METADATA_KEY in read_safetensors_header(path)[1]
+    except DiffFitError:
+        return False
 
 
 def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
@@ -218,8 +212,8 @@ def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, tor
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError:
-        raise DiffFitError(f"{path} is damaged (truncated or corrupt); copy or re-train it.") from None
+    except SafetensorError as exc:
+        raise damaged_file(path, error_summary(exc)) from None
     expected = expected_shapes(meta)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -234,10 +228,24 @@ def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, tor
     if bad := [n for n in expected if tensors[n].shape != expected[n]]:
         raise DiffFitError(f"{path}: tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
                            f"expected {tuple(expected[bad[0]])}.")
+    if meta.checksum is not None and meta.checksum != tensors_checksum(tensors):
+        raise DiffFitError(f"{path} is corrupt: its tensors do not match the checksum its metadata records.",
+                           hint="Copy it again from where it came from, or re-train it.")
     if not allow_non_finite and (broken := non_finite_tensors(tensors)):
         raise DiffFitError(f"{path} holds NaN or inf values (in {', '.join(broken[:3])}); it cannot be used.",
                            hint="Re-train it, or use an earlier checkpoint's adapter.")
     return tensors, meta
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of every tensor's name, dtype, shape and bytes, in name order: bytes changed anywhere in the
+    file's tensor data are caught on read (zlib's CRC-32 runs at about 2 GB/s: benchmarks/adapter_checksum.py)."""
+    crc = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f"{name}:{tensor.dtype}:{tuple(tensors[name].shape)};".encode(), crc)
+        crc = zlib.crc32(tensor.view(torch.uint8).numpy(), crc)
+    return f"crc32:{crc:08x}"
 
 
 def refuse_run_folder(path: str | Path) -> None:
@@ -259,14 +267,10 @@ def read_adapter_meta(path) -> AdapterMeta:
     refuse_run_folder(path)
     if not path.is_file():
         raise DiffFitError(f"Adapter file {path} does not exist.")
-    return _parse_meta(path, _header_metadata(path))
+    return _parse_meta(path, read_safetensors_header(path)[1])
 
 
-def _parse_meta(path: Path, header: dict | None) -> AdapterMeta:
-    if header is None:
-        raise DiffFitError(
-            f"{path} is not a safetensors file; pass an adapter.safetensors written by difffit fit."
-        )
+def _parse_meta(path: Path, header: dict) -> AdapterMeta:
     try:
         raw = json.loads(header[METADATA_KEY])
     except (KeyError, ValueError):
@@ -310,6 +314,7 @@ class AdapterSwapper:
 
     def __init__(self, base: Base):
         self.model: nn.Module = base.model
+        self.spec = base.spec
         self._saved: list[tuple[nn.Module, str, object]] = []
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
@@ -321,14 +326,11 @@ class AdapterSwapper:
     def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
         self.restore()
         model = self.model
-        family = family_of(model)
-        if family.name != meta.family:
-            raise DiffFitError(f"The adapter was trained on a {meta.model_family.title} base, and this base is a "
-                               f"{family.title} model.", hint=f"Use the adapter with its base, {meta.base_spec}.")
+        check_base_architecture(meta, model, self.spec)
         like = next(model.parameters())
         try:
             # The base takes the adapted model's shape (DiT: resolution, class table; PixArt: gamma modules).
-            family.shape_for_adapter(model, meta, self._set)
+            family_of(model).shape_for_adapter(model, meta, self._set)
             # peft marks the base's parameters frozen when it injects LoRA: remember the flags too.
             self._flags = [(p, p.requires_grad) for p in model.parameters()]
             with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten below
@@ -349,6 +351,19 @@ class AdapterSwapper:
         for param, flag in self._flags:
             param.requires_grad_(flag)
         self._saved, self._flags = [], []
+
+
+def check_base_architecture(meta: AdapterMeta, model: nn.Module, spec: str) -> None:
+    """Refuse a base of another family, or one whose shapes the adapter's tensors do not fit, naming both."""
+    family = family_of(model)
+    if family.name != meta.family:
+        raise DiffFitError(f"The adapter was trained on a {meta.model_family.title} base ({meta.base_spec}), and "
+                           f"{spec} is a {family.title} model.",
+                           hint=f"Use the adapter with its base, {meta.base_spec}.")
+    if not family.fits_adapter(model, meta):
+        raise DiffFitError(f"The adapter needs a {family.architecture(meta.base_config)} base (it was trained on "
+                           f"{meta.base_spec}), but {spec} is a {family.architecture(family.config_of(model))}: the "
+                           "adapter's base differs.", hint=f"Pass --base {meta.base_spec}, or a copy of it.")
 
 
 def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta: AdapterMeta) -> torch.Tensor:

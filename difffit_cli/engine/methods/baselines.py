@@ -15,6 +15,7 @@ Defaults and where they come from (README "Methods" has the whole list):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods.lora_targets import check_any_family, parse_lora_targets, split_targets
 from difffit_cli.engine.models.dit import Bottleneck, DiT
-from difffit_cli.engine.models.families import FAMILIES, family_of
+from difffit_cli.engine.models.families import family_of
 from difffit_cli.engine.models.families.dit import DIT
 from difffit_cli.engine.models.family import Family, Setter
 
@@ -54,7 +56,7 @@ class MethodSettings:
             return {"gamma_placement": self.gamma_placement}
         if method == "lora":
             return {"rank": self.rank, "lora_alpha": self.alpha,
-                    "lora_targets": list(parse_lora_targets(self.lora_targets, family))}
+                    "lora_targets": list(parse_lora_targets(self.lora_targets, family.lora))}
         if method in ADAPTER_PLACEMENTS:
             return {"adapter_dim": self.adapter_dim, "adapter_scale": ADAPTER_SCALE}
         if method == "vpt-deep":
@@ -66,7 +68,7 @@ class MethodSettings:
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in (values or {}).items() if k in known}
         if kept.get("lora_targets") is not None:
-            kept["lora_targets"] = _split(kept["lora_targets"])
+            kept["lora_targets"] = split_targets(kept["lora_targets"])
         return cls(**kept)
 
     def validate(self, family: Family | None = None) -> MethodSettings:
@@ -78,34 +80,37 @@ class MethodSettings:
                 raise DiffFitError(f"--{name.replace('_', '-')} must be 1 or more (got {getattr(self, name)}).")
         if self.prompt_tokens < 0:
             raise DiffFitError(f"--prompt-tokens must be 0 or more (got {self.prompt_tokens}).")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise DiffFitError(f"--lora-alpha must be positive (got {self.lora_alpha}).")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise DiffFitError(f"--lora-alpha must be a positive number (got {self.lora_alpha}).")
         if family is not None:
-            parse_lora_targets(self.lora_targets, family)
-        elif self.lora_targets is not None:
-            known = {name for f in FAMILIES.values() for name in (*f.lora_targets(), *f.lora_groups())}
-            if bad := [n for n in self.lora_targets if n not in known]:
-                raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {', '.join(sorted(known))}.")
+            parse_lora_targets(self.lora_targets, family.lora)
+        else:
+            check_any_family(self.lora_targets)
         return self
 
-
-def _split(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip())
-
-
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None, family: Family = DIT) -> tuple[str, ...]:
-    """`family`'s target names (DiT: 'qkv,proj' by default, or any of qkv, proj, fc1, fc2, adaLN; 'attn' and
-    'mlp' name two each); None: the family's default."""
-    if spec is None:
-        return family.default_lora_targets()
-    table, groups = family.lora_targets(), family.lora_groups()
-    names = [name for part in _split(spec) for name in groups.get(part, [part])]
-    if bad := [n for n in names if n not in table]:
-        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r} for {family.title}; use "
-                           f"{', '.join(table)}{', ' + ' or '.join(groups) if groups else ''}.")
-    if not names:
-        raise DiffFitError(f"--lora-targets is empty; name at least one of {', '.join(table)}.")
-    return tuple(dict.fromkeys(names))
+    def check_fits(self, method: str, model: nn.Module) -> None:
+        """Refuse sizes the model cannot use, before the method's modules are allocated (a rank of 100,000
+        would take gigabytes and train nothing a full-rank update does not). `model` may be on the meta device."""
+        family = family_of(model)
+        name = family.architecture(family.config_of(model))
+        if method == "lora":
+            block = getattr(model, family.blocks)[0]
+            layers = {target: block.get_submodule(path)
+                      for target in parse_lora_targets(self.lora_targets, family.lora)
+                      for path in family.lora.targets[target]}
+            target, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+            limit = min(layer.in_features, layer.out_features)
+            if self.rank > limit:
+                raise DiffFitError(f"--rank {self.rank} is above {limit}, the smaller dimension of the {target} "
+                                   f"layers of {name}; a LoRA rank can be at most that.")
+        # The adapters and prompts are DiT's methods (check_method refuses them on other families).
+        if method in ADAPTER_PLACEMENTS and self.adapter_dim > model.config.hidden_size:
+            raise DiffFitError(f"--adapter-dim {self.adapter_dim} is above the width of {name} "
+                               f"({model.config.hidden_size}); a bottleneck adapter can be at most as wide as the "
+                               "layer it adapts.")
+        if method == "vpt-deep" and self.prompt_tokens > (tokens := model.pos_embed.shape[1]):  # image tokens
+            raise DiffFitError(f"--prompt-tokens {self.prompt_tokens} is above the {tokens} image tokens of {name} "
+                               f"at latent size {model.config.input_size}; use at most {tokens}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,16 +123,16 @@ def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = No
     states none), no bias training (the biases stay the base's), targets by a regex over block modules."""
     from peft import LoraConfig
 
-    table = family.lora_targets()
-    paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family) for path in table[t])
+    paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family.lora)
+                     for path in family.lora.targets[t])
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
                       init_lora_weights=True, target_modules=rf"{family.blocks}\.\d+\.({paths})",
                       modules_to_save=modules_to_save)
 
 
 def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[str]:
-    table = family.lora_targets()
-    return [f"{family.blocks}.{i}.{path}" for i in range(family.depth(model)) for t in targets for path in table[t]]
+    return [f"{family.blocks}.{i}.{path}" for i in range(family.depth(model)) for t in targets
+            for path in family.lora.targets[t]]
 
 
 def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setattr) -> None:
@@ -135,7 +140,7 @@ def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setatt
     from peft import inject_adapter_in_model
 
     family = family_of(model)
-    targets = parse_lora_targets(settings.lora_targets, family)
+    targets = parse_lora_targets(settings.lora_targets, family.lora)
     for name in lora_target_names(model, targets, family):
         parent, leaf = name.rsplit(".", 1)
         owner = model.get_submodule(parent)

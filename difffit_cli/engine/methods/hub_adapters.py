@@ -13,18 +13,16 @@ from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import (
-    HUB_ID,
     OFFLINE,
     downloads_disabled,
     error_summary,
     hub_cache_dir,
+    hub_ref,
     network_errors,
-    split_hub_id,
 )
 from difffit_cli.engine.methods.adapter import is_adapter_file
 from difffit_cli.engine.models.bases import ALIASES
 
-PREFIX = "hf://"
 ADAPTER_FILE = "adapter.safetensors"
 BASE_FILES = ("model_index.json", "config.json", "transformer/config.json")
 
@@ -33,41 +31,37 @@ def resolve_adapter_source(spec: str) -> str | None:
     """The local path of the adapter that `spec` names on the Hub, or None when `spec` is no adapter
     repo (a local path, an alias, a base repo, a repo that cannot be listed), for the caller to
     read as a base. `hf://` says the user means an adapter, so failures there are DiffFitErrors."""
-    explicit = spec.startswith(PREFIX)
-    body = spec[len(PREFIX):] if explicit else spec
-    if not explicit and (spec in ALIASES or Path(spec).expanduser().exists()):
+    ref = None if spec in ALIASES else hub_ref(spec)  # "DiT-XL/2-256" looks like OWNER/NAME
+    if ref is None:
         return None
-    if not HUB_ID.match(body):
-        if explicit:
-            raise DiffFitError(f"{spec} is not a hub adapter address; write hf://OWNER/NAME or hf://OWNER/NAME/FILE.")
-        return None
-    repo_id, filename = split_hub_id(body)
-    if filename:
-        if not explicit and not filename.endswith(".safetensors"):
-            return None  # "owner/name/vae" and the like are base or VAE subfolders
-        return _download(repo_id, filename, spec)
-    files = _repo_files(repo_id)
+    if ref.filename:
+        return _download(ref.repo_id, ref.filename, spec)
+    files, why = _repo_files(ref.repo_id)
     if files is None or any(name in files for name in BASE_FILES):
-        if explicit:
-            why = "is a base model repo, not a difffit adapter" if files else _unavailable(repo_id)
-            raise DiffFitError(f"{spec} {why}.", hint=f"Pass a base as {repo_id}, an adapter repo as hf://OWNER/NAME.")
-        return None
+        if not ref.explicit:
+            return None
+        if files is None:
+            raise DiffFitError(f"{spec}: the hub repo {ref.repo_id} {why}.",
+                               hint=f"Check the name, or run `hf download {ref.repo_id}` where there is network "
+                                    "(with the same HF_HOME).")
+        raise DiffFitError(f"{spec} is a base model repo, not a difffit adapter.",
+                           hint=f"To use it as a base, pass {ref.repo_id} without hf://.")
     candidates = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
     if ADAPTER_FILE in candidates:
-        return _download(repo_id, ADAPTER_FILE, spec)
-    if not explicit:
+        return _download(ref.repo_id, ADAPTER_FILE, spec)
+    if not ref.explicit:
         return None  # a bare OWNER/NAME is an adapter repo only by push's file name (no guessing downloads)
     if len(candidates) != 1:
         found = ", ".join(candidates) or "no .safetensors file"
-        raise DiffFitError(f"The hub repo {repo_id} holds {found}, not one {ADAPTER_FILE}.",
-                           hint=f"Name the file: hf://{repo_id}/FILE.safetensors.")
-    return _download(repo_id, candidates[0], spec)
+        raise DiffFitError(f"The hub repo {ref.repo_id} holds {found}, not one {ADAPTER_FILE}.",
+                           hint=f"Name the file: hf://{ref.repo_id}/FILE.safetensors.")
+    return _download(ref.repo_id, candidates[0], spec)
 
 
-def _repo_files(repo_id: str) -> list[str] | None:
-    """The repo's file names: from its cached snapshot when that tells what the repo is (so a cached
-    base or adapter needs no network), else from the Hub when downloads are on; None when neither
-    knows the repo."""
+def _repo_files(repo_id: str) -> tuple[list[str] | None, str]:
+    """(the repo's file names, "") from its cached snapshot when that tells what the repo is (so a cached
+    base or adapter needs no network), else from the Hub when downloads are on; (None, why) when
+    neither knows the repo."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -78,11 +72,11 @@ def _repo_files(repo_id: str) -> list[str] | None:
     except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
         pass
     if downloads_disabled() or any(name in BASE_FILES or name.endswith(".safetensors") for name in cached or []):
-        return cached
+        return cached, f"is not in the Hugging Face cache {hub_cache_dir()} ({OFFLINE})"
     try:
-        return HfApi().list_repo_files(repo_id)
-    except (*network_errors(), HFValidationError, ValueError):
-        return cached  # not on the Hub, or no network
+        return HfApi().list_repo_files(repo_id), ""
+    except (*network_errors(), HFValidationError, ValueError) as exc:  # not on the Hub, no access, or no network
+        return cached, f"could not be listed on the Hub ({error_summary(exc)}) and is not cached"
 
 
 def _download(repo_id: str, filename: str, spec: str) -> str:
@@ -103,9 +97,3 @@ def _download(repo_id: str, filename: str, spec: str) -> str:
     if not is_adapter_file(path):
         raise DiffFitError(f"{spec} ({filename} of {repo_id}) is not a difffit adapter (no difffit metadata).")
     return path
-
-
-def _unavailable(repo_id: str) -> str:
-    if downloads_disabled():
-        return f"is not in the Hugging Face cache {hub_cache_dir()} ({OFFLINE})"
-    return "could not be listed on the Hub (no such repo, no access, or no network) and is not cached"

@@ -65,6 +65,9 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
                            f"sample from the adapter instead (difffit sample {adapter}).")
     if fmt == "peft" and meta.method != "lora":
         raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
+    if fmt == "diffusers" and (problem := family.pipeline_problem(meta)):  # refused before the base is loaded
+        raise DiffFitError(f"A {family.pipeline_name} cannot hold this model: {problem}.",
+                           hint="Merge with --format original instead.")
     folder = fmt != "original"
     loaded, meta = load_source(adapter, base=base, force_base=force_base)
     out = check_output(out, overwrite=overwrite, inputs=[adapter, loaded.spec], folder=folder)
@@ -137,3 +140,12 @@ def write_peft(model: nn.Module, folder: Path, meta: AdapterMeta) -> None:
         tmp.mkdir()
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
+
+
+def merge_formats(meta: AdapterMeta) -> list[str]:
+    """The --format values `merge` writes for this adapter (none for methods that cannot fold)."""
+    if meta.method not in FOLDABLE:
+        return []
+    family = meta.model_family
+    return [fmt for fmt in family.merge_formats if (fmt != "peft" or meta.method == "lora")
+            and (fmt != "diffusers" or not family.pipeline_problem(meta))]

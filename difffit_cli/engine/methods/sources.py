@@ -16,9 +16,11 @@ from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
 from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
+    check_base_architecture,
     is_adapter_file,
     non_finite_tensors,
     read_adapter,
+    read_adapter_meta,
     refuse_run_folder,
 )
 from difffit_cli.engine.methods.baselines import MethodSettings
@@ -26,7 +28,7 @@ from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.methods.trainable import describe_method
 from difffit_cli.engine.models.bases import Base
 from difffit_cli.engine.models.families import family_of, family_of_spec, load_base
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 
 # -- loading --------------------------------------------------------------------------------------
 
@@ -62,23 +64,38 @@ def load_adapter_base(
 ) -> Base:
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
-    spec = base or meta.base_spec
-    family = meta.model_family
-    if (given := family_of_spec(spec)) is not family:
-        raise DiffFitError(f"{source} is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
-                           "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
-    loaded = load_base(spec, vae=vae or meta.vae_spec, **family.adapter_base_options(meta, spec))
+    loaded = base_for_adapter(meta, base=base, vae=vae)
     if loaded.fingerprint != meta.base_fingerprint:
         message = (
             f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-            f"but {spec} has fingerprint {loaded.fingerprint}."
+            f"but {loaded.spec} has fingerprint {loaded.fingerprint}."
         )
         if not force_base:
             hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
             raise DiffFitError(message, hint=hint)
-        stderr_console.print(
-            f"[yellow]Warning:[/yellow] {message} Applying it anyway (--force-base).", highlight=False
-        )
+        say(("Warning:", "yellow"), f" {message} Applying it anyway (--force-base).")
+    return loaded
+
+
+def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | None = None) -> Base:
+    """The base an adapter names, or `base` instead, loaded as the adapter needs it and refused when its
+    architecture does not fit the adapter; the fingerprint is left to the caller."""
+    spec = base or meta.base_spec
+    family = meta.model_family
+    if (given := family_of_spec(spec)) is not family:
+        raise DiffFitError(f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
+                           "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
+    options = family.adapter_base_options(meta, spec)
+    try:
+        loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
+    except DiffFitError as first:  # another base may not take the adapter's head count: load it as it is
+        if base is None or not options:
+            raise
+        try:
+            loaded = load_base(spec, vae=vae or meta.vae_spec)
+        except DiffFitError:
+            raise first from None
+    check_base_architecture(meta, loaded.model, spec)
     return loaded
 
 
@@ -171,6 +188,7 @@ def describe_adapter(path) -> dict:
         "vae": meta.vae_spec,
         "dtype": meta.dtype,
         "storage": meta.storage,
+        "checksum": meta.checksum,  # None for files written before difffit stored one
         "steps": meta.training.get("steps"),
         "training": meta.training,
         "file_bytes": Path(path).stat().st_size,
@@ -200,13 +218,16 @@ def describe_source(
     source = local_source(source)
     refuse_run_folder(source)
     if is_adapter_file(source):
-        if method or num_classes or gamma_blocks:
+        if method or num_classes is not None or gamma_blocks:
             raise DiffFitError("--method, --num-classes and --gamma-blocks apply to bases, not adapters.")
         report = describe_adapter(source)
-        if base is not None:
-            report["checked_base"] = base
-            report["checked_base_matches"] = load_base(base).fingerprint == report["base_fingerprint"]
+        if base is not None:  # the adapter as `sample --base` would apply it: same loading, same checks
+            checked = base_for_adapter(read_adapter_meta(source), base=base)
+            report |= {"checked_base": base, "checked_base_fingerprint": checked.fingerprint,
+                       "checked_base_matches": checked.fingerprint == report["base_fingerprint"]}
         return report
+    if base is not None:
+        raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
     # info never downloads a text-to-image base's weights: its counts come from the config (meta device)
     loaded = load_base(source, resolution=resolution, num_heads=num_heads, info=True)
     family = family_of(loaded)

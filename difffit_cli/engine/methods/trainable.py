@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods.baselines import MethodSettings, add_method_modules
 from difffit_cli.engine.models.dit import DiTConfig
 from difffit_cli.engine.models.families import family_of
@@ -83,6 +83,9 @@ def prepare_model(
     family = family_of(model)
     check_method(method, family)
     settings = (settings or MethodSettings()).validate(family)
+    settings.check_fits(method, model)
+    if num_classes is not None:
+        require_at_least("--num-classes", num_classes, 1)
     new_classes = family.prepare_conditioning(model, num_classes, new_classes)
     if method == "difffit":
         if gamma_blocks is None:

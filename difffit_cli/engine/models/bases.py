@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import HUB_ID, split_hub_id
+from difffit_cli.engine.hub import WEIGHT_SUFFIXES, hub_ref
 from difffit_cli.engine.models.diffusers_layout import load_diffusers_dir, load_hub
 from difffit_cli.engine.models.dit import (
     DIT_CONFIGS,
@@ -34,16 +34,18 @@ from difffit_cli.engine.models.dit import (
 )
 from difffit_cli.engine.models.formats import (
     GAMMA_SUFFIXES,
-    WEIGHT_SUFFIXES,
     Weights,
     config_from_state_dict,
+    parse_metadata,
     pos_embed_scale_of,
     read_original_file,
+    read_safetensors_header,
 )
 from difffit_cli.engine.models.vae import DEFAULT_VAE, Autoencoder, load_vae, vae_geometry
 
 ALIASES = {"DiT-XL/2-256": "facebook/DiT-XL-2-256", "DiT-XL/2-512": "facebook/DiT-XL-2-512"}
 RANDOM_PREFIX = "random:"
+TINY = "tiny"  # the base bundled with difffit
 TINY_BASE = Path(__file__).resolve().parents[2] / "assets" / "tiny.safetensors"
 FINGERPRINT_SAMPLES = 4096
 
@@ -123,6 +125,31 @@ def load_base(
     )
 
 
+def base_architecture(spec: str, *, resolution: int | None = None, vae: str | None = None,
+                      num_heads: int | None = None) -> DiTConfig | None:
+    """The architecture `load_base(spec)` gives, at `resolution` when given, read without building the model
+    or reading weights where that is cheap: a random: name, the tiny base, a local .safetensors file (its
+    header holds every shape). None otherwise, and for anything load_base would refuse (it says why)."""
+    try:
+        if spec.startswith(RANDOM_PREFIX):
+            factor, channels = vae_geometry(vae or DEFAULT_VAE)
+            return config_for(spec[len(RANDOM_PREFIX):], input_size=(resolution or 256) // factor,
+                              in_channels=channels)
+        path = TINY_BASE if spec == TINY else Path(spec).expanduser()
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            return None
+        shapes, metadata = read_safetensors_header(path)
+        recorded = parse_metadata(metadata, path)
+        state = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+        config = config_from_state_dict(state, num_heads=num_heads or recorded.get("num_heads"), source=spec)
+        if resolution is not None:
+            factor, _ = vae_geometry(vae or recorded.get("vae_spec") or DEFAULT_VAE)
+            config = replace(config, input_size=resolution // factor)
+        return config
+    except (DiffFitError, ValueError):
+        return None
+
+
 def describe_base(base: Base) -> dict:
     """The fields `difffit info --json` reports for a base."""
     config = base.config
@@ -152,7 +179,7 @@ def describe_base(base: Base) -> dict:
 
 
 def _find_weights(spec: str) -> Weights:
-    if spec == "tiny":
+    if spec == TINY:
         if not TINY_BASE.exists():
             raise DiffFitError(
                 f"The tiny base is not bundled in this build of difffit (nothing at {TINY_BASE}); "
@@ -168,10 +195,13 @@ def _find_weights(spec: str) -> Weights:
     path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path)
-    if spec.lower().endswith(WEIGHT_SUFFIXES) or not HUB_ID.match(spec):
-        raise DiffFitError(f"No such file or folder: {spec}.")
-    repo_id, _ = split_hub_id(spec)
-    return load_hub(repo_id, what=f"the base {spec} (no such local path, so read as a hub repo id)")
+    ref = hub_ref(spec)
+    if ref is None:
+        raise DiffFitError(f"{spec} does not exist (no such file or folder).")
+    if ref.filename:
+        raise DiffFitError(f"{spec} names a file in a hub repo; a base on the Hub is a whole diffusers repo.",
+                           hint=f"Pass --base {ref.repo_id}, or download the file and pass its local path.")
+    return load_hub(ref.repo_id, what=f"the base {spec} (no such local path, so read as a hub repo id)")
 
 
 def _random_base(spec: str, resolution: int | None, num_classes: int | None, vae: str | None) -> Base:

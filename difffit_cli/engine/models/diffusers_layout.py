@@ -21,6 +21,7 @@ from difffit_cli.engine.hub import error_summary, hub_snapshot
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.models.dit import CLASS_TABLE, DiT, DiTConfig, sincos_pos_embed_2d
 from difffit_cli.engine.models.formats import GAMMA_SUFFIXES, Weights, read_safetensors, read_torch
+from difffit_cli.engine.models.vae import IDENTITY_VAE
 
 log = logging.getLogger("difffit")
 
@@ -216,6 +217,18 @@ def class_names_of(id2label: Mapping[str, str] | None) -> list[str] | None:
     return [labels.get(i, str(i)) for i in range(max(labels) + 1)]
 
 
+def dit_pipeline_problem(config: DiTConfig, vae_spec: str) -> str | None:
+    """Why a model of `config` with the VAE `vae_spec` cannot become a DiTPipeline (None: it can)."""
+    if config.num_classes > DIFFUSERS_NULL_LABEL:
+        return f"it supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), this model has " \
+               f"{config.num_classes}"
+    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
+        return f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}"
+    if vae_spec == IDENTITY_VAE:  # the one autoencoder that is not a diffusers AutoencoderKL
+        return "its VAE is 'identity' (pixel space), and a pipeline needs a diffusers AutoencoderKL"
+    return None
+
+
 def write_dit_pipeline(model: DiT, folder: Path, *, class_names, vae) -> None:
     """A DiTPipeline folder that stock `diffusers.DiTPipeline.from_pretrained` loads; `vae` is the base's
     Autoencoder (a diffusers AutoencoderKL inside). DiTPipeline hard-codes the null label as 1000, so a
@@ -223,20 +236,10 @@ def write_dit_pipeline(model: DiT, folder: Path, *, class_names, vae) -> None:
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     config = model.config
-    if config.num_classes > DIFFUSERS_NULL_LABEL:
-        raise DiffFitError(
-            f"DiTPipeline supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), "
-            f"this model has {config.num_classes}; merge with --format original instead."
-        )
-    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
-        raise DiffFitError(f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}; "
-                           "merge with --format original instead.")
-    autoencoder = getattr(vae, "vae", None)
-    if autoencoder is None:
-        raise DiffFitError(
-            f"The VAE {vae.spec!r} is not a diffusers AutoencoderKL; a pipeline folder needs one.",
-            hint="Merge with --format original instead.",
-        )
+    if problem := dit_pipeline_problem(config, vae.spec):
+        raise DiffFitError(f"A DiTPipeline cannot hold this model: {problem}.",
+                           hint="Merge with --format original instead.")
+    autoencoder = vae.vae
     state = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     state[CLASS_TABLE] = pad_class_table(state[CLASS_TABLE], DIFFUSERS_NULL_LABEL)
     padded_config = replace(config, num_classes=DIFFUSERS_NULL_LABEL)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.lora_names import LoraNames
 
 Setter = Callable[[object, str, object], None]
 # Every method, in the DiffFit paper's Table 1 order (benchmarks and examples/table1.py iterate over it).
@@ -58,8 +59,10 @@ class Family:
     groups: tuple[str, ...]  # the `info` groups of its parameters, in order
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
     schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
+    lora: LoraNames  # the --lora-targets names and the block modules they name
     preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
+    pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
 
     # -- loading and describing ---------------------------------------------------------------------
 
@@ -133,9 +136,13 @@ class Family:
         """Shape the conditioning for the data (a new class table); returns whether the classes are new."""
         return False
 
+    def fits_adapter(self, model: nn.Module, meta) -> bool:
+        """Whether `model` (a loaded base) has the shapes an adapter's metadata `meta` needs."""
+        raise NotImplementedError
+
     def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
-        """Check that `model` (a loaded base) is the base an adapter's metadata `meta` needs, and give it the
-        adapted model's shape, every change through `setter` (AdapterSwapper undoes them)."""
+        """Give `model` (a base that fits) the adapted model's shape, every change through `setter`
+        (AdapterSwapper undoes them)."""
         raise NotImplementedError
 
     def adopt_adapter(self, base, meta) -> None:
@@ -153,21 +160,14 @@ class Family:
         """Fold gamma into the output projections (gamma (W x + b) = (gamma W) x + gamma b) and drop it."""
         raise NotImplementedError
 
+    def pipeline_problem(self, meta) -> str | None:
+        """Why an adapter (metadata `meta`) cannot be merged into a diffusers pipeline; None: it can."""
+        return None
+
     def write_pipeline(self, base, model: nn.Module, folder) -> None:
         """Write `model` (gamma and LoRA folded) as a diffusers pipeline folder that stock
         `DiffusionPipeline.from_pretrained` loads, atomically, with the base's other components."""
         raise NotImplementedError
-
-    def lora_targets(self) -> dict[str, list[str]]:
-        """--lora-targets names -> module paths inside a block (the first entry's list is the default)."""
-        raise NotImplementedError
-
-    def default_lora_targets(self) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def lora_groups(self) -> dict[str, list[str]]:
-        """Short names for several targets at once ("attn", "mlp")."""
-        return {}
 
     # -- training and sampling ------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class Family:
 
     def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
                       device: torch.device):
-        """One batch of images (uint8, B x H x W x 3) for text rows `text`, through the family's pipeline."""
+        """One batch of images (float in [0, 1], B x H x W x 3) for text rows `text`, through the family's pipeline."""
         raise NotImplementedError
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:

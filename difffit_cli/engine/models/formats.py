@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import error_summary
+from difffit_cli.engine.hub import WEIGHT_SUFFIXES, error_summary
 from difffit_cli.engine.models.dit import HEADS_BY_WIDTH, DiTConfig
 
 # Optional JSON metadata in our own .safetensors bases (merged models, the bundled tiny base).
@@ -28,7 +30,7 @@ METADATA_VAE = "difffit.vae"
 METADATA_POS_EMBED_SCALE = "difffit.pos_embed_scale"
 METADATA_NUM_HEADS = "difffit.num_heads"  # only needed for non-standard widths (e.g. a tiny base)
 GAMMA_SUFFIXES = (".gamma_attn", ".gamma_mlp")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 
 
 @dataclass
@@ -134,14 +136,45 @@ def read_original_file(path: Path) -> Weights:
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
+    _, metadata = read_safetensors_header(path)  # a damaged file is worded the same by every reader
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
     except (SafetensorError, OSError) as e:
-        raise DiffFitError(
-            f"{path} is not a readable .safetensors file ({error_summary(e)}); it may be truncated, so "
-            "copy or download it again."
-        ) from None
+        raise damaged_file(path, error_summary(e)) from None
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(tensor shapes, __metadata__) of a .safetensors file, from its header alone.
+
+    Read by hand (an 8-byte little-endian length, then that much JSON) rather than with safetensors'
+    safe_open, so that a file whose tensor data is cut short still says what it is, and so that an adapter
+    and a base that are damaged the same way get the same sentence.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+            if len(head) < 9:
+                raise damaged_file(path, f"truncated: {size} bytes")
+            (length,) = struct.unpack("<Q", head[:8])
+            if head[8:] != b"{" or length > MAX_HEADER_BYTES:
+                raise DiffFitError(f"{path} is not a safetensors file.")
+            if 8 + length > size:
+                raise damaged_file(path, f"truncated inside its header: {size} bytes")
+            header = json.loads(head[8:] + f.read(length - 1))
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = {name: list(info["shape"]) for name, info in header.items()}
+        end = 8 + length + max((info["data_offsets"][1] for info in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # JSONDecodeError is a ValueError
+        raise damaged_file(path, "its header is not valid") from None
+    if end > size:
+        raise damaged_file(path, f"truncated: its tensors end at byte {end:,}, the file has {size:,}")
+    return shapes, metadata
+
+
+def damaged_file(path: str | Path, why: str) -> DiffFitError:
+    return DiffFitError(f"{path} is damaged ({why}); copy or download it again.")
 
 
 def read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -157,6 +190,9 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise DiffFitError(f"{path} is not a readable PyTorch checkpoint ({error_summary(e)}).") from None
+        if "Unsupported operand" in str(e):  # bytes that are no pickle: torch's text would blame weights_only
+            raise DiffFitError(f"{path} is not a readable PyTorch checkpoint (its pickle data is damaged); it may "
+                               "be truncated.") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"Python objects ({found.group(1)})" if found else "Python code"
         raise DiffFitError(

@@ -51,8 +51,8 @@ def check_upscale(base: Base, resolution: int) -> int:
     latent = target_latent_size(base, resolution)
     if latent <= base.config.input_size:
         raise DiffFitError(
-            f"{resolution} px is not larger than the base's {base.resolution} px; "
-            "a base only moves up in resolution (fit at the base's own size by leaving --resolution out)."
+            f"{resolution} px is not larger than the base's {base.resolution} px; a base only moves up in "
+            "resolution (to train at the base's own size, use `difffit fit` without --resolution)."
         )
     return latent
 

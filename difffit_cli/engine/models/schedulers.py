@@ -85,6 +85,10 @@ def checked_steps(scheduler: str, steps: int | None) -> int:
     steps = DEFAULT_STEPS[scheduler] if steps is None else steps
     if not 1 <= steps <= 1000:
         raise DiffFitError(f"--steps must be between 1 and 1000 (got {steps}).")
+    if steps == 1 and scheduler != "dpm-solver":
+        # The reference's respacing keeps only timestep 0 for one step: it would start at noise level 0.
+        raise DiffFitError(f"--scheduler {scheduler} needs 2 or more --steps (one step keeps only timestep 0, "
+                           "which never denoises).", hint="Use --steps 2 or more, or --scheduler dpm-solver.")
     return steps
 
 

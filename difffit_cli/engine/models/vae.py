@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
+from difffit_cli.engine.hub import error_summary, hub_ref, hub_snapshot
 from difffit_cli.engine.progress import library_bars_off
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+IDENTITY_VAE = "identity"  # pixel space: no autoencoder at all
 # (factor, latent channels) of the two VAEs DiT was trained with, known without fetching their config.
 _KNOWN_GEOMETRY = {DEFAULT_VAE: (8, 4), "stabilityai/sd-vae-ft-mse": (8, 4)}
 
@@ -62,7 +63,7 @@ class IdentityAutoencoder(Autoencoder):
 
     def __init__(self):
         self.vae = None
-        self.spec = "identity"
+        self.spec = IDENTITY_VAE
         self.factor = 1
         self.latent_channels = 3
         self.scaling_factor = 1.0
@@ -82,7 +83,7 @@ def load_vae(
     spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Autoencoder:
     """"identity", a local diffusers AutoencoderKL folder (or a pipeline folder with vae/), or a hub id."""
-    if spec == "identity":
+    if spec == IDENTITY_VAE:
         return IdentityAutoencoder()
     folder = _vae_folder(spec)
     from diffusers import AutoencoderKL
@@ -97,7 +98,7 @@ def load_vae(
 
 def vae_geometry(spec: str) -> tuple[int, int]:
     """(pixels per latent pixel, latent channels) of a VAE spec, reading only its config (no weights)."""
-    if spec == "identity":
+    if spec == IDENTITY_VAE:
         return 1, 3
     if spec in _KNOWN_GEOMETRY:
         return _KNOWN_GEOMETRY[spec]
@@ -113,12 +114,13 @@ def _vae_folder(spec: str, config_only: bool = False) -> Path:
             path = path / "vae"  # a pipeline folder: use its VAE
         _read_vae_config(path, spec)
         return path
-    if path.exists() or not HUB_ID.match(spec):
+    ref = None if path.exists() else hub_ref(spec, subfolders=True)
+    if ref is None:
         raise DiffFitError(
             f"VAE {spec!r} is neither 'identity', a diffusers AutoencoderKL folder, nor a hub id like "
             f"{DEFAULT_VAE}."
         )
-    repo_id, subfolder = split_hub_id(spec)
+    repo_id, subfolder = ref.repo_id, ref.filename
     prefix = f"{subfolder}/" if subfolder else ""
     files = [f"{prefix}config.json"] if config_only else [f"{prefix}config.json", f"{prefix}*.safetensors"]
     instead = "pass --vae a local AutoencoderKL folder"

@@ -10,10 +10,12 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from difffit_cli.engine.hub import HUB_ID, split_hub_id
-from difffit_cli.engine.models.bases import ALIASES, RANDOM_PREFIX
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.hub import hub_ref
+from difffit_cli.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
 from difffit_cli.engine.models.families import family_named
 from difffit_cli.engine.models.families.pixart_bases import ALIASES as PIXART_ALIASES
+from difffit_cli.engine.models.vae import IDENTITY_VAE
 from difffit_cli.engine.training.runs import format_duration, split_eval
 
 if TYPE_CHECKING:
@@ -36,9 +38,28 @@ def hub_base_id(base_spec: str) -> str | None:
     """The hub repo a base spec names (an alias's repo, or a hub id), None for local or random bases."""
     if base_spec in ALIAS_REPOS:
         return ALIAS_REPOS[base_spec]
-    if base_spec.startswith(RANDOM_PREFIX) or Path(base_spec).expanduser().exists() or not HUB_ID.match(base_spec):
+    return _hub_repo(base_spec)
+
+
+def public_name(spec: str, *, subfolders: bool = False) -> str:
+    """How a public card names a base or VAE spec: as given when anyone can resolve it, else by its file or
+    folder name only, because a local path would show the author's file system."""
+    return spec if resolvable(spec, subfolders=subfolders) else Path(spec).name
+
+
+def resolvable(spec: str, *, subfolders: bool = False) -> bool:
+    """Whether anyone can load `spec`: a hub id, an alias, random:..., the bundled tiny base, identity.
+    `subfolders`: a VAE may live in a repo's vae/ folder."""
+    anyones = spec in ALIAS_REPOS or spec in (TINY, IDENTITY_VAE) or spec.startswith(RANDOM_PREFIX)
+    return anyones or _hub_repo(spec, subfolders=subfolders) is not None
+
+
+def _hub_repo(spec: str, subfolders: bool = False) -> str | None:
+    try:
+        ref = hub_ref(spec, subfolders=subfolders)
+    except DiffFitError:  # a malformed hf:// address names no repo
         return None
-    return split_hub_id(base_spec)[0]
+    return ref.repo_id if ref else None
 
 
 def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, grid: str | None = None,
@@ -64,14 +85,19 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
     names = summary.get("class_names") or [str(i) for i in range(summary.get("num_classes") or 0)]
     prompts = summary["training"].get("validation_prompts") or []
     example_prompt = prompts[0] if prompts else "a photo"
-    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{summary['base']}`"
+    base_name = public_name(summary["base"])
+    local_base = None if resolvable(summary["base"]) else base_name
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base_name}`"
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         repo_id=repo_id,
         merged=merged,
         method_name="DiffFit" if summary["method"] == "difffit" else summary["method"],
-        base_text=base_text,
+        base_text=base_text + (" (a local base)" if local_base else ""),
+        local_base=local_base,
+        base_option=f" --base {local_base}" if local_base else "",
+        merge_formats=summary.get("merge_formats", []),
         adapter_size=format_bytes(summary["file_bytes"]),
         class_rows=names[:MAX_CLASSES_LISTED],
         more_classes=max(0, len(names) - MAX_CLASSES_LISTED),
@@ -89,8 +115,10 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         eval_settings=settings,
         **{key: summary.get(key) for key in (
             "method", "architecture", "resolution", "trainable_params", "trainable_percent",
-            "total_params", "base_fingerprint", "vae", "dtype", "storage")},
+            "total_params", "base_fingerprint", "dtype", "storage")},
         num_classes=summary.get("num_classes"),
+        vae=public_name(summary["vae"], subfolders=True),
+        vae_local=not resolvable(summary["vae"], subfolders=True),
         final_loss=summary.get("final_loss", summary["training"].get("last_loss")),
     )
 

@@ -17,6 +17,7 @@ from difffit_cli.engine.evaluation.sample import SamplingOptions, generate, pars
 from difffit_cli.engine.evaluation.sample_folder import save_grid
 from difffit_cli.engine.hub import downloads_disabled, error_summary, network_errors
 from difffit_cli.engine.io import MARKER, atomic_path
+from difffit_cli.engine.methods.adapter import read_adapter
 from difffit_cli.engine.methods.merge import merge_adapter
 from difffit_cli.engine.methods.sources import load_source
 from difffit_cli.engine.sharing.card import model_card
@@ -39,7 +40,8 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
     if not REPO_ID.match(repo_id):
         raise DiffFitError(f"{repo_id!r} is not a hub repo id; write OWNER/NAME, e.g. my-name/food101-difffit.")
     adapter = Path(adapter)
-    summary = training_summary(adapter)  # reads and checks the adapter before anything is built
+    read_adapter(adapter)  # refused exactly as sample refuses it (damaged, corrupt, NaN), before anything is built
+    summary = training_summary(adapter)
     eval_result = read_eval_json(eval_json) if eval_json is not None else None
     build = {"summary": summary, "repo_id": repo_id, "eval_result": eval_result, "grid_classes": grid_classes,
              "merged": merged, "license": license}

@@ -14,6 +14,7 @@ import datetime
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 from difffit_cli import __version__
@@ -32,6 +33,7 @@ from difffit_cli.engine.training.runs import (
     training_summary,
 )
 
+REPORT_FILE = "report.html"
 THUMBNAIL_PX = 320  # preview grids are shrunk to at most this size (the width they are shown at)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -163,9 +165,12 @@ def _run_section(i: int, name: str, info: dict) -> str:
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the HTML report of `run_dirs` to `out` (refused if it exists, unless `overwrite`)."""
+    """Write the HTML report of `run_dirs` to `out` (refused if it exists, unless `overwrite`). An `out` that
+    is a folder, or ends in a slash, gets report.html inside it."""
     if not run_dirs:
         raise DiffFitError("No run folder given.", hint="Pass one or more folders written by difffit fit.")
+    if str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir():
+        out = Path(out) / REPORT_FILE
     out = check_output(out, overwrite=overwrite, inputs=run_dirs)
     paths = [Path(p) for p in run_dirs]
     infos = [_run_info(p) for p in paths]

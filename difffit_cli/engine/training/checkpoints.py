@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import LOCK, atomic_path, has_marker, write_marker
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 from difffit_cli.engine.training.config import FitConfig, FitResult
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
@@ -51,10 +52,21 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, torch.Tensor], e
     return path
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trained tensors, EMA and optimizer from `path`; returns its state.json."""
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; ValueError when it is not a JSON object (a file cut short, say)."""
     state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict):
+        raise ValueError("state.json does not hold a JSON object")
+    return state
+
+
+def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, check: Callable[[dict], None] | None = None) -> dict:
+    """Restore trained tensors, EMA and optimizer from `path`; returns its state.json. `check` sees the
+    state first and raises a DiffFitError when the checkpoint does not fit this run."""
+    state = read_state(path)
+    if check is not None:
+        check(state)
     tensors = load_file(str(path / "trained.safetensors"))
     expected = set(params) | {f"ema.{n}" for n in ema}
     if set(tensors) != expected or any(tensors[n].shape != p.shape for n, p in params.items()):
@@ -72,20 +84,20 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict
 
 
 def restore_newest(checkpoints: list[tuple[int, Path]], params: dict[str, torch.nn.Parameter],
-                   ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+                   ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                   check: Callable[[dict], None] | None = None) -> tuple[int, dict]:
     """Load the newest readable checkpoint: (its step, its state.json); (0, {}) when there is none.
 
-    A damaged checkpoint (a crash while the disk filled, say) falls back to the one before it;
-    one that belongs to another model or method is an error, not a fallback.
+    A damaged checkpoint (a crash while the disk filled, say: its tensors or its state.json) falls back
+    to the one before it; one that belongs to another model, method or class list is an error, not a fallback.
     """
     for step, path in reversed(checkpoints):
         try:
-            return step, load_checkpoint(path, params, ema, optimizer)
+            return step, load_checkpoint(path, params, ema, optimizer, check)
         except DiffFitError:
             raise
         except Exception as exc:
-            stderr_console.print(f"[yellow]Checkpoint {path} is unreadable ({exc}); trying an older one.[/yellow]",
-                                 highlight=False)
+            say((f"Checkpoint {path} is unreadable ({exc}); trying an older one.", "yellow"))
     return 0, {}
 
 
@@ -147,8 +159,11 @@ def nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[
                            hint=f"--steps counts the whole run: give {last} or more.")
     if config.steps > last:
         return None
-    stderr_console.print(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
-    state = json.loads((path / "state.json").read_text())
+    say(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
+    try:
+        state = read_state(path)
+    except (OSError, ValueError):  # the counts below are only for the report
+        state = {}
     adapter = out_dir / "adapter.safetensors"
     return FitResult(out_dir=out_dir, adapter=adapter if adapter.exists() else None, step=last, start_step=last,
                      steps=config.steps, loss=None, images=state.get("images", 0),

@@ -29,13 +29,16 @@ PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
 TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
              ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"))
-CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("pos_embed", "--pe"), ("val_fraction", "--val-fraction"),
+CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "--val-fraction"),
               ("val_data", "--val-data"), ("eval_every", "--eval-every"), ("keep_best", "--keep-best"))
 
 
 def check_options(config: FitConfig, family: Family) -> None:
     """Refuse, in one sentence each, the options that do not apply to the base's family (before any work)."""
     check_method(config.method, family)
+    if family.conditioning == "text" and (config.resolution is not None or config.pos_embed):
+        raise DiffFitError(f"{family.title} trains at its base's own resolution (--resolution and upscale-res move "
+                           "DiT bases only).", hint="Sample other sizes with --width and --height.")
     wrong = CLASS_ONLY if family.conditioning == "text" else TEXT_ONLY
     for field, flag in wrong:
         if getattr(config, field):

@@ -8,11 +8,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from difffit_cli.engine.data.batches import MAX_EPOCH_ITEMS, epoch_size, item_repeats
 from difffit_cli.engine.data.captions import check_template
+from difffit_cli.engine.data.hf_datasets import HF_PREFIX, hub_dataset
+from difffit_cli.engine.data.images import ImageFolder
 from difffit_cli.engine.devices import DEVICES
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.methods.baselines import MethodSettings
-from difffit_cli.engine.methods.trainable import METHODS
+from difffit_cli.engine.methods.trainable import METHODS, describe_method
+from difffit_cli.engine.models.bases import base_architecture
+from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.resolution import PE_MODES
 from difffit_cli.engine.models.speed import COMPILE_CHOICES
 from difffit_cli.engine.training.trackers import check_log_with
@@ -130,7 +137,31 @@ class FitConfig:
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
         self._validate_data_and_validation()
+        self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
+                                                  num_heads=self.num_heads))
         return self
+
+    def check_architecture(self, architecture: DiTConfig | dict | None, family: Family = DIT) -> None:
+        """Refuse method settings the base cannot hold (a LoRA rank above its layers' width, more prompts than
+        image tokens, ...) before anything is allocated for them: here from the options alone when the base's
+        shapes are cheap to read (`base_architecture`), else by `fit` as soon as the base (of `family`, whose
+        config `architecture` is) is loaded."""
+        if architecture is not None:
+            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings(),
+                            family=family)
+
+    def check_data(self, folder: ImageFolder) -> None:
+        """Bounds that need the training data, checked as soon as it is scanned: the epoch that --repeats
+        makes, and the batch against it."""
+        repeats = item_repeats(self.repeats, folder.labels, folder.class_names)
+        epoch = epoch_size(folder.labels, repeats, self.class_balance)
+        if epoch > max(len(folder), MAX_EPOCH_ITEMS):
+            raise DiffFitError(f"`repeats` makes an epoch of {epoch:,} items; the limit is {MAX_EPOCH_ITEMS:,} "
+                               "(an epoch is shuffled in memory).", hint="Use a smaller --repeats.")
+        if self.batch_size > epoch:
+            raise DiffFitError(f"--batch-size {self.batch_size} is larger than the {epoch:,} images of an epoch, "
+                               "so every step would repeat images.",
+                               hint=f"Use --batch-size {epoch} or less, or more images (or --repeats).")
 
     def _validate_data_and_validation(self) -> None:
         for name in ("val_every", "eval_every"):
@@ -139,6 +170,12 @@ class FitConfig:
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
+        if (most := max(counts, default=1)) > MAX_EPOCH_ITEMS:
+            raise DiffFitError(f"--repeats {most:,} is above the limit of {MAX_EPOCH_ITEMS:,} items per epoch "
+                               "(an epoch is shuffled in memory).")
+        for spec in (self.data, self.val_data):
+            if spec is not None and spec.startswith(HF_PREFIX):
+                hub_dataset(spec)
         check_template(self.caption_template)
         if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout < 1.0):
             raise DiffFitError(f"--caption-dropout must be in [0, 1) (got {self.caption_dropout}).")
@@ -181,8 +218,8 @@ def _at_least(name: str, value: int, low: int) -> None:
 
 def default_out_dir(data: str | None, method: str) -> Path:
     """runs/<data folder>-<method>; for hf:OWNER/NAME[:split], runs/NAME-split-<method>."""
-    if data and data.startswith("hf:"):
-        name = re.sub(r"[^\w.-]+", "-", data[len("hf:"):].rsplit("/", 1)[-1]).strip("-")
+    if data and data.startswith(HF_PREFIX):
+        name = re.sub(r"[^\w.-]+", "-", data[len(HF_PREFIX):].rsplit("/", 1)[-1]).strip("-")
     else:
         name = Path(data).expanduser().resolve().name if data else "run"
     return Path("runs") / f"{name}-{method}"

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.methods.adapter import read_adapter_meta
+from difffit_cli.engine.methods.merge import merge_formats
 from difffit_cli.engine.methods.sources import describe_adapter
 
 PREVIEW = re.compile(r"^step-(\d+)\.png$")
@@ -100,10 +102,11 @@ def split_eval(result: dict) -> tuple[dict, dict]:
 
 
 def training_summary(adapter: str | Path) -> dict:
-    """`describe_adapter` plus what the run's log.jsonl next to the adapter adds: the training time,
-    the median img/s, the peak memory (when logged as peak_mem_mb) and the final losses."""
+    """`describe_adapter`, the formats `merge` writes for it, and what the run's log.jsonl next to the
+    adapter adds: the training time, the median img/s, the peak memory (when logged as peak_mem_mb) and
+    the final losses."""
     adapter = Path(adapter)
-    summary = describe_adapter(adapter)
+    summary = describe_adapter(adapter) | {"merge_formats": merge_formats(read_adapter_meta(adapter))}
     records = read_log(adapter.parent / "log.jsonl")
     summary.update(log_summary(records))
     return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 
 
 class StopFlag:
@@ -31,8 +31,8 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = self.signal or signal.Signals(signum).name
-        stderr_console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this step and saving a "
-                             "checkpoint (Ctrl-C again: abort, no save).[/yellow]")
+        say((f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+             "(Ctrl-C again: abort, no save).", "yellow"))
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():

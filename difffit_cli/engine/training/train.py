@@ -23,7 +23,7 @@ from rich.progress import TextColumn
 
 from difffit_cli.engine.data.batches import Batches, DataOrder, Split, item_repeats, step_seed
 from difffit_cli.engine.data.hf_datasets import HF_PREFIX, open_data
-from difffit_cli.engine.data.images import report_skipped, require_images
+from difffit_cli.engine.data.images import report_skipped, require_images, without_unreadable_classes
 from difffit_cli.engine.data.latents import CachedLatents, usable_latents
 from difffit_cli.engine.devices import make_accelerator, tf32_matmuls
 from difffit_cli.engine.errors import DiffFitError
@@ -48,7 +48,7 @@ from difffit_cli.engine.models.speed import (
     make_optimizer,
     resolve_compile,
 )
-from difffit_cli.engine.progress import make_progress, stderr_console
+from difffit_cli.engine.progress import make_progress, say
 from difffit_cli.engine.training.checkpoints import (
     check_run_folder,
     claim_run_folder,
@@ -99,8 +99,10 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         check_options(config, family)
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
         folder, val_folder = split_validation(config, with_captions(data, config, family))
+        config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base)
         family.check_ready(base)
+        config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
         checkpoints = list_checkpoints(out_dir)
@@ -159,10 +161,9 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
                          num_heads=config.num_heads)
     family = family_of(base)
     base_config, pos_embed = family.config_of(base.model), "standard"
-    if config.resolution is not None and config.resolution != base.resolution and family.conditioning == "text":
-        raise DiffFitError(f"{family.title} trains at its base's {base.resolution} px (--resolution "
-                           f"{config.resolution} asked); sample other sizes with --width and --height.")
-    if config.resolution is not None and config.resolution != base.resolution:
+    # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
+    # is refused there, not trained at 32 px.
+    if config.resolution is not None and (config.resolution != base.resolution or config.pos_embed):
         pos_embed = config.pos_embed or "trick"
         base = move_to_resolution(base, config.resolution, pos_embed)
     return base, base_config, pos_embed
@@ -184,7 +185,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
-    run.folder = folder
+    run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
     conditions = prepare_conditions(run, progress)  # labels, or caption embeddings (the encoder freed after)
     side = base.resolution // base.vae_factor
     latent_shape = (base.model.config.in_channels, side, side)
@@ -221,16 +222,18 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
     """(start step, seconds trained before) from the newest readable checkpoint; (0, 0) for a new run."""
     if not run.config.resume:
         return 0, 0.0
-    if checkpoints:
-        trained_on = json.loads((checkpoints[-1][1] / "state.json").read_text()).get("class_names")
+
+    def same_classes(state: dict) -> None:
+        trained_on = state.get("class_names")
         if trained_on is not None and trained_on != run.class_names:
             raise DiffFitError(
                 f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
                 f"the data now has [{', '.join(run.class_names)}].",
                 hint="Resume with the same class folders, or start a new run with another --out.")
-    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer)
+
+    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_classes)
     if not state and run.main:
-        stderr_console.print(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
+        say(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
     return step, state.get("elapsed_s", 0.0)
 
 

@@ -33,7 +33,7 @@ from difffit_cli.engine.evaluation.inception import LazyExtractor, extract_featu
 from difffit_cli.engine.evaluation.metrics import Statistics, compute_metrics, open_input, reference_statistics
 from difffit_cli.engine.evaluation.sample import SamplingOptions, draw_noise, sample_generators
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
-from difffit_cli.engine.progress import stderr_console
+from difffit_cli.engine.progress import say
 from difffit_cli.engine.training.checkpoints import list_checkpoints
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.state import Run
@@ -181,11 +181,12 @@ def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, ba
 def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out images' latents, drawn once (plain, fixed latent noise) and kept on the CPU."""
     config, base, device = run.config, run.base, run.accelerator.device
+    val = val.keep_classes(run.folder.class_names)  # without the classes training dropped as unreadable
     val, latents = usable_latents(val, base.resolution, base.vae_spec, base.vae, cache=config.cache_latents,
                                   cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
                                   num_workers=0, progress=progress)
     for item, reason in val.skipped:
-        stderr_console.print(f"skipped validation image {item}: {reason}", highlight=False, markup=False)
+        say(f"skipped validation image {item}: {reason}")
     require_images(val)
     shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
     parts = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import HUB_ID, hub_snapshot, split_hub_id
+from difffit_cli.engine.hub import hub_ref, hub_snapshot
 from difffit_cli.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit_cli.engine.models.bases import RANDOM_PREFIX
 from difffit_cli.engine.models.families.dit import DIT
@@ -57,13 +57,13 @@ def family_of_spec(spec: str) -> Family:
         return DIT
     if path.is_dir():
         return _family_of_folder(path, spec)
-    if HUB_ID.match(spec) and not spec.startswith("DiT-"):
-        repo_id, _ = split_hub_id(spec)
-        folder = hub_snapshot(repo_id, ["model_index.json", "config.json", "transformer/config.json"],
-                              what=f"the base {spec} (no such local path, so read as a hub repo id)",
-                              instead="pass --base a local checkpoint file or folder")
-        return _family_of_folder(folder, spec)
-    return DIT  # DiT's loader names what is wrong with it
+    ref = None if spec.startswith("DiT-") else hub_ref(spec)
+    if ref is None or ref.filename:
+        return DIT  # DiT's loader names what is wrong with it (a missing path, a file in a repo, ...)
+    folder = hub_snapshot(ref.repo_id, ["model_index.json", "config.json", "transformer/config.json"],
+                          what=f"the base {spec} (no such local path, so read as a hub repo id)",
+                          instead="pass --base a local checkpoint file or folder")
+    return _family_of_folder(folder, spec)
 
 
 def _family_of_folder(folder: Path, spec: str) -> Family:

@@ -19,18 +19,16 @@ from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base, describe_base, load_base
-from difffit_cli.engine.models.diffusers_layout import write_dit_pipeline
+from difffit_cli.engine.models.diffusers_layout import dit_pipeline_problem, write_dit_pipeline
 from difffit_cli.engine.models.dit import CLASS_TABLE, DiT, DiTConfig
 from difffit_cli.engine.models.family import METHODS, Family, Setter, added_reference
 from difffit_cli.engine.models.fp8 import KEEP_BF16
+from difffit_cli.engine.models.lora_names import DIT_LORA
 from difffit_cli.engine.models.resolution import set_resolution
 from difffit_cli.engine.models.schedulers import SCHEDULERS
 
 DIT_OPTIONS = ("resolution", "num_classes", "num_heads", "vae")  # load_base's keywords
 SHAPE_KEYS = ("depth", "hidden_size", "patch_size", "in_channels", "learn_sigma")  # what an adapter cannot change
-# --lora-targets short names -> the module path inside a block (original layout).
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                "adaLN": "adaLN_modulation.1"}
 
 
 def resize_class_table(model: DiT, num_classes: int) -> None:
@@ -71,7 +69,9 @@ class DiTFamily(Family):
     groups = ("biases", "gamma", "class_table", "norms", "lora", "adapters", "prompts", "other")
     pipeline_tag = "unconditional-image-generation"  # the Hub has no class-conditional task
     merge_formats = ("original", "diffusers", "peft")
+    pipeline_name = "DiTPipeline"
     schedulers = SCHEDULERS
+    lora = DIT_LORA
     preview_sampling = {"scheduler": "ddim", "steps": 25}  # previews must stay cheap next to training
 
     def owns(self, model: nn.Module) -> bool:
@@ -128,12 +128,12 @@ class DiTFamily(Family):
             resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)
         return new_classes
 
+    def fits_adapter(self, model: DiT, meta) -> bool:
+        return all(getattr(model.config, key) == meta.base_config[key] for key in SHAPE_KEYS)
+
     def shape_for_adapter(self, model: DiT, meta, setter: Setter) -> None:
         """The base at the adapter's resolution and with its class table's size (its values come with the
         adapter's tensors); every change goes through `setter`, so the swapper can undo it."""
-        if any(getattr(model.config, key) != meta.base_config[key] for key in SHAPE_KEYS):
-            raise DiffFitError(f"The adapter needs a {self.architecture(meta.base_config)} base, but this base is "
-                               f"a {model.config.name}.")
         setter(model, "config", model.config)
         if (model.config.input_size, model.config.pos_embed_scale) != (meta.latent_size, meta.pos_embed_scale):
             setter(model, "pos_embed", model.pos_embed)
@@ -158,17 +158,11 @@ class DiTFamily(Family):
     def fold_gamma(self, model: DiT) -> None:
         fold_scale_factors(model)
 
+    def pipeline_problem(self, meta) -> str | None:
+        return dit_pipeline_problem(DiTConfig(**meta.config), meta.vae_spec)
+
     def write_pipeline(self, base: Base, model: DiT, folder) -> None:
         write_dit_pipeline(model, folder, class_names=base.class_names, vae=base.vae())
-
-    def lora_targets(self) -> dict[str, list[str]]:
-        return {name: [path] for name, path in LORA_TARGETS.items()}
-
-    def default_lora_targets(self) -> tuple[str, ...]:
-        return ("qkv", "proj")
-
-    def lora_groups(self) -> dict[str, list[str]]:
-        return {"attn": ["qkv", "proj"], "mlp": ["fc1", "fc2"]}
 
     def forward(self, model: DiT, base: Base):
         return model  # model(x_t, t, labels)

@@ -45,14 +45,12 @@ from difffit_cli.engine.models.families.pixart_pipeline import (
     write_pixart_pipeline,
 )
 from difffit_cli.engine.models.family import Family, Setter, added_reference
+from difffit_cli.engine.models.lora_names import PIXART_LORA
 
 METHODS = ("full", "bitfit", "lora", "difffit")
 BRANCHES = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")  # the output projection of each residual branch
 QKV = tuple(f"attn{i}.to_{x}" for i in (1, 2) for x in "qkv")
 FROZEN_EMBEDDERS = "adaln_single.emb."  # timestep (and resolution / aspect-ratio) embedders
-LORA_TARGETS = {"to_q": ["attn1.to_q", "attn2.to_q"], "to_k": ["attn1.to_k", "attn2.to_k"],
-                "to_v": ["attn1.to_v", "attn2.to_v"], "to_out.0": ["attn1.to_out.0", "attn2.to_out.0"],
-                "ff.net.0.proj": ["ff.net.0.proj"], "ff.net.2": ["ff.net.2"]}
 SCHEDULES = ("linear", "scaled_linear")
 SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels",
               "caption_channels", "cross_attention_dim", "use_additional_conditions")
@@ -87,6 +85,7 @@ class PixArtFamily(Family):
     methods = METHODS
     blocks = "transformer_blocks"
     groups = ("biases", "gamma", "modulation", "norms", "lora", "other")
+    lora = PIXART_LORA
     schedulers = ("pipeline", *SCHEDULERS)  # "pipeline": the pipeline's own (PixArt's: dpm-solver)
 
     def owns(self, model: nn.Module) -> bool:
@@ -154,13 +153,12 @@ class PixArtFamily(Family):
     def prepare_conditioning(self, model: nn.Module, num_classes: int | None, new_classes: bool) -> bool:
         return False  # captions condition the model: nothing to resize
 
-    def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
-        """Check the base's shape against the adapter's, then swap in its gamma modules through `setter`."""
+    def fits_adapter(self, model: nn.Module, meta) -> bool:
         mine = self.config_of(model)
-        if any(mine.get(key) != meta.base_config.get(key) for key in SHAPE_KEYS):
-            raise DiffFitError(f"The adapter needs a {self.architecture(meta.base_config)} base "
-                               f"({meta.base_config.get('caption_channels')}-d text), but this base is a "
-                               f"{self.architecture(mine)} ({mine.get('caption_channels')}-d text).")
+        return all(mine.get(key) == meta.base_config.get(key) for key in SHAPE_KEYS)
+
+    def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
+        """Swap in the adapter's gamma modules through `setter` (the swapper puts the plain ones back)."""
         if meta.method == "difffit":
             self.add_gamma(model, meta.gamma_blocks, meta.settings.get("gamma_placement", "branch"), setter)
 
@@ -195,15 +193,6 @@ class PixArtFamily(Family):
 
     def write_pipeline(self, base: PixArtBase, model: nn.Module, folder) -> None:
         write_pixart_pipeline(base, model, folder)
-
-    def lora_targets(self) -> dict[str, list[str]]:
-        return LORA_TARGETS
-
-    def default_lora_targets(self) -> tuple[str, ...]:
-        return ("to_q", "to_k", "to_v", "to_out.0")
-
-    def lora_groups(self) -> dict[str, list[str]]:
-        return {"attn": ["to_q", "to_k", "to_v", "to_out.0"], "mlp": ["ff.net.0.proj", "ff.net.2"]}
 
     def forward(self, model: nn.Module, base: PixArtBase | None):
         """`base` (its VAE factor) is needed only by the 1024-MS α model's pixel-size micro-conditions."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.hub import error_summary, hub_snapshot, split_hub_id
+from difffit_cli.engine.hub import error_summary, hub_ref, hub_snapshot
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.models.bases import state_dict_fingerprint
 from difffit_cli.engine.models.vae import Autoencoder, load_vae, vae_geometry
@@ -211,7 +211,7 @@ def load_pixart_base(spec: str, *, weights: bool = True) -> PixArtBase:
         if pipeline not in PIPELINES:
             raise DiffFitError(f"{path} is not a PixArt pipeline folder (model_index.json names {pipeline}).")
         return _load(spec, path / "transformer", Components(path), pipeline, "diffusers", None, weights)
-    repo_id, _ = split_hub_id(spec)
+    repo_id = hub_ref(spec).repo_id  # family_of_spec matched it as a Hub repo
     folder = _snapshot(repo_id, spec, weights)
     return _load(spec, folder / "transformer", Components(folder, repo_id), pipeline_class_of(folder), "hub",
                  repo_id, weights)

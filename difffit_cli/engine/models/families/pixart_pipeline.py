@@ -28,7 +28,7 @@ from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.models.families.pixart_bases import PixArtBase, pipeline_default, read_json
-from difffit_cli.engine.progress import library_bars_off, stderr_console
+from difffit_cli.engine.progress import library_bars_off, say
 
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
 # --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
@@ -104,9 +104,9 @@ def warn_truncated(texts: Sequence[str], tokenizer, max_tokens: int, what: str) 
     shown = "; ".join(f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({n} tokens)" for text, n in
                       long[:LONG_PROMPTS_SHOWN])
     more = f" and {len(long) - LONG_PROMPTS_SHOWN} more" if len(long) > LONG_PROMPTS_SHOWN else ""
-    stderr_console.print(f"[yellow]Warning:[/yellow] {len(long)} {what}(s) longer than the base's {max_tokens} "
-                         f"tokens are cut to {max_tokens}, as the pipeline does: {shown}{more}.",
-                         highlight=False, markup=True)
+    # Plain text, never markup: a prompt may hold [brackets].
+    say(("Warning:", "yellow"), f" {len(long)} {what}(s) longer than the base's {max_tokens} tokens are cut to "
+        f"{max_tokens}, as the pipeline does: {shown}{more}.")
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -139,7 +139,8 @@ def sampling_defaults(base: PixArtBase) -> dict:
 def pipeline_images(base: PixArtBase, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor],
                     generators: list[torch.Generator], *, cfg_scale: float, steps: int, scheduler: str,
                     width: int, height: int, device: torch.device, autocast_dtype: torch.dtype | None) -> np.ndarray:
-    """One batch through the pipeline: `text` and `negative` hold one row per image -> uint8 (B, H, W, 3)."""
+    """One batch through the pipeline: `text` and `negative` hold one row per image -> float (B, H, W, 3) in
+    [0, 1], the pipeline's own post-processing (`output_type="np"`)."""
     vae = base.vae(device, torch.float32)
     pipe = _pipeline_class(base.pipeline)(tokenizer=None, text_encoder=None, vae=vae.vae, transformer=base.model,
                                           scheduler=make_scheduler(base, scheduler))
@@ -154,8 +155,8 @@ def pipeline_images(base: PixArtBase, text: dict[str, torch.Tensor], negative: d
                       negative_prompt_embeds=negative["prompt_embeds"].to(device, dtype),
                       negative_prompt_attention_mask=negative["prompt_attention_mask"].to(device),
                       negative_prompt=None, guidance_scale=cfg_scale, num_inference_steps=steps, generator=generators,
-                      width=width, height=height, use_resolution_binning=False, output_type="pil").images
-    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+                      width=width, height=height, use_resolution_binning=False, output_type="np").images
+    return images
 
 
 # -- merge -----------------------------------------------------------------------------------------
