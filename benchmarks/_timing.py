@@ -14,6 +14,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -94,6 +96,42 @@ def result_name(env: dict) -> str:
     device = env.get("gpu") or f"cpu-x{env.get('cpu_threads', 1)}"
     raw = f"{device}_torch-{env['torch'].split('+')[0]}_{env['date'][:10]}"
     return re.sub(r"[^\w.-]+", "-", raw)
+
+
+class Worker:
+    """The parent's handle on one benchmark worker process: `script ARGV` answering one JSON line per request
+    (its first line when it is ready), so each contender's peak memory is its own while the parent
+    interleaves them."""
+
+    def __init__(self, script: str, argv: list[str], env: dict):
+        self.proc = subprocess.Popen([sys.executable, script, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self.reply()
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a benchmark worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+
+def without_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without `flags` and their values (given as `--flag value` or `--flag=value`): what a parent
+    passes on to its workers, which get their own values of those flags."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f"{f}=" for f in flags)):
+            out.append(arg)
+    return out
 
 
 def emit(report: dict) -> None:

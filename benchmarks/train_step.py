@@ -21,13 +21,22 @@ import itertools
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, synchronizer
+from _timing import (
+    Worker,
+    emit,
+    environment,
+    interleave,
+    paired_ratio,
+    small_mode,
+    spread,
+    synchronizer,
+    without_values,
+)
 
 from difffit_cli.engine.methods.trainable import METHODS
 from difffit_cli.engine.models.dit import config_for
@@ -140,26 +149,6 @@ def worker(args: argparse.Namespace) -> None:
             return
 
 
-class Worker:
-    """The parent's handle on one worker process."""
-
-    def __init__(self, argv: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, __file__, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-        self.ready = self.reply()
-
-    def reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"a benchmark worker exited with {self.proc.wait()}")
-        return json.loads(line)
-
-    def ask(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.reply()
-
-
 # -- the parent: contenders, interleaving, report -------------------------------------------------------
 
 
@@ -229,7 +218,7 @@ def main() -> None:
         return
     args.methods, args.precision, args.compile = (v.split(",") for v in (args.methods, args.precision, args.compile))
     runs, skipped = contenders(args)
-    common = _without_values(sys.argv[1:], ("--methods", "--precision", "--compile"))
+    common = without_values(sys.argv[1:], ("--methods", "--precision", "--compile"))
     workers, cold_cache = {}, tempfile.mkdtemp(prefix="inductor-cold-")
     shared_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.mkdtemp(prefix="inductor-")
     for method, precision, compile_ in runs:  # one at a time: a compile never competes with another
@@ -237,7 +226,7 @@ def main() -> None:
         cold = compile_ == "on" and not any(c == "on" for _, _, c in workers)
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cold_cache if cold else shared_cache}
         argv = [*common, "--worker", "--method", method, "--precision", precision, "--compile", compile_]
-        workers[(method, precision, compile_)] = Worker(argv, env)
+        workers[(method, precision, compile_)] = Worker(__file__, argv, env)
     handles = {contender_name(*key): w for key, w in workers.items()}
     times = interleave({name: (lambda w=w: w.ask(f"run {args.steps_per_repeat}")["s"]) for name, w in handles.items()},
                        args.repeats, warmup=0)
@@ -270,19 +259,6 @@ def main() -> None:
           "repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
           "threads_per_worker": args.threads or None, "contenders": results,
           "ratios": ratios(times, peaks, args), "skipped": skipped})
-
-
-def _without_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """argv without `flags` and their values (given as `--flag value` or `--flag=value`)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in flags:
-            skip = True
-        elif not arg.startswith(tuple(f"{f}=" for f in flags)):
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

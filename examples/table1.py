@@ -30,7 +30,7 @@ import torch
 
 from difffit_cli.engine.evaluation.metrics import evaluate
 from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.methods.adapter import describe_adapter
+from difffit_cli.engine.methods.sources import describe_adapter
 from difffit_cli.engine.methods.trainable import METHODS
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.train import fit

@@ -2,7 +2,10 @@
 
 `save_tiny_t5(folder)` writes `text_encoder/` (a T5EncoderModel) and `tokenizer/` (a T5 tokenizer
 trained with `tokenizers`), the layout of a diffusers pipeline folder; `tiny_clip_tokenizer()` trains
-a byte-level BPE wrapped as a CLIP tokenizer. Tests import this module; keep it small and importable.
+a byte-level BPE wrapped as a CLIP tokenizer; `make_tiny_pixart(folder)` saves a whole tiny PixArt
+pipeline (a few-block PixArtTransformer2DModel, the tiny T5, a small VAE and the scheduler the real
+pipelines ship) with the pipeline's own save_pretrained, so it loads through the same code path as a
+Hub id. Tests import this module; keep it small and importable.
 """
 
 from __future__ import annotations
@@ -94,3 +97,52 @@ def save_tiny_clip(folder: str | Path, model=None, seed: int = 0) -> Path:
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     model.save_pretrained(folder)
     return Path(folder)
+
+
+# -- PixArt -----------------------------------------------------------------------------------------
+
+IMAGE_PX = 16  # the tiny VAE downsamples by 2: 8x8 latents, 4x4 tokens of patch 2
+
+
+def make_tiny_transformer(layers: int = 4, text_width: int = 32, seed: int = 0, **overrides):
+    """A PixArtTransformer2DModel 16 wide (2 heads of 8), `layers` blocks, reading `text_width`-d text."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
+                  cross_attention_dim=16, sample_size=IMAGE_PX // 2, patch_size=2, caption_channels=text_width,
+                  norm_num_groups=4)
+    return PixArtTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline", layers: int = 4,
+                     seed: int = 0) -> Path:
+    """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`."""
+    import diffusers
+    from conftest import make_tiny_vae
+    from diffusers import DPMSolverMultistepScheduler
+
+    tokenizer = tiny_t5_tokenizer()
+    pipe = getattr(diffusers, pipeline)(
+        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(len(tokenizer), seed=seed), vae=make_tiny_vae(seed),
+        transformer=make_tiny_transformer(layers, seed=seed),
+        # The scheduler PixArt-α/Σ ship: DPM-Solver++ on linear betas 1e-4..0.02 over 1000 steps, its defaults.
+        scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def make_captioned_data(root: Path, per_caption: int = 6) -> Path:
+    """Flat-coloured images with sidecar captions naming the colour: learnable from the text alone."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for colour, channel in (("red", 0), ("blue", 2)):
+        for i in range(per_caption):
+            pixels = rng.integers(0, 30, (IMAGE_PX + 4, IMAGE_PX + 4, 3), dtype=np.uint8)
+            pixels[..., channel] = 220
+            Image.fromarray(pixels).save(root / f"{colour}-{i}.png")
+            (root / f"{colour}-{i}.txt").write_text(f"a {colour} square\n")
+    return root

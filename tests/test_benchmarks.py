@@ -45,3 +45,24 @@ def test_ring_allreduce_volume_and_the_scaling_table():
     assert one_gpu == pytest.approx(368 / 282, abs=1e-3)
     assert max(r["gpus"] for r in out["table"]["nvlink-900GB/s"]) == 8  # NVLink: one node
     assert out["peak_advantage"]["ethernet-100Gb/s"]["full/difffit_step_no_overlap"] > 2
+
+
+def test_pixart_train_runs_at_toy_size_on_the_cpu():
+    """The GPU stage's script end to end (DIFFFIT_BENCH_SMALL: the tiny PixArt and T5, batches 1 and 2)."""
+    import json
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DIFFFIT_BENCH_SMALL": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "pixart_train.py"), "--text", "cached,encode",
+                             "--repeats", "1", "--threads", "1"], capture_output=True, text=True, env=env,
+                            check=True, timeout=600)
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "pixart_train" and report["batch"] == 2
+    contenders = report["contenders"]
+    assert set(contenders) == {"difffit cached", "difffit encode", "full cached", "full encode"}
+    assert all(c["largest_batch"] == 2 and c["peak_mem_mb"] > 0 and c["img_per_s"] > 0 for c in contenders.values())
+    assert contenders["difffit cached"]["trainable_params"] < contenders["full cached"]["trainable_params"] / 10
+    assert {"difffit cached / full cached step time", "difffit encode / difffit cached peak memory"} <= \
+        set(report["ratios"])

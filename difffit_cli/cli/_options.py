@@ -62,8 +62,26 @@ Classes = Annotated[list[str] | None, typer.Option(
 CfgScale = Annotated[float, typer.Option(help="Guidance: 4.0 to look at, 1.5 for FID (the paper's); 1 = none.")]
 CfgChannels = Annotated[str, typer.Option(help="Guide '3' latent channels (reference) or 'all'.")]
 Scheduler = Annotated[str, typer.Option(help="ddpm (reference), ddim or dpm-solver.")]
+SampleCfgScale = Annotated[float | None, typer.Option(
+    "--cfg-scale", help="Guidance (default: DiT 4.0, to look at; a text-to-image base's pipeline's own, PixArt 4.5); "
+    "1.5 for DiT FIDs (the paper's); 1 = none.", show_default=False)]
+SampleScheduler = Annotated[str | None, typer.Option(
+    "--scheduler", help="DiT: ddpm (reference, the default), ddim or dpm-solver. Text-to-image: the pipeline's own "
+    "(the default; PixArt's is dpm-solver), dpm-solver, ddim, ddpm or euler.", show_default=False)]
+Prompts = Annotated[list[str] | None, typer.Option(
+    "--prompt", help="Text-to-image: a prompt; repeat for more (image i gets prompt i mod their number).",
+    show_default=False)]
+PromptsFile = Annotated[Path | None, typer.Option(
+    "--prompts", help="Text-to-image: a UTF-8 file of prompts, one per line (blank lines skipped).",
+    show_default=False)]
+NegativePrompt = Annotated[str, typer.Option(help="Text-to-image: what guidance steers away from (default: none).")]
+Width = Annotated[int | None, typer.Option(help="Text-to-image: width in pixels (default: the base's).",
+                                           show_default=False)]
+Height = Annotated[int | None, typer.Option(help="Text-to-image: height in pixels (default: the base's).",
+                                            show_default=False)]
 SamplingSteps = Annotated[int | None, typer.Option(
-    "--steps", help="Sampling steps (default: ddpm 250, ddim 50, dpm-solver 25).", show_default=False)]
+    "--steps", help="Sampling steps (default: DiT ddpm 250, ddim 50, dpm-solver 25; a pipeline's own, PixArt 20).",
+    show_default=False)]
 SamplingSeed = Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i), not on the batch size.")]
 SamplingBatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (per process).")]
 SamplingPrecision = Annotated[str, typer.Option("--mixed-precision", help="no (exact fp32), fp16 or bf16 autocast.")]
@@ -124,6 +142,9 @@ CaptionDropout = Annotated[float, typer.Option(
 MaxTextTokens = Annotated[int | None, typer.Option(
     help="Text-to-image: caption tokens the text encoder sees (default: the base's; PixArt-alpha 120, "
     "PixArt-Sigma 300).", show_default=False)]
+ValidationPrompts = Annotated[list[str] | None, typer.Option(
+    "--validation-prompt", help="Text-to-image: a prompt of the preview grids (fixed seeds, step 0 included); repeat "
+    "for more (default: the data's first captions).", show_default=False)]
 ClassBalance = Annotated[bool, typer.Option(
     "--class-balance", help="Draw every class equally often, whatever its image count.")]
 Repeats = Annotated[int, typer.Option(

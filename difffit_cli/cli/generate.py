@@ -18,10 +18,15 @@ def sample(
     base: opt.AdapterBase = None,
     vae: opt.Vae = None,
     classes: opt.Classes = None,
-    cfg_scale: opt.CfgScale = 4.0,
+    prompts: opt.Prompts = None,
+    prompts_file: opt.PromptsFile = None,
+    negative_prompt: opt.NegativePrompt = "",
+    width: opt.Width = None,
+    height: opt.Height = None,
+    cfg_scale: opt.SampleCfgScale = None,
     cfg_channels: opt.CfgChannels = "3",
     steps: opt.SamplingSteps = None,
-    scheduler: opt.Scheduler = "ddpm",
+    scheduler: opt.SampleScheduler = None,
     seed: opt.SamplingSeed = 0,
     batch_size: opt.SamplingBatchSize = 16,
     mixed_precision: opt.SamplingPrecision = "no",
@@ -35,9 +40,10 @@ def sample(
 ) -> None:
     """Generate images from an adapter, a merged model or a base.
 
-    Writes OUT/000000.png ..., OUT/grid.png, OUT/sample.json (the settings) and, with --npz,
-    OUT/samples.npz for OpenAI's ADM evaluator. Several adapters of one base load it once.
-    Under `accelerate launch` the images are split over the processes.
+    Writes OUT/000000.png ..., OUT/grid.png, OUT/sample.json (the settings, and each image's prompt) and,
+    with --npz, OUT/samples.npz for OpenAI's ADM evaluator. Several adapters of one base load it once.
+    Under `accelerate launch` the images are split over the processes. Image i depends only on the seed,
+    its class or prompt, and i.
 
     [bold]Examples[/bold]
 
@@ -46,6 +52,12 @@ def sample(
 
       [dim]# two named classes, 25 DPM-Solver steps[/dim]
       difffit sample adapter.safetensors --class pizza --class sushi --scheduler dpm-solver
+
+      [dim]# a text-to-image adapter (PixArt): 4 images of one prompt, at the pipeline's guidance and steps[/dim]
+      difffit sample runs/ramen/adapter.safetensors --prompt "a bowl of ramen, studio light" -n 4
+
+      [dim]# prompts from a file, 768x512, 30 steps, guidance 5[/dim]
+      difffit sample adapter.safetensors --prompts prompts.txt --width 768 --height 512 --steps 30 --cfg-scale 5
 
       [dim]# FID samples (paper setting) on 8 GPUs, one npz[/dim]
       accelerate launch --num_processes 8 -m difffit_cli sample adapter.safetensors \\
@@ -57,13 +69,14 @@ def sample(
       [dim]# sample again into the same folder: replaces (and removes) only difffit's own earlier samples[/dim]
       difffit sample runs/food101/adapter.safetensors -n 8 --overwrite
     """
-    from difffit_cli.engine.evaluation.sample import SamplingOptions
+    from difffit_cli.engine.evaluation.sample import SamplingOptions, read_prompts
     from difffit_cli.engine.methods.sources import sample_sources
 
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                               seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
-                              compile=compile)
-    summary = sample_sources(sources, n, options, out=out, classes=classes, base=base, vae=vae,
+                              compile=compile, negative_prompt=negative_prompt, width=width, height=height)
+    prompts = [*(prompts or []), *(read_prompts(prompts_file) if prompts_file is not None else [])]
+    summary = sample_sources(sources, n, options, out=out, classes=classes, prompts=prompts, base=base, vae=vae,
                              force_base=force_base, npz=npz, overwrite=overwrite)
     if not is_main_process():
         return
@@ -79,10 +92,11 @@ def merge(
         metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
-    fmt: Annotated[str, typer.Option(
-        "--format", help="original: one .safetensors that --base accepts; diffusers: a DiTPipeline folder; "
-        "peft: a LoRA adapter folder for peft.PeftModel.from_pretrained")
-    ] = "original",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (PixArt's "
+        "default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
+        "peft.PeftModel.from_pretrained", show_default=False)
+    ] = None,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,

@@ -37,6 +37,9 @@ Outputs in --out: adapter.safetensors, checkpoints/, samples/, log.jsonl, config
   [dim]# a Hugging Face dataset (downloaded once; also a save_to_disk or parquet folder)[/dim]
   difffit fit hf:OWNER/NAME:train --base DiT-XL/2-256 --image-column image --label-column label
 
+  [dim]# text-to-image: PixArt-α 512 on captioned images (NAME.txt beside NAME.png, or metadata.jsonl)[/dim]
+  difffit fit ./my_captioned_images --base PixArt-alpha/PixArt-XL-2-512x512 --validation-prompt "a bowl of ramen"
+
   [dim]# a tiny CPU run to see everything work[/dim]
   difffit fit ./images --base random:DiT-S/2 --vae identity --resolution 32 --steps 50 --batch-size 8
 """
@@ -129,6 +132,7 @@ def fit(
     caption_template: opt.CaptionTemplate = None,
     caption_dropout: opt.CaptionDropout = 0.1,
     max_text_tokens: opt.MaxTextTokens = None,
+    validation_prompts: opt.ValidationPrompts = None,
     class_balance: opt.ClassBalance = False,
     repeats: opt.Repeats = 1,
     snr_gamma: opt.SnrGamma = None,

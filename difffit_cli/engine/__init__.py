@@ -15,7 +15,7 @@ import importlib
 
 _EXPORTS = {
     "FitConfig": "training.config", "FitResult": "training.config", "fit": "training.train",
-    "load_base": "models.bases", "SamplingOptions": "evaluation.sample", "generate": "evaluation.sample",
+    "load_base": "models.families", "SamplingOptions": "evaluation.sample", "generate": "evaluation.sample",
     "sample_to_folder": "evaluation.sample_folder", "evaluate": "evaluation.metrics",
     "merge_adapter": "methods.merge", "load_source": "methods.sources",
     "attach_captions": "data.captions", "text_embeddings": "data.text_cache", "clip_score": "evaluation.clip_score",

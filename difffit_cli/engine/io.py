@@ -64,6 +64,8 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: st
         # the modes of the user's umask, as any file they create would.
         umask = _umask()
         for item in (tmp, *tmp.rglob("*")) if tmp.is_dir() else (tmp,):
+            if item.is_symlink() or (item.is_file() and item.stat().st_nlink > 1):
+                continue  # a link to another's file (a merged pipeline's unchanged parts): its modes are not ours
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
         if tmp.is_dir() and path.is_dir():
             if any(path.iterdir()) and not has_marker(path):

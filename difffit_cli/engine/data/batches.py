@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from difffit_cli.engine.data.latents import CachedLatents, EncodedLatents
+from difffit_cli.engine.data.text_cache import TextEmbeddings
 from difffit_cli.engine.errors import DiffFitError
 
 # DataOrder shuffles an epoch in memory (about 40 bytes an item with its cached permutations), so --repeats
@@ -130,18 +131,56 @@ class Split:
         return step * self.batch_size + (micro * self.world + self.rank) * self.per_process
 
 
-class Batches:
-    """Micro-batches (latents x0, labels) for the training loop, drawn from cached or encoded latents."""
+class Labels:
+    """Class labels as what the model is conditioned on (DiT; its label dropout happens in the model)."""
 
-    def __init__(self, latents: CachedLatents | EncodedLatents, labels: list[int], latent_shape: tuple[int, ...],
-                 split: Split, order: DataOrder, device: torch.device):
-        self.latents, self.labels = latents, torch.tensor(labels)
+    def __init__(self, labels: Sequence[int]):
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+
+    def take(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return self.labels[index]
+
+
+class Captions:
+    """Caption embeddings as what the model is conditioned on (text-to-image families).
+
+    With probability `dropout` an item's caption is replaced by the empty caption's embeddings, the
+    unconditional input the pipelines' guidance uses, drawn from the step's generator `g` (so a resumed
+    run drops exactly the captions an uninterrupted one does).
+    """
+
+    def __init__(self, embeddings: TextEmbeddings, dropout: float):
+        self.embeddings, self.dropout = embeddings, dropout
+        self.empty = embeddings.of("") if dropout else None
+
+    def take(self, index: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        rows = self.embeddings.take(index)
+        if self.dropout:
+            drop = torch.rand(len(index), generator=g) < self.dropout
+            for name, tensor in rows.items():
+                tensor[drop] = self.empty[name].to(tensor.dtype)
+        return rows
+
+
+def to_device(conditions: torch.Tensor | dict[str, torch.Tensor], device: torch.device):
+    if isinstance(conditions, dict):
+        return {name: tensor.to(device, non_blocking=True) for name, tensor in conditions.items()}
+    return conditions.to(device)
+
+
+class Batches:
+    """Micro-batches (latents x0, conditions: labels or caption embeddings) for the training loop, drawn from
+    cached or encoded latents."""
+
+    def __init__(self, latents: CachedLatents | EncodedLatents, conditions: Labels | Captions,
+                 latent_shape: tuple[int, ...], split: Split, order: DataOrder, device: torch.device):
+        self.latents, self.conditions = latents, conditions
         self.latent_shape, self.split, self.order, self.device = latent_shape, split, order, device
 
-    def micro_batch(self, step: int, micro: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_batch(self, step: int, micro: int, g: torch.Generator):
         n = self.split.per_process
         index = self.order.take(self.split.start(step, micro), n)
         flips = torch.randint(0, 2, (n,), generator=g)
         latent_noise = torch.randn((n, *self.latent_shape), generator=g)
         x0 = self.latents.draw(index, flips, latent_noise, self.device)
-        return x0, self.labels[index].to(self.device)
+        return x0, to_device(self.conditions.take(index, g), self.device)

@@ -21,7 +21,7 @@ from PIL import Image
 from difffit_cli.engine.devices import resolve_device
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
-from difffit_cli.engine.progress import say, track
+from difffit_cli.engine.progress import library_bars_off, say, track
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-image papers score with
 
@@ -74,20 +74,15 @@ def load_clip(spec: str, device: torch.device):
     """(CLIPModel in float32 on `device`, CLIPProcessor) from a folder or a hub id (the Hugging Face cache;
     downloaded once unless downloads are off)."""
     from transformers import CLIPModel, CLIPProcessor
-    from transformers.utils import logging as transformers_logging
 
     folder = clip_folder(spec)
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load: noise beside ours
     try:
-        model = CLIPModel.from_pretrained(folder, use_safetensors=True)
-        processor = CLIPProcessor.from_pretrained(folder)
+        with library_bars_off():
+            model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+            processor = CLIPProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise DiffFitError(f"Cannot load the CLIP model {spec} from {folder} ({error_summary(exc)}).",
                            hint="--clip-model takes a hub id or a folder with a CLIPModel and its processor.") from None
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
     return model.float().eval().to(device), processor
 
 

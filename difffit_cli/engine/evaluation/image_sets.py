@@ -29,6 +29,7 @@ from difffit_cli.engine.evaluation.sample import SamplingOptions, generate_batch
 from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest, sample_images, sample_prompts
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.methods.sources import load_source
+from difffit_cli.engine.models.families import family_of
 
 if TYPE_CHECKING:
     from difffit_cli.engine.models.bases import Base
@@ -139,6 +140,10 @@ class ModelSamples:
                     progress: bool = True) -> ModelSamples:
         """eval-fid's GENERATED when it names an adapter or a base."""
         base, _ = load_source(source, base=model.base, vae=model.vae, force_base=model.force_base)
+        if not family_of(base).class_table:
+            raise DiffFitError(f"{source} is a text-to-image model; eval-fid samples class-conditional ones only.",
+                               hint=f"Sample it by prompt first (difffit sample {source} --prompts FILE -n N), then "
+                               "give eval-fid that folder.")
         classes = parse_classes(model.classes or [], base.class_names, base.model.config.num_classes)
         return cls(base, DEFAULT_NUM_SAMPLES if count is None else count, model.sampling, device, classes=classes,
                    progress=progress, name=source)

@@ -17,14 +17,24 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from difffit_cli.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit_cli.engine.devices import autocast_dtype, resolve_device
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.models.dit import DiT
-from difffit_cli.engine.models.schedulers import DPMSolverSampler, ReferenceSampler, checked_steps, make_sampler
+from difffit_cli.engine.models.families import FAMILIES, family_of
+from difffit_cli.engine.models.schedulers import (
+    SCHEDULERS,
+    DPMSolverSampler,
+    ReferenceSampler,
+    checked_steps,
+    make_sampler,
+)
 from difffit_cli.engine.models.speed import compile_blocks, padded_batch, resolve_compile
 from difffit_cli.engine.progress import make_progress
 
@@ -62,22 +72,34 @@ class SamplingOptions:
     is what sample.json records.
     """
 
-    cfg_scale: float = 4.0
-    cfg_channels: str = "3"  # guide the first 3 latent channels (the reference) or "all"
-    scheduler: str = "ddpm"  # one of SCHEDULERS
-    steps: int | None = None  # None: DEFAULT_STEPS[scheduler]
+    cfg_scale: float | None = 4.0  # None: the base's family's default (DiT 4.0, a pipeline's own)
+    cfg_channels: str = "3"  # DiT: guide the first 3 latent channels (the reference) or "all"
+    scheduler: str | None = "ddpm"  # DiT: one of SCHEDULERS; text families: their names; None: the default
+    steps: int | None = None  # None: the scheduler's (DiT: DEFAULT_STEPS) or the pipeline's default
     seed: int = 0
     batch_size: int = 16
     mixed_precision: str = "no"  # no (exact fp32), fp16 or bf16 autocast
     device: str = "auto"
     compile: str = "off"  # auto (on CUDA), on or off: each DiT block compiled once, last batch padded
+    negative_prompt: str = ""  # text families: the unconditional branch of guidance ("": the pipelines')
+    width: int | None = None  # text families: image size in pixels (default: the base's resolution)
+    height: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.cfg_scale):
+        if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
             raise DiffFitError(f"--cfg-scale must be a finite number (got {self.cfg_scale}).")
         if self.cfg_channels not in ("3", "all"):
             raise DiffFitError(f"--cfg-channels must be 3 or all (got {self.cfg_channels!r}).")
-        checked_steps(self.scheduler, self.steps)
+        known = list(dict.fromkeys(name for family in FAMILIES.values() for name in family.schedulers))
+        if self.scheduler is not None and self.scheduler not in known:
+            raise DiffFitError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(known)}.")
+        if self.scheduler in SCHEDULERS:  # DiT's names (text families take them too): their step rules
+            checked_steps(self.scheduler, self.steps)
+        elif self.steps is not None and not 1 <= self.steps <= 1000:
+            raise DiffFitError(f"--steps must be between 1 and 1000 (got {self.steps}).")
+        for name in ("width", "height"):
+            if getattr(self, name) is not None:
+                require_at_least(f"--{name}", getattr(self, name), 8)
         require_at_least("--batch-size", self.batch_size, 1)
         require_at_least("--seed", self.seed, 0)
         autocast_dtype(self.mixed_precision)
@@ -86,7 +108,19 @@ class SamplingOptions:
 
     @property
     def num_steps(self) -> int:
-        return checked_steps(self.scheduler, self.steps)
+        return self.steps if self.scheduler not in SCHEDULERS else checked_steps(self.scheduler, self.steps)
+
+    def for_base(self, base) -> SamplingOptions:
+        """These options with the base's family's defaults where none were given (cfg scale, scheduler,
+        steps), and checked against what the family offers."""
+        defaults = family_of(base).sampling_defaults(base)
+        family = family_of(base)
+        resolved = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if resolved.scheduler not in family.schedulers:
+            raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
+                               f"{', '.join(family.schedulers)}.")
+        family.check_sample_size(base, self.width, self.height)
+        return resolved
 
     @property
     def guided_channels(self) -> int | str:
@@ -168,6 +202,21 @@ def sample_denoised(
     return x
 
 
+def check_finite(images: torch.Tensor | np.ndarray, batch: list[int], options: SamplingOptions) -> None:
+    """Refuse NaN or inf pixels, which the conversion to bytes would turn into black images."""
+    if not bool(np.isfinite(images).all() if isinstance(images, np.ndarray) else torch.isfinite(images).all()):
+        raise DiffFitError(
+            f"Sampling produced NaN or inf values (images {batch[0]}-{batch[-1]}); they would be black images, "
+            "so nothing more is written or scored.",
+            hint=f"Lower --cfg-scale (now {options.cfg_scale:g}), or use --mixed-precision no; an adapter whose "
+                 "training diverged samples this way too.")
+
+
+def to_bytes(images: np.ndarray) -> np.ndarray:
+    """A pipeline's float images in [0, 1] (N, H, W, 3) -> uint8, as diffusers' numpy_to_pil converts them."""
+    return (images * 255).round().astype(np.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 on the CPU, the reference sample_ddp.py way."""
     return (
@@ -210,6 +259,20 @@ def parse_classes(
     return out
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompts file: UTF-8, one prompt per line, blank lines skipped; one sentence for anything wrong."""
+    path = Path(path)
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise DiffFitError(f"The prompts file {path} is not UTF-8 text.", hint="Save it as UTF-8.") from None
+    except OSError as exc:
+        raise DiffFitError(f"Cannot read the prompts file {path} ({exc.strerror or exc}).") from None
+    if not prompts:
+        raise DiffFitError(f"The prompts file {path} holds no prompt.", hint="Write one prompt per line.")
+    return prompts
+
+
 def resolve_labels(num_classes: int, classes: Sequence[int] | None, indices: Sequence[int]) -> list[int]:
     """Sample i gets classes[i % len(classes)]; by default the classes in turn."""
     classes = list(range(num_classes)) if not classes else [int(c) for c in classes]
@@ -227,19 +290,55 @@ def generate_batches(
     options: SamplingOptions,
     *,
     classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    embeddings: TextEmbeddings | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (sample indices, uint8 images (B, H, W, 3)) batch by batch, so callers can write as they go.
 
-    float32 (`mixed_precision="no"`) is the exact reference numerics; bf16 / fp16 run model and decoder
-    under autocast. `device` overrides `options.device` (a launcher's process device). Moves
-    `base.model` to the device.
+    Sample i is of class classes[i % len(classes)] (class-conditional bases) or prompt prompts[i %
+    len(prompts)] (text-conditional ones; `embeddings`, when given, already holds the prompts' embeddings,
+    as fit's previews do). float32 (`mixed_precision="no"`) is the exact reference
+    numerics; bf16 / fp16 run model and decoder under autocast. `device` overrides `options.device` (a
+    launcher's process device). Moves `base.model` to the device.
     """
     from rich.progress import TextColumn
 
     indices = [int(i) for i in indices]
     device = torch.device(device) if device is not None else resolve_device(options.device)
+    options = options.for_base(base)
+    check_conditioning(base, classes, prompts)
+    if family_of(base).conditioning == "text":
+        batch_images = _text_batches(base, indices, options, prompts, device, embeddings)
+    else:
+        batch_images = _class_batches(base, indices, options, classes, device)
+    with make_progress(TextColumn("{task.fields[rate]}"), enabled=progress) as bar:
+        task = bar.add_task("Sampling", total=len(indices), rate="")
+        start = time.perf_counter()
+        for lo in range(0, len(indices), options.batch_size):
+            batch = indices[lo : lo + options.batch_size]
+            images = batch_images(lo, batch)
+            done = lo + len(batch)
+            bar.update(task, advance=len(batch), rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+            yield batch, images
+
+
+def check_conditioning(base: Base, classes: Sequence | None, prompts: Sequence[str] | None) -> None:
+    """Classes for a class-conditional base, prompts (at least one) for a text-to-image one."""
+    family = family_of(base)
+    if (classes and family.conditioning != "class") or (prompts and family.conditioning != "text"):
+        given, wanted = ("--class", "--prompt") if classes else ("--prompt", "--class")
+        what = "text" if family.conditioning == "text" else "classes"
+        raise DiffFitError(f"{given} does not apply to {base.spec}, a {family.title} base conditioned on {what}; "
+                           f"use {wanted}.")
+    if family.conditioning == "text" and not prompts:
+        raise DiffFitError(f"{base.spec} is a text-to-image base; give it --prompt TEXT or --prompts FILE.")
+
+
+def _class_batches(base: Base, indices: list[int], options: SamplingOptions, classes: Sequence[int] | None,
+                   device: torch.device) -> Callable[[int, list[int]], torch.Tensor]:
+    """DiT: `images(lo, batch)` for the batch starting at position `lo`, through the reference samplers."""
     model = base.model.to(device).eval()
     labels_all = resolve_labels(model.config.num_classes, classes, indices)
     sampler = make_sampler(options.scheduler, options.steps)
@@ -248,39 +347,47 @@ def generate_batches(
     compiled = resolve_compile(options.compile, device)
     if compiled:
         compile_blocks(model)
-    with make_progress(TextColumn("{task.fields[rate]}"), enabled=progress) as bar:
-        task = bar.add_task("Sampling", total=len(indices), rate="")
-        start = time.perf_counter()
-        for lo in range(0, len(indices), options.batch_size):
-            batch = indices[lo : lo + options.batch_size]
-            labels = labels_all[lo : lo + options.batch_size]
-            # Compiled: every batch at the full size (the last one padded), so one graph serves the run.
-            padded, real = padded_batch(batch, options.batch_size) if compiled else (batch, len(batch))
-            labels = torch.tensor(labels + labels[-1:] * (len(padded) - real), device=device)
-            latents = sample_denoised(
-                model,
-                labels,
-                sample_generators(options.seed, padded),
-                cfg_scale=options.cfg_scale,
-                cfg_channels=options.guided_channels,
-                scheduler=sampler,
-                autocast_dtype=mixed,
-            )[:real]
-            with (
-                torch.inference_mode(),
-                torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),
-            ):
-                decoded = vae.decode(latents)
-            if not torch.isfinite(decoded).all():  # to_uint8 would turn them into black images
-                raise DiffFitError(
-                    f"Sampling produced NaN or inf values (images {batch[0]}-{batch[-1]}); they would be black "
-                    "images, so nothing more is written or scored.",
-                    hint=f"Lower --cfg-scale (now {options.cfg_scale:g}), or use --mixed-precision no; an adapter "
-                         "whose training diverged samples this way too.")
-            images = to_uint8(decoded)
-            done = lo + len(batch)
-            bar.update(task, advance=len(batch), rate=f"{done / (time.perf_counter() - start):.2f} img/s")
-            yield batch, images
+
+    def images(lo: int, batch: list[int]) -> torch.Tensor:
+        labels = labels_all[lo : lo + len(batch)]
+        # Compiled: every batch at the full size (the last one padded), so one graph serves the run.
+        padded, real = padded_batch(batch, options.batch_size) if compiled else (batch, len(batch))
+        labels = torch.tensor(labels + labels[-1:] * (len(padded) - real), device=device)
+        latents = sample_denoised(model, labels, sample_generators(options.seed, padded), cfg_scale=options.cfg_scale,
+                                  cfg_channels=options.guided_channels, scheduler=sampler, autocast_dtype=mixed)[:real]
+        with torch.inference_mode(), torch.autocast(device.type, dtype=mixed or torch.float32,
+                                                    enabled=mixed is not None):
+            decoded = vae.decode(latents)
+        check_finite(decoded, batch, options)
+        return to_uint8(decoded)
+
+    return images
+
+
+def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prompts: Sequence[str],
+                  device: torch.device, embeddings: TextEmbeddings | None) -> Callable[[int, list[int]], torch.Tensor]:
+    """Text families: `images(lo, batch)` through the family's pipeline. Each distinct prompt (and the
+    negative prompt) is encoded once, on its own, so its embedding does not depend on the other prompts
+    of the run; the text encoder is freed before the first image."""
+    family = family_of(base)
+    per_image = [prompts[i % len(prompts)] for i in indices]
+    if embeddings is None:
+        encode = family.prompt_encoder(base, device, base.max_text_tokens)
+        embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
+                                     extra=[options.negative_prompt])
+        del encode  # the encoder goes with it (T5-XXL: 9 GB)
+    negative = embeddings.of(options.negative_prompt)
+    base.model.to(device).eval()
+
+    def images(lo: int, batch: list[int]) -> torch.Tensor:
+        rows = [embeddings.of(prompt) for prompt in per_image[lo : lo + len(batch)]]
+        text = {name: torch.cat([row[name] for row in rows]) for name in negative}
+        unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
+        out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
+        check_finite(out, batch, options)
+        return torch.from_numpy(to_bytes(out))
+
+    return images
 
 
 def generate(
@@ -289,13 +396,14 @@ def generate(
     options: SamplingOptions | None = None,
     *,
     classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    embeddings: TextEmbeddings | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches`."""
     if n < 1:
         raise DiffFitError(f"-n must be at least 1 (got {n}).")
-    batches = generate_batches(
-        base, range(n), options or SamplingOptions(), classes=classes, device=device, progress=progress
-    )
+    batches = generate_batches(base, range(n), options or SamplingOptions(), classes=classes, prompts=prompts,
+                               embeddings=embeddings, device=device, progress=progress)
     return torch.cat([images for _, images in batches])

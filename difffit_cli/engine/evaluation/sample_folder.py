@@ -196,6 +196,7 @@ def sample_to_folder(
     options: SamplingOptions,
     *,
     classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
     npz: bool = False,
     state=None,
     progress: bool = True,
@@ -206,12 +207,13 @@ def sample_to_folder(
 
     `state` (an accelerate PartialState) shards the indices over processes; each writes its own
     PNGs and the main process gathers them into the grid and the npz. sample.json records the base,
-    `record` (e.g. the source and its adapter metadata), n, the classes, `options`, the files this
-    run wrote (a later run into the same folder, with `overwrite`, removes only those) and whether it
-    finished. Returns a summary.
+    `record` (e.g. the source and its adapter metadata), n, the classes or each sample's prompt, `options`,
+    the files this run wrote (a later run into the same folder, with `overwrite`, removes only those) and
+    whether it finished. Returns a summary.
     """
     if n < 1:
         raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    options = options.for_base(base)
     folder = Path(folder)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = state.device if state is not None else resolve_device(options.device)
@@ -224,6 +226,7 @@ def sample_to_folder(
         "vae": base.vae_spec,
         "n": n,
         "classes": list(classes) if classes is not None else None,
+        **({"prompts": [prompts[i % len(prompts)] for i in range(n)]} if prompts else {}),
         **options.to_dict(),
         "device": str(device),
         "dtype": str(options.dtype),
@@ -238,9 +241,8 @@ def sample_to_folder(
         if state is not None:
             state.wait_for_everyone()
         start = time.perf_counter()
-        batches = generate_batches(
-            base, shard(n, rank, world), options, classes=classes, device=device, progress=progress and is_main
-        )
+        batches = generate_batches(base, shard(n, rank, world), options, classes=classes, prompts=prompts,
+                                   device=device, progress=progress and is_main)
         for batch, images in batches:
             save_pngs(images, folder, start=batch[0])
         if state is not None:

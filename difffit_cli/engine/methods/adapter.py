@@ -28,16 +28,11 @@ from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
 from difffit_cli.engine.io import atomic_path
 from difffit_cli.engine.methods.baselines import MethodSettings, add_method_modules
-from difffit_cli.engine.methods.trainable import (
-    CLASS_TABLE,
-    added_reference,
-    describe_method,
-    prepare_model,
-    trainable_parameters,
-)
-from difffit_cli.engine.models.dit import DiT, DiTConfig
+from difffit_cli.engine.methods.trainable import CLASS_TABLE, prepare_model, trainable_parameters
+from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.models.families import family_named, family_of
+from difffit_cli.engine.models.family import Family, added_reference
 from difffit_cli.engine.models.formats import damaged_file, read_safetensors_header
-from difffit_cli.engine.models.resolution import set_resolution
 
 if TYPE_CHECKING:
     from difffit_cli.engine.models.bases import Base
@@ -57,8 +52,8 @@ class AdapterMeta:
     gamma_blocks: list[int]
     base_spec: str
     base_fingerprint: str
-    base_config: dict  # the base's DiTConfig as loaded (classes, latent size) -- what the fingerprint covers
-    config: dict  # the adapted model's DiTConfig (new classes, new resolution)
+    base_config: dict  # the base model's config as loaded (DiT: classes, latent size) -- what the fingerprint covers
+    config: dict  # the adapted model's config (DiT: new classes, new resolution)
     vae_spec: str
     vae_factor: int = 8
     new_class_table: bool = False
@@ -68,38 +63,39 @@ class AdapterMeta:
     settings: dict = field(default_factory=dict)  # the method's settings (MethodSettings.for_method)
     storage: str = "delta"  # "delta" (fp16 default) or "values" (fp32); set by save_adapter
     dtype: str = "fp16"
+    family: str = "dit"  # the model family (engine/models/families); files from before families are DiT's
     checksum: str | None = None  # of the stored tensors (tensors_checksum), set by save_adapter; older files: None
     difffit_version: str = __version__
     format: str = FORMAT
     version: int = VERSION
 
     @property
-    def dit_config(self) -> DiTConfig:
-        return DiTConfig(**self.config)
+    def model_family(self) -> Family:
+        return family_named(self.family)
 
     @property
     def architecture(self) -> str:
-        return self.dit_config.name
+        return self.model_family.architecture(self.config)
 
     @property
-    def num_classes(self) -> int:
-        return self.config["num_classes"]
+    def num_classes(self) -> int | None:
+        return self.config.get("num_classes")  # None: a text-conditional family
 
     @property
-    def null_index(self) -> int:
+    def null_index(self) -> int | None:
         return self.num_classes
 
     @property
     def latent_size(self) -> int:
-        return self.config["input_size"]
+        return self.model_family.latent_size(self.config)
 
     @property
     def resolution(self) -> int:
         return self.latent_size * self.vae_factor
 
     @property
-    def pos_embed_scale(self) -> float:
-        return self.config["pos_embed_scale"]
+    def pos_embed_scale(self) -> float | None:
+        return self.config.get("pos_embed_scale")
 
     @property
     def method_settings(self) -> MethodSettings:
@@ -113,32 +109,36 @@ class AdapterMeta:
         return out
 
 
-def make_meta(base: Base, model: DiT, method: str, *, new_class_table: bool, class_names=None,
-              training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | None = None,
+def make_meta(base: Base, model: nn.Module, method: str, *, new_class_table: bool = False, class_names=None,
+              training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | dict | None = None,
               settings: MethodSettings | None = None) -> AdapterMeta:
     """Metadata for `model`, prepared by `prepare_model` from `base`. Pass `base_config` when the base's
     model was changed in place since loading (upscale-res moves it to a new resolution)."""
+    family = family_of(model)
+    if base_config is None:
+        base_config = family.config_of(base.model)
     return AdapterMeta(
         method=method,
-        gamma_blocks=model.gamma_blocks,
+        gamma_blocks=family.gamma_blocks(model),
         base_spec=base.spec,
         base_fingerprint=base.fingerprint,
-        base_config=(base_config or base.config).to_dict(),
-        config=model.config.to_dict(),
+        base_config=base_config.to_dict() if isinstance(base_config, DiTConfig) else dict(base_config),
+        config=family.config_of(model),
         vae_spec=base.vae_spec,
         vae_factor=base.vae_factor,
         new_class_table=new_class_table,
         class_names=list(class_names) if class_names is not None else None,
         pos_embed=pos_embed,
         training=dict(training or {}),
-        settings=(settings or MethodSettings()).for_method(method),
+        settings=(settings or MethodSettings()).for_method(method, family),
+        family=family.name,
     )
 
 
 def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
     """The tensors an adapter with this metadata holds, from a meta-device model (no memory)."""
     with torch.device("meta"):
-        model = DiT(DiTConfig(**meta.base_config))
+        model = meta.model_family.empty_model(meta.base_config)
         prepare_model(model, meta.method, meta.gamma_blocks, meta.num_classes, new_classes=meta.new_class_table,
                       settings=meta.method_settings)
     return {name: p.shape for name, p in trainable_parameters(model).items()}
@@ -150,7 +150,7 @@ def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def save_adapter(path, model: DiT, base_state: dict[str, torch.Tensor], meta: AdapterMeta,
+def save_adapter(path, model: nn.Module, base_state: dict[str, torch.Tensor], meta: AdapterMeta,
                  dtype: str = "fp16") -> None:
     """Write the trained tensors of `model` (those `meta` names) to `path`, atomically."""
     from safetensors.torch import save_file
@@ -290,8 +290,8 @@ def _parse_meta(path: Path, header: dict) -> AdapterMeta:
     try:
         meta = AdapterMeta(**{k: v for k, v in raw.items() if k in known})
         for config in (meta.config, meta.base_config):
-            DiTConfig(**config)
-    except TypeError as exc:
+            meta.model_family.check_config(config)
+    except (TypeError, ValueError) as exc:
         raise DiffFitError(f"{path} has incomplete adapter metadata ({exc}); re-save the adapter.") from None
     if meta.storage not in ("delta", "values"):
         raise DiffFitError(f"{path} has unknown tensor storage {meta.storage!r}.")
@@ -306,14 +306,14 @@ def _parse_meta(path: Path, header: dict) -> AdapterMeta:
 class AdapterSwapper:
     """Apply adapters to one loaded base and take them off again, in milliseconds.
 
-    `apply` replaces the touched Parameter objects (and pos_embed, the class table, gamma) with new
+    `apply` replaces the touched Parameter objects (and DiT's pos_embed and class table, gamma) with new
     ones, adds the modules its method adds (LoRA layers, adapters, prompts) and keeps every original;
     `restore` puts the originals back, so the base is bit-identical afterwards, whatever the method,
     and nothing of the base is ever copied.
     """
 
     def __init__(self, base: Base):
-        self.model: DiT = base.model
+        self.model: nn.Module = base.model
         self.spec = base.spec
         self._saved: list[tuple[nn.Module, str, object]] = []
         self._flags: list[tuple[nn.Parameter, bool]] = []
@@ -326,27 +326,17 @@ class AdapterSwapper:
     def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
         self.restore()
         model = self.model
-        check_base_architecture(meta, model.config, self.spec)
-        like = model.x_embedder.proj.weight
+        check_base_architecture(meta, model, self.spec)
+        like = next(model.parameters())
         try:
-            self._set(model, "config", model.config)
-            current = (model.config.input_size, model.config.pos_embed_scale)
-            if current != (meta.latent_size, meta.pos_embed_scale):
-                self._set(model, "pos_embed", model.pos_embed)
-                set_resolution(model, meta.latent_size, meta.pos_embed_scale)
-            if meta.new_class_table:
-                self._set(model.y_embedder, "num_classes", model.y_embedder.num_classes)
-                table = model.y_embedder.embedding_table
-                self._set(table, "num_embeddings", table.num_embeddings)
-                model.y_embedder.num_classes = meta.num_classes
-                table.num_embeddings = meta.num_classes + 1
-                model.config = dataclasses.replace(model.config, num_classes=meta.num_classes)
+            # The base takes the adapted model's shape (DiT: resolution, class table; PixArt: gamma modules).
+            family_of(model).shape_for_adapter(model, meta, self._set)
             # peft marks the base's parameters frozen when it injects LoRA: remember the flags too.
             self._flags = [(p, p.requires_grad) for p in model.parameters()]
             with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten below
                 add_method_modules(model, meta.method, meta.method_settings, self._set)
             for name, stored in tensors.items():
-                module_name, leaf = name.rsplit(".", 1)
+                module_name, _, leaf = name.rpartition(".")  # PixArt's final scale_shift_table has no module
                 module = model.get_submodule(module_name)
                 value = _decode(name, stored.to(like.device), getattr(module, leaf), meta)
                 self._set(module, leaf, nn.Parameter(value.to(like.device, like.dtype), requires_grad=False))
@@ -363,13 +353,17 @@ class AdapterSwapper:
         self._saved, self._flags = [], []
 
 
-def check_base_architecture(meta: AdapterMeta, config: DiTConfig, spec: str) -> None:
-    """Refuse a base whose shapes the adapter's tensors do not fit, naming both architectures."""
-    if any(getattr(config, key) != meta.base_config[key]
-           for key in ("depth", "hidden_size", "patch_size", "in_channels", "learn_sigma")):
-        raise DiffFitError(f"The adapter needs a {DiTConfig(**meta.base_config).name} base (it was trained on "
-                           f"{meta.base_spec}), but {spec} is a {config.name}: the adapter's base differs.",
-                           hint=f"Pass --base {meta.base_spec}, or a copy of it.")
+def check_base_architecture(meta: AdapterMeta, model: nn.Module, spec: str) -> None:
+    """Refuse a base of another family, or one whose shapes the adapter's tensors do not fit, naming both."""
+    family = family_of(model)
+    if family.name != meta.family:
+        raise DiffFitError(f"The adapter was trained on a {meta.model_family.title} base ({meta.base_spec}), and "
+                           f"{spec} is a {family.title} model.",
+                           hint=f"Use the adapter with its base, {meta.base_spec}.")
+    if not family.fits_adapter(model, meta):
+        raise DiffFitError(f"The adapter needs a {family.architecture(meta.base_config)} base (it was trained on "
+                           f"{meta.base_spec}), but {spec} is a {family.architecture(family.config_of(model))}: the "
+                           "adapter's base differs.", hint=f"Pass --base {meta.base_spec}, or a copy of it.")
 
 
 def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta: AdapterMeta) -> torch.Tensor:
@@ -386,48 +380,3 @@ def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta:
     base = current.detach().float()
     # Where the delta is zero keep the base's bits exactly (x + 0.0 would turn -0.0 into +0.0).
     return torch.where(stored == 0, base, base + stored)
-
-
-def describe_adapter(path) -> dict:
-    """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
-    tensors, meta = read_adapter(path, allow_non_finite=True)
-    trained = describe_method(DiTConfig(**meta.base_config), meta.method, num_classes=meta.num_classes,
-                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table,
-                              settings=meta.method_settings)
-    config = meta.dit_config
-    return {
-        "kind": "adapter",
-        "path": str(path),
-        "architecture": meta.architecture,
-        "total_params": trained["total_params"],
-        "num_classes": meta.num_classes,
-        "class_names": meta.class_names,
-        "null_index": meta.null_index,
-        "latent_size": meta.latent_size,
-        "resolution": meta.resolution,
-        "in_channels": config.in_channels,
-        "learn_sigma": config.learn_sigma,
-        "pos_embed": meta.pos_embed,
-        "pos_embed_scale": meta.pos_embed_scale,
-        "fingerprint": meta.base_fingerprint,
-        "method": meta.method,
-        "settings": meta.settings,
-        "gamma_blocks": meta.gamma_blocks,
-        "base": meta.base_spec,
-        "base_fingerprint": meta.base_fingerprint,
-        "base_architecture": DiTConfig(**meta.base_config).name,
-        "vae": meta.vae_spec,
-        "dtype": meta.dtype,
-        "storage": meta.storage,
-        "checksum": meta.checksum,  # None for files written before difffit stored one
-        "steps": meta.training.get("steps"),
-        "training": meta.training,
-        "file_bytes": Path(path).stat().st_size,
-        "stored_params": sum(t.numel() for t in tensors.values()),
-        "non_finite_tensors": non_finite_tensors(tensors),  # not empty: the adapter is unusable
-        "trainable_params": trained["trainable_params"],
-        "trainable_percent": trained["trainable_percent"],
-        "trainable_groups": trained["trainable_groups"],
-        "difffit_version": meta.difffit_version,
-        "format": f"{meta.format} v{meta.version}",
-    }

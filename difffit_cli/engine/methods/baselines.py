@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.lora_targets import DEFAULT_LORA_TARGETS, LORA_TARGETS, parse_lora_targets
+from difffit_cli.engine.methods.lora_targets import check_any_family, parse_lora_targets, split_targets
 from difffit_cli.engine.models.dit import Bottleneck, DiT
+from difffit_cli.engine.models.families import family_of
+from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.family import Family, Setter
 
 ADAPTER_PLACEMENTS = {"adapter-parallel": "parallel", "adapter-sequential": "sequential"}
 ADAPTER_SCALE = 0.1  # AdaptFormer's fixed scale
 PROMPT_INIT_STD = 0.02
 GAMMA_PLACEMENTS = ("branch", "branch+attn")
-Setter = Callable[[object, str, object], None]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class MethodSettings:
     gamma_placement: str = "branch"  # difffit: "branch" (the paper) or "branch+attn" (thuml's re-implementation)
     rank: int = 8  # lora
     lora_alpha: float | None = None  # lora; None = rank
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # lora
+    lora_targets: tuple[str, ...] | None = None  # lora; None: the family's default (DiT: qkv, proj)
     adapter_dim: int = 64  # adapter-parallel / adapter-sequential
     prompt_tokens: int = 8  # vpt-deep
 
@@ -49,12 +50,13 @@ class MethodSettings:
     def alpha(self) -> float:
         return float(self.rank if self.lora_alpha is None else self.lora_alpha)
 
-    def for_method(self, method: str) -> dict:
-        """The settings `method` uses, as stored in adapter files and shown by `info`."""
+    def for_method(self, method: str, family: Family = DIT) -> dict:
+        """The settings `method` uses on `family`'s models, as stored in adapter files and shown by `info`."""
         if method == "difffit":
             return {"gamma_placement": self.gamma_placement}
         if method == "lora":
-            return {"rank": self.rank, "lora_alpha": self.alpha, "lora_targets": list(self.lora_targets)}
+            return {"rank": self.rank, "lora_alpha": self.alpha,
+                    "lora_targets": list(parse_lora_targets(self.lora_targets, family.lora))}
         if method in ADAPTER_PLACEMENTS:
             return {"adapter_dim": self.adapter_dim, "adapter_scale": ADAPTER_SCALE}
         if method == "vpt-deep":
@@ -65,11 +67,12 @@ class MethodSettings:
     def from_dict(cls, values: dict | None) -> MethodSettings:
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in (values or {}).items() if k in known}
-        if "lora_targets" in kept:
-            kept["lora_targets"] = parse_lora_targets(kept["lora_targets"])
+        if kept.get("lora_targets") is not None:
+            kept["lora_targets"] = split_targets(kept["lora_targets"])
         return cls(**kept)
 
-    def validate(self) -> MethodSettings:
+    def validate(self, family: Family | None = None) -> MethodSettings:
+        """Check every setting; the LoRA targets against `family`'s names, or any family's when not known yet."""
         if self.gamma_placement not in GAMMA_PLACEMENTS:
             raise DiffFitError(f"Unknown --gamma-placement {self.gamma_placement!r}; choose branch or branch+attn.")
         for name in ("rank", "adapter_dim"):
@@ -79,25 +82,33 @@ class MethodSettings:
             raise DiffFitError(f"--prompt-tokens must be 0 or more (got {self.prompt_tokens}).")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise DiffFitError(f"--lora-alpha must be a positive number (got {self.lora_alpha}).")
-        parse_lora_targets(self.lora_targets)
+        if family is not None:
+            parse_lora_targets(self.lora_targets, family.lora)
+        else:
+            check_any_family(self.lora_targets)
         return self
 
-    def check_fits(self, method: str, model: DiT) -> None:
+    def check_fits(self, method: str, model: nn.Module) -> None:
         """Refuse sizes the model cannot use, before the method's modules are allocated (a rank of 100,000
         would take gigabytes and train nothing a full-rank update does not). `model` may be on the meta device."""
-        width, name = model.config.hidden_size, model.config.name
+        family = family_of(model)
+        name = family.architecture(family.config_of(model))
         if method == "lora":
-            layers = {t: model.blocks[0].get_submodule(LORA_TARGETS[t]) for t in self.lora_targets}
+            block = getattr(model, family.blocks)[0]
+            layers = {target: block.get_submodule(path)
+                      for target in parse_lora_targets(self.lora_targets, family.lora)
+                      for path in family.lora.targets[target]}
             target, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
             limit = min(layer.in_features, layer.out_features)
             if self.rank > limit:
                 raise DiffFitError(f"--rank {self.rank} is above {limit}, the smaller dimension of the {target} "
                                    f"layers of {name}; a LoRA rank can be at most that.")
-        if method in ADAPTER_PLACEMENTS and self.adapter_dim > width:
-            raise DiffFitError(f"--adapter-dim {self.adapter_dim} is above the width of {name} ({width}); "
-                               "a bottleneck adapter can be at most as wide as the layer it adapts.")
-        tokens = model.pos_embed.shape[1]  # image tokens at the model's current resolution
-        if method == "vpt-deep" and self.prompt_tokens > tokens:
+        # The adapters and prompts are DiT's methods (check_method refuses them on other families).
+        if method in ADAPTER_PLACEMENTS and self.adapter_dim > model.config.hidden_size:
+            raise DiffFitError(f"--adapter-dim {self.adapter_dim} is above the width of {name} "
+                               f"({model.config.hidden_size}); a bottleneck adapter can be at most as wide as the "
+                               "layer it adapts.")
+        if method == "vpt-deep" and self.prompt_tokens > (tokens := model.pos_embed.shape[1]):  # image tokens
             raise DiffFitError(f"--prompt-tokens {self.prompt_tokens} is above the {tokens} image tokens of {name} "
                                f"at latent size {model.config.input_size}; use at most {tokens}.")
 
@@ -107,30 +118,34 @@ class MethodSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = None):
+def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = None, family: Family = DIT):
     """The peft LoraConfig: B starts at zero (an untrained LoRA adds exactly 0), no dropout (the paper
     states none), no bias training (the biases stay the base's), targets by a regex over block modules."""
     from peft import LoraConfig
 
-    paths = "|".join(re.escape(LORA_TARGETS[t]) for t in settings.lora_targets)
+    paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family.lora)
+                     for path in family.lora.targets[t])
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
-                      init_lora_weights=True, target_modules=rf"blocks\.\d+\.({paths})",
+                      init_lora_weights=True, target_modules=rf"{family.blocks}\.\d+\.({paths})",
                       modules_to_save=modules_to_save)
 
 
-def lora_target_names(model: DiT, targets: tuple[str, ...]) -> list[str]:
-    return [f"blocks.{i}.{LORA_TARGETS[t]}" for i in range(len(model.blocks)) for t in targets]
+def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[str]:
+    return [f"{family.blocks}.{i}.{path}" for i in range(family.depth(model)) for t in targets
+            for path in family.lora.targets[t]]
 
 
-def add_lora(model: DiT, settings: MethodSettings, setter: Setter = setattr) -> None:
+def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setattr) -> None:
     """Wrap the target linears in peft LoRA layers (peft's inject_adapter_in_model, adapter "default")."""
     from peft import inject_adapter_in_model
 
-    for name in lora_target_names(model, settings.lora_targets):
+    family = family_of(model)
+    targets = parse_lora_targets(settings.lora_targets, family.lora)
+    for name in lora_target_names(model, targets, family):
         parent, leaf = name.rsplit(".", 1)
         owner = model.get_submodule(parent)
         setter(owner, leaf, getattr(owner, leaf))  # lets a setter that remembers put the plain linear back
-    inject_adapter_in_model(lora_config(settings), model)
+    inject_adapter_in_model(lora_config(settings, family=family), model)
     # The model keeps peft's layers only; the settings live in the adapter file (and a second
     # injection after a swap would otherwise see a stale config).
     del model.peft_config
@@ -143,7 +158,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def fold_lora(model: DiT) -> None:
+def fold_lora(model: nn.Module) -> None:
     """W <- W + (alpha / r) B A in every LoRA layer (peft's merge), then put the plain linears back."""
     for name, module in lora_layers(model):
         module.merge()
@@ -170,7 +185,7 @@ def add_prompts(model: DiT, tokens: int, setter: Setter = setattr) -> None:
         setter(block, "prompts", nn.Parameter(prompts) if tokens else None)
 
 
-def add_method_modules(model: DiT, method: str, settings: MethodSettings, setter: Setter = setattr) -> None:
+def add_method_modules(model: nn.Module, method: str, settings: MethodSettings, setter: Setter = setattr) -> None:
     """Add what `method` adds beyond DiffFit's gamma (which `methods.prepare_model` places)."""
     if method == "lora":
         add_lora(model, settings, setter)

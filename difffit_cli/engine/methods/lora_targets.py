@@ -1,34 +1,47 @@
 """The layer names `--lora-targets` accepts, and their parser.
 
 Apart from `baselines` (torch, peft) so that the command line's help lists exactly these names without
-importing torch: the help is built from them and cannot drift from what is accepted.
+importing torch: the help is built from them and cannot drift from what is accepted. Each family's names
+are in `engine.models.lora_names`; DiT's are the default everywhere a family is not known yet.
 """
 
 from __future__ import annotations
 
 from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.models.lora_names import DIT_LORA, PIXART_LORA, LoraNames
 
-# Short name -> the module path inside a block (original layout).
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                "adaLN": "adaLN_modulation.1"}
-LORA_GROUPS = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}  # one name for a branch's two linears
-DEFAULT_LORA_TARGETS = LORA_GROUPS["attn"]
+# DiT's names (short name -> the module path inside a block, original layout), its groups and default.
+LORA_TARGETS = {name: paths[0] for name, paths in DIT_LORA.targets.items()}
+LORA_GROUPS = DIT_LORA.groups
+DEFAULT_LORA_TARGETS = DIT_LORA.default
+EVERY_FAMILY = (DIT_LORA, PIXART_LORA)
 
 
-def describe_lora_targets() -> str:
+def describe_lora_targets(names: LoraNames = DIT_LORA) -> str:
     """The accepted names in words, e.g. for --help: 'qkv, proj, fc1, fc2, adaLN; attn = qkv,proj; ...'."""
-    groups = "; ".join(f"{group} = {','.join(names)}" for group, names in LORA_GROUPS.items())
-    return f"{', '.join(LORA_TARGETS)}; {groups}"
+    return names.describe()
 
 
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """'qkv,proj' (the default), or any comma-separated names of `describe_lora_targets()`."""
+def split_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip())
+
+
+def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None,
+                       names: LoraNames = DIT_LORA) -> tuple[str, ...]:
+    """Comma-separated names of `names` (a family's: DiT's by default), groups expanded; None: its default."""
     if spec is None:
-        return DEFAULT_LORA_TARGETS
-    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    names = [name for part in parts for name in LORA_GROUPS.get(part, [part])]
-    if bad := [n for n in names if n not in LORA_TARGETS]:
-        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use {describe_lora_targets()}.")
-    if not names:
-        raise DiffFitError(f"--lora-targets is empty; name at least one of {describe_lora_targets()}.")
-    return tuple(dict.fromkeys(names))
+        return names.default
+    parsed = [name for part in split_targets(spec) for name in names.groups.get(part, [part])]
+    if bad := [n for n in parsed if n not in names.targets]:
+        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r} for {names.title}; use {names.describe()}.")
+    if not parsed:
+        raise DiffFitError(f"--lora-targets is empty; name at least one of {names.describe()}.")
+    return tuple(dict.fromkeys(parsed))
+
+
+def check_any_family(spec: tuple[str, ...] | None) -> None:
+    """Refuse a name no family accepts (before the base, and so its family, is known)."""
+    known = {name for names in EVERY_FAMILY for name in (*names.targets, *names.groups)}
+    if spec is not None and (bad := [n for n in spec if n not in known]):
+        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use "
+                           f"{'; or '.join(f'{n.title}: {n.describe()}' for n in EVERY_FAMILY)}.")

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions, parse_classes
+from difffit_cli.engine.evaluation.sample import SamplingOptions, check_conditioning, parse_classes
 from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
 from difffit_cli.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
     check_base_architecture,
-    describe_adapter,
     is_adapter_file,
+    non_finite_tensors,
     read_adapter,
     read_adapter_meta,
     refuse_run_folder,
@@ -26,8 +26,8 @@ from difffit_cli.engine.methods.adapter import (
 from difffit_cli.engine.methods.baselines import MethodSettings
 from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
 from difffit_cli.engine.methods.trainable import describe_method
-from difffit_cli.engine.models.bases import Base, describe_base, load_base
-from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.models.bases import Base
+from difffit_cli.engine.models.families import family_of, family_of_spec, load_base
 from difffit_cli.engine.progress import say
 
 # -- loading --------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def load_source(
     tensors, meta = read_adapter(source)
     loaded = load_adapter_base(source, meta, base=base, vae=vae, force_base=force_base)
     AdapterSwapper(loaded).apply(tensors, meta)
-    loaded.class_names = meta.class_names
+    meta.model_family.adopt_adapter(loaded, meta)  # DiT: its class names; PixArt: its caption tokens
     return loaded, meta
 
 
@@ -81,23 +81,21 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
     """The base an adapter names, or `base` instead, loaded as the adapter needs it and refused when its
     architecture does not fit the adapter; the fingerprint is left to the caller."""
     spec = base or meta.base_spec
-    base_config = DiTConfig(**meta.base_config)
-    options = {"num_heads": base_config.num_heads}  # a non-standard width does not say its heads
-    if spec.startswith("random:"):  # a random base is only reproducible at the size it was made with
-        options = {
-            "resolution": base_config.input_size * meta.vae_factor,
-            "num_classes": base_config.num_classes,
-        }
+    family = meta.model_family
+    if (given := family_of_spec(spec)) is not family:
+        raise DiffFitError(f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
+                           "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
+    options = family.adapter_base_options(meta, spec)
     try:
         loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
     except DiffFitError as first:  # another base may not take the adapter's head count: load it as it is
-        if base is None:
+        if base is None or not options:
             raise
         try:
             loaded = load_base(spec, vae=vae or meta.vae_spec)
         except DiffFitError:
             raise first from None
-    check_base_architecture(meta, loaded.config, spec)
+    check_base_architecture(meta, loaded.model, spec)
     return loaded
 
 
@@ -151,10 +149,57 @@ def iter_sources(
             loaded.model.to(device)  # before swapping, so the swapper's saved base tensors live there too
             key, swapper = this_key, AdapterSwapper(loaded)
         swapper.apply(tensors, meta)
+        meta.model_family.adopt_adapter(loaded, meta)
         yield name, loaded, meta, meta.class_names
 
 
 # -- what the commands do with them ---------------------------------------------------------------
+
+
+def describe_adapter(path) -> dict:
+    """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
+    tensors, meta = read_adapter(path, allow_non_finite=True)
+    family = meta.model_family
+    trained = describe_method(meta.base_config, meta.method, num_classes=meta.num_classes,
+                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table,
+                              settings=meta.method_settings, family=family)
+    classes = {"num_classes": meta.num_classes, "class_names": meta.class_names, "null_index": meta.null_index} \
+        if family.class_table else {}
+    positions = {"pos_embed": meta.pos_embed, "pos_embed_scale": meta.pos_embed_scale} \
+        if meta.pos_embed_scale is not None else {}
+    return {
+        "kind": "adapter",
+        "family": family.name,
+        "path": str(path),
+        "architecture": meta.architecture,
+        "total_params": trained["total_params"],
+        **classes,
+        "latent_size": meta.latent_size,
+        "resolution": meta.resolution,
+        **family.channels(meta.config),
+        **positions,
+        "fingerprint": meta.base_fingerprint,
+        "method": meta.method,
+        "settings": meta.settings,
+        "gamma_blocks": meta.gamma_blocks,
+        "base": meta.base_spec,
+        "base_fingerprint": meta.base_fingerprint,
+        "base_architecture": family.architecture(meta.base_config),
+        "vae": meta.vae_spec,
+        "dtype": meta.dtype,
+        "storage": meta.storage,
+        "checksum": meta.checksum,  # None for files written before difffit stored one
+        "steps": meta.training.get("steps"),
+        "training": meta.training,
+        "file_bytes": Path(path).stat().st_size,
+        "stored_params": sum(t.numel() for t in tensors.values()),
+        "non_finite_tensors": non_finite_tensors(tensors),  # not empty: the adapter is unusable
+        "trainable_params": trained["trainable_params"],
+        "trainable_percent": trained["trainable_percent"],
+        "trainable_groups": trained["trainable_groups"],
+        "difffit_version": meta.difffit_version,
+        "format": f"{meta.format} v{meta.version}",
+    }
 
 
 def describe_source(
@@ -183,13 +228,19 @@ def describe_source(
         return report
     if base is not None:
         raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
-    loaded = load_base(source, resolution=resolution, num_heads=num_heads)
-    report = describe_base(loaded)
+    # info never downloads a text-to-image base's weights: its counts come from the config (meta device)
+    loaded = load_base(source, resolution=resolution, num_heads=num_heads, info=True)
+    family = family_of(loaded)
+    report = {"family": family.name, **family.describe(loaded)}
     if method is not None:
-        trained = describe_method(loaded.config, method, num_classes=num_classes, gamma_blocks=gamma_blocks,
-                                  settings=settings)
+        if num_classes is not None and not family.class_table:
+            raise DiffFitError(f"--num-classes applies to class-conditional bases; {source} is a {family.title} "
+                               "base, conditioned on text.")
+        trained = describe_method(family.config_of(loaded.model), method, num_classes=num_classes,
+                                  gamma_blocks=gamma_blocks, settings=settings, family=family)
         # The base's own class count and size stay under their names; the adapted model's get these.
-        report["target_num_classes"] = trained.pop("num_classes")
+        if "num_classes" in trained:  # class-conditional families only
+            report["target_num_classes"] = trained.pop("num_classes")
         report["adapted_total_params"] = trained.pop("total_params")
         report.update(trained)
     return report
@@ -202,6 +253,7 @@ def sample_sources(
     *,
     out: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
     base: str | None = None,
     vae: str | None = None,
     force_base: bool = False,
@@ -212,22 +264,27 @@ def sample_sources(
     """`difffit sample`: n images per source into a folder each, with grid.png and sample.json.
 
     One source goes to `out` (default samples/<source name>); several go to sub-folders of `out`
-    (default samples/). `classes` are names or indices (cycled). Under `accelerate launch` the images
-    are split over the processes. Returns the run summary, with one entry per source in "outputs".
+    (default samples/). `classes` are names or indices (cycled), for class-conditional sources;
+    `prompts` (cycled) for text-to-image ones. Under `accelerate launch` the images are split over the
+    processes. Returns the run summary, with one entry per source in "outputs".
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=options.device == "cpu")
     root = Path(out) if out is not None else None
-    outputs = []
+    outputs, used = [], []
     loaded = iter_sources(sources, base=base, vae=vae, force_base=force_base, device=state.device)
     for source, (name, source_base, meta, class_names) in zip(sources, loaded, strict=True):
         folder = (root or Path("samples")) / name if len(sources) > 1 or root is None else root
-        class_ids = parse_classes(classes or [], class_names, source_base.model.config.num_classes)
+        class_ids = classes  # a text-to-image source refuses them when it samples
+        if classes and family_of(source_base).class_table:
+            class_ids = parse_classes(classes, class_names, source_base.model.config.num_classes)
         record = {"source": source, "adapter": meta.to_dict() if meta else None}
-        summary = sample_to_folder(source_base, folder, n, options, classes=class_ids, npz=npz, state=state,
-                                   progress=progress, record=record, overwrite=overwrite)
+        check_conditioning(source_base, class_ids, prompts)  # before the folder is made
+        used.append(options.for_base(source_base))
+        summary = sample_to_folder(source_base, folder, n, used[-1], classes=class_ids, prompts=prompts, npz=npz,
+                                   state=state, progress=progress, record=record, overwrite=overwrite)
         outputs.append({**summary, "source": source})
-    return {"outputs": outputs, "n": n, "scheduler": options.scheduler, "steps": options.num_steps,
-            "seed": options.seed, "cfg_scale": options.cfg_scale, "cfg_channels": options.cfg_channels,
-            "processes": state.num_processes}
+    first = used[0]
+    return {"outputs": outputs, "n": n, "scheduler": first.scheduler, "steps": first.num_steps, "seed": first.seed,
+            "cfg_scale": first.cfg_scale, "cfg_channels": first.cfg_channels, "processes": state.num_processes}

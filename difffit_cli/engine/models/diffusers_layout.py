@@ -11,14 +11,17 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary, hub_snapshot
-from difffit_cli.engine.models.dit import DiTConfig, sincos_pos_embed_2d
+from difffit_cli.engine.io import atomic_path
+from difffit_cli.engine.models.dit import CLASS_TABLE, DiT, DiTConfig, sincos_pos_embed_2d
 from difffit_cli.engine.models.formats import GAMMA_SUFFIXES, Weights, read_safetensors, read_torch
+from difffit_cli.engine.models.vae import IDENTITY_VAE
 
 log = logging.getLogger("difffit")
 
@@ -41,6 +44,7 @@ _TOP_KEYS = [
     ("proj_out_2.", "final_layer.linear."),
 ]
 _DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's hard-coded null class
 
 
 def _rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str:
@@ -211,3 +215,67 @@ def class_names_of(id2label: Mapping[str, str] | None) -> list[str] | None:
         return None
     labels = {int(k): str(v) for k, v in id2label.items()}
     return [labels.get(i, str(i)) for i in range(max(labels) + 1)]
+
+
+def dit_pipeline_problem(config: DiTConfig, vae_spec: str) -> str | None:
+    """Why a model of `config` with the VAE `vae_spec` cannot become a DiTPipeline (None: it can)."""
+    if config.num_classes > DIFFUSERS_NULL_LABEL:
+        return f"it supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), this model has " \
+               f"{config.num_classes}"
+    if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
+        return f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}"
+    if vae_spec == IDENTITY_VAE:  # the one autoencoder that is not a diffusers AutoencoderKL
+        return "its VAE is 'identity' (pixel space), and a pipeline needs a diffusers AutoencoderKL"
+    return None
+
+
+def write_dit_pipeline(model: DiT, folder: Path, *, class_names, vae) -> None:
+    """A DiTPipeline folder that stock `diffusers.DiTPipeline.from_pretrained` loads; `vae` is the base's
+    Autoencoder (a diffusers AutoencoderKL inside). DiTPipeline hard-codes the null label as 1000, so a
+    model with K < 1000 classes gets a 1001-row table: rows K..999 repeat the null row."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    config = model.config
+    if problem := dit_pipeline_problem(config, vae.spec):
+        raise DiffFitError(f"A DiTPipeline cannot hold this model: {problem}.",
+                           hint="Merge with --format original instead.")
+    autoencoder = vae.vae
+    state = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
+    state[CLASS_TABLE] = pad_class_table(state[CLASS_TABLE], DIFFUSERS_NULL_LABEL)
+    padded_config = replace(config, num_classes=DIFFUSERS_NULL_LABEL)
+    state, transformer_config = original_to_diffusers(state, padded_config)
+    transformer = DiTTransformer2DModel(**transformer_config)
+    transformer.load_state_dict(state, strict=True)
+    # The schedule DiT was trained with (linear betas 1e-4..0.02, 1000 steps), as facebook/DiT-* ship.
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                              num_train_timesteps=1000, clip_sample=False)
+    names = class_names or [str(i) for i in range(config.num_classes)]
+    with atomic_path(folder, kind="merge") as tmp:
+        tmp.mkdir()
+        transformer.save_pretrained(tmp / "transformer")
+        autoencoder.save_pretrained(tmp / "vae")
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = _model_index(transformer, autoencoder, names)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def pad_class_table(table: torch.Tensor, null_label: int) -> torch.Tensor:
+    """K+1 rows (null last) -> null_label+1 rows: the K class rows, then the null row repeated."""
+    k = table.shape[0] - 1
+    if k == null_label:
+        return table
+    null = table[k:]
+    return torch.cat([table[:k], null.expand(null_label + 1 - k, -1)]).contiguous()
+
+
+def _model_index(transformer, vae, class_names: list[str]) -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "DiTPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "id2label": {str(i): name for i, name in enumerate(class_names)},
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "transformer": ["diffusers", type(transformer).__name__],
+        "vae": ["diffusers", type(vae).__name__],
+    }

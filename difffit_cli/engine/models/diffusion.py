@@ -46,8 +46,10 @@ class GaussianDiffusion:
     """A (possibly respaced) diffusion process. `timesteps[i]` is the original step of spaced step i;
     the model is always called with original timesteps."""
 
-    def __init__(self, spacing: str | int | None = None, num_train_steps: int = 1000):
-        base_betas = linear_betas(num_train_steps)
+    def __init__(self, spacing: str | int | None = None, num_train_steps: int = 1000,
+                 betas: torch.Tensor | None = None):
+        # `betas` (float64): another family's schedule; default DiT's linear 1e-4..0.02.
+        base_betas = linear_betas(num_train_steps) if betas is None else betas.to(torch.float64)
         base_alphas_cumprod = torch.cumprod(1 - base_betas, dim=0)
         self.timesteps = space_timesteps(num_train_steps, spacing) if spacing else list(range(num_train_steps))
         # Respacing keeps the cumulative products at the kept steps and re-derives the betas.

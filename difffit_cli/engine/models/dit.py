@@ -29,6 +29,7 @@ DIT_CONFIGS: dict[str, tuple[int, int, int]] = {
     "DiT-XL": (28, 1152, 16),
 }
 HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in DIT_CONFIGS.values()}
+CLASS_TABLE = "y_embedder.embedding_table.weight"  # the class table's parameter name
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary, hub_ref, hub_snapshot
+from difffit_cli.engine.progress import library_bars_off
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 IDENTITY_VAE = "identity"  # pixel space: no autoencoder at all
@@ -88,7 +89,8 @@ def load_vae(
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+        with library_bars_off():
+            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise DiffFitError(f"Could not load the VAE {spec} from {folder}: {error_summary(e)}") from None
     return Autoencoder(vae, spec).to(device, dtype)

@@ -6,12 +6,15 @@ The YAML front matter is `ModelCardData`'s; the body is the Jinja template
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import hub_ref
 from difffit_cli.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
+from difffit_cli.engine.models.families import family_named
+from difffit_cli.engine.models.families.pixart_bases import ALIASES as PIXART_ALIASES
 from difffit_cli.engine.models.vae import IDENTITY_VAE
 from difffit_cli.engine.training.runs import format_duration, split_eval
 
@@ -19,10 +22,12 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "model_card.md"
-# The Hub has no class-conditional task; class-conditional DiTs are listed under this one.
-PIPELINE_TAG = "unconditional-image-generation"
-# Licenses of the bases difffit knows by name (Meta released DiT's weights under CC-BY-NC 4.0).
-BASE_LICENSES = {hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()}
+# Hub repos of the aliases of every family (a PixArt alias names the repo holding its transformer).
+ALIAS_REPOS = {**ALIASES, **{name: alias.transformer for name, alias in PIXART_ALIASES.items()}}
+# Licenses of the bases difffit knows by name: Meta released DiT's weights under CC-BY-NC 4.0, the PixArt
+# team PixArt-α/Σ's under CreativeML Open RAIL++-M.
+BASE_LICENSES = {**{hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()},
+                 **{alias.transformer: "openrail++" for alias in PIXART_ALIASES.values()}}
 DEFAULT_LICENSE = "other"
 MAX_CLASSES_LISTED = 100
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
@@ -31,8 +36,8 @@ METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean
 
 def hub_base_id(base_spec: str) -> str | None:
     """The hub repo a base spec names (an alias's repo, or a hub id), None for local or random bases."""
-    if base_spec in ALIASES:
-        return ALIASES[base_spec]
+    if base_spec in ALIAS_REPOS:
+        return ALIAS_REPOS[base_spec]
     return _hub_repo(base_spec)
 
 
@@ -45,7 +50,7 @@ def public_name(spec: str, *, subfolders: bool = False) -> str:
 def resolvable(spec: str, *, subfolders: bool = False) -> bool:
     """Whether anyone can load `spec`: a hub id, an alias, random:..., the bundled tiny base, identity.
     `subfolders`: a VAE may live in a repo's vae/ folder."""
-    anyones = spec in ALIASES or spec in (TINY, IDENTITY_VAE) or spec.startswith(RANDOM_PREFIX)
+    anyones = spec in ALIAS_REPOS or spec in (TINY, IDENTITY_VAE) or spec.startswith(RANDOM_PREFIX)
     return anyones or _hub_repo(spec, subfolders=subfolders) is not None
 
 
@@ -67,16 +72,19 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
     from huggingface_hub import ModelCard, ModelCardData
 
     base_id = hub_base_id(summary["base"])
+    family = family_named(summary.get("family"))
     card_data = ModelCardData(
         base_model=base_id,
         base_model_relation=("finetune" if merged else "adapter") if base_id else None,
         library_name="diffusers" if merged else "difffit",
         license=license or BASE_LICENSES.get(base_id, DEFAULT_LICENSE),
-        pipeline_tag=PIPELINE_TAG,
-        tags=["difffit", "dit", "diffusion", summary["method"]],
+        pipeline_tag=family.pipeline_tag,
+        tags=["difffit", family.name, "diffusion", summary["method"]],
     )
     metrics, settings = split_eval(eval_result) if eval_result else ({}, {})
-    names = summary["class_names"] or [str(i) for i in range(summary["num_classes"])]
+    names = summary.get("class_names") or [str(i) for i in range(summary.get("num_classes") or 0)]
+    prompts = summary["training"].get("validation_prompts") or []
+    example_prompt = prompts[0] if prompts else "a photo"
     base_name = public_name(summary["base"])
     local_base = None if resolvable(summary["base"]) else base_name
     base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base_name}`"
@@ -93,7 +101,12 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         adapter_size=format_bytes(summary["file_bytes"]),
         class_rows=names[:MAX_CLASSES_LISTED],
         more_classes=max(0, len(names) - MAX_CLASSES_LISTED),
-        example_class=names[0] if " " not in names[0] else "0",
+        text=family.conditioning == "text",
+        prompt_rows=prompts[:MAX_CLASSES_LISTED],
+        example_prompt=example_prompt,
+        sample_condition=f"--prompt {shlex.quote(example_prompt)}" if family.conditioning == "text" else
+        f"--class {names[0] if ' ' not in names[0] else '0'}",
+        pipeline_class=summary["training"].get("pipeline") or "DiTPipeline",
         grid=grid,
         grid_caption=grid_caption,
         training=_Training(summary["training"]),
@@ -101,8 +114,9 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         metrics={METRIC_NAMES[k]: v for k, v in metrics.items()},
         eval_settings=settings,
         **{key: summary.get(key) for key in (
-            "method", "architecture", "resolution", "num_classes", "trainable_params", "trainable_percent",
+            "method", "architecture", "resolution", "trainable_params", "trainable_percent",
             "total_params", "base_fingerprint", "dtype", "storage")},
+        num_classes=summary.get("num_classes"),
         vae=public_name(summary["vae"], subfolders=True),
         vae_local=not resolvable(summary["vae"], subfolders=True),
         final_loss=summary.get("final_loss", summary["training"].get("last_loss")),

@@ -89,6 +89,10 @@ def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> st
     (None: no grid, as for an adapter that travelled without its run folder)."""
     if grid_classes:
         base, meta = load_source(str(adapter))
+        if not meta.model_family.class_table:
+            raise DiffFitError(f"--grid-classes applies to class-conditional adapters, and {adapter} is a "
+                               f"{meta.model_family.title} adapter.", hint="Leave it out: the card shows the run's "
+                               "last preview grid, of its validation prompts.")
         classes = parse_classes(grid_classes, meta.class_names, meta.num_classes)
         images = generate(base, GRID_PER_CLASS * len(classes), SamplingOptions(**GRID_SAMPLING), classes=classes,
                           device=resolve_device("auto"), progress=False)

@@ -114,8 +114,9 @@ def _summary_rows(s: dict) -> list[tuple[str, str]]:
     """The run's summary table: (label, formatted value), leaving out what the run does not record."""
     training = s.get("training", {})
     elapsed = s.get("elapsed_s")
-    rows = [("method", s.get("method"), ""), ("base", s.get("base"), ""), ("architecture", s.get("architecture"), ""),
-            ("resolution", s.get("resolution"), ""), ("classes", s.get("num_classes"), ""),
+    rows = [("method", s.get("method"), ""), ("base", s.get("base"), ""), ("family", s.get("family"), ""),
+            ("architecture", s.get("architecture"), ""), ("resolution", s.get("resolution"), ""),
+            ("classes", s.get("num_classes"), ""), ("captions", training.get("captions"), ","),
             ("trainable params", s.get("trainable_params"), ","), ("adapter bytes", s.get("file_bytes"), ","),
             ("steps", training.get("steps", s.get("logged_steps")), ","),
             ("batch size", training.get("batch_size"), ""), ("learning rate", training.get("lr"), ""),

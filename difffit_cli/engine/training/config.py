@@ -18,6 +18,8 @@ from difffit_cli.engine.methods.baselines import MethodSettings
 from difffit_cli.engine.methods.trainable import METHODS, describe_method
 from difffit_cli.engine.models.bases import base_architecture
 from difffit_cli.engine.models.dit import DiTConfig
+from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.resolution import PE_MODES
 from difffit_cli.engine.models.speed import COMPILE_CHOICES
 from difffit_cli.engine.training.trackers import check_log_with
@@ -71,7 +73,7 @@ class FitConfig:
     gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
     rank: int = 8  # lora
     lora_alpha: float | None = None  # lora; default = rank
-    lora_targets: str | None = None  # lora; default "qkv,proj"
+    lora_targets: str | None = None  # lora; default: the family's (DiT "qkv,proj"; PixArt "to_q,to_k,to_v,to_out.0")
     adapter_dim: int = 64  # adapter-parallel, adapter-sequential
     prompt_tokens: int = 8  # vpt-deep
     image_column: str | None = None  # a dataset's image column (default: its first Image feature)
@@ -81,6 +83,7 @@ class FitConfig:
     caption_template: str | None = None  # class folders as captions, e.g. "a photo of {class}"
     caption_dropout: float = 0.1  # the fraction of captions replaced by the empty one (trains the guidance branch)
     max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300)
+    validation_prompts: list[str] | None = None  # preview prompts (default: the data's first captions)
     class_balance: bool = False  # draw every class equally often, whatever its image count
     repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
@@ -138,12 +141,14 @@ class FitConfig:
                                                   num_heads=self.num_heads))
         return self
 
-    def check_architecture(self, architecture: DiTConfig | None) -> None:
+    def check_architecture(self, architecture: DiTConfig | dict | None, family: Family = DIT) -> None:
         """Refuse method settings the base cannot hold (a LoRA rank above its layers' width, more prompts than
         image tokens, ...) before anything is allocated for them: here from the options alone when the base's
-        shapes are cheap to read (`base_architecture`), else by `fit` as soon as the base is loaded."""
+        shapes are cheap to read (`base_architecture`), else by `fit` as soon as the base (of `family`, whose
+        config `architecture` is) is loaded."""
         if architecture is not None:
-            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings())
+            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings(),
+                            family=family)
 
     def check_data(self, folder: ImageFolder) -> None:
         """Bounds that need the training data, checked as soon as it is scanned: the epoch that --repeats

@@ -41,6 +41,11 @@ def find_recipe(spec: str) -> Path:
 def _coerce(key: str, value, source: str):
     """Check a recipe value against the option's type (int where a float is written as 24000.0 too)."""
     declared = str(_FIELDS[key].type)
+    if declared.startswith("list[str]"):  # a list of strings, or one string as a list of one
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise DiffFitError(f"{source}: `{key}` should be a string or a list of strings, not {value!r}.")
+        return values
     if isinstance(value, dict) and "dict[str, int]" in declared:  # a table such as [repeats]: class = count
         return {str(k): _coerce(key, v, f"{source}, [{key}] {k}") for k, v in value.items()}
     kind = _TYPES[declared.split("|")[0].strip()]

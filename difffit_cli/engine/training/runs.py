@@ -13,8 +13,9 @@ import statistics
 from pathlib import Path
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import describe_adapter, read_adapter_meta
+from difffit_cli.engine.methods.adapter import read_adapter_meta
 from difffit_cli.engine.methods.merge import merge_formats
+from difffit_cli.engine.methods.sources import describe_adapter
 
 PREVIEW = re.compile(r"^step-(\d+)\.png$")
 EVAL_FILES = "eval*.json"

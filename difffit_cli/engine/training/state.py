@@ -13,6 +13,8 @@ from difffit_cli.engine.data.batches import Batches
 from difffit_cli.engine.data.images import ImageFolder
 from difffit_cli.engine.devices import AUTOCAST_DTYPES
 from difffit_cli.engine.models.bases import Base
+from difffit_cli.engine.models.families import family_of
+from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.training.config import FitConfig
 
 if TYPE_CHECKING:  # validation.py uses Run; Run only holds a Validation
@@ -27,7 +29,7 @@ class Run:
     out_dir: Path
     accelerator: object
     precision: str  # "no", "fp16" or "bf16"
-    base: Base
+    base: Base  # or another family's base (engine.models.families)
     pos_embed: str  # "standard", or the mode the base was moved to a new resolution with
     folder: ImageFolder
     class_names: list[str]
@@ -39,7 +41,13 @@ class Run:
     ema: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
     cache: str | None = None
+    text_cache: str | None = None  # text-to-image: the caption embeddings' cache folder
+    preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
     validation: Validation | None = None
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.base)
 
     @property
     def main(self) -> bool:

@@ -35,11 +35,10 @@ from difffit_cli.engine.methods.trainable import (
     cast_frozen_matrices,
     parse_gamma_blocks,
     prepare_model,
-    same_classes,
     trainable_parameters,
 )
-from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base, load_base
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base
+from difffit_cli.engine.models.families import family_of, family_of_spec, load_base
 from difffit_cli.engine.models.fp8 import quantize_frozen_linears
 from difffit_cli.engine.models.resolution import move_to_resolution
 from difffit_cli.engine.models.speed import (
@@ -59,6 +58,13 @@ from difffit_cli.engine.training.checkpoints import (
     save_checkpoint,
     truncate_log,
 )
+from difffit_cli.engine.training.conditions import (
+    check_options,
+    prepare_conditions,
+    preview_inputs,
+    text_summary,
+    with_captions,
+)
 from difffit_cli.engine.training.config import FitConfig, FitResult
 from difffit_cli.engine.training.loss_plot import write_loss_plot
 from difffit_cli.engine.training.recipes import write_toml
@@ -75,9 +81,7 @@ from difffit_cli.engine.training.step import (
 from difffit_cli.engine.training.trackers import log_preview
 from difffit_cli.engine.training.validation import Validation, split_validation
 
-NUM_TRAIN_TIMESTEPS = 1000
 PREVIEW_IMAGES = 8
-PREVIEW_STEPS = 25  # DDIM steps: previews must stay cheap next to training
 
 
 def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -> FitResult:
@@ -90,11 +94,15 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
     with contextlib.ExitStack() as held:
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
-        # bad data, then a bad base, fail before --out is touched
-        folder, val_folder = split_validation(config, open_data(config.data, config.image_column, config.label_column))
+        # bad options for the base's family, bad data, then a bad base, fail before --out is touched
+        family = family_of(base) if base is not None else family_of_spec(config.base)
+        check_options(config, family)
+        data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
+        folder, val_folder = split_validation(config, with_captions(data, config, family))
         config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base)
-        config.check_architecture(base.config)  # before the method's modules are allocated
+        family.check_ready(base)
+        config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
         checkpoints = list_checkpoints(out_dir)
@@ -113,7 +121,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
         training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
                     "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
-                    **config.loss_weighting()}
+                    **config.loss_weighting(), **text_summary(run)}
         if val_folder is not None or config.eval_every:
             run.validation = Validation(run, val_folder, lambda step: _write_adapter(
                 run, base_config, training | {"steps": step}, "best/adapter.safetensors"), progress and run.main)
@@ -151,7 +159,8 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
         sized = config.base.startswith(RANDOM_PREFIX)
         base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae,
                          num_heads=config.num_heads)
-    base_config, pos_embed = base.config, "standard"
+    family = family_of(base)
+    base_config, pos_embed = family.config_of(base.model), "standard"
     # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
     # is refused there, not trained at 32 px.
     if config.resolution is not None and (config.resolution != base.resolution or config.pos_embed):
@@ -177,19 +186,18 @@ def _prepare_data(run: Run, progress: bool) -> None:
         report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
     run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
-    run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
-    # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
-    run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
-    latent_shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
+    conditions = prepare_conditions(run, progress)  # labels, or caption embeddings (the encoder freed after)
+    side = base.resolution // base.vae_factor
+    latent_shape = (base.model.config.in_channels, side, side)
     order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
                       config.class_balance)
-    run.batches = Batches(latents, folder.labels, latent_shape, split, order, device)
+    run.batches = Batches(latents, conditions, latent_shape, split, order, device)
 
 
 def _prepare_trainable_state(run: Run) -> None:
     """Freeze and unfreeze as the method says; optimizer and EMA over the trained tensors only."""
-    config, model = run.config, run.base.model
-    gamma_blocks = parse_gamma_blocks(config.gamma_blocks, model.config.depth) if config.method == "difffit" else None
+    config, model, family = run.config, run.base.model, run.family
+    gamma_blocks = parse_gamma_blocks(config.gamma_blocks, family.depth(model)) if config.method == "difffit" else None
     torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
     prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
                   settings=config.method_settings())
@@ -197,13 +205,13 @@ def _prepare_trainable_state(run: Run) -> None:
     device = run.accelerator.device
     if run.autocast_dtype is not None:
         cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
-    if run.precision == "fp8" and not quantize_frozen_linears(model):  # forward and input gradient in float8
+    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):  # float8 matmuls
         raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
                            "speed up.", hint="Use --mixed-precision bf16.")
-    model.set_gradient_checkpointing(config.grad_checkpointing)
+    family.set_gradient_checkpointing(model, config.grad_checkpointing)
     model.to(device).train()
     if resolve_compile(config.compile, device):
-        compile_blocks(model)  # one graph per block shape, fixed batch: no recompiles
+        compile_blocks(model, blocks=family.blocks)  # one graph per block shape, fixed batch: no recompiles
     run.params = trainable_parameters(model)
     optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
@@ -267,7 +275,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     """Optimizer steps from `start_step` to `config.steps`: log, checkpoint and preview on schedule."""
     config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    diffusion = GaussianDiffusion(num_train_steps=NUM_TRAIN_TIMESTEPS)
+    diffusion = run.family.diffusion(run.base)  # DiT's: linear betas over 1000 steps
     mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     per_process, lr = run.batches.split.per_process, config.learning_rate()
@@ -276,9 +284,10 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     t_start = t_log = time.perf_counter()
     t_first, step_log = None, step  # rates ignore the slow first step
     bar = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"), enabled=progress)
-    cfg = run.base.config  # flash or cuDNN attention, whichever measures faster here (CUDA; None on the CPU)
-    backend = choose_attention_backend(device, batch=per_process, heads=cfg.num_heads, head_dim=cfg.hidden_size //
-                                       cfg.num_heads, tokens=(cfg.input_size // cfg.patch_size) ** 2)
+    # flash or cuDNN attention, whichever measures faster here (CUDA, where the family says its shape; else SDPA's)
+    shape = run.family.attention_shape(run.base.model)
+    backend = choose_attention_backend(device, batch=per_process, **shape) if shape else None
+    forward = run.family.forward(model, run.base)
     try:
         # The log opens after the signal handlers are in place: a run whose log exists can always be stopped.
         with bar, StopFlag() as stop, attention_backend(backend), \
@@ -292,10 +301,10 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                     group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
                 for micro in range(config.grad_accum):
                     x0, y = run.batches.micro_batch(step, micro, g)
-                    t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], NUM_TRAIN_TIMESTEPS)
+                    t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], diffusion.num_steps)
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        losses = diffusion.training_losses(denoiser(model, y, run.autocast_dtype), x0, t, noise,
+                        losses = diffusion.training_losses(denoiser(forward, y, run.autocast_dtype), x0, t, noise,
                                                            mse_weights)
                         loss = losses["loss"].mean()
                         accelerator.backward(scaler.scale(loss / config.grad_accum))
@@ -368,11 +377,10 @@ def _preview(run: Run, step: int) -> None:
     """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
     if not (run.main and run.config.sample_every):
         return
-    options = SamplingOptions(scheduler="ddim", steps=PREVIEW_STEPS, seed=run.config.seed, batch_size=PREVIEW_IMAGES,
-                              mixed_precision=run.precision)
-    classes = list(range(min(len(run.class_names), PREVIEW_IMAGES)))
+    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling},
+                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.precision)
     with swapped_in(run.params, run.ema):
-        images = generate(run.base, PREVIEW_IMAGES, options, classes=classes, device=run.accelerator.device,
+        images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)
     run.accelerator.unwrap_model(run.model).train()
     grid = save_grid(images, run.out_dir / "samples" / f"step-{step:07d}.png")
