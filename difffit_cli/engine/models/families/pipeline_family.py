@@ -13,6 +13,7 @@ through them (FLUX: its 19 joint blocks, then its 38 single blocks), which `--ga
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ class PipelineFamily(Family):
         raise NotImplementedError
 
     def config_of(self, model: nn.Module) -> dict:
-        return {k: v for k, v in model.config.items() if not k.startswith("_")}
+        # As JSON has it (tuples as lists), so a model's config compares equal to the one its adapter recorded.
+        return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
 
     def channels(self, config: dict) -> dict:
         channels = config["in_channels"]
