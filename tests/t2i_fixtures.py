@@ -202,3 +202,32 @@ def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0) -> Path
         text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_3=t5)
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def make_tiny_flux_transformer(layers: int = 2, seed: int = 0, **overrides):
+    """A FluxTransformer2DModel 16 wide (2 heads of 8; rope axes 2 + 2 + 4), `layers` joint and `layers` single
+    blocks, FLUX.1-dev's kind (guidance embedding); reads the tiny T5's width and the tiny CLIP's 16-d pooled
+    output, and 16 latent channels packed 2 x 2."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=layers, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=FLOW_TEXT_WIDTH, pooled_projection_dim=16,
+                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """Save a tiny FluxPipeline into `folder`: CLIP (pooled output as it is), T5, the 16-channel VAE shifted
+    and scaled as FLUX.1's, and FLUX.1-dev's scheduler (dynamic shifting by resolution)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=make_tiny_flux_transformer(layers, seed, **overrides), scheduler=scheduler,
+                        vae=make_tiny_vae16(seed, scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=tiny_clip_text(len(clip), projection=False, seed=seed), tokenizer=clip,
+                        text_encoder_2=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_2=t5)
+    pipe.save_pretrained(folder)
+    return Path(folder)

@@ -11,14 +11,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from t2i_fixtures import FLOW_TEXT_WIDTH, make_tiny_sd3, make_tiny_sd3_transformer
+from t2i_fixtures import (
+    FLOW_TEXT_WIDTH,
+    make_tiny_flux,
+    make_tiny_flux_transformer,
+    make_tiny_sd3,
+    make_tiny_sd3_transformer,
+)
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
 from difffit_cli.engine.methods.baselines import MethodSettings, fold_lora
 from difffit_cli.engine.methods.sources import describe_source, load_source
 from difffit_cli.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
-from difffit_cli.engine.models.families import SD3, family_of, family_of_spec, load_base
+from difffit_cli.engine.models.families import FLUX, SD3, family_of, family_of_spec, load_base
+from difffit_cli.engine.models.families.flux import ALIAS_CONFIGS as FLUX_CONFIGS
 from difffit_cli.engine.models.families.pipeline_family import ScaledLinear
 from difffit_cli.engine.models.families.sd3 import ALIAS_CONFIGS as SD3_CONFIGS
 from difffit_cli.engine.models.flow_matching import FlowMatching
@@ -30,9 +37,12 @@ class Case:
     transformer: object  # (layers=..., seed=...) -> a tiny transformer
     pipeline: object  # (folder) -> a tiny pipeline folder
     pooled: int  # the pooled text width the tiny transformer reads
+    one_pass_guidance: float  # a guidance scale at which its pipeline calls the transformer once per step
+    packed: bool  # whether its pipeline's latents are packed into tokens (FLUX)
 
 
-CASES = {"sd3": Case(SD3, make_tiny_sd3_transformer, make_tiny_sd3, 32)}
+CASES = {"sd3": Case(SD3, make_tiny_sd3_transformer, make_tiny_sd3, 32, 1.0, False),
+         "flux": Case(FLUX, make_tiny_flux_transformer, make_tiny_flux, 16, 3.5, True)}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -89,9 +99,27 @@ def sd3_counts(config: dict) -> dict:
     return {"biases": biases, "timestep": 2 * w, "gamma": gamma, "norms": norms, "lora": lora, "depth": depth}
 
 
+def flux_counts(config: dict) -> dict:
+    """FLUX.1 by hand: width w, MLP 4w. Per joint block the biases of both adaLN projections (2 x 6w), q, k, v
+    of both streams (6w), both attention outputs (2w) and both MLPs (2 x 5w); per single block its adaLN
+    (3w), q, k, v (3w), the MLP input (4w) and the fused output (w). Top level: image and text input
+    projections (w each), the pooled-text MLP (2w), the final adaLN (2w), the output layer (64); the
+    timestep MLP (2w) and FLUX.1-dev's guidance MLP (2w) are frozen. gamma: the first half of the 57 blocks
+    = the 19 joint (4 branches, w each) and 9 single (proj_out, w). q/k RMSNorms: 4 x 128 per joint block,
+    2 x 128 per single block. LoRA (rank 8, every w -> w attention projection): 8 per joint, 3 per single."""
+    joint, single, w = config["num_layers"], config["num_single_layers"], config["num_attention_heads"] * 128
+    embedders = 2 * w * (1 + config["guidance_embeds"])
+    depth = joint + single
+    return {"biases": joint * 30 * w + single * 11 * w + 6 * w + 64, "timestep": embedders,
+            "gamma": 4 * w * joint + w * (depth // 2 - joint), "norms": (4 * joint + 2 * single) * 128,
+            "lora": (8 * joint + 3 * single) * 8 * 2 * w, "depth": depth}
+
+
 REAL = [("sd3", name, SD3_CONFIGS[name], sd3_counts(SD3_CONFIGS[name]), total)
         for name, total in (("SD3-medium", 2_028_328_000), ("SD3.5-medium", 2_243_171_520),
                             ("SD3.5-large", 8_056_627_520))]
+REAL += [("flux", name, FLUX_CONFIGS[name], flux_counts(FLUX_CONFIGS[name]), total)
+         for name, total in (("FLUX.1-dev", 11_901_408_320), ("FLUX.1-schnell", 11_891_178_560))]
 
 
 @pytest.mark.parametrize("family, name, config, counts, total", REAL, ids=[r[1] for r in REAL])
@@ -105,7 +133,7 @@ def test_counts_on_the_real_configurations(family, name, config, counts, total):
     assert describe_method(config, "bitfit", family=family)["trainable_params"] == counts["biases"] + counts["timestep"]
     assert describe_method(config, "full", family=family)["trainable_params"] == total
     assert describe_method(config, "lora", family=family)["trainable_params"] == counts["lora"]
-    assert 0.03 < difffit["trainable_percent"] < 0.1  # a few hundredths of a percent of a 2-8B model
+    assert 0.02 < difffit["trainable_percent"] < 0.1  # a few hundredths of a percent of a 2-12B model
 
 
 # -- gamma: untrained = base, placement, folding ------------------------------------------------------------
@@ -134,6 +162,30 @@ def test_sd3_gamma_sits_on_every_branch_output_of_both_streams():
     assert {"transformer_blocks.0.attn.norm_q.weight", "transformer_blocks.0.attn2.norm_k.weight"} <= set(trained)
     assert not any(name.startswith("time_text_embed.timestep_embedder.") for name in trained)
     assert "time_text_embed.text_embedder.linear_1.bias" in trained and "context_embedder.bias" in trained
+
+
+def test_flux_gamma_sits_on_both_streams_of_joint_blocks_and_the_fused_output_of_single_blocks():
+    """Blocks count joint first, then single; the first half by default; a single block's one gamma is on
+    proj_out, which fuses its attention and MLP outputs."""
+    model = make_tiny_flux_transformer(layers=3)  # 3 joint + 3 single
+    prepare_model(model, "difffit")
+    gammas = {name.removesuffix(".gamma_") for name in trainable_parameters(model) if ".gamma_" in name}
+    joint = ("attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2")
+    assert gammas == {f"transformer_blocks.{i}.{path}" for i in range(3) for path in joint}
+    assert FLUX.gamma_blocks(model) == [0, 1, 2]  # the first half of 6
+    model = make_tiny_flux_transformer(layers=3)
+    prepare_model(model, "difffit", gamma_blocks=[2, 3, 5], settings=MethodSettings(gamma_placement="branch+attn"))
+    gammas = {name.removesuffix(".gamma_") for name in trainable_parameters(model) if ".gamma_" in name}
+    qkv = ("attn.to_q", "attn.to_k", "attn.to_v")
+    assert gammas == ({f"transformer_blocks.2.{path}" for path in (*joint, *qkv, "attn.add_q_proj",
+                                                                   "attn.add_k_proj", "attn.add_v_proj")}
+                      | {f"single_transformer_blocks.{i}.{path}" for i in (0, 2) for path in ("proj_out", *qkv)})
+    assert FLUX.gamma_blocks(model) == [2, 3, 5]
+    trained = trainable_parameters(model)
+    assert {"single_transformer_blocks.0.attn.norm_q.weight", "transformer_blocks.0.attn.norm_added_k.weight",
+            "single_transformer_blocks.1.proj_mlp.bias", "time_text_embed.text_embedder.linear_1.bias"} <= set(trained)
+    assert not any(name.startswith(("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder."))
+                   for name in trained)
 
 
 @pytest.mark.parametrize("placement", ["branch", "branch+attn"])
@@ -327,3 +379,55 @@ def test_the_adapter_json_config_compares_equal_to_the_models():
     model = make_tiny_sd3_transformer()
     config = SD3.config_of(model)
     assert json.loads(json.dumps(config)) == config and config["dual_attention_layers"] == [0]
+
+
+def test_the_training_forward_is_the_pipelines_call(case, pipeline_dir):
+    """One Euler step of the pipeline from given latents at sigma 1 (t = 1000) moves them by minus the
+    transformer's output: that output must be the family's forward at t = 1000 on the same latents and
+    embeddings (FLUX: packed 2 x 2 with position ids, timestep / 1000, FLUX.1-dev's guidance 3.5)."""
+    from diffusers import DiffusionPipeline
+
+    base = load_base(str(pipeline_dir))
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, transformer=base.model)
+    pipe.set_progress_bar_config(disable=True)
+    _, _, text = inputs(case, seed=1, batch=1)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    latents = pipe._pack_latents(x, 1, 16, 8, 8) if case.packed else x
+    extra = {} if case.packed else {"negative_prompt_embeds": text["prompt_embeds"],
+                                    "negative_pooled_prompt_embeds": text["pooled_prompt_embeds"]}
+    stepped = pipe(prompt_embeds=text["prompt_embeds"], pooled_prompt_embeds=text["pooled_prompt_embeds"], **extra,
+                   latents=latents, num_inference_steps=1, sigmas=[1.0], guidance_scale=case.one_pass_guidance,
+                   height=16, width=16, output_type="latent").images
+    with torch.no_grad():
+        expected = x - case.family.forward(base.model, base)(x, torch.tensor([1000.0]), text)
+    if case.packed:
+        expected = pipe._pack_latents(expected, 1, 16, 8, 8)
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_schnell_kind_trains_without_guidance_and_samples_as_its_card_says(tmp_path):
+    """A FLUX base without guidance embedding (schnell's kind): the forward passes no guidance, 256 T5 tokens
+    and schnell's card (4 steps, guidance 0) are its defaults; --negative-prompt is one sentence on FLUX."""
+    from difffit_cli.engine.evaluation.sample import SamplingOptions
+
+    base = load_base(str(make_tiny_flux(tmp_path / "schnell", guidance_embeds=False)))
+    assert base.max_text_tokens == 256 and FLUX.architecture(FLUX.config_of(base.model)) == "FLUX-d2+2-w16"
+    resolved = SamplingOptions(cfg_scale=None, scheduler=None).for_base(base)
+    assert (resolved.steps, resolved.cfg_scale) == (4, 0.0)
+    x, t, text = inputs(CASES["flux"])
+    with torch.no_grad():
+        assert FLUX.forward(base.model, base)(x, t, text).shape == x.shape
+    with pytest.raises(DiffFitError, match="--negative-prompt has nothing to steer on FLUX bases"):
+        SamplingOptions(cfg_scale=None, scheduler=None, negative_prompt="blurry").for_base(base)
+    assert FLUX.architecture(FLUX_CONFIGS["FLUX.1-schnell"]) == "FLUX.1-schnell"
+    assert FLUX.architecture(FLUX_CONFIGS["FLUX.1-dev"]) == "FLUX.1-dev"
+
+
+def test_flux_shifts_its_training_sigmas_by_resolution_and_sd3_does_not(case, pipeline_dir):
+    base = load_base(str(pipeline_dir))
+    flow = case.family.diffusion(base)
+    u = torch.tensor([0.3, 0.5, 0.7])
+    small, large = flow.sigmas(u, torch.zeros(1, 16, 8, 8)), flow.sigmas(u, torch.zeros(1, 16, 64, 64))
+    assert torch.equal(small, large) != case.packed  # FLUX.1-dev: more tokens, more noise at the same u
+    if case.packed:
+        assert (large > small).all()

@@ -120,6 +120,9 @@ class SamplingOptions:
             raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
                                f"{', '.join(family.schedulers)}.")
         family.check_sample_size(base, self.width, self.height)
+        if self.negative_prompt and not family.negative_prompts:
+            raise DiffFitError(f"--negative-prompt has nothing to steer on {family.title} bases: they sample with "
+                               "guidance distilled into the model, without an unconditional branch.")
         return resolved
 
     @property

@@ -91,7 +91,8 @@ class AdapterMeta:
 
     @property
     def resolution(self) -> int:
-        return self.latent_size * self.vae_factor
+        """The size it trained at (FLUX's config has none of its own), else its config's."""
+        return self.training.get("resolution") or self.latent_size * self.vae_factor
 
     @property
     def pos_embed_scale(self) -> float | None:

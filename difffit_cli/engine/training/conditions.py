@@ -120,6 +120,8 @@ def text_summary(run: Run) -> dict:
     if run.family.conditioning != "text":
         return {}
     flow = {"timestep_sampling": run.config.timestep_sampling} if run.family.prediction == "flow" else {}
-    return {"pipeline": run.base.pipeline, "caption_dropout": run.config.caption_dropout, **flow,
+    # resolution: the size it trained at, which FLUX's transformer config does not say (AdapterMeta.resolution)
+    return {"pipeline": run.base.pipeline, "resolution": run.base.resolution,
+            "caption_dropout": run.config.caption_dropout, **flow,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
             "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}

@@ -189,7 +189,8 @@ def _prepare_data(run: Run, progress: bool) -> None:
     run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
     conditions = prepare_conditions(run, progress)  # labels, or caption embeddings (the encoder freed after)
     side = base.resolution // base.vae_factor
-    latent_shape = (base.model.config.in_channels, side, side)
+    channels = run.family.channels(run.family.config_of(base.model))["in_channels"]  # the VAE's (FLUX: 16, not 64)
+    latent_shape = (channels, side, side)
     order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
                       config.class_balance)
     run.batches = Batches(latents, conditions, latent_shape, split, order, device)

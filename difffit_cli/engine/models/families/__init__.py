@@ -16,21 +16,22 @@ from difffit_cli.engine.hub import hub_ref, hub_snapshot
 from difffit_cli.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit_cli.engine.models.bases import RANDOM_PREFIX
 from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.families.flux import FLUX
 from difffit_cli.engine.models.families.pipelines import read_json
 from difffit_cli.engine.models.families.pixart import PIXART
 from difffit_cli.engine.models.families.sd3 import SD3
 from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.formats import WEIGHT_SUFFIXES
 
-FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART, SD3.name: SD3}
-PIPELINE_KINDS = [family.kind for family in (PIXART, SD3)]  # the families whose bases are pipelines
+FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART, SD3.name: SD3, FLUX.name: FLUX}
+PIPELINE_KINDS = [family.kind for family in (PIXART, SD3, FLUX)]  # the families whose bases are pipelines
 # What each family's pipelines are called in model_index.json, and its aliases.
 PIPELINE_FAMILIES = {"DiTPipeline": DIT, **{pipeline: FAMILIES[kind.family] for kind in PIPELINE_KINDS
                                             for pipeline in kind.pipelines}}
 ALIAS_FAMILIES = {**dict.fromkeys(DIT_ALIASES, DIT), **{alias: FAMILIES[kind.family] for kind in PIPELINE_KINDS
                                                         for alias in kind.aliases}}
-SUPPORTED = ("DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline) and "
-             "SD3/3.5 (StableDiffusion3Pipeline)")
+SUPPORTED = ("DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline), "
+             "SD3/3.5 (StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)")
 
 
 def family_named(name: str | None) -> Family:

@@ -65,8 +65,11 @@ class FlowFamily(PipelineFamily):
     def sampling_defaults(self, base: PipelineBase) -> dict:
         defaults = {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
                     "steps": int(pipeline_default(base.pipeline, "num_inference_steps"))}
-        return {**defaults, **self.card_defaults.get(base.hub_id, {}),
-                "scheduler": default_scheduler_name(base, SCHEDULERS)}
+        return {**defaults, **self.card(base), "scheduler": default_scheduler_name(base, SCHEDULERS)}
+
+    def card(self, base: PipelineBase) -> dict:
+        """The sampling settings the base's model card recommends where they differ from the pipeline's."""
+        return self.card_defaults.get(base.hub_id, {})
 
     @torch.inference_mode()
     def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],

@@ -45,7 +45,7 @@ class ScaledLinear(nn.Linear):
 def linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module | None]:
     """(owner, attribute, module) of `path` inside `block`; module None where the block has no such layer
     (SD3's last block has no context output, a block without dual attention no attn2)."""
-    parent, leaf = path.rsplit(".", 1)
+    parent, _, leaf = path.rpartition(".")  # FLUX's single blocks: proj_out, on the block itself
     try:
         owner = block.get_submodule(parent)
     except AttributeError:
