@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 from t2i_fixtures import make_captioned_data, make_tiny_pixart
-from test_sample import run_cli
 
 
 @pytest.fixture(scope="module")
