@@ -208,12 +208,20 @@ class Family:
         raise NotImplementedError
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
-        raise NotImplementedError
+        """Recompute each block's activations in the backward pass (--grad-checkpointing). The default is
+        diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`, non-reentrant torch checkpointing
+        block by block), which every diffusers transformer family has."""
+        if enabled:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
 
     def attention_shape(self, model: nn.Module) -> dict | None:
         """(heads, head_dim, tokens) for choosing the SDPA backend by measurement; None: leave it to SDPA."""
         return None
 
     def fp8_keep(self) -> tuple[str, ...] | None:
-        """Module-name parts that stay bf16 under --mixed-precision fp8; None: fp8 is not supported."""
+        """What stays bf16 under --mixed-precision fp8: fnmatch patterns over module names (the embedders,
+        the modulation projections, the final layer); every other frozen Linear goes float8. None: fp8 is not
+        supported on this family."""
         return None

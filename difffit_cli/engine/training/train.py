@@ -203,11 +203,12 @@ def _prepare_trainable_state(run: Run) -> None:
                   settings=config.method_settings())
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     device = run.accelerator.device
-    if run.autocast_dtype is not None:
-        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
-    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):  # float8 matmuls
+    # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
+    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):
         raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
                            "speed up.", hint="Use --mixed-precision bf16.")
+    if run.autocast_dtype is not None:
+        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
     family.set_gradient_checkpointing(model, config.grad_checkpointing)
     model.to(device).train()
     if resolve_compile(config.compile, device):
@@ -378,7 +379,7 @@ def _preview(run: Run, step: int) -> None:
     if not (run.main and run.config.sample_every):
         return
     options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling},
-                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.precision)
+                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)

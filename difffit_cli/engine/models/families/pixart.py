@@ -12,9 +12,15 @@ What DiffFit trains here (`--method difffit`):
   operation of each branch, so gamma there is exactly the paper's "scale the branch output", and
   it folds into that projection's weight and bias (W' = diag(gamma) W, b' = gamma * b): a merged
   model is a stock diffusers transformer. `branch+attn` adds gamma on the q, k and v projections.
-gamma sits in `ScaledLinear`, a Linear subclass that shares the projection's own weight and bias and
-multiplies its output: parameter names stay diffusers' (`...to_out.0.weight`), so fingerprints,
-LoRA targets and state dicts are unchanged, and an untrained gamma (ones) changes no bit.
+gamma sits in `ScaledLinear` (engine/models/scaled_linear.py, shared by the diffusers families), a Linear
+subclass that shares the projection's own weight and bias and multiplies its output: parameter names
+stay diffusers' (`...to_out.0.weight`), so fingerprints, LoRA targets and state dicts are unchanged, and
+an untrained gamma (ones) changes no bit.
+
+`--mixed-precision fp8`: every block Linear in float8 (gamma's projections included, keeping their gamma);
+the embedders (`pos_embed`, `adaln_single`: timestep and micro-conditions plus the shared modulation
+projection, `caption_projection`) and the final `proj_out` stay bf16, as DiT's embedders, adaLN and final
+layer do. `--grad-checkpointing` is diffusers' own, block by block.
 
 bitfit trains every bias and the modulation tables; full every parameter; lora peft's LoRA on the
 attention projections (to_q, to_k, to_v, to_out.0 of both attentions, as diffusers' scripts do).
@@ -30,7 +36,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difffit_cli.engine.devices import autocast_dtype
@@ -46,30 +51,17 @@ from difffit_cli.engine.models.families.pixart_pipeline import (
 )
 from difffit_cli.engine.models.family import Family, Setter, added_reference
 from difffit_cli.engine.models.lora_names import PIXART_LORA
+from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears, has_gamma
 
 METHODS = ("full", "bitfit", "lora", "difffit")
 BRANCHES = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")  # the output projection of each residual branch
 QKV = tuple(f"attn{i}.to_{x}" for i in (1, 2) for x in "qkv")
 FROZEN_EMBEDDERS = "adaln_single.emb."  # timestep (and resolution / aspect-ratio) embedders
 SCHEDULES = ("linear", "scaled_linear")
+# What stays bf16 under --mixed-precision fp8 (fnmatch patterns over module names; see the module docstring).
+FP8_KEEP = ("pos_embed.*", "adaln_single.*", "caption_projection.*", "proj_out")
 SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels",
               "caption_channels", "cross_attention_dim", "use_additional_conditions")
-
-
-class ScaledLinear(nn.Linear):
-    """A Linear whose output is multiplied by `gamma_`: the projection's own weight and bias (shared,
-    not copied) plus one trainable scale per output feature, ones at the start."""
-
-    def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.gamma_ = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device,
-                                              dtype=linear.weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out * self.gamma_.to(out.dtype)
 
 
 def _linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
@@ -170,26 +162,14 @@ class PixArtFamily(Family):
         for i in blocks:
             for path in paths:
                 owner, leaf, linear = _linear_at(model.transformer_blocks[i], path)
-                if not isinstance(linear, ScaledLinear):
+                if not has_gamma(linear):
                     setter(owner, leaf, ScaledLinear(linear))
 
     def gamma_blocks(self, model: nn.Module) -> list[int]:
-        return [i for i, block in enumerate(model.transformer_blocks)
-                if isinstance(_linear_at(block, BRANCHES[0])[2], ScaledLinear)]
+        return [i for i, block in enumerate(model.transformer_blocks) if has_gamma(_linear_at(block, BRANCHES[0])[2])]
 
-    @torch.no_grad()
     def fold_gamma(self, model: nn.Module) -> None:
-        """Each ScaledLinear becomes a plain Linear holding gamma W and gamma b: new tensors, so a base
-        whose projections an adapter shares is left as it was."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, ScaledLinear):
-                gamma = module.gamma_.to(module.weight.dtype)
-                folded = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
-                                                  device=module.weight.device, dtype=module.weight.dtype)
-                folded.weight = nn.Parameter(module.weight * gamma[:, None], module.weight.requires_grad)
-                folded.bias = nn.Parameter(module.bias * gamma, module.bias.requires_grad)
-                owner, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, folded)
+        fold_scaled_linears(model)
 
     def write_pipeline(self, base: PixArtBase, model: nn.Module, folder) -> None:
         write_pixart_pipeline(base, model, folder)
@@ -247,11 +227,8 @@ class PixArtFamily(Family):
                                height=options.height or base.resolution, device=device,
                                autocast_dtype=autocast_dtype(options.mixed_precision))
 
-    def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
-        if enabled:
-            model.enable_gradient_checkpointing()
-        else:
-            model.disable_gradient_checkpointing()
+    def fp8_keep(self) -> tuple[str, ...]:
+        return FP8_KEEP
 
 
 def micro_conditions(model: nn.Module, x: torch.Tensor, base: PixArtBase | None) -> dict:
