@@ -208,13 +208,7 @@ class Family:
         raise NotImplementedError
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
-        """Recompute each block's activations in the backward pass (--grad-checkpointing). The default is
-        diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`, non-reentrant torch checkpointing
-        block by block), which every diffusers transformer family has."""
-        if enabled:
-            model.enable_gradient_checkpointing()
-        else:
-            model.disable_gradient_checkpointing()
+        raise NotImplementedError
 
     def attention_shape(self, model: nn.Module) -> dict | None:
         """(heads, head_dim, tokens) for choosing the SDPA backend by measurement; None: leave it to SDPA."""
