@@ -274,3 +274,28 @@ def test_fp8_is_refused_on_the_cpu_in_one_sentence(conf, tmp_path):
 def test_fp8_with_full_fine_tuning_is_refused(conf, fp8_cpu):
     with pytest.raises(DiffFitError, match="--method full trains every weight matrix"):
         fit(conf(mixed_precision="fp8", method="full"), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sm89+ for the fp8 kernel)")
+def test_fp8_kernel_with_gamma_and_checkpointing_on_cuda():
+    if (reason := devices.fp8_support("cuda")) is not None:
+        pytest.skip(reason)
+    fast, slow = difffit_model().cuda(), difffit_model().cuda()
+    quantize_frozen_linears(fast, keep=PIXART.fp8_keep(), kernel=True)
+    quantize_frozen_linears(slow, keep=PIXART.fp8_keep(), kernel=False)
+    PIXART.set_gradient_checkpointing(fast, True)
+
+    def cuda_gradients(model):
+        x0, t, text, noise = (v.cuda() if torch.is_tensor(v) else {k: w.cuda() for k, w in v.items()}
+                              for v in batch())
+        forward = PIXART.forward(model, None)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = GaussianDiffusion().training_losses(lambda x, s: forward(x, s, text).float(), x0, t,
+                                                       noise)["loss"].mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.float().cpu() for n, p in trainable_parameters(model).items()}
+
+    loss, grads = cuda_gradients(fast)
+    ref_loss, ref_grads = cuda_gradients(slow)
+    assert loss == pytest.approx(ref_loss, rel=0.05)
+    assert_gradients_close(grads, ref_grads, 0.1)
