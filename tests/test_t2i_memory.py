@@ -299,3 +299,24 @@ def test_fp8_kernel_with_gamma_and_checkpointing_on_cuda():
     ref_loss, ref_grads = cuda_gradients(slow)
     assert loss == pytest.approx(ref_loss, rel=0.05)
     assert_gradients_close(grads, ref_grads, 0.1)
+
+
+def test_a_model_too_large_for_the_device_is_one_sentence(pipeline_dir, tmp_path, monkeypatch, capsys):
+    """A 12B base on a 24 GB card without fp8 runs out of memory while moving to the GPU: one sentence
+    naming what to try, no traceback (here the move is made to fail as CUDA's allocator would)."""
+    from test_sample import run_cli
+
+    move = nn.Module.to
+
+    def out_of_memory(module, *args, **kwargs):
+        if type(module).__name__ == "PixArtTransformer2DModel":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 22.00 GiB")
+        return move(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", out_of_memory)
+    data = make_captioned_data(tmp_path / "data")
+    code, out, err = run_cli(monkeypatch, capsys, "fit", data, "--base", pipeline_dir, "--steps", "2", "--batch-size",
+                             "4", "--sample-every", "0", "--compile", "off", "--out", tmp_path / "run", "--cache-dir",
+                             tmp_path / "cache")
+    assert code == 1 and "Traceback" not in err, err
+    assert "The PixArt model does not fit in the memory of cpu" in err and "--grad-checkpointing" in err
