@@ -215,5 +215,7 @@ class Family:
         return None
 
     def fp8_keep(self) -> tuple[str, ...] | None:
-        """Module-name parts that stay bf16 under --mixed-precision fp8; None: fp8 is not supported."""
+        """What stays bf16 under --mixed-precision fp8: fnmatch patterns over module names (the embedders,
+        the modulation projections, the final layer); every other frozen Linear goes float8. None: fp8 is not
+        supported on this family."""
         return None

@@ -28,7 +28,7 @@ class Run:
     config: FitConfig
     out_dir: Path
     accelerator: object
-    precision: str  # "no", "fp16" or "bf16"
+    precision: str  # "no", "fp16", "bf16" or "fp8"
     base: Base  # or another family's base (engine.models.families)
     pos_embed: str  # "standard", or the mode the base was moved to a new resolution with
     folder: ImageFolder
@@ -56,3 +56,9 @@ class Run:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return AUTOCAST_DTYPES.get(self.precision)
+
+    @property
+    def sampling_precision(self) -> str:
+        """The --mixed-precision previews and in-training FID sample with: the run's, except that under fp8
+        the float8 matrices already sit in the model and the rest runs under bf16 autocast."""
+        return "bf16" if self.precision == "fp8" else self.precision

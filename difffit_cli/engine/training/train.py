@@ -82,6 +82,8 @@ from difffit_cli.engine.training.trackers import log_preview
 from difffit_cli.engine.training.validation import Validation, split_validation
 
 PREVIEW_IMAGES = 8
+MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
+               "fp8 (on an FP8 GPU) halves them again.")
 
 
 def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -> FitResult:
@@ -203,13 +205,18 @@ def _prepare_trainable_state(run: Run) -> None:
                   settings=config.method_settings())
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     device = run.accelerator.device
-    if run.autocast_dtype is not None:
-        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
-    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):  # float8 matmuls
+    # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
+    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):
         raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
                            "speed up.", hint="Use --mixed-precision bf16.")
+    if run.autocast_dtype is not None:
+        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
     family.set_gradient_checkpointing(model, config.grad_checkpointing)
-    model.to(device).train()
+    try:
+        model.to(device).train()
+    except torch.OutOfMemoryError:
+        raise DiffFitError(f"The {family.title} model does not fit in the memory of {device} "
+                           f"(--mixed-precision {run.precision}).", hint=MEMORY_HINT) from None
     if resolve_compile(config.compile, device):
         compile_blocks(model, blocks=family.blocks)  # one graph per block shape, fixed batch: no recompiles
     run.params = trainable_parameters(model)
@@ -356,8 +363,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     except torch.cuda.OutOfMemoryError:
         raise DiffFitError(
             f"CUDA ran out of memory with {per_process} images per micro-step on {device}.",
-            hint="Try a smaller --batch-size or a larger --grad-accum, --grad-checkpointing, "
-                 "or --mixed-precision bf16.") from None
+            hint=f"Try a smaller --batch-size or a larger --grad-accum. {MEMORY_HINT}") from None
     return Outcome(step, loss_value, rate, time.perf_counter() - t_start, stop_signal)
 
 
@@ -378,7 +384,7 @@ def _preview(run: Run, step: int) -> None:
     if not (run.main and run.config.sample_every):
         return
     options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling},
-                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.precision)
+                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)

@@ -16,9 +16,10 @@ from difffit_cli.engine.hub import hub_ref, hub_snapshot
 from difffit_cli.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit_cli.engine.models.bases import RANDOM_PREFIX
 from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.families.pipelines import read_json
 from difffit_cli.engine.models.families.pixart import PIXART
 from difffit_cli.engine.models.families.pixart_bases import ALIASES as PIXART_ALIASES
-from difffit_cli.engine.models.families.pixart_bases import PIPELINES, is_pixart_transformer, read_json
+from difffit_cli.engine.models.families.pixart_bases import PIPELINES, is_pixart_transformer
 from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.formats import WEIGHT_SUFFIXES
 

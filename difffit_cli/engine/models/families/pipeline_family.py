@@ -1,0 +1,184 @@
+"""What the text-to-image families (PixArt, SD3, FLUX) share: diffusers pipelines as bases, and DiffFit's
+placement described as data: which block lists the model has, the output projection of each residual
+branch in a block of each list, the embedders that stay frozen, and the modulation tables that train.
+
+gamma sits in `ScaledLinear` (engine/models/scaled_linear.py), a Linear subclass that shares the
+projection's own weight and bias and multiplies its output: parameter names stay diffusers'
+(`...to_out.0.weight`), so fingerprints, LoRA targets and state dicts are unchanged, and an untrained
+gamma (ones) changes no bit. The projection is the last operation of each branch, so gamma there is
+exactly the paper's "scale the branch output", and it folds into that projection's weight and bias (W' =
+diag(gamma) W, b' = gamma * b): a merged model is a stock diffusers transformer. Blocks are numbered
+across the block lists in the order the image passes through them (FLUX: its 19 joint blocks, then its
+38 single blocks), which `--gamma-blocks` counts in.
+
+Memory: `--mixed-precision fp8` puts every frozen Linear in float8 except what `keep_bf16` names (each
+family's embedders, modulation projections and final layer); gamma's projections go float8 with their
+gamma (engine/models/fp8.py). `--grad-checkpointing` is diffusers' own switch, block by block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from difffit_cli.engine.errors import DiffFitError
+from difffit_cli.engine.models.families.pipeline_io import write_pipeline_folder
+from difffit_cli.engine.models.families.pipelines import PipelineBase, PipelineKind, load_pipeline_base
+from difffit_cli.engine.models.family import Family, Setter, added_reference
+from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears, has_gamma
+
+
+def linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module | None]:
+    """(owner, attribute, module) of `path` inside `block`; module None where the block has no such layer
+    (SD3's last block has no context output, a block without dual attention no attn2)."""
+    parent, leaf = path.rsplit(".", 1)
+    try:
+        owner = block.get_submodule(parent)
+    except AttributeError:
+        return block, leaf, None
+    return owner, leaf, getattr(owner, leaf, None)
+
+
+class PipelineFamily(Family):
+    """A text-to-image family whose bases are diffusers pipelines of `kind`."""
+
+    conditioning = "text"
+    methods = ("full", "bitfit", "lora", "difffit")
+    groups = ("biases", "gamma", "modulation", "norms", "lora", "other")
+    kind: PipelineKind
+    branches: dict[str, tuple[str, ...]]  # block list -> the output projection of each residual branch
+    attention_inputs: dict[str, tuple[str, ...]]  # block list -> q, k, v projections (--gamma-placement branch+attn)
+    frozen_embedders: tuple[str, ...]  # name prefixes of the timestep (and guidance, size) embedders
+    tables: tuple[str, ...] = ()  # name suffixes of per-block modulation tables (PixArt's scale_shift_table)
+    shape_keys: tuple[str, ...]  # the config keys an adapter cannot change
+    config_keys: tuple[str, ...]  # the config keys an adapter file's config must have
+    keep_bf16: tuple[str, ...] | None = None  # fnmatch patterns of the Linears fp8 leaves bf16 (None: no fp8)
+
+    @property
+    def block_lists(self) -> tuple[str, ...]:
+        return tuple(self.branches)
+
+    # -- loading and describing -----------------------------------------------------------------------
+
+    def load(self, spec: str, **options) -> PipelineBase:
+        """`info=True`: the weights of a local folder are read (for its fingerprint), a Hub repo's never:
+        its counts come from its config on the meta device."""
+        return load_pipeline_base(spec, self.kind, weights=not options.get("info") or Path(spec).expanduser().is_dir())
+
+    def describe(self, base: PipelineBase) -> dict:
+        config = dict(base.model.config)
+        return {
+            "kind": "base", "spec": base.spec, "source_format": base.source_format, "pipeline": base.pipeline,
+            "architecture": self.architecture(config), "total_params": sum(p.numel() for p in base.model.parameters()),
+            "resolution": base.resolution, **self.shape_fields(config), "max_text_tokens": base.max_text_tokens,
+            "fingerprint": base.fingerprint, "vae": base.vae_spec if base.source_format != "config" else None,
+            "hub_id": base.hub_id,
+        }
+
+    def shape_fields(self, config: dict) -> dict:
+        """The config's sizes `info` shows (latent size, channels, patch, text width)."""
+        raise NotImplementedError
+
+    def config_of(self, model: nn.Module) -> dict:
+        return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+    def channels(self, config: dict) -> dict:
+        channels = config["in_channels"]
+        return {"in_channels": channels, "learn_sigma": config.get("out_channels") == 2 * channels}
+
+    def empty_model(self, config: dict) -> nn.Module:
+        import diffusers
+
+        return getattr(diffusers, self.kind.transformer_class)(**config)
+
+    def check_config(self, config: dict) -> None:
+        for key in self.config_keys:
+            if key not in config:
+                raise TypeError(f"missing {key}")
+
+    def depth(self, model: nn.Module) -> int:
+        return len(self.all_blocks(model))
+
+    def all_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(block list, block) of every block, in the order the image passes through them."""
+        return [(name, block) for name in self.block_lists for block in getattr(model, name)]
+
+    # -- what a method trains -------------------------------------------------------------------------
+
+    def is_trainable(self, name: str, method: str, new_classes: bool, norm_names: set[str]) -> bool:
+        if method == "full":
+            return True
+        table = name.endswith(self.tables)
+        if method == "bitfit":
+            return name.endswith(".bias") or table
+        if method == "lora":
+            return added_reference(name) is not None and ".gamma_" not in name
+        return ((name.endswith(".bias") and not name.startswith(self.frozen_embedders)) or table
+                or ".gamma_" in name or name in norm_names)
+
+    def parameter_group(self, name: str, norm_names: set[str]) -> str:
+        if name.endswith(self.tables):
+            return "modulation"
+        return super().parameter_group(name, norm_names)
+
+    def fits_adapter(self, model: nn.Module, meta) -> bool:
+        mine = self.config_of(model)
+        return all(mine.get(key) == meta.base_config.get(key) for key in self.shape_keys)
+
+    def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
+        """Swap in the adapter's gamma modules through `setter` (the swapper puts the plain ones back)."""
+        if meta.method == "difffit":
+            self.add_gamma(model, meta.gamma_blocks, meta.settings.get("gamma_placement", "branch"), setter)
+
+    def adopt_adapter(self, base: PipelineBase, meta) -> None:
+        base.text_tokens = meta.training.get("max_text_tokens")
+
+    def add_gamma(self, model: nn.Module, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
+        every = self.all_blocks(model)
+        for i in blocks:
+            kind, block = every[i]
+            paths = self.branches[kind] + (self.attention_inputs[kind] if placement == "branch+attn" else ())
+            for path in paths:
+                owner, leaf, linear = linear_at(block, path)
+                if isinstance(linear, nn.Linear) and not has_gamma(linear):
+                    setter(owner, leaf, ScaledLinear(linear))
+
+    def gamma_blocks(self, model: nn.Module) -> list[int]:
+        return [i for i, (_, block) in enumerate(self.all_blocks(model))
+                if any(has_gamma(module) for module in block.modules())]
+
+    def fold_gamma(self, model: nn.Module) -> None:
+        fold_scaled_linears(model)
+
+    def write_pipeline(self, base: PipelineBase, model: nn.Module, folder) -> None:
+        write_pipeline_folder(base, model, folder)
+
+    # -- text, sampling -------------------------------------------------------------------------------
+
+    def check_ready(self, base: PipelineBase) -> None:
+        base.check_components()
+
+    def text_key(self, base: PipelineBase, max_tokens: int) -> str:
+        return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
+
+    def size_step(self, base: PipelineBase) -> int:
+        """The pixel multiple an image side must be (the pipeline's and the transformer's patches)."""
+        raise NotImplementedError
+
+    def check_sample_size(self, base: PipelineBase, width: int | None, height: int | None) -> None:
+        step = self.size_step(base)
+        for name, value in (("--width", width), ("--height", height)):
+            if value is not None and value % step:
+                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
+
+    def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
+        """diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`: non-reentrant torch checkpointing
+        of each block), which every diffusers transformer has."""
+        if enabled:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+
+    def fp8_keep(self) -> tuple[str, ...] | None:
+        return self.keep_bf16
