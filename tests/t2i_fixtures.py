@@ -146,3 +146,22 @@ def make_captioned_data(root: Path, per_caption: int = 6) -> Path:
             Image.fromarray(pixels).save(root / f"{colour}-{i}.png")
             (root / f"{colour}-{i}.txt").write_text(f"a {colour} square\n")
     return root
+
+
+def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
+    """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.
+    The images of one size alternate red and blue, so each size has both captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for (width, height), count in shapes.items():
+        for i in range(count):
+            colour, channel = (("red", 0), ("blue", 2))[i % 2]
+            pixels = rng.integers(0, 30, (height, width, 3), dtype=np.uint8)
+            pixels[..., channel] = 220
+            name = f"{width}x{height}-{i}"
+            Image.fromarray(pixels).save(root / f"{name}.png")
+            (root / f"{name}.txt").write_text(f"a {colour} picture, {width} by {height}\n")
+    return root

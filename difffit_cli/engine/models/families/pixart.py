@@ -26,7 +26,6 @@ scheduler config).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -232,13 +231,6 @@ class PixArtFamily(Family):
         # T5 v1.1 was trained in bf16, and fp16 overflows it: bf16 on a GPU (half of T5-XXL's fp32 18 GB).
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         return prompt_encoder(base, device, dtype, max_tokens, what)
-
-    def check_sample_size(self, base: PixArtBase, width: int | None, height: int | None) -> None:
-        # The pipeline wants multiples of 8 px; the transformer whole patches of latent pixels.
-        step = math.lcm(8, base.vae_factor * base.model.config.patch_size)
-        for name, value in (("--width", width), ("--height", height)):
-            if value is not None and value % step:
-                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
 
     def sample_images(self, base: PixArtBase, text: dict, negative: dict, generators: list[torch.Generator],
                       options, device: torch.device):
