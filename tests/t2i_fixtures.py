@@ -116,8 +116,9 @@ def make_tiny_transformer(layers: int = 4, text_width: int = 32, seed: int = 0, 
 
 
 def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline", layers: int = 4,
-                     seed: int = 0) -> Path:
-    """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`."""
+                     seed: int = 0, **transformer) -> Path:
+    """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`;
+    `transformer`: overrides of the transformer's configuration."""
     import diffusers
     from conftest import make_tiny_vae
     from diffusers import DPMSolverMultistepScheduler
@@ -125,7 +126,7 @@ def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline
     tokenizer = tiny_t5_tokenizer()
     pipe = getattr(diffusers, pipeline)(
         tokenizer=tokenizer, text_encoder=tiny_t5_encoder(len(tokenizer), seed=seed), vae=make_tiny_vae(seed),
-        transformer=make_tiny_transformer(layers, seed=seed),
+        transformer=make_tiny_transformer(layers, seed=seed, **transformer),
         # The scheduler PixArt-α/Σ ship: DPM-Solver++ on linear betas 1e-4..0.02 over 1000 steps, its defaults.
         scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder)

@@ -230,6 +230,31 @@ def test_mixed_aspect_data_trains_in_batches_of_one_bucket(conf, monkeypatch, ca
     assert read_adapter_meta(result.adapter).training["buckets"] == PLAN
 
 
+def test_the_1024_models_micro_conditions_are_each_batchs_bucket(conf, tmp_path, monkeypatch):
+    """The α 1024-MS model reads the image size: each batch passes its bucket's (height, width) in pixels and
+    height / width, as the pipeline does when it samples at that size."""
+    from difffit_cli.engine.models.families import pixart
+
+    seen, conditions = [], pixart.micro_conditions
+
+    def spy(model, x, base):
+        out = conditions(model, x, base)
+        seen.append((tuple(x.shape[-2:]), out["resolution"][0].tolist(), out["aspect_ratio"][0].item()))
+        return out
+
+    monkeypatch.setattr(pixart, "micro_conditions", spy)
+    ms = make_tiny_pixart(tmp_path / "ms", num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48,
+                          use_additional_conditions=True)
+    fit(conf(base=str(ms), steps=6), progress=False)
+    assert {(latent, tuple(px), aspect) for latent, px, aspect in seen} == {
+        ((8, 8), (16.0, 16.0), 1.0), ((4, 16), (8.0, 32.0), 0.25)}  # latents (h, w) -> pixels (h, w), h / w
+
+
+def test_encoded_on_the_fly_per_bucket_without_a_cache(conf, tmp_path):
+    result = fit(conf(steps=2, cache_latents=False), progress=False)
+    assert result.buckets == PLAN and result.cache is None and not list(tmp_path.glob("cache/*/meta.json"))
+
+
 def test_a_latent_cache_per_bucket_hit_on_the_second_run_and_apart_from_the_square(conf, tmp_path, monkeypatch):
     builds, build = [], latents_module._build_cache
 

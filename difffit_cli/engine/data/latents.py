@@ -142,10 +142,10 @@ def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoenco
                  num_workers: int, progress: bool) -> None:
     width, height = as_size(size)
     shape = (len(folder.files), 2, 2, vae.latent_channels, height // vae.factor, width // vae.factor)
+    what = "Encoding latents" if isinstance(size, int) else f"Encoding latents ({width} x {height} bucket)"
     bad: dict[str, str] = {}
     start = 0
-    with _rows_file(tmp / "latents.npy", shape) as rows_file, \
-            track(len(folder.files), "Encoding latents", progress) as advance:
+    with _rows_file(tmp / "latents.npy", shape) as rows_file, track(len(folder.files), what, progress) as advance:
         for batch in image_batches(folder, size, batch_size, num_workers):
             for i, (_, reason) in enumerate(batch):
                 if reason is not None:
