@@ -302,6 +302,13 @@ def test_an_image_lost_while_caching_never_leaves_a_bucket_below_the_batch(conf,
     assert f"skipped {broken}: not a readable image" in capsys.readouterr().err
 
 
+def test_data_with_no_readable_image_is_one_sentence(conf, data):
+    for image in data.glob("*.png"):
+        image.write_bytes(b"not a png")
+    with pytest.raises(DiffFitError, match="None of the 11 image files .* could be read"):
+        fit(conf(steps=1), progress=False)
+
+
 def test_what_buckets_cannot_do_is_refused_in_one_sentence(conf, tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     with pytest.raises(DiffFitError, match="--class-balance cannot be used with aspect-ratio buckets"):
         check_options(conf(class_balance=True), PIXART)

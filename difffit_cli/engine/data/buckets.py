@@ -137,8 +137,9 @@ class BucketedLatents:
 
     @property
     def cache_path(self) -> Path | None:
-        """The folder holding every bucket's cache (None: encoded on the fly)."""
-        return None if self.parts[0].cache_path is None else self.parts[0].cache_path.parent
+        """The folder holding every bucket's cache (None: encoded on the fly, or no usable image)."""
+        paths = [part.cache_path for part in self.parts]
+        return paths[0].parent if paths and paths[0] is not None else None
 
     def _part(self, index: torch.Tensor) -> Latents:
         buckets = self.bucket_of[index].unique()
