@@ -34,8 +34,10 @@ import multiprocessing
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from _memory import PeakMemory
 from _timing import emit, environment, small_mode, spread, synchronizer
 from pixart_train import CONFIGS as PIXART_CONFIGS
@@ -128,7 +130,10 @@ def build(args, name: str, method: str, precision: str, checkpointing: bool, dev
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: 12B values in seconds on a GPU
         model = family.empty_model(config)
-    prepare_model(model, method, settings=MethodSettings(rank=args.rank))
+    # Under --estimate the new trainable tensors (LoRA's, gamma) are made real: peft moves its new layers with
+    # `.to()`, which swaps tensors, and FakeTensorMode refuses to swap the fake ones it made.
+    with unset_fake_temporarily() if args.estimate else nullcontext():
+        prepare_model(model, method, settings=MethodSettings(rank=args.rank))
     if precision == "fp8":
         quantize_frozen_linears(model, keep=family.fp8_keep(), kernel=fp8_kernel(device, args.fp8_matmul))
     cast_frozen_matrices(model, torch.bfloat16)
@@ -161,8 +166,6 @@ def measure(args, contender: tuple[str, str, str, bool]) -> dict:
     try:
         fake = None
         if args.estimate:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
             fake = FakeTensorMode(allow_non_fake_inputs=True)
             fake.__enter__()
         step, optimizer, resident, trainable = build(args, name, method, precision, checkpointing, device)
@@ -195,7 +198,11 @@ def mib(size: int) -> float:
 
 
 def _child(args, contender, conn) -> None:
-    conn.send(measure(args, contender))
+    try:
+        result = measure(args, contender)
+    except Exception as e:  # one contender's failure is its result; the others still run
+        result = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    conn.send(result)
     conn.close()
 
 

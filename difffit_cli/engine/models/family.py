@@ -13,12 +13,14 @@ a family is a loader, a handful of name rules and a forward call, never a copy o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.lora_names import LoraNames
 
@@ -63,6 +65,9 @@ class Family:
     preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
+    # True: the model takes its own square size only (DiT's fixed positional embedding), so no aspect-ratio
+    # buckets and no --width/--height; False: any size whose sides are multiples of `size_multiple`.
+    fixed_size: bool = False
 
     # -- loading and describing ---------------------------------------------------------------------
 
@@ -199,8 +204,18 @@ class Family:
         """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call."""
         raise NotImplementedError
 
+    def size_multiple(self, base) -> int:
+        """The multiple of pixels every image side must be, for training buckets and for `sample --width /
+        --height`: whole patches of latent pixels (VAE factor x patch size), and multiples of 8 px, which
+        diffusers' pipelines ask for. A family that packs latents further (FLUX: 2 x 2) says so here."""
+        return math.lcm(8, base.vae_factor * base.model.config.patch_size)
+
     def check_sample_size(self, base, width: int | None, height: int | None) -> None:
         """Refuse, in one sentence, an image size the family's pipeline cannot make."""
+        step = self.size_multiple(base)
+        for name, value in (("--width", width), ("--height", height)):
+            if value is not None and value % step:
+                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
 
     def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
                       device: torch.device):

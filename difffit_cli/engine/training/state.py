@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from difffit_cli.engine.data.batches import Batches
+from difffit_cli.engine.data.buckets import Bucket
 from difffit_cli.engine.data.images import ImageFolder
 from difffit_cli.engine.devices import AUTOCAST_DTYPES
 from difffit_cli.engine.models.bases import Base
@@ -44,6 +45,7 @@ class Run:
     text_cache: str | None = None  # text-to-image: the caption embeddings' cache folder
     preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
     validation: Validation | None = None
+    buckets: list[Bucket] | None = None  # with --buckets auto: the aspect-ratio buckets of the training data
 
     @property
     def family(self) -> Family:

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from rich.progress import TextColumn
 
-from difffit_cli.engine.data.batches import Batches, DataOrder, Split, item_repeats, step_seed
+from difffit_cli.engine.data.batches import Batches, BucketOrder, DataOrder, Split, item_repeats, step_seed
+from difffit_cli.engine.data.buckets import bucketed_latents, show_buckets
 from difffit_cli.engine.data.hf_datasets import HF_PREFIX, open_data
 from difffit_cli.engine.data.images import report_skipped, require_images, without_unreadable_classes
-from difffit_cli.engine.data.latents import CachedLatents, usable_latents
+from difffit_cli.engine.data.latents import usable_latents
 from difffit_cli.engine.devices import make_accelerator, tf32_matmuls
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
@@ -123,7 +124,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
         training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
                     "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
-                    **config.loss_weighting(), **text_summary(run)}
+                    **config.loss_weighting(), **text_summary(run),
+                    **({"buckets": [b.summary() for b in run.buckets]} if run.buckets else {})}
         if val_folder is not None or config.eval_every:
             run.validation = Validation(run, val_folder, lambda step: _write_adapter(
                 run, base_config, training | {"steps": step}, "best/adapter.safetensors"), progress and run.main)
@@ -148,7 +150,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
         img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
         stop_signal=outcome.stop_signal,
-        cache=run.cache, **(run.validation.result() if run.validation else {}))
+        cache=run.cache, buckets=[b.summary() for b in run.buckets] if run.buckets else None,
+        **(run.validation.result() if run.validation else {}))
 
 
 # -- phases -----------------------------------------------------------------------------------------
@@ -172,28 +175,40 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
 
 
 def _prepare_data(run: Run, progress: bool) -> None:
-    """Latents for every usable image (cached, or a VAE encoding them each step) and the class table plan."""
+    """Latents for every usable image (cached, or a VAE encoding them each step), square or in aspect-ratio
+    buckets, and the class table plan."""
     config, base, device = run.config, run.base, run.accelerator.device
     split = Split(config.batch_size, config.grad_accum, run.accelerator.process_index, run.accelerator.num_processes)
     num_workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
+
+    def latents_for(images, size):  # usable images, and their latents cropped to size (a side or a bucket)
+        return usable_latents(images, size, base.vae_spec, base.vae, cache=config.cache_latents,
+                              cache_dir=config.cache_dir, batch_size=split.per_process, device=device,
+                              num_workers=num_workers, progress=progress)
+
+    bucketed = config.bucketed(run.family)
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn:
-            folder, latents = usable_latents(run.folder, base.resolution, base.vae_spec, base.vae,
-                                             cache=config.cache_latents, cache_dir=config.cache_dir,
-                                             batch_size=split.per_process, device=device, num_workers=num_workers,
-                                             progress=progress)
+        if run.main == turn and bucketed:
+            folder, latents = bucketed_latents(run.folder, base.resolution, run.family.size_multiple(base),
+                                               config.batch_size, latents_for, progress)
+        elif run.main == turn:
+            folder, latents = latents_for(run.folder, base.resolution)
         run.accelerator.wait_for_everyone()
-    run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
+    run.cache = None if latents.cache_path is None else str(latents.cache_path)
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
     run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
     conditions = prepare_conditions(run, progress)  # labels, or caption embeddings (the encoder freed after)
-    side = base.resolution // base.vae_factor
-    latent_shape = (base.model.config.in_channels, side, side)
-    order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
-                      config.class_balance)
-    run.batches = Batches(latents, conditions, latent_shape, split, order, device)
+    repeats = item_repeats(config.repeats, folder.labels, folder.class_names)
+    if bucketed:
+        run.buckets = latents.buckets
+        if run.main:
+            show_buckets(run.buckets, config.batch_size)
+        order = BucketOrder([bucket.members for bucket in run.buckets], folder.labels, config.seed, repeats)
+    else:
+        order = DataOrder(folder.labels, config.seed, repeats, config.class_balance)
+    run.batches = Batches(latents, conditions, split, order, device)
 
 
 def _prepare_trainable_state(run: Run) -> None:
@@ -218,7 +233,9 @@ def _prepare_trainable_state(run: Run) -> None:
         raise DiffFitError(f"The {family.title} model does not fit in the memory of {device} "
                            f"(--mixed-precision {run.precision}).", hint=MEMORY_HINT) from None
     if resolve_compile(config.compile, device):
-        compile_blocks(model, blocks=family.blocks)  # one graph per block shape, fixed batch: no recompiles
+        # One graph per block shape, fixed batch: no recompiles; with several bucket shapes, torch's automatic
+        # dynamic shapes instead of one static graph per bucket (past its recompile limit, eager).
+        compile_blocks(model, blocks=family.blocks, dynamic=None if run.buckets and len(run.buckets) > 1 else False)
     run.params = trainable_parameters(model)
     optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.families.pipeline_io import write_pipeline_folder
 from difffit_cli.engine.models.families.pipelines import PipelineBase, PipelineKind, load_pipeline_base
 from difffit_cli.engine.models.family import Family, Setter, added_reference
@@ -161,16 +160,6 @@ class PipelineFamily(Family):
 
     def text_key(self, base: PipelineBase, max_tokens: int) -> str:
         return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
-
-    def size_step(self, base: PipelineBase) -> int:
-        """The pixel multiple an image side must be (the pipeline's and the transformer's patches)."""
-        raise NotImplementedError
-
-    def check_sample_size(self, base: PipelineBase, width: int | None, height: int | None) -> None:
-        step = self.size_step(base)
-        for name, value in (("--width", width), ("--height", height)):
-            if value is not None and value % step:
-                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
         """diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`: non-reentrant torch checkpointing

@@ -29,8 +29,6 @@ scheduler config).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -117,10 +115,6 @@ class PixArtFamily(PipelineFamily):
 
     def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
         return prompt_encoder(base, device, max_tokens, what)
-
-    def size_step(self, base: PipelineBase) -> int:
-        # The pipeline wants multiples of 8 px; the transformer whole patches of latent pixels.
-        return math.lcm(8, base.vae_factor * base.model.config.patch_size)
 
     def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
                       options, device: torch.device):
