@@ -37,10 +37,10 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from _memory import PeakMemory
 from _timing import emit, environment, small_mode, spread, synchronizer
 from pixart_train import CONFIGS as PIXART_CONFIGS
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from difffit_cli.engine.methods.baselines import MethodSettings
 from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
