@@ -33,11 +33,17 @@ if [ -n "${DIFFFIT_BENCH_SMALL:-}" ] && [ "${DIFFFIT_BENCH_SMALL}" != 0 ]; then
   # The same commands at toy sizes on the CPU: fp8 takes its dequantizing path (no tensor cores).
   DEV=cpu; CFG=DiT-S/2; LAT=8; B=4; BIG=8; SB=4; SSTEPS=2; FP8ANY=--fp8-anywhere; R=2; NIMG=20; T=1
   PIXART="--config tiny --t5 tiny --tokens 8 --batches 1,2 --precision no"
+  T2IMEM="--device cpu --configs flux-tiny,sd35-tiny,pixart-tiny --px 64 --steps 1 --threads 1"
+  BUCKETS="--config tiny --batch 2 --tokens 8 --sizes 64x64,80x48,128x32 --precision no --compile off --images 10000"
   TESTS="tests/test_fp8.py tests/test_fast_train.py"
 else
   DEV=cuda; CFG=DiT-XL/2; LAT=32; B=32; BIG=64; SB=64; SSTEPS=25; FP8ANY=; R=5; NIMG=1000; T=0
   PIXART="--config alpha-512 --t5 xxl --tokens 120 --batches 8,16,32,64,128,256 --precision bf16"
-  TESTS="tests/test_cuda.py tests/test_fp8.py tests/test_fast_train.py tests/test_dit.py tests/test_diffusion.py"
+  # FLUX.1-dev (12B, random weights built on the GPU) at 512 px, batch 1; fp8 through _scaled_mm only.
+  T2IMEM="--device cuda --configs flux-dev --px 512 --steps 3 --fp8-matmul kernel --budget 130"
+  TESTS="tests/test_cuda.py tests/test_fp8.py tests/test_t2i_memory.py tests/test_fast_train.py tests/test_dit.py tests/test_diffusion.py"
+  BUCKETS="--config alpha-512 --batch 32 --tokens 120 --sizes 512x512,736x352,1024x256 --precision bf16 \
+    --compile off,on --repeats 3"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
@@ -59,10 +65,12 @@ run_stage() {  # run_stage NAME TIMEOUT COMMAND...: stdout (one JSON object) -> 
   echo "-- $name: $((SECONDS - start)) s"
 }
 
-# Most wanted first: the training figures (DiT, then PixArt-α 512: DiffFit vs full), then sampling, the
-# diffusers comparison, fp8 loss, FID, the CUDA tests (the fp8 loss stage already checks the fp8 path end to
-# end), the text cache against encoding on the fly (PixArt with T5-XXL), and the larger batch.
-ALL="attention train_bf16 train_fp8 pixart sample dit_forward fp8_loss fid tests pixart_text train_big"
+# Most wanted first: the training figures (DiT, then PixArt-α 512: DiffFit vs full), the memory of FLUX.1-dev
+# (DiffFit with fp8 frozen weights and checkpointing against 24 GB), then sampling, the diffusers comparison,
+# fp8 loss, FID, the CUDA tests (the fp8 loss stage already checks the fp8 path end to end), the text cache
+# against encoding on the fly (PixArt with T5-XXL), the larger batch, and aspect-ratio buckets (PixArt
+# steps at non-square buckets against the square, eager and compiled).
+ALL="attention train_bf16 train_fp8 pixart t2i_memory sample dit_forward fp8_loss fid tests pixart_text train_big buckets"
 STAGES=${*:-$ALL}
 TS="python3 benchmarks/train_step.py --device $DEV --config $CFG --latent $LAT --threads $T $FP8ANY"
 for stage in $STAGES; do
@@ -83,8 +91,11 @@ for stage in $STAGES; do
       --latent $LAT --batch $B --precision bf16 --compile on --repeats $R ;;
     pixart) run_stage pixart 150 python3 benchmarks/pixart_train.py --device $DEV $PIXART --methods difffit,full \
       --text cached --repeats 3 ;;
+    t2i_memory) run_stage t2i_memory 170 python3 benchmarks/t2i_memory.py $T2IMEM --batch 1 --methods difffit,lora,full \
+      --rank 16 --precision fp8,bf16 --checkpointing on,off ;;
     pixart_text) run_stage pixart_text 150 python3 benchmarks/pixart_train.py --device $DEV $PIXART --methods difffit \
       --text cached,encode --repeats 3 ;;
+    buckets) run_stage buckets 240 python3 benchmarks/buckets.py --device $DEV $BUCKETS ;;
     fid) run_stage fid 180 python3 benchmarks/fid.py --device $DEV --num-images $NIMG --size 64 --batch-size 100 \
       --repeats 3 ;;
     *) echo "!! unknown stage $stage (known: $ALL)" ;;

@@ -199,3 +199,19 @@ def make_toy_data(root: Path, per_class: int = 6) -> Path:
 @pytest.fixture
 def toy_data(tmp_path) -> Path:
     return make_toy_data(tmp_path / "data")
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`difffit ARGS` in this process, through main() (the real error handling): (exit code, out, err)."""
+    import sys
+
+    from difffit_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["difffit", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -116,8 +116,9 @@ def make_tiny_transformer(layers: int = 4, text_width: int = 32, seed: int = 0, 
 
 
 def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline", layers: int = 4,
-                     seed: int = 0) -> Path:
-    """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`."""
+                     seed: int = 0, **transformer) -> Path:
+    """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`;
+    `transformer`: overrides of the transformer's configuration."""
     import diffusers
     from conftest import make_tiny_vae
     from diffusers import DPMSolverMultistepScheduler
@@ -125,7 +126,7 @@ def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline
     tokenizer = tiny_t5_tokenizer()
     pipe = getattr(diffusers, pipeline)(
         tokenizer=tokenizer, text_encoder=tiny_t5_encoder(len(tokenizer), seed=seed), vae=make_tiny_vae(seed),
-        transformer=make_tiny_transformer(layers, seed=seed),
+        transformer=make_tiny_transformer(layers, seed=seed, **transformer),
         # The scheduler PixArt-α/Σ ship: DPM-Solver++ on linear betas 1e-4..0.02 over 1000 steps, its defaults.
         scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder)
@@ -231,3 +232,22 @@ def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **over
                         text_encoder_2=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_2=t5)
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
+    """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.
+    The images of one size alternate red and blue, so each size has both captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for (width, height), count in shapes.items():
+        for i in range(count):
+            colour, channel = (("red", 0), ("blue", 2))[i % 2]
+            pixels = rng.integers(0, 30, (height, width, 3), dtype=np.uint8)
+            pixels[..., channel] = 220
+            name = f"{width}x{height}-{i}"
+            Image.fromarray(pixels).save(root / f"{name}.png")
+            (root / f"{name}.txt").write_text(f"a {colour} picture, {width} by {height}\n")
+    return root

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -66,3 +67,43 @@ def test_pixart_train_runs_at_toy_size_on_the_cpu():
     assert contenders["difffit cached"]["trainable_params"] < contenders["full cached"]["trainable_params"] / 10
     assert {"difffit cached / full cached step time", "difffit encode / difffit cached peak memory"} <= \
         set(report["ratios"])
+
+
+def test_t2i_memory_runs_at_toy_size_on_the_cpu():
+    """The t2i_memory GPU stage's script end to end on tiny configurations: live tensor bytes on the CPU,
+    fp8 frozen weights hold half of bf16's, checkpointing keeps fewer activations, full fp8 is skipped."""
+    import json
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DIFFFIT_BENCH_SMALL": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "t2i_memory.py"), "--configs", "pixart-tiny",
+                             "--methods", "difffit,full", "--threads", "1"], capture_output=True, text=True, env=env,
+                            check=True, timeout=600)
+    report = json.loads(result.stdout)
+    assert report["benchmark"] == "t2i_memory" and report["measure"] == "live tensor bytes counted op by op"
+    runs = report["contenders"]
+    ran = (("difffit", "bf16"), ("difffit", "fp8"), ("full", "bf16"))
+    assert set(runs) == {f"pixart-tiny {m} {p} {c}" for m, p in ran for c in ("ckpt", "no-ckpt")}
+    assert all(r["status"] == "ok" and 0 < r["resident_mib"] <= r["peak_mib"] and r["img_per_s"] > 0
+               for r in runs.values())
+    assert report["skipped"] == {f"pixart-tiny full fp8 {c}": "full fine-tuning trains every weight; fp8 is for "
+                                 "frozen ones" for c in ("ckpt", "no-ckpt")}
+    bf16, fp8 = runs["pixart-tiny difffit bf16 no-ckpt"], runs["pixart-tiny difffit fp8 no-ckpt"]
+    assert fp8["resident_mib"] < 0.75 * bf16["resident_mib"]  # the block matrices at 1 byte a value, not 2
+    assert runs["pixart-tiny difffit bf16 ckpt"]["peak_mib"] < bf16["peak_mib"]
+    assert bf16["trainable_params"] < runs["pixart-tiny full bf16 no-ckpt"]["trainable_params"] / 10
+    assert "pixart-tiny difffit no-ckpt: fp8/bf16 peak" in report["ratios"]
+
+
+def test_t2i_memory_reports_out_of_memory_as_a_result(monkeypatch):
+    import t2i_memory
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(t2i_memory, "build", out_of_memory)
+    args = argparse.Namespace(device="cpu", threads=0, estimate=False)
+    assert t2i_memory.measure(args, ("flux-dev", "full", "bf16", True)) == {"status": "out of memory",
+                                                                             "during": "build"}

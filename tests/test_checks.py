@@ -11,9 +11,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_sample import FAST, adapters, base_file, run_cli  # noqa: F401 - fixtures
+from test_sample import FAST, adapters, base_file  # noqa: F401 - fixtures
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import SamplingOptions

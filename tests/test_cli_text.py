@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import make_toy_data
+from conftest import make_toy_data, run_cli
 from PIL import Image
 from rich.text import Text
-from test_sample import run_cli
 from typer.testing import CliRunner
 
 from difffit_cli.cli import app

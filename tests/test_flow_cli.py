@@ -59,7 +59,7 @@ def test_fit_info_sample_merge(case, pipeline_dir, data, tmp_path, monkeypatch, 
     (("fit", "{data}", "--base", "{pipe}", "--lora-targets", "qkv", "--method", "lora", "--batch-size", "2"),
      "Unknown --lora-targets entry 'qkv'"),
     (("sample", "{pipe}", "--class", "red"), "--class does not apply to"),
-    (("sample", "{pipe}", "--prompt", "a cat", "--width", "18"), "--width 18 is not a multiple of 4 px"),
+    (("sample", "{pipe}", "--prompt", "a cat", "--width", "18"), "--width 18 is not a multiple of 8 px"),
 ])
 def test_refusals_are_one_sentence(case, pipeline_dir, data, tmp_path, monkeypatch, capsys, args, words):
     values = {"pipe": pipeline_dir, "data": data}

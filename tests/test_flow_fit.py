@@ -206,7 +206,7 @@ def test_sampling_uses_the_pipelines_defaults(case, pipeline_dir):
     resolved = SamplingOptions(cfg_scale=None, scheduler=None).for_base(base)
     assert resolved.scheduler == "euler" and resolved.steps == 28  # the pipeline's default, FlowMatchEuler
     assert resolved.cfg_scale == case.family.sampling_defaults(base)["cfg_scale"]
-    with pytest.raises(DiffFitError, match="--width 18 is not a multiple of 4 px"):  # VAE factor 2 x patch 2
+    with pytest.raises(DiffFitError, match="--width 18 is not a multiple of 8 px"):  # diffusers' 8 px
         SamplingOptions(width=18, cfg_scale=None, scheduler=None).for_base(base)
     wide = images(pipeline_dir, 1, PROMPTS, width=32)
     assert wide.shape == (1, 16, 32, 3)

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from difffit_cli.engine.errors import DiffFitError
@@ -263,16 +264,8 @@ def test_json_output_has_only_the_asked_metrics(image_sets, weights):
 
 
 def _cli(monkeypatch, capsys, *args):
-    """`difffit ARGS` in this process, through main() and its error handling: (exit code, stdout, stderr)."""
-    from difffit_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["difffit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
+    """run_cli with stderr's line wrapping undone, so a message reads as one line."""
+    code, out, err = run_cli(monkeypatch, capsys, *args)
     return code, out, " ".join(err.split())
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 from t2i_fixtures import make_captioned_data, make_tiny_pixart
-from test_sample import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,8 @@ def test_fit_info_sample_merge(pipeline_dir, tmp_path, monkeypatch, capsys):
      "--method adapter-parallel is not available on PixArt bases"),
     (("upscale-res", "{data}", "--base", "{pipe}", "--to", "32"), "trains at its base's own resolution"),
     (("info", "{pipe}", "--method", "difffit", "--num-classes", "3"), "--num-classes applies to class-conditional"),
+    (("fit", "{data}", "--base", "{pipe}", "--mixed-precision", "fp8"),
+     "--mixed-precision fp8 needs an NVIDIA GPU"),
 ])
 def test_refusals_are_one_sentence(pipeline_dir, tmp_path, monkeypatch, capsys, args, words):
     data = make_captioned_data(tmp_path / "data")

@@ -89,7 +89,7 @@ def test_each_image_trains_with_its_own_caption(conf, monkeypatch):
 
     def spy(run, *args, **kwargs):
         batches = run.batches
-        index = batches.order.take(batches.split.start(3, 0), batches.split.per_process)
+        index = batches.order.take_batch(batches.split, 3, 0)
         _, text = batches.micro_batch(3, 0, torch.Generator().manual_seed(0))
         seen.update(index=index, text=text, folder=run.folder, embeddings=batches.conditions.embeddings)
         return loop(run, *args, **kwargs)

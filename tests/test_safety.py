@@ -186,7 +186,7 @@ def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, t
                                                           monkeypatch, capsys):
     import errno
 
-    from test_sample import run_cli
+    from conftest import run_cli
 
     from difffit_cli.engine.data import latents
 

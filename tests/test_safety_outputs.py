@@ -7,10 +7,11 @@ import json
 import shutil
 
 import pytest
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_merge import adapter  # noqa: F401 - the module-scoped trained adapter fixture
-from test_sample import FAST, adapters, base_file, run_cli  # noqa: F401 - fixtures
+from test_sample import FAST, adapters, base_file  # noqa: F401 - fixtures
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_amplified
+from conftest import assert_close_amplified, run_cli
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import (
@@ -373,22 +373,6 @@ def adapters(tmp_path_factory, base_file):
         (root / name).mkdir()
         paths.append(make_adapter(base_file, root / name / "adapter.safetensors", seed))
     return paths
-
-
-def run_cli(monkeypatch, capsys, *args):
-    """`difffit ARGS` in this process, through main() (the real error handling): (exit code, out, err)."""
-    import sys
-
-    from difffit_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["difffit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 FAST = ("-n", "3", "--scheduler", "ddim", "--steps", "3", "--batch-size", "2", "--device", "cpu")

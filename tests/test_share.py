@@ -251,7 +251,7 @@ def test_pull_adapter_repo_from_the_cache(run_dir, hf_home):
 
 def test_commands_take_a_hub_adapter(run_dir, hf_home, tmp_path, monkeypatch, capsys):
     """sample, merge and info read hf://OWNER/NAME from the Hub cache (offline), as a local adapter."""
-    from test_sample import run_cli
+    from conftest import run_cli
 
     cached_repo("me/toy", {"adapter.safetensors": run_dir / "adapter.safetensors", "README.md": "card"})
     code, out, err = run_cli(monkeypatch, capsys, "info", "hf://me/toy", "--json")

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 
-from difffit_cli.engine.progress import say
+from difffit_cli.engine.progress import print_table, say
 from difffit_cli.engine.progress import stderr_console as console
 
 __all__ = ["console", "emit_json", "is_main_process", "print_fields", "print_table", "say"]
@@ -30,15 +30,6 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def print_table(table) -> None:
-    """A rich Table on stderr. Its cells and title are shown as written: `[red]` in a path stays `[red]`."""
-    from rich.text import Text
-
-    if isinstance(table.title, str):
-        table.title = Text(table.title, style="table.title")
-    console.print(table, markup=False, highlight=False)
 
 
 def print_fields(title: str, fields: dict) -> None:

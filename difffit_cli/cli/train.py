@@ -40,6 +40,9 @@ Outputs in --out: adapter.safetensors, checkpoints/, samples/, log.jsonl, config
   [dim]# text-to-image: PixArt-α 512 on captioned images (NAME.txt beside NAME.png, or metadata.jsonl)[/dim]
   difffit fit ./my_captioned_images --base PixArt-alpha/PixArt-XL-2-512x512 --validation-prompt "a bowl of ramen"
 
+  [dim]# the same with square crops instead of aspect-ratio buckets (the default for text-to-image bases)[/dim]
+  difffit fit ./my_captioned_images --base PixArt-alpha/PixArt-XL-2-512x512 --buckets none
+
   [dim]# a tiny CPU run to see everything work[/dim]
   difffit fit ./images --base random:DiT-S/2 --vae identity --resolution 32 --steps 50 --batch-size 8
 """
@@ -133,6 +136,7 @@ def fit(
     caption_dropout: opt.CaptionDropout = None,
     max_text_tokens: opt.MaxTextTokens = None,
     validation_prompts: opt.ValidationPrompts = None,
+    buckets: opt.Buckets = None,
     class_balance: opt.ClassBalance = False,
     repeats: opt.Repeats = 1,
     snr_gamma: opt.SnrGamma = None,

@@ -1,7 +1,8 @@
 """The stderr console: one progress bar for every long loop (caching, training, sampling, feature
 extraction), and `say` for every line a person reads.
 
-Engine functions take `progress: bool`; bars go to stderr so `--json` output on stdout stays clean.
+Engine functions take `progress: bool`; bars (and `print_table`'s tables) go to stderr so `--json`
+output on stdout stays clean.
 Nothing printed here is read as Rich markup: paths, class names and messages may hold [brackets].
 """
 
@@ -21,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 stderr_console = Console(stderr=True)
@@ -33,6 +35,13 @@ def say(*parts: Part) -> None:
     Text is shown as written, never parsed as markup: `[red]` in a file name stays `[red]`.
     """
     stderr_console.print(Text.assemble(*parts), highlight=False)
+
+
+def print_table(table: Table) -> None:
+    """A rich Table on stderr. Its cells and title are shown as written: `[red]` in a path stays `[red]`."""
+    if isinstance(table.title, str):
+        table.title = Text(table.title, style="table.title")
+    stderr_console.print(table, markup=False, highlight=False)
 
 
 def make_progress(*extra_columns, enabled: bool = True) -> Progress:

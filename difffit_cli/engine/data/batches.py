@@ -9,6 +9,7 @@ run draws. The held-out validation items (`held_out`) are a function of (seed, i
 
 `--batch-size` is the global batch of one optimizer step; each of P processes takes its own slice
 of it (batch / (P * grad_accum) per micro-step), so results do not depend on how many GPUs ran them.
+With aspect-ratio buckets (`BucketOrder`) a step's whole global batch comes from one bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from difffit_cli.engine.data.buckets import BucketedLatents
 from difffit_cli.engine.data.latents import CachedLatents, EncodedLatents
 from difffit_cli.engine.data.text_cache import TextEmbeddings
 from difffit_cli.engine.errors import DiffFitError
@@ -72,6 +74,55 @@ class DataOrder:
             mask = positions // self.n == epoch
             out[mask] = self._perm(epoch)[positions[mask] % self.n]
         return out
+
+    def take_batch(self, split: Split, step: int, micro: int) -> torch.Tensor:
+        """This process's items of micro-step `micro` of optimizer step `step`."""
+        return self.take(split.start(step, micro), split.per_process)
+
+
+class BucketOrder:
+    """The data stream of a bucketed run (`--buckets auto`): each step's global batch from one bucket.
+
+    Each bucket streams its items as a DataOrder of its own (seeded by (seed, bucket); `repeats` as there).
+    Steps are dealt to buckets in rounds: a round has as many steps as an epoch has items, bucket b
+    holding as many of them as its own epoch has items, in an order shuffled by (seed, round). Over a
+    round each bucket passes over its items exactly `batch` times, so every image is drawn equally often
+    (times its repeats) whatever the size of its bucket, and no remainder is ever dropped. Step s's
+    bucket, and how many steps that bucket had before it, are a function of (seed, s): resume is exact.
+    """
+
+    def __init__(self, buckets: Sequence[Sequence[int]], labels: Sequence[int], seed: int,
+                 repeats: Sequence[int] | None = None):
+        self.seed = seed
+        self.members = [torch.tensor(list(items), dtype=torch.long) for items in buckets]
+        self.orders = [DataOrder([labels[i] for i in items], step_seed(seed, b, 0xB0C),
+                                 None if repeats is None else [repeats[i] for i in items])
+                       for b, items in enumerate(buckets)]
+        self.steps = torch.tensor([order.n for order in self.orders])  # each bucket's steps in a round
+        self.n = int(self.steps.sum())
+        self._round: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def round_plan(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the bucket of each step of round r, how many steps that bucket had before it in the round)."""
+        if self._round is None or self._round[0] != r:
+            g = torch.Generator().manual_seed(step_seed(self.seed, r, 0xB0C4E7))
+            buckets = torch.repeat_interleave(torch.arange(len(self.orders)), self.steps)
+            buckets = buckets[torch.randperm(self.n, generator=g)]
+            grouped = torch.sort(buckets, stable=True).indices  # each bucket's steps, in round order
+            first = torch.cumsum(self.steps, 0) - self.steps  # where each bucket's group starts in `grouped`
+            before = torch.empty_like(buckets)
+            before[grouped] = torch.arange(self.n) - first[buckets[grouped]]
+            self._round = (r, buckets, before)
+        return self._round[1:]
+
+    def take_batch(self, split: Split, step: int, micro: int) -> torch.Tensor:
+        """This process's items of micro-step `micro` of optimizer step `step`, all of one bucket."""
+        r, place = divmod(step, self.n)
+        buckets, before = self.round_plan(r)
+        b = int(buckets[place])
+        done = r * int(self.steps[b]) + int(before[place])  # the steps bucket b had before this one
+        return self.members[b][self.orders[b].take(done * split.batch_size + split.start(0, micro),
+                                                   split.per_process)]
 
 
 def epoch_size(labels: Sequence[int], repeats: Sequence[int] | None = None, balance: bool = False) -> int:
@@ -170,17 +221,17 @@ def to_device(conditions: torch.Tensor | dict[str, torch.Tensor], device: torch.
 
 class Batches:
     """Micro-batches (latents x0, conditions: labels or caption embeddings) for the training loop, drawn from
-    cached or encoded latents."""
+    cached or encoded latents (of one size, or of each batch's bucket)."""
 
-    def __init__(self, latents: CachedLatents | EncodedLatents, conditions: Labels | Captions,
-                 latent_shape: tuple[int, ...], split: Split, order: DataOrder, device: torch.device):
+    def __init__(self, latents: CachedLatents | EncodedLatents | BucketedLatents, conditions: Labels | Captions,
+                 split: Split, order: DataOrder | BucketOrder, device: torch.device):
         self.latents, self.conditions = latents, conditions
-        self.latent_shape, self.split, self.order, self.device = latent_shape, split, order, device
+        self.split, self.order, self.device = split, order, device
 
     def micro_batch(self, step: int, micro: int, g: torch.Generator):
         n = self.split.per_process
-        index = self.order.take(self.split.start(step, micro), n)
+        index = self.order.take_batch(self.split, step, micro)
         flips = torch.randint(0, 2, (n,), generator=g)
-        latent_noise = torch.randn((n, *self.latent_shape), generator=g)
+        latent_noise = torch.randn((n, *self.latents.shape(index)), generator=g)
         x0 = self.latents.draw(index, flips, latent_noise, self.device)
         return x0, to_device(self.conditions.take(index, g), self.device)

@@ -22,7 +22,16 @@ from pathlib import Path
 from PIL import Image
 
 from difffit_cli.engine.data.captions import TEXT_COLUMNS
-from difffit_cli.engine.data.images import BadImage, ImageFolder, Row, load_image, scan_image_folder, to_rgb
+from difffit_cli.engine.data.images import (
+    BadImage,
+    ImageFolder,
+    Row,
+    Size,
+    image_size,
+    load_image,
+    scan_image_folder,
+    to_rgb,
+)
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import error_summary
 
@@ -90,15 +99,23 @@ class HFRows:
         self.dataset = dataset
 
     def load(self, index: int) -> Image.Image:
+        value = self._image(index)
+        return to_rgb(value) if isinstance(value, Image.Image) else load_image(value)
+
+    def size(self, index: int) -> Size:
+        return image_size(self._image(index))
+
+    def _image(self, index: int) -> io.BytesIO | Path | Image.Image:
+        """Row `index`'s image as bytes to decode, a file, or a decoded image (a column of PIL images)."""
         value = self.dataset[index][self.column]
         if isinstance(value, dict):  # an Image feature: {"bytes": ..., "path": ...}
             value = value.get("bytes") or value.get("path")
         if isinstance(value, bytes):
-            return load_image(io.BytesIO(value))
+            return io.BytesIO(value)
         if isinstance(value, str):
-            return load_image(Path(value))
+            return Path(value)
         if isinstance(value, Image.Image):
-            return to_rgb(value)
+            return value
         raise BadImage("no image in this row" if value is None else f"not an image ({type(value).__name__})")
 
     def signature(self, rows: Sequence[int]) -> str:

@@ -3,17 +3,18 @@
 A folder of class sub-folders is a labelled dataset (sorted folder names are the classes); a flat
 folder is one class. A Hugging Face dataset (`engine.data.hf_datasets`) is the same `ImageFolder` with rows
 for files. Text-to-image data carries a caption per item (`engine.data.captions` finds them).
-Every image is decoded to RGB and center-cropped the way ADM/DiT did it;
-`engine.data.latents` turns the crops into latents.
+Every image is decoded to RGB and center-cropped the way ADM/DiT did it, to a square or (aspect-ratio
+buckets, `engine.data.buckets`) to a width x height; `engine.data.latents` turns the crops into latents.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_ROOTS = ("runs", "samples")  # the default parents of fit's and sample's outputs
 # The most elongated image the centre crop takes: resized, it holds at most 50 crops' pixels (150 MB at 1024 px).
 MAX_ASPECT_RATIO = 50
+
+
+Size = tuple[int, int]  # (width, height) in pixels
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (exif_transpose turns the image)
 
 
 class BadImage(Exception):
@@ -51,6 +57,8 @@ class RowSource(Protocol):
     """A table of images (engine.data.hf_datasets.HFRows): what the rows of an ImageFolder are read from."""
 
     def load(self, index: int) -> Image.Image: ...  # RGB, or raise BadImage
+
+    def size(self, index: int) -> Size: ...  # the size load() gives, from the header; or raise BadImage
 
     def signature(self, rows: Sequence[int]) -> str: ...  # what the latent cache keys on
 
@@ -81,6 +89,10 @@ class ImageFolder:
 
     def load(self, item: Path | Row) -> Image.Image:
         return self.rows.load(item.index) if self.rows is not None else load_image(item)
+
+    def size(self, item: Path | Row) -> Size:
+        """(width, height) of the decoded item, read from its header (no pixels decoded); or raise BadImage."""
+        return self.rows.size(item.index) if self.rows is not None else image_size(item)
 
     def key(self, item: Path | Row) -> str:
         """The item's name in the latent cache."""
@@ -260,44 +272,79 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path | io.BytesIO) -> Image.Image:
-    """Decode one file (or a dataset row's bytes) to RGB or raise BadImage with the reason."""
+@contextlib.contextmanager
+def reading() -> Iterator[None]:
+    """Pillow's many errors for a broken file (OSError, SyntaxError, ...) as one BadImage with the reason."""
     try:
-        if (path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size) == 0:
-            raise BadImage("empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat both as a decompression bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return to_rgb(image)
+            yield
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)") from None
-    except Exception as exc:  # Pillow raises many types for broken files (OSError, SyntaxError, ...)
+    except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadImage(f"not a readable image ({reason})") from None
 
 
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop: halve with a box filter while the short side is >= 2*size, resize the short
-    side to `size` (bicubic), then cut the central size x size square. Returns (size, size, 3) uint8.
+def _check_not_empty(path: Path | io.BytesIO) -> None:
+    if (path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size) == 0:
+        raise BadImage("empty file")
+
+
+def load_image(path: Path | io.BytesIO) -> Image.Image:
+    """Decode one file (or a dataset row's bytes) to RGB or raise BadImage with the reason."""
+    with reading():
+        _check_not_empty(path)
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+
+
+def image_size(source: Path | io.BytesIO | Image.Image) -> Size:
+    """(width, height) of the image `load_image` decodes (EXIF orientation applied), read from the header
+    only: sorting thousands of images into aspect-ratio buckets must not decode them twice."""
+    if isinstance(source, Image.Image):
+        return _oriented_size(source)
+    with reading():
+        _check_not_empty(source)
+        with Image.open(source) as image:
+            return _oriented_size(image)
+
+
+def _oriented_size(image: Image.Image) -> Size:
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in TURNED else (width, height)
+
+
+def check_elongation(size: Size) -> None:
+    """Raise BadImage for an image more elongated than MAX_ASPECT_RATIO (see `center_crop`)."""
+    if max(size) > MAX_ASPECT_RATIO * min(size):
+        raise BadImage(f"{size[0]} x {size[1]} px is more elongated than {MAX_ASPECT_RATIO}:1, too thin "
+                       "for a centre crop")
+
+
+def center_crop(image: Image.Image, width: int, height: int | None = None) -> np.ndarray:
+    """ADM's center crop, to a `width` square or to `width` x `height`: halve with a box filter while both
+    sides are at least twice the target's, resize (bicubic) so the image just covers the target, then cut
+    the central target. Returns (height, width, 3) uint8. For a square this is exactly ADM's: halve while
+    the short side is >= 2*size, resize the short side to size, cut the central square.
 
     Scaling the short side up multiplies the long one too: a 60000 x 1 px strip (a 259-byte PNG) would
     become 15 million x 256 px, 12 GB. An image more elongated than MAX_ASPECT_RATIO is a BadImage
     (skipped with its reason); its crop would be a sliver of it anyway.
     """
-    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
-        raise BadImage(f"{image.width} x {image.height} px is more elongated than {MAX_ASPECT_RATIO}:1, too thin "
-                       "for a centre crop")
-    while min(image.size) >= 2 * size:
+    height = width if height is None else height
+    check_elongation(image.size)
+    while image.width >= 2 * width and image.height >= 2 * height:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
+    scale = max(width / image.width, height / image.height)
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
     arr = np.array(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
+    top, left = (arr.shape[0] - height) // 2, (arr.shape[1] - width) // 2
+    return arr[top : top + height, left : left + width]
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -305,18 +352,25 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Item i -> (uint8 (3, R, R) tensor or None, reason or None); never raises for a bad file."""
+def as_size(size: int | Size) -> Size:
+    """A crop size as (width, height): an int is a square."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
-    def __init__(self, folder: ImageFolder, resolution: int):
-        self.folder, self.resolution = folder, resolution
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item i -> (uint8 (3, H, W) tensor or None, reason or None); never raises for a bad file.
+
+    `size`: the crop, a square side or a (width, height) bucket."""
+
+    def __init__(self, folder: ImageFolder, size: int | Size):
+        self.folder, self.size = folder, as_size(size)
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         try:
-            arr = center_crop(self.folder.load(self.folder.files[i]), self.resolution)
+            arr = center_crop(self.folder.load(self.folder.files[i]), *self.size)
         except BadImage as exc:
             return None, str(exc)
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1), None
@@ -326,19 +380,19 @@ def _as_list(batch: list) -> list:
     return batch
 
 
-def image_batches(folder: ImageFolder, resolution: int, batch_size: int, num_workers: int):
-    dataset = ImageDataset(folder, resolution)
+def image_batches(folder: ImageFolder, size: int | Size, batch_size: int, num_workers: int):
+    dataset = ImageDataset(folder, size)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        collate_fn=_as_list, shuffle=False)
 
 
-def find_bad_images(folder: ImageFolder, resolution: int, num_workers: int = 0,
+def find_bad_images(folder: ImageFolder, size: int | Size, num_workers: int = 0,
                     progress: bool = True) -> dict[Path | Row, str]:
-    """Decode every image once; {item: reason} for the ones that cannot be used."""
+    """Decode (and crop to `size`) every image once; {item: reason} for the ones that cannot be used."""
     bad: dict[Path | Row, str] = {}
     with track(len(folder.files), "Checking images", progress) as advance:
         start = 0
-        for batch in image_batches(folder, resolution, 64, num_workers):
+        for batch in image_batches(folder, size, 64, num_workers):
             for offset, (_, reason) in enumerate(batch):
                 if reason is not None:
                     bad[folder.files[start + offset]] = reason

@@ -5,6 +5,9 @@ mirrored, fp16, memory-mapped) so later runs never run the VAE; `EncodedLatents`
 (`--no-cache-latents`, the reference behaviour). Both draw from the same distribution through the
 same `draw_latents`.
 
+A cache holds one crop size: the square of a resolution (the reference crop), or one aspect-ratio
+bucket's width x height (`engine.data.buckets`, keyed apart from the square, so the two never mix).
+
 The cache is checked when a run opens it: its `meta.json` records a checksum of `latents.npy`, so
 values overwritten in place, a truncated file or a broken `meta.json` are named on stderr and the
 cache is rebuilt. Latents the VAE returns as NaN or inf mark that image as unusable.
@@ -26,7 +29,15 @@ import numpy as np
 import torch
 
 from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
-from difffit_cli.engine.data.images import ImageDataset, ImageFolder, find_bad_images, image_batches, to_model_range
+from difffit_cli.engine.data.images import (
+    ImageDataset,
+    ImageFolder,
+    Size,
+    as_size,
+    find_bad_images,
+    image_batches,
+    to_model_range,
+)
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
@@ -50,11 +61,12 @@ def cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else user_cache_dir() / "latents"
 
 
-def cache_key(folder: ImageFolder, resolution: int, vae_spec: str) -> str:
+def cache_key(folder: ImageFolder, size: int | Size, vae_spec: str) -> str:
     """Hash of what the cached latents depend on: the files (with sizes and mtimes) or the dataset
-    fingerprint and rows, the resolution, the VAE."""
+    fingerprint and rows, the crop (a square's side, or a bucket's (width, height)), the VAE."""
     h = hashlib.sha256()
-    head = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae_identity(vae_spec)}
+    crop = {"resolution": size} if isinstance(size, int) else {"bucket": list(size)}
+    head = {"format": CACHE_FORMAT, **crop, "vae": vae_identity(vae_spec)}
     h.update(json.dumps(head).encode())
     h.update(folder.signature().encode())
     return h.hexdigest()[:32]
@@ -75,18 +87,18 @@ class LatentCache:
         return np.array([self.row_of[folder.key(item)] for item in folder.files], dtype=np.int64)
 
 
-def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: Callable[[], Autoencoder],
+def latent_cache(folder: ImageFolder, size: int | Size, vae_spec: str, get_vae: Callable[[], Autoencoder],
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
                  device: torch.device | str = "cpu", num_workers: int = 0,
                  progress: bool = True) -> LatentCache:
-    """Open the cache for (files, resolution, VAE), building it first (atomically) if needed.
+    """Open the cache for (files, crop size, VAE), building it first (atomically) if needed.
 
     `get_vae()` returns the engine.models.vae.Autoencoder; it is only called when the cache must be built.
     A damaged cache is named on stderr and rebuilt.
     """
     root = cache_root(cache_dir)
     remove_stale_builds(root)
-    path = root / cache_key(folder, resolution, vae_spec)
+    path = root / cache_key(folder, size, vae_spec)
     opened, built = None, False
     if path.exists():
         opened, problem = _open_checked(path)
@@ -94,7 +106,7 @@ def latent_cache(folder: ImageFolder, resolution: int, vae_spec: str, get_vae: C
             say((f"The latent cache {path} is damaged ({problem}); rebuilding it.", "yellow"))
     if opened is None:
         with cache_build(path, option="--cache-dir") as tmp:
-            _build_cache(tmp, folder, resolution, get_vae(), batch_size, device, num_workers, progress)
+            _build_cache(tmp, folder, size, get_vae(), batch_size, device, num_workers, progress)
         opened, problem = _open_checked(path)
         if opened is None:  # only a concurrent writer or a failing disk gets here
             raise OSError(f"the latent cache {path} just written cannot be read back ({problem})")
@@ -126,15 +138,15 @@ def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencoder, batch_size: int, device,
+def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoencoder, batch_size: int, device,
                  num_workers: int, progress: bool) -> None:
-    latent = resolution // vae.factor
-    shape = (len(folder.files), 2, 2, vae.latent_channels, latent, latent)
+    width, height = as_size(size)
+    shape = (len(folder.files), 2, 2, vae.latent_channels, height // vae.factor, width // vae.factor)
+    what = "Encoding latents" if isinstance(size, int) else f"Encoding latents ({width} x {height} bucket)"
     bad: dict[str, str] = {}
     start = 0
-    with _rows_file(tmp / "latents.npy", shape) as rows_file, \
-            track(len(folder.files), "Encoding latents", progress) as advance:
-        for batch in image_batches(folder, resolution, batch_size, num_workers):
+    with _rows_file(tmp / "latents.npy", shape) as rows_file, track(len(folder.files), what, progress) as advance:
+        for batch in image_batches(folder, size, batch_size, num_workers):
             for i, (_, reason) in enumerate(batch):
                 if reason is not None:
                     bad[folder.key(folder.files[start + i])] = reason
@@ -153,7 +165,7 @@ def _build_cache(tmp: Path, folder: ImageFolder, resolution: int, vae: Autoencod
             rows_file.write(rows.tobytes())
             start += len(batch)
             advance(len(batch))
-    meta = {"format": CACHE_FORMAT, "resolution": resolution, "vae": vae.spec, "shape": list(shape),
+    meta = {"format": CACHE_FORMAT, "size": [width, height], "vae": vae.spec, "shape": list(shape),
             "files": [folder.key(item) for item in folder.files], "bad": bad,
             "checksum": file_checksum(tmp / "latents.npy")}
     (tmp / "meta.json").write_text(json.dumps(meta))
@@ -190,18 +202,19 @@ def draw_cached_latents(rows: torch.Tensor, flips: torch.Tensor, noise: torch.Te
     return draw_latents(rows[torch.arange(len(rows)), flips.long()], noise)
 
 
-def usable_latents(folder: ImageFolder, resolution: int, vae_spec: str, vae: Callable[..., Autoencoder], *,
+def usable_latents(folder: ImageFolder, size: int | Size, vae_spec: str, vae: Callable[..., Autoencoder], *,
                    cache: bool, cache_dir: str | os.PathLike | None, batch_size: int, device: torch.device,
                    num_workers: int, progress: bool) -> tuple[ImageFolder, CachedLatents | EncodedLatents]:
-    """The folder without its unusable images, and latents for the rest: from the latent cache (built
-    first if needed), or, without `cache`, encoded on the fly. `vae(device[, dtype])` gives the VAE."""
+    """The folder without its unusable images, and latents for the rest, cropped to `size` (a square's side
+    or a bucket's (width, height)): from the latent cache (built first if needed), or, without `cache`,
+    encoded on the fly. `vae(device[, dtype])` gives the VAE."""
     if cache:
-        opened = latent_cache(folder, resolution, vae_spec, lambda: vae(device), cache_dir, batch_size, device,
+        opened = latent_cache(folder, size, vae_spec, lambda: vae(device), cache_dir, batch_size, device,
                               num_workers, progress)
         folder = folder.without(folder.by_key(opened.bad))
         return folder, CachedLatents(opened, folder)
-    folder = folder.without(find_bad_images(folder, resolution, num_workers, progress))
-    return folder, EncodedLatents(folder, resolution, vae(device, torch.float32))
+    folder = folder.without(find_bad_images(folder, size, num_workers, progress))
+    return folder, EncodedLatents(folder, size, vae(device, torch.float32))
 
 
 class CachedLatents:
@@ -210,6 +223,11 @@ class CachedLatents:
     def __init__(self, cache: LatentCache, folder: ImageFolder):
         self.cache = cache
         self.rows = torch.from_numpy(cache.take(folder))
+        self.cache_path: Path | None = cache.path
+
+    def shape(self, index: torch.Tensor) -> tuple[int, ...]:
+        """The latents' (C, h, w) (the same for every item)."""
+        return tuple(self.cache.rows.shape[-3:])
 
     def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
              device: torch.device) -> torch.Tensor:
@@ -220,8 +238,15 @@ class CachedLatents:
 class EncodedLatents:
     """Training latents encoded on the fly, every step (`--no-cache-latents`)."""
 
-    def __init__(self, folder: ImageFolder, resolution: int, vae: Autoencoder):
-        self.dataset, self.vae = ImageDataset(folder, resolution), vae
+    cache_path = None
+
+    def __init__(self, folder: ImageFolder, size: int | Size, vae: Autoencoder):
+        self.dataset, self.vae = ImageDataset(folder, size), vae
+
+    def shape(self, index: torch.Tensor) -> tuple[int, ...]:
+        """The latents' (C, h, w) (the same for every item)."""
+        width, height = self.dataset.size
+        return self.vae.latent_channels, height // self.vae.factor, width // self.vae.factor
 
     @torch.no_grad()
     def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,

@@ -14,12 +14,14 @@ a copy of a diffusers model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.flow_matching import FlowMatching
 from difffit_cli.engine.models.lora_names import LoraNames
@@ -68,6 +70,9 @@ class Family:
     prediction: str = "epsilon"  # what the model predicts: "epsilon" (DDPM, DiT and PixArt) or "flow" (SD3, FLUX)
     caption_dropout: float = 0.1  # text families: --caption-dropout's default (the family's convention)
     negative_prompts: bool = True  # text families: whether sampling has an unconditional branch to steer with
+    # True: the model takes its own square size only (DiT's fixed positional embedding), so no aspect-ratio
+    # buckets and no --width/--height; False: any size whose sides are multiples of `size_multiple`.
+    fixed_size: bool = False
 
     # -- loading and describing ---------------------------------------------------------------------
 
@@ -210,8 +215,18 @@ class Family:
         """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call."""
         raise NotImplementedError
 
+    def size_multiple(self, base) -> int:
+        """The multiple of pixels every image side must be, for training buckets and for `sample --width /
+        --height`: whole patches of latent pixels (VAE factor x patch size), and multiples of 8 px, which
+        diffusers' pipelines ask for. A family that packs latents further (FLUX: 2 x 2) says so here."""
+        return math.lcm(8, base.vae_factor * base.model.config.patch_size)
+
     def check_sample_size(self, base, width: int | None, height: int | None) -> None:
         """Refuse, in one sentence, an image size the family's pipeline cannot make."""
+        step = self.size_multiple(base)
+        for name, value in (("--width", width), ("--height", height)):
+            if value is not None and value % step:
+                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
 
     def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
                       device: torch.device):
@@ -226,5 +241,7 @@ class Family:
         return None
 
     def fp8_keep(self) -> tuple[str, ...] | None:
-        """Module-name parts that stay bf16 under --mixed-precision fp8; None: fp8 is not supported."""
+        """What stays bf16 under --mixed-precision fp8: fnmatch patterns over module names (the embedders,
+        the modulation projections, the final layer); every other frozen Linear goes float8. None: fp8 is not
+        supported on this family."""
         return None

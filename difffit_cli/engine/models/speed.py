@@ -35,15 +35,17 @@ def resolve_compile(choice: str | bool, device: torch.device | str) -> bool:
     return choice == "on"
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, blocks: str = "blocks") -> int:
+def compile_blocks(model: nn.Module, mode: str | None = None, blocks: str = "blocks",
+                   dynamic: bool | None = False) -> int:
     """torch.compile each module of `model.<blocks>` in place, with fixed shapes; returns how many.
 
     `mode`: torch.compile's mode (None = default; "max-autotune-no-cudagraphs" searches matmul
     kernels at a longer cold start). `blocks` names the ModuleList (diffusers' DiT: "transformer_blocks").
+    `dynamic`: torch.compile's (None: a static graph first, a dynamic one once a second shape comes).
     """
     modules = getattr(model, blocks)
     for block in modules:
-        block.compile(dynamic=False, mode=mode)
+        block.compile(dynamic=dynamic, mode=mode)
     return len(modules)
 
 

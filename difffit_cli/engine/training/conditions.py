@@ -54,6 +54,13 @@ def check_options(config: FitConfig, family: Family) -> None:
     if family.prediction != "flow" and config.timestep_sampling is not None:
         raise DiffFitError(f"--timestep-sampling applies to rectified-flow bases (SD3, FLUX), and this base is a "
                            f"{family.title} model, which draws its diffusion steps uniformly.")
+    if config.buckets == "auto" and family.fixed_size:
+        raise DiffFitError(f"--buckets auto needs a base that takes any image size, and a {family.title} model takes "
+                           "only its own square size.", hint="Leave --buckets out (none is the default here).")
+    if config.class_balance and config.bucketed(family):
+        raise DiffFitError(f"--class-balance cannot be used with aspect-ratio buckets (on by default for "
+                           f"{family.title}), where each batch comes from one bucket.",
+                           hint="Add --buckets none to balance classes over square crops.")
     if config.mixed_precision == "fp8" and family.fp8_keep() is None:
         raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
                            hint="Use --mixed-precision bf16 (the default on CUDA).")

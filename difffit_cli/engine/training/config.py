@@ -28,6 +28,7 @@ from difffit_cli.engine.training.trackers import check_log_with
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "val_loss")
+BUCKETS = ("auto", "none")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
 
@@ -86,6 +87,9 @@ class FitConfig:
     max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300, SD3 256, FLUX 512)
     validation_prompts: list[str] | None = None  # preview prompts (default: the data's first captions)
     class_balance: bool = False  # draw every class equally often, whatever its image count
+    # "auto": aspect-ratio buckets (engine/data/buckets.py), "none": the square crop; default: auto where the
+    # base takes any image size (text-to-image families), none where it takes one square (DiT)
+    buckets: str | None = None
     repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
     p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
@@ -116,6 +120,8 @@ class FitConfig:
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
         _choice("--adapter-dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _choice("--compile", self.compile, COMPILE_CHOICES)
+        if self.buckets is not None:
+            _choice("--buckets", self.buckets, BUCKETS)
         if self.pos_embed is not None:
             _choice("--pe", self.pos_embed, PE_MODES)
         if self.data is None:
@@ -206,6 +212,10 @@ class FitConfig:
             if self.keep_best == "val_loss" and not has_val:
                 raise DiffFitError("--keep-best val_loss needs a validation set (--val-fraction or --val-data).")
 
+    def bucketed(self, family: Family) -> bool:
+        """Whether the run groups images into aspect-ratio buckets: --buckets, else the family's default."""
+        return (self.buckets or ("none" if family.fixed_size else "auto")) == "auto"
+
     def loss_weighting(self) -> dict[str, float]:
         """The weighting of the MSE term, as the adapter's training summary records it ({} for none)."""
         return {k: v for k, v in (("snr_gamma", self.snr_gamma), ("p2_gamma", self.p2_gamma)) if v is not None}
@@ -246,6 +256,7 @@ class FitResult:
     img_per_s: float | None
     interrupted: bool
     cache: str | None
+    buckets: list[dict] | None = None  # with aspect-ratio buckets: each one's size and images (Bucket.summary)
     stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (exit 130 / 143)
     best_step: int | None = None  # with --keep-best: the step of best/adapter.safetensors
     best_metric: float | None = None  # and its value of the --keep-best metric

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from difffit_cli.engine.data.batches import Batches
+from difffit_cli.engine.data.buckets import Bucket
 from difffit_cli.engine.data.images import ImageFolder
 from difffit_cli.engine.devices import AUTOCAST_DTYPES
 from difffit_cli.engine.models.bases import Base
@@ -28,7 +29,7 @@ class Run:
     config: FitConfig
     out_dir: Path
     accelerator: object
-    precision: str  # "no", "fp16" or "bf16"
+    precision: str  # "no", "fp16", "bf16" or "fp8"
     base: Base  # or another family's base (engine.models.families)
     pos_embed: str  # "standard", or the mode the base was moved to a new resolution with
     folder: ImageFolder
@@ -44,6 +45,7 @@ class Run:
     text_cache: str | None = None  # text-to-image: the caption embeddings' cache folder
     preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
     validation: Validation | None = None
+    buckets: list[Bucket] | None = None  # with --buckets auto: the aspect-ratio buckets of the training data
 
     @property
     def family(self) -> Family:
@@ -56,3 +58,9 @@ class Run:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return AUTOCAST_DTYPES.get(self.precision)
+
+    @property
+    def sampling_precision(self) -> str:
+        """The --mixed-precision previews and in-training FID sample with: the run's, except that under fp8
+        the float8 matrices already sit in the model and the rest runs under bf16 autocast."""
+        return "bf16" if self.precision == "fp8" else self.precision

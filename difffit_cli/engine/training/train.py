@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from rich.progress import TextColumn
 
-from difffit_cli.engine.data.batches import Batches, DataOrder, Split, item_repeats, step_seed
+from difffit_cli.engine.data.batches import Batches, BucketOrder, DataOrder, Split, item_repeats, step_seed
+from difffit_cli.engine.data.buckets import bucketed_latents, show_buckets
 from difffit_cli.engine.data.hf_datasets import HF_PREFIX, open_data
 from difffit_cli.engine.data.images import report_skipped, require_images, without_unreadable_classes
-from difffit_cli.engine.data.latents import CachedLatents, usable_latents
+from difffit_cli.engine.data.latents import usable_latents
 from difffit_cli.engine.devices import make_accelerator, tf32_matmuls
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
@@ -82,6 +83,8 @@ from difffit_cli.engine.training.trackers import log_preview
 from difffit_cli.engine.training.validation import Validation, split_validation
 
 PREVIEW_IMAGES = 8
+MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
+               "fp8 (on an FP8 GPU) halves them again.")
 
 
 def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -> FitResult:
@@ -122,7 +125,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
         training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
                     "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
-                    **config.loss_weighting(), **text_summary(run)}
+                    **config.loss_weighting(), **text_summary(run),
+                    **({"buckets": [b.summary() for b in run.buckets]} if run.buckets else {})}
         if val_folder is not None or config.eval_every:
             run.validation = Validation(run, val_folder, lambda step: _write_adapter(
                 run, base_config, training | {"steps": step}, "best/adapter.safetensors"), progress and run.main)
@@ -147,7 +151,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
         img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
         stop_signal=outcome.stop_signal,
-        cache=run.cache, **(run.validation.result() if run.validation else {}))
+        cache=run.cache, buckets=[b.summary() for b in run.buckets] if run.buckets else None,
+        **(run.validation.result() if run.validation else {}))
 
 
 # -- phases -----------------------------------------------------------------------------------------
@@ -171,29 +176,40 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
 
 
 def _prepare_data(run: Run, progress: bool) -> None:
-    """Latents for every usable image (cached, or a VAE encoding them each step) and the class table plan."""
+    """Latents for every usable image (cached, or a VAE encoding them each step), square or in aspect-ratio
+    buckets, and the class table plan."""
     config, base, device = run.config, run.base, run.accelerator.device
     split = Split(config.batch_size, config.grad_accum, run.accelerator.process_index, run.accelerator.num_processes)
     num_workers = config.num_workers if config.num_workers is not None else min(8, os.cpu_count() or 1)
+
+    def latents_for(images, size):  # usable images, and their latents cropped to size (a side or a bucket)
+        return usable_latents(images, size, base.vae_spec, base.vae, cache=config.cache_latents,
+                              cache_dir=config.cache_dir, batch_size=split.per_process, device=device,
+                              num_workers=num_workers, progress=progress)
+
+    bucketed = config.bucketed(run.family)
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn:
-            folder, latents = usable_latents(run.folder, base.resolution, base.vae_spec, base.vae,
-                                             cache=config.cache_latents, cache_dir=config.cache_dir,
-                                             batch_size=split.per_process, device=device, num_workers=num_workers,
-                                             progress=progress)
+        if run.main == turn and bucketed:
+            folder, latents = bucketed_latents(run.folder, base.resolution, run.family.size_multiple(base),
+                                               config.batch_size, latents_for, progress)
+        elif run.main == turn:
+            folder, latents = latents_for(run.folder, base.resolution)
         run.accelerator.wait_for_everyone()
-    run.cache = str(latents.cache.path) if isinstance(latents, CachedLatents) else None
+    run.cache = None if latents.cache_path is None else str(latents.cache_path)
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
     require_images(folder)
     run.folder = folder = without_unreadable_classes(folder, run.folder, announce=run.main)
     conditions = prepare_conditions(run, progress)  # labels, or caption embeddings (the encoder freed after)
-    side = base.resolution // base.vae_factor
-    channels = run.family.channels(run.family.config_of(base.model))["in_channels"]  # the VAE's (FLUX: 16, not 64)
-    latent_shape = (channels, side, side)
-    order = DataOrder(folder.labels, config.seed, item_repeats(config.repeats, folder.labels, folder.class_names),
-                      config.class_balance)
-    run.batches = Batches(latents, conditions, latent_shape, split, order, device)
+    repeats = item_repeats(config.repeats, folder.labels, folder.class_names)
+    if bucketed:
+        run.buckets = latents.buckets
+        if run.main:
+            show_buckets(run.buckets, config.batch_size)
+        order = BucketOrder([bucket.members for bucket in run.buckets], folder.labels, config.seed, repeats)
+    else:
+        order = DataOrder(folder.labels, config.seed, repeats, config.class_balance)
+    run.batches = Batches(latents, conditions, split, order, device)
 
 
 def _prepare_trainable_state(run: Run) -> None:
@@ -205,15 +221,22 @@ def _prepare_trainable_state(run: Run) -> None:
                   settings=config.method_settings())
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     device = run.accelerator.device
-    if run.autocast_dtype is not None:
-        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
-    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):  # float8 matmuls
+    # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
+    if run.precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):
         raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
                            "speed up.", hint="Use --mixed-precision bf16.")
+    if run.autocast_dtype is not None:
+        cast_frozen_matrices(model, run.autocast_dtype)  # same matmuls as autocast, half the weight memory
     family.set_gradient_checkpointing(model, config.grad_checkpointing)
-    model.to(device).train()
+    try:
+        model.to(device).train()
+    except torch.OutOfMemoryError:
+        raise DiffFitError(f"The {family.title} model does not fit in the memory of {device} "
+                           f"(--mixed-precision {run.precision}).", hint=MEMORY_HINT) from None
     if resolve_compile(config.compile, device):
-        compile_blocks(model, blocks=family.blocks)  # one graph per block shape, fixed batch: no recompiles
+        # One graph per block shape, fixed batch: no recompiles; with several bucket shapes, torch's automatic
+        # dynamic shapes instead of one static graph per bucket (past its recompile limit, eager).
+        compile_blocks(model, blocks=family.blocks, dynamic=None if run.buckets and len(run.buckets) > 1 else False)
     run.params = trainable_parameters(model)
     optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
@@ -359,8 +382,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     except torch.cuda.OutOfMemoryError:
         raise DiffFitError(
             f"CUDA ran out of memory with {per_process} images per micro-step on {device}.",
-            hint="Try a smaller --batch-size or a larger --grad-accum, --grad-checkpointing, "
-                 "or --mixed-precision bf16.") from None
+            hint=f"Try a smaller --batch-size or a larger --grad-accum. {MEMORY_HINT}") from None
     return Outcome(step, loss_value, rate, time.perf_counter() - t_start, stop_signal)
 
 
@@ -381,7 +403,7 @@ def _preview(run: Run, step: int) -> None:
     if not (run.main and run.config.sample_every):
         return
     options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling},
-                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.precision)
+                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)

@@ -121,7 +121,7 @@ class Validation:
     def _fid(self, run: Run) -> dict[str, float]:
         config = run.config
         options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
-                                  mixed_precision=run.precision)
+                                  mixed_precision=run.sampling_precision)
         samples = ModelSamples(run.base, config.eval_n, options, run.accelerator.device, progress=False)
         features = extract_features(samples, self.extractor.get(), batch_size=config.batch_size,
                                     description="Inception features", progress=False)

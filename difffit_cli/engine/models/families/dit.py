@@ -71,6 +71,7 @@ class DiTFamily(Family):
     merge_formats = ("original", "diffusers", "peft")
     pipeline_name = "DiTPipeline"
     schedulers = SCHEDULERS
+    fixed_size = True  # the reference's positional embedding is stored for one square grid
     lora = DIT_LORA
     preview_sampling = {"scheduler": "ddim", "steps": 25}  # previews must stay cheap next to training
 

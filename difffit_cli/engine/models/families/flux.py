@@ -31,6 +31,8 @@ unconditional branch to train; `--caption-dropout P` still trains on the empty c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -110,6 +112,10 @@ class FluxFamily(FlowFamily):
                    "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
     long_text_tokenizer = "tokenizer_2"
     card_defaults = CARD_DEFAULTS
+    # fp8: the embedders, the adaLN modulation projections (joint blocks' both streams, single blocks' `norm`)
+    # and the output layer stay bf16; a single block's fused proj_out is a block matrix and goes float8.
+    keep_bf16 = ("x_embedder", "context_embedder", "time_text_embed.*", "*.norm1.*", "*.norm1_context.*",
+                 "single_transformer_blocks.*.norm.*", "norm_out.*", "proj_out")
     caption_dropout = 0.0  # no unconditional branch at sampling (see the module docstring)
     negative_prompts = False
 
@@ -168,12 +174,7 @@ class FluxFamily(FlowFamily):
     def card(self, base: PipelineBase) -> dict:
         return self.card_defaults.get(base.hub_id) or ({} if base.model.config.guidance_embeds else SCHNELL_CARD)
 
-    def size_step(self, base: PipelineBase) -> int:
-        return base.vae_factor * PACK  # what the pipeline's check_inputs asks
-
-    def fp8_keep(self) -> tuple[str, ...]:
-        # Modulation (adaLN) projections, the embedders and the output layer stay bf16, as DiT's do.
-        return ("norm1", "norm1_context", "norm", "norm_out", "time_text_embed", "context_embedder", "x_embedder")
-
+    def size_multiple(self, base: PipelineBase) -> int:
+        return math.lcm(8, base.vae_factor * PACK)  # whole 2 x 2 packs of latent pixels, as check_inputs asks
 
 FLUX = FluxFamily()

@@ -2,13 +2,18 @@
 placement described as data: which block lists the model has, the output projection of each residual
 branch in a block of each list, the embedders that stay frozen, and the modulation tables that train.
 
-gamma sits in `ScaledLinear`, a Linear subclass that shares the projection's own weight and bias and
-multiplies its output: parameter names stay diffusers' (`...to_out.0.weight`), so fingerprints, LoRA
-targets and state dicts are unchanged, and an untrained gamma (ones) changes no bit. The projection is
-the last operation of each branch, so gamma there is exactly the paper's "scale the branch output", and
-it folds into that projection's weight and bias (W' = diag(gamma) W, b' = gamma * b): a merged model is a
-stock diffusers transformer. Blocks are numbered across the block lists in the order the image passes
-through them (FLUX: its 19 joint blocks, then its 38 single blocks), which `--gamma-blocks` counts in.
+gamma sits in `ScaledLinear` (engine/models/scaled_linear.py), a Linear subclass that shares the
+projection's own weight and bias and multiplies its output: parameter names stay diffusers'
+(`...to_out.0.weight`), so fingerprints, LoRA targets and state dicts are unchanged, and an untrained
+gamma (ones) changes no bit. The projection is the last operation of each branch, so gamma there is
+exactly the paper's "scale the branch output", and it folds into that projection's weight and bias (W' =
+diag(gamma) W, b' = gamma * b): a merged model is a stock diffusers transformer. Blocks are numbered
+across the block lists in the order the image passes through them (FLUX: its 19 joint blocks, then its
+38 single blocks), which `--gamma-blocks` counts in.
+
+Memory: `--mixed-precision fp8` puts every frozen Linear in float8 except what `keep_bf16` names (each
+family's embedders, modulation projections and final layer); gamma's projections go float8 with their
+gamma (engine/models/fp8.py). `--grad-checkpointing` is diffusers' own switch, block by block.
 """
 
 from __future__ import annotations
@@ -16,30 +21,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.families.pipeline_io import write_pipeline_folder
 from difffit_cli.engine.models.families.pipelines import PipelineBase, PipelineKind, load_pipeline_base
 from difffit_cli.engine.models.family import Family, Setter, added_reference
-
-
-class ScaledLinear(nn.Linear):
-    """A Linear whose output is multiplied by `gamma_`: the projection's own weight and bias (shared,
-    not copied) plus one trainable scale per output feature, ones at the start."""
-
-    def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.gamma_ = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device,
-                                              dtype=linear.weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out * self.gamma_.to(out.dtype)
+from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears, has_gamma
 
 
 def linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module | None]:
@@ -66,6 +53,7 @@ class PipelineFamily(Family):
     tables: tuple[str, ...] = ()  # name suffixes of per-block modulation tables (PixArt's scale_shift_table)
     shape_keys: tuple[str, ...]  # the config keys an adapter cannot change
     config_keys: tuple[str, ...]  # the config keys an adapter file's config must have
+    keep_bf16: tuple[str, ...] | None = None  # fnmatch patterns of the Linears fp8 leaves bf16 (None: no fp8)
 
     @property
     def block_lists(self) -> tuple[str, ...]:
@@ -154,26 +142,15 @@ class PipelineFamily(Family):
             paths = self.branches[kind] + (self.attention_inputs[kind] if placement == "branch+attn" else ())
             for path in paths:
                 owner, leaf, linear = linear_at(block, path)
-                if isinstance(linear, nn.Linear) and not isinstance(linear, ScaledLinear):
+                if isinstance(linear, nn.Linear) and not has_gamma(linear):
                     setter(owner, leaf, ScaledLinear(linear))
 
     def gamma_blocks(self, model: nn.Module) -> list[int]:
         return [i for i, (_, block) in enumerate(self.all_blocks(model))
-                if any(isinstance(module, ScaledLinear) for module in block.modules())]
+                if any(has_gamma(module) for module in block.modules())]
 
-    @torch.no_grad()
     def fold_gamma(self, model: nn.Module) -> None:
-        """Each ScaledLinear becomes a plain Linear holding gamma W and gamma b: new tensors, so a base
-        whose projections an adapter shares is left as it was."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, ScaledLinear):
-                gamma = module.gamma_.to(module.weight.dtype)
-                folded = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
-                                                  device=module.weight.device, dtype=module.weight.dtype)
-                folded.weight = nn.Parameter(module.weight * gamma[:, None], module.weight.requires_grad)
-                folded.bias = nn.Parameter(module.bias * gamma, module.bias.requires_grad)
-                owner, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, folded)
+        fold_scaled_linears(model)
 
     def write_pipeline(self, base: PipelineBase, model: nn.Module, folder) -> None:
         write_pipeline_folder(base, model, folder)
@@ -186,18 +163,13 @@ class PipelineFamily(Family):
     def text_key(self, base: PipelineBase, max_tokens: int) -> str:
         return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
 
-    def size_step(self, base: PipelineBase) -> int:
-        """The pixel multiple an image side must be (the pipeline's and the transformer's patches)."""
-        raise NotImplementedError
-
-    def check_sample_size(self, base: PipelineBase, width: int | None, height: int | None) -> None:
-        step = self.size_step(base)
-        for name, value in (("--width", width), ("--height", height)):
-            if value is not None and value % step:
-                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
-
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
+        """diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`: non-reentrant torch checkpointing
+        of each block), which every diffusers transformer has."""
         if enabled:
             model.enable_gradient_checkpointing()
         else:
             model.disable_gradient_checkpointing()
+
+    def fp8_keep(self) -> tuple[str, ...] | None:
+        return self.keep_bf16

@@ -12,7 +12,12 @@ What DiffFit trains here (`--method difffit`):
   operation of each branch, so gamma there is exactly the paper's "scale the branch output", and
   it folds into that projection's weight and bias (W' = diag(gamma) W, b' = gamma * b): a merged
   model is a stock diffusers transformer. `branch+attn` adds gamma on the q, k and v projections.
-gamma sits in `ScaledLinear` (families/pipeline_family.py, shared with SD3 and FLUX).
+gamma sits in `ScaledLinear` (engine/models/scaled_linear.py, shared with SD3 and FLUX).
+
+`--mixed-precision fp8`: every block Linear in float8 (gamma's projections included, keeping their gamma);
+the embedders (`pos_embed`, `adaln_single`: timestep and micro-condition embedders plus the shared
+modulation projection, `caption_projection`) and the final `proj_out` stay bf16, as DiT's embedders, adaLN
+and final layer do. `--grad-checkpointing` is diffusers' own, block by block.
 
 bitfit trains every bias and the modulation tables; full every parameter; lora peft's LoRA on the
 attention projections (to_q, to_k, to_v, to_out.0 of both attentions, as diffusers' scripts do).
@@ -23,8 +28,6 @@ scheduler config).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -60,6 +63,7 @@ class PixArtFamily(PipelineFamily):
     attention_inputs = {"transformer_blocks": QKV}
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
     tables = ("scale_shift_table",)
+    keep_bf16 = ("pos_embed.*", "adaln_single.*", "caption_projection.*", "proj_out")
     shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
                   "out_channels", "caption_channels", "cross_attention_dim", "use_additional_conditions")
     config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size",
@@ -111,10 +115,6 @@ class PixArtFamily(PipelineFamily):
 
     def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
         return prompt_encoder(base, device, max_tokens, what)
-
-    def size_step(self, base: PipelineBase) -> int:
-        # The pipeline wants multiples of 8 px; the transformer whole patches of latent pixels.
-        return math.lcm(8, base.vae_factor * base.model.config.patch_size)
 
     def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
                       options, device: torch.device):

@@ -81,6 +81,9 @@ class SD3Family(FlowFamily):
                    "in_channels", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim")
     long_text_tokenizer = "tokenizer_3"
     card_defaults = CARD_DEFAULTS
+    # fp8: the embedders, the adaLN modulation projections of both streams and the output layer stay bf16.
+    keep_bf16 = ("pos_embed.*", "time_text_embed.*", "context_embedder", "*.norm1.*", "*.norm1_context.*",
+                 "norm_out.*", "proj_out")
 
     def owns(self, model: nn.Module) -> bool:
         return type(model).__name__ == TRANSFORMER
@@ -113,13 +116,6 @@ class SD3Family(FlowFamily):
         return {"prompt_embeds": text["prompt_embeds"].float(), "pooled_prompt_embeds": text["pooled_prompt_embeds"]
                 .float(), "negative_prompt_embeds": negative["prompt_embeds"].float(),
                 "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"].float(), "guidance_scale": cfg_scale}
-
-    def size_step(self, base: PipelineBase) -> int:
-        return base.vae_factor * base.model.config.patch_size  # what the pipeline's check_inputs asks
-
-    def fp8_keep(self) -> tuple[str, ...]:
-        # Modulation (adaLN) projections, the embedders and the output layer stay bf16, as DiT's do.
-        return ("norm1", "norm1_context", "norm_out", "time_text_embed", "context_embedder", "pos_embed", "proj_out")
 
 
 SD3 = SD3Family()
