@@ -185,6 +185,14 @@ def test_timestep_sampling_changes_the_draws(pipeline_dir, data, tmp_path):
 # -- sampling and merge ---------------------------------------------------------------------------------------
 
 
+def test_previews_sample_with_each_familys_defaults(pipeline_dir, data, tmp_path):
+    """Preview grids at step 0 and at the end, with the family's caption dropout (FLUX: 0, and no empty
+    caption to guide with) and validation prompts."""
+    result = fit(config_of(pipeline_dir, data, tmp_path, steps=1, sample_every=1,
+                           validation_prompts=["a red square"]), progress=False)
+    assert {p.name for p in (result.out_dir / "samples").iterdir()} >= {"step-0000000.png", "step-0000001.png"}
+
+
 def images(source, n, prompts, **options):
     base, _ = load_source(str(source))
     options = {"cfg_scale": None, "scheduler": None, **FAST, **options}

@@ -99,7 +99,8 @@ def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
 def _caption_embeddings(run: Run, progress: bool):
     config, base, family, device = run.config, run.base, run.family, run.accelerator.device
     max_tokens = config.max_text_tokens or base.max_text_tokens
-    extra = ([""] if config.caption_dropout else []) + run.preview_prompts
+    # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
         if run.main == turn:
             encode = family.prompt_encoder(base, device, max_tokens, "caption")
