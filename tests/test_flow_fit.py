@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import weakref
 
 import numpy as np
@@ -242,3 +243,34 @@ def test_merged_pipeline_loads_in_stock_diffusers_and_draws_the_adapters_images(
             assert copy.read_bytes() == original.read_bytes()
             if os.stat(original).st_dev == os.stat(copy).st_dev:
                 assert os.stat(original).st_ino == os.stat(copy).st_ino  # linked, not re-saved
+
+
+# -- sharing ----------------------------------------------------------------------------------------------------
+
+
+def test_card_push_and_report(case, trained, tmp_path):
+    """The card names the alias's Hub repo and license and shows the family's own diffusers call (no PixArt
+    arguments); push --merged uploads a pipeline stock diffusers loads; report shows the family."""
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    from difffit_cli.engine.sharing.card import model_card
+    from difffit_cli.engine.sharing.push import push_adapter
+    from difffit_cli.engine.sharing.report import write_report
+    from difffit_cli.engine.training.runs import training_summary
+
+    full, pipeline = trained[1], load_base(trained[0]["base"]).pipeline
+    alias, repo = list(case.family.kind.aliases.items())[-1]  # SD3.5-large-turbo, FLUX.1-schnell
+    summary = training_summary(full.adapter) | {"base": alias}
+    header, body = str(model_card(summary, "me/squares")).removeprefix("---\n").split("\n---\n", 1)
+    meta = yaml.safe_load(header)
+    assert meta["base_model"] == repo.transformer and meta["pipeline_tag"] == "text-to-image"
+    assert meta["license"] == {"FLUX.1-schnell": "apache-2.0"}.get(alias, "other")
+    assert meta["tags"][:2] == ["difffit", case.family.name]
+    assert f"`{pipeline}`" in body
+    assert "clean_caption" not in body and re.search(r'pipe\("a (red|blue) square"\)\.images\[0\]', body)
+    merged = push_adapter(full.adapter, "me/squares", merged=True, dry_run_out=tmp_path / "m")
+    assert "model_index.json" in merged["files"]
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "m")).__name__ == pipeline
+    text = write_report([full.out_dir], tmp_path / "report.html").read_text()
+    assert f"<th>family</th><td>{case.family.name}</td>" in text

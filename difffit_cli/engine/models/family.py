@@ -67,6 +67,9 @@ class Family:
     preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
+    # Text families' model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
+    pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "
+                           "given the same prompt, seed, steps and guidance, diffusers draws difffit's images."}
     prediction: str = "epsilon"  # what the model predicts: "epsilon" (DDPM, DiT and PixArt) or "flow" (SD3, FLUX)
     caption_dropout: float = 0.1  # text families: --caption-dropout's default (the family's convention)
     negative_prompts: bool = True  # text families: whether sampling has an unconditional branch to steer with
