@@ -155,6 +155,7 @@ def test_every_encoders_outputs_are_cached_once_and_the_encoders_freed(case, pip
     ({"p2_gamma": 1.0}, "--p2-gamma weights the epsilon-prediction loss"),
     ({"method": "adapter-parallel"}, "--method adapter-parallel is not available on"),
     ({"val_fraction": 0.2}, "--val-fraction applies to class-conditional"),
+    ({"max_text_tokens": 600}, "--max-text-tokens 600 is above 512, the most a .* pipeline reads"),
 ])
 def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeline_dir, data, tmp_path, options,
                                                                           match):
@@ -162,6 +163,15 @@ def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeli
     with pytest.raises(DiffFitError, match=match):
         fit(config, progress=False)
     assert not config.out_dir().exists()
+
+
+def test_compile_compiles_every_block_list(case, pipeline_dir, data, tmp_path, monkeypatch):
+    """--compile on compiles each block of each list (FLUX: joint and single blocks); recorded, not compiled."""
+    compiled = []
+    monkeypatch.setattr(train, "compile_blocks", lambda model, blocks, dynamic: compiled.append(blocks))
+    fit(config_of(pipeline_dir, data, tmp_path, steps=1, compile="on"), progress=False)
+    assert compiled == list(case.family.block_lists)
+    assert compiled == (["transformer_blocks", "single_transformer_blocks"] if case.packed else ["transformer_blocks"])
 
 
 def test_timestep_sampling_is_refused_on_epsilon_bases(tmp_path, data):

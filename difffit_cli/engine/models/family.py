@@ -73,6 +73,7 @@ class Family:
     prediction: str = "epsilon"  # what the model predicts: "epsilon" (DDPM, DiT and PixArt) or "flow" (SD3, FLUX)
     caption_dropout: float = 0.1  # text families: --caption-dropout's default (the family's convention)
     negative_prompts: bool = True  # text families: whether sampling has an unconditional branch to steer with
+    max_text_tokens_limit: int | None = None  # text families: the most caption tokens its pipeline reads
     # True: the model takes its own square size only (DiT's fixed positional embedding), so no aspect-ratio
     # buckets and no --width/--height; False: any size whose sides are multiples of `size_multiple`.
     fixed_size: bool = False

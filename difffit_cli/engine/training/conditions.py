@@ -46,6 +46,10 @@ def check_options(config: FitConfig, family: Family) -> None:
         if getattr(config, field):
             kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
             raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
+    limit = family.max_text_tokens_limit
+    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
+        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
+                           "pipeline reads.")
     if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
         flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
         raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "

@@ -236,7 +236,9 @@ def _prepare_trainable_state(run: Run) -> None:
     if resolve_compile(config.compile, device):
         # One graph per block shape, fixed batch: no recompiles; with several bucket shapes, torch's automatic
         # dynamic shapes instead of one static graph per bucket (past its recompile limit, eager).
-        compile_blocks(model, blocks=family.blocks, dynamic=None if run.buckets and len(run.buckets) > 1 else False)
+        dynamic = None if run.buckets and len(run.buckets) > 1 else False
+        for blocks in family.block_lists:  # FLUX: its joint blocks and its single blocks
+            compile_blocks(model, blocks=blocks, dynamic=dynamic)
     run.params = trainable_parameters(model)
     optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)

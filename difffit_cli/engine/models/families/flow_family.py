@@ -38,6 +38,7 @@ class FlowFamily(PipelineFamily):
     """A rectified-flow pipeline family; subclasses say how their pipeline is called."""
 
     prediction = "flow"
+    max_text_tokens_limit = 512  # both pipelines' check_inputs refuse longer T5 sequences
     schedulers = ("pipeline", *SCHEDULERS)
     long_text_tokenizer: str  # the T5 tokenizer's component name, whose length --max-text-tokens sets
     card_defaults: dict[str, dict]  # Hub repo -> the sampling settings its model card recommends
