@@ -154,3 +154,28 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
     with safe_open(str(result.adapter), "pt") as f:
         assert {f.get_tensor(key).dtype for key in f.keys()} == {torch.float32}
         assert any(".gamma_" in key for key in f.keys())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sm89+ for fp8)")
+def test_flow_families_fit_and_sample_on_cuda(case, tmp_path):
+    """On a GPU (gpu_check.sh's tests stage): fit in bf16 with checkpointing, and in fp8 through `_scaled_mm`
+    where the GPU has it; the adapters sample finite images in bf16 at a non-square size."""
+    from t2i_fixtures import make_captioned_data
+
+    from difffit_cli.engine import devices
+    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
+    from difffit_cli.engine.methods.sources import load_source
+
+    pipe, data = case.pipeline(tmp_path / "pipe"), make_captioned_data(tmp_path / "data", per_caption=2)
+    precisions = ["bf16"] + (["fp8"] if devices.fp8_support("cuda") is None else [])
+    for precision in precisions:
+        result = fit(FitConfig(data=str(data), base=str(pipe), steps=3, batch_size=2, save_every=0, sample_every=0,
+                               num_workers=0, cache_dir=str(tmp_path / "c"), out=str(tmp_path / precision),
+                               device="cuda", mixed_precision=precision, grad_checkpointing=True, compile="off"),
+                     progress=False)
+        assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
+        base, _ = load_source(str(result.adapter))
+        options = SamplingOptions(cfg_scale=None, scheduler=None, steps=2, device="cuda", mixed_precision="bf16",
+                                  width=32, height=16)
+        images = generate(base, 2, options, prompts=["a red square"], progress=False)
+        assert images.shape == (2, 16, 32, 3)
