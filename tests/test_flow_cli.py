@@ -37,7 +37,7 @@ def test_fit_info_sample_merge(case, pipeline_dir, data, tmp_path, monkeypatch, 
     assert json.loads(out)["step"] == 2
     code, out, err = run_cli(monkeypatch, capsys, "info", run / "adapter.safetensors", "--json")
     info = json.loads(out)
-    assert info["family"] == case.family.name and info["resolution"] == 16
+    assert info["family"] == case.family.name and (info["resolution"], info["latent_size"]) == (16, 8)
     # Each family's own defaults, recorded: SD3 trains the guidance branch, FLUX has none to train.
     assert info["training"]["caption_dropout"] == case.family.caption_dropout
     assert info["training"]["timestep_sampling"] == "uniform"
