@@ -41,7 +41,8 @@ else
   PIXART="--config alpha-512 --t5 xxl --tokens 120 --batches 8,16,32,64,128,256 --precision bf16"
   # FLUX.1-dev (12B, random weights built on the GPU) at 512 px, batch 1; fp8 through _scaled_mm only.
   T2IMEM="--device cuda --configs flux-dev --px 512 --steps 3 --fp8-matmul kernel --budget 130"
-  TESTS="tests/test_cuda.py tests/test_fp8.py tests/test_t2i_memory.py tests/test_fast_train.py tests/test_dit.py tests/test_diffusion.py"
+  TESTS="tests/test_cuda.py tests/test_fp8.py tests/test_t2i_memory.py tests/test_fast_train.py tests/test_dit.py tests/test_diffusion.py
+    tests/test_flow_memory.py::test_flow_families_fit_and_sample_on_cuda"
   BUCKETS="--config alpha-512 --batch 32 --tokens 120 --sizes 512x512,736x352,1024x256 --precision bf16 \
     --compile off,on --repeats 3"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -149,6 +149,91 @@ def make_captioned_data(root: Path, per_caption: int = 6) -> Path:
     return root
 
 
+# -- SD3 and FLUX ----------------------------------------------------------------------------------------
+
+FLOW_TEXT_WIDTH = 32  # the tiny T5's width: SD3's and FLUX's joint_attention_dim
+
+
+def tiny_clip_text(vocab_size: int, *, projection: bool, max_length: int = 16, width: int = 16, seed: int = 0):
+    """A 2-layer CLIP text tower `width` wide: CLIPTextModelWithProjection (SD3's two encoders, pooled output
+    projected to `width`) or CLIPTextModel (FLUX's, pooled output as it is)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=max_length, projection_dim=width,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def make_tiny_vae16(seed: int = 0, *, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """A 2-level AutoencoderKL with SD3's and FLUX's 16 latent channels (factor 2), shifted and scaled as SD3's."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=8, sample_size=IMAGE_PX, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor).eval()
+
+
+def make_tiny_sd3_transformer(layers: int = 4, seed: int = 0, **overrides):
+    """An SD3Transformer2DModel 16 wide (2 heads of 8), SD3.5-medium's kind: q/k RMSNorm, a second image
+    attention in block 0; reads the tiny T5's width and two 16-d pooled CLIP outputs."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(sample_size=IMAGE_PX // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=FLOW_TEXT_WIDTH,
+                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+                  dual_attention_layers=(0,), qk_norm="rms_norm")
+    return SD3Transformer2DModel(**{**config, **overrides}).eval()
+
+
+def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny StableDiffusion3Pipeline into `folder`: two CLIPs with projection, T5, the 16-channel VAE and
+    SD3's scheduler (flow matching, shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=make_tiny_sd3_transformer(layers, seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_tiny_vae16(seed), text_encoder=tiny_clip_text(len(clip), projection=True, seed=seed),
+        tokenizer=clip, text_encoder_2=tiny_clip_text(len(clip), projection=True, seed=seed + 1), tokenizer_2=clip,
+        text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_3=t5)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def make_tiny_flux_transformer(layers: int = 2, seed: int = 0, **overrides):
+    """A FluxTransformer2DModel 16 wide (2 heads of 8; rope axes 2 + 2 + 4), `layers` joint and `layers` single
+    blocks, FLUX.1-dev's kind (guidance embedding); reads the tiny T5's width and the tiny CLIP's 16-d pooled
+    output, and 16 latent channels packed 2 x 2."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=layers, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=FLOW_TEXT_WIDTH, pooled_projection_dim=16,
+                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(**{**config, **overrides}).eval()
+
+
+def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """Save a tiny FluxPipeline into `folder`: CLIP (pooled output as it is), T5, the 16-channel VAE shifted
+    and scaled as FLUX.1's, and FLUX.1-dev's scheduler (dynamic shifting by resolution)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=make_tiny_flux_transformer(layers, seed, **overrides), scheduler=scheduler,
+                        vae=make_tiny_vae16(seed, scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=tiny_clip_text(len(clip), projection=False, seed=seed), tokenizer=clip,
+                        text_encoder_2=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_2=t5)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
 def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
     """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.
     The images of one size alternate red and blue, so each size has both captions."""

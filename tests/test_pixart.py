@@ -176,10 +176,10 @@ def test_info_on_an_alias_downloads_nothing(tmp_path, monkeypatch):
 
 
 def test_unknown_families_and_lone_transformers_are_refused(tmp_path, pipeline_dir):
-    other = tmp_path / "sd3"
+    other = tmp_path / "hunyuan"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(DiffFitError, match="StableDiffusion3Pipeline, which difffit does not adapt; it supports DiT"):
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline"}))
+    with pytest.raises(DiffFitError, match="HunyuanDiTPipeline, which difffit does not adapt; it supports DiT"):
         load_base(str(other))
     with pytest.raises(DiffFitError, match="PixArt transformer alone"):
         load_base(str(pipeline_dir / "transformer"))

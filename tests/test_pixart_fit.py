@@ -184,6 +184,12 @@ def test_previews_show_the_validation_prompts_at_fixed_seeds(conf, tmp_path):
     assert meta.training["caption_dropout"] == 0.1 and meta.training["max_text_tokens"] == 120
 
 
+def test_previews_without_caption_dropout_still_guide_with_the_empty_caption(conf):
+    """--caption-dropout 0 trains on no empty caption, but the previews' guidance needs its embedding."""
+    result = fit(conf(steps=1, sample_every=1, caption_dropout=0.0), progress=False)
+    assert (result.out_dir / "samples" / "step-0000000.png").is_file()
+
+
 def test_an_adapter_samples_with_the_token_count_it_trained_with(conf, data):
     result = fit(conf(steps=1, max_text_tokens=6), progress=False)
     base, meta = load_source(str(result.adapter))

@@ -102,7 +102,7 @@ def test_caption_options_from_the_cli_and_recipes(tmp_path, monkeypatch):
     config = seen["config"]
     assert (config.caption_column, config.caption_template, config.caption_dropout, config.max_text_tokens) == (
         "prompt", "a photo of {class}", 0.0, 77)
-    assert FitConfig().caption_dropout == 0.1 and FitConfig().max_text_tokens is None
+    assert FitConfig().caption_dropout is None and FitConfig().max_text_tokens is None  # the base's family's
     for args, words in ((["--caption-dropout", "1"], "--caption-dropout must be in [0, 1)"),
                         (["--caption-dropout", "nan"], "--caption-dropout must be in [0, 1)"),
                         (["--max-text-tokens", "0"], "--max-text-tokens must be 1 or more"),

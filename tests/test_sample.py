@@ -285,7 +285,7 @@ def test_sampling_options_checked_when_made():
         ({"cfg_channels": "2"}, "--cfg-channels must be 3 or all"),
         ({"cfg_scale": float("nan")}, "--cfg-scale must be a finite number"),
         ({"cfg_scale": float("inf")}, "--cfg-scale must be a finite number"),
-        ({"scheduler": "euler"}, "Unknown scheduler 'euler'"),
+        ({"scheduler": "heun"}, "Unknown scheduler 'heun'"),
         ({"steps": 0}, "--steps must be between 1 and 1000"),
         ({"batch_size": 0}, "--batch-size must be 1 or more"),
         ({"seed": -5}, "--seed must be 0 or more"),
@@ -413,7 +413,7 @@ def test_sample_base_file_with_npz(base_file, tmp_path, monkeypatch, capsys):
     [
         (("--class", "ramen"), "Unknown class 'ramen'; valid classes: cat, dog, owl."),
         (("--class", "7"), "out of range"),
-        (("--scheduler", "euler"), "Unknown scheduler"),
+        (("--scheduler", "heun"), "Unknown scheduler"),
         (("--cfg-channels", "2"), "--cfg-channels must be 3 or all"),
     ],
 )

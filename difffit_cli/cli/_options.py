@@ -137,11 +137,15 @@ CaptionColumn = Annotated[str | None, typer.Option(
 CaptionTemplate = Annotated[str | None, typer.Option(
     help="Text-to-image: caption images that have no caption of their own from their class folder, e.g. "
     "\"a photo of {class}\" (underscores in folder names read as spaces).", show_default=False)]
-CaptionDropout = Annotated[float, typer.Option(
-    help="Text-to-image: train on the empty caption this often, for classifier-free guidance; 0 <= P < 1.")]
+CaptionDropout = Annotated[float | None, typer.Option(
+    help="Text-to-image: train on the empty caption this often, for classifier-free guidance; 0 <= P < 1 "
+    "(default: the family's, 0.1; FLUX 0: it samples without an unconditional branch).", show_default=False)]
 MaxTextTokens = Annotated[int | None, typer.Option(
     help="Text-to-image: caption tokens the text encoder sees (default: the base's; PixArt-alpha 120, "
-    "PixArt-Sigma 300).", show_default=False)]
+    "PixArt-Sigma 300, SD3 256, FLUX.1-dev 512, FLUX.1-schnell 256).", show_default=False)]
+TimestepSampling = Annotated[str | None, typer.Option(
+    help="SD3 and FLUX (rectified flow): where training draws its noise levels: logit_normal (default, the SD3 "
+    "paper's), uniform or mode.", show_default=False)]
 ValidationPrompts = Annotated[list[str] | None, typer.Option(
     "--validation-prompt", help="Text-to-image: a prompt of the preview grids (fixed seeds, step 0 included); repeat "
     "for more (default: the data's first captions).", show_default=False)]
@@ -153,9 +157,11 @@ ClassBalance = Annotated[bool, typer.Option(
 Repeats = Annotated[int, typer.Option(
     help="Each image N times per epoch (per class: a \\[repeats] table in a recipe).")]
 SnrGamma = Annotated[float | None, typer.Option(
-    help="Min-SNR-gamma weighting of the MSE term, e.g. 5 (default: off, the reference loss).", show_default=False)]
+    help="Min-SNR-gamma weighting of the MSE term, e.g. 5 (default: off, the reference loss; epsilon-prediction "
+    "bases only).", show_default=False)]
 P2Gamma = Annotated[float | None, typer.Option(
-    help="P2 weighting (k=1) of the MSE term, e.g. 1 (default: off).", show_default=False)]
+    help="P2 weighting (k=1) of the MSE term, e.g. 1 (default: off; epsilon-prediction bases only).",
+    show_default=False)]
 ValFraction = Annotated[float, typer.Option(
     help="Hold out this fraction of each class (fixed by --seed) for validation.")]
 ValData = Annotated[str | None, typer.Option(

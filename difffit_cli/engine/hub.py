@@ -99,13 +99,19 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: st
     Files land in the standard Hugging Face cache (`hub_cache_dir()`), shared with diffusers.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError
 
     cache, offline = hub_cache_dir(), downloads_disabled()
     try:
         folder = snapshot_download(
             repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline
         )
+    except GatedRepoError:  # before the network errors: it is one (an HTTP 401/403)
+        raise DiffFitError(
+            f"{what[0].upper()}{what[1:]} is in {repo_id}, a gated Hub repo whose licence this account has not "
+            f"accepted: accept it on its licence page, https://huggingface.co/{repo_id}, then log in with "
+            "`hf auth login` (or set HF_TOKEN)."
+        ) from None
     except (LocalEntryNotFoundError, HFValidationError, *network_errors()) as e:
         why = OFFLINE if offline else error_summary(e)
         raise DiffFitError(

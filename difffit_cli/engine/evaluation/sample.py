@@ -120,6 +120,9 @@ class SamplingOptions:
             raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
                                f"{', '.join(family.schedulers)}.")
         family.check_sample_size(base, self.width, self.height)
+        if self.negative_prompt and not family.negative_prompts:
+            raise DiffFitError(f"--negative-prompt has nothing to steer on {family.title} bases: they sample with "
+                               "guidance distilled into the model, without an unconditional branch.")
         return resolved
 
     @property
@@ -371,17 +374,18 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
     of the run; the text encoder is freed before the first image."""
     family = family_of(base)
     per_image = [prompts[i % len(prompts)] for i in indices]
+    negatives = [options.negative_prompt] if family.negative_prompts else []  # FLUX: no unconditional branch
     if embeddings is None:
         encode = family.prompt_encoder(base, device, base.max_text_tokens)
         embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
-                                     extra=[options.negative_prompt])
+                                     extra=negatives)
         del encode  # the encoder goes with it (T5-XXL: 9 GB)
-    negative = embeddings.of(options.negative_prompt)
+    negative = {name: value for prompt in negatives for name, value in embeddings.of(prompt).items()}
     base.model.to(device).eval()
 
     def images(lo: int, batch: list[int]) -> torch.Tensor:
         rows = [embeddings.of(prompt) for prompt in per_image[lo : lo + len(batch)]]
-        text = {name: torch.cat([row[name] for row in rows]) for name in negative}
+        text = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
         unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
         out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
         check_finite(out, batch, options)

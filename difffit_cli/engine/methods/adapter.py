@@ -87,7 +87,9 @@ class AdapterMeta:
 
     @property
     def latent_size(self) -> int:
-        return self.model_family.latent_size(self.config)
+        """The latent side it trained at (FLUX's config has none of its own), else its config's."""
+        trained = self.training.get("resolution")
+        return trained // self.vae_factor if trained else self.model_family.latent_size(self.config)
 
     @property
     def resolution(self) -> int:

@@ -94,11 +94,9 @@ class MethodSettings:
         family = family_of(model)
         name = family.architecture(family.config_of(model))
         if method == "lora":
-            block = getattr(model, family.blocks)[0]
-            layers = {target: block.get_submodule(path)
-                      for target in parse_lora_targets(self.lora_targets, family.lora)
-                      for path in family.lora.targets[target]}
-            target, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+            targets = parse_lora_targets(self.lora_targets, family.lora)
+            layers = [(target, model.get_submodule(name)) for target, name in lora_target_names(model, targets, family)]
+            target, layer = min(layers, key=lambda pair: min(pair[1].in_features, pair[1].out_features))
             limit = min(layer.in_features, layer.out_features)
             if self.rank > limit:
                 raise DiffFitError(f"--rank {self.rank} is above {limit}, the smaller dimension of the {target} "
@@ -125,14 +123,31 @@ def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = No
 
     paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family.lora)
                      for path in family.lora.targets[t])
+    lists = family.block_lists
+    blocks = lists[0] if len(lists) == 1 else f"({'|'.join(lists)})"  # FLUX: joint and single blocks
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
-                      init_lora_weights=True, target_modules=rf"{family.blocks}\.\d+\.({paths})",
+                      init_lora_weights=True, target_modules=rf"{blocks}\.\d+\.({paths})",
                       modules_to_save=modules_to_save)
 
 
-def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[str]:
-    return [f"{family.blocks}.{i}.{path}" for i in range(family.depth(model)) for t in targets
-            for path in family.lora.targets[t]]
+def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[tuple[str, str]]:
+    """(short name, module name) of every layer the targets name, in every block that has it (SD3's last block
+    has no context output, FLUX's single blocks no to_out)."""
+    names = []
+    for blocks in family.block_lists:
+        for i, block in enumerate(getattr(model, blocks)):
+            names += [(t, f"{blocks}.{i}.{path}") for t in targets for path in family.lora.targets[t]
+                      if isinstance(_module_at(block, path), nn.Linear)]
+    if not names:
+        raise DiffFitError(f"--lora-targets {','.join(targets)} names no layer of this {family.title} model.")
+    return names
+
+
+def _module_at(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setattr) -> None:
@@ -141,7 +156,7 @@ def add_lora(model: nn.Module, settings: MethodSettings, setter: Setter = setatt
 
     family = family_of(model)
     targets = parse_lora_targets(settings.lora_targets, family.lora)
-    for name in lora_target_names(model, targets, family):
+    for _, name in lora_target_names(model, targets, family):
         parent, leaf = name.rsplit(".", 1)
         owner = model.get_submodule(parent)
         setter(owner, leaf, getattr(owner, leaf))  # lets a setter that remembers put the plain linear back

@@ -8,13 +8,13 @@ are in `engine.models.lora_names`; DiT's are the default everywhere a family is 
 from __future__ import annotations
 
 from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.models.lora_names import DIT_LORA, PIXART_LORA, LoraNames
+from difffit_cli.engine.models.lora_names import DIT_LORA, FLUX_LORA, PIXART_LORA, SD3_LORA, LoraNames
 
 # DiT's names (short name -> the module path inside a block, original layout), its groups and default.
 LORA_TARGETS = {name: paths[0] for name, paths in DIT_LORA.targets.items()}
 LORA_GROUPS = DIT_LORA.groups
 DEFAULT_LORA_TARGETS = DIT_LORA.default
-EVERY_FAMILY = (DIT_LORA, PIXART_LORA)
+EVERY_FAMILY = (DIT_LORA, PIXART_LORA, SD3_LORA, FLUX_LORA)
 
 
 def describe_lora_targets(names: LoraNames = DIT_LORA) -> str:

@@ -42,6 +42,18 @@ def space_timesteps(num_steps: int, spacing: str | int) -> list[int]:
     return sorted(kept)
 
 
+def draw_timesteps_and_noise(generator: torch.Generator, batch: int, shape: tuple[int, ...],
+                             num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, noise) for one micro-batch, drawn on the generator's device: t (batch,), noise (batch, *shape).
+
+    Successive calls on one generator give the successive micro-batches of a step.
+    """
+    device = generator.device
+    t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
+    noise = torch.randn((batch, *shape), generator=generator, device=device)
+    return t, noise
+
+
 class GaussianDiffusion:
     """A (possibly respaced) diffusion process. `timesteps[i]` is the original step of spaced step i;
     the model is always called with original timesteps."""
@@ -149,6 +161,10 @@ class GaussianDiffusion:
         return mean + nonzero * sigma * noise
 
     # -- training loss -------------------------------------------------------------------------------
+
+    def draw(self, generator: torch.Generator, batch: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise) of one micro-batch: steps drawn uniformly, as DiT trains."""
+        return draw_timesteps_and_noise(generator, batch, shape, self.num_steps)
 
     def training_losses(
         self, model: ModelFn, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor,

@@ -6,9 +6,10 @@ away, how the model is called on a noisy batch with its conditioning (class labe
 embeddings), and the diffusion it trains with. The commands never test a family's name; they ask
 the family of the base or adapter in hand (`engine.models.families.family_named`).
 
-Implementations: `families/dit.py` (the reference DiT, class-conditional) and `families/pixart.py`
-(PixArt-α/Σ, diffusers' `PixArtTransformer2DModel`, text-conditional). SD3 and FLUX plug in here too:
-a family is a loader, a handful of name rules and a forward call, never a copy of a diffusers model.
+Implementations: `families/dit.py` (the reference DiT, class-conditional), and the text-conditional
+diffusers families on `families/pipeline_family.py`: `pixart.py` (PixArt-α/Σ), `sd3.py` (Stable Diffusion
+3 and 3.5) and `flux.py` (FLUX.1). A family is a loader, a handful of name rules and a forward call, never
+a copy of a diffusers model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.flow_matching import FlowMatching
 from difffit_cli.engine.models.lora_names import LoraNames
 
 Setter = Callable[[object, str, object], None]
@@ -65,6 +67,13 @@ class Family:
     preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
+    # Text families' model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
+    pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "
+                           "given the same prompt, seed, steps and guidance, diffusers draws difffit's images."}
+    prediction: str = "epsilon"  # what the model predicts: "epsilon" (DDPM, DiT and PixArt) or "flow" (SD3, FLUX)
+    caption_dropout: float = 0.1  # text families: --caption-dropout's default (the family's convention)
+    negative_prompts: bool = True  # text families: whether sampling has an unconditional branch to steer with
+    max_text_tokens_limit: int | None = None  # text families: the most caption tokens its pipeline reads
     # True: the model takes its own square size only (DiT's fixed positional embedding), so no aspect-ratio
     # buckets and no --width/--height; False: any size whose sides are multiples of `size_multiple`.
     fixed_size: bool = False
@@ -113,6 +122,11 @@ class Family:
 
     def depth(self, model: nn.Module) -> int:
         return len(getattr(model, self.blocks))
+
+    @property
+    def block_lists(self) -> tuple[str, ...]:
+        """The ModuleLists holding the transformer blocks (FLUX has two: joint and single blocks)."""
+        return (self.blocks,)
 
     # -- what a method trains -------------------------------------------------------------------------
 
@@ -181,10 +195,11 @@ class Family:
         (the base's model, possibly wrapped for several processes)."""
         raise NotImplementedError
 
-    def diffusion(self, base) -> GaussianDiffusion:
-        """The process the base was trained with: what `fit` draws timesteps from (`num_steps`) and whose
-        `training_losses(model_fn, x0, t, noise, weights)` is the loss of one batch. DiT and PixArt share
-        the DDPM hybrid loss; a flow-matching family (SD3, FLUX) returns its own with the same methods."""
+    def diffusion(self, base, timestep_sampling: str | None = None) -> GaussianDiffusion | FlowMatching:
+        """The process the base was trained with: `draw(generator, batch, shape)` gives one micro-batch's
+        timesteps and noise, `training_losses(model_fn, x0, t, noise, weights)` its loss. DiT and PixArt share
+        the DDPM hybrid loss (uniform steps); SD3 and FLUX train by rectified flow (`FlowMatching`), drawing
+        their timesteps as `timestep_sampling` says (fit refuses that option for the others)."""
         return GaussianDiffusion()
 
     def sampling_defaults(self, base) -> dict:

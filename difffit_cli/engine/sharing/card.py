@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.hub import hub_ref
 from difffit_cli.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
-from difffit_cli.engine.models.families import family_named
-from difffit_cli.engine.models.families.pixart_bases import ALIASES as PIXART_ALIASES
+from difffit_cli.engine.models.families import PIPELINE_KINDS, family_named
 from difffit_cli.engine.models.vae import IDENTITY_VAE
 from difffit_cli.engine.training.runs import format_duration, split_eval
 
@@ -22,12 +21,14 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "model_card.md"
-# Hub repos of the aliases of every family (a PixArt alias names the repo holding its transformer).
-ALIAS_REPOS = {**ALIASES, **{name: alias.transformer for name, alias in PIXART_ALIASES.items()}}
-# Licenses of the bases difffit knows by name: Meta released DiT's weights under CC-BY-NC 4.0, the PixArt
-# team PixArt-α/Σ's under CreativeML Open RAIL++-M.
+# Hub repos of the aliases of every family (a pipeline alias names the repo holding its transformer).
+PIPELINE_ALIASES = {name: alias for kind in PIPELINE_KINDS for name, alias in kind.aliases.items()}
+ALIAS_REPOS = {**ALIASES, **{name: alias.transformer for name, alias in PIPELINE_ALIASES.items()}}
+# Licenses of the bases difffit knows by name: Meta released DiT's weights under CC-BY-NC 4.0; each pipeline
+# alias names its repo's (PixArt: CreativeML Open RAIL++-M; FLUX.1-schnell: Apache 2.0; SD3 and FLUX.1-dev:
+# licenses of their own, "other").
 BASE_LICENSES = {**{hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()},
-                 **{alias.transformer: "openrail++" for alias in PIXART_ALIASES.values()}}
+                 **{alias.transformer: alias.license for alias in PIPELINE_ALIASES.values()}}
 DEFAULT_LICENSE = "other"
 MAX_CLASSES_LISTED = 100
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
@@ -107,6 +108,7 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         sample_condition=f"--prompt {shlex.quote(example_prompt)}" if family.conditioning == "text" else
         f"--class {names[0] if ' ' not in names[0] else '0'}",
         pipeline_class=summary["training"].get("pipeline") or "DiTPipeline",
+        pipeline_call=family.pipeline_call,
         grid=grid,
         grid_caption=grid_caption,
         training=_Training(summary["training"]),

@@ -22,13 +22,15 @@ from difffit_cli.engine.data.text_cache import text_cache_dir, text_embeddings
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.methods.trainable import check_method, same_classes
 from difffit_cli.engine.models.family import Family
+from difffit_cli.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.state import Run
 
 PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
 TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
-             ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"))
+             ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"),
+             ("caption_dropout", "--caption-dropout"))
 CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "--val-fraction"),
               ("val_data", "--val-data"), ("eval_every", "--eval-every"), ("keep_best", "--keep-best"))
 
@@ -44,6 +46,18 @@ def check_options(config: FitConfig, family: Family) -> None:
         if getattr(config, field):
             kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
             raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
+    limit = family.max_text_tokens_limit
+    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
+        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
+                           "pipeline reads.")
+    if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
+        flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
+        raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
+                           "(it predicts noise minus data), where it does not apply.",
+                           hint="Leave it out; --timestep-sampling chooses where the flow loss is drawn.")
+    if family.prediction != "flow" and config.timestep_sampling is not None:
+        raise DiffFitError(f"--timestep-sampling applies to rectified-flow bases (SD3, FLUX), and this base is a "
+                           f"{family.title} model, which draws its diffusion steps uniformly.")
     if config.buckets == "auto" and family.fixed_size:
         raise DiffFitError(f"--buckets auto needs a base that takes any image size, and a {family.title} model takes "
                            "only its own square size.", hint="Leave --buckets out (none is the default here).")
@@ -54,6 +68,15 @@ def check_options(config: FitConfig, family: Family) -> None:
     if config.mixed_precision == "fp8" and family.fp8_keep() is None:
         raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
                            hint="Use --mixed-precision bf16 (the default on CUDA).")
+
+
+def apply_family_defaults(config: FitConfig, family: Family) -> None:
+    """Fill in the options whose default is the family's (caption dropout, timestep sampling), so the run's
+    config.toml and its adapter record the values used."""
+    if family.conditioning == "text" and config.caption_dropout is None:
+        config.caption_dropout = family.caption_dropout
+    if family.prediction == "flow" and config.timestep_sampling is None:
+        config.timestep_sampling = TIMESTEP_SAMPLING[0]
 
 
 def with_captions(folder: ImageFolder, config: FitConfig, family: Family) -> ImageFolder:
@@ -80,7 +103,8 @@ def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
 def _caption_embeddings(run: Run, progress: bool):
     config, base, family, device = run.config, run.base, run.family, run.accelerator.device
     max_tokens = config.max_text_tokens or base.max_text_tokens
-    extra = ([""] if config.caption_dropout else []) + run.preview_prompts
+    # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
         if run.main == turn:
             encode = family.prompt_encoder(base, device, max_tokens, "caption")
@@ -107,6 +131,9 @@ def text_summary(run: Run) -> dict:
     """The text settings an adapter's training summary records (nothing for class-conditional runs)."""
     if run.family.conditioning != "text":
         return {}
-    return {"pipeline": run.base.pipeline, "caption_dropout": run.config.caption_dropout,
+    flow = {"timestep_sampling": run.config.timestep_sampling} if run.family.prediction == "flow" else {}
+    # resolution: the size it trained at, which FLUX's transformer config does not say (AdapterMeta.resolution)
+    return {"pipeline": run.base.pipeline, "resolution": run.base.resolution,
+            "caption_dropout": run.config.caption_dropout, **flow,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
             "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}

@@ -20,6 +20,7 @@ from difffit_cli.engine.models.bases import base_architecture
 from difffit_cli.engine.models.dit import DiTConfig
 from difffit_cli.engine.models.families.dit import DIT
 from difffit_cli.engine.models.family import Family
+from difffit_cli.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit_cli.engine.models.resolution import PE_MODES
 from difffit_cli.engine.models.speed import COMPILE_CHOICES
 from difffit_cli.engine.training.trackers import check_log_with
@@ -82,8 +83,8 @@ class FitConfig:
     # Text-to-image data (engine/data/captions.py says where captions come from, in which order).
     caption_column: str | None = None  # metadata files' / a dataset's text column (default: text, else caption)
     caption_template: str | None = None  # class folders as captions, e.g. "a photo of {class}"
-    caption_dropout: float = 0.1  # the fraction of captions replaced by the empty one (trains the guidance branch)
-    max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300)
+    caption_dropout: float | None = None  # the fraction of captions replaced by the empty one (default: the family's)
+    max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300, SD3 256, FLUX 512)
     validation_prompts: list[str] | None = None  # preview prompts (default: the data's first captions)
     class_balance: bool = False  # draw every class equally often, whatever its image count
     # "auto": aspect-ratio buckets (engine/data/buckets.py), "none": the square crop; default: auto where the
@@ -92,6 +93,7 @@ class FitConfig:
     repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
     p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
+    timestep_sampling: str | None = None  # flow bases (SD3, FLUX): logit_normal (default), uniform or mode
     val_fraction: float = 0.0  # held out of the data, per class, for the validation loss
     val_data: str | None = None  # or a separate validation folder / dataset
     val_every: int = 0  # validation loss every N steps (0: only at the end, when there is a validation set)
@@ -183,7 +185,10 @@ class FitConfig:
             if spec is not None and spec.startswith(HF_PREFIX):
                 hub_dataset(spec)
         check_template(self.caption_template)
-        if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout < 1.0):
+        if self.timestep_sampling is not None:
+            _choice("--timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        if self.caption_dropout is not None and not (math.isfinite(self.caption_dropout)
+                                                     and 0.0 <= self.caption_dropout < 1.0):
             raise DiffFitError(f"--caption-dropout must be in [0, 1) (got {self.caption_dropout}).")
         if self.max_text_tokens is not None:
             _at_least("max_text_tokens", self.max_text_tokens, 1)

@@ -17,6 +17,9 @@ import torch
 
 from difffit_cli.engine.data.batches import step_seed
 
+# Re-exported: the benchmarks and tests draw their batches' timesteps and noise from here, as fit does.
+from difffit_cli.engine.models.diffusion import draw_timesteps_and_noise  # noqa: F401
+
 STATS = ("loss", "mse", "vb")
 DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (label dropout) and 2 (data) are train.py's
 
@@ -24,18 +27,6 @@ DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (label dropout) 
 def step_generator(device: torch.device | str, seed: int, step: int, rank: int) -> torch.Generator:
     """The device generator of optimizer step `step` on process `rank`; seeding it costs no host sync."""
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, DEVICE_STREAM))
-
-
-def draw_timesteps_and_noise(generator: torch.Generator, batch: int, shape: tuple[int, ...],
-                             num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, noise) for one micro-batch, drawn on the generator's device: t (batch,), noise (batch, *shape).
-
-    Successive calls on one generator give the successive micro-batches of a step.
-    """
-    device = generator.device
-    t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
-    noise = torch.randn((batch, *shape), generator=generator, device=device)
-    return t, noise
 
 
 class LossMeter:

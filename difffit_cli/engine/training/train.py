@@ -60,6 +60,7 @@ from difffit_cli.engine.training.checkpoints import (
     truncate_log,
 )
 from difffit_cli.engine.training.conditions import (
+    apply_family_defaults,
     check_options,
     prepare_conditions,
     preview_inputs,
@@ -74,7 +75,6 @@ from difffit_cli.engine.training.state import Run
 from difffit_cli.engine.training.step import (
     LossMeter,
     denoiser,
-    draw_timesteps_and_noise,
     step_generator,
     swapped_in,
     update_ema,
@@ -100,6 +100,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         # bad options for the base's family, bad data, then a bad base, fail before --out is touched
         family = family_of(base) if base is not None else family_of_spec(config.base)
         check_options(config, family)
+        apply_family_defaults(config, family)
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
         folder, val_folder = split_validation(config, with_captions(data, config, family))
         config.check_data(folder)
@@ -235,7 +236,9 @@ def _prepare_trainable_state(run: Run) -> None:
     if resolve_compile(config.compile, device):
         # One graph per block shape, fixed batch: no recompiles; with several bucket shapes, torch's automatic
         # dynamic shapes instead of one static graph per bucket (past its recompile limit, eager).
-        compile_blocks(model, blocks=family.blocks, dynamic=None if run.buckets and len(run.buckets) > 1 else False)
+        dynamic = None if run.buckets and len(run.buckets) > 1 else False
+        for blocks in family.block_lists:  # FLUX: its joint blocks and its single blocks
+            compile_blocks(model, blocks=blocks, dynamic=dynamic)
     run.params = trainable_parameters(model)
     optimizer = make_optimizer(run.params.values(), config.learning_rate(), device)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
@@ -299,7 +302,8 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
     """Optimizer steps from `start_step` to `config.steps`: log, checkpoint and preview on schedule."""
     config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    diffusion = run.family.diffusion(run.base)  # DiT's: linear betas over 1000 steps
+    # DiT's: linear betas over 1000 steps; SD3's and FLUX's: rectified flow at --timestep-sampling's draws
+    diffusion = run.family.diffusion(run.base, config.timestep_sampling)
     mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     per_process, lr = run.batches.split.per_process, config.learning_rate()
@@ -325,7 +329,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                     group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
                 for micro in range(config.grad_accum):
                     x0, y = run.batches.micro_batch(step, micro, g)
-                    t, noise = draw_timesteps_and_noise(on_device, per_process, x0.shape[1:], diffusion.num_steps)
+                    t, noise = diffusion.draw(on_device, per_process, x0.shape[1:])
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         losses = diffusion.training_losses(denoiser(forward, y, run.autocast_dtype), x0, t, noise,

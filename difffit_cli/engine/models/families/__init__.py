@@ -16,18 +16,22 @@ from difffit_cli.engine.hub import hub_ref, hub_snapshot
 from difffit_cli.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit_cli.engine.models.bases import RANDOM_PREFIX
 from difffit_cli.engine.models.families.dit import DIT
+from difffit_cli.engine.models.families.flux import FLUX
 from difffit_cli.engine.models.families.pipelines import read_json
 from difffit_cli.engine.models.families.pixart import PIXART
-from difffit_cli.engine.models.families.pixart_bases import ALIASES as PIXART_ALIASES
-from difffit_cli.engine.models.families.pixart_bases import PIPELINES, is_pixart_transformer
+from difffit_cli.engine.models.families.sd3 import SD3
 from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.formats import WEIGHT_SUFFIXES
 
-FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART}
-# What each family's pipelines and transformers are called in model_index.json / config.json.
-PIPELINE_FAMILIES = {"DiTPipeline": DIT, **dict.fromkeys(PIPELINES, PIXART)}
-ALIAS_FAMILIES = {**dict.fromkeys(DIT_ALIASES, DIT), **dict.fromkeys(PIXART_ALIASES, PIXART)}
-SUPPORTED = "DiT (DiTPipeline, original checkpoints) and PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline)"
+FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART, SD3.name: SD3, FLUX.name: FLUX}
+PIPELINE_KINDS = [family.kind for family in (PIXART, SD3, FLUX)]  # the families whose bases are pipelines
+# What each family's pipelines are called in model_index.json, and its aliases.
+PIPELINE_FAMILIES = {"DiTPipeline": DIT, **{pipeline: FAMILIES[kind.family] for kind in PIPELINE_KINDS
+                                            for pipeline in kind.pipelines}}
+ALIAS_FAMILIES = {**dict.fromkeys(DIT_ALIASES, DIT), **{alias: FAMILIES[kind.family] for kind in PIPELINE_KINDS
+                                                        for alias in kind.aliases}}
+SUPPORTED = ("DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline), "
+             "SD3/3.5 (StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)")
 
 
 def family_named(name: str | None) -> Family:
@@ -75,10 +79,11 @@ def _family_of_folder(folder: Path, spec: str) -> Family:
             raise DiffFitError(f"{spec} is a {pipeline}, which difffit does not adapt; it supports {SUPPORTED}.")
         return PIPELINE_FAMILIES[pipeline]
     config = folder / "config.json"
-    if config.is_file() and is_pixart_transformer(read_json(config)):
-        raise DiffFitError(f"{spec} holds a PixArt transformer alone; difffit needs the whole pipeline (text "
-                           "encoder, VAE, scheduler).", hint="Pass the pipeline folder or its Hub id, or an alias "
-                           f"such as {next(iter(PIXART_ALIASES))}.")
+    lone = next((kind for kind in PIPELINE_KINDS if config.is_file() and kind.is_transformer(read_json(config))), None)
+    if lone is not None:
+        raise DiffFitError(f"{spec} holds a {lone.title} transformer alone; difffit needs the whole pipeline (text "
+                           "encoders, VAE, scheduler).", hint="Pass the pipeline folder or its Hub id, or an alias "
+                           f"such as {next(iter(lone.aliases))}.")
     if config.is_file() and read_json(config).get("_class_name") not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise DiffFitError(f"{spec} holds a {read_json(config).get('_class_name')}, which difffit does not adapt; "
                            f"it supports {SUPPORTED}.")
@@ -87,5 +92,5 @@ def _family_of_folder(folder: Path, spec: str) -> Family:
 
 def load_base(spec: str, **options):
     """Any base spec of any family, loaded by its family (`options`: the loaders' keywords; each family
-    takes the ones it has: DiT resolution, num_classes, num_heads, vae; PixArt weights)."""
+    takes the ones it has: DiT resolution, num_classes, num_heads, vae; the pipeline families info)."""
     return family_of_spec(str(spec)).load(str(spec), **options)

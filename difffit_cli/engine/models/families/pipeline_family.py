@@ -18,6 +18,7 @@ gamma (engine/models/fp8.py). `--grad-checkpointing` is diffusers' own switch, b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
@@ -31,7 +32,7 @@ from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_li
 def linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module | None]:
     """(owner, attribute, module) of `path` inside `block`; module None where the block has no such layer
     (SD3's last block has no context output, a block without dual attention no attn2)."""
-    parent, leaf = path.rsplit(".", 1)
+    parent, _, leaf = path.rpartition(".")  # FLUX's single blocks: proj_out, on the block itself
     try:
         owner = block.get_submodule(parent)
     except AttributeError:
@@ -80,7 +81,8 @@ class PipelineFamily(Family):
         raise NotImplementedError
 
     def config_of(self, model: nn.Module) -> dict:
-        return {k: v for k, v in model.config.items() if not k.startswith("_")}
+        # As JSON has it (tuples as lists), so a model's config compares equal to the one its adapter recorded.
+        return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
 
     def channels(self, config: dict) -> dict:
         channels = config["in_channels"]

@@ -38,6 +38,7 @@ class Alias:
     transformer: str  # the Hub repo holding transformer/
     components: str  # the Hub repo holding the other components (the same repo for SD3 and FLUX)
     pipeline: str
+    license: str = "other"  # the Hub license id of the transformer's repo ("other": a license of its own)
 
 
 @dataclass(frozen=True)

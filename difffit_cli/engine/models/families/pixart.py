@@ -63,6 +63,9 @@ class PixArtFamily(PipelineFamily):
     attention_inputs = {"transformer_blocks": QKV}
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
     tables = ("scale_shift_table",)
+    pipeline_call = {"arguments": ", clean_caption=False", "same_images": "difffit samples through this same "
+                     "pipeline class, with captions as written (`clean_caption=False`): given the same prompt, seed "
+                     "and `use_resolution_binning=False`, diffusers draws difffit's images."}
     keep_bf16 = ("pos_embed.*", "adaln_single.*", "caption_projection.*", "proj_out")
     shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
                   "out_channels", "caption_channels", "cross_attention_dim", "use_additional_conditions")

@@ -13,16 +13,19 @@ from difffit_cli.engine.models.families.pipelines import Alias, PipelineBase, Pi
 PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # α repos still say the latter
 SIGMA_COMPONENTS = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
+LICENSE = "openrail++"  # the PixArt team released PixArt-α/Σ under CreativeML Open RAIL++-M
 
 ALIASES = {
     "PixArt-alpha-256": Alias("PixArt-alpha/PixArt-XL-2-256x256", "PixArt-alpha/PixArt-XL-2-512x512",
-                              "PixArtAlphaPipeline"),
+                              "PixArtAlphaPipeline", LICENSE),
     "PixArt-alpha-512": Alias("PixArt-alpha/PixArt-XL-2-512x512", "PixArt-alpha/PixArt-XL-2-512x512",
-                              "PixArtAlphaPipeline"),
+                              "PixArtAlphaPipeline", LICENSE),
     "PixArt-alpha-1024": Alias("PixArt-alpha/PixArt-XL-2-1024-MS", "PixArt-alpha/PixArt-XL-2-1024-MS",
-                               "PixArtAlphaPipeline"),
-    "PixArt-Sigma-512": Alias("PixArt-alpha/PixArt-Sigma-XL-2-512-MS", SIGMA_COMPONENTS, "PixArtSigmaPipeline"),
-    "PixArt-Sigma-1024": Alias("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", SIGMA_COMPONENTS, "PixArtSigmaPipeline"),
+                               "PixArtAlphaPipeline", LICENSE),
+    "PixArt-Sigma-512": Alias("PixArt-alpha/PixArt-Sigma-XL-2-512-MS", SIGMA_COMPONENTS, "PixArtSigmaPipeline",
+                              LICENSE),
+    "PixArt-Sigma-1024": Alias("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", SIGMA_COMPONENTS, "PixArtSigmaPipeline",
+                               LICENSE),
 }
 # The XL/2 transformer as the public repos configure it (transformer/config.json), so `info` can count
 # what each method trains without downloading anything. Per alias: sample_size (latent side) and the
