@@ -149,6 +149,32 @@ def make_captioned_data(root: Path, per_caption: int = 6) -> Path:
     return root
 
 
+def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
+    """fit's settings for the tiny text-to-image tests: a few CPU steps, no checkpoints or previews, fp32
+    adapter, caches under `tmp_path`; `overrides` change any field."""
+    from difffit_cli.engine.training.config import FitConfig
+
+    options = dict(data=str(data), base=str(base), steps=6, batch_size=4, save_every=0, sample_every=0,
+                   num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
+                   compile="off")
+    return FitConfig(**{**options, **overrides})
+
+
+def record_batch_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shape of every micro-batch of latents fit draws from here on (filled as it trains)."""
+    from difffit_cli.engine.data.batches import Batches
+
+    shapes, draw = [], Batches.micro_batch
+
+    def spy(self, step, micro, g):
+        x0, y = draw(self, step, micro, g)
+        shapes.append(tuple(x0.shape))
+        return x0, y
+
+    monkeypatch.setattr(Batches, "micro_batch", spy)
+    return shapes
+
+
 # -- SD3 and FLUX ----------------------------------------------------------------------------------------
 
 FLOW_TEXT_WIDTH = 32  # the tiny T5's width: SD3's and FLUX's joint_attention_dim

@@ -1,6 +1,9 @@
 """The benchmark helpers that decide what gets quoted: interleaving, spreads, the scaling model."""
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,18 +51,18 @@ def test_ring_allreduce_volume_and_the_scaling_table():
     assert out["peak_advantage"]["ethernet-100Gb/s"]["full/difffit_step_no_overlap"] > 2
 
 
-def test_pixart_train_runs_at_toy_size_on_the_cpu():
-    """The GPU stage's script end to end (DIFFFIT_BENCH_SMALL: the tiny PixArt and T5, batches 1 and 2)."""
-    import json
-    import os
-    import subprocess
-
+def run_at_toy_size(script: str, *args: str) -> dict:
+    """A benchmark script run as the GPU stage runs it, at toy sizes on the CPU (DIFFFIT_BENCH_SMALL): its JSON."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DIFFFIT_BENCH_SMALL": "1", "PYTHONPATH": str(repo)}
-    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "pixart_train.py"), "--text", "cached,encode",
-                             "--repeats", "1", "--threads", "1"], capture_output=True, text=True, env=env,
-                            check=True, timeout=600)
-    report = json.loads(result.stdout)
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args], capture_output=True,
+                            text=True, env=env, check=True, timeout=600)
+    return json.loads(result.stdout)
+
+
+def test_pixart_train_runs_at_toy_size_on_the_cpu():
+    """The GPU stage's script end to end (DIFFFIT_BENCH_SMALL: the tiny PixArt and T5, batches 1 and 2)."""
+    report = run_at_toy_size("pixart_train.py", "--text", "cached,encode", "--repeats", "1", "--threads", "1")
     assert report["benchmark"] == "pixart_train" and report["batch"] == 2
     contenders = report["contenders"]
     assert set(contenders) == {"difffit cached", "difffit encode", "full cached", "full encode"}
@@ -72,16 +75,7 @@ def test_pixart_train_runs_at_toy_size_on_the_cpu():
 def test_t2i_memory_runs_at_toy_size_on_the_cpu():
     """The t2i_memory GPU stage's script end to end on tiny configurations: live tensor bytes on the CPU,
     fp8 frozen weights hold half of bf16's, checkpointing keeps fewer activations, full fp8 is skipped."""
-    import json
-    import os
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DIFFFIT_BENCH_SMALL": "1", "PYTHONPATH": str(repo)}
-    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "t2i_memory.py"), "--configs", "pixart-tiny",
-                             "--methods", "difffit,full", "--threads", "1"], capture_output=True, text=True, env=env,
-                            check=True, timeout=600)
-    report = json.loads(result.stdout)
+    report = run_at_toy_size("t2i_memory.py", "--configs", "pixart-tiny", "--methods", "difffit,full", "--threads", "1")
     assert report["benchmark"] == "t2i_memory" and report["measure"] == "live tensor bytes counted op by op"
     runs = report["contenders"]
     ran = (("difffit", "bf16"), ("difffit", "fp8"), ("full", "bf16"))

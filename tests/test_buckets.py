@@ -5,6 +5,7 @@ a latent cache per bucket hit on the second run, exact resume; DiT keeps its squ
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from t2i_fixtures import make_mixed_aspect_data, make_tiny_pixart
+from t2i_fixtures import make_mixed_aspect_data, make_tiny_pixart, record_batch_shapes, t2i_fit_config
 
 from difffit_cli.engine.data import latents as latents_module
-from difffit_cli.engine.data.batches import Batches, BucketOrder, DataOrder, Split
+from difffit_cli.engine.data.batches import BucketOrder, DataOrder, Split
 from difffit_cli.engine.data.buckets import Bucket, BucketedLatents, bucket_sizes, plan_buckets
 from difffit_cli.engine.data.images import BadImage, center_crop, image_size, load_image, scan_image_folder
 from difffit_cli.engine.data.latents import cache_key
@@ -205,23 +206,11 @@ def data(tmp_path):
 
 @pytest.fixture
 def conf(tmp_path, data, pipeline_dir):
-    def make(**overrides):
-        options = dict(data=str(data), base=str(pipeline_dir), steps=8, batch_size=4, save_every=0, sample_every=0,
-                       num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-                       adapter_dtype="fp32", compile="off")
-        return FitConfig(**{**options, **overrides})
-    return make
+    return functools.partial(t2i_fit_config, data, pipeline_dir, tmp_path, steps=8)
 
 
 def test_mixed_aspect_data_trains_in_batches_of_one_bucket(conf, monkeypatch, capsys):
-    shapes, draw = [], Batches.micro_batch
-
-    def spy(self, step, micro, g):
-        x0, y = draw(self, step, micro, g)
-        shapes.append(tuple(x0.shape))
-        return x0, y
-
-    monkeypatch.setattr(Batches, "micro_batch", spy)
+    shapes = record_batch_shapes(monkeypatch)
     result = fit(conf(), progress=False)  # buckets are the default for PixArt
     assert result.images == 11 and result.skipped == 0 and result.buckets == PLAN
     assert len(shapes) == 8 and set(shapes) == {(4, 4, 8, 8), (4, 4, 4, 16)}  # latents of 16 x 16 and 32 x 8 px

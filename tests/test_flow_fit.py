@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from t2i_fixtures import make_captioned_data
+from t2i_fixtures import make_captioned_data, t2i_fit_config
 from test_flow_families import CASES
 
 from difffit_cli.engine.data.images import ImageDataset, scan_image_folder
@@ -64,10 +64,7 @@ def trained(case, pipeline_dir, data, tmp_path_factory):
 
 
 def config_of(pipeline_dir, data, tmp_path, **overrides):
-    options = dict(data=str(data), base=str(pipeline_dir), steps=2, batch_size=4, save_every=0, sample_every=0,
-                   num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
-                   compile="off")
-    return FitConfig(**{**options, **overrides})
+    return t2i_fit_config(data, pipeline_dir, tmp_path, **{"steps": 2, **overrides})
 
 
 def fixed_loss(source, data, captions=None) -> float:

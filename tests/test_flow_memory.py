@@ -9,15 +9,13 @@ import fnmatch
 
 import pytest
 import torch
-from t2i_fixtures import make_mixed_aspect_data
+from t2i_fixtures import make_captioned_data, make_mixed_aspect_data, record_batch_shapes, t2i_fit_config
 from test_flow_families import CASES, inputs, perturbed
 from torch import nn
 
-from difffit_cli.engine.data.batches import Batches
 from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
 from difffit_cli.engine.models.families import load_base
 from difffit_cli.engine.models.fp8 import FP8FrozenLinear, quantize_frozen_linears
-from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.train import fit
 
 # The Linears each family keeps bf16 under fp8, by name in the tiny models (FLUX: 2 joint + 2 single blocks).
@@ -113,17 +111,8 @@ def test_mixed_aspect_data_trains_in_buckets_and_samples_at_a_buckets_size(case,
     from difffit_cli.engine.methods.sources import load_source
 
     pipe = case.pipeline(tmp_path / "pipe")
-    shapes, draw = [], Batches.micro_batch
-
-    def spy(self, step, micro, g):
-        x0, y = draw(self, step, micro, g)
-        shapes.append(tuple(x0.shape))
-        return x0, y
-
-    monkeypatch.setattr(Batches, "micro_batch", spy)
-    result = fit(FitConfig(data=str(make_mixed_aspect_data(tmp_path / "data", MIXED)), base=str(pipe), steps=6,
-                           batch_size=4, save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "c"),
-                           out=str(tmp_path / "run"), adapter_dtype="fp32", compile="off"), progress=False)
+    shapes = record_batch_shapes(monkeypatch)
+    result = fit(t2i_fit_config(make_mixed_aspect_data(tmp_path / "data", MIXED), pipe, tmp_path), progress=False)
     assert result.images == 11 and result.skipped == 0 and [(b["width"], b["height"]) for b in result.buckets] == [
         (16, 16), (32, 8)]
     assert set(shapes) == {(4, 16, 8, 8), (4, 16, 4, 16)}  # 16-channel latents of 16 x 16 and 32 x 8 px
@@ -138,17 +127,14 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
     import functools
 
     from safetensors import safe_open
-    from t2i_fixtures import make_captioned_data
 
     from difffit_cli.engine import devices
     from difffit_cli.engine.training import train
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
     monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
-    result = fit(FitConfig(data=str(make_captioned_data(tmp_path / "data", per_caption=2)),
-                           base=str(case.pipeline(tmp_path / "pipe")), steps=2, batch_size=2, save_every=0,
-                           sample_every=0, num_workers=0, cache_dir=str(tmp_path / "c"), out=str(tmp_path / "run"),
-                           adapter_dtype="fp32", compile="off", mixed_precision="fp8", grad_checkpointing=True),
+    result = fit(t2i_fit_config(make_captioned_data(tmp_path / "data", per_caption=2), case.pipeline(tmp_path / "pipe"),
+                                tmp_path, steps=2, batch_size=2, mixed_precision="fp8", grad_checkpointing=True),
                  progress=False)
     assert result.step == 2 and result.loss is not None and torch.isfinite(torch.tensor(result.loss))
     with safe_open(str(result.adapter), "pt") as f:
@@ -160,8 +146,6 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
 def test_flow_families_fit_and_sample_on_cuda(case, tmp_path):
     """On a GPU (gpu_check.sh's tests stage): fit in bf16 with checkpointing, and in fp8 through `_scaled_mm`
     where the GPU has it; the adapters sample finite images in bf16 at a non-square size."""
-    from t2i_fixtures import make_captioned_data
-
     from difffit_cli.engine import devices
     from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
     from difffit_cli.engine.methods.sources import load_source
@@ -169,10 +153,8 @@ def test_flow_families_fit_and_sample_on_cuda(case, tmp_path):
     pipe, data = case.pipeline(tmp_path / "pipe"), make_captioned_data(tmp_path / "data", per_caption=2)
     precisions = ["bf16"] + (["fp8"] if devices.fp8_support("cuda") is None else [])
     for precision in precisions:
-        result = fit(FitConfig(data=str(data), base=str(pipe), steps=3, batch_size=2, save_every=0, sample_every=0,
-                               num_workers=0, cache_dir=str(tmp_path / "c"), out=str(tmp_path / precision),
-                               device="cuda", mixed_precision=precision, grad_checkpointing=True, compile="off"),
-                     progress=False)
+        result = fit(t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, out=str(tmp_path / precision),
+                                    device="cuda", mixed_precision=precision, grad_checkpointing=True), progress=False)
         assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
         base, _ = load_source(str(result.adapter))
         options = SamplingOptions(cfg_scale=None, scheduler=None, steps=2, device="cuda", mixed_precision="bf16",

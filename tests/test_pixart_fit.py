@@ -4,6 +4,7 @@ bad inputs that stop a run before anything is written."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import weakref
@@ -11,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from t2i_fixtures import make_captioned_data, make_tiny_pixart
+from t2i_fixtures import make_captioned_data, make_tiny_pixart, t2i_fit_config
 
 from difffit_cli.engine.data.batches import Captions
 from difffit_cli.engine.data.text_cache import text_embeddings
@@ -35,12 +36,7 @@ def data(tmp_path):
 
 @pytest.fixture
 def conf(tmp_path, data, pipeline_dir):
-    def make(**overrides):
-        options = dict(data=str(data), base=str(pipeline_dir), steps=6, batch_size=4, save_every=0, sample_every=0,
-                       num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-                       adapter_dtype="fp32", compile="off")
-        return FitConfig(**{**options, **overrides})
-    return make
+    return functools.partial(t2i_fit_config, data, pipeline_dir, tmp_path)
 
 
 def fixed_loss(source, captions: list[str], latents: torch.Tensor) -> float:
