@@ -272,7 +272,13 @@ def test_card_push_and_report(case, trained, tmp_path):
     header, body = str(model_card(summary, "me/squares")).removeprefix("---\n").split("\n---\n", 1)
     meta = yaml.safe_load(header)
     assert meta["base_model"] == repo.transformer and meta["pipeline_tag"] == "text-to-image"
-    assert meta["license"] == {"FLUX.1-schnell": "apache-2.0"}.get(alias, "other")
+    for name, each in case.family.kind.aliases.items():  # a license of the base's own: named and linked
+        card = yaml.safe_load(str(model_card(summary | {"base": name}, "me/x")).removeprefix("---\n").split("\n---")[0])
+        own = {"license_name": each.license_name, "license_link": f"https://huggingface.co/{each.transformer}"}
+        expected = {"license": "apache-2.0"} if name == "FLUX.1-schnell" else {"license": "other", **own}
+        assert {k: card[k] for k in ("license", "license_name", "license_link") if k in card} == expected
+    assert {repo.license_name for repo in case.family.kind.aliases.values()} - {None} == \
+        {"sd3": {"stabilityai-ai-community"}, "flux": {"flux-1-dev-non-commercial-license"}}[case.family.name]
     assert meta["tags"][:2] == ["difffit", case.family.name]
     assert f"`{pipeline}`" in body
     assert "clean_caption" not in body and re.search(r'pipe\("a (red|blue) square"\)\.images\[0\]', body)

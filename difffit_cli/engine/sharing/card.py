@@ -29,6 +29,9 @@ ALIAS_REPOS = {**ALIASES, **{name: alias.transformer for name, alias in PIPELINE
 # licenses of their own, "other").
 BASE_LICENSES = {**{hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()},
                  **{alias.transformer: alias.license for alias in PIPELINE_ALIASES.values()}}
+# A license of the base's own ("other") is named as its repo names it, and linked to the repo, which shows it.
+BASE_LICENSE_NAMES = {alias.transformer: alias.license_name for alias in PIPELINE_ALIASES.values()
+                      if alias.license_name}
 DEFAULT_LICENSE = "other"
 MAX_CLASSES_LISTED = 100
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
@@ -74,11 +77,14 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
 
     base_id = hub_base_id(summary["base"])
     family = family_named(summary.get("family"))
+    own_license = license is None and base_id in BASE_LICENSE_NAMES
     card_data = ModelCardData(
         base_model=base_id,
         base_model_relation=("finetune" if merged else "adapter") if base_id else None,
         library_name="diffusers" if merged else "difffit",
         license=license or BASE_LICENSES.get(base_id, DEFAULT_LICENSE),
+        license_name=BASE_LICENSE_NAMES[base_id] if own_license else None,
+        license_link=f"https://huggingface.co/{base_id}" if own_license else None,
         pipeline_tag=family.pipeline_tag,
         tags=["difffit", family.name, "diffusion", summary["method"]],
     )

@@ -44,8 +44,9 @@ TRANSFORMER = "FluxTransformer2DModel"
 PIPELINE = "FluxPipeline"
 REPOS = {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev", "FLUX.1-schnell": "black-forest-labs/FLUX.1-schnell"}
 # FLUX.1-dev is under its own non-commercial license ("other"), schnell under Apache 2.0.
-ALIASES = {name: Alias(repo, repo, PIPELINE, "apache-2.0" if name == "FLUX.1-schnell" else "other")
-           for name, repo in REPOS.items()}
+ALIASES = {"FLUX.1-dev": Alias(REPOS["FLUX.1-dev"], REPOS["FLUX.1-dev"], PIPELINE, "other",
+                               "flux-1-dev-non-commercial-license"),
+           "FLUX.1-schnell": Alias(REPOS["FLUX.1-schnell"], REPOS["FLUX.1-schnell"], PIPELINE, "apache-2.0")}
 # The transformers as their repos configure them (transformer/config.json), so `info` counts what each
 # method trains without downloading anything (FLUX.1-dev is gated besides).
 _FLUX1 = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,

@@ -39,6 +39,7 @@ class Alias:
     components: str  # the Hub repo holding the other components (the same repo for SD3 and FLUX)
     pipeline: str
     license: str = "other"  # the Hub license id of the transformer's repo ("other": a license of its own)
+    license_name: str | None = None  # the name that repo gives a license of its own (its card's license_name)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ REPOS = {"SD3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
          "SD3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
          "SD3.5-large": "stabilityai/stable-diffusion-3.5-large",
          "SD3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo"}
-ALIASES = {name: Alias(repo, repo, PIPELINE) for name, repo in REPOS.items()}  # Stability AI's own licenses
+# Every repo is under Stability AI's Community License, a license of its own ("other" on the Hub).
+ALIASES = {name: Alias(repo, repo, PIPELINE, "other", "stabilityai-ai-community") for name, repo in REPOS.items()}
 # The transformers as their repos configure them (transformer/config.json), so `info` counts what each
 # method trains without downloading anything (the repos are gated besides).
 _COMMON = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "attention_head_dim": 64,
