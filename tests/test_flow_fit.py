@@ -193,12 +193,28 @@ def test_timestep_sampling_changes_the_draws(pipeline_dir, data, tmp_path):
 # -- sampling and merge ---------------------------------------------------------------------------------------
 
 
-def test_previews_sample_with_each_familys_defaults(pipeline_dir, data, tmp_path):
+def test_previews_sample_with_each_familys_defaults(pipeline_dir, data, tmp_path, monkeypatch):
     """Preview grids at step 0 and at the end, with the family's caption dropout (FLUX: 0, and no empty
-    caption to guide with) and validation prompts."""
+    caption to guide with), validation prompts and preview steps."""
+    steps, sample = [], train.generate
+    monkeypatch.setattr(train, "generate", lambda base, n, options, **kw: steps.append(options.steps) or
+                        sample(base, n, options, **kw))
     result = fit(config_of(pipeline_dir, data, tmp_path, steps=1, sample_every=1,
                            validation_prompts=["a red square"]), progress=False)
     assert {p.name for p in (result.out_dir / "samples").iterdir()} >= {"step-0000000.png", "step-0000001.png"}
+    base = load_base(str(pipeline_dir))
+    assert steps == [family_of(base.model).preview_sampling(base)["steps"]] * 2
+
+
+def test_previews_take_at_most_the_pipelines_default_steps(pipeline_dir, monkeypatch):
+    """FLUX.1-dev's card samples with 50 steps; its previews with the pipeline's 28; schnell's 4 stay 4."""
+    base = load_base(str(pipeline_dir))
+    family = family_of(base.model)
+    assert family.preview_sampling(base) == {"steps": min(28, family.sampling_defaults(base)["steps"])}
+    for card_steps, preview_steps in ((50, 28), (4, 4)):
+        monkeypatch.setattr(type(family), "card", lambda self, base, n=card_steps: {"steps": n, "cfg_scale": 3.5})
+        assert family.sampling_defaults(base)["steps"] == card_steps
+        assert family.preview_sampling(base) == {"steps": preview_steps}
 
 
 def images(source, n, prompts, **options):

@@ -64,7 +64,6 @@ class Family:
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
     schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
     lora: LoraNames  # the --lora-targets names and the block modules they name
-    preview_sampling: dict = {}  # fit's preview grids: sampling options over the defaults (kept cheap)
     merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
     # Text families' model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
@@ -201,6 +200,10 @@ class Family:
         the DDPM hybrid loss (uniform steps); SD3 and FLUX train by rectified flow (`FlowMatching`), drawing
         their timesteps as `timestep_sampling` says (fit refuses that option for the others)."""
         return GaussianDiffusion()
+
+    def preview_sampling(self, base) -> dict:
+        """fit's preview grids: sampling options over the defaults, kept cheap next to training."""
+        return {}
 
     def sampling_defaults(self, base) -> dict:
         """What `sample` uses where the user gave nothing: {"cfg_scale", "scheduler"[, "steps"]}."""

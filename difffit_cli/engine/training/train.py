@@ -404,7 +404,7 @@ def _preview(run: Run, step: int) -> None:
     """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
     if not (run.main and run.config.sample_every):
         return
-    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling},
+    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base)},
                               seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,

@@ -73,7 +73,6 @@ class DiTFamily(Family):
     schedulers = SCHEDULERS
     fixed_size = True  # the reference's positional embedding is stored for one square grid
     lora = DIT_LORA
-    preview_sampling = {"scheduler": "ddim", "steps": 25}  # previews must stay cheap next to training
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, DiT)
@@ -172,6 +171,9 @@ class DiTFamily(Family):
         if width is not None or height is not None:
             raise DiffFitError(f"--width and --height apply to text-to-image bases; {base.spec} samples at its "
                                f"{base.resolution} px (move it with `difffit upscale-res`).")
+
+    def preview_sampling(self, base: Base) -> dict:
+        return {"scheduler": "ddim", "steps": 25}  # not DDPM's 250
 
     def sampling_defaults(self, base: Base) -> dict:
         return {"cfg_scale": 4.0, "scheduler": "ddpm"}  # ddpm's steps: its own default (250)

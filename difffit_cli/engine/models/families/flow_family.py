@@ -32,6 +32,9 @@ from difffit_cli.engine.models.flow_matching import FlowMatching
 
 # --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
 SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
+# Preview grids take at most the pipelines' own default steps (FLUX's and SD3's 28): a model card's 50
+# (FLUX.1-dev) would make each preview nearly twice as slow, for a grid that only shows training's progress.
+PREVIEW_STEPS = 28
 
 
 class FlowFamily(PipelineFamily):
@@ -67,6 +70,9 @@ class FlowFamily(PipelineFamily):
         defaults = {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
                     "steps": int(pipeline_default(base.pipeline, "num_inference_steps"))}
         return {**defaults, **self.card(base), "scheduler": default_scheduler_name(base, SCHEDULERS)}
+
+    def preview_sampling(self, base: PipelineBase) -> dict:
+        return {"steps": min(PREVIEW_STEPS, self.sampling_defaults(base)["steps"])}
 
     def card(self, base: PipelineBase) -> dict:
         """The sampling settings the base's model card recommends where they differ from the pipeline's."""
