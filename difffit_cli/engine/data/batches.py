@@ -213,7 +213,8 @@ class Captions:
         return rows
 
 
-def to_device(conditions: torch.Tensor | dict[str, torch.Tensor], device: torch.device):
+def to_device(conditions: torch.Tensor | dict[str, torch.Tensor],
+              device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
     if isinstance(conditions, dict):
         return {name: tensor.to(device, non_blocking=True) for name, tensor in conditions.items()}
     return conditions.to(device)
@@ -228,7 +229,8 @@ class Batches:
         self.latents, self.conditions = latents, conditions
         self.split, self.order, self.device = split, order, device
 
-    def micro_batch(self, step: int, micro: int, g: torch.Generator):
+    def micro_batch(self, step: int, micro: int,
+                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
         n = self.split.per_process
         index = self.order.take_batch(self.split, step, micro)
         flips = torch.randint(0, 2, (n,), generator=g)

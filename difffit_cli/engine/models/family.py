@@ -27,6 +27,8 @@ from difffit_cli.engine.models.flow_matching import FlowMatching
 from difffit_cli.engine.models.lora_names import LoraNames
 
 Setter = Callable[[object, str, object], None]
+# What `Family.forward` returns: fn(x_t, t, conditioning) -> the model's raw output.
+ModelCall = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 # Every method, in the DiffFit paper's Table 1 order (benchmarks and examples/table1.py iterate over it).
 METHODS = ("full", "adapter-parallel", "adapter-sequential", "bitfit", "vpt-deep", "lora", "difffit")
 # Tensors a method adds (rather than changes), by name, and the value they have in the base model.
@@ -189,7 +191,7 @@ class Family:
 
     # -- training and sampling ------------------------------------------------------------------------
 
-    def forward(self, model: nn.Module, base) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+    def forward(self, model: nn.Module, base) -> ModelCall:
         """`fn(x_t, t, conditioning)` -> the raw model output (eps and variance channels) of `model`
         (the base's model, possibly wrapped for several processes)."""
         raise NotImplementedError

@@ -21,7 +21,7 @@ from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base, describe_base, load_base
 from difffit_cli.engine.models.diffusers_layout import dit_pipeline_problem, write_dit_pipeline
 from difffit_cli.engine.models.dit import CLASS_TABLE, DiT, DiTConfig
-from difffit_cli.engine.models.family import METHODS, Family, Setter, added_reference
+from difffit_cli.engine.models.family import METHODS, Family, ModelCall, Setter, added_reference
 from difffit_cli.engine.models.fp8 import KEEP_BF16
 from difffit_cli.engine.models.lora_names import DIT_LORA
 from difffit_cli.engine.models.resolution import set_resolution
@@ -164,7 +164,7 @@ class DiTFamily(Family):
     def write_pipeline(self, base: Base, model: DiT, folder) -> None:
         write_dit_pipeline(model, folder, class_names=base.class_names, vae=base.vae())
 
-    def forward(self, model: DiT, base: Base):
+    def forward(self, model: DiT, base: Base) -> ModelCall:
         return model  # model(x_t, t, labels)
 
     def check_sample_size(self, base: Base, width: int | None, height: int | None) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from difffit_cli.engine.models.families.flow_family import FlowFamily
 from difffit_cli.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind, pipeline_default, read_json
+from difffit_cli.engine.models.family import ModelCall
 from difffit_cli.engine.models.lora_names import FLUX_LORA
 
 TRANSFORMER = "FluxTransformer2DModel"
@@ -145,7 +146,7 @@ class FluxFamily(FlowFamily):
         known = KNOWN.get((depth, single, width, bool(config.get("guidance_embeds"))))
         return known or f"FLUX-d{depth}+{single}-w{width}"
 
-    def forward(self, model: nn.Module, base: PipelineBase | None):
+    def forward(self, model: nn.Module, base: PipelineBase | None) -> ModelCall:
         """`fn(x, t, text)` on (B, 16, H, W) latents and timesteps in [0, 1000]: packed, called and unpacked
         as FluxPipeline does, FLUX.1-dev given the pipeline's default guidance scale."""
         pipeline = _pipeline()

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -32,14 +32,14 @@ LONG_PROMPTS_SHOWN = 3
 PipelineEncode = Callable[[object, list[str], torch.device, int], dict[str, torch.Tensor]]
 
 
-def pipeline_class(name: str):
+def pipeline_class(name: str) -> type:
     import diffusers
 
     return getattr(diffusers, name)
 
 
 @contextlib.contextmanager
-def quiet_pipeline(name: str):
+def quiet_pipeline(name: str) -> Iterator[None]:
     """The pipeline's own truncation warnings off: difffit says it once, its way."""
     logger = logging.getLogger(pipeline_class(name).__module__)
     level = logger.level

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,7 +168,7 @@ class PipelineBase:
         return read_json(path)
 
 
-def pipeline_default(pipeline: str, argument: str):
+def pipeline_default(pipeline: str, argument: str) -> Any:
     """A default of the pipeline's __call__ (max_sequence_length, guidance_scale, num_inference_steps)."""
     import diffusers
 

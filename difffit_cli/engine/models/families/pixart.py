@@ -44,6 +44,7 @@ from difffit_cli.engine.models.families.pixart_pipeline import (
     prompt_encoder,
     sampling_defaults,
 )
+from difffit_cli.engine.models.family import ModelCall
 from difffit_cli.engine.models.lora_names import PIXART_LORA
 
 __all__ = ["PIXART", "ScaledLinear"]
@@ -88,7 +89,7 @@ class PixArtFamily(PipelineFamily):
         size = {(28, 1152): "XL"}.get((depth, width), f"d{depth}-w{width}")
         return f"PixArt-{size}/{config['patch_size']}"
 
-    def forward(self, model: nn.Module, base: PipelineBase | None):
+    def forward(self, model: nn.Module, base: PipelineBase | None) -> ModelCall:
         """`base` (its VAE factor) is needed only by the 1024-MS α model's pixel-size micro-conditions."""
         inner = getattr(model, "module", model)  # DDP wraps the model
 

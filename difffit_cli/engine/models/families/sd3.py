@@ -24,6 +24,7 @@ from torch import nn
 
 from difffit_cli.engine.models.families.flow_family import FlowFamily
 from difffit_cli.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind
+from difffit_cli.engine.models.family import ModelCall
 from difffit_cli.engine.models.lora_names import SD3_LORA
 
 TRANSFORMER = "SD3Transformer2DModel"
@@ -101,7 +102,7 @@ class SD3Family(FlowFamily):
         known = KNOWN.get((depth, width, bool(config.get("dual_attention_layers"))))
         return known or f"SD3-d{depth}-w{width}/{config['patch_size']}"
 
-    def forward(self, model: nn.Module, base: PipelineBase | None):
+    def forward(self, model: nn.Module, base: PipelineBase | None) -> ModelCall:
         def call(x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
             return model(hidden_states=x, timestep=t, encoder_hidden_states=text["prompt_embeds"].to(x.dtype),
                          pooled_projections=text["pooled_prompt_embeds"].to(x.dtype), return_dict=False)[0]
