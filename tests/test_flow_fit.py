@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from t2i_fixtures import make_captioned_data, t2i_fit_config
+from t2i_fixtures import make_captioned_data, record_batch_shapes, t2i_fit_config
 from test_flow_families import CASES
 
 from difffit_cli.engine.data.images import ImageDataset, scan_image_folder
@@ -303,3 +303,27 @@ def test_card_push_and_report(case, trained, tmp_path):
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "m")).__name__ == pipeline
     text = write_report([full.out_dir], tmp_path / "report.html").read_text()
     assert f"<th>family</th><td>{case.family.name}</td>" in text
+
+
+# -- training size ------------------------------------------------------------------------------------------
+
+
+def test_fit_trains_at_another_resolution_as_it_is(case, pipeline_dir, data, tmp_path, monkeypatch):
+    """--resolution on a text-to-image base: latents of that size (no positional move), previews at it, the
+    adapter and config.toml record it; a side off the size step, past SD3's positional table, or upscale-res is
+    one sentence each, with nothing written."""
+    base = load_base(str(pipeline_dir))
+    size, side = 2 * base.resolution, 2 * base.resolution // base.vae_factor
+    shapes, previews, sample = record_batch_shapes(monkeypatch), [], train.generate
+    monkeypatch.setattr(train, "generate", lambda base, n, options, **kw: previews.append(
+        (options.width, options.height)) or sample(base, n, options, **kw))
+    result = fit(config_of(pipeline_dir, data, tmp_path, resolution=size, steps=2, sample_every=2), progress=False)
+    assert set(shapes) == {(4, 16, side, side)} and previews == [(size, size)] * 2
+    assert read_adapter_meta(result.adapter).training["resolution"] == size
+    assert f"resolution = {size}" in (result.out_dir / "config.toml").read_text()
+    for options, match in (({"resolution": size + 2}, "--resolution .* is not a multiple of"),
+                           ({"resolution": size, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional"),
+                           *([({"resolution": 4 * size}, "the largest side")] if case.family.name == "sd3" else [])):
+        with pytest.raises(DiffFitError, match=match):
+            fit(config_of(pipeline_dir, data, tmp_path, out=str(tmp_path / "bad"), **options), progress=False)
+        assert not (tmp_path / "bad").exists()

@@ -45,7 +45,7 @@ def test_fit_info_sample_merge(pipeline_dir, tmp_path, monkeypatch, capsys):
     (("sample", "{pipe}", "--prompts", "{missing}"), "Cannot read the prompts file"),
     (("fit", "{data}", "--base", "{pipe}", "--method", "adapter-parallel"),
      "--method adapter-parallel is not available on PixArt bases"),
-    (("upscale-res", "{data}", "--base", "{pipe}", "--to", "32"), "trains at its base's own resolution"),
+    (("upscale-res", "{data}", "--base", "{pipe}", "--to", "32"), "upscale-res moves DiT's fixed positional"),
     (("info", "{pipe}", "--method", "difffit", "--num-classes", "3"), "--num-classes applies to class-conditional"),
     (("fit", "{data}", "--base", "{pipe}", "--mixed-precision", "fp8"),
      "--mixed-precision fp8 needs an NVIDIA GPU"),

@@ -38,7 +38,9 @@ ForceBase = Annotated[bool, typer.Option(
 # -- what a model is and what a method trains (fit, upscale-res, info) ----------------------------
 
 Resolution = Annotated[int | None, typer.Option(
-    help="Image size in pixels (default: the base's; sets the size of a random: base).", show_default=False)]
+    help="Image size in pixels to train at (default: the base's). A DiT base moves there (see upscale-res); a "
+    "text-to-image base trains at any multiple of its size step as it is; sets the size of a random: base.",
+    show_default=False)]
 NumHeads = Annotated[int | None, typer.Option(
     help="Attention heads, for a base of non-standard width that does not record them.", show_default=False)]
 GammaBlocks = Annotated[str | None, typer.Option(

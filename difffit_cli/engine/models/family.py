@@ -232,10 +232,14 @@ class Family:
 
     def check_sample_size(self, base, width: int | None, height: int | None) -> None:
         """Refuse, in one sentence, an image size the family's pipeline cannot make."""
+        for flag, value in (("--width", width), ("--height", height)):
+            self.check_side(base, flag, value)
+
+    def check_side(self, base, flag: str, value: int | None) -> None:
+        """Refuse, in one sentence, an image side (given by `flag`) that is not a multiple of `size_multiple`."""
         step = self.size_multiple(base)
-        for name, value in (("--width", width), ("--height", height)):
-            if value is not None and value % step:
-                raise DiffFitError(f"{name} {value} is not a multiple of {step} px, which {base.spec} needs.")
+        if value is not None and value % step:
+            raise DiffFitError(f"{flag} {value} is not a multiple of {step} px, which {base.spec} needs.")
 
     def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
                       device: torch.device):

@@ -38,9 +38,9 @@ CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "
 def check_options(config: FitConfig, family: Family) -> None:
     """Refuse, in one sentence each, the options that do not apply to the base's family (before any work)."""
     check_method(config.method, family)
-    if family.conditioning == "text" and (config.resolution is not None or config.pos_embed):
-        raise DiffFitError(f"{family.title} trains at its base's own resolution (--resolution and upscale-res move "
-                           "DiT bases only).", hint="Sample other sizes with --width and --height.")
+    if not family.fixed_size and config.pos_embed:
+        raise DiffFitError(f"upscale-res moves DiT's fixed positional grid; a {family.title} transformer trains at "
+                           "any size as it is.", hint=f"Use `difffit fit --resolution {config.resolution}` instead.")
     wrong = CLASS_ONLY if family.conditioning == "text" else TEXT_ONLY
     for field, flag in wrong:
         if getattr(config, field):
@@ -133,7 +133,7 @@ def text_summary(run: Run) -> dict:
         return {}
     flow = {"timestep_sampling": run.config.timestep_sampling} if run.family.prediction == "flow" else {}
     # resolution: the size it trained at, which FLUX's transformer config does not say (AdapterMeta.resolution)
-    return {"pipeline": run.base.pipeline, "resolution": run.base.resolution,
+    return {"pipeline": run.base.pipeline, "resolution": run.resolution,
             "caption_dropout": run.config.caption_dropout, **flow,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
             "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}

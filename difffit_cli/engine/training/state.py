@@ -52,6 +52,12 @@ class Run:
         return family_of(self.base)
 
     @property
+    def resolution(self) -> int:
+        """The image side it trains at: --resolution (a DiT base was moved there; a text-to-image transformer
+        takes any size), else the base's own."""
+        return self.config.resolution or self.base.resolution
+
+    @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
 

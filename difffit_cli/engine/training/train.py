@@ -169,9 +169,12 @@ def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base
     base_config, pos_embed = family.config_of(base.model), "standard"
     # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
     # is refused there, not trained at 32 px.
-    if config.resolution is not None and (config.resolution != base.resolution or config.pos_embed):
+    moved = config.resolution is not None and (config.resolution != base.resolution or config.pos_embed)
+    if family.fixed_size and moved:
         pos_embed = config.pos_embed or "trick"
         base = move_to_resolution(base, config.resolution, pos_embed)
+    elif not family.fixed_size:  # a text-to-image transformer trains at any size as it is
+        family.check_side(base, "--resolution", config.resolution)
     return base, base_config, pos_embed
 
 
@@ -190,10 +193,10 @@ def _prepare_data(run: Run, progress: bool) -> None:
     bucketed = config.bucketed(run.family)
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
         if run.main == turn and bucketed:
-            folder, latents = bucketed_latents(run.folder, base.resolution, run.family.size_multiple(base),
+            folder, latents = bucketed_latents(run.folder, run.resolution, run.family.size_multiple(base),
                                                config.batch_size, latents_for, progress)
         elif run.main == turn:
-            folder, latents = latents_for(run.folder, base.resolution)
+            folder, latents = latents_for(run.folder, run.resolution)
         run.accelerator.wait_for_everyone()
     run.cache = None if latents.cache_path is None else str(latents.cache_path)
     if run.main:
@@ -269,7 +272,7 @@ def _resolved_config(run: Run) -> dict:
     data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
     resolved = dataclasses.asdict(config) | {
         "data": data, "base": run.base.spec, "out": str(run.out_dir),
-        "lr": config.learning_rate(), "resolution": run.base.resolution, "mixed_precision": run.precision}
+        "lr": config.learning_rate(), "resolution": run.resolution, "mixed_precision": run.precision}
     resolved.pop("resume")
     return resolved
 
@@ -404,7 +407,9 @@ def _preview(run: Run, step: int) -> None:
     """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
     if not (run.main and run.config.sample_every):
         return
-    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base)},
+    # A text-to-image run previews at the size it trains at; DiT samples at its (moved) base's only.
+    size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
+    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
                               seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,

@@ -182,7 +182,7 @@ def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch
     """The held-out images' latents, drawn once (plain, fixed latent noise) and kept on the CPU."""
     config, base, device = run.config, run.base, run.accelerator.device
     val = val.keep_classes(run.folder.class_names)  # without the classes training dropped as unreadable
-    val, latents = usable_latents(val, base.resolution, base.vae_spec, base.vae, cache=config.cache_latents,
+    val, latents = usable_latents(val, run.resolution, base.vae_spec, base.vae, cache=config.cache_latents,
                                   cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
                                   num_workers=0, progress=progress)
     for item, reason in val.skipped:

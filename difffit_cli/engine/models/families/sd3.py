@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.families.flow_family import FlowFamily
 from difffit_cli.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind
 from difffit_cli.engine.models.family import ModelCall
@@ -101,6 +102,15 @@ class SD3Family(FlowFamily):
         depth, width = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
         known = KNOWN.get((depth, width, bool(config.get("dual_attention_layers"))))
         return known or f"SD3-d{depth}-w{width}/{config['patch_size']}"
+
+    def check_side(self, base: PipelineBase, flag: str, value: int | None) -> None:
+        super().check_side(base, flag, value)
+        # SD3 crops its positional table to the image; diffusers raises mid-step beyond the table's size.
+        config = base.model.config
+        largest = (config.pos_embed_max_size or 0) * config.patch_size * base.vae_factor
+        if value is not None and largest and value > largest:
+            raise DiffFitError(f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
+                               "positional table's size).")
 
     def forward(self, model: nn.Module, base: PipelineBase | None) -> ModelCall:
         def call(x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
