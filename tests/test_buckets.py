@@ -56,6 +56,16 @@ def test_1024_buckets_span_1_to_4_in_64_px_steps():
 # -- the plan ---------------------------------------------------------------------------------------------
 
 
+def test_a_models_largest_side_narrows_the_aspect_ratios():
+    """SD3 at 2048 px: its 3072 px positional table keeps the 4:1 buckets (4096 px long) out, never the square;
+    a 4:1 image goes to the widest bucket left."""
+    every, capped = bucket_sizes(2048, 16), bucket_sizes(2048, 16, largest=3072)
+    assert max(map(max, every)) > 3072 and set(capped) == {size for size in every if max(size) <= 3072}
+    assert (2048, 2048) in capped
+    buckets = plan_buckets([(4000, 1000), (1000, 1000)], 2048, 16, batch_size=1, largest=3072)
+    assert [b.size for b in buckets] == [(2048, 2048), max(capped, key=lambda s: s[0] / s[1])]
+
+
 def test_each_image_goes_to_the_nearest_aspect_ratio():
     sizes = [(1024, 512), (512, 512), (500, 1000), (300, 1200), (640, 480)]
     buckets = plan_buckets(sizes, 512, 16, batch_size=1)

@@ -244,6 +244,17 @@ def test_info_on_an_alias_downloads_nothing(case, tmp_path, monkeypatch):
     assert not any((tmp_path / "hf").rglob("*.safetensors"))
 
 
+def test_sd3_takes_images_up_to_its_positional_table_and_flux_any(tmp_path, monkeypatch):
+    """SD3's positional table, 192 patches (SD3.5-medium: 384): 3072 px (6144), where buckets and --resolution
+    stop; FLUX's rotary positions have no limit."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    sides = {alias: SD3.largest_side(load_base(alias, info=True)) for alias in SD3.kind.alias_configs}
+    assert sides == {"SD3-medium": 3072, "SD3.5-medium": 6144, "SD3.5-large": 3072, "SD3.5-large-turbo": 3072}
+    assert FLUX.largest_side(load_base("FLUX.1-dev", info=True)) is None
+    with pytest.raises(DiffFitError, match="--width 3200 is above 3072 px"):
+        SD3.check_sample_size(load_base("SD3.5-large", info=True), 3200, None)
+
+
 def test_a_gated_repo_is_one_sentence_naming_its_licence_page(case, tmp_path, monkeypatch):
     """At the library boundary: huggingface_hub raises its gated-repo error, as it does for an account that has
     not accepted the licence."""

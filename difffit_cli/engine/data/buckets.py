@@ -61,13 +61,14 @@ def bucket_step(resolution: int, multiple: int) -> int:
     return multiple * max(k for k in range(1, limit + 1) if whole % k == 0)
 
 
-def bucket_sizes(resolution: int, multiple: int) -> list[Size]:
-    """Every bucket of a resolution (see the module docstring), by aspect ratio, portrait first."""
+def bucket_sizes(resolution: int, multiple: int, largest: int | None = None) -> list[Size]:
+    """Every bucket of a resolution (see the module docstring), by aspect ratio, portrait first; `largest`:
+    the longest side the model takes (SD3's positional table), which narrows the aspect ratios."""
     step = bucket_step(resolution, multiple)
     sizes = set()
     for short in range(step, resolution + 1, step):
         long = resolution * resolution // short // step * step  # the longest side that keeps the area <= R^2
-        if long <= MAX_BUCKET_ASPECT * short:
+        if long <= MAX_BUCKET_ASPECT * short and (largest is None or long <= largest):
             sizes |= {(long, short), (short, long)}
     return sorted(sizes, key=lambda size: size[0] / size[1])
 
@@ -83,11 +84,12 @@ def _log_aspects(sizes: Sequence[Size]) -> torch.Tensor:
     return torch.log(shapes[:, 0] / shapes[:, 1])
 
 
-def plan_buckets(sizes: Sequence[Size], resolution: int, multiple: int, batch_size: int) -> list[Bucket]:
+def plan_buckets(sizes: Sequence[Size], resolution: int, multiple: int, batch_size: int,
+                 largest: int | None = None) -> list[Bucket]:
     """Images of `sizes` (width, height) into buckets: each to the nearest aspect ratio, then every bucket
     with fewer than `batch_size` images merged into its nearest neighbour that has images, the smallest first.
     Returns the buckets that have images, by aspect ratio."""
-    shapes = bucket_sizes(resolution, multiple)
+    shapes = bucket_sizes(resolution, multiple, largest)
     where = nearest(sizes, shapes)
     members = [torch.nonzero(where == b).flatten().tolist() for b in range(len(shapes))]
     merged: list[list[tuple[Size, int]]] = [[] for _ in shapes]
@@ -157,7 +159,7 @@ class BucketedLatents:
 
 def bucketed_latents(folder: ImageFolder, resolution: int, multiple: int, batch_size: int,
                      latents_for: Callable[[ImageFolder, Size], tuple[ImageFolder, Latents]],
-                     progress: bool) -> tuple[ImageFolder, BucketedLatents]:
+                     progress: bool, largest: int | None = None) -> tuple[ImageFolder, BucketedLatents]:
     """The folder without its unusable images, planned into buckets, and each bucket's latents.
 
     `latents_for(images, size)` gives (the usable ones, their latents at `size`): `latents.usable_latents`.
@@ -167,7 +169,7 @@ def bucketed_latents(folder: ImageFolder, resolution: int, multiple: int, batch_
     sizes, unreadable = read_sizes(folder, progress)
     folder = folder.without(unreadable)
     while True:
-        buckets = plan_buckets([sizes[item] for item in folder.files], resolution, multiple, batch_size)
+        buckets = plan_buckets([sizes[item] for item in folder.files], resolution, multiple, batch_size, largest)
         usable = [latents_for(folder.take(bucket.members), bucket.size) for bucket in buckets]
         bad = {item: reason for images, _ in usable for item, reason in images.skipped}
         kept = folder.without(bad)

@@ -235,6 +235,10 @@ class Family:
         for flag, value in (("--width", width), ("--height", height)):
             self.check_side(base, flag, value)
 
+    def largest_side(self, base) -> int | None:
+        """The longest image side the model takes, where it has one (None: any)."""
+        return None
+
     def check_side(self, base, flag: str, value: int | None) -> None:
         """Refuse, in one sentence, an image side (given by `flag`) that is not a multiple of `size_multiple`."""
         step = self.size_multiple(base)

@@ -194,7 +194,7 @@ def _prepare_data(run: Run, progress: bool) -> None:
     for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
         if run.main == turn and bucketed:
             folder, latents = bucketed_latents(run.folder, run.resolution, run.family.size_multiple(base),
-                                               config.batch_size, latents_for, progress)
+                                               config.batch_size, latents_for, progress, run.family.largest_side(base))
         elif run.main == turn:
             folder, latents = latents_for(run.folder, run.resolution)
         run.accelerator.wait_for_everyone()

@@ -103,11 +103,14 @@ class SD3Family(FlowFamily):
         known = KNOWN.get((depth, width, bool(config.get("dual_attention_layers"))))
         return known or f"SD3-d{depth}-w{width}/{config['patch_size']}"
 
-    def check_side(self, base: PipelineBase, flag: str, value: int | None) -> None:
-        super().check_side(base, flag, value)
+    def largest_side(self, base: PipelineBase) -> int | None:
         # SD3 crops its positional table to the image; diffusers raises mid-step beyond the table's size.
         config = base.model.config
-        largest = (config.pos_embed_max_size or 0) * config.patch_size * base.vae_factor
+        return config.pos_embed_max_size * config.patch_size * base.vae_factor if config.pos_embed_max_size else None
+
+    def check_side(self, base: PipelineBase, flag: str, value: int | None) -> None:
+        super().check_side(base, flag, value)
+        largest = self.largest_side(base)
         if value is not None and largest and value > largest:
             raise DiffFitError(f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
                                "positional table's size).")
