@@ -21,10 +21,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
-from difffit_cli.engine.models.families.pipeline_io import write_pipeline_folder
-from difffit_cli.engine.models.families.pipelines import PipelineBase, PipelineKind, load_pipeline_base
+from difffit_cli.engine.devices import autocast_dtype
+from difffit_cli.engine.models.families.pipeline_io import (
+    default_scheduler_name,
+    make_scheduler,
+    pipeline_class,
+    pipeline_prompt_encoder,
+    quiet_pipeline,
+    write_pipeline_folder,
+)
+from difffit_cli.engine.models.families.pipelines import (
+    PipelineBase,
+    PipelineKind,
+    load_pipeline_base,
+    pipeline_default,
+)
 from difffit_cli.engine.models.family import Family, Setter, added_reference
 from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears, has_gamma
 
@@ -54,6 +69,9 @@ class PipelineFamily(Family):
     shape_keys: tuple[str, ...]  # the config keys an adapter cannot change
     config_keys: tuple[str, ...]  # the config keys an adapter file's config must have
     keep_bf16: tuple[str, ...] | None = None  # fnmatch patterns of the Linears fp8 leaves bf16 (None: no fp8)
+    scheduler_classes: dict[str, str]  # --scheduler names -> diffusers classes, built from the pipeline's config
+    card_defaults: dict[str, dict] = {}  # Hub repo -> the sampling settings its model card recommends
+    long_text_tokenizer: str  # the (T5) tokenizer's component name, whose length --max-text-tokens sets
 
     @property
     def block_lists(self) -> tuple[str, ...]:
@@ -162,6 +180,46 @@ class PipelineFamily(Family):
 
     def text_key(self, base: PipelineBase, max_tokens: int) -> str:
         return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
+
+    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+        """The pipeline's encode_prompt on `texts` -> the tensors training and sampling condition on."""
+        raise NotImplementedError
+
+    def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
+        return pipeline_prompt_encoder(base, device, max_tokens, what, self.encode, self.long_text_tokenizer)
+
+    def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
+        """The text and guidance arguments of the pipeline's __call__ (embeddings on the CPU, float32)."""
+        raise NotImplementedError
+
+    def sampling_defaults(self, base: PipelineBase) -> dict:
+        defaults = {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
+                    "steps": int(pipeline_default(base.pipeline, "num_inference_steps"))}
+        return {**defaults, **self.card(base), "scheduler": default_scheduler_name(base, self.scheduler_classes)}
+
+    def card(self, base: PipelineBase) -> dict:
+        """The sampling settings the base's model card recommends where they differ from the pipeline's."""
+        return self.card_defaults.get(base.hub_id, {})
+
+    @torch.inference_mode()
+    def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
+                      options, device: torch.device) -> np.ndarray:
+        """One batch through the pipeline -> float (B, H, W, 3) in [0, 1], the pipeline's own post-processing."""
+        vae = base.vae(device, torch.float32)
+        parts = {**dict.fromkeys(base.components.names()), "transformer": base.model, "vae": vae.vae,
+                 "scheduler": make_scheduler(base, options.scheduler, self.scheduler_classes)}
+        pipe = pipeline_class(base.pipeline)(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        mixed = autocast_dtype(options.mixed_precision)
+        inputs = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+                  for name, value in self.pipeline_inputs(base, text, negative, options.cfg_scale).items()}
+        # The pipeline draws its latents in the embeddings' dtype and steps the scheduler in it: float32 always
+        # (bf16 scheduler steps lose detail); under --mixed-precision autocast runs the transformer in bf16/fp16.
+        with quiet_pipeline(base.pipeline), torch.autocast(device.type, dtype=mixed or torch.float32,
+                                                           enabled=mixed is not None):
+            return pipe(**inputs, num_inference_steps=options.steps, generator=generators,
+                        width=options.width or base.resolution, height=options.height or base.resolution,
+                        output_type="np").images
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
         """diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`: non-reentrant torch checkpointing

@@ -22,6 +22,11 @@ and final layer do. `--grad-checkpointing` is diffusers' own, block by block.
 bitfit trains every bias and the modulation tables; full every parameter; lora peft's LoRA on the
 attention projections (to_q, to_k, to_v, to_out.0 of both attentions, as diffusers' scripts do).
 
+Text: captions and prompts are encoded by the pipeline class's own `encode_prompt` (its tokenizer padding,
+truncation and attention mask). Captions are not "cleaned" (`clean_caption=False`): the pipeline's cleaning
+needs bs4 and ftfy and rewrites text (lower case, URLs); difffit encodes what was written, at training and
+at sampling alike.
+
 The loss is DiT's: PixArt predicts epsilon and a learned variance (8 output channels) on linear betas,
 so the hybrid loss of engine/models/diffusion.py applies as it is (betas read off the pipeline's
 scheduler config).
@@ -32,18 +37,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difffit_cli.engine.devices import autocast_dtype
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.families.pipeline_family import PipelineFamily, ScaledLinear
 from difffit_cli.engine.models.families.pipelines import PipelineBase
 from difffit_cli.engine.models.families.pixart_bases import PIXART_KIND, TRANSFORMER_CLASSES
-from difffit_cli.engine.models.families.pixart_pipeline import (
-    SCHEDULERS,
-    pipeline_images,
-    prompt_encoder,
-    sampling_defaults,
-)
 from difffit_cli.engine.models.family import ModelCall
 from difffit_cli.engine.models.lora_names import PIXART_LORA
 
@@ -51,6 +49,8 @@ __all__ = ["PIXART", "ScaledLinear"]
 BRANCHES = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")  # the output projection of each residual branch
 QKV = tuple(f"attn{i}.to_{x}" for i in (1, 2) for x in "qkv")
 SCHEDULES = ("linear", "scaled_linear")
+# --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
+SCHEDULERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
 
 
 class PixArtFamily(PipelineFamily):
@@ -60,6 +60,8 @@ class PixArtFamily(PipelineFamily):
     kind = PIXART_KIND
     lora = PIXART_LORA
     schedulers = ("pipeline", *SCHEDULERS)  # "pipeline": the pipeline's own (PixArt's: dpm-solver)
+    scheduler_classes = SCHEDULERS
+    long_text_tokenizer = "tokenizer"
     branches = {"transformer_blocks": BRANCHES}
     attention_inputs = {"transformer_blocks": QKV}
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
@@ -114,18 +116,18 @@ class PixArtFamily(PipelineFamily):
             betas = torch.linspace(start, end, steps, dtype=torch.float64)
         return GaussianDiffusion(num_train_steps=steps, betas=betas)
 
-    def sampling_defaults(self, base: PipelineBase) -> dict:
-        return sampling_defaults(base)
+    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
+                                                clean_caption=False, max_sequence_length=max_tokens)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
-        return prompt_encoder(base, device, max_tokens, what)
-
-    def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
-                      options, device: torch.device):
-        return pipeline_images(base, text, negative, generators, cfg_scale=options.cfg_scale, steps=options.steps,
-                               scheduler=options.scheduler, width=options.width or base.resolution,
-                               height=options.height or base.resolution, device=device,
-                               autocast_dtype=autocast_dtype(options.mixed_precision))
+    def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
+        # No resolution binning: the pipeline samples at the size asked for, so image i depends only on the seed,
+        # its prompt and i, and a merged pipeline given the same embeddings draws the same images.
+        return {"prompt_embeds": text["prompt_embeds"].float(), "prompt_attention_mask": text["prompt_attention_mask"],
+                "negative_prompt_embeds": negative["prompt_embeds"].float(),
+                "negative_prompt_attention_mask": negative["prompt_attention_mask"], "negative_prompt": None,
+                "guidance_scale": cfg_scale, "use_resolution_binning": False}
 
 
 def micro_conditions(model: nn.Module, x: torch.Tensor, base: PipelineBase | None) -> dict:
