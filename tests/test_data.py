@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from difffit_cli.engine.data.images import (
+    ImageFolder,
     center_crop,
     find_bad_images,
     load_image,
@@ -279,3 +280,13 @@ def test_a_thin_strip_is_skipped_before_it_is_upscaled(tmp_path):
     assert reasons["strip.png"] == "60000 x 1 px is more elongated than 50:1, too thin for a centre crop"
     assert "1 x 51 px" in reasons["tall.png"]
     assert center_crop(load_image(folder.files[0]), 8).shape == (8, 8, 3)
+
+
+def test_keep_classes_keeps_captions_aligned(tmp_path):
+    """A held-out set with captions (a dataset's text column) takes the training data's classes after one was
+    dropped: its captions follow its files."""
+    folder = ImageFolder(tmp_path, [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"], [0, 1, 1],
+                         ["cat", "dog"], captions=["a cat", "a dog", "another dog"])
+    kept = folder.keep_classes(["dog"])
+    assert (kept.files, kept.labels, kept.captions) == ([tmp_path / "b.png", tmp_path / "c.png"], [0, 0],
+                                                         ["a dog", "another dog"])

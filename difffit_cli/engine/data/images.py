@@ -128,8 +128,8 @@ class ImageFolder:
         place = {name: i for i, name in enumerate(names)}
         new = [place.get(name) for name in self.class_names]
         keep = [i for i, label in enumerate(self.labels) if new[label] is not None]
-        return replace(self, files=[self.files[i] for i in keep], labels=[new[self.labels[i]] for i in keep],
-                       class_names=list(names))
+        subset = self._subset(keep) | {"labels": [new[self.labels[i]] for i in keep]}
+        return replace(self, **subset, class_names=list(names))
 
 
 def without_unreadable_classes(folder: ImageFolder, scanned: ImageFolder, announce: bool = True) -> ImageFolder:
