@@ -87,12 +87,12 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
                            "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
     options = family.adapter_base_options(meta, spec)
     try:
-        loaded = load_base(spec, vae=vae or meta.vae_spec, **options)
+        loaded = family.load(spec, vae=vae or meta.vae_spec, **options)  # the family is known: resolve once
     except DiffFitError as first:  # another base may not take the adapter's head count: load it as it is
         if base is None or not options:
             raise
         try:
-            loaded = load_base(spec, vae=vae or meta.vae_spec)
+            loaded = family.load(spec, vae=vae or meta.vae_spec)
         except DiffFitError:
             raise first from None
     check_base_architecture(meta, loaded.model, spec)

@@ -39,7 +39,8 @@ from difffit_cli.engine.methods.trainable import (
     trainable_parameters,
 )
 from difffit_cli.engine.models.bases import RANDOM_PREFIX, Base
-from difffit_cli.engine.models.families import family_of, family_of_spec, load_base
+from difffit_cli.engine.models.families import family_of, family_of_spec
+from difffit_cli.engine.models.family import Family
 from difffit_cli.engine.models.fp8 import quantize_frozen_linears
 from difffit_cli.engine.models.resolution import move_to_resolution
 from difffit_cli.engine.models.speed import (
@@ -60,6 +61,7 @@ from difffit_cli.engine.training.checkpoints import (
     truncate_log,
 )
 from difffit_cli.engine.training.conditions import (
+    PREVIEW_IMAGES,
     apply_family_defaults,
     check_options,
     prepare_conditions,
@@ -82,7 +84,6 @@ from difffit_cli.engine.training.step import (
 from difffit_cli.engine.training.trackers import log_preview
 from difffit_cli.engine.training.validation import Validation, split_validation
 
-PREVIEW_IMAGES = 8
 MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
                "fp8 (on an FP8 GPU) halves them again.")
 
@@ -104,7 +105,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
         folder, val_folder = split_validation(config, with_captions(data, config, family))
         config.check_data(folder)
-        base, base_config, pos_embed = _load_base_at_resolution(config, base)
+        base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
         family.check_ready(base)
         config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
@@ -151,21 +152,21 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
         img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
         stop_signal=outcome.stop_signal,
-        cache=run.cache, buckets=[b.summary() for b in run.buckets] if run.buckets else None,
+        cache=run.cache, buckets=training.get("buckets"),
         **(run.validation.result() if run.validation else {}))
 
 
 # -- phases -----------------------------------------------------------------------------------------
 
 
-def _load_base_at_resolution(config: FitConfig, base: Base | None) -> tuple[Base, object, str]:
-    """(base at the run's resolution, its config before any move, positional mode)."""
+def _load_base_at_resolution(config: FitConfig, base: Base | None, family: Family) -> tuple[Base, object, str]:
+    """(base of `family` at the run's resolution, its config before any move, positional mode)."""
     if base is None:
-        # --resolution sizes a random base; any other base keeps its own and is moved below.
+        # --resolution sizes a random base; any other base keeps its own and is moved below. The spec's family is
+        # known already: loading through it resolves a Hub id once.
         sized = config.base.startswith(RANDOM_PREFIX)
-        base = load_base(config.base, resolution=config.resolution if sized else None, vae=config.vae,
-                         num_heads=config.num_heads)
-    family = family_of(base)
+        base = family.load(config.base, resolution=config.resolution if sized else None, vae=config.vae,
+                           num_heads=config.num_heads)
     base_config, pos_embed = family.config_of(base.model), "standard"
     # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
     # is refused there, not trained at 32 px.
