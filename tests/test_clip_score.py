@@ -132,6 +132,8 @@ def test_eval_fid_scores_a_prompt_sample_folder(trained_clip, tmp_path):
     first = evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), num_samples=3, device="cpu",
                      progress=False)
     assert first.metrics["clip_score"] == pytest.approx(score(images[:3], prompts[:3], trained_clip), abs=1e-9)
+    with pytest.raises(DiffFitError, match="--metrics clip computes none"):  # no REFERENCE: one sentence
+        evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), save_stats=tmp_path / "s.npz", device="cpu")
 
 
 def test_eval_fid_and_clip_together_skip_an_unreadable_sample_once(trained_clip, tmp_path):

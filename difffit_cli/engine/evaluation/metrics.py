@@ -287,7 +287,7 @@ def evaluate(
     (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
     if save_stats is not None:
-        inputs = [generated, reference, *(spec for spec in (base, vae, inception_weights) if spec)]
+        inputs = [spec for spec in (generated, reference, base, vae, inception_weights) if spec]  # clip: no REFERENCE
         save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
     metrics = parse_metrics(metrics)
     inception = tuple(m for m in metrics if m != "clip")
