@@ -26,12 +26,8 @@ from types import SimpleNamespace
 
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
+from pixart_train import CONFIGS  # the same PixArt-α 512 (and toy) configurations as the training benchmark
 
-from difffit_cli.engine.models.families.pixart_bases import XL2_CONFIG
-
-CONFIGS = {"alpha-512": {**XL2_CONFIG, "sample_size": 64},
-           "tiny": {**XL2_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
-                    "caption_channels": 64, "cross_attention_dim": 32, "sample_size": 8, "norm_num_groups": 4}}
 VAE_FACTOR = 8  # the public pipelines' VAEs
 
 
@@ -41,7 +37,7 @@ def build_step(args: argparse.Namespace, compiled: bool):
     from difffit_cli.engine.models.diffusion import GaussianDiffusion
     from difffit_cli.engine.models.families import PIXART
     from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-    from difffit_cli.engine.training.step import draw_timesteps_and_noise, step_generator
+    from difffit_cli.engine.training.step import step_generator
 
     device, config = torch.device(args.device), CONFIGS[args.config]
     dtype = torch.bfloat16 if args.precision == "bf16" else None
@@ -63,7 +59,7 @@ def build_step(args: argparse.Namespace, compiled: bool):
     def step(width: int, height: int) -> None:
         g = step_generator(device, 0, next(counter), 0)
         shape = (4, height // VAE_FACTOR, width // VAE_FACTOR)
-        t, noise = draw_timesteps_and_noise(g, args.batch, shape, 1000)
+        t, noise = diffusion.draw(g, args.batch, shape)
         x0 = torch.randn((args.batch, *shape), device=device, generator=g)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = diffusion.training_losses(lambda x, s: forward(x, s, text).float(), x0, t, noise)

@@ -22,7 +22,7 @@ from difffit_cli.engine.models.diffusion import GaussianDiffusion
 from difffit_cli.engine.models.dit import DiT, config_for
 from difffit_cli.engine.models.fp8 import quantize_frozen_linears
 from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-from difffit_cli.engine.training.step import LossMeter, draw_timesteps_and_noise, step_generator
+from difffit_cli.engine.training.step import LossMeter, step_generator
 
 
 def train(args: argparse.Namespace, precision: str, device: torch.device) -> list[float]:
@@ -50,7 +50,7 @@ def train(args: argparse.Namespace, precision: str, device: torch.device) -> lis
         torch.manual_seed(step)  # label dropout
         g = step_generator(device, 0, step, 0)
         index = torch.randint(0, args.images, (args.batch,), generator=g, device=device)
-        t, noise = draw_timesteps_and_noise(g, args.batch, tuple(latents.shape[1:]), 1000)
+        t, noise = diffusion.draw(g, args.batch, tuple(latents.shape[1:]))
         with torch.autocast(device.type, dtype=torch.bfloat16):
             losses = diffusion.training_losses(lambda xt, ts, y=labels[index]: model(xt, ts, y).float(),
                                                latents[index], t, noise)

@@ -63,9 +63,10 @@ T5 = {"xxl": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64
 def build(args: argparse.Namespace):
     """The model, optimizer and `step(batch)` of one contender (method, text) on args.device."""
     from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+    from difffit_cli.engine.models.diffusion import GaussianDiffusion
     from difffit_cli.engine.models.families import PIXART
     from difffit_cli.engine.models.speed import make_optimizer
-    from difffit_cli.engine.training.step import draw_timesteps_and_noise, step_generator
+    from difffit_cli.engine.training.step import step_generator
 
     device, config = torch.device(args.device), CONFIGS[args.config]
     dtype = torch.bfloat16 if args.precision == "bf16" else None
@@ -80,12 +81,13 @@ def build(args: argparse.Namespace):
     params = trainable_parameters(model)
     optimizer = make_optimizer(params.values(), 1e-4, device)
     # The 1024-MS model's pixel-size micro-conditions need the VAE factor: the public pipelines' is 8.
-    diffusion, forward = _diffusion(), PIXART.forward(model, SimpleNamespace(vae_factor=8))
+    # PixArt's schedule: linear betas 1e-4..0.02 over 1000 steps, as DiT's.
+    diffusion, forward = GaussianDiffusion(), PIXART.forward(model, SimpleNamespace(vae_factor=8))
     side, counter = config["sample_size"], itertools.count()
 
     def step(batch: int) -> None:
         g = step_generator(device, 0, next(counter), 0)
-        t, noise = draw_timesteps_and_noise(g, batch, (4, side, side), 1000)
+        t, noise = diffusion.draw(g, batch, (4, side, side))
         x0 = torch.randn((batch, 4, side, side), device=device, generator=g)
         text = _text(encoder, batch, args.tokens, config["caption_channels"], device, g)
         try:
@@ -97,12 +99,6 @@ def build(args: argparse.Namespace):
             optimizer.zero_grad(set_to_none=True)
 
     return step, sum(p.numel() for p in params.values())
-
-
-def _diffusion():
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
-
-    return GaussianDiffusion()  # PixArt's schedule: linear betas 1e-4..0.02 over 1000 steps, as DiT's
 
 
 def _t5(args: argparse.Namespace, width: int):

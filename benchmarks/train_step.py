@@ -66,7 +66,7 @@ def build_step(args: argparse.Namespace):
     from difffit_cli.engine.models.dit import DiT
     from difffit_cli.engine.models.fp8 import quantize_frozen_linears
     from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-    from difffit_cli.engine.training.step import LossMeter, draw_timesteps_and_noise, step_generator
+    from difffit_cli.engine.training.step import LossMeter, step_generator
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -102,7 +102,7 @@ def build_step(args: argparse.Namespace):
 
     def step() -> None:
         g = step_generator(device, 0, next(counter), 0)
-        t, noise = draw_timesteps_and_noise(g, args.batch, tuple(x0.shape[1:]), 1000)
+        t, noise = diffusion.draw(g, args.batch, tuple(x0.shape[1:]))
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = diffusion.training_losses(lambda xt, ts: model(xt, ts, y).float(), x0, t, noise)
         loss = losses["loss"].mean()

@@ -9,7 +9,7 @@ import torch
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.evaluation.sample import sample_denoised, sample_generators, to_uint8
 from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
+from difffit_cli.engine.models.diffusion import GaussianDiffusion, draw_timesteps_and_noise
 from difffit_cli.engine.models.dit import DiT, DiTConfig
 from difffit_cli.engine.models.speed import (
     attention_backend,
@@ -19,7 +19,7 @@ from difffit_cli.engine.models.speed import (
     padded_batch,
     resolve_compile,
 )
-from difffit_cli.engine.training.step import LossMeter, draw_timesteps_and_noise, step_generator
+from difffit_cli.engine.training.step import LossMeter, step_generator
 
 # -- device-side randomness -------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ import torch
 from difffit_cli.engine.data.batches import step_seed
 
 # Re-exported: the benchmarks and tests draw their batches' timesteps and noise from here, as fit does.
-from difffit_cli.engine.models.diffusion import draw_timesteps_and_noise  # noqa: F401
 
 STATS = ("loss", "mse", "vb")
 DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (label dropout) and 2 (data) are train.py's
