@@ -15,7 +15,8 @@ from rich.text import Text
 from typer.testing import CliRunner
 
 from difffit_cli.cli import app
-from difffit_cli.engine.methods.lora_targets import LORA_GROUPS, LORA_TARGETS, parse_lora_targets
+from difffit_cli.engine.methods.lora_targets import parse_lora_targets
+from difffit_cli.engine.models.lora_names import DIT_LORA
 from difffit_cli.engine.progress import say, stderr_console, track
 from difffit_cli.engine.training.config import FitConfig
 from difffit_cli.engine.training.trackers import TRACKERS
@@ -79,7 +80,7 @@ def test_every_output_option_is_out_or_o():
 def test_lora_targets_help_lists_exactly_what_is_accepted():
     (option,) = [p for p in COMMANDS["fit"].params if p.name == "lora_targets"]
     listed = set(re.findall(r"\b\w+\b", option.help.split("among", 1)[1].split("(default")[0]))
-    assert listed == set(LORA_TARGETS) | set(LORA_GROUPS)
+    assert listed == set(DIT_LORA.targets) | set(DIT_LORA.groups)
     for name in listed:
         assert parse_lora_targets(name)
     with pytest.raises(Exception, match="lora-targets"):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from difffit_cli.engine.methods.lora_targets import DEFAULT_LORA_TARGETS, describe_lora_targets
+from difffit_cli.engine.models.lora_names import DIT_LORA
 
 # Help text is Rich markup (the commands' examples use [bold] and [dim]): write a literal [word] as "\\[word]".
 # Every command's output option is --out, or -o for short.
@@ -51,7 +51,7 @@ Rank = Annotated[int, typer.Option(help="lora: the rank (the paper's LoRA-R8 and
 LoraAlpha = Annotated[float | None, typer.Option(help="lora: the scale alpha (default: the rank).",
                                                   show_default=False)]
 LoraTargets = Annotated[str | None, typer.Option(
-    help=f"lora: comma-separated layers among {describe_lora_targets()} (default: {','.join(DEFAULT_LORA_TARGETS)}).",
+    help=f"lora: comma-separated layers among {DIT_LORA.describe()} (default: {','.join(DIT_LORA.default)}).",
     show_default=False)]
 AdapterDim = Annotated[int, typer.Option(help="adapter-parallel / adapter-sequential: the bottleneck width.")]
 PromptTokens = Annotated[int, typer.Option(help="vpt-deep: learned prompt tokens per block.")]

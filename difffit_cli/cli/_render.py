@@ -11,9 +11,8 @@ import math
 import sys
 
 from difffit_cli.engine.progress import print_table, say
-from difffit_cli.engine.progress import stderr_console as console
 
-__all__ = ["console", "emit_json", "is_main_process", "print_fields", "print_table", "say"]
+__all__ = ["emit_json", "is_main_process", "print_fields", "print_table", "say"]
 
 
 def emit_json(obj: dict) -> None:

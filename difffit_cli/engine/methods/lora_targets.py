@@ -1,8 +1,6 @@
-"""The layer names `--lora-targets` accepts, and their parser.
-
-Apart from `baselines` (torch, peft) so that the command line's help lists exactly these names without
-importing torch: the help is built from them and cannot drift from what is accepted. Each family's names
-are in `engine.models.lora_names`; DiT's are the default everywhere a family is not known yet.
+"""The parser of `--lora-targets`, over the names each family accepts (`engine.models.lora_names`, which
+the command line's help is built from, so it cannot drift from what is accepted); DiT's are the default
+everywhere a family is not known yet. Apart from `baselines` (torch, peft): parsing needs no torch.
 """
 
 from __future__ import annotations
@@ -10,16 +8,7 @@ from __future__ import annotations
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.models.lora_names import DIT_LORA, FLUX_LORA, PIXART_LORA, SD3_LORA, LoraNames
 
-# DiT's names (short name -> the module path inside a block, original layout), its groups and default.
-LORA_TARGETS = {name: paths[0] for name, paths in DIT_LORA.targets.items()}
-LORA_GROUPS = DIT_LORA.groups
-DEFAULT_LORA_TARGETS = DIT_LORA.default
 EVERY_FAMILY = (DIT_LORA, PIXART_LORA, SD3_LORA, FLUX_LORA)
-
-
-def describe_lora_targets(names: LoraNames = DIT_LORA) -> str:
-    """The accepted names in words, e.g. for --help: 'qkv, proj, fc1, fc2, adaLN; attn = qkv,proj; ...'."""
-    return names.describe()
 
 
 def split_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
