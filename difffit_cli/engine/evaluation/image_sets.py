@@ -26,7 +26,13 @@ from difffit_cli.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_fil
 from difffit_cli.engine.errors import DiffFitError, require_at_least
 from difffit_cli.engine.evaluation.inception import file_digest
 from difffit_cli.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
-from difffit_cli.engine.evaluation.sample_folder import GRID, read_manifest, sample_images, sample_prompts
+from difffit_cli.engine.evaluation.sample_folder import (
+    GRID,
+    finished_manifest,
+    read_manifest,
+    sample_images,
+    sample_prompts,
+)
 from difffit_cli.engine.io import files_signature
 from difffit_cli.engine.methods.sources import load_source
 from difffit_cli.engine.models.families import family_of
@@ -158,12 +164,8 @@ class ModelSamples:
 def without_sample_grids(files: list[Path]) -> list[Path]:
     """`files` of a folder holding `difffit sample` folders: their samples are read (scoring samples is what
     they are for), but not their grid.png, a picture of the others; an unfinished run is refused."""
-    manifests = {folder: read_manifest(folder) for folder in {f.parent for f in files}}
-    for folder, manifest in sorted(manifests.items()):
-        if manifest is not None and not manifest[1]:
-            raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
-                               hint="Let it finish, or sample again with --overwrite.")
-    return [f for f in files if not (f.name == GRID and manifests[f.parent] and GRID in manifests[f.parent][0])]
+    manifests = {folder: finished_manifest(folder) for folder in sorted({f.parent for f in files})}
+    return [f for f in files if not (f.name == GRID and manifests[f.parent] and GRID in manifests[f.parent])]
 
 
 def _aligned_prompts(folder: Path, count: int) -> list[str] | None:

@@ -51,16 +51,22 @@ def read_manifest(folder: Path) -> tuple[set[str], bool] | None:
     return {f for f in map(str, files) if Path(f).name == f}, complete is True  # plain names: nothing outside
 
 
-def sample_images(folder: Path) -> list[Path] | None:
-    """The samples of a `difffit sample` folder in sample order (not its grid, nor a user's file beside them);
-    None for any other folder. An unfinished run is refused: its files are a mix of two runs."""
+def finished_manifest(folder: Path) -> set[str] | None:
+    """The files a finished `sample` run listed in folder/sample.json; None if it is not such a folder. An
+    unfinished run is refused: its files are a mix of two runs."""
     manifest = read_manifest(folder)
-    if manifest is None:
-        return None
-    listed, complete = manifest
-    if not complete:
+    if manifest is not None and not manifest[1]:
         raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
                            hint="Let it finish, or sample again with --overwrite.")
+    return None if manifest is None else manifest[0]
+
+
+def sample_images(folder: Path) -> list[Path] | None:
+    """The samples of a `difffit sample` folder in sample order (not its grid, nor a user's file beside them);
+    None for any other folder; an unfinished run is refused."""
+    listed = finished_manifest(folder)
+    if listed is None:
+        return None
     numbered = {int(m.group(1)): name for name in listed if (m := SAMPLE_PNG.fullmatch(name))}
     return [folder / numbered[i] for i in sorted(numbered)]
 
