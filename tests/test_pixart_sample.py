@@ -108,6 +108,8 @@ def test_prompts_file_errors_are_one_sentence(tmp_path):
 
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat\n".encode())  # as Notepad saves UTF-8: the mark is no prompt
+    assert read_prompts(tmp_path / "bom.txt") == ["a cat"]
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(DiffFitError, match="not UTF-8"):
         read_prompts(tmp_path / "bad.txt")

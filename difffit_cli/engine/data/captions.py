@@ -77,10 +77,11 @@ def sidecar_caption(image: Path) -> str:
     path = image.with_suffix(".txt")
     if not path.is_file():
         return ""
-    return _read_text(path, "caption file").strip()
+    return read_text_file(path, "caption file").strip()
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text_file(path: Path, what: str) -> str:
+    """A text file's contents as strict UTF-8 (a leading byte-order mark dropped); one sentence for anything wrong."""
     try:
         return path.read_bytes().decode("utf-8-sig")  # strict UTF-8; a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
@@ -160,7 +161,7 @@ def read_metadata(path: Path, caption_column: str | None = None) -> dict[Path, s
 
 def _metadata_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """([(line number, row)], columns in order of appearance) of a .jsonl or .csv metadata file."""
-    text = _read_text(path, "metadata file")
+    text = read_text_file(path, "metadata file")
     if path.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         columns = [c for c in reader.fieldnames or [] if c]

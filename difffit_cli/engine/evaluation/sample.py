@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from difffit_cli.engine.data.captions import read_text_file
 from difffit_cli.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit_cli.engine.devices import autocast_dtype, resolve_device
 from difffit_cli.engine.errors import DiffFitError, require_at_least
@@ -263,14 +264,9 @@ def parse_classes(
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """A prompts file: UTF-8, one prompt per line, blank lines skipped; one sentence for anything wrong."""
+    """A prompts file: UTF-8 (read as caption files are), one prompt per line, blank lines skipped."""
     path = Path(path)
-    try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise DiffFitError(f"The prompts file {path} is not UTF-8 text.", hint="Save it as UTF-8.") from None
-    except OSError as exc:
-        raise DiffFitError(f"Cannot read the prompts file {path} ({exc.strerror or exc}).") from None
+    prompts = [line.strip() for line in read_text_file(path, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise DiffFitError(f"The prompts file {path} holds no prompt.", hint="Write one prompt per line.")
     return prompts
