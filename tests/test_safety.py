@@ -188,7 +188,7 @@ def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, t
 
     from conftest import run_cli
 
-    from difffit_cli.engine.data import latents
+    from difffit_cli.engine.data import cache_files, latents
 
     real_open = open
 
@@ -229,7 +229,7 @@ def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, t
     monkeypatch.undo()
     encoded = []
     monkeypatch.setattr(latents, "encode_distribution", lambda *a: encoded.append(1))
-    monkeypatch.setattr(latents.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(cache_files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     code, _, err = run_cli(monkeypatch, capsys, *args)
     err = " ".join(err.split())
     assert code == 1 and encoded == [], err  # refused before any image is encoded

@@ -188,3 +188,15 @@ def test_meta_records_captions_and_checksums(t5, tmp_path):
     meta = json.loads((_shards(embeddings)[0] / "meta.json").read_text())
     assert meta["key"] == "t5 fingerprint" and sorted(meta["captions"]) == sorted(set(CAPTIONS))
     assert {t["checksum"][:6] for t in meta["tensors"].values()} == {"crc32:"}
+
+
+def test_a_disk_too_small_for_the_cache_is_refused_before_any_write(t5, tmp_path, monkeypatch):
+    """The shards are memory maps, which a full disk would kill with a Bus error: the space is checked first."""
+    from types import SimpleNamespace
+
+    from difffit_cli.engine.data import cache_files
+
+    monkeypatch.setattr(cache_files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(DiffFitError, match="The text-embedding cache needs .* GB free"):
+        text_embeddings(CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, progress=False)
+    assert not any(p.suffix == ".npy" for p in tmp_path.rglob("*"))  # nothing written, the build folder gone

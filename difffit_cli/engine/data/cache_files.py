@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import atomic_path
 
 CHECKSUM_CHUNK = 1 << 24
@@ -47,6 +48,16 @@ def cache_build(path: Path, option: str = "--cache-dir") -> Iterator[Path]:
         (tmp / OWNER).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
         yield tmp
         (tmp / OWNER).unlink()
+
+
+def require_free_space(build: Path, needed: int, what: str, hint: str) -> None:
+    """Refuse, before anything is written, a cache of `needed` bytes that the disk of its `build` folder
+    cannot hold: a full disk then fails before any work, and a write to a memory map (the text cache's) on a
+    full disk would be a Bus error that kills the process with nothing said."""
+    free = shutil.disk_usage(build).free
+    if needed > free:
+        raise DiffFitError(f"The {what} needs {needed / 1e9:.2f} GB and the disk of {build.parent} has "
+                           f"{free / 1e9:.2f} GB free.", hint=hint)
 
 
 def remove_stale_builds(root: Path) -> None:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
+from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds, require_free_space
 from difffit_cli.engine.data.images import (
     ImageDataset,
     ImageFolder,
@@ -38,7 +37,6 @@ from difffit_cli.engine.data.images import (
     image_batches,
     to_model_range,
 )
-from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.io import files_signature, user_cache_dir
 from difffit_cli.engine.models.vae import Autoencoder
 from difffit_cli.engine.progress import say, track
@@ -179,12 +177,8 @@ def _rows_file(path: Path, shape: tuple[int, ...]) -> BinaryIO:
     file write is an OSError (ENOSPC) that atomic_path turns into one sentence, removing the folder. The
     free space is checked first, so a disk too small fails before any image is encoded.
     """
-    needed = math.prod(shape) * np.dtype(np.float16).itemsize
-    free = shutil.disk_usage(path.parent).free
-    if needed > free:
-        raise DiffFitError(f"The latent cache needs {needed / 1e9:.2f} GB and the disk of {path.parent.parent} has "
-                           f"{free / 1e9:.2f} GB free.", hint="Free some space, or put the cache elsewhere with "
-                           "--cache-dir (or --no-cache-latents).")
+    require_free_space(path.parent, math.prod(shape) * np.dtype(np.float16).itemsize, "latent cache",
+                       hint="Free some space, or put the cache elsewhere with --cache-dir (or --no-cache-latents).")
     rows_file = open(path, "wb")  # noqa: SIM115 - the caller closes it
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(rows_file, header)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import uuid
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds
+from difffit_cli.engine.data.cache_files import cache_build, file_checksum, remove_stale_builds, require_free_space
 from difffit_cli.engine.data.latents import cache_root
 from difffit_cli.engine.errors import DiffFitError
 from difffit_cli.engine.progress import say, track
@@ -168,8 +169,12 @@ def _encode(captions: list[str], encode: Encode, batch_size: int, dtype: torch.d
                 out = _checked(encode(batch), batch, dtype)
             if not arrays:
                 dtypes = {name: t.dtype for name, t in out.items()}
-                arrays = {name: _allocate(folder, i, (len(captions), *t.shape[1:]), t.dtype)
-                          for i, (name, t) in enumerate(out.items())}
+                shapes = {name: (len(captions), *t.shape[1:]) for name, t in out.items()}
+                if folder is not None:  # the shard is memory-mapped: a full disk must fail before the first write
+                    require_free_space(folder, sum(math.prod(shapes[n]) * t.element_size() for n, t in out.items()),
+                                       "text-embedding cache", hint="Free some space, or put the cache elsewhere "
+                                       "with --cache-dir.")
+                arrays = {name: _allocate(folder, i, shapes[name], t.dtype) for i, (name, t) in enumerate(out.items())}
             _check_same_form(out, arrays, dtypes)
             for name, tensor in out.items():
                 arrays[name][start : start + len(batch)] = _to_numpy(tensor)
