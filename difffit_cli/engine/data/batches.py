@@ -121,8 +121,7 @@ class BucketOrder:
         buckets, before = self.round_plan(r)
         b = int(buckets[place])
         done = r * int(self.steps[b]) + int(before[place])  # the steps bucket b had before this one
-        return self.members[b][self.orders[b].take(done * split.batch_size + split.start(0, micro),
-                                                   split.per_process)]
+        return self.members[b][self.orders[b].take(split.start(done, micro), split.per_process)]
 
 
 def epoch_size(labels: Sequence[int], repeats: Sequence[int] | None = None, balance: bool = False) -> int:

@@ -114,8 +114,8 @@ class SamplingOptions:
     def for_base(self, base) -> SamplingOptions:
         """These options with the base's family's defaults where none were given (cfg scale, scheduler,
         steps), and checked against what the family offers."""
-        defaults = family_of(base).sampling_defaults(base)
         family = family_of(base)
+        defaults = family.sampling_defaults(base)
         resolved = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if resolved.scheduler not in family.schedulers:
             raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
