@@ -80,6 +80,10 @@ def test_columns_labels_and_errors(tmp_path, toy_data):
     assert [str(item) for item, _ in folder.skipped] == [f"{tmp_path / 'plain'} row {i}" for i in (0, 5, 10)]
     one_class = open_data(str(tmp_path / "plain"))  # no label column found: one class
     assert one_class.class_names == ["plain"] and len(one_class) == 12
+    plain.add_column("text", list(range(len(files)))).save_to_disk(str(tmp_path / "numbered"))
+    assert open_data(str(tmp_path / "numbered")).captions is None  # a `text` column of numbers is no caption
+    with pytest.raises(DiffFitError, match="holds int, not text"):
+        open_data(str(tmp_path / "numbered"), caption_column="text")
     with pytest.raises(DiffFitError, match="no column 'photo'"):
         open_data(str(tmp_path / "plain"), image_column="photo")
     with pytest.raises(DiffFitError, match="apply to datasets"):

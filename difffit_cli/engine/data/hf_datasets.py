@@ -40,6 +40,7 @@ HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # NAME (a canonica
 SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # written by save_to_disk
 IMAGE_COLUMNS = ("image", "img", "picture")
 LABEL_COLUMNS = ("label", "labels", "class", "fine_label")
+STRINGS = ("string", "large_string")  # the datasets Value dtypes of text
 
 
 def is_dataset(spec: str) -> bool:
@@ -66,7 +67,10 @@ def open_data(spec: str, image_column: str | None = None, label_column: str | No
     dataset = _load(spec)
     image_column = image_column or _default_column(dataset, "Image", IMAGE_COLUMNS, "image")
     label_column = label_column or _default_column(dataset, "ClassLabel", LABEL_COLUMNS, None)
-    caption_column = caption_column or next((c for c in TEXT_COLUMNS if c in dataset.column_names), None)
+    # A usual caption column is taken as captions only when it holds strings: class-conditional data may have a
+    # `text` column of something else, which it never reads; --caption-column names one to be checked.
+    caption_column = caption_column or next((c for c in TEXT_COLUMNS if c in dataset.column_names
+                                             and getattr(dataset.features[c], "dtype", None) in STRINGS), None)
     for option, column in (("--image-column", image_column), ("--label-column", label_column),
                            ("--caption-column", caption_column)):
         if column is not None and column not in dataset.column_names:
