@@ -223,13 +223,22 @@ def images(source, n, prompts, **options):
     return generate(base, n, SamplingOptions(**options), prompts=prompts, progress=False).numpy()
 
 
+def same_up_to_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal images but for float rounding: a matmul over another batch size may take another CPU kernel, whose
+    rounding (~1e-7) can flip a pixel's uint8 rounding, by one level; seen once in a full-suite run on this
+    machine, never alone. At most 1 level of 255, on at most 1% of the values (another prompt or index differs
+    by tens of levels on average)."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return diff.max() <= 1 and (diff > 0).mean() <= 0.01
+
+
 def test_image_i_depends_only_on_seed_prompt_and_i(trained):
     adapter = trained[1].adapter
     three = images(adapter, 3, PROMPTS, batch_size=3)
     assert three.shape == (3, 16, 16, 3)
-    assert np.array_equal(images(adapter, 3, PROMPTS, batch_size=1), three)  # not on the batching
+    assert same_up_to_rounding(images(adapter, 3, PROMPTS, batch_size=1), three)  # not on the batching
     other = images(adapter, 3, ["a red square", "blue stripes"], batch_size=2)
-    assert np.array_equal(other[[0, 2]], three[[0, 2]]) and not np.array_equal(other[1], three[1])
+    assert same_up_to_rounding(other[[0, 2]], three[[0, 2]]) and not np.array_equal(other[1], three[1])
     assert not np.array_equal(three[0], three[2])  # same prompt, another index: another image
 
 
