@@ -24,8 +24,8 @@ import torch
 from _timing import emit, environment, interleave, paired_ratio, spread, timer
 from safetensors.torch import save_file
 
-from difffit_cli.engine.methods.adapter import AdapterMeta, expected_shapes, read_adapter, tensors_checksum
-from difffit_cli.engine.models.dit import config_for
+from difffit.engine.methods.adapter import AdapterMeta, expected_shapes, read_adapter, tensors_checksum
+from difffit.engine.models.dit import config_for
 
 
 def xl_meta(method: str) -> AdapterMeta:

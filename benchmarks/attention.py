@@ -12,7 +12,7 @@ import argparse
 import torch
 from _timing import emit, environment
 
-from difffit_cli.engine.models.speed import HEAD_DIM_DIT, time_attention_backends
+from difffit.engine.models.speed import HEAD_DIM_DIT, time_attention_backends
 
 
 def main() -> None:

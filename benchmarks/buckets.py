@@ -33,11 +33,11 @@ VAE_FACTOR = 8  # the public pipelines' VAEs
 
 def build_step(args: argparse.Namespace, compiled: bool):
     """`step(width, height)`: one DiffFit optimizer step of args.batch images of that size (pixels)."""
-    from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
-    from difffit_cli.engine.models.families import PIXART
-    from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-    from difffit_cli.engine.training.step import step_generator
+    from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+    from difffit.engine.models.diffusion import GaussianDiffusion
+    from difffit.engine.models.families import PIXART
+    from difffit.engine.models.speed import compile_blocks, make_optimizer
+    from difffit.engine.training.step import step_generator
 
     device, config = torch.device(args.device), CONFIGS[args.config]
     dtype = torch.bfloat16 if args.precision == "bf16" else None
@@ -87,8 +87,8 @@ def measure_steps(args: argparse.Namespace, compiled: bool, sizes: list[tuple[in
 
 
 def measure_schedule(images: int, batch: int) -> dict:
-    from difffit_cli.engine.data.batches import BucketOrder, Split
-    from difffit_cli.engine.data.buckets import plan_buckets
+    from difffit.engine.data.batches import BucketOrder, Split
+    from difffit.engine.data.buckets import plan_buckets
 
     g = torch.Generator().manual_seed(0)
     aspects = torch.exp(torch.empty(images).uniform_(-1.4, 1.4, generator=g))  # ratios from about 1:4 to 4:1

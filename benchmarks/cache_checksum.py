@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from _timing import emit, environment, interleave, paired_ratio, spread, timer
 
-from difffit_cli.engine.data.cache_files import file_checksum
+from difffit.engine.data.cache_files import file_checksum
 
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
               block_out_channels=(128, 256, 512, 512), sample_size=256,

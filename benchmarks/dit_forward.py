@@ -18,7 +18,7 @@ import argparse
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
 
-from difffit_cli.engine.devices import autocast_dtype
+from difffit.engine.devices import autocast_dtype
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
 
     from diffusers import DiTTransformer2DModel
 
-    from difffit_cli.engine.models.diffusers_layout import original_to_diffusers
-    from difffit_cli.engine.models.dit import DiT, config_for
-    from difffit_cli.engine.models.speed import compile_blocks
+    from difffit.engine.models.diffusers_layout import original_to_diffusers
+    from difffit.engine.models.dit import DiT, config_for
+    from difffit.engine.models.speed import compile_blocks
 
     device = torch.device(args.device)
     config = config_for(args.config, input_size=args.latent, num_classes=1000)

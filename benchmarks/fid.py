@@ -20,9 +20,9 @@ import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread
 from PIL import Image
 
-from difffit_cli.engine.devices import resolve_device
-from difffit_cli.engine.evaluation import image_sets, inception, metrics
-from difffit_cli.engine.evaluation.inception import random_inception_weights
+from difffit.engine.devices import resolve_device
+from difffit.engine.evaluation import image_sets, inception, metrics
+from difffit.engine.evaluation.inception import random_inception_weights
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ import argparse
 import torch
 from _timing import emit, environment, small_mode
 
-from difffit_cli.engine.devices import require_fp8
-from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
-from difffit_cli.engine.models.dit import DiT, config_for
-from difffit_cli.engine.models.fp8 import quantize_frozen_linears
-from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-from difffit_cli.engine.training.step import LossMeter, step_generator
+from difffit.engine.devices import require_fp8
+from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+from difffit.engine.models.diffusion import GaussianDiffusion
+from difffit.engine.models.dit import DiT, config_for
+from difffit.engine.models.fp8 import quantize_frozen_linears
+from difffit.engine.models.speed import compile_blocks, make_optimizer
+from difffit.engine.training.step import LossMeter, step_generator
 
 
 def train(args: argparse.Namespace, precision: str, device: torch.device) -> list[float]:

@@ -44,7 +44,7 @@ from _timing import (
     without_values,
 )
 
-from difffit_cli.engine.models.families.pixart_bases import XL2_CONFIG
+from difffit.engine.models.families.pixart_bases import XL2_CONFIG
 
 TINY = {**XL2_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "caption_channels": 64,
         "cross_attention_dim": 32, "sample_size": 8, "norm_num_groups": 4}
@@ -62,11 +62,11 @@ T5 = {"xxl": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64
 
 def build(args: argparse.Namespace):
     """The model, optimizer and `step(batch)` of one contender (method, text) on args.device."""
-    from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
-    from difffit_cli.engine.models.families import PIXART
-    from difffit_cli.engine.models.speed import make_optimizer
-    from difffit_cli.engine.training.step import step_generator
+    from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+    from difffit.engine.models.diffusion import GaussianDiffusion
+    from difffit.engine.models.families import PIXART
+    from difffit.engine.models.speed import make_optimizer
+    from difffit.engine.training.step import step_generator
 
     device, config = torch.device(args.device), CONFIGS[args.config]
     dtype = torch.bfloat16 if args.precision == "bf16" else None

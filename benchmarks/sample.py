@@ -44,10 +44,10 @@ def best_of(repeats: int, fn) -> float:
 def sampling(args, workdir: Path) -> dict:
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
-    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-    from difffit_cli.engine.models.bases import Base, state_dict_fingerprint
-    from difffit_cli.engine.models.diffusers_layout import original_to_diffusers
-    from difffit_cli.engine.models.dit import DiT, config_for
+    from difffit.engine.evaluation.sample import SamplingOptions, generate
+    from difffit.engine.models.bases import Base, state_dict_fingerprint
+    from difffit.engine.models.diffusers_layout import original_to_diffusers
+    from difffit.engine.models.dit import DiT, config_for
 
     # 1000 classes: DiTPipeline hard-codes the null class as 1000.
     config = config_for("DiT-S/2", input_size=args.latent, num_classes=1000)
@@ -96,7 +96,7 @@ def sampling(args, workdir: Path) -> dict:
 
 
 def swap_ms(base, tensors, meta, repeats: int = 20) -> dict:
-    from difffit_cli.engine.methods.adapter import AdapterSwapper
+    from difffit.engine.methods.adapter import AdapterSwapper
 
     swapper = AdapterSwapper(base)
     apply = best_of(repeats, lambda: (swapper.apply(tensors, meta), swapper.restore()))
@@ -104,10 +104,10 @@ def swap_ms(base, tensors, meta, repeats: int = 20) -> dict:
 
 
 def swapping(workdir: Path) -> dict:
-    from difffit_cli.engine.methods.adapter import AdapterMeta, expected_shapes, make_meta, read_adapter, save_adapter
-    from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-    from difffit_cli.engine.models.bases import Base, load_base
-    from difffit_cli.engine.models.dit import DiT, config_for
+    from difffit.engine.methods.adapter import AdapterMeta, expected_shapes, make_meta, read_adapter, save_adapter
+    from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+    from difffit.engine.models.bases import Base, load_base
+    from difffit.engine.models.dit import DiT, config_for
 
     # DiT-S/2 through the real file path: save an adapter, read it, swap it in and out.
     base = load_base("random:DiT-S/2", resolution=256, num_classes=1000, vae="identity")

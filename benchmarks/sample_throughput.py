@@ -20,11 +20,11 @@ import time
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
 
-from difffit_cli.engine.devices import autocast_dtype, fp8_support
-from difffit_cli.engine.evaluation.sample import sample_denoised, sample_generators
-from difffit_cli.engine.models.dit import DiT, config_for
-from difffit_cli.engine.models.fp8 import quantize_frozen_linears
-from difffit_cli.engine.models.speed import compile_blocks
+from difffit.engine.devices import autocast_dtype, fp8_support
+from difffit.engine.evaluation.sample import sample_denoised, sample_generators
+from difffit.engine.models.dit import DiT, config_for
+from difffit.engine.models.fp8 import quantize_frozen_linears
+from difffit.engine.models.speed import compile_blocks
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from difffit_cli.engine.methods.trainable import describe_method
-from difffit_cli.engine.models.dit import config_for
+from difffit.engine.methods.trainable import describe_method
+from difffit.engine.models.dit import config_for
 
 GB = 1e9
 # Per-GPU one-way bandwidth (bytes/s) and per-hop latency (s). NVLink 4 (H100/H200): 900 GB/s counts

@@ -42,11 +42,11 @@ from _timing import emit, environment, small_mode, spread, synchronizer
 from pixart_train import CONFIGS as PIXART_CONFIGS
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from difffit_cli.engine.methods.baselines import MethodSettings
-from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
-from difffit_cli.engine.models.families import FAMILIES
-from difffit_cli.engine.models.fp8 import quantize_frozen_linears
-from difffit_cli.engine.models.speed import make_optimizer
+from difffit.engine.methods.baselines import MethodSettings
+from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+from difffit.engine.models.families import FAMILIES
+from difffit.engine.models.fp8 import quantize_frozen_linears
+from difffit.engine.models.speed import make_optimizer
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,

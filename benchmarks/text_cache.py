@@ -20,7 +20,7 @@ import zlib
 import torch
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, timer
 
-from difffit_cli.engine.data.text_cache import text_embeddings
+from difffit.engine.data.text_cache import text_embeddings
 
 T5 = {  # T5 v1.1 shapes: "xxl" is PixArt's text encoder (google/t5-v1_1-xxl)
     "xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),

@@ -38,8 +38,8 @@ from _timing import (
     without_values,
 )
 
-from difffit_cli.engine.methods.trainable import METHODS
-from difffit_cli.engine.models.dit import config_for
+from difffit.engine.methods.trainable import METHODS
+from difffit.engine.models.dit import config_for
 
 # Dense tensor-core peaks of the SXM parts (bf16), by a word of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -60,13 +60,13 @@ def forward_flops(cfg) -> float:
 
 def build_step(args: argparse.Namespace):
     """The model and a `step()` closure for one contender (method, precision, compile)."""
-    from difffit_cli.engine.devices import AUTOCAST_DTYPES, require_fp8
-    from difffit_cli.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
-    from difffit_cli.engine.models.dit import DiT
-    from difffit_cli.engine.models.fp8 import quantize_frozen_linears
-    from difffit_cli.engine.models.speed import compile_blocks, make_optimizer
-    from difffit_cli.engine.training.step import LossMeter, step_generator
+    from difffit.engine.devices import AUTOCAST_DTYPES, require_fp8
+    from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
+    from difffit.engine.models.diffusion import GaussianDiffusion
+    from difffit.engine.models.dit import DiT
+    from difffit.engine.models.fp8 import quantize_frozen_linears
+    from difffit.engine.models.speed import compile_blocks, make_optimizer
+    from difffit.engine.training.step import LossMeter, step_generator
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -154,7 +154,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def contenders(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """(method, precision, compile) triples to run, and the skipped ones with the reason."""
-    from difffit_cli.engine.devices import fp8_support
+    from difffit.engine.devices import fp8_support
 
     runs, skipped = [], {}
     for method, precision, compile_ in itertools.product(args.methods, args.precision, args.compile):

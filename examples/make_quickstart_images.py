@@ -19,11 +19,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.evaluation.sample_folder import load_pngs, save_grid
-from difffit_cli.engine.methods.sources import sample_sources
-from difffit_cli.engine.training.recipes import resolve_fit_config
-from difffit_cli.engine.training.train import fit
+from difffit.engine.evaluation.sample import SamplingOptions
+from difffit.engine.evaluation.sample_folder import load_pngs, save_grid
+from difffit.engine.methods.sources import sample_sources
+from difffit.engine.training.recipes import resolve_fit_config
+from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -1,4 +1,4 @@
-"""Rebuild the bundled tiny base (difffit_cli/assets/tiny.safetensors) from scratch.
+"""Rebuild the bundled tiny base (difffit/assets/tiny.safetensors) from scratch.
 
 The tiny base is a pixel-space DiT (identity VAE, 32x32 RGB, patch 4, 6 blocks, width 128,
 4 classes) trained with difffit itself: `fit --method full` from a reference-initialised model on the
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from difffit_cli.engine.models.dit import DiT, DiTConfig
+from difffit.engine.models.dit import DiT, DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 INIT = REPO / "runs" / "tiny-base" / "init.safetensors"
 RUN = REPO / "runs" / "tiny-base"
-ASSET = REPO / "difffit_cli" / "assets" / "tiny.safetensors"
+ASSET = REPO / "difffit" / "assets" / "tiny.safetensors"
 CONFIG = DiTConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
                    num_classes=4, class_dropout_prob=0.1)
 CLASSES = ["circle", "cross", "square", "triangle"]  # the sorted folder names of examples/shapes
@@ -38,7 +38,7 @@ def write_init() -> None:
 
 
 def difffit(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "difffit_cli", *args], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "difffit", *args], check=True, cwd=REPO)
 
 
 def main() -> None:

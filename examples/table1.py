@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from difffit_cli.engine.evaluation.metrics import evaluate
-from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.methods.sources import describe_adapter
-from difffit_cli.engine.methods.trainable import METHODS
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.evaluation.metrics import evaluate
+from difffit.engine.evaluation.sample import SamplingOptions
+from difffit.engine.methods.sources import describe_adapter
+from difffit.engine.methods.trainable import METHODS
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("method", "trainable_params", "trainable_percent", "adapter_bytes", "img_per_s", "peak_memory_mb",

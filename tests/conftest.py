@@ -51,7 +51,7 @@ def golden() -> dict:
 
 @pytest.fixture(scope="session")
 def golden_model(golden):
-    from difffit_cli.engine.models.dit import DiT, DiTConfig
+    from difffit.engine.models.dit import DiT, DiTConfig
 
     model = DiT(DiTConfig(**golden["config"])).eval()
     model.load_state_dict(golden["state"])
@@ -95,7 +95,7 @@ def assert_close_amplified(actual: torch.Tensor, expected: torch.Tensor, formula
 
 def assert_loss_matches_reference(golden: dict, model, device: str = "cpu", atol: float = MODEL_ATOL) -> None:
     """The hybrid loss's terms (`training_losses`, run on `device`) on the golden batch equal the reference's."""
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
+    from difffit.engine.models.diffusion import GaussianDiffusion
 
     diffusion = GaussianDiffusion()
     x0, t, noise = (golden[f"loss.{key}"].to(device) for key in ("x0", "t", "noise"))
@@ -170,7 +170,7 @@ def tiny_base_file(tmp_path_factory) -> Path:
     """
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.models.dit import DiT, DiTConfig
+    from difffit.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2,
@@ -205,7 +205,7 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`difffit ARGS` in this process, through main() (the real error handling): (exit code, out, err)."""
     import sys
 
-    from difffit_cli.cli import main
+    from difffit.cli import main
 
     monkeypatch.setattr(sys, "argv", ["difffit", *map(str, args)])
     try:

@@ -152,7 +152,7 @@ def make_captioned_data(root: Path, per_caption: int = 6) -> Path:
 def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
     """fit's settings for the tiny text-to-image tests: a few CPU steps, no checkpoints or previews, fp32
     adapter, caches under `tmp_path`; `overrides` change any field."""
-    from difffit_cli.engine.training.config import FitConfig
+    from difffit.engine.training.config import FitConfig
 
     options = dict(data=str(data), base=str(base), steps=6, batch_size=4, save_every=0, sample_every=0,
                    num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
@@ -162,7 +162,7 @@ def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
 
 def record_batch_shapes(monkeypatch) -> list[tuple[int, ...]]:
     """The shape of every micro-batch of latents fit draws from here on (filled as it trains)."""
-    from difffit_cli.engine.data.batches import Batches
+    from difffit.engine.data.batches import Batches
 
     shapes, draw = [], Batches.micro_batch
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import (
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
     expected_shapes,
@@ -24,10 +24,10 @@ from difffit_cli.engine.methods.adapter import (
     read_adapter,
     save_adapter,
 )
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.bases import load_base
-from difffit_cli.engine.models.dit import DiT, config_for
+from difffit.engine.methods.sources import load_source
+from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit.engine.models.bases import load_base
+from difffit.engine.models.dit import DiT, config_for
 
 X = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([1, 400, 999])
@@ -237,7 +237,7 @@ def test_cli_refuses_truncated_adapter_cleanly(adapter_file, tmp_path):
     bad = tmp_path / "truncated.safetensors"
     bad.write_bytes(adapter_file.read_bytes()[:-500])
     for args in (["info", str(bad)], ["merge", str(bad), "--out", str(tmp_path / "m.safetensors")]):
-        result = subprocess.run([sys.executable, "-m", "difffit_cli", *args], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "difffit", *args], capture_output=True, text=True,
                                 env={**os.environ, "COLUMNS": "1000"})
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""

@@ -14,13 +14,13 @@ from test_methods import meta_xl, n_trainable, tiny
 from test_train import adapter_tensors
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
-from difffit_cli.engine.methods.baselines import MethodSettings
-from difffit_cli.engine.methods.lora_targets import parse_lora_targets
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.methods.trainable import (
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
+from difffit.engine.methods.baselines import MethodSettings
+from difffit.engine.methods.lora_targets import parse_lora_targets
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source
+from difffit.engine.methods.trainable import (
     FOLDABLE,
     METHODS,
     count_groups,
@@ -29,9 +29,9 @@ from difffit_cli.engine.methods.trainable import (
     prepare_model,
     trainable_parameters,
 )
-from difffit_cli.engine.models.bases import load_base
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.models.bases import load_base
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 ADDING = ("lora", "adapter-parallel", "adapter-sequential", "vpt-deep")
 # Small settings for the 384-wide test models (the defaults are sized for DiT-XL/2).
@@ -243,10 +243,10 @@ def test_swapping_adapters_of_different_methods_restores_the_base_exactly(base_s
 
 def test_multi_adapter_sampling_and_eval_fid_for_every_method(adapters, tmp_path, toy_data):
     """`sample A B C ...` (one base, adapters swapped in) and `eval-fid ADAPTER` for every method."""
-    from difffit_cli.engine.evaluation.inception import random_inception_weights
-    from difffit_cli.engine.evaluation.metrics import evaluate
-    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-    from difffit_cli.engine.methods.sources import iter_sources
+    from difffit.engine.evaluation.inception import random_inception_weights
+    from difffit.engine.evaluation.metrics import evaluate
+    from difffit.engine.evaluation.sample import SamplingOptions, generate
+    from difffit.engine.methods.sources import iter_sources
 
     paths = [adapters[ident][0] for ident in IDS]
     for ident, (_, loaded, meta, _) in zip(IDS, iter_sources(paths), strict=True):
@@ -291,7 +291,7 @@ def test_lora_merges_into_both_formats(adapters, ident, tmp_path):
 def test_peft_export_loads_with_peft_model_from_pretrained(adapters, base_spec, tmp_path):
     from peft import PeftModel
 
-    from difffit_cli.engine.methods.trainable import resize_class_table
+    from difffit.engine.methods.trainable import resize_class_table
 
     path, model = adapters["lora"]
     expected = outputs(model, 4)

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from difffit_cli.engine.data.batches import DataOrder, held_out, item_repeats, step_seed
-from difffit_cli.engine.errors import DiffFitError
+from difffit.engine.data.batches import DataOrder, held_out, item_repeats, step_seed
+from difffit.engine.errors import DiffFitError
 
 LABELS = [0] * 30 + [1] * 6 + [2] * 3  # 30 : 6 : 3 images
 
@@ -56,7 +56,7 @@ def test_held_out_is_stratified_fixed_by_seed_and_keeps_a_training_image():
 def test_recipe_repeats_table_reads_and_round_trips(tmp_path):
     import tomllib
 
-    from difffit_cli.engine.training.recipes import read_options, write_toml
+    from difffit.engine.training.recipes import read_options, write_toml
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('steps = 10\nclass_balance = true\n\n[repeats]\nrose = 3\n"sweet pea" = 2\n')

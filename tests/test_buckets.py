@@ -17,19 +17,19 @@ import torch
 from PIL import Image
 from t2i_fixtures import make_mixed_aspect_data, make_tiny_pixart, record_batch_shapes, t2i_fit_config
 
-from difffit_cli.engine.data import latents as latents_module
-from difffit_cli.engine.data.batches import BucketOrder, DataOrder, Split
-from difffit_cli.engine.data.buckets import Bucket, BucketedLatents, bucket_sizes, plan_buckets
-from difffit_cli.engine.data.images import BadImage, center_crop, image_size, load_image, scan_image_folder
-from difffit_cli.engine.data.latents import cache_key
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import read_adapter_meta
-from difffit_cli.engine.models.families import DIT, PIXART
-from difffit_cli.engine.progress import stderr_console
-from difffit_cli.engine.training import train
-from difffit_cli.engine.training.conditions import check_options
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.data import latents as latents_module
+from difffit.engine.data.batches import BucketOrder, DataOrder, Split
+from difffit.engine.data.buckets import Bucket, BucketedLatents, bucket_sizes, plan_buckets
+from difffit.engine.data.images import BadImage, center_crop, image_size, load_image, scan_image_folder
+from difffit.engine.data.latents import cache_key
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import read_adapter_meta
+from difffit.engine.models.families import DIT, PIXART
+from difffit.engine.progress import stderr_console
+from difffit.engine.training import train
+from difffit.engine.training.conditions import check_options
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 # -- the buckets of a resolution ------------------------------------------------------------------------
 
@@ -121,7 +121,7 @@ def test_image_sizes_come_from_the_header_with_exif_orientation(tmp_path):
 def test_dataset_rows_read_their_size(tmp_path):
     import datasets
 
-    from difffit_cli.engine.data.hf_datasets import open_data
+    from difffit.engine.data.hf_datasets import open_data
 
     buffer = io.BytesIO()
     Image.new("RGB", (24, 12)).save(buffer, format="PNG")
@@ -232,7 +232,7 @@ def test_mixed_aspect_data_trains_in_batches_of_one_bucket(conf, monkeypatch, ca
 def test_the_1024_models_micro_conditions_are_each_batchs_bucket(conf, tmp_path, monkeypatch):
     """The α 1024-MS model reads the image size: each batch passes its bucket's (height, width) in pixels and
     height / width, as the pipeline does when it samples at that size."""
-    from difffit_cli.engine.models.families import pixart
+    from difffit.engine.models.families import pixart
 
     seen, conditions = [], pixart.micro_conditions
 

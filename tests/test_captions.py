@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from difffit_cli.engine.data.captions import attach_captions
-from difffit_cli.engine.data.hf_datasets import open_data
-from difffit_cli.engine.data.images import ImageFolder, scan_image_folder
-from difffit_cli.engine.errors import DiffFitError
+from difffit.engine.data.captions import attach_captions
+from difffit.engine.data.hf_datasets import open_data
+from difffit.engine.data.images import ImageFolder, scan_image_folder
+from difffit.engine.errors import DiffFitError
 
 
 def _image(path: Path) -> Path:

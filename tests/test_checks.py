@@ -16,19 +16,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_sample import FAST, adapters, base_file  # noqa: F401 - fixtures
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.hub import HubRef, hub_ref
-from difffit_cli.engine.io import atomic_path
-from difffit_cli.engine.methods.adapter import make_meta, read_adapter, save_adapter, tensors_checksum
-from difffit_cli.engine.methods.baselines import MethodSettings
-from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import describe_source, load_source, sample_sources
-from difffit_cli.engine.methods.trainable import prepare_model
-from difffit_cli.engine.models.bases import load_base
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions
+from difffit.engine.hub import HubRef, hub_ref
+from difffit.engine.io import atomic_path
+from difffit.engine.methods.adapter import make_meta, read_adapter, save_adapter, tensors_checksum
+from difffit.engine.methods.baselines import MethodSettings
+from difffit.engine.methods.hub_adapters import resolve_adapter_source
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import describe_source, load_source, sample_sources
+from difffit.engine.methods.trainable import prepare_model
+from difffit.engine.models.bases import load_base
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 CHEAP = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
 
@@ -130,7 +130,7 @@ def fit_config(**options) -> FitConfig:
     ("vpt-deep", "prompt_tokens", 64),  # 8 x 8 tokens at 32 px with patch 4
 ])
 def test_method_sizes_are_bounded_by_the_architecture_before_any_model_is_built(monkeypatch, method, option, limit):
-    monkeypatch.setattr("difffit_cli.engine.models.bases.load_base", lambda *a, **k: pytest.fail("base loaded"))
+    monkeypatch.setattr("difffit.engine.models.bases.load_base", lambda *a, **k: pytest.fail("base loaded"))
     fit_config(method=method, **{option: limit}).validate()  # the largest the model can use
     for value in (limit + 1, 100_000):
         with pytest.raises(DiffFitError, match=f"--{option.replace('_', '-')} {value} is above .*{limit}"):
@@ -165,7 +165,7 @@ def test_repeats_and_batch_size_are_bounded_by_the_data(tmp_path, toy_data, tiny
         fit_config(repeats=100_000_000).validate()
     with pytest.raises(DiffFitError, match="--repeats 20,000,000 is above"):
         fit_config(repeats={"red": 20_000_000}).validate()
-    from difffit_cli.engine.data.images import scan_image_folder
+    from difffit.engine.data.images import scan_image_folder
 
     folder = scan_image_folder(str(toy_data))  # 12 images, 6 per class
     fit_config(batch_size=12).check_data(folder)
@@ -200,7 +200,7 @@ def test_one_ddpm_or_ddim_step_is_refused_and_two_sample():
             SamplingOptions(scheduler=scheduler, steps=1)
     assert SamplingOptions(scheduler="dpm-solver", steps=1).num_steps == 1
     base = load_base("tiny")
-    from difffit_cli.engine.evaluation.sample import generate
+    from difffit.engine.evaluation.sample import generate
 
     for scheduler in ("ddpm", "ddim"):
         images = generate(base, 1, SamplingOptions(scheduler=scheduler, steps=2, device="cpu"), progress=False)
@@ -241,7 +241,7 @@ def test_a_corrupt_state_json_falls_back_to_the_previous_checkpoint(tmp_path, to
 
 
 def test_non_finite_samples_are_refused_by_sample_and_eval(adapters, tmp_path):  # noqa: F811
-    from difffit_cli.engine.evaluation.image_sets import ModelInput, ModelSamples
+    from difffit.engine.evaluation.image_sets import ModelInput, ModelSamples
 
     options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu", cfg_scale=1e30)
     with pytest.raises(DiffFitError, match="Sampling produced NaN or inf values") as error:
@@ -254,7 +254,7 @@ def test_non_finite_samples_are_refused_by_sample_and_eval(adapters, tmp_path): 
 
 
 def test_push_refuses_a_nan_adapter_as_sample_does(adapters, tmp_path):  # noqa: F811
-    from difffit_cli.engine.sharing.push import push_adapter
+    from difffit.engine.sharing.push import push_adapter
 
     broken = tmp_path / "run" / "adapter.safetensors"
     broken.parent.mkdir()
@@ -336,7 +336,7 @@ def test_a_damaged_adapter_gets_one_message_from_every_command(adapters, tmp_pat
 
 @pytest.mark.parametrize("content", [b"\x80\x02" + bytes(range(256)) * 8, b"GIF89a" + bytes(2000)])
 def test_garbage_inception_weights_are_one_sentence(tmp_path, content):
-    from difffit_cli.engine.evaluation.inception import InceptionFeatures
+    from difffit.engine.evaluation.inception import InceptionFeatures
 
     weights = tmp_path / "garbage.pth"
     weights.write_bytes(content)
@@ -359,7 +359,7 @@ def test_report_out_as_a_folder_gets_report_html_inside(tmp_path, monkeypatch, c
 
 
 def test_fid_of_a_set_against_itself_is_never_negative():
-    from difffit_cli.engine.evaluation.metrics import Statistics, frechet_distance
+    from difffit.engine.evaluation.metrics import Statistics, frechet_distance
 
     for seed in range(4):  # seeds 1-3 come out near -5e-7 without the clamp
         features = torch.rand(20, 2048, generator=torch.Generator().manual_seed(seed))

@@ -8,8 +8,8 @@ import pytest
 from test_adapter import train, write_base
 from typer.testing import CliRunner
 
-from difffit_cli.cli import app
-from difffit_cli.engine.methods.adapter import save_adapter
+from difffit.cli import app
+from difffit.engine.methods.adapter import save_adapter
 
 # DiT-S/2 at 256 px (32x32 latents, 4 channels, 1000 classes), by hand from the architecture.
 H = 384
@@ -86,7 +86,7 @@ def test_info_adapter(tmp_path, tiny_vae_dir):
 def test_non_standard_width_needs_num_heads(tmp_path):
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.models.dit import DiT, DiTConfig
+    from difffit.engine.models.dit import DiT, DiTConfig
 
     model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
                                 num_heads=4, num_classes=10))

@@ -9,7 +9,7 @@ import sys
 import click
 import typer
 
-from difffit_cli.cli import app, train
+from difffit.cli import app, train
 
 
 def params(name: str) -> dict[str, click.Parameter]:
@@ -49,7 +49,7 @@ def test_shared_flags_keep_each_commands_default():
 
 
 def test_cli_imports_no_heavy_library():
-    code = ("import sys; from difffit_cli.cli import app; "
+    code = ("import sys; from difffit.cli import app; "
             "print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -14,13 +14,13 @@ from PIL import Image
 from rich.text import Text
 from typer.testing import CliRunner
 
-from difffit_cli.cli import app
-from difffit_cli.engine.methods.lora_targets import parse_lora_targets
-from difffit_cli.engine.models.lora_names import DIT_LORA
-from difffit_cli.engine.progress import say, stderr_console, track
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.trackers import TRACKERS
-from difffit_cli.engine.training.train import fit
+from difffit.cli import app
+from difffit.engine.methods.lora_targets import parse_lora_targets
+from difffit.engine.models.lora_names import DIT_LORA
+from difffit.engine.progress import say, stderr_console, track
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.trackers import TRACKERS
+from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = typer.main.get_command(app).commands

@@ -11,9 +11,9 @@ import pytest
 import torch
 from t2i_fixtures import save_tiny_clip
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.clip_score import clip_score
-from difffit_cli.engine.evaluation.metrics import evaluate
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.clip_score import clip_score
+from difffit.engine.evaluation.metrics import evaluate
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40)}
 PROMPTS = [f"a {name} square" for name in COLOURS]
@@ -137,7 +137,7 @@ def test_eval_fid_scores_a_prompt_sample_folder(trained_clip, tmp_path):
 
 
 def test_eval_fid_and_clip_together_skip_an_unreadable_sample_once(trained_clip, tmp_path):
-    from difffit_cli.engine.evaluation.inception import random_inception_weights
+    from difffit.engine.evaluation.inception import random_inception_weights
 
     images, prompts = squares(13) + squares(14), PROMPTS * 2
     folder = sample_folder(tmp_path / "samples", images, prompts)
@@ -193,7 +193,7 @@ def test_clip_without_prompts_or_with_a_wrong_count_is_one_sentence(trained_clip
 def test_eval_fid_clip_refusals_on_the_command_line(tmp_path, args, words):
     folder = sample_folder(tmp_path / "samples", squares(0), PROMPTS)
     args = [a.format(folder=folder) for a in args]
-    done = subprocess.run([sys.executable, "-m", "difffit_cli", "eval-fid", str(folder), *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "difffit", "eval-fid", str(folder), *args], capture_output=True,
                           text=True)
     assert done.returncode == 1 and words in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -201,7 +201,7 @@ def test_eval_fid_clip_refusals_on_the_command_line(tmp_path, args, words):
 
 def test_eval_fid_clip_json_on_the_command_line(trained_clip, tmp_path):
     folder = sample_folder(tmp_path / "samples", squares(3), PROMPTS)
-    done = subprocess.run([sys.executable, "-m", "difffit_cli", "eval-fid", str(folder), "--metrics", "clip",
+    done = subprocess.run([sys.executable, "-m", "difffit", "eval-fid", str(folder), "--metrics", "clip",
                            "--clip-model", str(trained_clip), "--device", "cpu", "--json"], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import assert_loss_matches_reference
 
-from difffit_cli.engine.models.dit import DiT
+from difffit.engine.models.dit import DiT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run benchmarks/gpu_check.sh")
 
@@ -48,7 +48,7 @@ def test_resume_is_exact_with_device_side_randomness(tmp_path, toy_data, tiny_ba
     from safetensors.torch import load_file
     from test_train import config
 
-    from difffit_cli.engine.training.train import fit
+    from difffit.engine.training.train import fit
 
     def run(name, steps, **extra):
         return fit(config(tmp_path, toy_data, tiny_base_file, tiny_vae_dir, steps=steps, save_every=2, device="cuda",

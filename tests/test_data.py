@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difffit_cli.engine.data.images import (
+from difffit.engine.data.images import (
     ImageFolder,
     center_crop,
     find_bad_images,
@@ -18,8 +18,8 @@ from difffit_cli.engine.data.images import (
     scan_image_folder,
     to_model_range,
 )
-from difffit_cli.engine.data.latents import draw_cached_latents, latent_cache
-from difffit_cli.engine.errors import DiffFitError
+from difffit.engine.data.latents import draw_cached_latents, latent_cache
+from difffit.engine.errors import DiffFitError
 
 
 def _save(image: Image.Image, path, **kwargs) -> None:
@@ -151,7 +151,7 @@ def _image_tree(root, n=5, size=16):
 
 
 def test_latent_cache_matches_encoding_and_is_reused(tmp_path, tiny_vae_dir):
-    from difffit_cli.engine.models.vae import load_vae
+    from difffit.engine.models.vae import load_vae
 
     _image_tree(tmp_path / "imgs")
     folder = scan_image_folder(tmp_path / "imgs")
@@ -228,7 +228,7 @@ def deadline():
 
 
 def test_a_symlink_loop_adds_no_image_and_no_other_class(tmp_path, capsys, deadline):
-    from difffit_cli.engine.evaluation.image_sets import FolderImages
+    from difffit.engine.evaluation.image_sets import FolderImages
 
     root = _two_classes(tmp_path / "data")
     os.symlink("..", root / "c1" / "up")  # reached 656 "images" from 16 files, c1 holding c2's images
@@ -243,7 +243,7 @@ def test_a_symlink_loop_adds_no_image_and_no_other_class(tmp_path, capsys, deadl
 
 
 def test_two_loops_in_one_folder_end_quickly(tmp_path, deadline):
-    from difffit_cli.engine.evaluation.image_sets import FolderImages
+    from difffit.engine.evaluation.image_sets import FolderImages
 
     root = _two_classes(tmp_path / "data")
     os.symlink("..", root / "c1" / "up")

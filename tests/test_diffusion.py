@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_close_amplified, assert_loss_matches_reference
 
-from difffit_cli.engine.models.diffusion import GaussianDiffusion, space_timesteps
+from difffit.engine.models.diffusion import GaussianDiffusion, space_timesteps
 
 
 def test_hybrid_loss_matches_reference(golden, golden_model):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import MODEL_ATOL, guidance_atol
 
-from difffit_cli.engine.models.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
+from difffit.engine.models.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
 
 
 def test_forward_matches_reference(golden, golden_model):

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import sample_denoised, sample_generators, to_uint8
-from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.diffusion import GaussianDiffusion, draw_timesteps_and_noise
-from difffit_cli.engine.models.dit import DiT, DiTConfig
-from difffit_cli.engine.models.speed import (
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import sample_denoised, sample_generators, to_uint8
+from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit.engine.models.diffusion import GaussianDiffusion, draw_timesteps_and_noise
+from difffit.engine.models.dit import DiT, DiTConfig
+from difffit.engine.models.speed import (
     attention_backend,
     choose_attention_backend,
     compile_blocks,
@@ -19,7 +19,7 @@ from difffit_cli.engine.models.speed import (
     padded_batch,
     resolve_compile,
 )
-from difffit_cli.engine.training.step import LossMeter, step_generator
+from difffit.engine.training.step import LossMeter, step_generator
 
 # -- device-side randomness -------------------------------------------------------------------------
 

@@ -19,16 +19,16 @@ from t2i_fixtures import (
     make_tiny_sd3_transformer,
 )
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
-from difffit_cli.engine.methods.baselines import MethodSettings, fold_lora
-from difffit_cli.engine.methods.sources import describe_source, load_source
-from difffit_cli.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
-from difffit_cli.engine.models.families import FLUX, SD3, family_of, family_of_spec, load_base
-from difffit_cli.engine.models.families.flux import ALIAS_CONFIGS as FLUX_CONFIGS
-from difffit_cli.engine.models.families.pipeline_family import ScaledLinear
-from difffit_cli.engine.models.families.sd3 import ALIAS_CONFIGS as SD3_CONFIGS
-from difffit_cli.engine.models.flow_matching import FlowMatching
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
+from difffit.engine.methods.baselines import MethodSettings, fold_lora
+from difffit.engine.methods.sources import describe_source, load_source
+from difffit.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
+from difffit.engine.models.families import FLUX, SD3, family_of, family_of_spec, load_base
+from difffit.engine.models.families.flux import ALIAS_CONFIGS as FLUX_CONFIGS
+from difffit.engine.models.families.pipeline_family import ScaledLinear
+from difffit.engine.models.families.sd3 import ALIAS_CONFIGS as SD3_CONFIGS
+from difffit.engine.models.flow_matching import FlowMatching
 
 
 @dataclass(frozen=True)
@@ -419,7 +419,7 @@ def test_the_training_forward_is_the_pipelines_call(case, pipeline_dir):
 def test_flux_schnell_kind_trains_without_guidance_and_samples_as_its_card_says(tmp_path):
     """A FLUX base without guidance embedding (schnell's kind): the forward passes no guidance, 256 T5 tokens
     and schnell's card (4 steps, guidance 0) are its defaults; --negative-prompt is one sentence on FLUX."""
-    from difffit_cli.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.evaluation.sample import SamplingOptions
 
     base = load_base(str(make_tiny_flux(tmp_path / "schnell", guidance_embeds=False)))
     assert base.max_text_tokens == 256 and FLUX.architecture(FLUX.config_of(base.model)) == "FLUX-d2+2-w16"

@@ -16,18 +16,18 @@ import torch
 from t2i_fixtures import make_captioned_data, record_batch_shapes, t2i_fit_config
 from test_flow_families import CASES
 
-from difffit_cli.engine.data.images import ImageDataset, scan_image_folder
-from difffit_cli.engine.data.latents import encode_distribution
-from difffit_cli.engine.data.text_cache import text_embeddings
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions, generate, sample_generators
-from difffit_cli.engine.methods.adapter import read_adapter_meta
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.models.families import family_of, load_base
-from difffit_cli.engine.training import train
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.data.images import ImageDataset, scan_image_folder
+from difffit.engine.data.latents import encode_distribution
+from difffit.engine.data.text_cache import text_embeddings
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions, generate, sample_generators
+from difffit.engine.methods.adapter import read_adapter_meta
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source
+from difffit.engine.models.families import family_of, load_base
+from difffit.engine.training import train
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 FAST = {"steps": 3, "seed": 7, "device": "cpu"}
 PROMPTS = ["a red square", "a bowl of ramen, studio light"]
@@ -286,10 +286,10 @@ def test_card_push_and_report(case, trained, tmp_path):
     import yaml
     from diffusers import DiffusionPipeline
 
-    from difffit_cli.engine.sharing.card import model_card
-    from difffit_cli.engine.sharing.push import push_adapter
-    from difffit_cli.engine.sharing.report import write_report
-    from difffit_cli.engine.training.runs import training_summary
+    from difffit.engine.sharing.card import model_card
+    from difffit.engine.sharing.push import push_adapter
+    from difffit.engine.sharing.report import write_report
+    from difffit.engine.training.runs import training_summary
 
     full, pipeline = trained[1], load_base(trained[0]["base"]).pipeline
     alias, repo = list(case.family.kind.aliases.items())[-1]  # SD3.5-large-turbo, FLUX.1-schnell

@@ -13,10 +13,10 @@ from t2i_fixtures import make_captioned_data, make_mixed_aspect_data, record_bat
 from test_flow_families import CASES, inputs, perturbed
 from torch import nn
 
-from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.families import load_base
-from difffit_cli.engine.models.fp8 import FP8FrozenLinear, quantize_frozen_linears
-from difffit_cli.engine.training.train import fit
+from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit.engine.models.families import load_base
+from difffit.engine.models.fp8 import FP8FrozenLinear, quantize_frozen_linears
+from difffit.engine.training.train import fit
 
 # The Linears each family keeps bf16 under fp8, by name in the tiny models (FLUX: 2 joint + 2 single blocks).
 KEPT = {
@@ -107,8 +107,8 @@ MIXED = {(40, 10): 4, (20, 20): 5, (10, 40): 2}
 
 
 def test_mixed_aspect_data_trains_in_buckets_and_samples_at_a_buckets_size(case, tmp_path, monkeypatch):
-    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-    from difffit_cli.engine.methods.sources import load_source
+    from difffit.engine.evaluation.sample import SamplingOptions, generate
+    from difffit.engine.methods.sources import load_source
 
     pipe = case.pipeline(tmp_path / "pipe")
     shapes = record_batch_shapes(monkeypatch)
@@ -128,8 +128,8 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
 
     from safetensors import safe_open
 
-    from difffit_cli.engine import devices
-    from difffit_cli.engine.training import train
+    from difffit.engine import devices
+    from difffit.engine.training import train
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
     monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
@@ -146,9 +146,9 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
 def test_flow_families_fit_and_sample_on_cuda(case, tmp_path):
     """On a GPU (gpu_check.sh's tests stage): fit in bf16 with checkpointing, and in fp8 through `_scaled_mm`
     where the GPU has it; the adapters sample finite images in bf16 at a non-square size."""
-    from difffit_cli.engine import devices
-    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-    from difffit_cli.engine.methods.sources import load_source
+    from difffit.engine import devices
+    from difffit.engine.evaluation.sample import SamplingOptions, generate
+    from difffit.engine.methods.sources import load_source
 
     pipe, data = case.pipeline(tmp_path / "pipe"), make_captioned_data(tmp_path / "data", per_caption=2)
     precisions = ["bf16"] + (["fp8"] if devices.fp8_support("cuda") is None else [])

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.devices import fp8_support, require_fp8
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.dit import DiT, DiTConfig
-from difffit_cli.engine.models.fp8 import (
+from difffit.engine.devices import fp8_support, require_fp8
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit.engine.models.dit import DiT, DiTConfig
+from difffit.engine.models.fp8 import (
     E4M3,
     E5M2,
     FP8FrozenLinear,
@@ -168,9 +168,9 @@ def test_fp8_fit_on_dit_previews_and_writes_plain_files(tmp_path, toy_data, tiny
 
     from safetensors.torch import load_file
 
-    from difffit_cli.engine import devices
-    from difffit_cli.engine.training import train
-    from difffit_cli.engine.training.config import FitConfig
+    from difffit.engine import devices
+    from difffit.engine.training import train
+    from difffit.engine.training.config import FitConfig
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
     monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from difffit_cli.engine.data.hf_datasets import is_dataset, open_data
-from difffit_cli.engine.data.images import Row, find_bad_images
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import read_adapter
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.data.hf_datasets import is_dataset, open_data
+from difffit.engine.data.images import Row, find_bad_images
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import read_adapter
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 
 def make_dataset(toy_data: Path, broken_row: bool = False):
@@ -93,7 +93,7 @@ def test_columns_labels_and_errors(tmp_path, toy_data):
 
 
 def test_default_out_dir_of_a_hub_dataset_is_a_plain_folder_name():
-    from difffit_cli.engine.training.config import default_out_dir
+    from difffit.engine.training.config import default_out_dir
 
     assert default_out_dir("hf:nelorth/oxford-flowers:train", "difffit") == Path("runs/oxford-flowers-train-difffit")
     assert default_out_dir("hf:owner/cub200", "lora") == Path("runs/cub200-lora")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "difffit_cli"
+PACKAGE = Path(__file__).resolve().parents[1] / "difffit"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 100
 
@@ -28,7 +28,7 @@ def imported(tree: ast.Module, module: str) -> list[tuple[str, ast.AST, bool]]:
             return  # annotations only: never executed
         in_function = in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:  # `from difffit_cli.engine import train` imports a module too
+            for alias in node.names:  # `from difffit.engine import train` imports a module too
                 target = f"{node.module}.{alias.name}"
                 out.append((target if target in all_modules else node.module, node, in_function))
         elif isinstance(node, ast.Import):
@@ -37,7 +37,7 @@ def imported(tree: ast.Module, module: str) -> list[tuple[str, ast.AST, bool]]:
             visit(child, in_function, package)
 
     visit(tree, False, module)
-    return [(name, node, inner) for name, node, inner in out if name.startswith("difffit_cli")]
+    return [(name, node, inner) for name, node, inner in out if name.startswith("difffit")]
 
 
 all_modules = modules()
@@ -59,8 +59,8 @@ def test_no_module_or_function_is_too_long():
 
 def test_engine_modules_import_each_other_at_the_top():
     inside = [f"{name}:{node.lineno} imports {target}" for name, tree in all_modules.items()
-              if name.startswith("difffit_cli.engine") for target, node, in_function in imported(tree, name)
-              if in_function and target.startswith("difffit_cli.engine")]
+              if name.startswith("difffit.engine") for target, node, in_function in imported(tree, name)
+              if in_function and target.startswith("difffit.engine")]
     assert inside == []
 
 
@@ -99,16 +99,16 @@ LAYERS = {"models": 1, "data": 2, "methods": 3, "evaluation": 3, "training": 4, 
 def layer(module: str) -> int:
     """0 for the plumbing at the engine's root (errors, io, hub, ...), 6 for the CLI."""
     parts = module.split(".")
-    if parts[:2] == ["difffit_cli", "cli"]:
+    if parts[:2] == ["difffit", "cli"]:
         return 6
-    return LAYERS.get(parts[2], 0) if parts[:2] == ["difffit_cli", "engine"] and len(parts) > 2 else 0
+    return LAYERS.get(parts[2], 0) if parts[:2] == ["difffit", "engine"] and len(parts) > 2 else 0
 
 
 def test_engine_dependencies_point_down():
     upward = [f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
-              for name, tree in all_modules.items() if name.startswith("difffit_cli.engine.")
+              for name, tree in all_modules.items() if name.startswith("difffit.engine.")
               for target, _, _ in imported(tree, name)
-              if target in all_modules and target != "difffit_cli" and layer(target) > layer(name)]
+              if target in all_modules and target != "difffit" and layer(target) > layer(name)]
     assert upward == []
 
 
@@ -116,7 +116,7 @@ def test_every_engine_subpackage_is_a_layer():
     packages = {p.name for p in (PACKAGE / "engine").iterdir() if (p / "__init__.py").is_file()}
     assert packages == set(LAYERS)
     for name in packages:
-        doc = ast.get_docstring(all_modules[f"difffit_cli.engine.{name}"])
+        doc = ast.get_docstring(all_modules[f"difffit.engine.{name}"])
         assert doc, f"engine/{name}/__init__.py needs a docstring saying what the layer is"
 
 
@@ -127,8 +127,8 @@ def _parents(module: str) -> list[str]:
 
 def test_the_layout_test_sees_what_it_checks():
     """Guard against a vacuous pass: the walk finds the engine, its imports and the CLI's lazy imports."""
-    assert {"difffit_cli.engine.training.train", "difffit_cli.cli", "difffit_cli.engine.models.dit"} <= set(all_modules)
-    train_imports = {target for target, _, _ in imported(all_modules["difffit_cli.engine.training.train"], "")}
-    assert "difffit_cli.engine.training.config" in train_imports
-    cli_inner = [t for t, _, inner in imported(all_modules["difffit_cli.cli.train"], "") if inner]
-    assert "difffit_cli.engine.training.train" in cli_inner or "difffit_cli.engine" in cli_inner
+    assert {"difffit.engine.training.train", "difffit.cli", "difffit.engine.models.dit"} <= set(all_modules)
+    train_imports = {target for target, _, _ in imported(all_modules["difffit.engine.training.train"], "")}
+    assert "difffit.engine.training.config" in train_imports
+    cli_inner = [t for t, _, inner in imported(all_modules["difffit.cli.train"], "") if inner]
+    assert "difffit.engine.training.train" in cli_inner or "difffit.engine" in cli_inner

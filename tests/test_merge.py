@@ -10,11 +10,11 @@ import torch
 from test_adapter import T, X, outputs, train, write_base
 from typer.testing import CliRunner
 
-from difffit_cli.cli import app
-from difffit_cli.engine.methods.adapter import save_adapter
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.models.bases import load_base
+from difffit.cli import app
+from difffit.engine.methods.adapter import save_adapter
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source
+from difffit.engine.models.bases import load_base
 
 
 @pytest.fixture(scope="module")

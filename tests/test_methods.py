@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.trainable import (
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.trainable import (
     cast_frozen_matrices,
     count_groups,
     describe_method,
@@ -19,7 +19,7 @@ from difffit_cli.engine.methods.trainable import (
     prepare_model,
     trainable_parameters,
 )
-from difffit_cli.engine.models.dit import DiT, config_for
+from difffit.engine.models.dit import DiT, config_for
 
 XL = config_for("DiT-XL/2", input_size=32)
 # DiT-XL/2 bias counts, by hand from the architecture (not from the code under test):

@@ -17,10 +17,10 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation import inception, metrics
-from difffit_cli.engine.evaluation.inception import random_inception_weights
-from difffit_cli.engine.io import user_cache_dir
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation import inception, metrics
+from difffit.engine.evaluation.inception import random_inception_weights
+from difffit.engine.io import user_cache_dir
 
 N = 12
 
@@ -140,7 +140,7 @@ def tiny_base(tmp_path_factory):
     """A 1-block DiT on 8 px pixel space (identity VAE), saved as an original-layout base file."""
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.models.dit import DiT, DiTConfig
+    from difffit.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6,
@@ -158,8 +158,8 @@ def tiny_base(tmp_path_factory):
 def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-    from difffit_cli.engine.methods.sources import load_source
+    from difffit.engine.evaluation.sample import SamplingOptions, generate
+    from difffit.engine.methods.sources import load_source
 
     options = SamplingOptions(scheduler="ddim", steps=2, cfg_scale=1.5, seed=3)
     monkeypatch.chdir(tmp_path)
@@ -177,9 +177,9 @@ def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_pa
 def test_a_sample_folder_is_read_as_its_samples(tiny_base, image_sets, weights, tmp_path):
     """`difffit sample`'s folder carries difffit's marker, which folder scans skip: it is read through its
     manifest, so its samples count (once, in order) and its grid.png does not."""
-    from difffit_cli.engine.evaluation.sample import SamplingOptions
-    from difffit_cli.engine.evaluation.sample_folder import sample_to_folder
-    from difffit_cli.engine.methods.sources import load_source
+    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.evaluation.sample_folder import sample_to_folder
+    from difffit.engine.methods.sources import load_source
 
     base, _ = load_source(str(tiny_base))
     options = SamplingOptions(scheduler="ddim", steps=2, cfg_scale=1.5, seed=3, device="cpu")
@@ -212,7 +212,7 @@ def bad_inputs(tmp_path_factory):
 def test_bad_input_is_one_sentence(generated, reference, extra, expected, image_sets, bad_inputs, weights):
     paths = {"bad": bad_inputs, "A": image_sets["A"], "B": image_sets["B"]}
     args = [generated.format(**paths), reference.format(**paths), "--inception-weights", str(weights), *extra]
-    command = [sys.executable, "-m", "difffit_cli", "eval-fid", *args]
+    command = [sys.executable, "-m", "difffit", "eval-fid", *args]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 1
     assert expected in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
@@ -253,7 +253,7 @@ def test_random_weights_are_an_offline_value_cached_once(ours, image_sets, weigh
 
 def test_json_output_has_only_the_asked_metrics(image_sets, weights):
     done = subprocess.run(
-        [sys.executable, "-m", "difffit_cli", "eval-fid", str(image_sets["A"]), str(image_sets["B"]),
+        [sys.executable, "-m", "difffit", "eval-fid", str(image_sets["A"]), str(image_sets["B"]),
          "--inception-weights", str(weights), "--metrics", "fid,isc", "--device", "cpu", "--json"],
         capture_output=True, text=True,
     )

@@ -9,14 +9,14 @@ import pytest
 import torch
 from t2i_fixtures import make_tiny_pixart, make_tiny_transformer
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
-from difffit_cli.engine.methods.baselines import MethodSettings, fold_lora
-from difffit_cli.engine.methods.sources import describe_source, load_source
-from difffit_cli.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
-from difffit_cli.engine.models.families import PIXART, family_of, family_of_spec, load_base
-from difffit_cli.engine.models.families.pixart import ScaledLinear
-from difffit_cli.engine.models.families.pixart_bases import XL2_CONFIG
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import AdapterSwapper, make_meta, read_adapter, save_adapter
+from difffit.engine.methods.baselines import MethodSettings, fold_lora
+from difffit.engine.methods.sources import describe_source, load_source
+from difffit.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
+from difffit.engine.models.families import PIXART, family_of, family_of_spec, load_base
+from difffit.engine.models.families.pixart import ScaledLinear
+from difffit.engine.models.families.pixart_bases import XL2_CONFIG
 
 XL512 = {**XL2_CONFIG, "sample_size": 64}
 # PixArt-XL/2 by hand (width 1152, 28 blocks, MLP 4608, T5 4096 -> 1152): per block the biases of the 2 x 4
@@ -240,7 +240,7 @@ def test_adapter_file_records_the_family_and_swaps_exactly(pipeline_dir, tmp_pat
 
 
 def test_adapters_apply_only_to_their_own_family(pipeline_dir, tmp_path, tiny_base_file):
-    from difffit_cli.engine.methods.sources import load_adapter_base
+    from difffit.engine.methods.sources import load_adapter_base
 
     trained_adapter(pipeline_dir, tmp_path / "pixart.safetensors")
     with pytest.raises(DiffFitError, match="is a PixArt adapter, and .* is a DiT base"):

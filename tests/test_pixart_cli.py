@@ -64,9 +64,9 @@ def test_an_adapter_of_one_family_on_a_base_of_the_other_is_one_sentence(pipelin
                                                                           monkeypatch, capsys):
     from test_pixart import trained_adapter
 
-    from difffit_cli.engine.methods.adapter import make_meta, save_adapter
-    from difffit_cli.engine.methods.trainable import prepare_model
-    from difffit_cli.engine.models.bases import load_base
+    from difffit.engine.methods.adapter import make_meta, save_adapter
+    from difffit.engine.methods.trainable import prepare_model
+    from difffit.engine.models.bases import load_base
 
     trained_adapter(pipeline_dir, tmp_path / "pixart.safetensors")
     dit = load_base(str(tiny_base_file))

@@ -14,14 +14,14 @@ import pytest
 import torch
 from t2i_fixtures import make_captioned_data, make_tiny_pixart, t2i_fit_config
 
-from difffit_cli.engine.data.batches import Captions
-from difffit_cli.engine.data.text_cache import text_embeddings
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.models.families import PIXART, load_base
-from difffit_cli.engine.training import train
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.data.batches import Captions
+from difffit.engine.data.text_cache import text_embeddings
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.sources import load_source
+from difffit.engine.models.families import PIXART, load_base
+from difffit.engine.training import train
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def fixed_loss(source, captions: list[str], latents: torch.Tensor) -> float:
 
 def training_latents(data, base) -> tuple[torch.Tensor, list[str], list[str]]:
     """The data's latents (means), their captions, and the captions with red and blue swapped."""
-    from difffit_cli.engine.data.images import ImageDataset, scan_image_folder
-    from difffit_cli.engine.data.latents import encode_distribution
+    from difffit.engine.data.images import ImageDataset, scan_image_folder
+    from difffit.engine.data.latents import encode_distribution
 
     folder = scan_image_folder(data)
     dataset = ImageDataset(folder, base.resolution)
@@ -173,7 +173,7 @@ def test_previews_show_the_validation_prompts_at_fixed_seeds(conf, tmp_path):
     assert grids[0].shape == (48, 48, 3)  # 8 images of 16 px (the 3 prompts in turn) in a 3 x 3 grid
     assert np.array_equal(grids[0], grids[1])  # step 0 is the base at fixed seeds
     assert (runs[0].out_dir / "samples" / "step-0000002.png").exists()
-    from difffit_cli.engine.methods.adapter import read_adapter_meta
+    from difffit.engine.methods.adapter import read_adapter_meta
 
     meta = read_adapter_meta(runs[0].adapter)
     assert meta.family == "pixart" and meta.training["validation_prompts"] == prompts

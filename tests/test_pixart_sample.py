@@ -12,12 +12,12 @@ import torch
 from t2i_fixtures import make_tiny_pixart
 from test_pixart import trained_adapter
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions, generate, sample_generators
-from difffit_cli.engine.evaluation.sample_folder import load_pngs
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source, sample_sources
-from difffit_cli.engine.models.families import load_base
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions, generate, sample_generators
+from difffit.engine.evaluation.sample_folder import load_pngs
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source, sample_sources
+from difffit.engine.models.families import load_base
 
 FAST = {"steps": 3, "seed": 7, "device": "cpu"}
 PROMPTS = ["a red square", "a bowl of ramen, studio light"]
@@ -104,7 +104,7 @@ def test_a_long_prompt_is_cut_as_the_pipeline_does_with_a_warning(pipeline_dir, 
 
 
 def test_prompts_file_errors_are_one_sentence(tmp_path):
-    from difffit_cli.engine.evaluation.sample import read_prompts
+    from difffit.engine.evaluation.sample import read_prompts
 
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
@@ -172,8 +172,8 @@ def test_eval_fid_scores_a_pixart_sample_folder_against_its_prompts(adapter, tmp
     (and matches a direct CLIP score of the same images and prompts)."""
     from t2i_fixtures import save_tiny_clip
 
-    from difffit_cli.engine.evaluation.clip_score import clip_score
-    from difffit_cli.engine.evaluation.metrics import evaluate
+    from difffit.engine.evaluation.clip_score import clip_score
+    from difffit.engine.evaluation.metrics import evaluate
 
     clip = save_tiny_clip(tmp_path / "clip")
     options = SamplingOptions(cfg_scale=None, scheduler=None, **FAST)

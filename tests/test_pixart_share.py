@@ -9,13 +9,13 @@ import pytest
 import yaml
 from t2i_fixtures import make_captioned_data, make_tiny_pixart
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.sharing.card import hub_base_id, model_card
-from difffit_cli.engine.sharing.push import push_adapter
-from difffit_cli.engine.sharing.report import write_report
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.runs import training_summary
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.sharing.card import hub_base_id, model_card
+from difffit.engine.sharing.push import push_adapter
+from difffit.engine.sharing.report import write_report
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.runs import training_summary
+from difffit.engine.training.train import fit
 
 PROMPTS = ["a red square", 'a "quoted" blue square']
 

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.models.bases import load_base
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.evaluation.sample import SamplingOptions, generate
+from difffit.engine.methods.sources import load_source
+from difffit.engine.models.bases import load_base
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "examples" / "target"
@@ -64,5 +64,5 @@ def test_fitting_the_tiny_base_moves_samples_to_the_target_domain(tmp_path, targ
     adapted_distance = frechet_distance(pixel_features(after), target_features)
     assert adapted_distance < 0.5 * base_distance, (adapted_distance, base_distance)
     # the adapter holds only the trained tensors: a small fraction of the base file
-    base_bytes = (REPO / "difffit_cli" / "assets" / "tiny.safetensors").stat().st_size
+    base_bytes = (REPO / "difffit" / "assets" / "tiny.safetensors").stat().st_size
     assert Path(result.adapter).stat().st_size < 0.2 * base_bytes

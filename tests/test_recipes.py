@@ -8,9 +8,9 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.recipes import SHIPPED, read_options, resolve_fit_config, write_toml
+from difffit.engine.errors import DiffFitError
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.recipes import SHIPPED, read_options, resolve_fit_config, write_toml
 
 PAPER_DATASETS = ("food101", "sun397", "df20m-mini", "caltech101", "cub200", "artbench10", "flowers102",
                   "stanford-cars")
@@ -35,8 +35,8 @@ def test_cli_beats_recipe_beats_defaults(tmp_path):
 
 def test_cli_detects_given_options(tmp_path, monkeypatch):
     """Through the real CLI: an option left at its default must not override the recipe."""
-    import difffit_cli.engine.training.train as train
-    from difffit_cli import cli
+    import difffit.engine.training.train as train
+    from difffit import cli
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('data = "imgs"\nbase = "random:DiT-S/2"\nsteps = 100\nbatch_size = 8\nsave_every = 5\n')
@@ -84,8 +84,8 @@ def test_toml_writer_round_trips():
 
 def test_caption_options_from_the_cli_and_recipes(tmp_path, monkeypatch):
     """Declared on fit, carried into FitConfig and recipes, checked before any work."""
-    import difffit_cli.engine.training.train as train
-    from difffit_cli import cli
+    import difffit.engine.training.train as train
+    from difffit import cli
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('data = "imgs"\nbase = "b"\ncaption-dropout = 0\nmax_text_tokens = 77\n'

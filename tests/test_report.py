@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.sharing.report import write_report
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.loss_plot import write_loss_plot
-from difffit_cli.engine.training.runs import read_log, smooth
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.sharing.report import write_report
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.loss_plot import write_loss_plot
+from difffit.engine.training.runs import read_log, smooth
+from difffit.engine.training.train import fit
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_tensorboard_events_hold_the_preview_image(real_run, tmp_path):
     from accelerate.state import AcceleratorState
     EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
-    from difffit_cli.engine.training.trackers import log_preview
+    from difffit.engine.training.trackers import log_preview
 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
@@ -186,7 +186,7 @@ def test_log_with_checks(monkeypatch):
     import importlib.util
     import os
 
-    from difffit_cli.engine.training.trackers import check_log_with
+    from difffit.engine.training.trackers import check_log_with
 
     check_log_with(None)
     check_log_with("tensorboard")

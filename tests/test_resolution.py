@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions, generate
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.models.bases import load_base
-from difffit_cli.engine.models.dit import sincos_pos_embed_2d
-from difffit_cli.engine.models.resolution import move_to_resolution
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions, generate
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source
+from difffit.engine.models.bases import load_base
+from difffit.engine.models.dit import sincos_pos_embed_2d
+from difffit.engine.models.resolution import move_to_resolution
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_upscaled_fit_samples_and_merges_at_the_new_size(tmp_path, toy_data, tin
 
 def test_cli_refuses_a_smaller_target_in_one_sentence(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     run = subprocess.run(
-        [sys.executable, "-m", "difffit_cli", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
+        [sys.executable, "-m", "difffit", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
          "--vae", str(tiny_vae_dir), "--to", "8", "--batch-size", "4", "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
     )
@@ -91,7 +91,7 @@ def test_cli_refuses_a_smaller_target_in_one_sentence(tmp_path, toy_data, tiny_b
 
 def test_cli_needs_a_target(tmp_path, toy_data, tiny_base_file):
     run = subprocess.run(
-        [sys.executable, "-m", "difffit_cli", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
+        [sys.executable, "-m", "difffit", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
          "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
     )

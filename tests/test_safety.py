@@ -16,14 +16,14 @@ import pytest
 import torch
 from test_train import REPO, _cli, _wait_for, adapter_tensors
 
-from difffit_cli.engine.data.cache_files import remove_stale_builds
-from difffit_cli.engine.data.images import scan_image_folder
-from difffit_cli.engine.data.latents import latent_cache
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import MARKER, atomic_path, check_output, run_lock, write_marker
-from difffit_cli.engine.models.vae import load_vae
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.data.cache_files import remove_stale_builds
+from difffit.engine.data.images import scan_image_folder
+from difffit.engine.data.latents import latent_cache
+from difffit.engine.errors import DiffFitError
+from difffit.engine.io import MARKER, atomic_path, check_output, run_lock, write_marker
+from difffit.engine.models.vae import load_vae
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(conf, tmp_path):
 def test_a_killed_process_leaves_no_blocking_lock(conf, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from difffit_cli.engine.io import run_lock\n"
+        "import sys, time; from pathlib import Path; from difffit.engine.io import run_lock\n"
         f"with run_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -188,7 +188,7 @@ def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, t
 
     from conftest import run_cli
 
-    from difffit_cli.engine.data import cache_files, latents
+    from difffit.engine.data import cache_files, latents
 
     real_open = open
 

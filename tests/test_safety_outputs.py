@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from test_merge import adapter  # noqa: F401 - the module-scoped trained adapter fixture
 from test_sample import FAST, adapters, base_file  # noqa: F401 - fixtures
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.io import atomic_path
-from difffit_cli.engine.methods.adapter import read_adapter, tensors_checksum
-from difffit_cli.engine.methods.merge import merge_adapter
+from difffit.engine.errors import DiffFitError
+from difffit.engine.io import atomic_path
+from difffit.engine.methods.adapter import read_adapter, tensors_checksum
+from difffit.engine.methods.merge import merge_adapter
 
 
 @pytest.fixture
@@ -159,8 +159,8 @@ def test_bad_options_are_one_sentence_before_any_work(monkeypatch, capsys, tmp_p
 
 
 def test_diffusers_merge_of_another_mlp_ratio_is_one_sentence(tmp_path, tiny_base_file, tiny_vae_dir, toy_data):
-    from difffit_cli.engine.training.config import FitConfig
-    from difffit_cli.engine.training.train import fit
+    from difffit.engine.training.config import FitConfig
+    from difffit.engine.training.train import fit
 
     run = fit(FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, batch_size=4,
                         save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import assert_close_amplified, run_cli
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import (
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import (
     SamplingOptions,
     draw_noise,
     generate,
@@ -22,7 +22,7 @@ from difffit_cli.engine.evaluation.sample import (
     sample_generators,
     to_uint8,
 )
-from difffit_cli.engine.evaluation.sample_folder import (
+from difffit.engine.evaluation.sample_folder import (
     load_pngs,
     sample_to_folder,
     save_grid,
@@ -30,9 +30,9 @@ from difffit_cli.engine.evaluation.sample_folder import (
     save_pngs,
     shard,
 )
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
-from difffit_cli.engine.models.schedulers import make_sampler
-from difffit_cli.engine.models.vae import load_vae
+from difffit.engine.models.diffusion import GaussianDiffusion
+from difffit.engine.models.schedulers import make_sampler
+from difffit.engine.models.vae import load_vae
 
 
 @dataclass
@@ -332,7 +332,7 @@ def base_file(tmp_path_factory, tiny_vae_dir):
 
     from safetensors.torch import save_file
 
-    from difffit_cli.engine.models.dit import DiT, DiTConfig
+    from difffit.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=8, hidden_size=384, depth=2, num_heads=6, num_classes=10))
@@ -350,9 +350,9 @@ def make_adapter(base_file, path, seed):
     """An adapter as fit leaves one: 3 named classes, perturbed trainable tensors (fp32: exact)."""
     import copy
 
-    from difffit_cli.engine.methods.adapter import make_meta, save_adapter
-    from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-    from difffit_cli.engine.models.bases import load_base
+    from difffit.engine.methods.adapter import make_meta, save_adapter
+    from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+    from difffit.engine.models.bases import load_base
 
     base = load_base(str(base_file))
     model = copy.deepcopy(base.model)
@@ -467,7 +467,7 @@ def test_a_manifest_never_reaches_outside_its_folder(base, tmp_path):
 
 
 def _interrupt_after_first_batch(monkeypatch):
-    import difffit_cli.engine.evaluation.sample_folder as sample_folder
+    import difffit.engine.evaluation.sample_folder as sample_folder
 
     real, calls = sample_folder.save_pngs, []
 
@@ -483,7 +483,7 @@ def _interrupt_after_first_batch(monkeypatch):
 def test_an_interrupted_sample_never_passes_for_a_finished_one(base, tmp_path, monkeypatch):
     import json
 
-    from difffit_cli.engine.evaluation.image_sets import FolderImages
+    from difffit.engine.evaluation.image_sets import FolderImages
 
     options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
     out = tmp_path / "out"
@@ -523,7 +523,7 @@ def test_an_interrupted_first_sample_can_be_replaced(base, tmp_path, monkeypatch
 
 
 def test_a_second_sample_into_a_folder_in_use_is_refused(base, tmp_path):
-    from difffit_cli.engine.io import LOCK, run_lock
+    from difffit.engine.io import LOCK, run_lock
 
     options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
     out = tmp_path / "cs"

@@ -14,14 +14,14 @@ import yaml
 from PIL import Image
 from test_adapter import train, write_base
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import read_adapter, save_adapter
-from difffit_cli.engine.methods.hub_adapters import resolve_adapter_source
-from difffit_cli.engine.sharing.card import hub_base_id, model_card
-from difffit_cli.engine.sharing.push import push_adapter
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.runs import training_summary
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import read_adapter, save_adapter
+from difffit.engine.methods.hub_adapters import resolve_adapter_source
+from difffit.engine.sharing.card import hub_base_id, model_card
+from difffit.engine.sharing.push import push_adapter
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.runs import training_summary
+from difffit.engine.training.train import fit
 
 SNAPSHOT = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -106,9 +106,9 @@ def test_card_of_a_local_base_without_eval_or_grid(run_dir):
     ("adapter-parallel", "stabilityai/sd-vae-ft-ema", "not merged into its base"),  # nothing folds
 ])
 def test_card_gives_only_merge_instructions_that_work(run_dir, method, vae, shown):
-    from difffit_cli.engine.methods.adapter import read_adapter_meta
-    from difffit_cli.engine.methods.merge import merge_formats
-    from difffit_cli.engine.models.dit import config_for
+    from difffit.engine.methods.adapter import read_adapter_meta
+    from difffit.engine.methods.merge import merge_formats
+    from difffit.engine.models.dit import config_for
 
     xl = config_for("DiT-XL/2", input_size=32).to_dict()
     meta = dataclasses.replace(read_adapter_meta(run_dir / "adapter.safetensors"), method=method, vae_spec=vae,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from test_adapter import train, write_base
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.sample import SamplingOptions
-from difffit_cli.engine.evaluation.sample_folder import load_pngs
-from difffit_cli.engine.methods.adapter import save_adapter
-from difffit_cli.engine.methods.sources import describe_source, sample_sources, source_name, unique_names
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions
+from difffit.engine.evaluation.sample_folder import load_pngs
+from difffit.engine.methods.adapter import save_adapter
+from difffit.engine.methods.sources import describe_source, sample_sources, source_name, unique_names
 
 FAST = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
 

@@ -15,19 +15,19 @@ from safetensors import safe_open
 from t2i_fixtures import make_captioned_data, make_tiny_pixart, make_tiny_transformer
 from torch import nn
 
-from difffit_cli.engine import devices
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.baselines import MethodSettings, lora_layers
-from difffit_cli.engine.methods.merge import merge_adapter
-from difffit_cli.engine.methods.sources import load_source
-from difffit_cli.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit_cli.engine.models.diffusion import GaussianDiffusion
-from difffit_cli.engine.models.families import PIXART
-from difffit_cli.engine.models.fp8 import E4M3, FP8FrozenLinear, quantize_frozen_linears, reference_linear
-from difffit_cli.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears
-from difffit_cli.engine.training import train
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine import devices
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.baselines import MethodSettings, lora_layers
+from difffit.engine.methods.merge import merge_adapter
+from difffit.engine.methods.sources import load_source
+from difffit.engine.methods.trainable import prepare_model, trainable_parameters
+from difffit.engine.models.diffusion import GaussianDiffusion
+from difffit.engine.models.families import PIXART
+from difffit.engine.models.fp8 import E4M3, FP8FrozenLinear, quantize_frozen_linears, reference_linear
+from difffit.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears
+from difffit.engine.training import train
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 # Per PixArt block: q, k, v, out of self- and cross-attention, and the MLP's two Linears.
 BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from t2i_fixtures import save_tiny_t5
 
-from difffit_cli.engine.data.text_cache import text_cache_dir, text_embeddings
-from difffit_cli.engine.errors import DiffFitError
+from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
+from difffit.engine.errors import DiffFitError
 
 MAX_TOKENS = 12
 CAPTIONS = ["a photo of a cat", "a bowl of ramen", "a photo of a cat", "a green circle", "a bowl of ramen",
@@ -194,7 +194,7 @@ def test_a_disk_too_small_for_the_cache_is_refused_before_any_write(t5, tmp_path
     """The shards are memory maps, which a full disk would kill with a Bus error: the space is checked first."""
     from types import SimpleNamespace
 
-    from difffit_cli.engine.data import cache_files
+    from difffit.engine.data import cache_files
 
     monkeypatch.setattr(cache_files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     with pytest.raises(DiffFitError, match="The text-embedding cache needs .* GB free"):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_loss_falls_on_learnable_data(tmp_path, conf):
 
 
 def test_frozen_tensors_bit_identical_and_outputs_written(tmp_path, conf, tiny_base_file, tiny_vae_dir):
-    from difffit_cli.engine.models.bases import load_base
+    from difffit.engine.models.bases import load_base
 
     base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -94,7 +94,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, conf):
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "difffit_cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "difffit", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -149,7 +149,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, toy_data, tiny_ba
 
 
 def test_cache_is_reused_across_runs(tmp_path, conf, monkeypatch):
-    from difffit_cli.engine.models.vae import Autoencoder
+    from difffit.engine.models.vae import Autoencoder
 
     calls = []
     original = Autoencoder.encode
@@ -190,7 +190,7 @@ def test_empty_folder_fails_cleanly(tmp_path, tiny_base_file):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, conf, monkeypatch):
-    from difffit_cli.engine.models.diffusion import GaussianDiffusion
+    from difffit.engine.models.diffusion import GaussianDiffusion
 
     original = GaussianDiffusion.training_losses
     calls = []
@@ -221,7 +221,7 @@ def test_grad_accum_grad_checkpointing_and_warmup(tmp_path, conf):
 
 
 def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
-    from difffit_cli.engine.methods.trainable import same_classes
+    from difffit.engine.methods.trainable import same_classes
 
     wnids = [f"n{i:08d}" for i in range(1000)]
     labels = [f"label {i}" for i in range(1000)]
@@ -233,7 +233,7 @@ def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
 
 
 def test_bf16_training_stores_frozen_matrices_in_bf16(tmp_path, conf, tiny_base_file, tiny_vae_dir):
-    from difffit_cli.engine.models.bases import load_base
+    from difffit.engine.models.bases import load_base
 
     base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
     frozen_before = base.model.blocks[0].attn.qkv.weight.detach().clone()
@@ -248,11 +248,11 @@ def test_bf16_training_stores_frozen_matrices_in_bf16(tmp_path, conf, tiny_base_
 
 def test_two_processes_train_one_adapter(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     """The multi-GPU code path (sharded batches, process 0 writes), run on CPU through torchrun."""
-    from difffit_cli.engine.methods.adapter import read_adapter
+    from difffit.engine.methods.adapter import read_adapter
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "difffit_cli", "fit",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "difffit", "fit",
          str(toy_data), "--base", str(tiny_base_file), "--vae", str(tiny_vae_dir), "--steps", "4",
          "--batch-size", "4", "--save-every", "2", "--sample-every", "0", "--num-workers", "0",
          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--device", "cpu"],

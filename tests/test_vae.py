@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import make_tiny_vae
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.models.bases import Base
-from difffit_cli.engine.models.dit import DiT, DiTConfig
-from difffit_cli.engine.models.vae import DEFAULT_VAE, IdentityAutoencoder, load_vae, vae_geometry
+from difffit.engine.errors import DiffFitError
+from difffit.engine.models.bases import Base
+from difffit.engine.models.dit import DiT, DiTConfig
+from difffit.engine.models.vae import DEFAULT_VAE, IdentityAutoencoder, load_vae, vae_geometry
 
 
 def test_identity_round_trip():

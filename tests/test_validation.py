@@ -12,14 +12,14 @@ from conftest import make_toy_data
 from PIL import Image
 from safetensors.torch import load_file
 
-from difffit_cli.engine.data.images import scan_image_folder
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.evaluation.inception import random_inception_weights
-from difffit_cli.engine.methods.adapter import read_adapter
-from difffit_cli.engine.models.dit import DiT, DiTConfig
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
-from difffit_cli.engine.training.validation import split_validation, validation_loss
+from difffit.engine.data.images import scan_image_folder
+from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.inception import random_inception_weights
+from difffit.engine.methods.adapter import read_adapter
+from difffit.engine.models.dit import DiT, DiTConfig
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
+from difffit.engine.training.validation import split_validation, validation_loss
 
 
 def records(run_dir: Path, key: str) -> list[tuple[int, float]]:

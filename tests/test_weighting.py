@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import assert_loss_matches_reference
 
-from difffit_cli.engine.errors import DiffFitError
-from difffit_cli.engine.methods.adapter import read_adapter
-from difffit_cli.engine.models.diffusion import GaussianDiffusion, linear_betas
-from difffit_cli.engine.training.config import FitConfig
-from difffit_cli.engine.training.train import fit
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.adapter import read_adapter
+from difffit.engine.models.diffusion import GaussianDiffusion, linear_betas
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.train import fit
 
 
 def _losses(golden, golden_model, **weighting):

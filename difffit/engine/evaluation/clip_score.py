@@ -1,0 +1,107 @@
+"""CLIP score: how well images agree with their prompts, with transformers' CLIPModel.
+
+score = the mean over images of 100 * max(cos(image embedding, prompt embedding), 0): CLIPScore as
+Hessel et al. (2021) define it, clamped per image, on the x100 scale torchmetrics and most
+text-to-image papers report (Hessel et al. weight by 2.5 instead; torchmetrics clamps the mean rather
+than each image, which differs only when a cosine is negative). Images go through the model's own
+CLIPImageProcessor (resize, centre crop, normalise); prompts longer than the model's token limit (77
+for OpenAI's CLIP) are cut there, as text-to-image pipelines cut them, and counted on stderr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difffit.engine.devices import resolve_device
+from difffit.engine.errors import DiffFitError
+from difffit.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
+from difffit.engine.progress import library_bars_off, say, track
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-image papers score with
+
+ImageLike = np.ndarray | Image.Image  # H x W x 3 uint8, or any Pillow image
+
+
+def clip_score(images: Iterable[ImageLike], prompts: Sequence[str], *, model: str = DEFAULT_CLIP_MODEL,
+               device: torch.device | str = "auto", batch_size: int = 64, progress: bool = True) -> float:
+    """The CLIP score of images[i] against prompts[i] (see the module docstring). `model`: a hub id or a
+    folder holding a CLIPModel with its processor (`save_pretrained`)."""
+    return score_pairs(zip(images, prompts, strict=True), len(prompts), model=model, device=device,
+                       batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def score_pairs(pairs: Iterable[tuple[ImageLike, str]], count: int, *, model: str, device: torch.device | str,
+                batch_size: int, progress: bool) -> float:
+    """clip_score over (image, prompt) pairs streamed in batches; `count` sizes the progress bar."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    net, processor = load_clip(model, device)
+    max_tokens = net.config.text_config.max_position_embeddings
+    total, scored, cut = 0.0, 0, 0
+    with track(count, "CLIP score", progress) as advance:
+        for chunk in _batches(pairs, batch_size):
+            images, prompts = zip(*chunk, strict=True)
+            lengths = [len(ids) for ids in processor.tokenizer(list(prompts), verbose=False)["input_ids"]]
+            cut += sum(length > max_tokens for length in lengths)
+            text = processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_tokens,
+                                       return_tensors="pt").to(device)
+            # Writable copies (an array of a Pillow image is read-only, which torch.from_numpy warns about).
+            pixels = processor.image_processor(images=[np.array(i) for i in images], return_tensors="pt")
+            pixels = pixels["pixel_values"]
+            # What CLIPModel.get_{image,text}_features compute, spelled out: their return type changed
+            # between transformers 4 (a tensor) and 5 (a model output).
+            image = net.visual_projection(net.vision_model(pixel_values=pixels.to(device)).pooler_output)
+            prompt = net.text_projection(net.text_model(**text).pooler_output)
+            cosine = torch.nn.functional.cosine_similarity(image.double(), prompt.double(), dim=-1)
+            total += (100 * cosine.clamp(min=0)).sum().item()
+            scored += len(chunk)
+            advance(len(chunk))
+    if not scored:
+        raise DiffFitError("There are no images to compute a CLIP score of.")
+    if cut:
+        say((f"{cut} of {scored} prompts are longer than the CLIP model's {max_tokens} tokens; they were scored "
+             f"on their first {max_tokens}.", "yellow"))
+    return total / scored
+
+
+def load_clip(spec: str, device: torch.device):
+    """(CLIPModel in float32 on `device`, CLIPProcessor) from a folder or a hub id (the Hugging Face cache;
+    downloaded once unless downloads are off)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = clip_folder(spec)
+    try:
+        with library_bars_off():
+            model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+            processor = CLIPProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise DiffFitError(f"Cannot load the CLIP model {spec} from {folder} ({error_summary(exc)}).",
+                           hint="--clip-model takes a hub id or a folder with a CLIPModel and its processor.") from None
+    return model.float().eval().to(device), processor
+
+
+def clip_folder(spec: str) -> Path:
+    """The local folder of a CLIP model spec (a folder, or a hub id through the Hugging Face cache)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not HUB_ID.match(spec):
+        raise DiffFitError(f"--clip-model {spec!r} is neither a folder holding a CLIP model nor a hub id like "
+                           f"{DEFAULT_CLIP_MODEL}.")
+    repo_id, subfolder = split_hub_id(spec)
+    prefix = f"{subfolder}/" if subfolder else ""
+    snapshot = hub_snapshot(repo_id, [f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.safetensors"],
+                            what=f"the CLIP model {spec}", instead="pass --clip-model a local folder")
+    return snapshot / subfolder if subfolder else snapshot
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,139 @@
+"""What a run conditions the model on, by the family's kind: class labels (DiT) or caption embeddings
+(text-to-image families); the fit options that apply to one kind only; what the preview grids show.
+
+Text: each image's caption comes from `engine.data.captions` (sidecar NAME.txt, metadata files, a
+dataset column, or a class-folder template). The embeddings of every unique caption, of the empty
+caption (caption dropout) and of the preview prompts are computed once by the family's text encoder
+and cached on disk beside the latents (`engine.data.text_cache`); the encoder is loaded only when a
+caption is not cached yet, and is freed before the first training step, so training holds the
+transformer and the cached tensors only (not T5-XXL's 9 GB).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from difffit.engine.data.batches import Captions, Labels
+from difffit.engine.data.captions import attach_captions
+from difffit.engine.data.images import ImageFolder
+from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
+from difffit.engine.errors import DiffFitError
+from difffit.engine.methods.trainable import check_method, same_classes
+from difffit.engine.models.family import Family
+from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
+from difffit.engine.training.config import FitConfig
+from difffit.engine.training.state import Run
+
+PREVIEW_IMAGES = 8
+# Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
+TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
+             ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"),
+             ("caption_dropout", "--caption-dropout"))
+CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "--val-fraction"),
+              ("val_data", "--val-data"), ("eval_every", "--eval-every"), ("keep_best", "--keep-best"))
+
+
+def check_options(config: FitConfig, family: Family) -> None:
+    """Refuse, in one sentence each, the options that do not apply to the base's family (before any work)."""
+    check_method(config.method, family)
+    if not family.fixed_size and config.pos_embed:
+        raise DiffFitError(f"upscale-res moves DiT's fixed positional grid; a {family.title} transformer trains at "
+                           "any size as it is.", hint=f"Use `difffit fit --resolution {config.resolution}` instead.")
+    wrong = CLASS_ONLY if family.conditioning == "text" else TEXT_ONLY
+    for field, flag in wrong:
+        if getattr(config, field):
+            kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
+            raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
+    limit = family.max_text_tokens_limit
+    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
+        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
+                           "pipeline reads.")
+    if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
+        flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
+        raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
+                           "(it predicts noise minus data), where it does not apply.",
+                           hint="Leave it out; --timestep-sampling chooses where the flow loss is drawn.")
+    if family.prediction != "flow" and config.timestep_sampling is not None:
+        raise DiffFitError(f"--timestep-sampling applies to rectified-flow bases (SD3, FLUX), and this base is a "
+                           f"{family.title} model, which draws its diffusion steps uniformly.")
+    if config.buckets == "auto" and family.fixed_size:
+        raise DiffFitError(f"--buckets auto needs a base that takes any image size, and a {family.title} model takes "
+                           "only its own square size.", hint="Leave --buckets out (none is the default here).")
+    if config.class_balance and config.bucketed(family):
+        raise DiffFitError(f"--class-balance cannot be used with aspect-ratio buckets (on by default for "
+                           f"{family.title}), where each batch comes from one bucket.",
+                           hint="Add --buckets none to balance classes over square crops.")
+    if config.mixed_precision == "fp8" and family.fp8_keep() is None:
+        raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
+                           hint="Use --mixed-precision bf16 (the default on CUDA).")
+
+
+def apply_family_defaults(config: FitConfig, family: Family) -> None:
+    """Fill in the options whose default is the family's (caption dropout, timestep sampling), so the run's
+    config.toml and its adapter record the values used."""
+    if family.conditioning == "text" and config.caption_dropout is None:
+        config.caption_dropout = family.caption_dropout
+    if family.prediction == "flow" and config.timestep_sampling is None:
+        config.timestep_sampling = TIMESTEP_SAMPLING[0]
+
+
+def with_captions(folder: ImageFolder, config: FitConfig, family: Family) -> ImageFolder:
+    """The data with each image's caption attached, for a text-to-image family (named if one is missing)."""
+    if family.conditioning != "text":
+        return folder
+    return attach_captions(folder, caption_column=config.caption_column, caption_template=config.caption_template)
+
+
+def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
+    """The conditions of `run.folder`'s items (labels, or cached caption embeddings); sets the class plan
+    (DiT: whether the class table is new) and the preview prompts."""
+    base, folder = run.base, run.folder
+    if run.family.conditioning == "class":
+        run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
+        # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
+        run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
+        return Labels(folder.labels)
+    run.new_classes, run.class_names = False, folder.class_names
+    run.preview_prompts = run.config.validation_prompts or list(dict.fromkeys(folder.captions))[:PREVIEW_IMAGES]
+    return Captions(_caption_embeddings(run, progress), run.config.caption_dropout)
+
+
+def _caption_embeddings(run: Run, progress: bool):
+    config, base, family, device = run.config, run.base, run.family, run.accelerator.device
+    max_tokens = config.max_text_tokens or base.max_text_tokens
+    # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
+    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
+        if run.main == turn:
+            encode = family.prompt_encoder(base, device, max_tokens, "caption")
+            embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
+                                         cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
+                                         progress=progress, extra=extra)
+            del encode  # the text encoder with it: training needs the transformer and the cached tensors only
+        run.accelerator.wait_for_everyone()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.text_cache = str(embeddings.path)
+    return embeddings
+
+
+def preview_inputs(run: Run) -> dict:
+    """What the preview grid shows: the first classes, or the preview prompts (already encoded)."""
+    if run.family.conditioning == "class":
+        return {"classes": list(range(min(len(run.class_names), PREVIEW_IMAGES)))}
+    return {"prompts": run.preview_prompts, "embeddings": run.batches.conditions.embeddings}
+
+
+def text_summary(run: Run) -> dict:
+    """The text settings an adapter's training summary records (nothing for class-conditional runs)."""
+    if run.family.conditioning != "text":
+        return {}
+    flow = {"timestep_sampling": run.config.timestep_sampling} if run.family.prediction == "flow" else {}
+    # resolution: the size it trained at, which FLUX's transformer config does not say (AdapterMeta.resolution)
+    return {"pipeline": run.base.pipeline, "resolution": run.resolution,
+            "caption_dropout": run.config.caption_dropout, **flow,
+            "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
+            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}
