@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FitConfig", "FitResult", "SamplingOptions", "attach_captions", "clip_score", "evaluate", "fit", "generate",
