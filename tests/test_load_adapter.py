@@ -54,7 +54,7 @@ def make_adapter(pipeline_dir: Path, path: Path, method: str, seed: int = 3) -> 
 def stock(folder: Path, dtype: torch.dtype = torch.float32):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -175,10 +175,15 @@ def test_a_hub_adapter_loads_from_the_cache(hf_home, tmp_path):  # noqa: F811 (t
 
 
 def test_what_is_not_a_text_to_image_adapter_on_its_own_family_is_refused(tmp_path, tiny_vae_dir):
-    sd3, flux = make_tiny_sd3(tmp_path / "sd3"), stock(make_tiny_flux(tmp_path / "flux"))
+    sd3, flux = make_tiny_sd3(tmp_path / "sd3"), stock(make_tiny_flux(tmp_path / "flux", layers=1))
     base = snapshot(flux.transformer)
     with pytest.raises(DiffFitError, match=r"is an? SD3.* adapter, and this FluxTransformer2DModel is not an? SD3"):
         difffit.load_adapter(flux, make_adapter(sd3, tmp_path / "sd3.safetensors", "difffit"))
+    deeper = make_adapter(make_tiny_flux(tmp_path / "deeper", layers=2), tmp_path / "deeper.safetensors", "difffit")
+    with pytest.raises(DiffFitError, match=r"needs a .* base \(it was trained on .*deeper\), but this Flux\w+ is a ") \
+            as other_shape:
+        difffit.load_adapter(flux, deeper, force_base=True)  # forcing takes other weights, never other shapes
+    assert "with diffusers" in other_shape.value.hint
     dit_base, dit_model, dit_meta = train(write_base(tmp_path / "dit.safetensors", tiny_vae_dir))
     save_adapter(tmp_path / "dit-adapter.safetensors", dit_model, dit_base.model.state_dict(), dit_meta)
     with pytest.raises(DiffFitError, match="is a DiT adapter, and load_adapter applies text-to-image adapters") as dit:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from difffit.engine.errors import DiffFitError
-from difffit.engine.methods.adapter import AdapterMeta, AdapterSwapper, read_adapter
+from difffit.engine.methods.adapter import AdapterMeta, AdapterSwapper, check_base_architecture, read_adapter
 from difffit.engine.methods.baselines import fold_lora
 from difffit.engine.methods.sources import check_fingerprint, local_source
 from difffit.engine.models.bases import state_dict_fingerprint
@@ -54,23 +54,8 @@ def load_adapter(pipe_or_transformer: object, path: str | Path, *, force_base: b
                            hint="Call difffit.unload_adapter(pipe) first.")
     source = local_source(str(path))
     tensors, meta = read_adapter(source)
-    family = meta.model_family
-    if family.conditioning != "text":
-        raise DiffFitError(f"{source} is a {family.title} adapter, and load_adapter applies text-to-image adapters "
-                           f"({TEXT_FAMILIES}) to diffusers pipelines.",
-                           hint=f"Sample from it with `difffit sample {source}`, or write a DiTPipeline with "
-                                f"`difffit merge {source} --format diffusers`.")
     spec = f"this {type(transformer).__name__}"
-    try:
-        own = family_of(transformer)
-    except TypeError:
-        own = None
-    if own is not family:
-        raise DiffFitError(f"{source} is a {family.title} adapter, and {spec} is not a {family.title} transformer.",
-                           hint=f"Load its base, {meta.base_spec}, with diffusers.")
-    check_fingerprint(source, meta, spec, state_dict_fingerprint(transformer.state_dict()), force_base=force_base,
-                      hint=f"Load the pipeline of {meta.base_spec}, in the dtype its weights are stored in, or pass "
-                           "force_base=True to apply it anyway.", forced="force_base=True")
+    check_target(transformer, spec, source, meta, force_base)
     swapper = AdapterSwapper(transformer, spec)
     try:
         swapper.apply(tensors, meta, dtype=torch.float32)
@@ -82,6 +67,31 @@ def load_adapter(pipe_or_transformer: object, path: str | Path, *, force_base: b
         raise
     setattr(transformer, APPLIED, (swapper, source))
     return meta
+
+
+def check_target(transformer: nn.Module, spec: str, source: str, meta: AdapterMeta, force_base: bool) -> None:
+    """Refuse, in one sentence, a transformer the adapter does not apply to: another family, another
+    architecture, or (unless `force_base`) other weights than the base's it trained on."""
+    family = meta.model_family
+    if family.conditioning != "text":
+        raise DiffFitError(f"{source} is a {family.title} adapter, and load_adapter applies text-to-image adapters "
+                           f"({TEXT_FAMILIES}) to diffusers pipelines.",
+                           hint=f"Sample from it with `difffit sample {source}`, or write a DiTPipeline with "
+                                f"`difffit merge {source} --format diffusers`.")
+    try:
+        own = family_of(transformer)
+    except TypeError:
+        own = None
+    if own is not family:
+        raise DiffFitError(f"{source} is a {family.title} adapter, and {spec} is not a {family.title} transformer.",
+                           hint=f"Load its base, {meta.base_spec}, with diffusers.")
+    try:  # the architecture first: a fingerprint mismatch would hide what differs
+        check_base_architecture(meta, transformer, spec)
+    except DiffFitError as wrong:
+        raise DiffFitError(wrong.message, hint=f"Load its base, {meta.base_spec}, with diffusers.") from None
+    check_fingerprint(source, meta, spec, state_dict_fingerprint(transformer.state_dict()), force_base=force_base,
+                      hint=f"Load the pipeline of {meta.base_spec}, in the dtype its weights are stored in, or pass "
+                           "force_base=True to apply it anyway.", forced="force_base=True")
 
 
 def unload_adapter(pipe_or_transformer: object) -> None:
