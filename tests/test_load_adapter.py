@@ -67,10 +67,12 @@ def draw(pipe, seed: int = 7) -> np.ndarray:
     return np.round(out * 255).astype(np.int16)
 
 
-def snapshot(transformer) -> tuple[dict, list, set]:
-    """What must come back after unloading: every tensor (cloned), the module tree, the instance attributes."""
+def snapshot(transformer) -> tuple[dict, list, set, dict]:
+    """What must come back after unloading: every tensor (cloned), the module tree, the instance attributes,
+    which parameters take gradients."""
     return ({name: t.detach().clone() for name, t in transformer.state_dict().items()},
-            [(name, type(m)) for name, m in transformer.named_modules()], set(vars(transformer)))
+            [(name, type(m)) for name, m in transformer.named_modules()], set(vars(transformer)),
+            {name: p.requires_grad for name, p in transformer.named_parameters()})
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -79,8 +81,9 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
         assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
 
 
-def assert_is_base(transformer, base: tuple[dict, list, set]) -> None:
-    tensors, modules, attributes = base
+def assert_is_base(transformer, base: tuple[dict, list, set, dict]) -> None:
+    tensors, modules, attributes, flags = base
+    assert {name: p.requires_grad for name, p in transformer.named_parameters()} == flags
     assert_same_tensors(transformer.state_dict(), tensors)
     assert [(name, type(m)) for name, m in transformer.named_modules()] == modules  # no peft or gamma layer left
     assert set(vars(transformer)) == attributes  # no peft_config, no record of the adapter
