@@ -187,6 +187,11 @@ def test_what_is_not_a_text_to_image_adapter_on_its_own_family_is_refused(tmp_pa
             as other_shape:
         difffit.load_adapter(flux, deeper, force_base=True)  # forcing takes other weights, never other shapes
     assert "with diffusers" in other_shape.value.hint
+    fp8 = stock(tmp_path / "deeper")
+    fp8.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(DiffFitError, match="folds the adapter into the transformer's weights, and this Flux.* holds "
+                                           "float8_e4m3fn weights"):
+        difffit.load_adapter(fp8, deeper, force_base=True)
     dit_base, dit_model, dit_meta = train(write_base(tmp_path / "dit.safetensors", tiny_vae_dir))
     save_adapter(tmp_path / "dit-adapter.safetensors", dit_model, dit_base.model.state_dict(), dit_meta)
     with pytest.raises(DiffFitError, match="is a DiT adapter, and load_adapter applies text-to-image adapters") as dit:

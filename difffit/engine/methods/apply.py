@@ -33,6 +33,7 @@ from difffit.engine.models.families import FAMILIES, family_of
 from difffit.engine.models.scaled_linear import fold_scaled_linears
 
 APPLIED = "_difffit_adapter"  # the transformer's attribute holding (swapper, source) while an adapter is applied
+FOLDS_INTO = (torch.float32, torch.bfloat16, torch.float16)  # the weight dtypes a fold computes from and rounds to
 TEXT_FAMILIES = ", ".join(family.title for family in FAMILIES.values() if family.conditioning == "text")
 
 
@@ -71,7 +72,7 @@ def load_adapter(pipe_or_transformer: object, path: str | Path, *, force_base: b
 
 def check_target(transformer: nn.Module, spec: str, source: str, meta: AdapterMeta, force_base: bool) -> None:
     """Refuse, in one sentence, a transformer the adapter does not apply to: another family, another
-    architecture, or (unless `force_base`) other weights than the base's it trained on."""
+    architecture, quantized or float8 weights, or (unless `force_base`) other weights than the base's it trained on."""
     family = meta.model_family
     if family.conditioning != "text":
         raise DiffFitError(f"{source} is a {family.title} adapter, and load_adapter applies text-to-image adapters "
@@ -89,6 +90,13 @@ def check_target(transformer: nn.Module, spec: str, source: str, meta: AdapterMe
         check_base_architecture(meta, transformer, spec)
     except DiffFitError as wrong:
         raise DiffFitError(wrong.message, hint=f"Load its base, {meta.base_spec}, with diffusers.") from None
+    stored = {p.dtype for p in transformer.parameters()} - set(FOLDS_INTO)
+    if stored or getattr(transformer, "is_quantized", False):
+        what = f"{', '.join(sorted(str(dtype).removeprefix('torch.') for dtype in stored))} weights" if stored \
+            else "quantized weights"
+        raise DiffFitError(f"load_adapter folds the adapter into the transformer's weights, and {spec} holds {what}.",
+                           hint="Load the pipeline in bf16, fp16 or float32 and apply the adapter before quantizing, "
+                                "or quantize the pipeline `difffit merge` writes.")
     check_fingerprint(source, meta, spec, state_dict_fingerprint(transformer.state_dict()), force_base=force_base,
                       hint=f"Load the pipeline of {meta.base_spec}, in the dtype its weights are stored in, or pass "
                            "force_base=True to apply it anyway.", forced="force_base=True")
