@@ -9,12 +9,12 @@ The adapter goes on the pipeline's transformer the way `difffit merge` builds a 
 sets the trained tensors (bias deltas, modulation tables, norms, gamma, LoRA A and B) in float32, then gamma
 folds into the projections it scales (W' = diag(gamma) W, b' = gamma b) and LoRA into the weights it adapts
 (peft's merge, W' = W + (alpha / r) B A), and every new tensor is rounded once to the dtype of the tensor it
-replaces. The transformer is then a stock diffusers module holding the merged pipeline's weights bit for bit
-(merge computes in float32 too, and saves in the base file's dtype), so anything diffusers does with a
-transformer (torch.compile, offloading, its own LoRAs, save_pretrained) works on it. Folding, rather than
-keeping gamma as a scale and LoRA as peft layers, is what makes this exact in bf16 and fp16: a runtime gamma
-in bf16 would be rounded to steps of 1/128 around 1. The price is memory: the replaced tensors are kept (on
-their device, in their dtype) so that `unload_adapter` puts them back and the base is restored bit for bit.
+replaces. The transformer is then a stock diffusers module (no gamma or peft layer) holding the merged
+pipeline's weights bit for bit (merge computes in float32 too, and saves in the base file's dtype). Folding,
+rather than keeping gamma as a scale and LoRA as peft layers, is what makes this exact in bf16 and fp16: a
+runtime gamma in bf16 would be rounded to steps of 1/128 around 1. The price is memory: the replaced tensors
+are kept (on their device, in their dtype) so that `unload_adapter` puts them back and the base is restored
+bit for bit.
 """
 
 from __future__ import annotations
