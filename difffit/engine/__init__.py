@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_base": "models.families", "SamplingOptions": "evaluation.sample", "generate": "evaluation.sample",
     "sample_to_folder": "evaluation.sample_folder", "evaluate": "evaluation.metrics",
     "merge_adapter": "methods.merge", "load_source": "methods.sources",
+    "load_adapter": "methods.apply", "unload_adapter": "methods.apply", "DiffFitError": "errors",
     "attach_captions": "data.captions", "text_embeddings": "data.text_cache", "clip_score": "evaluation.clip_score",
 }
 __all__ = sorted(_EXPORTS)

@@ -314,37 +314,50 @@ class AdapterSwapper:
     and nothing of the base is ever copied.
     """
 
-    def __init__(self, base: Base):
-        self.model: nn.Module = base.model
-        self.spec = base.spec
+    def __init__(self, base: Base | nn.Module, spec: str | None = None):
+        """`base`: a loaded base, or a model alone (a stock diffusers transformer) named `spec` in messages."""
+        self.model: nn.Module = base if isinstance(base, nn.Module) else base.model
+        self.spec = spec or getattr(base, "spec", type(self.model).__name__)
         self._saved: list[tuple[nn.Module, str, object]] = []
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
-    def _set(self, owner: object, name: str, value: object) -> None:
+    def replace(self, owner: object, name: str, value: object) -> None:
+        """Set `owner.name` to `value`, remembering what it was for `restore` (a `Setter`)."""
         self._saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
     @torch.no_grad()
-    def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
+    def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta, dtype: torch.dtype | None = None) -> None:
+        """Apply an adapter (restoring any applied one first); its tensors take `dtype` (default: the model's)."""
         self.restore()
         model = self.model
         check_base_architecture(meta, model, self.spec)
         like = next(model.parameters())
+        dtype = dtype or like.dtype
         try:
             # The base takes the adapted model's shape (DiT: resolution, class table; PixArt: gamma modules).
-            family_of(model).shape_for_adapter(model, meta, self._set)
+            family_of(model).shape_for_adapter(model, meta, self.replace)
             # peft marks the base's parameters frozen when it injects LoRA: remember the flags too.
             self._flags = [(p, p.requires_grad) for p in model.parameters()]
             with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten below
-                add_method_modules(model, meta.method, meta.method_settings, self._set)
+                add_method_modules(model, meta.method, meta.method_settings, self.replace)
             for name, stored in tensors.items():
                 module_name, _, leaf = name.rpartition(".")  # PixArt's final scale_shift_table has no module
                 module = model.get_submodule(module_name)
                 value = _decode(name, stored.to(like.device), getattr(module, leaf), meta)
-                self._set(module, leaf, nn.Parameter(value.to(like.device, like.dtype), requires_grad=False))
+                self.replace(module, leaf, nn.Parameter(value.to(like.device, dtype), requires_grad=False))
         except Exception:
             self.restore()
             raise
+
+    @torch.no_grad()
+    def cast_like_replaced(self) -> None:
+        """Give every tensor set since `apply` the dtype of the base tensor it replaced (after an `apply` in
+        float32 and a fold, which round once)."""
+        for owner, name, old in self._saved:
+            new = getattr(owner, name)
+            if isinstance(old, torch.Tensor) and isinstance(new, nn.Parameter) and new.dtype != old.dtype:
+                setattr(owner, name, nn.Parameter(new.to(old.dtype), requires_grad=new.requires_grad))
 
     def restore(self) -> None:
         """Put the base's own tensors back (a no-op when nothing is applied)."""

@@ -173,12 +173,19 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def fold_lora(model: nn.Module) -> None:
-    """W <- W + (alpha / r) B A in every LoRA layer (peft's merge), then put the plain linears back."""
+def fold_lora(model: nn.Module, setter: Setter = setattr) -> None:
+    """W <- W + (alpha / r) B A in every LoRA layer (peft's merge), then put the plain linears back.
+
+    peft merges in place, so it merges into a float32 copy of W, rounded once to W's dtype: the base's own
+    tensor is left as it was, and a `setter` that remembers (AdapterSwapper's) can put it back."""
     for name, module in lora_layers(model):
+        linear = module.get_base_layer()
+        weight = linear.weight
+        setter(linear, "weight", nn.Parameter(weight.detach().to(torch.float32, copy=True), weight.requires_grad))
         module.merge()
+        linear.weight = nn.Parameter(linear.weight.to(weight.dtype), weight.requires_grad)
         parent, leaf = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), leaf, module.get_base_layer())
+        setter(model.get_submodule(parent), leaf, linear)
 
 
 # ---------------------------------------------------------------------------------------------

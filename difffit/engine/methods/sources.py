@@ -65,16 +65,22 @@ def load_adapter_base(
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
     loaded = base_for_adapter(meta, base=base, vae=vae)
-    if loaded.fingerprint != meta.base_fingerprint:
-        message = (
-            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-            f"but {loaded.spec} has fingerprint {loaded.fingerprint}."
-        )
-        if not force_base:
-            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
-            raise DiffFitError(message, hint=hint)
-        say(("Warning:", "yellow"), f" {message} Applying it anyway (--force-base).")
+    check_fingerprint(source, meta, loaded.spec, loaded.fingerprint, force_base=force_base,
+                      hint=f"Pass --base {meta.base_spec}, or --force-base to apply it anyway.", forced="--force-base")
     return loaded
+
+
+def check_fingerprint(source: str | Path, meta: AdapterMeta, spec: str, fingerprint: str | None, *, force_base: bool,
+                      hint: str, forced: str) -> None:
+    """Refuse a base (`spec`) whose weights' fingerprint is not the one the adapter trained on, in one sentence;
+    with `force_base` (the option spelled `forced`) warn and go on."""
+    if fingerprint == meta.base_fingerprint:
+        return
+    message = (f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
+               f"but {spec} has fingerprint {fingerprint}.")
+    if not force_base:
+        raise DiffFitError(message, hint=hint)
+    say(("Warning:", "yellow"), f" {message} Applying it anyway ({forced}).")
 
 
 def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | None = None) -> Base:

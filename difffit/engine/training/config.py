@@ -242,6 +242,10 @@ def default_out_dir(data: str | None, method: str) -> Path:
 
 @dataclass
 class FitResult:
+    """What `fit` returns (and `difffit fit --json` prints): the run folder and its adapter file (None before the
+    first save), the steps done and asked for, the last loss, the data seen and skipped, the speed, and whether
+    and why the run stopped early."""
+
     out_dir: Path
     adapter: Path | None
     step: int
