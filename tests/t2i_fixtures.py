@@ -223,7 +223,8 @@ def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0, **trans
 
     clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=make_tiny_sd3_transformer(layers, seed, **transformer), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=make_tiny_sd3_transformer(layers, seed, **transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=make_tiny_vae16(seed), text_encoder=tiny_clip_text(len(clip), projection=True, seed=seed),
         tokenizer=clip, text_encoder_2=tiny_clip_text(len(clip), projection=True, seed=seed + 1), tokenizer_2=clip,
         text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_3=t5)

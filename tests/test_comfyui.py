@@ -208,3 +208,24 @@ def test_dit_adapters_are_refused_in_one_sentence(tmp_path, tiny_base_file):
     with pytest.raises(DiffFitError, match="no class-conditional DiT") as refused:
         merge_adapter(str(tmp_path / "dit.safetensors"), tmp_path / "dit-comfyui.safetensors", fmt="comfyui")
     assert "--format original" in refused.value.hint
+
+
+def test_push_uploads_the_comfyui_file_and_the_card_shows_both_uses(pipeline, tmp_path):
+    from difffit.engine.sharing.push import push_adapter
+
+    family, folder = pipeline
+    methods = ["difffit", "lora"] if family == "pixart" else ["difffit"]  # PixArt's DiffFit trains its tables
+    for method in methods:
+        adapter = make_adapter(folder, method, tmp_path / method / "adapter.safetensors")
+        up = tmp_path / f"up-{method}"
+        result = push_adapter(adapter, f"me/{family}-style", dry_run_out=up)
+        card = (up / "README.md").read_text()
+        assert 'difffit.load_adapter(pipe, hf_hub_download("me/' in card
+        offered = not (family == "pixart" and method == "difffit")
+        name = f"{family}-style-comfyui.safetensors"
+        assert result["files"] == sorted(["README.md", "adapter.safetensors", *([name] if offered else [])])
+        assert ("## Use in ComfyUI" in card and "ComfyUI/models/loras/" in card and "**Load LoRA**" in card
+                and "0.5 is halfway" in card) == offered
+        if offered:
+            merge_adapter(str(adapter), tmp_path / method / "direct.safetensors", fmt="comfyui")
+            assert (up / name).read_bytes() == (tmp_path / method / "direct.safetensors").read_bytes()
