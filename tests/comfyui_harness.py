@@ -119,9 +119,30 @@ def apply_file(patcher, lora: dict[str, torch.Tensor], strength: float) -> tuple
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), strength, 0)
     finally:
         logging.getLogger().removeHandler(handler)
-    patched.patch_model()
+    with torch.no_grad():  # as ComfyUI runs its graph (in inference mode)
+        patched.patch_model()
     try:
         weights = {k: v.detach().float().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
     finally:
         patched.unpatch_model()
     return weights, handler.keys
+
+
+def to_diffusers(family: str, native: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Native tensors back in `model`'s diffusers names, by difffit's layout (engine/methods/comfyui.py):
+    fused tensors split by their parts' rows, (shift, scale) halves swapped back."""
+    from difffit.engine.methods.comfyui import native_layout, swaps_halves
+
+    out = {}
+    for entry in native_layout(family, model):
+        if not entry.linear:
+            out[entry.parts[0]] = native[entry.name]
+            continue
+        rows = [model.get_submodule(p).weight.shape[0] for p in entry.parts]
+        for suffix in ("weight", "bias"):
+            tensor = native[f"{entry.name}.{suffix}"]
+            if swaps_halves(model, entry.parts[0]):
+                first, second = tensor.chunk(2)
+                tensor = torch.cat([second, first])
+            out.update({f"{p}.{suffix}": piece for p, piece in zip(entry.parts, tensor.split(rows), strict=True)})
+    return out

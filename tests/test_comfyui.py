@@ -229,3 +229,16 @@ def test_push_uploads_the_comfyui_file_and_the_card_shows_both_uses(pipeline, tm
         if offered:
             merge_adapter(str(adapter), tmp_path / method / "direct.safetensors", fmt="comfyui")
             assert (up / name).read_bytes() == (tmp_path / method / "direct.safetensors").read_bytes()
+
+
+def test_difffits_layout_is_comfyuis_conversion(pipeline):
+    """difffit's own layout tables, read backwards, undo ComfyUI's convert_diffusers_mmdit on every tensor of
+    the transformer (nothing unmapped, every fused offset and swap the same)."""
+    from comfyui_harness import to_diffusers
+
+    family, folder = pipeline
+    model = load_base(str(folder)).model
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    back = to_diffusers(family, native_state(family, state), model)
+    assert set(back) == set(state) - {"pos_embed.pos_embed"}  # SD3's fixed positions: a buffer, never trained
+    assert all(torch.equal(back[k], state[k]) for k in back)

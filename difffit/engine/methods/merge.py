@@ -108,8 +108,9 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
         "architecture": meta.architecture,
         **classes,
         "resolution": meta.resolution,
-        "gamma_blocks_folded": meta.gamma_blocks,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        # The ComfyUI file keeps gamma apart (ComfyUI applies it, through its DoRA path, to this very base).
+        **({"gamma_blocks": meta.gamma_blocks, "base_fingerprint": loaded.fingerprint} if fmt == "comfyui"
+           else {"gamma_blocks_folded": meta.gamma_blocks, "total_params": sum(p.numel() for p in model.parameters())}),
         "bytes": sum(f.stat().st_size for f in files),
     }
 
