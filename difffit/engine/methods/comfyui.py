@@ -213,6 +213,9 @@ def comfyui_tensors(model: nn.Module, base_state: dict[str, torch.Tensor], train
             out[key + ".diff_b"] = _stack([_plain(m).bias.float() * f - base_state[f"{p}.bias"].float()
                                            for m, f, p in zip(modules, factors, entry.parts, strict=True)], swap)
             used |= {f"{p}.bias" for p in entry.parts}
+        if scaled and any(p in lora for p in entry.parts):  # one up/down pair per layer: DoRA's or LoRA's
+            raise DiffFitError(f"{entry.parts[0]} holds both gamma and LoRA, which one ComfyUI file cannot express.",
+                               hint="Use difffit merge with --format diffusers instead.")
         if scaled:
             out.update(_dora(key, entry.parts, factors, base_state, swap))
         if any(p in lora for p in entry.parts):
@@ -309,7 +312,8 @@ def write_comfyui(base, tensors: dict[str, torch.Tensor], meta: AdapterMeta, pat
               "architecture": meta.architecture, "method": meta.method,
               "adapter_base_fingerprint": meta.base_fingerprint}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(record), "format": "pt"})
+        # One metadata key: safetensors writes its metadata map in no fixed order, so one key keeps the bytes fixed.
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
 
 
 def check_comfyui_out(out: str | Path) -> None:
