@@ -113,12 +113,15 @@ def apply_file(patcher, lora: dict[str, torch.Tensor], strength: float) -> tuple
     """Apply a LoRA state dict as ComfyUI's Load LoRA node does; (the patched diffusion model's weights, the
     keys ComfyUI logged as not loaded). The patcher itself is left unpatched."""
     comfy = import_comfy()
-    handler = _NotLoaded()
-    logging.getLogger().addHandler(handler)
+    handler, root = _NotLoaded(), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.WARNING) or logging.WARNING)  # ComfyUI warns on the root logger
     try:
         patched, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), strength, 0)
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
     with torch.no_grad():  # as ComfyUI runs its graph (in inference mode)
         patched.patch_model()
     try:

@@ -177,9 +177,10 @@ def test_comfyui_leaves_pixart_tables_alone(comfy, pixart, tmp_path):
     base = load_base(str(folder)).model
     table = {"diffusion_model.blocks.0.scale_shift_table.diff": torch.ones(6, 16),
              "diffusion_model.final_layer.scale_shift_table.diff": torch.ones(2, 16)}
-    weights, not_loaded = apply_file(comfy_patcher(family, base), table, 1.0)
+    stray = "diffusion_model.blocks.0.attn.no_such_layer.diff_b"  # the capture of ComfyUI's warnings works
+    weights, not_loaded = apply_file(comfy_patcher(family, base), {**table, stray: torch.ones(16)}, 1.0)
     native = native_state(family, base.state_dict())
-    assert not_loaded == []
+    assert not_loaded == [stray]
     assert torch.equal(weights["blocks.0.scale_shift_table"], native["blocks.0.scale_shift_table"])
     assert torch.equal(weights["final_layer.scale_shift_table"], native["final_layer.scale_shift_table"])
     adapter = make_adapter(folder, "difffit", tmp_path / "adapter.safetensors", tables=True)
