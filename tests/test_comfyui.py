@@ -29,7 +29,7 @@ from difffit.engine.methods.comfyui import METADATA_KEY
 from difffit.engine.methods.merge import merge_adapter, merge_formats
 from difffit.engine.methods.sources import load_source
 from difffit.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit.engine.models.families import load_base
+from difffit.engine.models.families import family_of, load_base
 
 # ComfyUI's MM-DiT is 64 * depth wide with depth heads of 64, so the tiny SD3 is two blocks of two 64-wide heads.
 PIPELINES = {
@@ -81,7 +81,9 @@ def make_adapter(folder, method: str, path, placement: str = "branch", tables: b
     base = load_base(str(folder))
     state = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     settings = dataclasses.replace(SETTINGS[method], gamma_placement=placement)
-    prepare_model(base.model, method, settings=settings)
+    # gamma in every block, so FLUX's single blocks (linear2; linear1's q/k/v beside its MLP rows) have it too.
+    every = list(range(family_of(base.model).depth(base.model))) if method == "difffit" else None
+    prepare_model(base.model, method, every, settings=settings)
     torch.manual_seed(len(method))
     with torch.no_grad():
         for name, param in trainable_parameters(base.model).items():
