@@ -93,9 +93,10 @@ def merge(
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (PixArt's "
-        "default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
-        "peft.PeftModel.from_pretrained", show_default=False)
+        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (the "
+        "text-to-image default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
+        "peft.PeftModel.from_pretrained; comfyui (PixArt, SD3, FLUX): one small .safetensors for ComfyUI's "
+        "Load LoRA node (put it in ComfyUI/models/loras)", show_default=False)
     ] = None,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
@@ -116,6 +117,8 @@ def merge(
     difffit merge runs/food/adapter.safetensors --format diffusers --out food-pipeline/
 
     difffit merge runs/food-lora/adapter.safetensors --format peft --out food-lora-peft/
+
+    difffit merge runs/flux-style/adapter.safetensors --format comfyui --out flux-style.safetensors
 
     difffit merge runs/food/adapter.safetensors --out food.safetensors --overwrite   [dim]# replace it[/dim]
     """

@@ -66,7 +66,8 @@ class Family:
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
     schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
     lora: LoraNames  # the --lora-targets names and the block modules they name
-    merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
+    # What `merge --format` offers (the first: the default).
+    merge_formats: tuple[str, ...] = ("diffusers", "peft", "comfyui")
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
     # Text families' model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
     pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "

@@ -1,5 +1,8 @@
 """`difffit push`: an adapter (or the model merged from it), a sample grid and a model card to the Hub.
 
+Beside a text-to-image adapter that folds exactly into ComfyUI's layout (`merge --format comfyui`), the
+repo also gets that ComfyUI file, `<repo name>-comfyui.safetensors`, and the card says how to use it.
+
 The upload folder is built first, in full; `--dry-run --out DIR` stops there, so DIR holds exactly
 what would be uploaded. The upload itself is huggingface_hub's `create_repo` + `upload_folder`.
 """
@@ -77,11 +80,20 @@ def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: 
         (folder / "pipeline").rmdir()
     else:
         shutil.copyfile(adapter, folder / ADAPTER_FILE)
+    comfyui = None
+    if not merged and "comfyui" in summary.get("merge_formats", []):
+        comfyui = comfyui_file_name(repo_id)
+        merge_adapter(str(adapter), folder / comfyui, fmt="comfyui")
     caption = _write_grid(adapter, folder / GRID_FILE, grid_classes)
     card = model_card(summary, repo_id, eval_result=eval_result, grid=GRID_FILE if caption else None,
-                      grid_caption=caption or "", merged=merged, license=license)
+                      grid_caption=caption or "", merged=merged, license=license, comfyui_file=comfyui)
     card.save(folder / CARD_FILE)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def comfyui_file_name(repo_id: str) -> str:
+    """The ComfyUI file's name in the repo: ComfyUI's LoRA list shows file names, so it says what it is."""
+    return f"{repo_id.split('/')[-1]}-comfyui.safetensors"
 
 
 def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> str | None:
