@@ -16,6 +16,7 @@ left without a caption is an error naming it: it is never trained with an empty 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -163,7 +164,9 @@ def _metadata_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """([(line number, row)], columns in order of appearance) of a .jsonl or .csv metadata file."""
     text = read_text_file(path, "metadata file")
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # A file object, not lines: a quoted caption may hold a newline, and str.splitlines would also cut at
+        # characters such as \x1e or U+2028 that are text inside a caption.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = [c for c in reader.fieldnames or [] if c]
         try:
             return [(reader.line_num, row) for row in reader], columns
@@ -177,7 +180,8 @@ def _metadata_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for line, content in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): U+2028, U+0085 and the like are valid inside a JSON string.
+    for line, content in enumerate(text.split("\n"), start=1):
         if not content.strip():
             continue
         try:
