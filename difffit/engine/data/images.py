@@ -77,6 +77,7 @@ class ImageFolder:
     skipped: list[tuple[Path | Row, str]] = field(default_factory=list)
     rows: RowSource | None = None  # set for a dataset, whose files are then Rows
     captions: list[str] | None = None
+    outside_captions: dict[str, str] = field(default_factory=dict)  # caption -> a file outside `root` it came from
 
     def __post_init__(self) -> None:
         for name in ("labels", "captions"):
