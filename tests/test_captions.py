@@ -230,3 +230,27 @@ def test_every_name_of_an_image_trains_with_its_own_caption(tmp_path):
     folder = attach_captions(scan_image_folder(tmp_path / "data"))
     assert _captions(folder) == {"img00.png": "the first name", "img01.png": "name 1", "img02.png": "name 2",
                                  "img03.png": "name 3"}
+
+
+def test_a_caption_file_linked_from_outside_the_data_is_named(tmp_path, capsys):
+    for name in ("a", "b", "c"):
+        _image(tmp_path / "data" / f"{name}.png")
+    (tmp_path / "diary.txt").write_text("my private diary")
+    (tmp_path / "data" / "a.txt").symlink_to(tmp_path / "diary.txt")
+    (tmp_path / "data" / "b.txt").symlink_to("c.txt")  # a link inside the data folder: nothing to say
+    (tmp_path / "data" / "c.txt").write_text("a square")
+    folder = attach_captions(scan_image_folder(tmp_path / "data"))
+    assert folder.captions == ["my private diary", "a square", "a square"]
+    assert folder.outside_captions == {"my private diary": str(tmp_path / "data" / "a.txt")}
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"1 caption(s) come from files outside {tmp_path / 'data'}" in err and "diary.txt" in err, err
+    (tmp_path / "data" / "a.txt").unlink()  # a metadata file linked from elsewhere: its captions are named too
+    (tmp_path / "table.jsonl").write_text('{"file_name": "a.png", "text": "from a linked table"}\n')
+    (tmp_path / "data" / "metadata.jsonl").symlink_to(tmp_path / "table.jsonl")
+    folder = attach_captions(scan_image_folder(tmp_path / "data"))
+    assert folder.outside_captions == {"from a linked table": str(tmp_path / "data" / "metadata.jsonl")}
+    (tmp_path / "data" / "metadata.jsonl").unlink()
+    (tmp_path / "data" / "a.txt").write_text("mine")
+    capsys.readouterr()
+    assert attach_captions(scan_image_folder(tmp_path / "data")).outside_captions == {}
+    assert capsys.readouterr().err == ""

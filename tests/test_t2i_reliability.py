@@ -45,6 +45,9 @@ def setup(family, tmp_path_factory):
     for config in pipe.glob("tokenizer*/tokenizer_config.json"):
         config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 16}))
     data = make_captioned_data(root / "data", per_caption=2)
+    (root / "private.txt").write_text("a blue square from my private notes\n")
+    (data / "blue-0.txt").unlink()
+    (data / "blue-0.txt").symlink_to(root / "private.txt")  # a caption read from outside the data folder
     (data / "red-0.txt").write_text(LONG)
     (data / "blue-1.txt").write_text(LONG.replace("red", "blue"))
     run = root / "run"
@@ -135,3 +138,18 @@ def test_commands_print_no_library_notices(setup, family, tmp_path, monkeypatch,
     capsys.readouterr()  # the fixture's own saving bars
     _quiet_cli(monkeypatch, capsys, "eval-fid", tmp_path / "samples", "--metrics", "clip", "--clip-model", clip,
                "--device", "cpu")
+
+
+def test_push_names_the_prompts_its_card_quotes_and_those_from_outside_the_data(setup, tmp_path, monkeypatch,
+                                                                                capsys):
+    _, data, run = setup
+    code, _, err = run_cli(monkeypatch, capsys, "push", run / "adapter.safetensors", "me/squares", "--dry-run",
+                           "--out", tmp_path / "up")
+    assert code == 0, err
+    flat = " ".join(err.split())
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "a blue square from my private notes" in card  # what the warning is about
+    assert "The model card quotes 4 preview prompt(s): 'a blue square from my private notes'; " in flat, err
+    assert (f"Warning: the preview prompt 'a blue square from my private notes' is the caption file "
+            f"{data / 'blue-0.txt'}, outside the data folder") in flat, err
+    assert flat.count("Warning: the preview prompt") == 1, err
