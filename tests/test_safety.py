@@ -110,10 +110,17 @@ def test_replacing_a_folder_difffit_wrote_keeps_the_files_a_user_added(tmp_path)
     with pytest.raises(DiffFitError, match="not written by difffit"):
         _write_pipeline(target, {"model_index.json": "3", "scheduler/config.json": "3"})
     assert _tree(target) == before and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    shutil.rmtree(target / "scheduler")
+    (target / "extra").mkdir()
+    (target / "extra" / "x").write_text("mine")  # in a folder where the new output writes a file
+    before = _tree(target)
+    with pytest.raises(DiffFitError, match="not written by difffit"):
+        _write_pipeline(target, {"model_index.json": "3", "extra": "3"})
+    assert _tree(target) == before and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
     # A folder whose marker does not list what difffit wrote (an older version's): only a like-for-like
     # replacement; anything else might be a user's.
     write_marker(target, "merge")
-    with pytest.raises(DiffFitError, match="not written by difffit"):
+    with pytest.raises(DiffFitError, match="may not be difffit's"):
         _write_pipeline(target, {"model_index.json": "4"})
     assert _tree(target) == before
 

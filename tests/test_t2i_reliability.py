@@ -98,9 +98,10 @@ def test_resume_of_a_changed_run_is_refused_naming_the_change(setup, tmp_path, c
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-def test_a_larger_steps_resumes(setup, tmp_path):
+def test_a_larger_steps_resumes_with_the_base_and_data_moved(setup, tmp_path):
     pipe, data, run = setup
     run = shutil.copytree(run, tmp_path / "run")
+    pipe, data = shutil.copytree(pipe, tmp_path / "pipe"), shutil.copytree(data, tmp_path / "data")
     resumed = fit(t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, method="lora", save_every=1,
                                  out=str(run), resume=True, num_workers=0, compile="off"), progress=False)
     assert (resumed.start_step, resumed.step) == (2, 3)

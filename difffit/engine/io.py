@@ -61,16 +61,25 @@ def _entries(folder: Path) -> list[str]:
 
 def _kept_entries(old: Path, new: Path) -> list[str]:
     """What `old` (an output folder difffit wrote) holds that difffit did not write: kept when `new` replaces
-    it. Refused in one sentence when one of them has a name `new` takes, or when `old`'s marker does not say
-    what difffit wrote there (a folder of an older version), so no one's file is ever replaced unasked."""
+    it. Refused in one sentence, before anything changes, when one of them has a name `new` takes, or when
+    `old`'s marker does not list what difffit wrote (an older version's folder) and it holds anything `new`
+    does not replace: no one's file is ever replaced, or mixed into a new output, unasked."""
     written = written_files(old)
-    others = sorted(e for e in _entries(old) if e not in {MARKER, LOCK} and (written is None or e not in written))
-    if written is None:  # nothing to tell difffit's files from a user's: only what the new output replaces goes
-        others = [e for e in others if not (new / e).exists() or (new / e).is_dir() != (old / e).is_dir()]
-    for entry in others:
-        if (new / entry).exists() or (new / entry).is_symlink() or (written is None):
-            raise DiffFitError(f"{old / entry} was not written by difffit, and the new output would replace or "
-                               "mix with it; nothing was changed.", hint="Move it elsewhere, or choose another output.")
+    others = sorted(e for e in _entries(old) if e not in {MARKER, LOCK} and e not in (written or ()))
+    if written is None:
+        unknown = [e for e in others if not (new / e).exists() or (new / e).is_dir() != (old / e).is_dir()]
+        if unknown:
+            raise DiffFitError(f"{old / unknown[0]} may not be difffit's (the folder's marker does not list what "
+                               "difffit wrote), and the new output does not replace it; nothing was changed.",
+                               hint="Move your files out of it, or choose another output.")
+        return []
+    # a user's empty folder where the new output has one: nothing to keep
+    others = [e for e in others if not ((old / e).is_dir() and not (old / e).is_symlink() and (new / e).is_dir())]
+    taken = [e for e in others if (new / e).exists() or (new / e).is_symlink() or any(
+        (new / part).is_file() or (new / part).is_symlink() for part in map(str, Path(e).parents[:-1]))]
+    if taken:
+        raise DiffFitError(f"{old / taken[0]} was not written by difffit, and the new output writes one of that "
+                           "name; nothing was changed.", hint="Move it elsewhere, or choose another output.")
     return others
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.errors import DiffFitError
@@ -44,9 +45,13 @@ def data_identity(folder: ImageFolder) -> dict:
 
 def run_identity(resolved: dict, folder: ImageFolder, base_fingerprint: str | None, vae: str | None,
                  buckets: list[dict] | None) -> dict:
-    """What defines the run: `resolved` (its resolved options) less RESUMABLE, the data, the base's weights, and
-    the buckets; plain JSON, as state.json holds it."""
+    """What defines the run: `resolved` (its resolved options) less RESUMABLE, the data, the base's weights, its
+    VAE (one inside the base's folder by its place there: the folder may move), and the buckets; plain JSON,
+    as state.json holds it."""
     settings = {k: v for k, v in resolved.items() if k not in RESUMABLE}
+    base = Path(str(resolved.get("base")))
+    if vae is not None and base.is_dir() and Path(vae).is_relative_to(base):
+        vae = f"<base>/{Path(vae).relative_to(base).as_posix()}"
     identity = {"settings": settings, "data": data_identity(folder), "base_fingerprint": base_fingerprint,
                 "vae": vae, "buckets": buckets}
     return json.loads(json.dumps(identity, default=str))
