@@ -5,6 +5,7 @@ of a changed run is refused naming the change, and the commands print no library
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -107,14 +108,34 @@ def test_a_larger_steps_resumes_with_the_base_and_data_moved(setup, tmp_path):
     assert (resumed.start_step, resumed.step) == (2, 3)
 
 
+class _Notices(logging.Handler):
+    """What transformers' and diffusers' loggers emit (their handlers write to the stderr of the moment they were
+    made, which capsys does not see)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(f"{record.name}: {record.getMessage()}")
+
+
 def _quiet_cli(monkeypatch, capsys, *args) -> str:
     """Run the command; its stderr, checked to hold no library notice, nor a warning Python shows a user (its
-    default filters hide DeprecationWarning outside __main__)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        code, _, err = run_cli(monkeypatch, capsys, *args)
+    default filters hide DeprecationWarning outside __main__), nor a library logger's warning."""
+    notices, loggers = _Notices(), [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    for logger in loggers:
+        logger.addHandler(notices)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _, err = run_cli(monkeypatch, capsys, *args)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(notices)
     assert code == 0, err
     assert not LIBRARY_NOISE.search(err), err
+    assert not notices.seen, notices.seen
     shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning,
                                                                ImportWarning, ResourceWarning))]
     assert not shown, [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in shown]
@@ -154,3 +175,15 @@ def test_push_names_the_prompts_its_card_quotes_and_those_from_outside_the_data(
     assert (f"Warning: the preview prompt 'a blue square from my private notes' is the caption file "
             f"{data / 'blue-0.txt'}, outside the data folder") in flat, err
     assert flat.count("Warning: the preview prompt") == 1, err
+
+
+def test_dit_commands_print_no_library_notices(toy_data, tiny_base_file, tiny_vae_dir, tmp_path, monkeypatch,
+                                               capsys):
+    run = tmp_path / "run"
+    _quiet_cli(monkeypatch, capsys, "fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir, "--steps", "2",
+               "--batch-size", "4", "--sample-every", "0", "--compile", "off", "--out", run, "--num-workers", "0",
+               "--cache-dir", tmp_path / "cache")
+    adapter = run / "adapter.safetensors"
+    _quiet_cli(monkeypatch, capsys, "sample", adapter, "-n", "2", "--steps", "2", "--device", "cpu",
+               "--out", tmp_path / "samples")
+    _quiet_cli(monkeypatch, capsys, "merge", adapter, "--out", tmp_path / "merged.safetensors")
