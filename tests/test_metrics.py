@@ -303,6 +303,11 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     with pytest.raises(DiffFitError, match="already exists") as refused:
         run(a, b, weights, save_stats=existing)
     assert "--overwrite" in refused.value.hint and existing.read_bytes() == b"someone's file"
+    with pytest.raises(DiffFitError, match="not written by difffit"):  # --overwrite replaces difffit's stats only
+        run(a, b, weights, save_stats=existing, overwrite=True)
+    assert existing.read_bytes() == b"someone's file"
+    run(a, b, weights, save_stats=existing.with_name("ours.npz"))
+    existing = existing.with_name("ours.npz")
     code, _, err = _cli(monkeypatch, capsys, "eval-fid", a, b, "--inception-weights", weights, "--device", "cpu",
                         "--save-stats", existing, "--overwrite")
     assert code == 0, err

@@ -92,6 +92,25 @@ def test_resume_equals_uninterrupted_run(tmp_path, conf):
     assert steps == list(range(1, 9))
 
 
+def test_resume_of_a_changed_dit_run_is_refused_naming_the_change(tmp_path, conf, toy_data):
+    first = conf(steps=2, save_every=1)
+    fit(first, progress=False)
+    again = {**first.__dict__, "steps": 3, "resume": True}
+    for change, words in [({"lr": 2e-3}, "--lr was 0.001, now 0.002"), ({"method": "bitfit"}, "--method was difffit"),
+                          ({"gamma_blocks": "0"}, "--gamma-blocks was unset, now 0"),
+                          ({"ema_decay": 0.99}, "--ema-decay was 0.9999, now 0.99")]:
+        with pytest.raises(DiffFitError, match="is not the one checkpointed") as refused:
+            fit(FitConfig(**{**again, **change}), progress=False)
+        assert words in str(refused.value)
+    first_class = sorted(p for p in toy_data.iterdir() if p.is_dir())[0]
+    image = sorted(first_class.glob("*.png"))[0]
+    image.rename(image.with_name("renamed.png"))  # the same pixels under another name: another image list
+    with pytest.raises(DiffFitError, match=r"the training images changed \(as many, 12, but other files or sizes\)"):
+        fit(FitConfig(**again), progress=False)
+    image.with_name("renamed.png").rename(image)
+    assert fit(FitConfig(**again), progress=False).start_step == 2  # unchanged, and a larger --steps: resumed
+
+
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-m", "difffit", *args], cwd=REPO, env=env,

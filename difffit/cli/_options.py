@@ -27,7 +27,8 @@ AdapterBase = Annotated[str | None, typer.Option(
     "--base", help="For an adapter: a base other than the one it names (its fingerprint is checked).",
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace an existing output (a folder only if difffit wrote it; never an input).")]
+    "--overwrite", help="Replace an existing output that difffit wrote (in a folder, only its own files: files you "
+    "added stay; never an input).")]
 InceptionWeights = Annotated[str | None, typer.Option(
     help="FID Inception weights: a file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or random "
     "(a fixed random network that works offline, for tests: its FIDs only show that the pipeline runs); default: "

@@ -375,6 +375,7 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
         encode = family.prompt_encoder(base, device, base.max_text_tokens)
         embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
                                      extra=negatives)
+        encode.report_truncated()
         del encode  # the encoder goes with it (T5-XXL: 9 GB)
     negative = {name: value for prompt in negatives for name, value in embeddings.of(prompt).items()}
     base.model.to(device).eval()

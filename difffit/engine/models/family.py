@@ -222,7 +222,8 @@ class Family:
         raise NotImplementedError
 
     def prompt_encoder(self, base, device: torch.device, max_tokens: int, what: str = "prompt"):
-        """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call."""
+        """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call, and
+        `encode.report_truncated()` says in one line which of the texts so far were cut."""
         raise NotImplementedError
 
     def size_multiple(self, base) -> int:

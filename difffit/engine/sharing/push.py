@@ -23,7 +23,8 @@ from difffit.engine.io import MARKER, atomic_path
 from difffit.engine.methods.adapter import read_adapter
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
-from difffit.engine.sharing.card import model_card
+from difffit.engine.progress import say
+from difffit.engine.sharing.card import MAX_CLASSES_LISTED, model_card
 from difffit.engine.training.runs import previews, read_eval_json, training_summary
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -45,6 +46,7 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
     adapter = Path(adapter)
     read_adapter(adapter)  # refused exactly as sample refuses it (damaged, corrupt, NaN), before anything is built
     summary = training_summary(adapter)
+    announce_quoted_prompts(summary["training"])
     eval_result = read_eval_json(eval_json) if eval_json is not None else None
     build = {"summary": summary, "repo_id": repo_id, "eval_result": eval_result, "grid_classes": grid_classes,
              "merged": merged, "license": license}
@@ -67,6 +69,20 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
         url = _upload(Path(tmp), repo_id, private=private, revision=revision, message=message)
     return {"repo_id": repo_id, "dry_run": False, "out": None, "files": files, "url": url, "revision": revision,
             "private": private}
+
+
+def announce_quoted_prompts(training: dict) -> None:
+    """Say, before anything is built or uploaded, which prompts the model card quotes (a text-to-image run's
+    preview prompts, by default its first captions), and which of them were read from a file outside the data
+    folder (a caption file linked from elsewhere), which the user may not mean to publish."""
+    quoted = (training.get("validation_prompts") or [])[:MAX_CLASSES_LISTED]
+    if not quoted:
+        return
+    say(f"The model card quotes {len(quoted)} preview prompt(s): {'; '.join(map(repr, quoted))}.")
+    outside = training.get("outside_prompts") or {}
+    for prompt in (p for p in quoted if p in outside):
+        say((f"Warning: the preview prompt {prompt!r} is the caption file {outside[prompt]}, outside the data "
+             "folder; it is published in the card.", "yellow"))
 
 
 def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: str, eval_result: dict | None,

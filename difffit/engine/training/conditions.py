@@ -111,6 +111,7 @@ def _caption_embeddings(run: Run, progress: bool):
             embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
                                          cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
                                          progress=progress, extra=extra)
+            encode.report_truncated()
             del encode  # the text encoder with it: training needs the transformer and the cached tensors only
         run.accelerator.wait_for_everyone()
     gc.collect()
@@ -136,4 +137,12 @@ def text_summary(run: Run) -> dict:
     return {"pipeline": run.base.pipeline, "resolution": run.resolution,
             "caption_dropout": run.config.caption_dropout, **flow,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
-            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}
+            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts,
+            **({"outside_prompts": outside} if (outside := _outside_prompts(run)) else {})}
+
+
+def _outside_prompts(run: Run) -> dict[str, str]:
+    """{preview prompt: the file outside the data folder it was read from}, for push to warn about."""
+    if run.config.validation_prompts:  # the user's own prompts
+        return {}
+    return {p: run.folder.outside_captions[p] for p in run.preview_prompts if p in run.folder.outside_captions}

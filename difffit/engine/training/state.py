@@ -46,6 +46,7 @@ class Run:
     preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
     validation: Validation | None = None
     buckets: list[Bucket] | None = None  # with --buckets auto: the aspect-ratio buckets of the training data
+    identity: dict = dataclasses.field(default_factory=dict)  # what defines the run (engine.training.resume)
 
     @property
     def family(self) -> Family:

@@ -72,6 +72,7 @@ from difffit.engine.training.conditions import (
 from difffit.engine.training.config import FitConfig, FitResult
 from difffit.engine.training.loss_plot import write_loss_plot
 from difffit.engine.training.recipes import write_toml
+from difffit.engine.training.resume import RUN_KEY, check_same_run, run_identity
 from difffit.engine.training.signals import StopFlag
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import (
@@ -119,6 +120,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         _prepare_data(run, progress and run.main)
         # -- trainable state, resume ------------------------------------------------------------------
         _prepare_trainable_state(run)
+        run.identity = run_identity(_resolved_config(run), run.folder, run.base.fingerprint, run.base.vae_spec,
+                                    [b.summary() for b in run.buckets] if run.buckets else None)
         start_step, elapsed_before = _resume(run, checkpoints)
         if run.main:
             _write_run_record(run, start_step)
@@ -254,15 +257,16 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
     if not run.config.resume:
         return 0, 0.0
 
-    def same_classes(state: dict) -> None:
+    def same_run(state: dict) -> None:
         trained_on = state.get("class_names")
         if trained_on is not None and trained_on != run.class_names:
             raise DiffFitError(
                 f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
                 f"the data now has [{', '.join(run.class_names)}].",
                 hint="Resume with the same class folders, or start a new run with another --out.")
+        check_same_run(state.get(RUN_KEY), run.identity, str(run.out_dir / "checkpoints"))
 
-    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_classes)
+    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_run)
     if not state and run.main:
         say(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
     return step, state.get("elapsed_s", 0.0)
@@ -398,7 +402,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
 def _checkpoint(run: Run, step: int, elapsed: float) -> None:
     if run.main:
         state = {"elapsed_s": elapsed, "method": run.config.method, "seed": run.config.seed,
-                 "class_names": run.class_names, "images": len(run.folder),
+                 "class_names": run.class_names, "images": len(run.folder), RUN_KEY: run.identity,
                  **(run.validation.state() if run.validation else {})}
         save_checkpoint(run.out_dir, step, run.params, run.ema, run.optimizer, state, run.config.keep)
     run.accelerator.wait_for_everyone()
