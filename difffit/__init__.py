@@ -15,8 +15,8 @@ import importlib
 __version__ = "0.2.0"
 
 __all__ = [
-    "FitConfig", "FitResult", "SamplingOptions", "attach_captions", "clip_score", "evaluate", "fit", "generate",
-    "load_base", "load_source", "merge_adapter", "sample_to_folder", "text_embeddings",
+    "EvalConfig", "FitConfig", "FitResult", "MethodSettings", "SamplingOptions", "attach_captions", "clip_score",
+    "evaluate", "fit", "generate", "load_base", "load_source", "merge_adapter", "sample_to_folder", "text_embeddings",
 ]
 
 

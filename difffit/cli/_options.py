@@ -1,8 +1,10 @@
-"""Every option that more than one command takes, declared once as an `Annotated` alias.
+"""Every option that more than one command takes, declared once as an `Annotated` alias, and the engine's
+defaults that the command signatures read.
 
-Defaults stay in the command signatures. Where two commands share a flag but not its meaning
-(fit's --steps counts optimizer steps, sample's counts denoising steps), each meaning gets its own
-alias, so a default never changes by accident.
+A default is written once, in the engine's options dataclass, and a command's signature names it:
+`steps: opt.FitSteps = opt.FIT.steps` (tests/test_single_source.py holds every command to this). Where two
+commands share a flag but not its meaning (fit's --steps counts optimizer steps, sample's counts denoising
+steps), each meaning gets its own alias and its own source, so a default never changes by accident.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ from typing import Annotated
 
 import typer
 
+from difffit.engine.evaluation.options import FID_SAMPLING, SAMPLE_DEFAULTS, EvalConfig
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.lora_names import DIT_LORA
+from difffit.engine.training.options import FitFields
 
 # Help text is Rich markup (the commands' examples use [bold] and [dim]): write a literal [word] as "\\[word]".
 # Every command's output option is --out, or -o for short.
 OUT = ("--out", "-o")
+
+# The engine's defaults, by command (plain data: reading them imports no torch).
+FIT = FitFields()  # fit and upscale-res
+METHOD = MethodSettings()  # the method settings of fit, upscale-res and info
+SAMPLE = SAMPLE_DEFAULTS  # sample
+EVAL = EvalConfig()  # eval-fid
+FID = FID_SAMPLING  # eval-fid's sampling of an adapter or a base
 
 # -- everywhere -----------------------------------------------------------------------------------
 
