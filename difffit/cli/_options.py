@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from difffit.engine.evaluation.options import FID_SAMPLING, SAMPLE_DEFAULTS, EvalConfig
+from difffit.engine.evaluation.options import DEFAULT_CLIP_MODEL, FID_SAMPLING, SAMPLE_DEFAULTS, EvalConfig
 from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.lora_names import DIT_LORA
 from difffit.engine.training.options import FitFields
@@ -44,6 +44,9 @@ InceptionWeights = Annotated[str | None, typer.Option(
     help="FID Inception weights: a file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or random "
     "(a fixed random network that works offline, for tests: its FIDs only show that the pipeline runs); default: "
     "the torch hub cache, downloaded once.", show_default=False)]
+ClipModel = Annotated[str | None, typer.Option(
+    help=f"CLIP model of the clip metric: hub id or local folder (default: {DEFAULT_CLIP_MODEL}).",
+    show_default=False)]
 ForceBase = Annotated[bool, typer.Option(
     "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
 

@@ -27,9 +27,7 @@ def eval_fid(
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
         "image against its prompt).")] = opt.EVAL.metrics,
-    clip_model: Annotated[str | None, typer.Option(
-        help="CLIP model of the clip metric: hub id or local folder (default: openai/clip-vit-large-patch14).",
-        show_default=False)] = opt.EVAL.clip_model,
+    clip_model: opt.ClipModel = opt.EVAL.clip_model,
     inception_weights: opt.InceptionWeights = opt.EVAL.inception_weights,
     batch_size: opt.EvalBatchSize = opt.EVAL.batch_size,
     device: opt.Device = opt.EVAL.device,

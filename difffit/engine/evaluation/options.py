@@ -34,6 +34,8 @@ class SamplingFields:
     height: int | None = None
 
 
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-image papers score with
+
 # `difffit sample`: the guidance, scheduler and steps of the base's family (DiT 4.0 and ddpm, a pipeline's own),
 # each DiT block compiled on CUDA.
 SAMPLE_DEFAULTS = SamplingFields(cfg_scale=None, scheduler=None, compile="auto")

@@ -73,8 +73,8 @@ class FitConfig(FitFields):
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
-        self.method_settings.validate()
         self._validate_data_and_validation()
+        self.method_settings.validate()
         self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
                                                   num_heads=self.num_heads))
         return self
