@@ -157,7 +157,7 @@ def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
     options = dict(data=str(data), base=str(base), steps=6, batch_size=4, save_every=0, sample_every=0,
                    num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
                    compile="off")
-    return FitConfig(**{**options, **overrides})
+    return FitConfig.from_options({**options, **overrides})
 
 
 def record_batch_shapes(monkeypatch) -> list[tuple[int, ...]]:

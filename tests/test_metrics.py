@@ -318,3 +318,15 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     with pytest.raises(DiffFitError, match="statistics of different sizes"):
         run(tmp_path / "other.npz", b, weights, save_stats=tmp_path / "new.npz")
     assert not (tmp_path / "new.npz").exists()
+
+
+def test_evaluate_takes_an_eval_config_and_keyword_options_replace_its_fields(tmp_path):
+    from difffit.engine.evaluation.options import EvalConfig
+
+    config = EvalConfig(metrics="fid,kid", kid_subsets=0)
+    with pytest.raises(DiffFitError, match="KID needs --kid-subsets >= 1"):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config)
+    with pytest.raises(DiffFitError, match="--clip-model is the model of the clip metric"):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config, kid_subsets=1, clip_model="any")
+    with pytest.raises(TypeError):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config, kid_subset=1)  # a misspelt option is refused

@@ -1,8 +1,10 @@
-"""Every option that more than one command takes, declared once as an `Annotated` alias.
+"""Every option that more than one command takes, declared once as an `Annotated` alias, and the engine's
+defaults that the command signatures read.
 
-Defaults stay in the command signatures. Where two commands share a flag but not its meaning
-(fit's --steps counts optimizer steps, sample's counts denoising steps), each meaning gets its own
-alias, so a default never changes by accident.
+A default is written once, in the engine's options dataclass, and a command's signature names it:
+`steps: opt.FitSteps = opt.FIT.steps` (tests/test_single_source.py holds every command to this). Where two
+commands share a flag but not its meaning (fit's --steps counts optimizer steps, sample's counts denoising
+steps), each meaning gets its own alias and its own source, so a default never changes by accident.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ from typing import Annotated
 
 import typer
 
+from difffit.engine.evaluation.options import DEFAULT_CLIP_MODEL, FID_SAMPLING, SAMPLE_DEFAULTS, EvalConfig
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.lora_names import DIT_LORA
+from difffit.engine.training.options import FitFields
 
 # Help text is Rich markup (the commands' examples use [bold] and [dim]): write a literal [word] as "\\[word]".
 # Every command's output option is --out, or -o for short.
 OUT = ("--out", "-o")
+
+# The engine's defaults, by command (plain data: reading them imports no torch).
+FIT = FitFields()  # fit and upscale-res
+METHOD = MethodSettings()  # the method settings of fit, upscale-res and info
+SAMPLE = SAMPLE_DEFAULTS  # sample
+EVAL = EvalConfig()  # eval-fid
+FID = FID_SAMPLING  # eval-fid's sampling of an adapter or a base
 
 # -- everywhere -----------------------------------------------------------------------------------
 
@@ -33,6 +45,9 @@ InceptionWeights = Annotated[str | None, typer.Option(
     help="FID Inception weights: a file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or random "
     "(a fixed random network that works offline, for tests: its FIDs only show that the pipeline runs); default: "
     "the torch hub cache, downloaded once.", show_default=False)]
+ClipModel = Annotated[str | None, typer.Option(
+    help=f"CLIP model of the clip metric: hub id or local folder (default: {DEFAULT_CLIP_MODEL}).",
+    show_default=False)]
 ForceBase = Annotated[bool, typer.Option(
     "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
 

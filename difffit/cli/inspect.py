@@ -18,12 +18,12 @@ def info(
     num_classes: Annotated[int | None, typer.Option(
         "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
     gamma_blocks: opt.GammaBlocks = None,
-    gamma_placement: opt.GammaPlacement = "branch",
-    rank: opt.Rank = 8,
-    lora_alpha: opt.LoraAlpha = None,
-    lora_targets: opt.LoraTargets = None,
-    adapter_dim: opt.AdapterDim = 64,
-    prompt_tokens: opt.PromptTokens = 8,
+    gamma_placement: opt.GammaPlacement = opt.METHOD.gamma_placement,
+    rank: opt.Rank = opt.METHOD.rank,
+    lora_alpha: opt.LoraAlpha = opt.METHOD.lora_alpha,
+    lora_targets: opt.LoraTargets = opt.METHOD.lora_targets,
+    adapter_dim: opt.AdapterDim = opt.METHOD.adapter_dim,
+    prompt_tokens: opt.PromptTokens = opt.METHOD.prompt_tokens,
     base: opt.AdapterBase = None,
     resolution: opt.Resolution = None,
     num_heads: opt.NumHeads = None,
@@ -41,7 +41,7 @@ def info(
 
     difffit info runs/food/adapter.safetensors --json
     """
-    from difffit.engine.methods.baselines import MethodSettings
+    from difffit.engine.methods.settings import MethodSettings
     from difffit.engine.methods.sources import describe_source
 
     settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,

@@ -20,10 +20,9 @@ from PIL import Image
 
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.options import DEFAULT_CLIP_MODEL
 from difffit.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
 from difffit.engine.progress import library_bars_off, say, track
-
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-image papers score with
 
 ImageLike = np.ndarray | Image.Image  # H x W x 3 uint8, or any Pillow image
 

@@ -25,6 +25,7 @@ import torch
 from difffit.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_files, load_image
 from difffit.engine.errors import DiffFitError, require_at_least
 from difffit.engine.evaluation.inception import file_digest
+from difffit.engine.evaluation.options import FID_SAMPLING
 from difffit.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
 from difffit.engine.evaluation.sample_folder import (
     GRID,
@@ -123,7 +124,7 @@ class NpzImages:
 class ModelInput:
     """How eval-fid samples GENERATED when it is an adapter or a base."""
 
-    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(cfg_scale=1.5))
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions.from_fields(FID_SAMPLING))
     classes: Sequence[str] | None = None  # --class names or indices, cycled
     base: str | None = None  # for an adapter: another base than the one it names
     vae: str | None = None

@@ -16,11 +16,11 @@ may also be a model source (adapter or base), sampled in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from difffit.engine.errors import DiffFitError, require_at_least
 from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_folder, score_pairs
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
-from difffit.engine.evaluation.sample import SamplingOptions
+from difffit.engine.evaluation.options import EvalConfig
 from difffit.engine.io import atomic_path, check_output, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")
@@ -258,41 +258,33 @@ def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, 
 def evaluate(
     generated: str,
     reference: str | None = None,
+    config: EvalConfig | None = None,
     *,
-    metrics: str | tuple[str, ...] = ("fid",),
-    num_samples: int | None = None,
-    inception_weights: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    save_stats: str | os.PathLike | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    sampling: SamplingOptions | None = None,
-    classes: Sequence[str] | None = None,
-    base: str | None = None,
-    vae: str | None = None,
-    force_base: bool = False,
-    clip_model: str | None = None,
     progress: bool = True,
-    overwrite: bool = False,
+    **options,
 ) -> Evaluation:
-    """Compare GENERATED with REFERENCE (see the module docstring for what each may be).
+    """Compare GENERATED with REFERENCE (see the module docstring for what each may be), as `config` says;
+    `options` are EvalConfig fields that replace its (or the defaults'): `evaluate(gen, ref, metrics="fid,kid")`.
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
     generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
-    `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
+    `sampling` (default: FID_SAMPLING, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
     say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
     existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
     The `clip` metric scores GENERATED against the prompts its sample folder records, with `clip_model`
     (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
+    config = dataclasses.replace(config or EvalConfig(), **options)
+    save_stats, clip_model = config.save_stats, config.clip_model
     if save_stats is not None:
-        inputs = [spec for spec in (generated, reference, base, vae, inception_weights) if spec]  # clip: no REFERENCE
-        save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
-    metrics = parse_metrics(metrics)
+        inputs = [spec for spec in (generated, reference, config.base, config.vae, config.inception_weights)
+                  if spec]  # clip: no REFERENCE
+        save_stats = check_output(save_stats, overwrite=config.overwrite, inputs=inputs, option="--save-stats")
+    metrics = parse_metrics(config.metrics)
     inception = tuple(m for m in metrics if m != "clip")
+    batch_size = config.batch_size
     require_at_least("--batch-size", batch_size, 1)
-    if "kid" in metrics and (kid_subsets < 1 or kid_subset_size < 2):
+    if "kid" in metrics and (config.kid_subsets < 1 or config.kid_subset_size < 2):
         raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
     if clip_model is not None and "clip" not in metrics:
         raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
@@ -305,12 +297,13 @@ def evaluate(
     if reference is not None and not inception:
         raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
                            hint="Leave the REFERENCE out, or add fid to --metrics.")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(config.device)
     needs_features = "kid" in metrics or "prc" in metrics
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception \
         else None
-    model = ModelInput(sampling or ModelInput().sampling, classes, base, vae, force_base)
-    gen_input = open_input(generated, role="generated", limit=num_samples, need_features=needs_features or
+    model = ModelInput(config.sampling or ModelInput().sampling, config.classes, config.base, config.vae,
+                       config.force_base)
+    gen_input = open_input(generated, role="generated", limit=config.num_samples, need_features=needs_features or
                            "isc" in metrics, model=model, device=torch_device, progress=progress)
     if "clip" in metrics:
         if getattr(gen_input, "prompts", None) is None:
@@ -321,9 +314,9 @@ def evaluate(
     values, ref, ref_source, skipped = {}, None, "none", []
     if inception:
         values, ref, ref_source, skipped = _inception_metrics(
-            inception, gen_input, ref_input, inception_weights=inception_weights, batch_size=batch_size,
-            device=torch_device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-            progress=progress)
+            inception, gen_input, ref_input, inception_weights=config.inception_weights, batch_size=batch_size,
+            device=torch_device, save_stats=save_stats, kid_subsets=config.kid_subsets,
+            kid_subset_size=config.kid_subset_size, progress=progress)
     if "clip" in metrics:
         pairs = ((image, prompt) for images, prompts in zip(gen_input.batches(batch_size),
                                                              _chunks(gen_input.prompts, batch_size), strict=True)

@@ -27,6 +27,7 @@ from difffit.engine.data.captions import read_text_file
 from difffit.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit.engine.devices import autocast_dtype, resolve_device
 from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.evaluation.options import SamplingFields
 from difffit.engine.models.dit import DiT
 from difffit.engine.models.families import FAMILIES, family_of
 from difffit.engine.models.schedulers import (
@@ -66,25 +67,12 @@ def draw_noise(
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """How to sample: guidance, scheduler, seed, batching and numerics, checked when made.
+class SamplingOptions(SamplingFields):
+    """How to sample (SamplingFields: guidance, scheduler, seed, batching and numerics), checked when made.
 
     The same object drives `difffit sample`, eval-fid's in-memory samples and fit's previews, and
     is what sample.json records.
     """
-
-    cfg_scale: float | None = 4.0  # None: the base's family's default (DiT 4.0, a pipeline's own)
-    cfg_channels: str = "3"  # DiT: guide the first 3 latent channels (the reference) or "all"
-    scheduler: str | None = "ddpm"  # DiT: one of SCHEDULERS; text families: their names; None: the default
-    steps: int | None = None  # None: the scheduler's (DiT: DEFAULT_STEPS) or the pipeline's default
-    seed: int = 0
-    batch_size: int = 16
-    mixed_precision: str = "no"  # no (exact fp32), fp16 or bf16 autocast
-    device: str = "auto"
-    compile: str = "off"  # auto (on CUDA), on or off: each DiT block compiled once, last batch padded
-    negative_prompt: str = ""  # text families: the unconditional branch of guidance ("": the pipelines')
-    width: int | None = None  # text families: image size in pixels (default: the base's resolution)
-    height: int | None = None
 
     def __post_init__(self) -> None:
         if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
@@ -106,6 +94,11 @@ class SamplingOptions:
         autocast_dtype(self.mixed_precision)
         # An unknown device, a missing GPU or an unknown --compile is refused before any loading.
         resolve_compile(self.compile, resolve_device(self.device))
+
+    @classmethod
+    def from_fields(cls, fields: SamplingFields) -> SamplingOptions:
+        """`fields` (a preset such as FID_SAMPLING), checked."""
+        return cls(**dataclasses.asdict(fields))
 
     @property
     def num_steps(self) -> int:

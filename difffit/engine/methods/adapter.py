@@ -27,7 +27,8 @@ from difffit import __version__
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary
 from difffit.engine.io import atomic_path
-from difffit.engine.methods.baselines import MethodSettings, add_method_modules
+from difffit.engine.methods.baselines import add_method_modules
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import CLASS_TABLE, prepare_model, trainable_parameters
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families import family_named, family_of

@@ -23,8 +23,8 @@ from difffit.engine.methods.adapter import (
     read_adapter_meta,
     refuse_run_folder,
 )
-from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.hub_adapters import resolve_adapter_source
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import describe_method
 from difffit.engine.models.bases import Base
 from difffit.engine.models.families import family_of, family_of_spec, load_base

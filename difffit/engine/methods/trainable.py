@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from difffit.engine.errors import DiffFitError, require_at_least
-from difffit.engine.methods.baselines import MethodSettings, add_method_modules
+from difffit.engine.methods.baselines import add_method_modules, check_fits
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families import family_of
 from difffit.engine.models.families.dit import CLASS_TABLE, DIT, fold_scale_factors, resize_class_table
@@ -83,7 +84,7 @@ def prepare_model(
     family = family_of(model)
     check_method(method, family)
     settings = (settings or MethodSettings()).validate(family)
-    settings.check_fits(method, model)
+    check_fits(settings, method, model)
     if num_classes is not None:
         require_at_least("--num-classes", num_classes, 1)
     new_classes = family.prepare_conditioning(model, num_classes, new_classes)

@@ -11,7 +11,6 @@ Multi-GPU: `accelerate launch -m difffit fit ...`; process 0 writes every file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time
@@ -225,7 +224,7 @@ def _prepare_trainable_state(run: Run) -> None:
     gamma_blocks = parse_gamma_blocks(config.gamma_blocks, family.depth(model)) if config.method == "difffit" else None
     torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
     prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
-                  settings=config.method_settings())
+                  settings=config.method_settings)
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     device = run.accelerator.device
     # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
@@ -275,7 +274,7 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
 def _resolved_config(run: Run) -> dict:
     config = run.config
     data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
-    resolved = dataclasses.asdict(config) | {
+    resolved = config.options() | {
         "data": data, "base": run.base.spec, "out": str(run.out_dir),
         "lr": config.learning_rate(), "resolution": run.resolution, "mixed_precision": run.precision}
     resolved.pop("resume")
@@ -431,7 +430,7 @@ def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.s
         return None
     path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
-    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings(),
+    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings,
                      new_class_table=run.new_classes,
                      class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
     with swapped_in(run.params, run.ema):
