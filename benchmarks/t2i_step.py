@@ -19,8 +19,10 @@ Every contender holds its own copy of the model in this one process, and their t
 over `--repeats` rounds (benchmarks/_timing.py); ratios are taken round by round against the floor. Peak
 memory is measured over one more step per contender, alone: on a CPU the bytes of live tensors counted op by
 op (benchmarks/_memory.py), on CUDA the allocator's peak above what was allocated before the step; both plus
-the contender's own weights and optimizer state. `--blocks N` keeps N blocks of each stack (FLUX: N joint and
-2N single blocks), so a 12B configuration's width, heads, text and image tokens are measured on one GPU.
+the contender's own weights and optimizer state. `matmul_gflop`: the step's matrix products counted by torch's
+FlopCounterMode, the same on every machine, which tells a method's extra arithmetic from a machine's noise.
+`--blocks N` keeps N blocks of each stack (FLUX: N joint and 2N single blocks), so a 12B configuration's
+width, heads, text and image tokens are measured on one GPU.
 One JSON object on stdout.
 """
 
@@ -33,6 +35,7 @@ import torch
 from _memory import PeakMemory
 from _timing import emit, environment, interleave, paired_ratio, small_mode, spread, synchronizer, timer
 from t2i_memory import CONFIGS, model_inputs
+from torch.utils.flop_counter import FlopCounterMode
 
 from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.trainable import cast_frozen_matrices, prepare_model, trainable_parameters
@@ -93,6 +96,13 @@ class Contender:
         return [*self.model.parameters(), *self.model.buffers(), *state,
                 *([self.scale] if self.scale is not None else [])]
 
+    def matmul_gflop(self) -> float:
+        """The matrix products of one step (torch's FlopCounterMode: matmuls, convolutions, attention), in
+        GFLOP: what a method adds to the floor's work whatever the machine."""
+        with FlopCounterMode(display=False) as flops:
+            self.step()
+        return round(flops.get_total_flops() / 1e9, 3)
+
     def peak_mib(self) -> float:
         """Peak memory of one step: own weights and optimizer state plus what the step allocates at most."""
         own = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in self.resident()}.values())
@@ -125,8 +135,8 @@ def measure(args, name: str) -> dict:
     times = interleave({m: steps(c) for m, c in contenders.items()}, args.repeats, warmup=1)
     times = {m: [t / args.steps_per_repeat for t in ts] for m, ts in times.items()}
     synchronizer(device)()
-    rows = {m: {"step_s": spread(times[m]), "peak_mib": c.peak_mib(), "trainable_params": c.trainable}
-            for m, c in contenders.items()}
+    rows = {m: {"step_s": spread(times[m]), "peak_mib": c.peak_mib(), "matmul_gflop": c.matmul_gflop(),
+                "trainable_params": c.trainable} for m, c in contenders.items()}
     ratios = {}
     for method in methods:
         for base in ("floor", "lora"):

@@ -102,6 +102,9 @@ def test_t2i_step_runs_at_toy_size_on_the_cpu():
     assert all(r["step_s"]["median"] > 0 and r["peak_mib"] > 0 for r in rows.values())
     assert rows["floor"]["peak_mib"] < rows["difffit"]["peak_mib"] < rows["full"]["peak_mib"]
     assert rows["bitfit"]["trainable_params"] < rows["difffit"]["trainable_params"] < rows["full"]["trainable_params"]
+    # no weight gradient: DiffFit's matrix products are the floor's, LoRA adds its factors', full every weight's
+    flops = {m: r["matmul_gflop"] for m, r in rows.items()}
+    assert flops["floor"] <= flops["difffit"] < flops["lora"] < flops["full"]
     assert {"difffit/floor step", "difffit/lora step", "full/floor step"} <= set(flux["ratios"])
     assert flux["goal"]["difffit/floor"] == flux["ratios"]["difffit/floor step"]["median"]
 

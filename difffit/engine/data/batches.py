@@ -186,6 +186,10 @@ class Split:
         """Where this process's slice of micro-step `micro` starts within its step's global batch."""
         return (micro * self.world + self.rank) * self.per_process
 
+    def rows(self, micro: int) -> slice:
+        """This process's rows of micro-step `micro` among its step's global-batch draws."""
+        return slice(self.offset(micro), self.offset(micro) + self.per_process)
+
     def start(self, step: int, micro: int) -> int:
         """The data-stream position of this process's slice of micro-step `micro` of `step`."""
         return step * self.batch_size + self.offset(micro)
@@ -248,8 +252,7 @@ class Batches:
         if self._drawn is None or self._drawn[0] != step:
             self._drawn = step, StepDraws.draw(g, self.split.batch_size, self.latents.shape(index),
                                                self.conditions.dropout)
-        rows = slice(self.split.offset(micro), self.split.offset(micro) + self.split.per_process)
-        draws = self._drawn[1]
+        rows, draws = self.split.rows(micro), self._drawn[1]
         x0 = self.latents.draw(index, draws.flips[rows], draws.latent_noise[rows], self.device)
         drop = None if draws.drop is None else draws.drop[rows]
         return x0, to_device(self.conditions.take(index, drop), self.device)

@@ -337,8 +337,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                     if micro == 0:  # the global batch's timesteps and noise, on the device
                         ts, noises = diffusion.draw(step_generator(device, config.seed, step), config.batch_size,
                                                     x0.shape[1:])
-                    rows = slice(run.batches.split.offset(micro), run.batches.split.offset(micro) + per_process)
-                    t, noise = ts[rows], noises[rows]
+                    t, noise = ts[run.batches.split.rows(micro)], noises[run.batches.split.rows(micro)]
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         losses = diffusion.training_losses(denoiser(forward, y, run.autocast_dtype), x0, t, noise,
