@@ -136,9 +136,14 @@ class ModelSamples:
     batch and never written to disk."""
 
     def __init__(self, base: Base, count: int, sampling: SamplingOptions, device: torch.device, *,
-                 classes: Sequence[int] | None = None, progress: bool = True, name: str = "samples"):
+                 classes: Sequence[int] | None = None, progress: bool = True, name: str = "samples",
+                 indices: Sequence[int] | None = None):
+        """`indices`: which of the `count` samples to make (each sample is a function of its index); all of them
+        by default."""
         require_at_least("-n", count, 1)
-        self.base, self.count, self.sampling, self.classes = base, count, sampling, classes
+        self.base, self.sampling, self.classes = base, sampling, classes
+        self.indices = list(range(count) if indices is None else indices)
+        self.count = len(self.indices)
         self.device, self.progress, self.name = device, progress, name
         self.skipped: list[tuple[Path, str]] = []
 
@@ -157,7 +162,7 @@ class ModelSamples:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         sampling = replace(self.sampling, batch_size=batch_size)  # the extraction batch drives both
-        for _, images in generate_batches(self.base, range(self.count), sampling, classes=self.classes,
+        for _, images in generate_batches(self.base, self.indices, sampling, classes=self.classes,
                                           device=self.device, progress=self.progress):
             yield images.numpy()
 

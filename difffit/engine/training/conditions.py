@@ -19,6 +19,7 @@ from difffit.engine.data.batches import Captions, Labels
 from difffit.engine.data.captions import attach_captions
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
+from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
 from difffit.engine.methods.trainable import check_method, same_classes
 from difffit.engine.models.family import Family
@@ -94,7 +95,11 @@ def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
         run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
         # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
         run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
-        return Labels(folder.labels)
+        # Label dropout is drawn with the global batch (engine.data.batches), the same rows on any number of
+        # processes, so the model's own per-process draw is off. The null class follows the table trained:
+        # the folder's classes (a kept table has as many).
+        base.model.y_embedder.dropout_prob = 0.0
+        return Labels(folder.labels, base.config.class_dropout_prob, null=len(folder.class_names))
     run.new_classes, run.class_names = False, folder.class_names
     run.preview_prompts = run.config.validation_prompts or list(dict.fromkeys(folder.captions))[:PREVIEW_IMAGES]
     return Captions(_caption_embeddings(run, progress), run.config.caption_dropout)
@@ -105,15 +110,13 @@ def _caption_embeddings(run: Run, progress: bool):
     max_tokens = config.max_text_tokens or base.max_text_tokens
     # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
     extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
-    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn:
-            encode = family.prompt_encoder(base, device, max_tokens, "caption")
-            embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
-                                         cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
-                                         progress=progress, extra=extra)
-            encode.report_truncated()
-            del encode  # the text encoder with it: training needs the transformer and the cached tensors only
-        run.accelerator.wait_for_everyone()
+    with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
+        encode = family.prompt_encoder(base, device, max_tokens, "caption")
+        embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
+                                     cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
+                                     progress=progress, extra=extra)
+        encode.report_truncated()
+        del encode  # the text encoder with it: training needs the transformer and the cached tensors only
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -25,7 +25,7 @@ from difffit.engine.data.buckets import bucketed_latents, show_buckets
 from difffit.engine.data.hf_datasets import HF_PREFIX, open_data
 from difffit.engine.data.images import report_skipped, require_images, without_unreadable_classes
 from difffit.engine.data.latents import usable_latents
-from difffit.engine.devices import make_accelerator, tf32_matmuls
+from difffit.engine.devices import make_accelerator, one_builder_first, tf32_matmuls
 from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.sample import SamplingOptions, generate
 from difffit.engine.evaluation.sample_folder import save_grid
@@ -96,6 +96,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     check_run_folder(out_dir, config.data)
     # -- accelerator, data, base at the run's resolution; then the lock on --out ---------------------
     accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
+    # a global batch the processes cannot share equally is refused before anything is read or written
+    Split(config.batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes)
     with contextlib.ExitStack() as held:
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
         # bad options for the base's family, bad data, then a bad base, fail before --out is touched
@@ -194,13 +196,12 @@ def _prepare_data(run: Run, progress: bool) -> None:
                               num_workers=num_workers, progress=progress)
 
     bucketed = config.bucketed(run.family)
-    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn and bucketed:
+    with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
+        if bucketed:
             folder, latents = bucketed_latents(run.folder, run.resolution, run.family.size_multiple(base),
                                                config.batch_size, latents_for, progress, run.family.largest_side(base))
-        elif run.main == turn:
+        else:
             folder, latents = latents_for(run.folder, run.resolution)
-        run.accelerator.wait_for_everyone()
     run.cache = None if latents.cache_path is None else str(latents.cache_path)
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
@@ -308,7 +309,7 @@ class Outcome:
 def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool) -> Outcome:
     """Optimizer steps from `start_step` to `config.steps`: log, checkpoint and preview on schedule."""
     config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    device, world = accelerator.device, accelerator.num_processes
     # DiT's: linear betas over 1000 steps; SD3's and FLUX's: rectified flow at --timestep-sampling's draws
     diffusion = run.family.diffusion(run.base, config.timestep_sampling)
     mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
@@ -329,14 +330,17 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                 (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log:
             task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
             while step < config.steps:
-                torch.manual_seed(step_seed(config.seed, step, rank, 1))  # the label dropout's RNG
-                g = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 2))  # data order, flips
-                on_device = step_generator(device, config.seed, step, rank)  # timesteps and noise
+                # Every draw is of the global batch, each process keeping its slice's rows (engine.data.batches)
+                torch.manual_seed(step_seed(config.seed, step, 1))  # any randomness inside the model
+                g = torch.Generator().manual_seed(step_seed(config.seed, step, 2))  # flips, latent noise, dropout
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
                 for micro in range(config.grad_accum):
                     x0, y = run.batches.micro_batch(step, micro, g)
-                    t, noise = diffusion.draw(on_device, per_process, x0.shape[1:])
+                    if micro == 0:  # the global batch's timesteps and noise, on the device
+                        ts, noises = diffusion.draw(step_generator(device, config.seed, step), config.batch_size,
+                                                    x0.shape[1:])
+                    t, noise = ts[run.batches.split.rows(micro)], noises[run.batches.split.rows(micro)]
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         losses = diffusion.training_losses(denoiser(forward, y, run.autocast_dtype), x0, t, noise,

@@ -11,7 +11,9 @@
 - `--keep-best` writes best/adapter.safetensors whenever the chosen metric improves; the record
   travels in each checkpoint's state.json, so a resumed run keeps the same best.
 
-Everything runs on the main process, with the weights the loop puts in (the EMA with --ema).
+Every process takes a share of the work (`shared_work`: whole batches, the numbers back in batch order), so
+several processes give the one-process numbers; the main process logs them and keeps the best. It runs
+with the weights the loop puts in (the EMA with --ema).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from difffit.engine.data.batches import held_out, step_seed
 from difffit.engine.data.hf_datasets import open_data
 from difffit.engine.data.images import ImageFolder, require_images
 from difffit.engine.data.latents import usable_latents
+from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.image_sets import ModelSamples
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
@@ -36,6 +39,7 @@ from difffit.engine.models.diffusion import GaussianDiffusion
 from difffit.engine.progress import say
 from difffit.engine.training.checkpoints import list_checkpoints
 from difffit.engine.training.config import FitConfig
+from difffit.engine.training.shared_work import SingleProcess, map_batches
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import denoiser
 
@@ -81,12 +85,12 @@ class Validation:
         self.has_val = val is not None  # known to every process, so all of them agree on due()
         self.best: dict | None = None  # {"metric", "value", "step"}
         self.x0 = self.labels = self.reference = self.extractor = None
-        if not run.main:
-            return
         if val is not None:
-            self.x0, self.labels = _held_out_latents(run, val, progress)
+            with one_builder_first(run.accelerator):  # process 0 caches the held-out latents, the others open them
+                self.x0, self.labels = _held_out_latents(run, val, progress)
         if config.eval_every:
             self.extractor = LazyExtractor(resolve_inception_weights(config.inception_weights), device, ("2048",))
+        if config.eval_every and run.main:
             reference = open_input(config.eval_reference, role="reference", limit=None, need_features=False)
             if not isinstance(reference, Statistics):
                 reference = reference_statistics(reference, self.extractor, keep_features=True, batch_size=64,
@@ -102,14 +106,14 @@ class Validation:
     def evaluate(self, run: Run, step: int, log) -> dict:
         """Validation loss and/or FID at `step` with the weights in the model now: logged, and the best kept."""
         record: dict = {"step": step}
+        model = run.accelerator.unwrap_model(run.model).eval()
+        if self.val_due(step):
+            record["val_loss"] = validation_loss(model, self.x0, self.labels, run.config.seed,
+                                                 run.config.batch_size, run.autocast_dtype, run.accelerator)
+        if self.eval_every and step % self.eval_every == 0:
+            record |= self._fid(run)
+        model.train()
         if run.main:
-            model = run.accelerator.unwrap_model(run.model).eval()
-            if self.val_due(step):
-                record["val_loss"] = validation_loss(model, self.x0, self.labels, run.config.seed,
-                                                     run.config.batch_size, run.autocast_dtype)
-            if self.eval_every and step % self.eval_every == 0:
-                record |= self._fid(run)
-            model.train()
             log.write(json.dumps(record) + "\n")
             log.flush()
             if run.config.log_with:
@@ -122,10 +126,19 @@ class Validation:
         config = run.config
         options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
                                   mixed_precision=run.sampling_precision)
-        samples = ModelSamples(run.base, config.eval_n, options, run.accelerator.device, progress=False)
-        features = extract_features(samples, self.extractor.get(), batch_size=config.batch_size,
-                                    description="Inception features", progress=False)
-        generated = Statistics.from_features(features, self.extractor.identity, keep_features=True)
+
+        def features(batch: range) -> dict[str, torch.Tensor]:
+            samples = ModelSamples(run.base, config.eval_n, options, run.accelerator.device, progress=False,
+                                   indices=batch)
+            return {name: value.cpu() for name, value in extract_features(
+                samples, self.extractor.get(), batch_size=config.batch_size, description="Inception features",
+                progress=False).items()}
+
+        parts = map_batches(config.eval_n, config.batch_size, features, run.accelerator)
+        if not run.main:
+            return {}
+        gathered = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        generated = Statistics.from_features(gathered, self.extractor.identity, keep_features=True)
         kid = self.reference.features is not None
         values = compute_metrics(("fid", "kid") if kid else ("fid",), generated, self.reference,
                                  kid_subset_size=min(KID_SUBSET_SIZE, generated.count, self.reference.count),
@@ -157,24 +170,29 @@ class Validation:
 
 @torch.no_grad()
 def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
-                    autocast_dtype: torch.dtype | None = None) -> float:
+                    autocast_dtype: torch.dtype | None = None, accelerator=None) -> float:
     """Mean hybrid loss of every (image, fixed timestep, fixed noise) pair: a function of the weights only.
 
     Pair j = i * VAL_TIMESTEPS + k of N images sits at timestep floor((j + 0.5) * T / (N * VAL_TIMESTEPS))
     after a fixed shuffle, so the timesteps tile the schedule; its noise comes from its own generator.
+    `accelerator`: the run's processes share the batches (each process's number is the one-process one).
     """
     diffusion = GaussianDiffusion()
     device = next(model.parameters()).device
     pairs = len(x0) * VAL_TIMESTEPS
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(step_seed(seed, VAL_SEED)))
     timesteps = ((order.double() + 0.5) * diffusion.num_steps / pairs).long()
-    total = 0.0
-    for lo in range(0, pairs, batch_size):
-        j = torch.arange(lo, min(lo + batch_size, pairs))
+
+    def batch_sum(batch: range) -> float:
+        j = torch.arange(batch.start, batch.stop)
         x, y = x0[j // VAL_TIMESTEPS].to(device), labels[j // VAL_TIMESTEPS].to(device)
         noise = draw_noise(sample_generators(step_seed(seed, VAL_SEED), j.tolist()), x.shape[1:], device)
         losses = diffusion.training_losses(denoiser(model, y, autocast_dtype), x, timesteps[j].to(device), noise)
-        total += losses["loss"].sum().item()
+        return losses["loss"].sum().item()
+
+    total = 0.0
+    for value in map_batches(pairs, batch_size, batch_sum, accelerator or SingleProcess()):
+        total += value  # in batch order: the same sum on any number of processes
     return total / pairs
 
 
@@ -185,7 +203,7 @@ def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch
     val, latents = usable_latents(val, run.resolution, base.vae_spec, base.vae, cache=config.cache_latents,
                                   cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
                                   num_workers=0, progress=progress)
-    for item, reason in val.skipped:
+    for item, reason in val.skipped if run.main else ():
         say(f"skipped validation image {item}: {reason}")
     require_images(val)
     shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
