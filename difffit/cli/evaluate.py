@@ -42,10 +42,11 @@ def eval_fid(
     base: opt.AdapterBase = None,
     vae: opt.Vae = None,
     classes: opt.Classes = None,
-    cfg_scale: opt.CfgScale = 1.5,
+    prompts_file: opt.PromptsFile = None,
+    cfg_scale: opt.EvalCfgScale = None,
     cfg_channels: opt.CfgChannels = "3",
     steps: opt.SamplingSteps = None,
-    scheduler: opt.Scheduler = "ddpm",
+    scheduler: opt.SampleScheduler = None,
     seed: opt.SamplingSeed = 0,
     mixed_precision: opt.SamplingPrecision = "no",
     force_base: opt.ForceBase = False,
@@ -60,7 +61,8 @@ def eval_fid(
     The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
     over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
     When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
-    say how to sample it.
+    say how to sample it; a text-to-image one samples the prompts of --prompts FILE in turn (one image each
+    unless -n says more), and the clip metric scores each sample against its prompt.
 
     [bold]Examples[/bold]
 
@@ -81,9 +83,12 @@ def eval_fid(
       [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
       difffit eval-fid samples/ramen data/ramen --metrics fid,clip
       difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
+
+      [dim]# a text-to-image adapter sampled in memory from a prompts file: FID and CLIP score[/dim]
+      difffit eval-fid runs/ramen/adapter.safetensors data/ramen --prompts prompts.txt --metrics fid,clip
     """
     from difffit.engine.evaluation.metrics import evaluate
-    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
 
     sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
@@ -91,7 +96,9 @@ def eval_fid(
         generated, reference, metrics=metrics, num_samples=n,
         inception_weights=inception_weights, batch_size=batch_size,
         device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-        sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, clip_model=clip_model,
+        sampling=sampling, classes=classes, base=base,
+        prompts=read_prompts(prompts_file) if prompts_file is not None else None, vae=vae, force_base=force_base,
+        clip_model=clip_model,
         progress=True, overwrite=overwrite,
     )
     _render_skipped(result.skipped)

@@ -27,7 +27,8 @@ from difffit.engine.training.trackers import check_log_with
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
-KEEP_BEST = ("fid", "val_loss")
+KEEP_BEST = ("fid", "clip", "val_loss")
+EVAL_METRICS = ("fid", "clip")  # in-training: FID (with KID where the reference has features), CLIP score
 BUCKETS = ("auto", "none")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
@@ -94,14 +95,18 @@ class FitConfig:
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
     p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
     timestep_sampling: str | None = None  # flow bases (SD3, FLUX): logit_normal (default), uniform or mode
-    val_fraction: float = 0.0  # held out of the data, per class, for the validation loss
-    val_data: str | None = None  # or a separate validation folder / dataset
+    # held out of the data for the validation loss: per class (DiT), per class and aspect-ratio bucket (text)
+    val_fraction: float = 0.0
+    val_data: str | None = None  # or a separate validation folder / dataset (captioned, for text-to-image)
     val_every: int = 0  # validation loss every N steps (0: only at the end, when there is a validation set)
-    eval_every: int = 0  # FID/KID of samples every N steps (0: never)
-    eval_n: int = 1000
-    eval_reference: str | None = None  # image folder or statistics .npz
+    eval_every: int = 0  # FID/KID (and CLIP score) of samples every N steps (0: never)
+    eval_n: int | None = None  # samples per evaluation; default: DiT 1000, text-to-image one per eval prompt
+    eval_reference: str | None = None  # image folder or statistics .npz (text-to-image default: the held-out set)
+    eval_metrics: str = "fid"  # comma-separated EVAL_METRICS
+    eval_prompts: str | None = None  # text-to-image: a prompts file to sample (default: the held-out captions)
+    clip_model: str | None = None  # the clip metric's CLIP: hub id or folder (default: DEFAULT_CLIP_MODEL)
     inception_weights: str | None = None
-    keep_best: str | None = None  # "fid" or "val_loss": keep best/adapter.safetensors
+    keep_best: str | None = None  # "fid", "clip" or "val_loss": keep best/adapter.safetensors
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
@@ -174,7 +179,8 @@ class FitConfig:
     def _validate_data_and_validation(self) -> None:
         for name in ("val_every", "eval_every"):
             _at_least(name, getattr(self, name), 0)
-        _at_least("eval_n", self.eval_n, 2)
+        if self.eval_n is not None:
+            _at_least("eval_n", self.eval_n, 2)
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
@@ -203,14 +209,32 @@ class FitConfig:
         has_val = bool(self.val_fraction or self.val_data)
         if self.val_every and not has_val:
             raise DiffFitError("--val-every needs a validation set.", hint="Add --val-fraction 0.1 or --val-data DIR.")
-        if self.eval_every and not self.eval_reference:
-            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz).")
+        metrics = self.evaluation_metrics()
+        if self.clip_model is not None and "clip" not in metrics:
+            raise DiffFitError("--clip-model is the model of the clip metric; add clip to --eval-metrics.")
+        if self.eval_every and "fid" in metrics and not (self.eval_reference or has_val):
+            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz) or a "
+                               "validation set to compare samples with.",
+                               hint="Add --eval-reference DIR, or --val-fraction 0.1 on a text-to-image base.")
         if self.keep_best is not None:
             _choice("--keep-best", self.keep_best, KEEP_BEST)
-            if self.keep_best == "fid" and not self.eval_every:
-                raise DiffFitError("--keep-best fid needs --eval-every N and --eval-reference.")
+            if self.keep_best in EVAL_METRICS and self.keep_best not in metrics:
+                raise DiffFitError(f"--keep-best {self.keep_best} keeps the best {self.keep_best} score, and "
+                                   f"--eval-metrics {self.eval_metrics} does not compute it.",
+                                   hint=f"Add {self.keep_best} to --eval-metrics.")
+            if self.keep_best in EVAL_METRICS and not self.eval_every:
+                raise DiffFitError(f"--keep-best {self.keep_best} needs --eval-every N.")
             if self.keep_best == "val_loss" and not has_val:
                 raise DiffFitError("--keep-best val_loss needs a validation set (--val-fraction or --val-data).")
+
+    def evaluation_metrics(self) -> tuple[str, ...]:
+        """--eval-metrics parsed and checked, in EVAL_METRICS order."""
+        names = [name.strip().lower() for name in self.eval_metrics.split(",") if name.strip()]
+        unknown = [name for name in names if name not in EVAL_METRICS]
+        if unknown or not names:
+            raise DiffFitError(f"Unknown --eval-metrics {unknown[0] if unknown else '(none)'!r}; choose from "
+                               f"{', '.join(EVAL_METRICS)}.")
+        return tuple(name for name in EVAL_METRICS if name in names)
 
     def bucketed(self, family: Family) -> bool:
         """Whether the run groups images into aspect-ratio buckets: --buckets, else the family's default."""
