@@ -26,6 +26,7 @@ from difffit.engine.evaluation.inception import random_inception_weights
 from difffit.engine.evaluation.metrics import evaluate
 from difffit.engine.sharing.report import write_report
 from difffit.engine.training import validation
+from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
 PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
@@ -161,4 +162,15 @@ def test_bad_validation_input_is_one_sentence_and_writes_nothing(pipeline_dir, t
     with pytest.raises(DiffFitError, match=message) as caught:
         fit(config(data, pipeline_dir, tmp_path, "run", **overrides), progress=False)
     assert "\n" not in caught.value.message
+    assert not (tmp_path / "run").exists()
+
+
+def test_clip_and_eval_prompts_on_a_class_conditional_base_are_refused(tmp_path, toy_data, tiny_base_file,
+                                                                       tiny_vae_dir):
+    common = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, eval_every=1,
+                  val_fraction=0.34, out=str(tmp_path / "run"))
+    for overrides, message in (({"eval_metrics": "clip"}, "--eval-metrics clip scores samples against their captions"),
+                               ({"eval_prompts": "prompts.txt"}, "--eval-prompts applies to text-to-image bases")):
+        with pytest.raises(DiffFitError, match=message):
+            fit(FitConfig(**common, **overrides), progress=False)
     assert not (tmp_path / "run").exists()
