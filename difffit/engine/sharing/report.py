@@ -1,10 +1,11 @@
 """`difffit report`: one self-contained HTML page about one or more runs, and fit's loss.png.
 
 Per run: the loss curves (loss raw and smoothed, MSE and VB smoothed, the validation loss when
-logged) as inline SVG, the preview grids as a timeline, the training summary, the eval results found
-next to the run, and the resolved config.toml. With several runs: a comparison table and the
-smoothed losses overlaid. Images are inline (base64), so the file can be mailed or attached as is.
-Every curve in the SVGs carries an id (gid), and each run's plotted series are embedded as JSON.
+logged) and the in-training FID and CLIP score when logged, as inline SVG, the preview grids as a
+timeline, the training summary, the eval results found next to the run, and the resolved config.toml.
+With several runs: a comparison table and the smoothed losses overlaid. Images are inline (base64), so
+the file can be mailed or attached as is. Every curve in the SVGs carries an id (gid), and each run's
+plotted series are embedded as JSON.
 """
 
 from __future__ import annotations
