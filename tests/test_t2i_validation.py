@@ -22,6 +22,7 @@ from t2i_fixtures import (
 )
 
 from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.image_sets import ModelInput, ModelSamples
 from difffit.engine.evaluation.inception import random_inception_weights
 from difffit.engine.evaluation.metrics import evaluate
 from difffit.engine.sharing.report import write_report
@@ -148,6 +149,17 @@ def test_eval_fid_samples_a_text_to_image_adapter_by_prompt(family, evaluated, d
     assert json.loads(out)["num_generated"] == 2  # one sample per prompt by default
     code, _, err = run_cli(monkeypatch, capsys, "eval-fid", adapter, "--metrics", "clip", "--clip-model", clip_dir)
     assert code == 1 and "--prompts FILE" in err and "Traceback" not in err
+    samples = ModelSamples.from_source(adapter, None, ModelInput(), torch.device("cpu"))
+    assert samples.sampling.cfg_scale is None  # the pipeline's own, resolved when it samples
+
+
+def test_eval_fid_samples_dit_at_the_papers_fid_setting_and_refuses_prompts(tiny_base_file, tiny_vae_dir):
+    model = ModelInput(vae=str(tiny_vae_dir))
+    samples = ModelSamples.from_source(str(tiny_base_file), 2, model, torch.device("cpu"))
+    assert (samples.sampling.cfg_scale, samples.sampling.scheduler, samples.prompts) == (1.5, "ddpm", None)
+    with pytest.raises(DiffFitError, match="--prompts does not apply to"):
+        ModelSamples.from_source(str(tiny_base_file), 2, ModelInput(vae=str(tiny_vae_dir), prompts=["a cat"]),
+                                 torch.device("cpu"))
 
 
 # -- bad input: one sentence, nothing written -------------------------------------------------------------
