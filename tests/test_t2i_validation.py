@@ -149,8 +149,8 @@ def test_eval_fid_samples_a_text_to_image_adapter_by_prompt(family, evaluated, d
     assert json.loads(out)["num_generated"] == 2  # one sample per prompt by default
     code, _, err = run_cli(monkeypatch, capsys, "eval-fid", adapter, "--metrics", "clip", "--clip-model", clip_dir)
     assert code == 1 and "--prompts FILE" in err and "Traceback" not in err
-    samples = ModelSamples.from_source(adapter, None, ModelInput(), torch.device("cpu"))
-    assert samples.sampling.cfg_scale is None  # the pipeline's own, resolved when it samples
+    samples = ModelSamples.from_source(adapter, None, ModelInput(prompts=["a cat", "a dog"]), torch.device("cpu"))
+    assert (samples.count, samples.sampling.cfg_scale) == (2, None)  # the pipeline's own, resolved as it samples
 
 
 def test_eval_fid_samples_dit_at_the_papers_fid_setting_and_refuses_prompts(tiny_base_file, tiny_vae_dir):
