@@ -241,7 +241,7 @@ def test_a_base_folder_without_its_text_encoder_stops_the_run(conf, tmp_path):
 
 @pytest.mark.parametrize("options, match", [
     ({"method": "vpt-deep"}, "--method vpt-deep is not available on PixArt bases"),
-    ({"val_fraction": 0.2}, "--val-fraction applies to class-conditional"),
+    ({"num_heads": 2}, "--num-heads applies to class-conditional"),
     ({"resolution": 20}, "--resolution 20 is not a multiple of 8 px"),
     ({"resolution": 32, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional grid"),
     ({"vae": "identity"}, "--vae applies to class-conditional"),

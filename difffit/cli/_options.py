@@ -80,6 +80,9 @@ Classes = Annotated[list[str] | None, typer.Option(
 CfgScale = Annotated[float, typer.Option(help="Guidance: 4.0 to look at, 1.5 for FID (the paper's); 1 = none.")]
 CfgChannels = Annotated[str, typer.Option(help="Guide '3' latent channels (reference) or 'all'.")]
 Scheduler = Annotated[str, typer.Option(help="ddpm (reference), ddim or dpm-solver.")]
+EvalCfgScale = Annotated[float | None, typer.Option(
+    "--cfg-scale", help="Guidance of a model's samples (default: DiT 1.5, the paper's FID setting; a text-to-image "
+    "base's pipeline's own); 1 = none.", show_default=False)]
 SampleCfgScale = Annotated[float | None, typer.Option(
     "--cfg-scale", help="Guidance (default: DiT 4.0, to look at; a text-to-image base's pipeline's own, PixArt 4.5); "
     "1.5 for DiT FIDs (the paper's); 1 = none.", show_default=False)]
@@ -181,17 +184,27 @@ P2Gamma = Annotated[float | None, typer.Option(
     help="P2 weighting (k=1) of the MSE term, e.g. 1 (default: off; epsilon-prediction bases only).",
     show_default=False)]
 ValFraction = Annotated[float, typer.Option(
-    help="Hold out this fraction of each class (fixed by --seed) for validation.")]
+    help="Hold out this fraction of each class (text-to-image: of each class and aspect-ratio bucket), fixed by "
+    "--seed, for validation.")]
 ValData = Annotated[str | None, typer.Option(
-    help="A separate validation folder or dataset, with the training classes.", show_default=False)]
-ValEvery = Annotated[int, typer.Option(help="Validation loss every N steps (0: at the end only).")]
-EvalEvery = Annotated[int, typer.Option(help="FID/KID of --eval-n samples every N steps (0: never).")]
-EvalN = Annotated[int, typer.Option(help="Samples per in-training FID (DDIM 50 steps, cfg 1.5).")]
-EvalReference = Annotated[str | None, typer.Option(
-    help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached).",
+    help="A separate validation folder or dataset, with the training classes (text-to-image: captioned).",
     show_default=False)]
+ValEvery = Annotated[int, typer.Option(help="Validation loss every N steps (0: at the end only).")]
+EvalEvery = Annotated[int, typer.Option(help="FID/KID (and --eval-metrics clip) of samples every N steps (0: never).")]
+EvalN = Annotated[int | None, typer.Option(
+    help="Samples per in-training evaluation (default: DiT 1000, at DDIM 50 steps and cfg 1.5; text-to-image one "
+    "per held-out caption or --eval-prompts line, at the preview settings).", show_default=False)]
+EvalReference = Annotated[str | None, typer.Option(
+    help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached); default: the "
+    "held-out images.", show_default=False)]
+EvalMetrics = Annotated[str, typer.Option(
+    help="In-training metrics, comma-separated: fid (with KID), clip (CLIP score of text-to-image samples against "
+    "their prompts).")]
+EvalPrompts = Annotated[str | None, typer.Option(
+    help="Text-to-image: a prompts file (one per line) that in-training evaluation samples (default: the held-out "
+    "captions).", show_default=False)]
 KeepBest = Annotated[str | None, typer.Option(
-    help="Keep best/adapter.safetensors by fid or val_loss.", show_default=False)]
+    help="Keep best/adapter.safetensors by fid, clip or val_loss.", show_default=False)]
 
 # -- flags that mean something else in each command ----------------------------------------------
 

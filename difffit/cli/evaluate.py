@@ -41,10 +41,11 @@ def eval_fid(
     base: opt.AdapterBase = opt.EVAL.base,
     vae: opt.Vae = opt.EVAL.vae,
     classes: opt.Classes = opt.EVAL.classes,
-    cfg_scale: opt.CfgScale = opt.FID.cfg_scale,
+    prompts_file: opt.PromptsFile = None,
+    cfg_scale: opt.EvalCfgScale = opt.FID.cfg_scale,
     cfg_channels: opt.CfgChannels = opt.FID.cfg_channels,
     steps: opt.SamplingSteps = opt.FID.steps,
-    scheduler: opt.Scheduler = opt.FID.scheduler,
+    scheduler: opt.SampleScheduler = opt.FID.scheduler,
     seed: opt.SamplingSeed = opt.FID.seed,
     mixed_precision: opt.SamplingPrecision = opt.FID.mixed_precision,
     force_base: opt.ForceBase = opt.EVAL.force_base,
@@ -59,7 +60,8 @@ def eval_fid(
     The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
     over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
     When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
-    say how to sample it.
+    say how to sample it; a text-to-image one samples the prompts of --prompts FILE in turn (one image each
+    unless -n says more), and the clip metric scores each sample against its prompt.
 
     [bold]Examples[/bold]
 
@@ -80,17 +82,21 @@ def eval_fid(
       [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
       difffit eval-fid samples/ramen data/ramen --metrics fid,clip
       difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
+
+      [dim]# a text-to-image adapter sampled in memory from a prompts file: FID and CLIP score[/dim]
+      difffit eval-fid runs/ramen/adapter.safetensors data/ramen --prompts prompts.txt --metrics fid,clip
     """
     from difffit.engine.evaluation.metrics import evaluate
     from difffit.engine.evaluation.options import EvalConfig
-    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
 
     sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
     config = EvalConfig(metrics=metrics, num_samples=num_samples, inception_weights=inception_weights,
                         batch_size=batch_size, device=device, save_stats=save_stats, kid_subsets=kid_subsets,
                         kid_subset_size=kid_subset_size, sampling=sampling, classes=classes, base=base, vae=vae,
-                        force_base=force_base, clip_model=clip_model, overwrite=overwrite)
+                        force_base=force_base, clip_model=clip_model, overwrite=overwrite,
+                        prompts=read_prompts(prompts_file) if prompts_file is not None else None)
     result = evaluate(generated, reference, config, progress=True)
     _render_skipped(result.skipped)
     if as_json:

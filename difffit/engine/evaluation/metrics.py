@@ -29,7 +29,7 @@ import torch
 
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError, require_at_least
-from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_folder, score_pairs
+from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead, clip_folder, score_pairs
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit.engine.evaluation.options import EvalConfig
@@ -268,9 +268,10 @@ def evaluate(
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
     generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
-    `sampling` (default: FID_SAMPLING, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
-    say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
-    existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
+    `sampling` (default: a class-conditional model's cfg 1.5 and DDPM, the paper's FID setting; a
+    text-to-image model's pipeline defaults), `classes` or `prompts` (a text-to-image model's), `base`, `vae`
+    and `force_base` say how its samples are made. `save_stats` follows the output rules (never an input or
+    inside one; an existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
     The `clip` metric scores GENERATED against the prompts its sample folder records, with `clip_model`
     (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
@@ -302,28 +303,33 @@ def evaluate(
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception \
         else None
     model = ModelInput(config.sampling or ModelInput().sampling, config.classes, config.base, config.vae,
-                       config.force_base)
+                       config.force_base, config.prompts)
     gen_input = open_input(generated, role="generated", limit=config.num_samples, need_features=needs_features or
                            "isc" in metrics, model=model, device=torch_device, progress=progress)
     if "clip" in metrics:
         if getattr(gen_input, "prompts", None) is None:
             raise DiffFitError(f"The clip metric scores each image against its prompt, and {generated} records no "
-                               "prompts.", hint="Score a folder written by `difffit sample --prompt ...`: its "
-                               "sample.json lists them.")
+                               "prompts.", hint="Score a folder written by `difffit sample --prompt ...` (its "
+                               "sample.json lists them), or a text-to-image adapter with --prompts FILE.")
         clip_model = clip_folder(clip_model or DEFAULT_CLIP_MODEL)  # a missing model fails now, not after FID
     values, ref, ref_source, skipped = {}, None, "none", []
+    scored = None
+    if "clip" in metrics and inception:  # scored as the Inception network reads them: each image made once
+        gen_input = scored = ScoredAsRead(gen_input, ClipScorer(str(clip_model), torch_device))
     if inception:
         values, ref, ref_source, skipped = _inception_metrics(
             inception, gen_input, ref_input, inception_weights=config.inception_weights, batch_size=batch_size,
             device=torch_device, save_stats=save_stats, kid_subsets=config.kid_subsets,
             kid_subset_size=config.kid_subset_size, progress=progress)
-    if "clip" in metrics:
+    if scored is not None:
+        values["clip_score"] = scored.scorer.score()
+    elif "clip" in metrics:
         pairs = ((image, prompt) for images, prompts in zip(gen_input.batches(batch_size),
                                                              _chunks(gen_input.prompts, batch_size), strict=True)
                  for image, prompt in zip(images, prompts, strict=True) if image is not None)
         values["clip_score"] = score_pairs(pairs, gen_input.count, model=str(clip_model), device=torch_device,
                                            batch_size=batch_size, progress=progress)
-        skipped = skipped or list(gen_input.skipped)
+        skipped = list(gen_input.skipped)
     if save_stats is not None:  # only once every metric is computed: a failed run writes nothing
         save_statistics(save_stats, ref)
     return Evaluation(values, gen_input.count - len(gen_input.skipped), ref.count if ref else 0, ref_source, skipped)

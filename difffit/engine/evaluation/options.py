@@ -39,8 +39,11 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP most text-to-im
 # `difffit sample`: the guidance, scheduler and steps of the base's family (DiT 4.0 and ddpm, a pipeline's own),
 # each DiT block compiled on CUDA.
 SAMPLE_DEFAULTS = SamplingFields(cfg_scale=None, scheduler=None, compile="auto")
-# The paper's FID protocol (ddpm, 250 steps, guidance 1.5): eval-fid's samples of an adapter or a base.
-FID_SAMPLING = SamplingFields(cfg_scale=1.5)
+# eval-fid's samples of an adapter or a base: guidance and scheduler left to the model's family, which is
+# CLASS_FID_SAMPLING for a class-conditional model (the paper's FID protocol: ddpm, 250 steps, guidance 1.5)
+# and the pipeline's own defaults for a text-to-image model.
+FID_SAMPLING = SamplingFields(cfg_scale=None, scheduler=None)
+CLASS_FID_SAMPLING = {"cfg_scale": 1.5, "scheduler": "ddpm"}
 
 
 @dataclass(frozen=True)
@@ -63,4 +66,5 @@ class EvalConfig:
     vae: str | None = None
     force_base: bool = False
     clip_model: str | None = None  # the clip metric's CLIP model (default: DEFAULT_CLIP_MODEL)
+    prompts: Sequence[str] | None = None  # a text-to-image model's prompts, sampled in turn
     overwrite: bool = False  # replace an existing --save-stats file

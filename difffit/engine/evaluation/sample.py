@@ -374,8 +374,7 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
     base.model.to(device).eval()
 
     def images(lo: int, batch: list[int]) -> torch.Tensor:
-        rows = [embeddings.of(prompt) for prompt in per_image[lo : lo + len(batch)]]
-        text = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+        text = embeddings.of_each(per_image[lo : lo + len(batch)])
         unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
         out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
         check_finite(out, batch, options)

@@ -21,6 +21,7 @@ from difffit.engine.data.images import ImageFolder
 from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
 from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions
 from difffit.engine.methods.trainable import check_method, same_classes
 from difffit.engine.models.family import Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
@@ -31,9 +32,8 @@ PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
 TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
              ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"),
-             ("caption_dropout", "--caption-dropout"))
-CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "--val-fraction"),
-              ("val_data", "--val-data"), ("eval_every", "--eval-every"), ("keep_best", "--keep-best"))
+             ("caption_dropout", "--caption-dropout"), ("eval_prompts", "--eval-prompts"))
+CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"))
 
 
 def check_options(config: FitConfig, family: Family) -> None:
@@ -47,6 +47,9 @@ def check_options(config: FitConfig, family: Family) -> None:
         if getattr(config, field):
             kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
             raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
+    if family.conditioning != "text" and "clip" in config.evaluation_metrics():
+        raise DiffFitError(f"--eval-metrics clip scores samples against their captions, and this base is a "
+                           f"class-conditional {family.title} model.", hint="Use --eval-metrics fid.")
     limit = family.max_text_tokens_limit
     if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
         raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
@@ -109,7 +112,8 @@ def _caption_embeddings(run: Run, progress: bool):
     config, base, family, device = run.config, run.base, run.family, run.accelerator.device
     max_tokens = config.max_text_tokens or base.max_text_tokens
     # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
-    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts \
+        + run.held_out_prompts
     with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
         encode = family.prompt_encoder(base, device, max_tokens, "caption")
         embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
@@ -129,6 +133,14 @@ def preview_inputs(run: Run) -> dict:
     if run.family.conditioning == "class":
         return {"classes": list(range(min(len(run.class_names), PREVIEW_IMAGES)))}
     return {"prompts": run.preview_prompts, "embeddings": run.batches.conditions.embeddings}
+
+
+def preview_options(run: Run, batch_size: int = PREVIEW_IMAGES) -> SamplingOptions:
+    """How previews (and a text-to-image run's in-training evaluation) sample: the family's cheap preview
+    settings over its defaults, fixed seed; a text-to-image run at the size it trains at (DiT at its base's)."""
+    size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
+    return SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
+                           seed=run.config.seed, batch_size=batch_size, mixed_precision=run.sampling_precision)
 
 
 def text_summary(run: Run) -> dict:

@@ -27,7 +27,8 @@ from difffit.engine.training.trackers import check_log_with
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
-KEEP_BEST = ("fid", "val_loss")
+KEEP_BEST = ("fid", "clip", "val_loss")
+EVAL_METRICS = ("fid", "clip")  # in-training: FID (with KID where the reference has features), CLIP score
 BUCKETS = ("auto", "none")
 MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
@@ -104,7 +105,8 @@ class FitConfig(FitFields):
     def _validate_data_and_validation(self) -> None:
         for name in ("val_every", "eval_every"):
             _at_least(name, getattr(self, name), 0)
-        _at_least("eval_n", self.eval_n, 2)
+        if self.eval_n is not None:
+            _at_least("eval_n", self.eval_n, 2)
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
@@ -133,14 +135,32 @@ class FitConfig(FitFields):
         has_val = bool(self.val_fraction or self.val_data)
         if self.val_every and not has_val:
             raise DiffFitError("--val-every needs a validation set.", hint="Add --val-fraction 0.1 or --val-data DIR.")
-        if self.eval_every and not self.eval_reference:
-            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz).")
+        metrics = self.evaluation_metrics()
+        if self.clip_model is not None and "clip" not in metrics:
+            raise DiffFitError("--clip-model is the model of the clip metric; add clip to --eval-metrics.")
+        if self.eval_every and "fid" in metrics and not (self.eval_reference or has_val):
+            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz) or a "
+                               "validation set to compare samples with.",
+                               hint="Add --eval-reference DIR, or --val-fraction 0.1 on a text-to-image base.")
         if self.keep_best is not None:
             _choice("--keep-best", self.keep_best, KEEP_BEST)
-            if self.keep_best == "fid" and not self.eval_every:
-                raise DiffFitError("--keep-best fid needs --eval-every N and --eval-reference.")
+            if self.keep_best in EVAL_METRICS and self.keep_best not in metrics:
+                raise DiffFitError(f"--keep-best {self.keep_best} keeps the best {self.keep_best} score, and "
+                                   f"--eval-metrics {self.eval_metrics} does not compute it.",
+                                   hint=f"Add {self.keep_best} to --eval-metrics.")
+            if self.keep_best in EVAL_METRICS and not self.eval_every:
+                raise DiffFitError(f"--keep-best {self.keep_best} needs --eval-every N.")
             if self.keep_best == "val_loss" and not has_val:
                 raise DiffFitError("--keep-best val_loss needs a validation set (--val-fraction or --val-data).")
+
+    def evaluation_metrics(self) -> tuple[str, ...]:
+        """--eval-metrics parsed and checked, in EVAL_METRICS order."""
+        names = [name.strip().lower() for name in self.eval_metrics.split(",") if name.strip()]
+        unknown = [name for name in names if name not in EVAL_METRICS]
+        if unknown or not names:
+            raise DiffFitError(f"Unknown --eval-metrics {unknown[0] if unknown else '(none)'!r}; choose from "
+                               f"{', '.join(EVAL_METRICS)}.")
+        return tuple(name for name in EVAL_METRICS if name in names)
 
     def bucketed(self, family: Family) -> bool:
         """Whether the run groups images into aspect-ratio buckets: --buckets, else the family's default."""

@@ -76,14 +76,18 @@ class FitFields:
     snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
     p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
     timestep_sampling: str | None = None  # flow bases (SD3, FLUX): logit_normal (default), uniform or mode
-    val_fraction: float = 0.0  # held out of the data, per class, for the validation loss
-    val_data: str | None = None  # or a separate validation folder / dataset
+    # held out of the data for the validation loss: per class (DiT), per class and aspect-ratio bucket (text)
+    val_fraction: float = 0.0
+    val_data: str | None = None  # or a separate validation folder / dataset (captioned, for text-to-image)
     val_every: int = 0  # validation loss every N steps (0: only at the end, when there is a validation set)
-    eval_every: int = 0  # FID/KID of samples every N steps (0: never)
-    eval_n: int = 1000
-    eval_reference: str | None = None  # image folder or statistics .npz
+    eval_every: int = 0  # FID/KID (and CLIP score) of samples every N steps (0: never)
+    eval_n: int | None = None  # samples per evaluation; default: DiT 1000, text-to-image one per eval prompt
+    eval_reference: str | None = None  # image folder or statistics .npz (text-to-image default: the held-out set)
+    eval_metrics: str = "fid"  # comma-separated EVAL_METRICS (training/config.py)
+    eval_prompts: str | None = None  # text-to-image: a prompts file to sample (default: the held-out captions)
+    clip_model: str | None = None  # the clip metric's CLIP: hub id or folder (default: DEFAULT_CLIP_MODEL)
     inception_weights: str | None = None
-    keep_best: str | None = None  # "fid" or "val_loss": keep best/adapter.safetensors
+    keep_best: str | None = None  # "fid", "clip" or "val_loss": keep best/adapter.safetensors
 
     @classmethod
     def from_options(cls: type[Fields], options: dict) -> Fields:

@@ -27,7 +27,7 @@ from difffit.engine.data.images import report_skipped, require_images, without_u
 from difffit.engine.data.latents import usable_latents
 from difffit.engine.devices import make_accelerator, one_builder_first, tf32_matmuls
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, generate
+from difffit.engine.evaluation.sample import generate
 from difffit.engine.evaluation.sample_folder import save_grid
 from difffit.engine.io import atomic_path, run_lock
 from difffit.engine.methods.adapter import make_meta, save_adapter
@@ -65,10 +65,12 @@ from difffit.engine.training.conditions import (
     check_options,
     prepare_conditions,
     preview_inputs,
+    preview_options,
     text_summary,
     with_captions,
 )
 from difffit.engine.training.config import FitConfig, FitResult
+from difffit.engine.training.held_out import held_out_prompts, split_validation
 from difffit.engine.training.loss_plot import write_loss_plot
 from difffit.engine.training.recipes import write_toml
 from difffit.engine.training.resume import RUN_KEY, check_same_run, run_identity
@@ -82,7 +84,7 @@ from difffit.engine.training.step import (
     update_ema,
 )
 from difffit.engine.training.trackers import log_preview
-from difffit.engine.training.validation import Validation, split_validation
+from difffit.engine.training.validation import Validation
 
 MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
                "fp8 (on an FP8 GPU) halves them again.")
@@ -105,10 +107,15 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         check_options(config, family)
         apply_family_defaults(config, family)
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
-        folder, val_folder = split_validation(config, with_captions(data, config, family))
-        config.check_data(folder)
+        folder = with_captions(data, config, family)
+        if family.conditioning != "text":
+            folder, val_folder = split_validation(config, folder)
+            config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
         family.check_ready(base)
+        if family.conditioning == "text":  # held out per bucket shape, which the base's patch and VAE decide
+            folder, val_folder = split_validation(config, folder, family, base)
+            config.check_data(folder)
         config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
@@ -118,6 +125,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         if accelerator.is_main_process:
             claim_run_folder(out_dir)
         run = Run(config, out_dir, accelerator, precision, base, pos_embed, folder, [], True)
+        run.held_out_prompts = held_out_prompts(config, val_folder) if family.conditioning == "text" else []
         _prepare_data(run, progress and run.main)
         # -- trainable state, resume ------------------------------------------------------------------
         _prepare_trainable_state(run)
@@ -415,10 +423,7 @@ def _preview(run: Run, step: int) -> None:
     """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
     if not (run.main and run.config.sample_every):
         return
-    # A text-to-image run previews at the size it trains at; DiT samples at its (moved) base's only.
-    size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
-    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
-                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
+    options = preview_options(run)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)
