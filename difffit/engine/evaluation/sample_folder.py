@@ -26,7 +26,7 @@ import torch
 
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, generate_batches
+from difffit.engine.evaluation.sample import SamplingOptions, check_image_count, generate_batches
 from difffit.engine.io import LOCK, MARKER, atomic_path, run_lock, write_marker
 
 if TYPE_CHECKING:
@@ -217,8 +217,7 @@ def sample_to_folder(
     the files this run wrote (a later run into the same folder, with `overwrite`, removes only those) and
     whether it finished. Returns a summary.
     """
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    check_image_count("-n", n)
     options = options.for_base(base)
     folder = Path(folder)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)

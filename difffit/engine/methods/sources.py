@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, parse_classes
+from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, check_image_count, parse_classes
 from difffit.engine.evaluation.sample_folder import sample_to_folder
 from difffit.engine.methods.adapter import (
     AdapterMeta,
@@ -270,6 +270,7 @@ def sample_sources(
     """
     from accelerate import PartialState
 
+    check_image_count("-n", n)  # before any source loads
     state = PartialState(cpu=options.device == "cpu")
     root = Path(out) if out is not None else None
     outputs, used = [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from difffit.engine.data.captions import check_template
 from difffit.engine.data.hf_datasets import HF_PREFIX, hub_dataset
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.devices import DEVICES
-from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
+from difffit.engine.evaluation.sample import check_image_count
 from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.trainable import METHODS, describe_method
 from difffit.engine.models.bases import base_architecture
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families.dit import DIT
-from difffit.engine.models.family import Family
+from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.models.resolution import PE_MODES
 from difffit.engine.models.speed import COMPILE_CHOICES
@@ -29,7 +31,6 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "val_loss")
 BUCKETS = ("auto", "none")
-MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
 
 
 @dataclass
@@ -130,15 +131,17 @@ class FitConfig:
             raise DiffFitError("No base model given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
         for name in ("steps", "batch_size", "keep", "log_every", "grad_accum"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("save_every", "sample_every", "warmup", "seed"):
+        require_seed("--seed", self.seed)
+        for name in ("save_every", "sample_every", "warmup"):
             _at_least(name, getattr(self, name), 0)
         for name in ("resolution", "num_heads"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
-        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
-            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_RESOLUTION} px.")
+        if self.resolution is not None and self.resolution > MAX_SIDE:
+            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_SIDE} px.")
         if self.num_workers is not None:
             _at_least("num_workers", self.num_workers, 0)
+            require_at_most("--num-workers", self.num_workers, os.cpu_count() or 1, "this machine's CPU cores")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
@@ -175,6 +178,7 @@ class FitConfig:
         for name in ("val_every", "eval_every"):
             _at_least(name, getattr(self, name), 0)
         _at_least("eval_n", self.eval_n, 2)
+        check_image_count("--eval-n", self.eval_n)
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")

@@ -64,6 +64,7 @@ from difffit.engine.training.conditions import (
     PREVIEW_IMAGES,
     apply_family_defaults,
     check_options,
+    check_text_tokens,
     prepare_conditions,
     preview_inputs,
     text_summary,
@@ -107,6 +108,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
         family.check_ready(base)
+        check_text_tokens(config, family, base)
         config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
