@@ -34,7 +34,7 @@ from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_folder
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit.engine.evaluation.sample import MAX_IMAGES, SamplingOptions, check_image_count
-from difffit.engine.io import atomic_path, check_output, user_cache_dir
+from difffit.engine.io import atomic_path, check_output, check_readable, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")
 STATS_FORMAT = 1
@@ -134,6 +134,7 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
                device: torch.device | None = None, progress: bool = True
                ) -> FolderImages | NpzImages | ModelSamples | Statistics:
     """GENERATED or REFERENCE -> an image set to extract from, or statistics read from a file."""
+    check_readable(spec, role)
     path = Path(spec).expanduser()
     if path.is_dir():
         return FolderImages(path, limit)

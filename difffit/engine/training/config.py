@@ -16,6 +16,7 @@ from difffit.engine.data.images import ImageFolder
 from difffit.engine.devices import DEVICES
 from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
 from difffit.engine.evaluation.sample import check_image_count
+from difffit.engine.io import check_folder_path
 from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.trainable import METHODS, describe_method
 from difffit.engine.models.bases import base_architecture
@@ -147,6 +148,8 @@ class FitConfig:
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
+        if self.cache_dir is not None:
+            check_folder_path(self.cache_dir, "--cache-dir")
         self._validate_data_and_validation()
         self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
                                                   num_heads=self.num_heads))
