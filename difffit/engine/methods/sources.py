@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from difffit.engine.errors import DiffFitError
+from difffit.engine.errors import DiffFitError, require_at_most
 from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, check_image_count, parse_classes
 from difffit.engine.evaluation.sample_folder import sample_to_folder
 from difffit.engine.io import check_readable, special_kind
@@ -29,7 +29,7 @@ from difffit.engine.methods.hub_adapters import resolve_adapter_source
 from difffit.engine.methods.trainable import describe_method
 from difffit.engine.models.bases import Base
 from difffit.engine.models.families import family_of, family_of_spec, load_base
-from difffit.engine.models.family import Family
+from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.formats import WEIGHT_SUFFIXES
 from difffit.engine.progress import say
 
@@ -257,6 +257,8 @@ def describe_source(
         return report
     if base is not None:
         raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
+    if resolution is not None:
+        require_at_most("--resolution", resolution, MAX_SIDE, "the largest side difffit trains at or draws")
     # info never downloads a text-to-image base's weights: its counts come from the config (meta device)
     loaded = load_base(source, resolution=resolution, num_heads=num_heads, info=True)
     family = family_of(loaded)

@@ -32,6 +32,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "val_loss")
 BUCKETS = ("auto", "none")
+MAX_STEPS = 100_000_000  # DiT-XL/2 trained 7M steps; the step count sizes the run's schedule
 
 
 @dataclass
@@ -132,6 +133,7 @@ class FitConfig:
             raise DiffFitError("No base model given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
         for name in ("steps", "batch_size", "keep", "log_every", "grad_accum"):
             _at_least(name, getattr(self, name), 1)
+        require_at_most("--steps", self.steps, MAX_STEPS, "years of training at any speed")
         require_seed("--seed", self.seed)
         for name in ("save_every", "sample_every", "warmup"):
             _at_least(name, getattr(self, name), 0)
