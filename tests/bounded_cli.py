@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 UNEXPECTED = "for the full traceback"  # main's hint after an error that is not a DiffFitError
 
 
-def run_bounded(cases: list[list[str]], env: dict[str, str] | None = None, cwd: str | Path | None = None
-                ) -> list[dict]:
-    """[{"argv", "code", "err", "timed_out"}] for each case, in order."""
+def run_bounded(cases: list[list[str]], env: dict[str, str] | None = None, cwd: str | Path | None = None,
+                seconds: int = SECONDS) -> list[dict]:
+    """[{"argv", "code", "err", "timed_out"}] for each case, in order; each case is stopped after `seconds`."""
     # The child imports difffit from this checkout, as `python -m` from its root would.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    env = {**os.environ, "PYTHONPATH": path, "BOUNDED_CLI_SECONDS": str(seconds), **(env or {})}
     done = subprocess.run([sys.executable, __file__], input=json.dumps([list(map(str, c)) for c in cases]),
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=SECONDS * len(cases) + 120)
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=seconds * len(cases) + 120)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(cases), f"the child stopped early ({done.returncode}): {done.stderr[-3000:]}"
     return results
@@ -71,7 +71,7 @@ def _child() -> None:
         progress.stderr_console.file = err
         sys.argv = ["difffit", *argv]
         code, timed_out = None, False
-        signal.alarm(SECONDS)
+        signal.alarm(int(os.environ.get("BOUNDED_CLI_SECONDS", SECONDS)))
         try:
             with redirect_stderr(err), redirect_stdout(out):
                 difffit.cli.main()
@@ -91,3 +91,11 @@ def _child() -> None:
 
 if __name__ == "__main__":
     _child()
+
+
+def cli_run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """conftest's run_cli, with stderr's lines joined: the console wraps long sentences at the terminal's width."""
+    from conftest import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return code, out, err.replace("\n", "")

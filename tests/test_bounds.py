@@ -11,7 +11,7 @@ import json
 
 import pytest
 import typer.main
-from bounded_cli import refused_in_one_sentence, run_bounded
+from bounded_cli import cli_run, refused_in_one_sentence, run_bounded
 from t2i_fixtures import make_captioned_data, make_tiny_flux, make_tiny_pixart, make_tiny_sd3
 
 from difffit.cli import app
@@ -97,14 +97,13 @@ def pipeline(request, tmp_path_factory):
 
 
 def test_sample_refuses_a_side_beyond_what_the_family_draws_before_allocating(pipeline, tmp_path, monkeypatch, capsys):
-    from conftest import run_cli
 
     from difffit.engine.models.families import load_base
 
     base = load_base(str(pipeline))
     family = type(base).__name__
     for flag in ("--width", "--height"):
-        code, _, err = run_cli(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", "-n", "1", flag, "65536",
+        code, _, err = cli_run(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", "-n", "1", flag, "65536",
                                "--out", tmp_path / "out")
         assert code == 1 and f"{flag} must be {MAX_SIDE:,} or less (got 65,536)" in err, (family, err)
     assert not (tmp_path / "out").exists()
@@ -125,7 +124,6 @@ def test_sample_refuses_a_side_beyond_what_the_family_draws_before_allocating(pi
 
 
 def test_sample_counts_are_refused_before_any_source_loads(pipeline, tmp_path, monkeypatch, capsys):
-    from conftest import run_cli
 
     import difffit.engine.methods.sources as sources
 
@@ -133,7 +131,7 @@ def test_sample_counts_are_refused_before_any_source_loads(pipeline, tmp_path, m
     monkeypatch.setattr(sources, "iter_sources", lambda *a, **k: loaded.append(1) or iter(()))
     for argv, words in ((["-n", str(10**9)], f"-n must be {MAX_IMAGES:,} or less"),
                         (["-n", "2", "--batch-size", str(10**6)], "--batch-size must be 1,024 or less")):
-        code, _, err = run_cli(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", *argv,
+        code, _, err = cli_run(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", *argv,
                                "--out", tmp_path / "out")
         assert code == 1 and words in err, err
     assert not loaded
@@ -200,7 +198,6 @@ def test_eval_fid_counts_are_refused_up_front(tmp_path, toy_data):
 @pytest.mark.parametrize("seed", [2**32, 2**64, -1, -(2**63)])
 def test_seeds_outside_the_generators_range_are_refused_in_every_command(seed, tmp_path, toy_data, tiny_base_file,
                                                                          tiny_vae_dir, monkeypatch, capsys):
-    from conftest import run_cli
 
     commands = {
         "sample": ["sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "1", "--out", tmp_path / "s"],
@@ -208,7 +205,7 @@ def test_seeds_outside_the_generators_range_are_refused_in_every_command(seed, t
         "eval-fid": ["eval-fid", tiny_base_file, toy_data, "--vae", tiny_vae_dir, "--inception-weights", "random"],
     }
     for name, argv in commands.items():
-        code, _, err = run_cli(monkeypatch, capsys, *argv, "--seed", str(seed))
+        code, _, err = cli_run(monkeypatch, capsys, *argv, "--seed", str(seed))
         assert code == 1 and "--seed must be" in err and "Traceback" not in err, (name, err)
     assert not any((tmp_path / d).exists() for d in ("s", "f"))
 
@@ -224,9 +221,8 @@ def test_the_largest_seed_is_its_own_and_does_not_wrap_to_another():
 
 def test_sample_json_records_the_seed_that_drew_the_images(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch,
                                                            capsys):
-    from conftest import run_cli
 
-    code, _, err = run_cli(monkeypatch, capsys, "sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "1", "--steps",
+    code, _, err = cli_run(monkeypatch, capsys, "sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "1", "--steps",
                            "2", "--scheduler", "ddim", "--seed", str(MAX_SEED), "--out", tmp_path / "s")
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["seed"] == MAX_SEED

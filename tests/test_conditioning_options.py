@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import typer.main
-from conftest import run_cli
+from bounded_cli import cli_run
 from family_adapters import FAMILIES, make_adapter
 
 import difffit.engine.evaluation.metrics as metrics
@@ -90,7 +90,7 @@ def test_every_option_is_checked_against_each_familys_conditioning(command, adap
             conditioning = KNOWN[family].conditioning
             argv = [*command_line(command, adapter, tmp_path), *extra]
             try:
-                code, _, err = run_cli(monkeypatch, capsys, *argv)
+                code, _, err = cli_run(monkeypatch, capsys, *argv)
             except Reached:
                 code, err = None, ""
             other = next((kind for kind, names in table.items() if param.name in names), None)
@@ -108,11 +108,11 @@ def test_sample_cfg_channels_on_a_text_adapter_is_refused_before_loading(adapter
     loaded = []
     monkeypatch.setattr(sources, "iter_sources", lambda *a, **k: loaded.append(1) or iter(()))
     for family in ("pixart", "sd3", "flux"):
-        code, _, err = run_cli(monkeypatch, capsys, "sample", adapters[family], "--prompt", "a cat", "--cfg-channels",
+        code, _, err = cli_run(monkeypatch, capsys, "sample", adapters[family], "--prompt", "a cat", "--cfg-channels",
                                "all", "--out", tmp_path / family)
         assert code == 1 and "--cfg-channels applies to class-conditional (DiT) models" in err, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", adapters["dit"], "--width", "64", "--out", tmp_path / "d")
+    code, _, err = cli_run(monkeypatch, capsys, "sample", adapters["dit"], "--width", "64", "--out", tmp_path / "d")
     assert code == 1 and "--width applies to text-to-image models" in err, err
-    code, _, err = run_cli(monkeypatch, capsys, "info", adapters["pixart"], "--num-classes", "3")
+    code, _, err = cli_run(monkeypatch, capsys, "info", adapters["pixart"], "--num-classes", "3")
     assert code == 1 and "--num-classes applies to class-conditional (DiT) models" in err, err
     assert not loaded and not list(tmp_path.iterdir())
