@@ -226,3 +226,22 @@ def test_sample_json_records_the_seed_that_drew_the_images(tmp_path, tiny_base_f
                            "2", "--scheduler", "ddim", "--seed", str(MAX_SEED), "--out", tmp_path / "s")
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["seed"] == MAX_SEED
+
+
+def test_the_npz_of_a_run_is_written_one_image_at_a_time(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch,
+                                                         capsys):
+    import numpy as np
+
+    from difffit.engine.evaluation import sample_folder
+
+    loaded = []
+    real_load = sample_folder.load_pngs
+    monkeypatch.setattr(sample_folder, "GRID_MAX", 1)  # the grid reads one image; the npz must read none at once
+    monkeypatch.setattr(sample_folder, "load_pngs", lambda paths: loaded.append(len(paths)) or real_load(paths))
+    code, _, err = cli_run(monkeypatch, capsys, "sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "3",
+                           "--steps", "2", "--scheduler", "ddim", "--npz", "--out", tmp_path / "s")
+    assert code == 0, err
+    assert loaded == [1]
+    pngs = real_load([tmp_path / "s" / f"{i:06d}.png" for i in range(3)])
+    with np.load(tmp_path / "s" / "samples.npz") as data:
+        assert list(data.keys()) == ["arr_0"] and np.array_equal(data["arr_0"], pngs)
