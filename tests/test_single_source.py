@@ -93,4 +93,5 @@ def test_each_options_dataclass_is_a_commands_options():
     params = {command: {p.name for p in COMMANDS[command].params} for command in COMMANDS}
     assert names(MethodSettings) <= params["info"]
     assert names(SamplingFields) <= params["sample"]
-    assert names(EvalConfig) - {"sampling"} <= params["eval-fid"]  # --cfg-scale, --scheduler ... make `sampling`
+    # --cfg-scale, --scheduler ... make `sampling`; --prompts FILE (prompts_file) makes `prompts`
+    assert names(EvalConfig) - {"sampling", "prompts"} <= params["eval-fid"]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, print_table, say
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
@@ -16,6 +17,7 @@ SKIPPED_SHOWN = 20
 
 
 def eval_fid(
+    ctx: typer.Context,
     generated: Annotated[str, typer.Argument(
         metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
         show_default=False)],
@@ -90,6 +92,8 @@ def eval_fid(
     from difffit.engine.evaluation.options import EvalConfig
     from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
 
+    images = Path(generated).expanduser().is_dir() or generated.lower().endswith(".npz")  # not a model to sample
+    check_conditioning_options(ctx, [] if images else [generated], base)
     sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
     config = EvalConfig(metrics=metrics, num_samples=num_samples, inception_weights=inception_weights,

@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, is_main_process, print_fields, say
 
 
 def sample(
+    ctx: typer.Context,
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
         show_default=False)],
@@ -72,6 +74,7 @@ def sample(
     from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
     from difffit.engine.methods.sources import sample_sources
 
+    check_conditioning_options(ctx, sources, base)
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                               seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
                               compile=compile, negative_prompt=negative_prompt, width=width, height=height)
@@ -88,6 +91,7 @@ def sample(
 
 
 def merge(
+    ctx: typer.Context,
     adapter: Annotated[str, typer.Argument(
         metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
@@ -124,6 +128,7 @@ def merge(
     """
     from difffit.engine.methods.merge import merge_adapter
 
+    check_conditioning_options(ctx, [adapter], base)
     summary = merge_adapter(adapter, out, base=base, fmt=fmt, force_base=force_base, overwrite=overwrite)
     if as_json:
         emit_json(summary)

@@ -8,10 +8,12 @@ import typer
 
 from difffit import __version__
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, print_fields, print_table, say
 
 
 def info(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(
         metavar="SOURCE", help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
     method: opt.MethodToDescribe = None,
@@ -44,6 +46,7 @@ def info(
     from difffit.engine.methods.settings import MethodSettings
     from difffit.engine.methods.sources import describe_source
 
+    check_conditioning_options(ctx, [source], base)
     settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
                                              lora_targets=lora_targets, adapter_dim=adapter_dim,
                                              prompt_tokens=prompt_tokens)).validate()

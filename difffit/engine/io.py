@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -256,6 +257,41 @@ def run_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What an existing path is when it is neither a regular file nor a folder ("a FIFO (named pipe)", "a
+    character device", ...), following links; None for a file, a folder or nothing at all."""
+    try:
+        mode = os.stat(Path(path).expanduser()).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_readable(path: str | os.PathLike, what: str) -> None:
+    """The one check of every input read from a path: something that is neither a regular file nor a folder
+    (a FIFO would block the read forever, a device never end it) is refused in one sentence naming `what` it
+    was given as. A missing path passes: the reader says what it expected there."""
+    if kind := special_kind(path):
+        raise DiffFitError(f"The {what} {path} is {kind}, not a regular file or folder; difffit reads only those.")
+
+
+def check_folder_path(path: str | os.PathLike, option: str) -> None:
+    """Refuse, in one sentence and before any work, a folder option (`option`, e.g. --cache-dir) naming an existing
+    file or device, or a path under one, where a folder is to be used or made."""
+    given = Path(path).expanduser()
+    existing = next((p for p in (given, *given.parents) if os.path.lexists(p)), None)
+    if existing is None or existing.is_dir():
+        return
+    what = special_kind(existing) or "a file"
+    where = "" if existing == given else f": {existing} is {what}"
+    raise DiffFitError(f"{option} {path} cannot be a folder{where or f', it is {what}'}.",
+                       hint="Give a folder (it is created if missing).")
 
 
 def files_signature(files: Iterable[Path], root: Path) -> str:

@@ -34,6 +34,9 @@ from difffit.engine.errors import DiffFitError
 # DataOrder shuffles an epoch in memory (about 40 bytes an item with its cached permutations), so --repeats
 # may grow an epoch up to this many items (or the dataset's own size, if larger): 10M items is ~400 MB.
 MAX_EPOCH_ITEMS = 10_000_000
+# Images one forward pass takes (fit's micro-step on a process, a sampling or Inception batch): a batch's tensors are
+# allocated at once, so a larger training step is split with --grad-accum instead.
+MAX_FORWARD_BATCH = 1024
 
 
 def step_seed(*parts: int) -> int:
@@ -177,6 +180,12 @@ class Split:
             raise DiffFitError(
                 f"--batch-size {self.batch_size} does not split evenly over {self.world} process(es) x "
                 f"--grad-accum {self.grad_accum}.", hint="Use a multiple of their product as the batch size.")
+        if per_process > MAX_FORWARD_BATCH:
+            accum = -(-self.batch_size // (self.world * MAX_FORWARD_BATCH))
+            raise DiffFitError(
+                f"--batch-size {self.batch_size:,} makes micro-batches of {per_process:,} images per process, above "
+                f"{MAX_FORWARD_BATCH:,}, the most one forward pass takes.",
+                hint=f"Add --grad-accum {accum} (or more) to split each step, or use a smaller --batch-size.")
 
     @property
     def per_process(self) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from difffit.engine.data.images import ImageFolder, Row
 from difffit.engine.errors import DiffFitError
-from difffit.engine.io import has_marker
+from difffit.engine.io import check_readable, has_marker
 from difffit.engine.progress import say
 
 TEXT_COLUMNS = ("text", "caption")  # the default caption column, in order; then the only string column
@@ -96,6 +96,7 @@ def sidecar_caption(image: Path) -> str:
 
 def read_text_file(path: Path, what: str) -> str:
     """A text file's contents as strict UTF-8 (a leading byte-order mark dropped); one sentence for anything wrong."""
+    check_readable(path, what)
     try:
         return path.read_bytes().decode("utf-8-sig")  # strict UTF-8; a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:

@@ -27,18 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difffit.engine.data.batches import MAX_FORWARD_BATCH
 from difffit.engine.devices import resolve_device
-from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most
 from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead, clip_folder, score_pairs
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit.engine.evaluation.options import EvalConfig
-from difffit.engine.io import atomic_path, check_output, user_cache_dir
+from difffit.engine.evaluation.sample import MAX_IMAGES, check_image_count
+from difffit.engine.io import atomic_path, check_output, check_readable, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")
 STATS_FORMAT = 1
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3
+MAX_KID_SUBSETS = 100_000  # torch-fidelity draws 100; each subset is a kernel over two subsets' features
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
                device: torch.device | None = None, progress: bool = True
                ) -> FolderImages | NpzImages | ModelSamples | Statistics:
     """GENERATED or REFERENCE -> an image set to extract from, or statistics read from a file."""
+    check_readable(spec, role)
     path = Path(spec).expanduser()
     if path.is_dir():
         return FolderImages(path, limit)
@@ -285,8 +289,13 @@ def evaluate(
     inception = tuple(m for m in metrics if m != "clip")
     batch_size = config.batch_size
     require_at_least("--batch-size", batch_size, 1)
+    require_at_most("--batch-size", batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
+    if config.num_samples is not None:
+        check_image_count("-n", config.num_samples)
     if "kid" in metrics and (config.kid_subsets < 1 or config.kid_subset_size < 2):
         raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
+    require_at_most("--kid-subsets", config.kid_subsets, MAX_KID_SUBSETS, "more subsets do not sharpen the estimate")
+    require_at_most("--kid-subset-size", config.kid_subset_size, MAX_IMAGES, "more images than one run scores")
     if clip_model is not None and "clip" not in metrics:
         raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
     if inception and reference is None:

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from difffit.engine.data.batches import MAX_FORWARD_BATCH
 from difffit.engine.data.captions import read_text_file
 from difffit.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit.engine.devices import autocast_dtype, resolve_device
-from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
 from difffit.engine.evaluation.options import SamplingFields
 from difffit.engine.models.dit import DiT
 from difffit.engine.models.families import FAMILIES, family_of
+from difffit.engine.models.family import MAX_SIDE
 from difffit.engine.models.schedulers import (
     SCHEDULERS,
     DPMSolverSampler,
@@ -43,6 +45,17 @@ from difffit.engine.progress import make_progress
 if TYPE_CHECKING:
     from difffit.engine.models.bases import Base
 
+
+
+# The most images one run draws or scores (sample -n, eval-fid -n, fit --eval-n): sample.json lists each one's file
+# and prompt, and FID holds each one's features, so a run is refused above it rather than growing without bound.
+MAX_IMAGES = 1_000_000
+
+
+def check_image_count(option: str, n: int) -> None:
+    """A number of images to draw: 1 to MAX_IMAGES."""
+    require_at_least(option, n, 1)
+    require_at_most(option, n, MAX_IMAGES, "the most images one run draws or scores (50,000 for a paper FID)")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -89,8 +102,10 @@ class SamplingOptions(SamplingFields):
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 require_at_least(f"--{name}", getattr(self, name), 8)
+                require_at_most(f"--{name}", getattr(self, name), MAX_SIDE, "the largest side difffit draws")
         require_at_least("--batch-size", self.batch_size, 1)
-        require_at_least("--seed", self.seed, 0)
+        require_at_most("--batch-size", self.batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
+        require_seed("--seed", self.seed)
         autocast_dtype(self.mixed_precision)
         # An unknown device, a missing GPU or an unknown --compile is refused before any loading.
         resolve_compile(self.compile, resolve_device(self.device))
@@ -395,8 +410,7 @@ def generate(
     progress: bool = True,
 ) -> torch.Tensor:
     """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches`."""
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    check_image_count("-n", n)
     batches = generate_batches(base, range(n), options or SamplingOptions(), classes=classes, prompts=prompts,
                                embeddings=embeddings, device=device, progress=progress)
     return torch.cat([images for _, images in batches])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 from difffit import __version__
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary
-from difffit.engine.io import atomic_path
+from difffit.engine.io import atomic_path, check_readable
 from difffit.engine.methods.baselines import add_method_modules
 from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import CLASS_TABLE, prepare_model, trainable_parameters
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
 FORMAT = "difffit-adapter"
 VERSION = 1
 METADATA_KEY = "difffit"
+# Bounds on the metadata JSON an adapter may carry: far above what fit writes (a config, class names, a training
+# summary: kilobytes, a few levels deep), and checked before parsing.
+MAX_METADATA_CHARS = 16_000_000
+MAX_METADATA_DEPTH = 64
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 DERIVED = ("architecture", "num_classes", "null_index", "latent_size", "resolution", "pos_embed_scale")
 
@@ -264,10 +269,26 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
 
 
+def check_metadata_shape(path: Path, text: str) -> None:
+    """Refuse metadata larger or more deeply nested than any adapter's, before it is parsed (a parser recurses once
+    per level): in one sentence, not a RecursionError."""
+    if len(text) > MAX_METADATA_CHARS:
+        raise DiffFitError(f"{path} has {len(text):,} characters of adapter metadata, more than the "
+                           f"{MAX_METADATA_CHARS:,} an adapter writes; it is not a difffit adapter.")
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_METADATA_DEPTH:
+        raise DiffFitError(f"{path} has adapter metadata nested {deepest:,} levels deep, more than the "
+                           f"{MAX_METADATA_DEPTH} an adapter writes; it is not a difffit adapter.")
+
+
 def read_adapter_meta(path) -> AdapterMeta:
     """An adapter's metadata, from the file header only (no tensors read)."""
     path = Path(path)
     refuse_run_folder(path)
+    check_readable(path, "adapter file")
     if not path.is_file():
         raise DiffFitError(f"Adapter file {path} does not exist.")
     return _parse_meta(path, read_safetensors_header(path)[1])
@@ -275,11 +296,15 @@ def read_adapter_meta(path) -> AdapterMeta:
 
 def _parse_meta(path: Path, header: dict) -> AdapterMeta:
     try:
-        raw = json.loads(header[METADATA_KEY])
-    except (KeyError, ValueError):
+        text = header[METADATA_KEY]
+        check_metadata_shape(path, text)
+        raw = json.loads(text)
+    except (KeyError, ValueError, TypeError):
         raise DiffFitError(
             f"{path} is a safetensors file but not a difffit adapter (no difffit metadata)."
         ) from None
+    if not isinstance(raw, dict):
+        raise DiffFitError(f"{path} has adapter metadata that is not a JSON object; it is not a difffit adapter.")
     if raw.get("format") != FORMAT:
         raise DiffFitError(
             f"{path} has format {raw.get('format')!r}, not {FORMAT!r}; it is not a difffit adapter."

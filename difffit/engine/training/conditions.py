@@ -50,10 +50,7 @@ def check_options(config: FitConfig, family: Family) -> None:
     if family.conditioning != "text" and "clip" in config.evaluation_metrics():
         raise DiffFitError(f"--eval-metrics clip scores samples against their captions, and this base is a "
                            f"class-conditional {family.title} model.", hint="Use --eval-metrics fid.")
-    limit = family.max_text_tokens_limit
-    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
-        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
-                           "pipeline reads.")
+    check_text_tokens(config, family)
     if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
         flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
         raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
@@ -72,6 +69,16 @@ def check_options(config: FitConfig, family: Family) -> None:
     if config.mixed_precision == "fp8" and family.fp8_keep() is None:
         raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
                            hint="Use --mixed-precision bf16 (the default on CUDA).")
+
+
+def check_text_tokens(config: FitConfig, family: Family, base=None) -> None:
+    """Refuse a --max-text-tokens above what the family's pipeline reads: before loading where the family alone says
+    (SD3, FLUX), and again once `base` is loaded where its pipeline does (PixArt-α 120, Σ 300)."""
+    limit = family.text_token_limit(base)
+    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
+        pipeline = f"{base.pipeline}" if base is not None else f"{family.title} pipeline"
+        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens:,} is above {limit}, the most a {pipeline} "
+                           "reads.")
 
 
 def apply_family_defaults(config: FitConfig, family: Family) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,14 @@ from difffit.engine.data.captions import check_template
 from difffit.engine.data.hf_datasets import HF_PREFIX, hub_dataset
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.devices import DEVICES
-from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
+from difffit.engine.evaluation.sample import check_image_count
+from difffit.engine.io import check_folder_path
 from difffit.engine.methods.trainable import METHODS, describe_method
 from difffit.engine.models.bases import base_architecture
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families.dit import DIT
-from difffit.engine.models.family import Family
+from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.models.resolution import PE_MODES
 from difffit.engine.models.speed import COMPILE_CHOICES
@@ -30,7 +33,7 @@ ADAPTER_DTYPES = ("fp16", "fp32")
 KEEP_BEST = ("fid", "clip", "val_loss")
 EVAL_METRICS = ("fid", "clip")  # in-training: FID (with KID where the reference has features), CLIP score
 BUCKETS = ("auto", "none")
-MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
+MAX_STEPS = 100_000_000  # DiT-XL/2 trained 7M steps; the step count sizes the run's schedule
 
 
 @dataclass
@@ -60,20 +63,25 @@ class FitConfig(FitFields):
             raise DiffFitError("No base model given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
         for name in ("steps", "batch_size", "keep", "log_every", "grad_accum"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("save_every", "sample_every", "warmup", "seed"):
+        require_at_most("--steps", self.steps, MAX_STEPS, "years of training at any speed")
+        require_seed("--seed", self.seed)
+        for name in ("save_every", "sample_every", "warmup"):
             _at_least(name, getattr(self, name), 0)
         for name in ("resolution", "num_heads"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
-        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
-            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_RESOLUTION} px.")
+        if self.resolution is not None and self.resolution > MAX_SIDE:
+            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_SIDE} px.")
         if self.num_workers is not None:
             _at_least("num_workers", self.num_workers, 0)
+            require_at_most("--num-workers", self.num_workers, os.cpu_count() or 1, "this machine's CPU cores")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
+        if self.cache_dir is not None:
+            check_folder_path(self.cache_dir, "--cache-dir")
         self._validate_data_and_validation()
         self.method_settings.validate()
         self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
@@ -107,6 +115,7 @@ class FitConfig(FitFields):
             _at_least(name, getattr(self, name), 0)
         if self.eval_n is not None:
             _at_least("eval_n", self.eval_n, 2)
+            check_image_count("--eval-n", self.eval_n)
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")

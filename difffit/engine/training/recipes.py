@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from difffit.engine.errors import DiffFitError
+from difffit.engine.io import check_readable
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.options import option_fields
 
@@ -29,6 +30,7 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 
 def find_recipe(spec: str) -> Path:
     path = Path(spec).expanduser()
+    check_readable(path, "recipe")
     if path.is_file():
         return path
     shipped = SHIPPED / f"{spec}.toml"

@@ -63,6 +63,7 @@ from difffit.engine.training.conditions import (
     PREVIEW_IMAGES,
     apply_family_defaults,
     check_options,
+    check_text_tokens,
     prepare_conditions,
     preview_inputs,
     preview_options,
@@ -113,6 +114,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
             config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
         family.check_ready(base)
+        check_text_tokens(config, family, base)
         if family.conditioning == "text":  # held out per bucket shape, which the base's patch and VAE decide
             folder, val_folder = split_validation(config, folder, family, base)
             config.check_data(folder)
