@@ -72,12 +72,15 @@ def test_dit_on_two_processes_trains_validates_and_evaluates_as_one(monkeypatch,
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())[-1].endswith("4")
 
 
-def test_sd3_with_two_buckets_on_two_processes_trains_as_one(monkeypatch, capsys, tmp_path):
+def test_sd3_with_two_buckets_on_two_processes_trains_and_validates_as_one(monkeypatch, capsys, tmp_path):
     data = make_mixed_aspect_data(tmp_path / "data", {(40, 10): 4, (20, 20): 5, (10, 40): 2})
     one, two, err = _one_and_two_processes(monkeypatch, capsys, tmp_path, [
-        data, "--base", make_tiny_sd3(tmp_path / "sd3"), "--steps", "4", "--save-every", "0"])
+        data, "--base", make_tiny_sd3(tmp_path / "sd3"), "--steps", "4", "--save-every", "0",
+        "--val-fraction", "0.25", "--val-every", "2"])
     assert "16 x 16" in err and "32 x 8" in err  # two buckets: steps draw from either, the same on each process
-    _assert_same_training(one, two)
+    # the held-out images of each bucket, their pairs shared by the processes: the one-process validation loss
+    _assert_same_training(one, two, keys=("val_loss",))
+    assert [r["step"] for r in one if "val_loss" in r] == [2, 4]
 
 
 def test_a_batch_the_processes_cannot_share_is_one_sentence_before_anything_is_written(
