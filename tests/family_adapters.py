@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from t2i_fixtures import make_tiny_flux, make_tiny_pixart, make_tiny_sd3
+from t2i_fixtures import PIPELINES
 
-PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 FAMILIES = ("dit", *PIPELINES)
 
 

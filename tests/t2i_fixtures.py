@@ -261,6 +261,10 @@ def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **over
     return Path(folder)
 
 
+
+# every tiny text-to-image pipeline by family name, for tests that run each family
+PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
+
 def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
     """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.
     The images of one size alternate red and blue, so each size has both captions."""

@@ -12,7 +12,7 @@ import json
 import pytest
 import typer.main
 from bounded_cli import cli_run, refused_in_one_sentence, run_bounded
-from t2i_fixtures import make_captioned_data, make_tiny_flux, make_tiny_pixart, make_tiny_sd3
+from t2i_fixtures import PIPELINES, make_captioned_data, make_tiny_pixart
 
 from difffit.cli import app
 from difffit.engine.errors import MAX_SEED, DiffFitError
@@ -21,7 +21,6 @@ from difffit.engine.models.family import MAX_SIDE
 
 HUGE = 2**64  # past every bound: sizes, counts and the seeds a generator takes
 METHOD_OF = {"--rank": "lora", "--adapter-dim": "adapter-parallel", "--prompt-tokens": "vpt-deep"}
-PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 
 
 def integer_options(command: str) -> list[str]:

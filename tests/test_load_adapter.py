@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from t2i_fixtures import make_tiny_flux, make_tiny_pixart, make_tiny_sd3
+from t2i_fixtures import PIPELINES, make_tiny_flux, make_tiny_sd3
 from test_adapter import train, write_base
 from test_share import cached_repo, hf_home  # noqa: F401 (hf_home: a fixture)
 
@@ -21,7 +21,6 @@ from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.trainable import prepare_model, trainable_parameters
 from difffit.engine.models.families import load_base
 
-PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 METHODS = ("difffit", "lora", "bitfit", "full")
 PROMPTS = ["a red square", "a bowl of noodles"]
 

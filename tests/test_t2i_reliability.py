@@ -13,10 +13,8 @@ import warnings
 import pytest
 from conftest import run_cli
 from t2i_fixtures import (
+    PIPELINES,
     make_captioned_data,
-    make_tiny_flux,
-    make_tiny_pixart,
-    make_tiny_sd3,
     save_tiny_clip,
     t2i_fit_config,
 )
@@ -24,7 +22,6 @@ from t2i_fixtures import (
 from difffit.engine.errors import DiffFitError
 from difffit.engine.training.train import fit
 
-PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 LONG = "a red square " + "with a long story about its edges and its corners " * 30  # past every tokenizer
 # What reaches stderr only from a library: transformers' and diffusers' notices, Python warnings, tqdm bars.
 LIBRARY_NOISE = re.compile(r"Token indices|\[transformers\]|\[diffusers\]|Warning: (?!\d+ (caption|prompt))|"

@@ -13,10 +13,8 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 from t2i_fixtures import (
+    PIPELINES,
     make_mixed_aspect_data,
-    make_tiny_flux,
-    make_tiny_pixart,
-    make_tiny_sd3,
     save_tiny_clip,
     t2i_fit_config,
 )
@@ -30,7 +28,6 @@ from difffit.engine.training import validation
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
-PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 SHAPES = {(16, 16): 6, (32, 8): 6}  # two buckets; --val-fraction 0.34 holds out 2 of each
 LATENT_SHAPES = {(8, 8), (4, 16)}  # their latents' (h, w): the tiny VAEs halve each side
 
