@@ -84,7 +84,7 @@ def test_resume_of_a_changed_run_is_refused_naming_the_change(setup, tmp_path, c
         shutil.copy(data / "blue-0.txt", data / "blue-9.txt")
     config = t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, method="lora", save_every=1,
                             out=str(run), resume=True)
-    config = type(config)(**{**config.__dict__, **overrides})
+    config = type(config).from_options({**config.options(), **overrides})
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     with pytest.raises(DiffFitError) as refused:
         fit(config, progress=False)
