@@ -74,6 +74,16 @@ class ClipScorer:
         self.total += (100 * cosine.clamp(min=0)).sum().item()
         self.scored += len(images)
 
+    def take_sums(self) -> tuple[float, int, int]:
+        """(score total, images scored, prompts cut) so far, and start again from zero: one batch's sums, which
+        another process's batches are added to in batch order (`add_sums`) for the one-process score."""
+        sums = (self.total, self.scored, self.cut)
+        self.total, self.scored, self.cut = 0.0, 0, 0
+        return sums
+
+    def add_sums(self, total: float, scored: int, cut: int) -> None:
+        self.total, self.scored, self.cut = self.total + total, self.scored + scored, self.cut + cut
+
     def score(self) -> float:
         """The mean over every image added; the prompts cut to the token limit are counted on stderr."""
         if not self.scored:

@@ -126,7 +126,6 @@ class Validation:
         def measure(batch: range) -> dict:
             samples = ModelSamples(run.base, self.count, options, device, progress=False, indices=batch, **extra)
             if scorer is not None:  # this batch's sums alone, so the batches add up in order on any process count
-                scorer.total = scorer.scored = scorer.cut = 0
                 samples = ScoredAsRead(samples, scorer)
             part = {}
             if "fid" in self.metrics:
@@ -137,7 +136,7 @@ class Validation:
                 for _ in samples.batches(config.batch_size):
                     pass
             if scorer is not None:
-                part["clip"] = (scorer.total, scorer.scored, scorer.cut)
+                part["clip"] = scorer.take_sums()
             return part
 
         parts = map_batches(self.count, config.batch_size, measure, run.accelerator)
@@ -153,9 +152,8 @@ class Validation:
                                        device=device)
             values = {"fid": computed["fid"]} | ({"kid": computed["kid_mean"]} if kid else {})
         if scorer is not None:
-            scorer.total = scorer.scored = scorer.cut = 0
-            for total, scored, cut in (part["clip"] for part in parts):  # in batch order
-                scorer.total, scorer.scored, scorer.cut = scorer.total + total, scorer.scored + scored, scorer.cut + cut
+            for part in parts:  # in batch order
+                scorer.add_sums(*part["clip"])
             values["clip"] = scorer.score()
         return values
 
