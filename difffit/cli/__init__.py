@@ -77,7 +77,7 @@ app.command(rich_help_panel="Train", help=train.FIT_HELP, cls=train.FitCommand)(
 app.command("upscale-res", rich_help_panel="Train", help=train.UPSCALE_HELP, cls=train.UpscaleCommand)(train.fit)
 app.command(rich_help_panel="Generate")(generate.sample)
 app.command(rich_help_panel="Generate")(generate.merge)
-app.command("eval-fid", rich_help_panel="Evaluate")(evaluate.eval_fid)
+app.command("eval-fid", rich_help_panel="Evaluate", help=evaluate.EVAL_FID_HELP)(evaluate.eval_fid)
 app.command(rich_help_panel="Inspect")(inspect.info)
 app.command(rich_help_panel="Inspect")(inspect.env)
 app.command(rich_help_panel="Share", help=share.PUSH_HELP)(share.push)

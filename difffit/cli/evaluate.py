@@ -16,6 +16,42 @@ METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean
 SKIPPED_SHOWN = 20
 
 
+EVAL_FID_HELP = """FID (and KID, IS, precision/recall) between generated and reference images.
+
+Features: torch-fidelity's FID Inception (TF-ported 2015-12-05 weights, TF-exact resizing).
+FIDs are comparable with published numbers.
+Reference statistics are cached by content: a second evaluation extracts nothing from the reference.
+The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
+over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
+When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
+say how to sample it; a text-to-image one samples the prompts of --prompts FILE in turn (one image each
+unless -n says more), and the clip metric scores each sample against its prompt.
+
+[bold]Examples[/bold]
+
+  [dim]# a folder of samples against a folder of real images[/dim]
+  difffit eval-fid samples/food101 data/food101/test --metrics fid,kid,prc
+
+  [dim]# paper protocol: 50k samples at cfg 1.5 as an npz, against OpenAI's ADM reference batch[/dim]
+  difffit sample adapter.safetensors -n 50000 --cfg-scale 1.5 --npz --out samples/fid
+  difffit eval-fid samples/fid/samples.npz VIRTUAL_imagenet256_labeled.npz --json
+
+  [dim]# sample 10k images in memory (nothing written) and score them[/dim]
+  difffit eval-fid adapter.safetensors data/food101/test -n 10000 --metrics fid,isc
+
+  [dim]# keep the reference statistics in a file and reuse it; weights from a local file[/dim]
+  difffit eval-fid samples/ data/test --save-stats test-stats.npz
+  difffit eval-fid samples2/ test-stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
+
+  [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
+  difffit eval-fid samples/ramen data/ramen --metrics fid,clip
+  difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
+
+  [dim]# a text-to-image adapter sampled in memory from a prompts file: FID and CLIP score[/dim]
+  difffit eval-fid runs/ramen/adapter.safetensors data/ramen --prompts prompts.txt --metrics fid,clip
+"""
+
+
 def eval_fid(
     ctx: typer.Context,
     generated: Annotated[str, typer.Argument(
@@ -54,40 +90,7 @@ def eval_fid(
     overwrite: opt.Overwrite = opt.EVAL.overwrite,
     as_json: opt.Json = False,
 ) -> None:
-    """FID (and KID, IS, precision/recall) between generated and reference images.
-
-    Features: torch-fidelity's FID Inception (TF-ported 2015-12-05 weights, TF-exact resizing).
-    FIDs are comparable with published numbers.
-    Reference statistics are cached by content: a second evaluation extracts nothing from the reference.
-    The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
-    over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
-    When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
-    say how to sample it; a text-to-image one samples the prompts of --prompts FILE in turn (one image each
-    unless -n says more), and the clip metric scores each sample against its prompt.
-
-    [bold]Examples[/bold]
-
-      [dim]# a folder of samples against a folder of real images[/dim]
-      difffit eval-fid samples/food101 data/food101/test --metrics fid,kid,prc
-
-      [dim]# paper protocol: 50k samples at cfg 1.5 as an npz, against OpenAI's ADM reference batch[/dim]
-      difffit sample adapter.safetensors -n 50000 --cfg-scale 1.5 --npz --out samples/fid
-      difffit eval-fid samples/fid/samples.npz VIRTUAL_imagenet256_labeled.npz --json
-
-      [dim]# sample 10k images in memory (nothing written) and score them[/dim]
-      difffit eval-fid adapter.safetensors data/food101/test -n 10000 --metrics fid,isc
-
-      [dim]# keep the reference statistics in a file and reuse it; weights from a local file[/dim]
-      difffit eval-fid samples/ data/test --save-stats test-stats.npz
-      difffit eval-fid samples2/ test-stats.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
-
-      [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
-      difffit eval-fid samples/ramen data/ramen --metrics fid,clip
-      difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
-
-      [dim]# a text-to-image adapter sampled in memory from a prompts file: FID and CLIP score[/dim]
-      difffit eval-fid runs/ramen/adapter.safetensors data/ramen --prompts prompts.txt --metrics fid,clip
-    """
+    """`eval-fid`: the options as an EvalConfig, one `evaluate` call, its result rendered (help: EVAL_FID_HELP)."""
     from difffit.engine.evaluation.metrics import evaluate
     from difffit.engine.evaluation.options import EvalConfig
     from difffit.engine.evaluation.sample import SamplingOptions, read_prompts

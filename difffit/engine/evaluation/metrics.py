@@ -280,33 +280,14 @@ def evaluate(
     (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
     config = dataclasses.replace(config or EvalConfig(), **options)
-    save_stats, clip_model = config.save_stats, config.clip_model
+    save_stats, clip_model, batch_size = config.save_stats, config.clip_model, config.batch_size
     if save_stats is not None:
         inputs = [spec for spec in (generated, reference, config.base, config.vae, config.inception_weights)
                   if spec]  # clip: no REFERENCE
         save_stats = check_output(save_stats, overwrite=config.overwrite, inputs=inputs, option="--save-stats")
     metrics = parse_metrics(config.metrics)
     inception = tuple(m for m in metrics if m != "clip")
-    batch_size = config.batch_size
-    require_at_least("--batch-size", batch_size, 1)
-    require_at_most("--batch-size", batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
-    if config.num_samples is not None:
-        check_image_count("-n", config.num_samples)
-    if "kid" in metrics and (config.kid_subsets < 1 or config.kid_subset_size < 2):
-        raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
-    require_at_most("--kid-subsets", config.kid_subsets, MAX_KID_SUBSETS, "more subsets do not sharpen the estimate")
-    require_at_most("--kid-subset-size", config.kid_subset_size, MAX_IMAGES, "more images than one run scores")
-    if clip_model is not None and "clip" not in metrics:
-        raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
-    if inception and reference is None:
-        raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
-                           "none was given.",
-                           hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
-    if save_stats is not None and not inception:
-        raise DiffFitError("--save-stats saves the REFERENCE's Inception statistics; --metrics clip computes none.")
-    if reference is not None and not inception:
-        raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
-                           hint="Leave the REFERENCE out, or add fid to --metrics.")
+    _check_config(config, metrics, has_reference=reference is not None)
     torch_device = resolve_device(config.device)
     needs_features = "kid" in metrics or "prc" in metrics
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception \
@@ -342,6 +323,30 @@ def evaluate(
     if save_stats is not None:  # only once every metric is computed: a failed run writes nothing
         save_statistics(save_stats, ref)
     return Evaluation(values, gen_input.count - len(gen_input.skipped), ref.count if ref else 0, ref_source, skipped)
+
+
+def _check_config(config: EvalConfig, metrics: tuple[str, ...], *, has_reference: bool) -> None:
+    """The numbers and the metric combination `config` asks for make sense (nothing read or loaded yet)."""
+    require_at_least("--batch-size", config.batch_size, 1)
+    require_at_most("--batch-size", config.batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
+    if config.num_samples is not None:
+        check_image_count("-n", config.num_samples)
+    if "kid" in metrics and (config.kid_subsets < 1 or config.kid_subset_size < 2):
+        raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
+    require_at_most("--kid-subsets", config.kid_subsets, MAX_KID_SUBSETS, "more subsets do not sharpen the estimate")
+    require_at_most("--kid-subset-size", config.kid_subset_size, MAX_IMAGES, "more images than one run scores")
+    if config.clip_model is not None and "clip" not in metrics:
+        raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
+    inception = tuple(m for m in metrics if m != "clip")
+    if inception and not has_reference:
+        raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
+                           "none was given.",
+                           hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
+    if config.save_stats is not None and not inception:
+        raise DiffFitError("--save-stats saves the REFERENCE's Inception statistics; --metrics clip computes none.")
+    if has_reference and not inception:
+        raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
+                           hint="Leave the REFERENCE out, or add fid to --metrics.")
 
 
 def _inception_metrics(metrics: tuple[str, ...], gen_input, ref_input, *, inception_weights: str | None,
