@@ -30,7 +30,7 @@ def test_cfg_all_channels_guides_every_eps_channel(golden, golden_model):
     expected = uncond + scale * (cond - uncond)
     torch.testing.assert_close(out[:2, :4], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[2:, :4], expected, atol=1e-6, rtol=0)
-    # the first three channels agree with the reference quirk; the fourth now differs
+    # the first three channels agree with the reference quirk; the fourth differs
     torch.testing.assert_close(out[:, :3], golden["cfg.out"][:, :3], atol=guidance_atol(scale), rtol=0)
     assert (out[:, 3] - golden["cfg.out"][:, 3]).abs().max() > 1e-3
     torch.testing.assert_close(out[:, 4:], golden["cfg.out"][:, 4:], atol=MODEL_ATOL, rtol=0)

@@ -104,7 +104,7 @@ def main() -> None:
         where = f": {exc.filename}" if exc.filename else ""
         say(ERROR, f" {exc.strerror or exc}{where}.")
         sys.exit(1)
-    except Exception as exc:  # an unexpected failure still gets one sentence, not a traceback
+    except Exception as exc:  # an unexpected failure gets one sentence too, not a traceback
         if session.debug:
             raise
         say(ERROR, f" {type(exc).__name__}: {exc}")

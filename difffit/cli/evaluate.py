@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from difffit.cli import _options as opt
 from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, print_table, say
+
+if TYPE_CHECKING:
+    from difffit.engine.evaluation.metrics import Evaluation
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
                 "isc_std": "IS std", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score"}
@@ -112,14 +115,14 @@ def eval_fid(
         _render_metrics(result)
 
 
-def _render_skipped(skipped: list) -> None:
+def _render_skipped(skipped: list[tuple[Path, str]]) -> None:
     for path, reason in skipped[:SKIPPED_SHOWN]:
         say(("Skipped", "yellow"), f" {path}: {reason}")
     if skipped:
         say((f"{len(skipped)} unreadable image(s) skipped.", "yellow"))
 
 
-def _render_metrics(result) -> None:
+def _render_metrics(result: Evaluation) -> None:
     from rich.table import Table
 
     table = Table(title="eval-fid", title_justify="left")

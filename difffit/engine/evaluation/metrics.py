@@ -1,17 +1,12 @@
-"""FID, KID, Inception Score and precision/recall between generated and reference images.
+"""FID, KID, Inception Score and precision/recall between generated and reference images, and the CLIP score.
 
-Features come from torch-fidelity's FID Inception ("inception-v3-compat": the TF-ported 2015-12-05
-weights with TF1-exact bilinear resizing to 299 px), so numbers are comparable with published ones.
-We feed it uint8 batches ourselves rather than going through `calculate_metrics`, which lets us
-stream images (folders, `.npz` files read member by member, samples straight from a model), show
-our progress bar, pick the device, run the network channels-last (about 1.8x faster on CPU, same
-features to 1e-6), and cache reference statistics by content. The metric math is torch-fidelity's (FID's
-matrix square root through a faster, equivalent symmetric eigenproblem).
+The features are inception.py's (torch-fidelity's FID Inception, fed by us); the metric math is torch-fidelity's,
+FID's matrix square root through a faster, equivalent symmetric eigenproblem (`frechet_distance`). A reference's
+statistics are cached by content.
 
-Inputs (GENERATED or REFERENCE): a folder of images (searched recursively, any sizes: each image is
-resized on its own); an `.npz` with `arr_0` (N x H x W x 3 uint8, the ADM/DiT sample format) and/or
-precomputed `mu`/`sigma` (an ADM reference batch, or a file written with `save_stats`); GENERATED
-may also be a model source (adapter or base), sampled in memory.
+GENERATED and REFERENCE: an image set of image_sets.py (a folder, or the `arr_0` images of an `.npz`), or an `.npz`
+with precomputed `mu`/`sigma` (an ADM reference batch, or a file written with `save_stats`); GENERATED may also be
+a model source (adapter or base), sampled in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +27,15 @@ from difffit.engine.data.batches import MAX_FORWARD_BATCH
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError, require_at_least, require_at_most
 from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead, clip_folder, score_pairs
-from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
-from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
+from difffit.engine.evaluation.image_sets import (
+    CroppedImages,
+    FolderImages,
+    ModelInput,
+    ModelSamples,
+    NpzImages,
+    npz_members,
+)
+from difffit.engine.evaluation.inception import ImageSet, LazyExtractor, extract_features, resolve_inception_weights
 from difffit.engine.evaluation.options import EvalConfig
 from difffit.engine.evaluation.sample import MAX_IMAGES, check_image_count
 from difffit.engine.io import atomic_path, check_output, check_readable, user_cache_dir
@@ -63,7 +66,7 @@ class Statistics:
 
     @classmethod
     def from_features(cls, features: dict[str, torch.Tensor], extractor: str, keep_features: bool,
-                      skipped=()) -> Statistics:
+                      skipped: Iterable[tuple[Path, str]] = ()) -> Statistics:
         from torch_fidelity.metric_fid import fid_features_to_statistics
 
         pool = features["2048"]
@@ -162,8 +165,8 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
     return ModelSamples.from_source(spec, limit, model, device or resolve_device("auto"), progress)
 
 
-def reference_statistics(images, extractor: LazyExtractor, *, keep_features: bool, batch_size: int,
-                         progress: bool) -> tuple[Statistics, str]:
+def reference_statistics(images: FolderImages | NpzImages | CroppedImages, extractor: LazyExtractor, *,
+                         keep_features: bool, batch_size: int, progress: bool) -> tuple[Statistics, str]:
     """Statistics of a reference image set, from the on-disk cache when its content was seen before."""
     key = hashlib.sha256(f"{STATS_FORMAT}\0{extractor.identity}\0{images.digest()}\0{images.count}".encode())
     cached = user_cache_dir() / "fid-stats" / f"{key.hexdigest()[:32]}.npz"
@@ -349,9 +352,10 @@ def _check_config(config: EvalConfig, metrics: tuple[str, ...], *, has_reference
                            hint="Leave the REFERENCE out, or add fid to --metrics.")
 
 
-def _inception_metrics(metrics: tuple[str, ...], gen_input, ref_input, *, inception_weights: str | None,
-                       batch_size: int, device: torch.device, save_stats, kid_subsets: int, kid_subset_size: int,
-                       progress: bool) -> tuple[dict[str, float], Statistics, str, list]:
+def _inception_metrics(metrics: tuple[str, ...], gen_input: ImageSet | Statistics,
+                       ref_input: FolderImages | NpzImages | Statistics, *, inception_weights: str | None,
+                       batch_size: int, device: torch.device, save_stats: Path | None, kid_subsets: int,
+                       kid_subset_size: int, progress: bool) -> tuple[dict[str, float], Statistics, str, list]:
     """(values, reference statistics, reference source, skipped images) of FID, KID, IS and precision/recall."""
     needs_features = "kid" in metrics or "prc" in metrics
     layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)

@@ -119,7 +119,7 @@ class SamplingOptions(SamplingFields):
     def num_steps(self) -> int:
         return self.steps if self.scheduler not in SCHEDULERS else checked_steps(self.scheduler, self.steps)
 
-    def for_base(self, base) -> SamplingOptions:
+    def for_base(self, base: Base) -> SamplingOptions:
         """These options with the base's family's defaults where none were given (cfg scale, scheduler,
         steps), and checked against what the family offers."""
         family = family_of(base)

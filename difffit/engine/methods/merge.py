@@ -115,7 +115,7 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     }
 
 
-def write_original(model: DiT, path: Path, *, class_names, vae_spec: str,
+def write_original(model: DiT, path: Path, *, class_names: list[str] | None, vae_spec: str,
                    meta: AdapterMeta | None = None) -> None:
     """The model's state dict in the original layout, fp32, with difffit metadata that load_base reads."""
     from safetensors.torch import save_file

@@ -191,7 +191,7 @@ def iter_sources(
 # -- what the commands do with them ---------------------------------------------------------------
 
 
-def describe_adapter(path) -> dict:
+def describe_adapter(path: str | Path) -> dict:
     """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
     tensors, meta = read_adapter(path, allow_non_finite=True)
     family = meta.model_family
