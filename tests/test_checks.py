@@ -290,8 +290,7 @@ def test_an_adapter_on_another_architecture_says_its_base_differs(s2_adapter):
         assert "random:DiT-S/2" in error.value.hint
 
 
-def test_info_uses_base_for_adapters_and_refuses_it_for_bases(adapters, base_file, tmp_path, monkeypatch,  # noqa: F811
-                                                              capsys):
+def test_info_uses_base_for_adapters_and_refuses_it_for_bases(adapters, base_file, tmp_path, monkeypatch, capsys):  # noqa: F811
     other = tmp_path / "other.safetensors"
     state = load_file(str(base_file))
     state["blocks.0.attn.proj.bias"] = state["blocks.0.attn.proj.bias"] + 1
