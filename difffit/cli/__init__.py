@@ -75,7 +75,7 @@ def _root(
 
 app.command(rich_help_panel="Train", help=train.FIT_HELP, cls=train.FitCommand)(train.fit)
 app.command("upscale-res", rich_help_panel="Train", help=train.UPSCALE_HELP, cls=train.UpscaleCommand)(train.fit)
-app.command(rich_help_panel="Generate")(generate.sample)
+app.command(rich_help_panel="Generate", help=generate.SAMPLE_HELP)(generate.sample)
 app.command(rich_help_panel="Generate")(generate.merge)
 app.command("eval-fid", rich_help_panel="Evaluate", help=evaluate.EVAL_FID_HELP)(evaluate.eval_fid)
 app.command(rich_help_panel="Inspect")(inspect.info)

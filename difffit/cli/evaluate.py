@@ -18,6 +18,24 @@ METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean
                 "isc_std": "IS std", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score"}
 SKIPPED_SHOWN = 20
 
+# eval-fid's own arguments and options (those it shares with other commands are in _options.py)
+Generated = Annotated[str, typer.Argument(
+    metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
+    show_default=False)]
+Reference = Annotated[str | None, typer.Argument(
+    metavar="REFERENCE",
+    help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
+    "(not needed for --metrics clip alone).", show_default=False)]
+Metrics = Annotated[str, typer.Option(
+    help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
+    "image against its prompt).")]
+SaveStats = Annotated[Path | None, typer.Option(
+    help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
+    "needs --overwrite.",
+    show_default=False)]
+KidSubsets = Annotated[int, typer.Option(help="KID: number of random subsets.")]
+KidSubsetSize = Annotated[int, typer.Option(help="KID: images per subset (<= images per side).")]
+
 
 EVAL_FID_HELP = """FID (and KID, IS, precision/recall) between generated and reference images.
 
@@ -57,28 +75,17 @@ unless -n says more), and the clip metric scores each sample against its prompt.
 
 def eval_fid(
     ctx: typer.Context,
-    generated: Annotated[str, typer.Argument(
-        metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
-        show_default=False)],
-    reference: Annotated[str | None, typer.Argument(
-        metavar="REFERENCE",
-        help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
-        "(not needed for --metrics clip alone).", show_default=False)] = None,
+    generated: Generated,
+    reference: Reference = None,
     num_samples: opt.EvalNumImages = opt.EVAL.num_samples,
-    metrics: Annotated[str, typer.Option(
-        help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
-        "image against its prompt).")] = opt.EVAL.metrics,
+    metrics: Metrics = opt.EVAL.metrics,
     clip_model: opt.ClipModel = opt.EVAL.clip_model,
     inception_weights: opt.InceptionWeights = opt.EVAL.inception_weights,
     batch_size: opt.EvalBatchSize = opt.EVAL.batch_size,
     device: opt.Device = opt.EVAL.device,
-    save_stats: Annotated[Path | None, typer.Option(
-        help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
-        "needs --overwrite.",
-        show_default=False)] = opt.EVAL.save_stats,
-    kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets.")] = opt.EVAL.kid_subsets,
-    kid_subset_size: Annotated[int, typer.Option(
-        help="KID: images per subset (<= images per side).")] = opt.EVAL.kid_subset_size,
+    save_stats: SaveStats = opt.EVAL.save_stats,
+    kid_subsets: KidSubsets = opt.EVAL.kid_subsets,
+    kid_subset_size: KidSubsetSize = opt.EVAL.kid_subset_size,
     base: opt.AdapterBase = opt.EVAL.base,
     vae: opt.Vae = opt.EVAL.vae,
     classes: opt.Classes = opt.EVAL.classes,
