@@ -358,7 +358,7 @@ def test_report_out_as_a_folder_gets_report_html_inside(tmp_path, monkeypatch, c
 
 
 def test_fid_of_a_set_against_itself_is_never_negative():
-    from difffit.engine.evaluation.metrics import Statistics, frechet_distance
+    from difffit.engine.evaluation.statistics import Statistics, frechet_distance
 
     for seed in range(4):  # seeds 1-3 come out near -5e-7 without the clamp
         features = torch.rand(20, 2048, generator=torch.Generator().manual_seed(seed))
