@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ from difffit.engine.models.diffusion import GaussianDiffusion
 from difffit.engine.models.flow_matching import FlowMatching
 from difffit.engine.models.gamma import GammaPlacement, Setter
 from difffit.engine.models.lora_names import LoraNames
+
+if TYPE_CHECKING:  # types only: the loaded bases, adapter files and sampling options sit above this interface
+    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.methods.adapter import AdapterMeta
+    from difffit.engine.models.bases import Base
+    from difffit.engine.models.families.pipeline_bases import PipelineBase
+
+    LoadedBase = Base | PipelineBase
 
 __all__ = ["ADDED", "METHODS", "BaseSpec", "Family", "FreeSize", "ModelCall", "Setter", "TextConditioning",
            "added_reference", "norm_parameter_names"]
@@ -104,11 +112,11 @@ class Family(ABC):
         """Whether `model` is one of this family's models."""
 
     @abstractmethod
-    def load(self, base: BaseSpec, **options: Any) -> Any:
+    def load(self, base: BaseSpec, **options: Any) -> LoadedBase:
         """A loaded base (model on the CPU in fp32, eval mode, plus fingerprint, VAE and metadata)."""
 
     @abstractmethod
-    def describe(self, base: Any) -> dict:
+    def describe(self, base: LoadedBase) -> dict:
         """The fields `difffit info --json` reports for a loaded base."""
 
     @abstractmethod
@@ -142,32 +150,32 @@ class Family(ABC):
         """Whether `method` trains the parameter `name` (`new_classes`: the data brings a new class table)."""
 
     @abstractmethod
-    def fits_adapter(self, model: nn.Module, meta: Any) -> bool:
+    def fits_adapter(self, model: nn.Module, meta: AdapterMeta) -> bool:
         """Whether `model` (a loaded base) has the shapes an adapter's metadata `meta` needs."""
 
     @abstractmethod
-    def shape_for_adapter(self, model: nn.Module, meta: Any, setter: Setter) -> None:
+    def shape_for_adapter(self, model: nn.Module, meta: AdapterMeta, setter: Setter) -> None:
         """Give `model` (a base that fits) the adapted model's shape, every change through `setter`
         (AdapterSwapper undoes them)."""
 
     @abstractmethod
-    def write_pipeline(self, base: Any, model: nn.Module, folder: Path) -> None:
+    def write_pipeline(self, base: LoadedBase, model: nn.Module, folder: Path) -> None:
         """Write `model` (gamma and LoRA folded) as a diffusers pipeline folder that stock
         `DiffusionPipeline.from_pretrained` loads, atomically, with the base's other components."""
 
     # -- training and sampling ------------------------------------------------------------------------
 
     @abstractmethod
-    def forward(self, model: nn.Module, base: Any) -> ModelCall:
+    def forward(self, model: nn.Module, base: LoadedBase) -> ModelCall:
         """`fn(x_t, t, conditioning)` -> the raw model output of `model` (the base's model, possibly wrapped
         for several processes)."""
 
     @abstractmethod
-    def sampling_defaults(self, base: Any) -> dict:
+    def sampling_defaults(self, base: LoadedBase) -> dict:
         """What `sample` uses where the user gave nothing: {"cfg_scale", "scheduler"[, "steps"]}."""
 
     @abstractmethod
-    def check_sample_size(self, base: Any, width: int | None, height: int | None) -> None:
+    def check_sample_size(self, base: LoadedBase, width: int | None, height: int | None) -> None:
         """Refuse, in one sentence, an image size (`sample --width/--height`) the family cannot make."""
 
     @abstractmethod
@@ -181,12 +189,9 @@ class Family(ABC):
         """The ModuleLists holding the transformer blocks, in the order the image passes through them."""
         return self.gamma.block_lists
 
-    def all_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(block list, block) of every block, in the order `--gamma-blocks` counts them."""
-        return self.gamma.blocks(model)
-
     def depth(self, model: nn.Module) -> int:
-        return len(self.all_blocks(model))
+        """The number of blocks, across the block lists (what `--gamma-blocks` counts)."""
+        return len(self.gamma.blocks(model))
 
     def add_gamma(self, model: nn.Module, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
         """Add scale factors (ones) in `blocks`; `setter` lets AdapterSwapper remember what it replaced."""
@@ -219,7 +224,7 @@ class Family(ABC):
 
     # -- shared defaults, which a family overrides where it differs -----------------------------------
 
-    def adapter_base_options(self, meta: Any, spec: str) -> dict:
+    def adapter_base_options(self, meta: AdapterMeta, spec: str) -> dict:
         """What `load` needs beyond the spec to rebuild the base an adapter (metadata `meta`) names."""
         return {}
 
@@ -227,28 +232,28 @@ class Family(ABC):
         """Shape the conditioning for the data (a new class table); returns whether the classes are new."""
         return False
 
-    def adopt_adapter(self, base: Any, meta: Any) -> None:
+    def adopt_adapter(self, base: LoadedBase, meta: AdapterMeta) -> None:
         """What an applied adapter changes of the base besides tensors (DiT: class names; text families:
         the caption token count it was trained with); nothing by default."""
         return None
 
-    def pipeline_problem(self, meta: Any) -> str | None:
+    def pipeline_problem(self, meta: AdapterMeta) -> str | None:
         """Why an adapter (metadata `meta`) cannot be merged into a diffusers pipeline; None: it can."""
         return None
 
-    def check_ready(self, base: Any) -> None:
+    def check_ready(self, base: LoadedBase) -> None:
         """Refuse, in one sentence, a base missing a part training needs (text families: their encoders); a
         base that is its model alone (DiT) has nothing more to check."""
         return None
 
-    def diffusion(self, base: Any, timestep_sampling: str | None = None) -> GaussianDiffusion | FlowMatching:
+    def diffusion(self, base: LoadedBase, timestep_sampling: str | None = None) -> GaussianDiffusion | FlowMatching:
         """The process the base was trained with: `draw(generator, batch, shape)` gives one micro-batch's
         timesteps and noise, `training_losses(model_fn, x0, t, noise, weights)` its loss. DiT and PixArt share
         the DDPM hybrid loss (uniform steps); SD3 and FLUX train by rectified flow (`FlowMatching`), drawing
         their timesteps as `timestep_sampling` says (fit refuses that option for the others)."""
         return GaussianDiffusion()
 
-    def preview_sampling(self, base: Any) -> dict:
+    def preview_sampling(self, base: LoadedBase) -> dict:
         """fit's preview grids: sampling options over the defaults, kept cheap next to training."""
         return {}
 
@@ -272,22 +277,22 @@ class TextConditioning(ABC):
     pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "
                            "given the same prompt, seed, steps and guidance, diffusers draws difffit's images."}
 
-    def text_token_limit(self, base: Any = None) -> int | None:
+    def text_token_limit(self, base: LoadedBase | None = None) -> int | None:
         """The most caption tokens `base`'s pipeline reads (None: no bound known, e.g. without a base yet)."""
         return self.max_text_tokens_limit
 
     @abstractmethod
-    def text_key(self, base: Any, max_tokens: int) -> str:
+    def text_key(self, base: LoadedBase, max_tokens: int) -> str:
         """What cached text embeddings depend on besides the caption: encoder identity and token count."""
 
     @abstractmethod
-    def prompt_encoder(self, base: Any, device: torch.device, max_tokens: int, what: str = "prompt") -> Any:
+    def prompt_encoder(self, base: LoadedBase, device: torch.device, max_tokens: int, what: str = "prompt") -> Any:
         """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call, and
         `encode.report_truncated()` says in one line which of the texts so far were cut."""
 
     @abstractmethod
-    def sample_images(self, base: Any, text: dict, negative: dict, generators: list[torch.Generator], options: Any,
-                      device: torch.device) -> np.ndarray:
+    def sample_images(self, base: LoadedBase, text: dict, negative: dict, generators: list[torch.Generator],
+                      options: SamplingOptions, device: torch.device) -> np.ndarray:
         """One batch of images (float in [0, 1], B x H x W x 3) for text rows `text`, through the pipeline."""
 
 
@@ -297,21 +302,21 @@ class FreeSize:
 
     fixed_size = False
 
-    def size_multiple(self, base: Any) -> int:
+    def size_multiple(self, base: LoadedBase) -> int:
         """The multiple of pixels every image side must be: whole patches of latent pixels (VAE factor x patch
         size), and multiples of 8 px, which diffusers' pipelines ask for. A family that packs latents further
         (FLUX: 2 x 2) says so here."""
         return math.lcm(8, base.vae_factor * base.model.config.patch_size)
 
-    def largest_side(self, base: Any) -> int | None:
+    def largest_side(self, base: LoadedBase) -> int | None:
         """The longest image side the model takes, where it has one (None: any)."""
         return None
 
-    def check_sample_size(self, base: Any, width: int | None, height: int | None) -> None:
+    def check_sample_size(self, base: LoadedBase, width: int | None, height: int | None) -> None:
         for flag, value in (("--width", width), ("--height", height)):
             self.check_side(base, flag, value)
 
-    def check_side(self, base: Any, flag: str, value: int | None) -> None:
+    def check_side(self, base: LoadedBase, flag: str, value: int | None) -> None:
         """Refuse, in one sentence, an image side (given by `flag`) that is not a multiple of `size_multiple`,
         or that is longer than the model takes (`largest_side`) or than difffit draws (MAX_SIDE)."""
         if value is None:

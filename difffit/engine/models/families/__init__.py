@@ -9,7 +9,7 @@ this gives: the spec is interpreted, and a Hub id looked up, once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -26,6 +26,9 @@ from difffit.engine.models.families.pixart import PIXART
 from difffit.engine.models.families.sd3 import SD3
 from difffit.engine.models.family import BaseSpec, Family
 
+if TYPE_CHECKING:
+    from difffit.engine.methods.adapter import AdapterMeta
+
 FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART, SD3.name: SD3, FLUX.name: FLUX}
 PIPELINE_KINDS = [family.kind for family in (PIXART, SD3, FLUX)]  # the families whose bases are pipelines
 # What each family's pipelines are called in model_index.json, and its aliases.
@@ -38,7 +41,7 @@ SUPPORTED = ("DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlpha
 
 
 def family_named(name: str | None) -> Family:
-    """The family an adapter file or a base records by name (files from before families: DiT)."""
+    """The family an adapter file or a base records by name (a file that names none: DiT)."""
     family = FAMILIES.get(name or DIT.name)
     if family is None:
         raise DiffFitError(f"Unknown model family {name!r}; this difffit knows {', '.join(FAMILIES)}.",
@@ -46,7 +49,7 @@ def family_named(name: str | None) -> Family:
     return family
 
 
-def family_of(thing: object) -> Family:
+def family_of(thing: Base | PipelineBase | AdapterMeta | nn.Module) -> Family:
     """The family of a loaded base, an adapter's metadata (both record it) or a model (by its class)."""
     if isinstance(thing, nn.Module):
         owners = [family for family in FAMILIES.values() if family.owns(thing)]

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -27,6 +28,9 @@ from difffit.engine.models.gamma import GammaPlacement, GammaSite
 from difffit.engine.models.lora_names import DIT_LORA
 from difffit.engine.models.resolution import set_resolution
 from difffit.engine.models.schedulers import SCHEDULERS
+
+if TYPE_CHECKING:
+    from difffit.engine.methods.adapter import AdapterMeta
 
 DIT_OPTIONS = ("resolution", "num_classes", "num_heads", "vae")  # load_dit_base's keywords
 SHAPE_KEYS = ("depth", "hidden_size", "patch_size", "in_channels", "learn_sigma")  # what an adapter cannot change
@@ -83,7 +87,7 @@ class DiTFamily(Family):
         dit = DiTConfig(**config)
         return {"in_channels": dit.in_channels, "learn_sigma": dit.learn_sigma}
 
-    def adapter_base_options(self, meta, spec: str) -> dict:
+    def adapter_base_options(self, meta: AdapterMeta, spec: str) -> dict:
         base_config = DiTConfig(**meta.base_config)
         if spec.startswith(RANDOM_PREFIX):  # a random base is only reproducible at the size it was made with
             return {"resolution": base_config.input_size * meta.vae_factor, "num_classes": base_config.num_classes}
@@ -121,10 +125,10 @@ class DiTFamily(Family):
             resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)
         return new_classes
 
-    def fits_adapter(self, model: DiT, meta) -> bool:
+    def fits_adapter(self, model: DiT, meta: AdapterMeta) -> bool:
         return all(getattr(model.config, key) == meta.base_config[key] for key in SHAPE_KEYS)
 
-    def shape_for_adapter(self, model: DiT, meta, setter: Setter) -> None:
+    def shape_for_adapter(self, model: DiT, meta: AdapterMeta, setter: Setter) -> None:
         """The base at the adapter's resolution and with its class table's size (its values come with the
         adapter's tensors); every change goes through `setter`, so the swapper can undo it."""
         setter(model, "config", model.config)
@@ -139,13 +143,13 @@ class DiTFamily(Family):
             table.num_embeddings = meta.num_classes + 1
             model.config = replace(model.config, num_classes=meta.num_classes)
 
-    def adopt_adapter(self, base: Base, meta) -> None:
+    def adopt_adapter(self, base: Base, meta: AdapterMeta) -> None:
         base.class_names = meta.class_names
 
-    def pipeline_problem(self, meta) -> str | None:
+    def pipeline_problem(self, meta: AdapterMeta) -> str | None:
         return dit_pipeline_problem(DiTConfig(**meta.config), meta.vae_spec)
 
-    def write_pipeline(self, base: Base, model: DiT, folder) -> None:
+    def write_pipeline(self, base: Base, model: DiT, folder: Path) -> None:
         write_dit_pipeline(model, folder, class_names=base.class_names, vae=base.vae())
 
     def forward(self, model: DiT, base: Base) -> ModelCall:

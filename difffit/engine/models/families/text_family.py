@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from difffit.engine.models.families.pipeline_calls import (
     write_pipeline_folder,
 )
 from difffit.engine.models.family import BaseSpec, Family, FreeSize, Setter, TextConditioning, added_reference
+
+if TYPE_CHECKING:
+    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.methods.adapter import AdapterMeta
 
 
 class TextFamily(TextConditioning, FreeSize, Family):
@@ -110,16 +114,16 @@ class TextFamily(TextConditioning, FreeSize, Family):
             return "modulation"
         return super().parameter_group(name, norm_names)
 
-    def fits_adapter(self, model: nn.Module, meta) -> bool:
+    def fits_adapter(self, model: nn.Module, meta: AdapterMeta) -> bool:
         mine = self.config_of(model)
         return all(mine.get(key) == meta.base_config.get(key) for key in self.shape_keys)
 
-    def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
+    def shape_for_adapter(self, model: nn.Module, meta: AdapterMeta, setter: Setter) -> None:
         """Swap in the adapter's gamma modules through `setter` (the swapper puts the plain ones back)."""
         if meta.method == "difffit":
             self.add_gamma(model, meta.gamma_blocks, meta.settings.get("gamma_placement", "branch"), setter)
 
-    def adopt_adapter(self, base: PipelineBase, meta) -> None:
+    def adopt_adapter(self, base: PipelineBase, meta: AdapterMeta) -> None:
         base.text_tokens = meta.training.get("max_text_tokens")
 
     def write_pipeline(self, base: PipelineBase, model: nn.Module, folder: Path) -> None:
@@ -155,7 +159,7 @@ class TextFamily(TextConditioning, FreeSize, Family):
 
     @torch.inference_mode()
     def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
-                      options, device: torch.device) -> np.ndarray:
+                      options: SamplingOptions, device: torch.device) -> np.ndarray:
         """One batch through the pipeline -> float (B, H, W, 3) in [0, 1], the pipeline's own post-processing."""
         vae = base.vae(device, torch.float32)
         parts = {**dict.fromkeys(base.components.names()), "transformer": base.model, "vae": vae.vae,
