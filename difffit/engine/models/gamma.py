@@ -4,12 +4,10 @@ folds them for every family.
 gamma scales the output features of a Linear projection in a block: the last projection of each residual
 branch (`--gamma-placement branch`, the paper's), plus the attention's input projections for `branch+attn`.
 A site holds gamma one of two ways:
-- on the projection itself (`slot` None): the Linear becomes a `ScaledLinear` sharing its weight and bias, so
-  parameter names stay the library's (`...to_out.0.gamma_`); the diffusers families;
+- on the projection itself (`slot` None), a `ScaledLinear` (scaled_linear.py): the diffusers families;
 - in a Parameter of the block at `slot` (DiT's reference layout: `gamma_attn`, `attn.gamma_qkv`, ...), which
   the block's forward multiplies in after that projection.
-Either way gamma folds into the projection (W' = diag(gamma) W, b' = gamma * b) and a merged model is the
-stock model.
+Either way gamma folds into the projection (W' = diag(gamma) W, b' = gamma * b).
 """
 
 from __future__ import annotations
