@@ -26,7 +26,7 @@ from difffit.engine.methods.hub_adapters import resolve_adapter_source
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import describe_source, load_source, sample_sources
 from difffit.engine.methods.trainable import prepare_model
-from difffit.engine.models.bases import load_base
+from difffit.engine.models.families import load_base
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
@@ -130,7 +130,7 @@ def fit_config(**options) -> FitConfig:
     ("vpt-deep", "prompt_tokens", 64),  # 8 x 8 tokens at 32 px with patch 4
 ])
 def test_method_sizes_are_bounded_by_the_architecture_before_any_model_is_built(monkeypatch, method, option, limit):
-    monkeypatch.setattr("difffit.engine.models.bases.load_base", lambda *a, **k: pytest.fail("base loaded"))
+    monkeypatch.setattr("difffit.engine.models.families.dit.load_dit_base", lambda *a, **k: pytest.fail("base loaded"))
     fit_config(method=method, **{option: limit}).validate()  # the largest the model can use
     for value in (limit + 1, 100_000):
         with pytest.raises(DiffFitError, match=f"--{option.replace('_', '-')} {value} is above .*{limit}"):

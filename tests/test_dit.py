@@ -5,6 +5,7 @@ import torch
 from conftest import MODEL_ATOL, guidance_atol
 
 from difffit.engine.models.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
+from difffit.engine.models.families.dit import DIT
 
 
 def test_forward_matches_reference(golden, golden_model):
@@ -60,7 +61,7 @@ def test_label_dropout_only_in_train_mode(golden_model):
 def test_scale_factors_of_one_change_nothing(golden, golden_model):
     model = DiT(golden_model.config).eval()
     model.load_state_dict(golden_model.state_dict())
-    model.add_scale_factors([0, 1])
+    DIT.add_gamma(model, [0, 1], "branch")
     assert model.gamma_blocks == [0, 1]
     with torch.no_grad():
         out = model(golden["fwd.x"], golden["fwd.t"], golden["fwd.y"])

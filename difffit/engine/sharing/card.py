@@ -14,6 +14,7 @@ from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import hub_ref
 from difffit.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
 from difffit.engine.models.families import PIPELINE_KINDS, family_named
+from difffit.engine.models.family import TextConditioning
 from difffit.engine.models.vae import IDENTITY_VAE
 from difffit.engine.training.runs import format_duration, split_eval
 
@@ -110,7 +111,7 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         sample_condition=f"--prompt {shlex.quote(example_prompt)}" if family.conditioning == "text" else
         f"--class {names[0] if ' ' not in names[0] else '0'}",
         pipeline_class=summary["training"].get("pipeline") or "DiTPipeline",
-        pipeline_call=family.pipeline_call,
+        pipeline_call=family.pipeline_call if isinstance(family, TextConditioning) else None,
         grid=grid,
         grid_caption=grid_caption,
         training=_Training(summary["training"]),
