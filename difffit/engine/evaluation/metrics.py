@@ -33,8 +33,7 @@ from difffit.engine.errors import DiffFitError, require_at_least, require_at_mos
 from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead, clip_folder, score_pairs
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
-from difffit.engine.evaluation.options import EvalConfig
-from difffit.engine.evaluation.sample import MAX_IMAGES, check_image_count
+from difffit.engine.evaluation.options import MAX_IMAGES, EvalConfig, check_image_count
 from difffit.engine.io import atomic_path, check_output, check_readable, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")

@@ -12,7 +12,7 @@ transformer and the cached tensors only (not T5-XXL's 9 GB).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,13 +88,14 @@ def check_text_tokens(config: FitConfig, family: Family, base: Base | None = Non
                            "reads.")
 
 
-def apply_family_defaults(config: FitConfig, family: Family) -> None:
-    """Fill in the options whose default is the family's (caption dropout, timestep sampling), so the run's
-    config.toml and its adapter record the values used."""
+def with_family_defaults(config: FitConfig, family: Family) -> FitConfig:
+    """`config` with the options whose default is the family's filled in (caption dropout, timestep sampling),
+    so the run's config.toml and its adapter record the values used."""
     if family.conditioning == "text" and config.caption_dropout is None:
-        config.caption_dropout = family.caption_dropout
+        config = replace(config, caption_dropout=family.caption_dropout)
     if family.prediction == "flow" and config.timestep_sampling is None:
-        config.timestep_sampling = TIMESTEP_SAMPLING[0]
+        config = replace(config, timestep_sampling=TIMESTEP_SAMPLING[0])
+    return config
 
 
 def with_captions(folder: ImageFolder, config: FitConfig, family: Family) -> ImageFolder:

@@ -15,15 +15,13 @@ from difffit.engine.data.captions import check_template
 from difffit.engine.data.hf_datasets import HF_PREFIX, hub_dataset
 from difffit.engine.devices import DEVICES
 from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
-from difffit.engine.evaluation.sample import check_image_count
+from difffit.engine.evaluation.options import check_image_count
 from difffit.engine.io import check_folder_path
-from difffit.engine.methods.trainable import METHODS
-from difffit.engine.models.family import MAX_SIDE
+from difffit.engine.models.family import MAX_SIDE, METHODS
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.models.resolution import PE_MODES
 from difffit.engine.models.speed import COMPILE_CHOICES
 from difffit.engine.training.options import FitFields
-from difffit.engine.training.trackers import check_log_with
 
 if TYPE_CHECKING:
     from difffit.engine.models.family import Family
@@ -80,7 +78,6 @@ class FitConfig(FitFields):
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
-        check_log_with(self.log_with)
         if self.cache_dir is not None:
             check_folder_path(self.cache_dir, "--cache-dir")
         self._validate_data_and_validation()

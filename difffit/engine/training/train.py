@@ -44,11 +44,11 @@ from difffit.engine.training.checkpoints import (
 )
 from difffit.engine.training.conditions import (
     PREVIEW_IMAGES,
-    apply_family_defaults,
     check_options,
     preview_inputs,
     preview_options,
     text_summary,
+    with_family_defaults,
 )
 from difffit.engine.training.config import FitConfig, FitResult
 from difffit.engine.training.loss_plot import write_loss_plot
@@ -67,7 +67,7 @@ from difffit.engine.training.setup import (
 from difffit.engine.training.signals import StopFlag
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import LossMeter, denoiser, step_generator, swapped_in, update_ema
-from difffit.engine.training.trackers import log_preview
+from difffit.engine.training.trackers import check_log_with, log_preview
 from difffit.engine.training.validation import Validation
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     """Train an adapter as `config` says. `base`: an already loaded base (changed in place), else
     `config.base` is loaded. A `config.resolution` other than the base's moves the base there first."""
     config.validate()
+    check_log_with(config.log_with)  # the tracker's package installed (and wandb offline without a network)
     check_base_shapes(config)
     out_dir = config.out_dir()
     check_run_folder(out_dir, config.data)
@@ -91,7 +92,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         # bad options for the base's family, bad data, then a bad base, fail before --out is touched
         family = family_of(base) if base is not None else family_of_spec(config.base)
         check_options(config, family)
-        apply_family_defaults(config, family)
+        config = with_family_defaults(config, family)
         inputs = open_inputs(config, base, family)
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
