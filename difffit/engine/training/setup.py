@@ -106,9 +106,9 @@ class Inputs:
 
 
 def open_inputs(config: FitConfig, base: Base | None, family: Family) -> Inputs:
-    """Scan the data, load the base (unless given) and move it to the run's resolution; bad data fails before
-    a base is loaded. A class-conditional run's held-out set is drawn before, a text-to-image run's after,
-    since the base's patch and VAE decide its bucket shapes."""
+    """Scan the data, load the base (unless given) and move it to the run's resolution. The data is scanned
+    before the base loads; a class-conditional run's held-out set is drawn (and the rest checked) then too, a
+    text-to-image run's once the base is loaded, whose patch and VAE decide its bucket shapes."""
     data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
     folder = with_captions(data, config, family)
     if family.conditioning != "text":
