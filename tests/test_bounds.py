@@ -16,7 +16,8 @@ from t2i_fixtures import PIPELINES, make_captioned_data, make_tiny_pixart
 
 from difffit.cli import app
 from difffit.engine.errors import MAX_SEED, DiffFitError
-from difffit.engine.evaluation.sample import MAX_IMAGES, SamplingOptions, sample_seed
+from difffit.engine.evaluation.options import MAX_IMAGES
+from difffit.engine.evaluation.sample import SamplingOptions, sample_seed
 from difffit.engine.models.family import MAX_SIDE
 
 HUGE = 2**64  # past every bound: sizes, counts and the seeds a generator takes

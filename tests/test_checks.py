@@ -28,6 +28,7 @@ from difffit.engine.methods.sources import describe_source, load_source, sample_
 from difffit.engine.methods.trainable import prepare_model
 from difffit.engine.models.families import load_base
 from difffit.engine.training.config import FitConfig
+from difffit.engine.training.setup import check_base_shapes, check_data
 from difffit.engine.training.train import fit
 
 CHEAP = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
@@ -131,19 +132,19 @@ def fit_config(**options) -> FitConfig:
 ])
 def test_method_sizes_are_bounded_by_the_architecture_before_any_model_is_built(monkeypatch, method, option, limit):
     monkeypatch.setattr("difffit.engine.models.families.dit.load_dit_base", lambda *a, **k: pytest.fail("base loaded"))
-    fit_config(method=method, **{option: limit}).validate()  # the largest the model can use
+    check_base_shapes(fit_config(method=method, **{option: limit}).validate())  # the largest the model can use
     for value in (limit + 1, 100_000):
         with pytest.raises(DiffFitError, match=f"--{option.replace('_', '-')} {value} is above .*{limit}"):
-            fit_config(method=method, **{option: value}).validate()
+            check_base_shapes(fit_config(method=method, **{option: value}).validate())
 
 
 def test_bounds_on_a_random_base_follow_its_size():
     config = dict(base="random:DiT-S/2", vae="identity", resolution=32, method="vpt-deep")
-    fit_config(**config, prompt_tokens=256).validate()  # 16 x 16 tokens
+    check_base_shapes(fit_config(**config, prompt_tokens=256).validate())  # 16 x 16 tokens
     with pytest.raises(DiffFitError, match="above the 256 image tokens"):
-        fit_config(**config, prompt_tokens=257).validate()
+        check_base_shapes(fit_config(**config, prompt_tokens=257).validate())
     with pytest.raises(DiffFitError, match="--rank 385 is above 384"):
-        fit_config(**config | {"method": "lora"}, rank=385).validate()
+        check_base_shapes(fit_config(**config | {"method": "lora"}, rank=385).validate())
 
 
 def test_a_base_read_only_when_loaded_is_bounded_before_the_latents(tmp_path, toy_data, tiny_base_file,
@@ -154,7 +155,7 @@ def test_a_base_read_only_when_loaded_is_bounded_before_the_latents(tmp_path, to
     config = FitConfig(data=str(toy_data), base=str(pt), vae=str(tiny_vae_dir), method="lora",
                        method_settings=MethodSettings(rank=10**9), num_heads=6, steps=1, batch_size=4,
                        cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), num_workers=0)
-    config.validate()  # nothing to read the architecture from yet
+    check_base_shapes(config.validate())  # nothing to read the architecture from yet
     with pytest.raises(DiffFitError, match="--rank 1000000000 is above 384"):
         fit(config, progress=False)
     assert not (tmp_path / "cache").exists()
@@ -168,14 +169,14 @@ def test_repeats_and_batch_size_are_bounded_by_the_data(tmp_path, toy_data, tiny
     from difffit.engine.data.images import scan_image_folder
 
     folder = scan_image_folder(str(toy_data))  # 12 images, 6 per class
-    fit_config(batch_size=12).check_data(folder)
-    fit_config(batch_size=24, repeats=2).check_data(folder)
-    fit_config(batch_size=24, repeats={"red": 3}).check_data(folder)  # 6 blue + 18 red
-    fit_config(batch_size=36, repeats={"red": 5}, class_balance=True).check_data(folder)  # 2 x 30 per epoch
+    check_data(fit_config(batch_size=12), folder)
+    check_data(fit_config(batch_size=24, repeats=2), folder)
+    check_data(fit_config(batch_size=24, repeats={"red": 3}), folder)  # 6 blue + 18 red
+    check_data(fit_config(batch_size=36, repeats={"red": 5}, class_balance=True), folder)  # 2 x 30 per epoch
     with pytest.raises(DiffFitError, match="--batch-size 13 is larger than the 12 images of an epoch"):
-        fit_config(batch_size=13).check_data(folder)
+        check_data(fit_config(batch_size=13), folder)
     with pytest.raises(DiffFitError, match="makes an epoch of 12,000,000 items; the limit is 10,000,000"):
-        fit_config(repeats=1_000_000).check_data(folder)
+        check_data(fit_config(repeats=1_000_000), folder)
     config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, batch_size=16,
                        cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), num_workers=0)
     with pytest.raises(DiffFitError, match="--batch-size 16 is larger"):

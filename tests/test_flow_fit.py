@@ -25,6 +25,7 @@ from difffit.engine.methods.adapter import read_adapter_meta
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
 from difffit.engine.models.families import family_of, load_base
+from difffit.engine.training import setup as fit_setup
 from difffit.engine.training import train
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
@@ -165,7 +166,7 @@ def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeli
 def test_compile_compiles_every_block_list(case, pipeline_dir, data, tmp_path, monkeypatch):
     """--compile on compiles each block of each list (FLUX: joint and single blocks); recorded, not compiled."""
     compiled = []
-    monkeypatch.setattr(train, "compile_blocks", lambda model, blocks, dynamic: compiled.append(blocks))
+    monkeypatch.setattr(fit_setup, "compile_blocks", lambda model, blocks, dynamic: compiled.append(blocks))
     fit(config_of(pipeline_dir, data, tmp_path, steps=1, compile="on"), progress=False)
     assert compiled == list(case.family.block_lists)
     assert compiled == (["transformer_blocks", "single_transformer_blocks"] if case.packed else ["transformer_blocks"])

@@ -129,10 +129,10 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
     from safetensors import safe_open
 
     from difffit.engine import devices
-    from difffit.engine.training import train
+    from difffit.engine.training import setup as fit_setup
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
-    monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
+    monkeypatch.setattr(fit_setup, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
     result = fit(t2i_fit_config(make_captioned_data(tmp_path / "data", per_caption=2), case.pipeline(tmp_path / "pipe"),
                                 tmp_path, steps=2, batch_size=2, mixed_precision="fp8", grad_checkpointing=True),
                  progress=False)

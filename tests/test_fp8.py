@@ -169,11 +169,12 @@ def test_fp8_fit_on_dit_previews_and_writes_plain_files(tmp_path, toy_data, tiny
     from safetensors.torch import load_file
 
     from difffit.engine import devices
+    from difffit.engine.training import setup as fit_setup
     from difffit.engine.training import train
     from difffit.engine.training.config import FitConfig
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
-    monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
+    monkeypatch.setattr(fit_setup, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
     config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=2, batch_size=4,
                        sample_every=2, save_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
                        out=str(tmp_path / "run"), adapter_dtype="fp32", mixed_precision="fp8")

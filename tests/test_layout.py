@@ -209,3 +209,14 @@ def test_the_layout_test_sees_what_it_checks():
     assert "difffit.engine.training.config" in train_imports
     cli_inner = [t for t, _, inner in imported(all_modules["difffit.cli.train"], "") if inner]
     assert "difffit.engine.training.train" in cli_inner or "difffit.engine" in cli_inner
+
+
+def test_fit_config_checks_the_options_without_the_code_that_loads_a_base_or_data():
+    """FitConfig.validate decides from the options alone: engine/training/config.py imports nothing that loads
+    a base, scans data, builds a method's modules, samples or reaches a tracker (engine.training.setup checks
+    what needs the base or the data, where it loads them)."""
+    loaders = ("difffit.engine.models.bases", "difffit.engine.models.dit", "difffit.engine.models.families",
+               "difffit.engine.data.images", "difffit.engine.methods.trainable", "difffit.engine.evaluation.sample",
+               "difffit.engine.training.trackers")
+    name = "difffit.engine.training.config"
+    assert [target for target, _, _ in imported(all_modules[name], name) if target.startswith(loaders)] == []

@@ -167,8 +167,8 @@ def test_previews_show_the_validation_prompts_at_fixed_seeds(conf, tmp_path):
     from PIL import Image
 
     prompts = ["a red square", "a blue square", "a bowl of ramen, studio light"]
-    runs = [fit(conf(steps=2, sample_every=2, validation_prompts=prompts, out=str(tmp_path / f"r{i}")),
-                progress=False) for i in range(2)]
+    configs = [conf(steps=2, sample_every=2, validation_prompts=prompts, out=str(tmp_path / f"r{i}")) for i in range(2)]
+    runs = [fit(config, progress=False) for config in configs]
     grids = [np.asarray(Image.open(r.out_dir / "samples" / "step-0000000.png")) for r in runs]
     assert grids[0].shape == (48, 48, 3)  # 8 images of 16 px (the 3 prompts in turn) in a 3 x 3 grid
     assert np.array_equal(grids[0], grids[1])  # step 0 is the base at fixed seeds
@@ -178,6 +178,7 @@ def test_previews_show_the_validation_prompts_at_fixed_seeds(conf, tmp_path):
     meta = read_adapter_meta(runs[0].adapter)
     assert meta.family == "pixart" and meta.training["validation_prompts"] == prompts
     assert meta.training["caption_dropout"] == 0.1 and meta.training["max_text_tokens"] == 120
+    assert configs[0].caption_dropout is None  # the family's default is the run's; the caller's config is its own
 
 
 def test_previews_without_caption_dropout_still_guide_with_the_empty_caption(conf):

@@ -25,7 +25,7 @@ from difffit.engine.models.diffusion import GaussianDiffusion
 from difffit.engine.models.families import PIXART
 from difffit.engine.models.fp8 import E4M3, FP8FrozenLinear, quantize_frozen_linears, reference_linear
 from difffit.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears
-from difffit.engine.training import train
+from difffit.engine.training import setup as fit_setup
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
@@ -220,7 +220,7 @@ def conf(tmp_path, pipeline_dir):
 def fp8_cpu(monkeypatch):
     """This CPU declared fp8-capable, and fit's quantization on the dequantizing reference path."""
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
-    monkeypatch.setattr(train, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
+    monkeypatch.setattr(fit_setup, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
 
 
 def stored_dtypes(path) -> set[torch.dtype]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from difffit.engine.errors import DiffFitError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 DEVICES = ("auto", "cpu", "cuda")
 # fp8 runs the frozen block Linears in float8 (engine.models.fp8) and everything else under bf16 autocast.
@@ -35,7 +40,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def tf32_matmuls(enabled: bool):
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """TF32 matmuls for the run (about 2x faster fp32 parts on Ampere+, far below the training noise),
     restored afterwards so the caller's process keeps its own settings."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -47,9 +52,11 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None, project_dir: Path):
-    """accelerate for the process group and trackers; mixed precision is ours (autocast + scaler), so
-    that fits with different precisions can run one after another in one Python process."""
+def make_accelerator(device: str, mixed_precision: str, log_with: str | None,
+                     project_dir: Path) -> tuple[Accelerator, str]:
+    """(accelerate's Accelerator for the process group and trackers, the precision "auto" resolves to); mixed
+    precision is ours (autocast + scaler), so that fits with different precisions can run one after another in
+    one Python process."""
     from accelerate import Accelerator
 
     cuda = resolve_device(device).type == "cuda"
@@ -65,7 +72,7 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None, pr
 
 
 @contextlib.contextmanager
-def one_builder_first(accelerator):
+def one_builder_first(accelerator: Accelerator) -> Iterator[None]:
     """Run the body on process 0 first (it builds a cache), then on the first process of each other machine
     (which opens it, or builds its own where it cannot see process 0's disk), then on every other process
     (which open their machine's): a cache is built once, and never twice on one machine."""

@@ -31,8 +31,7 @@ from difffit.engine.evaluation.image_sets import (
     npz_members,
 )
 from difffit.engine.evaluation.inception import ImageSet, LazyExtractor, extract_features, resolve_inception_weights
-from difffit.engine.evaluation.options import EvalConfig
-from difffit.engine.evaluation.sample import MAX_IMAGES, check_image_count
+from difffit.engine.evaluation.options import MAX_IMAGES, EvalConfig, check_image_count
 from difffit.engine.evaluation.statistics import (
     STATS_FORMAT,
     Statistics,

@@ -1,8 +1,9 @@
 """The options of sampling and of evaluation with their defaults, the one place each is written.
 
-No torch here, so `sample` and `eval-fid` read their defaults from this module without loading the
-engine. SamplingOptions (evaluation/sample.py) is SamplingFields checked; `evaluate`
-(evaluation/metrics.py) takes an EvalConfig.
+Plain data with no torch: the command line reads `sample`'s and `eval-fid`'s defaults from here without
+loading the engine. SamplingOptions (evaluation/sample.py) is SamplingFields checked; `evaluate`
+(evaluation/metrics.py) takes an EvalConfig. The bound on how many images one run draws is here too, for
+every command that takes a count (`fit --eval-n` among them).
 """
 
 from __future__ import annotations
@@ -12,8 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from difffit.engine.errors import require_at_least, require_at_most
+
 if TYPE_CHECKING:
     from difffit.engine.evaluation.sample import SamplingOptions
+
+# The most images one run draws or scores (sample -n, eval-fid -n, fit --eval-n): sample.json lists each one's file
+# and prompt, and FID holds each one's features, so a run is refused above it rather than growing without bound.
+MAX_IMAGES = 1_000_000
+
+
+def check_image_count(option: str, n: int) -> None:
+    """A number of images to draw: 1 to MAX_IMAGES."""
+    require_at_least(option, n, 1)
+    require_at_most(option, n, MAX_IMAGES, "the most images one run draws or scores (50,000 for a paper FID)")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from difffit.engine.data.captions import read_text_file
 from difffit.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit.engine.devices import autocast_dtype, resolve_device
 from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
-from difffit.engine.evaluation.options import SamplingFields
+from difffit.engine.evaluation.options import SamplingFields, check_image_count
 from difffit.engine.models.dit import DiT
 from difffit.engine.models.families import FAMILIES, family_of
 from difffit.engine.models.family import MAX_SIDE, TextConditioning
@@ -44,18 +44,6 @@ from difffit.engine.progress import make_progress
 
 if TYPE_CHECKING:
     from difffit.engine.models.bases import Base
-
-
-
-# The most images one run draws or scores (sample -n, eval-fid -n, fit --eval-n): sample.json lists each one's file
-# and prompt, and FID holds each one's features, so a run is refused above it rather than growing without bound.
-MAX_IMAGES = 1_000_000
-
-
-def check_image_count(option: str, n: int) -> None:
-    """A number of images to draw: 1 to MAX_IMAGES."""
-    require_at_least(option, n, 1)
-    require_at_most(option, n, MAX_IMAGES, "the most images one run draws or scores (50,000 for a paper FID)")
 
 
 def sample_seed(seed: int, index: int) -> int:

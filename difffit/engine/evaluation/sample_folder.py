@@ -27,7 +27,8 @@ import torch
 
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, check_image_count, generate_batches
+from difffit.engine.evaluation.options import check_image_count
+from difffit.engine.evaluation.sample import SamplingOptions, generate_batches
 from difffit.engine.io import LOCK, MARKER, atomic_path, run_lock, write_marker
 
 if TYPE_CHECKING:

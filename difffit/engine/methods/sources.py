@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from difffit.engine.errors import DiffFitError, require_at_most
-from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, check_image_count, parse_classes
+from difffit.engine.evaluation.options import check_image_count
+from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, parse_classes
 from difffit.engine.evaluation.sample_folder import sample_to_folder
 from difffit.engine.io import check_readable, special_kind
 from difffit.engine.methods.adapter import (

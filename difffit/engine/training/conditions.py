@@ -12,13 +12,15 @@ transformer and the cached tensors only (not T5-XXL's 9 GB).
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from difffit.engine.data.batches import Captions, Labels
 from difffit.engine.data.captions import attach_captions
 from difffit.engine.data.images import ImageFolder
-from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
+from difffit.engine.data.text_cache import TextEmbeddings, text_cache_dir, text_embeddings
 from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.sample import SamplingOptions
@@ -27,6 +29,11 @@ from difffit.engine.models.family import Family, TextConditioning
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.state import Run
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from difffit.engine.models.bases import Base
 
 PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
@@ -71,7 +78,7 @@ def check_options(config: FitConfig, family: Family) -> None:
                            hint="Use --mixed-precision bf16 (the default on CUDA).")
 
 
-def check_text_tokens(config: FitConfig, family: Family, base=None) -> None:
+def check_text_tokens(config: FitConfig, family: Family, base: Base | None = None) -> None:
     """Refuse a --max-text-tokens above what the family's pipeline reads: before loading where the family alone says
     (SD3, FLUX), and again once `base` is loaded where its pipeline does (PixArt-α 120, Σ 300)."""
     limit = family.text_token_limit(base) if isinstance(family, TextConditioning) else None
@@ -81,13 +88,14 @@ def check_text_tokens(config: FitConfig, family: Family, base=None) -> None:
                            "reads.")
 
 
-def apply_family_defaults(config: FitConfig, family: Family) -> None:
-    """Fill in the options whose default is the family's (caption dropout, timestep sampling), so the run's
-    config.toml and its adapter record the values used."""
+def with_family_defaults(config: FitConfig, family: Family) -> FitConfig:
+    """`config` with the options whose default is the family's filled in (caption dropout, timestep sampling),
+    so the run's config.toml and its adapter record the values used."""
     if family.conditioning == "text" and config.caption_dropout is None:
-        config.caption_dropout = family.caption_dropout
+        config = replace(config, caption_dropout=family.caption_dropout)
     if family.prediction == "flow" and config.timestep_sampling is None:
-        config.timestep_sampling = TIMESTEP_SAMPLING[0]
+        config = replace(config, timestep_sampling=TIMESTEP_SAMPLING[0])
+    return config
 
 
 def with_captions(folder: ImageFolder, config: FitConfig, family: Family) -> ImageFolder:
@@ -97,33 +105,44 @@ def with_captions(folder: ImageFolder, config: FitConfig, family: Family) -> Ima
     return attach_captions(folder, caption_column=config.caption_column, caption_template=config.caption_template)
 
 
-def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
-    """The conditions of `run.folder`'s items (labels, or cached caption embeddings); sets the class plan
-    (DiT: whether the class table is new) and the preview prompts."""
-    base, folder = run.base, run.folder
-    if run.family.conditioning == "class":
-        run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
+@dataclass(frozen=True)
+class Conditioning:
+    """What the model is conditioned on: each item's condition, the class plan, what previews show."""
+
+    conditions: Labels | Captions  # labels, or the cached caption embeddings
+    class_names: list[str]  # the class table trained (a kept DiT table keeps the base's names)
+    new_classes: bool  # DiT: whether the class table is new
+    preview_prompts: list[str]  # text-to-image: what previews show
+
+
+def prepare_conditions(config: FitConfig, accelerator: Accelerator, base: Base, family: Family,
+                       folder: ImageFolder, held_out_prompts: list[str], progress: bool) -> Conditioning:
+    """The conditions of `folder`'s items (labels, or cached caption embeddings, `held_out_prompts` encoded
+    with them), the class plan and the preview prompts."""
+    if family.conditioning == "class":
+        new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
         # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
-        run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
+        class_names = folder.class_names if new_classes or not base.class_names else list(base.class_names)
         # Label dropout is drawn with the global batch (engine.data.batches), the same rows on any number of
         # processes, so the model's own per-process draw is off. The null class follows the table trained:
         # the folder's classes (a kept table has as many).
         base.model.y_embedder.dropout_prob = 0.0
-        return Labels(folder.labels, base.config.class_dropout_prob, null=len(folder.class_names))
-    run.new_classes, run.class_names = False, folder.class_names
-    run.preview_prompts = run.config.validation_prompts or list(dict.fromkeys(folder.captions))[:PREVIEW_IMAGES]
-    return Captions(_caption_embeddings(run, progress), run.config.caption_dropout)
-
-
-def _caption_embeddings(run: Run, progress: bool):
-    config, base, family, device = run.config, run.base, run.family, run.accelerator.device
-    max_tokens = config.max_text_tokens or base.max_text_tokens
+        labels = Labels(folder.labels, base.config.class_dropout_prob, null=len(folder.class_names))
+        return Conditioning(labels, class_names, new_classes, [])
+    preview_prompts = config.validation_prompts or list(dict.fromkeys(folder.captions))[:PREVIEW_IMAGES]
     # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
-    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts \
-        + run.held_out_prompts
-    with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + preview_prompts + held_out_prompts
+    embeddings = _caption_embeddings(config, accelerator, base, family, folder.captions, extra, progress)
+    return Conditioning(Captions(embeddings, config.caption_dropout), folder.class_names, False, preview_prompts)
+
+
+def _caption_embeddings(config: FitConfig, accelerator: Accelerator, base: Base, family: Family,
+                        captions: list[str], extra: list[str], progress: bool) -> TextEmbeddings:
+    device = accelerator.device
+    max_tokens = config.max_text_tokens or base.max_text_tokens
+    with one_builder_first(accelerator):  # process 0 encodes; the others wait, then open the finished cache
         encode = family.prompt_encoder(base, device, max_tokens, "caption")
-        embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
+        embeddings = text_embeddings(captions, encode, key=family.text_key(base, max_tokens),
                                      cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
                                      progress=progress, extra=extra)
         encode.report_truncated()
@@ -131,7 +150,6 @@ def _caption_embeddings(run: Run, progress: bool):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    run.text_cache = str(embeddings.path)
     return embeddings
 
 

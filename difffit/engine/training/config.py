@@ -8,25 +8,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from difffit.engine.data.batches import MAX_EPOCH_ITEMS, epoch_size, item_repeats
+from difffit.engine.data.batches import MAX_EPOCH_ITEMS
 from difffit.engine.data.captions import check_template
 from difffit.engine.data.hf_datasets import HF_PREFIX, hub_dataset
-from difffit.engine.data.images import ImageFolder
 from difffit.engine.devices import DEVICES
 from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
-from difffit.engine.evaluation.sample import check_image_count
+from difffit.engine.evaluation.options import check_image_count
 from difffit.engine.io import check_folder_path
-from difffit.engine.methods.trainable import METHODS, describe_method
-from difffit.engine.models.dit import DiTConfig
-from difffit.engine.models.families import base_architecture
-from difffit.engine.models.families.dit import DIT
-from difffit.engine.models.family import MAX_SIDE, Family
+from difffit.engine.models.family import MAX_SIDE, METHODS
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.models.resolution import PE_MODES
 from difffit.engine.models.speed import COMPILE_CHOICES
 from difffit.engine.training.options import FitFields
-from difffit.engine.training.trackers import check_log_with
+
+if TYPE_CHECKING:
+    from difffit.engine.models.family import Family
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
@@ -47,7 +45,8 @@ class FitConfig(FitFields):
         return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)
 
     def validate(self) -> FitConfig:
-        """Check every option before any work starts; one sentence per problem. Returns self."""
+        """Check every option before any work starts, one sentence per problem: what the options alone decide
+        (the checks that need the base or the data are engine.training.setup's). Returns self."""
         _choice("--method", self.method, METHODS)
         _choice("--device", self.device, DEVICES, prefix_ok="cuda:")
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
@@ -79,36 +78,11 @@ class FitConfig(FitFields):
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
-        check_log_with(self.log_with)
         if self.cache_dir is not None:
             check_folder_path(self.cache_dir, "--cache-dir")
         self._validate_data_and_validation()
         self.method_settings.validate()
-        self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
-                                                  num_heads=self.num_heads))
         return self
-
-    def check_architecture(self, architecture: DiTConfig | dict | None, family: Family = DIT) -> None:
-        """Refuse method settings the base cannot hold (a LoRA rank above its layers' width, more prompts than
-        image tokens, ...) before anything is allocated for them: here from the options alone when the base's
-        shapes are cheap to read (`base_architecture`), else by `fit` as soon as the base (of `family`, whose
-        config `architecture` is) is loaded."""
-        if architecture is not None:
-            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings,
-                            family=family)
-
-    def check_data(self, folder: ImageFolder) -> None:
-        """Bounds that need the training data, checked as soon as it is scanned: the epoch that --repeats
-        makes, and the batch against it."""
-        repeats = item_repeats(self.repeats, folder.labels, folder.class_names)
-        epoch = epoch_size(folder.labels, repeats, self.class_balance)
-        if epoch > max(len(folder), MAX_EPOCH_ITEMS):
-            raise DiffFitError(f"`repeats` makes an epoch of {epoch:,} items; the limit is {MAX_EPOCH_ITEMS:,} "
-                               "(an epoch is shuffled in memory).", hint="Use a smaller --repeats.")
-        if self.batch_size > epoch:
-            raise DiffFitError(f"--batch-size {self.batch_size} is larger than the {epoch:,} images of an epoch, "
-                               "so every step would repeat images.",
-                               hint=f"Use --batch-size {epoch} or less, or more images (or --repeats).")
 
     def _validate_data_and_validation(self) -> None:
         for name in ("val_every", "eval_every"):

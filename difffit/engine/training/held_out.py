@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,11 +35,14 @@ from difffit.engine.training.conditions import with_captions
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.state import Run
 
+if TYPE_CHECKING:
+    from difffit.engine.models.bases import Base
+
 VAL_SEED = 0x7A11  # the validation noise's own stream: independent of the training draws
 
 
 def split_validation(config: FitConfig, folder: ImageFolder, family: Family = DIT,
-                     base=None) -> tuple[ImageFolder, ImageFolder | None]:
+                     base: Base | None = None) -> tuple[ImageFolder, ImageFolder | None]:
     """(training items, held-out items or None). Also checks, before any work, what evaluation needs: the FID
     weights and the CLIP model offline, the prompts to sample. `base`: a text-to-image base, whose bucket
     shapes a bucketed run's held-out set is drawn over."""
@@ -73,7 +77,7 @@ def _check_evaluation_inputs(config: FitConfig, family: Family) -> None:
                            "validation set.", hint="Add --val-fraction 0.1, --val-data DIR or --eval-prompts FILE.")
     metrics = config.evaluation_metrics()
     if "fid" in metrics:
-        resolve_inception_weights(config.inception_weights)  # missing offline: one sentence, now
+        resolve_inception_weights(config.inception_weights)  # missing offline: one sentence, before any work
     if "clip" in metrics:
         clip_folder(config.clip_model or DEFAULT_CLIP_MODEL)
 
@@ -95,7 +99,8 @@ def _validation_data(config: FitConfig, folder: ImageFolder, family: Family) -> 
     return replace(val, labels=labels, class_names=folder.class_names, skipped=[])
 
 
-def _strata(config: FitConfig, folder: ImageFolder, family: Family, base) -> tuple[list[int], Callable[[int], str]]:
+def _strata(config: FitConfig, folder: ImageFolder, family: Family,
+            base: Base | None) -> tuple[list[int], Callable[[int], str]]:
     """(each item's stratum, a stratum's name): its class, or with buckets its class and nearest bucket shape."""
     classes = folder.class_names
 

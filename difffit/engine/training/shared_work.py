@@ -9,7 +9,10 @@ in-training evaluation give the one-process numbers on any number of processes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 T = TypeVar("T")
 
@@ -30,7 +33,8 @@ def own_batches(count: int, batch_size: int, rank: int, world: int) -> list[rang
     return batches(count, batch_size)[rank::world]
 
 
-def map_batches(count: int, batch_size: int, work: Callable[[range], T], accelerator) -> list[T]:
+def map_batches(count: int, batch_size: int, work: Callable[[range], T],
+                accelerator: Accelerator | SingleProcess) -> list[T]:
     """[work(batch) for every batch], each computed on one process and returned to all, in batch order."""
     world = accelerator.num_processes
     mine = [work(batch) for batch in own_batches(count, batch_size, accelerator.process_index, world)]

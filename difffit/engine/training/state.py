@@ -1,8 +1,7 @@
-"""Run: what the phases of one fit share (train.py's phases and loop, validation's evaluations)."""
+"""Run: what the phases of one fit made, shared by the loop, its outputs and validation's evaluations."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,37 +17,39 @@ from difffit.engine.models.families import family_of
 from difffit.engine.models.family import Family
 from difffit.engine.training.config import FitConfig
 
-if TYPE_CHECKING:  # validation.py uses Run; Run only holds a Validation
-    from difffit.engine.training.validation import Validation
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """What the phases of one fit share: settings, the process group, the model and its trained state."""
+    """What the setup phases of one fit made (engine.training.setup), built once before the loop: settings,
+    the process group, the data, the model and its trained state. The tensors change in place as it trains;
+    the fields do not."""
 
     config: FitConfig
     out_dir: Path
-    accelerator: object
+    accelerator: Accelerator
     precision: str  # "no", "fp16", "bf16" or "fp8"
     base: Base  # or another family's base (engine.models.families)
+    base_config: dict  # the base's config before any move to another resolution: what the adapter records
     pos_embed: str  # "standard", or the mode the base was moved to a new resolution with
-    folder: ImageFolder
-    class_names: list[str]
-    new_classes: bool
-    batches: Batches | None = None
-    model: torch.nn.Module | None = None
-    params: dict[str, torch.nn.Parameter] = dataclasses.field(default_factory=dict)
-    base_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    ema: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    optimizer: torch.optim.Optimizer | None = None
-    cache: str | None = None
-    text_cache: str | None = None  # text-to-image: the caption embeddings' cache folder
-    preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
-    # text-to-image: the held-out captions and --eval-prompts, encoded with the training captions
-    held_out_prompts: list[str] = dataclasses.field(default_factory=list)
-    validation: Validation | None = None
-    buckets: list[Bucket] | None = None  # with --buckets auto: the aspect-ratio buckets of the training data
-    identity: dict = dataclasses.field(default_factory=dict)  # what defines the run (engine.training.resume)
+    resolved: dict  # the options as resolved (config.toml): paths absolute, defaults decided
+    # the data
+    folder: ImageFolder  # the usable training items
+    batches: Batches
+    buckets: list[Bucket] | None  # with --buckets auto: the aspect-ratio buckets of the training data
+    cache: str | None  # the latents' cache file
+    class_names: list[str]  # the class table trained
+    new_classes: bool  # DiT: whether the class table is new
+    preview_prompts: list[str]  # text-to-image: what previews show
+    # the trainable state
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: dict[str, torch.nn.Parameter]
+    base_state: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    identity: dict  # what defines the run (engine.training.resume)
 
     @property
     def family(self) -> Family:

@@ -1,23 +1,25 @@
 """Per-step state of the training loop that lives on the device: its random draws and its loss sums.
 
-Two host syncs used to run every step: the CPU generator's timesteps and noise were copied to the
-GPU, and the loss sums were read back (`.tolist()`) to check finiteness. Here both stay on the
-device: timesteps and noise come from a device generator seeded by (seed, step), so a resumed
-run draws exactly what an uninterrupted one does; the loss sums accumulate on the device and are
-read every `log_every` steps, so a NaN stop can lag by up to that many steps (checkpoints flush
-first, so a checkpoint never follows an undetected NaN).
+No host sync per step: timesteps and noise come from a device generator seeded by (seed, step), so
+nothing is copied to the GPU and a resumed run draws exactly what an uninterrupted one does; the loss
+sums accumulate on the device and are read (and checked for finiteness) every `log_every` steps, so a
+NaN stop can lag by up to that many steps (checkpoints flush first, so a checkpoint never follows an
+undetected NaN).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from difffit.engine.data.batches import step_seed
 
-# Re-exported: the benchmarks and tests draw their batches' timesteps and noise from here, as fit does.
+if TYPE_CHECKING:
+    from difffit.engine.models.family import ModelCall
 
 STATS = ("loss", "mse", "vb")
 DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (the model's own randomness) and 2 (data) are train.py's
@@ -50,7 +52,7 @@ class LossMeter:
     def due(self, step: int, last_step: int | None = None) -> bool:
         return self._steps > 0 and (step % self.log_every == 0 or step == last_step)
 
-    def read(self, reduce=None, extra: tuple[float, ...] = ()) -> dict:
+    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, extra: tuple[float, ...] = ()) -> dict:
         """{'loss', 'mse', 'vb': means since the last read, 'finite': bool, 'steps': n, 'extra': [...]}."""
         packed = torch.cat([self._sums / max(self._steps, 1), torch.tensor(extra, device=self.device)])
         if reduce is not None:
@@ -73,7 +75,7 @@ def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.nn.Paramete
 
 
 @contextlib.contextmanager
-def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
+def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily put `values` (the EMA) into `params`."""
     if not values:
         yield
@@ -90,7 +92,8 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
                 p.copy_(live[name])
 
 
-def denoiser(forward, y: torch.Tensor, autocast_dtype: torch.dtype | None):
+def denoiser(forward: ModelCall, y: torch.Tensor | dict[str, torch.Tensor],
+             autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model as the loss calls it: autocast around the network only, fp32 out (the loss stays fp32)."""
     def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(xt.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):

@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import downloads_disabled, network_reachable
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 WANDB_HOST = "api.wandb.ai"
@@ -37,7 +41,7 @@ def check_log_with(name: str | None) -> None:
         os.environ["WANDB_MODE"] = "offline"  # wandb reads it at init; `wandb sync` uploads the run later
 
 
-def log_preview(accelerator, image: np.ndarray | str | Path, step: int) -> None:
+def log_preview(accelerator: Accelerator, image: np.ndarray | str | Path, step: int) -> None:
     """Send one preview grid (an (H, W, 3) uint8 array, or the PNG save_grid wrote) to every tracker of
     `accelerator` that takes images."""
     if isinstance(image, str | Path):

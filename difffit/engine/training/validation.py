@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -44,6 +45,11 @@ from difffit.engine.training.shared_work import SingleProcess, map_batches
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import denoiser
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from difffit.engine.models.family import ModelCall
+
 __all__ = ["VAL_SEED", "Validation", "split_validation", "validation_loss", "held_out_loss"]
 
 VAL_TIMESTEPS = 4  # per held-out image; with N images the N * 4 timesteps tile the schedule evenly
@@ -56,7 +62,7 @@ HIGHER_IS_BETTER = ("clip",)
 class Validation:
     """What the loop calls every --val-every / --eval-every steps; holds the best-so-far record."""
 
-    def __init__(self, run: Run, val: ImageFolder | None, save_best: Callable[[int], object], progress: bool):
+    def __init__(self, run: Run, val: ImageFolder | None, save_best: Callable[[int], Path | None], progress: bool):
         config, device = run.config, run.accelerator.device
         self.val_every, self.eval_every, self.steps = config.val_every, config.eval_every, config.steps
         self.keep_best, self.save_best = config.keep_best, save_best
@@ -90,7 +96,7 @@ class Validation:
     def val_due(self, step: int) -> bool:
         return self.has_val and ((self.val_every and step % self.val_every == 0) or step == self.steps)
 
-    def evaluate(self, run: Run, step: int, log) -> dict:
+    def evaluate(self, run: Run, step: int, log: TextIO | None) -> dict:
         """Validation loss and/or FID at `step` with the weights in the model now: logged, and the best kept."""
         record: dict = {"step": step}
         model = run.accelerator.unwrap_model(run.model).eval()
@@ -182,7 +188,7 @@ class Validation:
 
 
 @torch.no_grad()
-def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
+def validation_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
                     autocast_dtype: torch.dtype | None = None) -> float:
     """DiT's validation loss of latents `x0` of classes `labels` (one shape): `held_out_loss` of one group."""
     return held_out_loss(model, GaussianDiffusion(), [Group(x0, labels)], seed, batch_size,
@@ -190,9 +196,9 @@ def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, ba
 
 
 @torch.no_grad()
-def held_out_loss(forward, diffusion: GaussianDiffusion | FlowMatching, groups: list[Group], seed: int,
+def held_out_loss(forward: ModelCall, diffusion: GaussianDiffusion | FlowMatching, groups: list[Group], seed: int,
                   batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
-                  accelerator=None) -> float:
+                  accelerator: Accelerator | None = None) -> float:
     """Mean loss of every (image, fixed noise level, fixed noise) pair: a function of the weights only.
 
     `forward(x_t, t, conditions)` is the family's model call. Pair j = i * VAL_TIMESTEPS + k of the N images
