@@ -1,7 +1,8 @@
 """The model families difffit adapts, and the one place a `--base` spec is matched to its family.
 
 The family of a diffusers pipeline comes from the classes its model_index.json and transformer
-config name; an original checkpoint, a `random:` spec and the tiny base are DiT. A pipeline of any
+config name (the bundled `tiny-t2i` is one: PixArt-α); an original checkpoint, a `random:` spec and the
+tiny base are DiT. A pipeline of any
 other family is refused in one sentence naming the supported ones.
 """
 
@@ -17,7 +18,7 @@ from difffit.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit.engine.models.bases import RANDOM_PREFIX
 from difffit.engine.models.families.dit import DIT
 from difffit.engine.models.families.flux import FLUX
-from difffit.engine.models.families.pipelines import read_json
+from difffit.engine.models.families.pipelines import TINY_T2I, bundled_folder, read_json
 from difffit.engine.models.families.pixart import PIXART
 from difffit.engine.models.families.sd3 import SD3
 from difffit.engine.models.family import Family
@@ -57,6 +58,8 @@ def family_of_spec(spec: str) -> Family:
     """The family of a base spec, reading at most its configs (a Hub repo's are fetched, no weights)."""
     if spec in ALIAS_FAMILIES:
         return ALIAS_FAMILIES[spec]
+    if spec == TINY_T2I:
+        return _family_of_folder(bundled_folder(spec), spec)
     path = Path(spec).expanduser()
     if spec.startswith(RANDOM_PREFIX) or spec == "tiny" or path.is_file() or spec.lower().endswith(WEIGHT_SUFFIXES):
         return DIT

@@ -1,5 +1,8 @@
 """Bases that are diffusers pipelines (PixArt, SD3, FLUX): a Hub id, a local folder, or an alias.
 
+`tiny-t2i` names the pipeline folder bundled under difffit/assets/tiny-t2i (a tiny PixArt-α trained on
+drawn scenes, rebuilt by examples/make_tiny_t2i_base.py); it loads as any local pipeline folder does.
+
 A pipeline base is diffusers' own transformer plus the pipeline's other components (text encoders and
 tokenizers, VAE, scheduler), read where the pipeline keeps them. Each family describes its pipelines with
 a `PipelineKind` (transformer class, pipeline classes, aliases and their published configs); loading,
@@ -32,6 +35,8 @@ from difffit.engine.progress import library_bars_off
 CONFIG_FILES = ["model_index.json", "transformer/config.json", "scheduler/*", "vae/config.json", "tokenizer*/*",
                 "text_encoder*/config.json", "text_encoder*/*.index*.json"]
 TEXT_PARTS = ("tokenizer", "text_encoder")  # the folders whose files identify a pipeline's text encoding
+TINY_T2I = "tiny-t2i"  # the text-to-image base bundled with difffit
+TINY_T2I_BASE = Path(__file__).resolve().parents[3] / "assets" / "tiny-t2i"
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ class PipelineBase:
 
     model: torch.nn.Module
     spec: str
-    source_format: str  # "diffusers" (a local folder), "hub", or "config" (weights not read: info only)
+    source_format: str  # "diffusers" (a local folder), "bundled" (tiny-t2i), "hub", "config" (weights not read)
     fingerprint: str | None
     components: Components
     pipeline: str  # the diffusers pipeline class, e.g. PixArtAlphaPipeline, StableDiffusion3Pipeline
@@ -200,16 +205,27 @@ def load_pipeline_base(spec: str, kind: PipelineKind, *, weights: bool = True) -
                                 alias.components)
         return _load(spec, transformer / "transformer", components, alias.pipeline, "hub", alias.transformer,
                      weights, kind)
-    path = Path(spec).expanduser()
+    path = bundled_folder(spec) if spec == TINY_T2I else Path(spec).expanduser()
     if path.is_dir():
         pipeline = pipeline_class_of(path)
         if pipeline not in kind.pipelines:
             raise DiffFitError(f"{path} is not a {kind.title} pipeline folder (model_index.json names {pipeline}).")
-        return _load(spec, path / "transformer", Components(path), pipeline, "diffusers", None, weights, kind)
+        source_format = "bundled" if spec == TINY_T2I else "diffusers"
+        return _load(spec, path / "transformer", Components(path), pipeline, source_format, None, weights, kind)
     repo_id = hub_ref(spec).repo_id  # family_of_spec matched it as a Hub repo
     folder = _snapshot(repo_id, spec, weights)
     return _load(spec, folder / "transformer", Components(folder, repo_id), pipeline_class_of(folder), "hub",
                  repo_id, weights, kind)
+
+
+def bundled_folder(spec: str) -> Path:
+    """The pipeline folder a bundled base's alias names (only `tiny-t2i` so far), refused when this build of
+    difffit does not ship it."""
+    if not (TINY_T2I_BASE / "model_index.json").is_file():
+        raise DiffFitError(f"The tiny text-to-image base is not bundled in this build of difffit (nothing at "
+                           f"{TINY_T2I_BASE}).", hint="Rebuild it with `python examples/make_tiny_t2i_base.py` "
+                           "from a source checkout, or pass --base a text-to-image pipeline (a Hub id or a folder).")
+    return TINY_T2I_BASE
 
 
 def _snapshot(repo_id: str, spec: str, weights: bool, optional: bool = False) -> Path | None:
