@@ -68,4 +68,5 @@ def test_fitting_tiny_t2i_moves_samples_to_the_target_look(tmp_path, monkeypatch
 
     base_distance = frechet_distance(pixel_features(before), target_features)
     adapted_distance = frechet_distance(pixel_features(after), target_features)
+    print(f"pixel Frechet distance to the target: base {base_distance:.3f}, adapted {adapted_distance:.3f}")
     assert adapted_distance < 0.5 * base_distance, (adapted_distance, base_distance)
