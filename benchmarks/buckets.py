@@ -57,7 +57,7 @@ def build_step(args: argparse.Namespace, compiled: bool):
             "prompt_attention_mask": torch.ones((args.batch, args.tokens), dtype=torch.long, device=device)}
 
     def step(width: int, height: int) -> None:
-        g = step_generator(device, 0, next(counter), 0)
+        g = step_generator(device, 0, next(counter))
         shape = (4, height // VAE_FACTOR, width // VAE_FACTOR)
         t, noise = diffusion.draw(g, args.batch, shape)
         x0 = torch.randn((args.batch, *shape), device=device, generator=g)

@@ -48,7 +48,7 @@ def train(args: argparse.Namespace, precision: str, device: torch.device) -> lis
     diffusion, meter, windows = GaussianDiffusion(), LossMeter(device, args.log_every), []
     for step in range(args.steps):
         torch.manual_seed(step)  # label dropout
-        g = step_generator(device, 0, step, 0)
+        g = step_generator(device, 0, step)
         index = torch.randint(0, args.images, (args.batch,), generator=g, device=device)
         t, noise = diffusion.draw(g, args.batch, tuple(latents.shape[1:]))
         with torch.autocast(device.type, dtype=torch.bfloat16):

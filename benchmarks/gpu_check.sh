@@ -36,6 +36,7 @@ if [ -n "${DIFFFIT_BENCH_SMALL:-}" ] && [ "${DIFFFIT_BENCH_SMALL}" != 0 ]; then
   T2IMEM="--device cpu --configs flux-tiny,sd35-tiny,pixart-tiny --px 64 --steps 1 --threads 1"
   BUCKETS="--config tiny --batch 2 --tokens 8 --sizes 64x64,80x48,128x32 --precision no --compile off --images 10000"
   TESTS="tests/test_fp8.py tests/test_fast_train.py"
+  T2ISTEP="--device cpu --configs flux-tiny,sd35-tiny,pixart-tiny --px 64 --batch 1 --repeats 2 --threads 1"
 else
   DEV=cuda; CFG=DiT-XL/2; LAT=32; B=32; BIG=64; SB=64; SSTEPS=25; FP8ANY=; R=5; NIMG=1000; T=0
   PIXART="--config alpha-512 --t5 xxl --tokens 120 --batches 8,16,32,64,128,256 --precision bf16"
@@ -43,6 +44,10 @@ else
   T2IMEM="--device cuda --configs flux-dev --px 512 --steps 3 --fp8-matmul kernel --budget 130"
   TESTS="tests/test_cuda.py tests/test_fp8.py tests/test_t2i_memory.py tests/test_fast_train.py tests/test_dit.py tests/test_diffusion.py
     tests/test_flow_memory.py::test_flow_families_fit_and_sample_on_cuda"
+  # Real widths, heads and tokens at 512 px, each stack cut to 3 blocks: five copies of each model (one per
+  # method, full fine-tuning's with fp32 AdamW state) fit one GPU; the ratios are per block.
+  T2ISTEP="--device cuda --configs pixart-alpha-512,sd35-large,flux-dev --blocks 3 --px 512 --batch 4 \
+    --precision bf16 --repeats 5 --steps-per-repeat 3"
   BUCKETS="--config alpha-512 --batch 32 --tokens 120 --sizes 512x512,736x352,1024x256 --precision bf16 \
     --compile off,on --repeats 3"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -67,11 +72,12 @@ run_stage() {  # run_stage NAME TIMEOUT COMMAND...: stdout (one JSON object) -> 
 }
 
 # Most wanted first: the training figures (DiT, then PixArt-α 512: DiffFit vs full), the memory of FLUX.1-dev
-# (DiffFit with fp8 frozen weights and checkpointing against 24 GB), then sampling, the diffusers comparison,
+# (DiffFit with fp8 frozen weights and checkpointing against 24 GB), DiffFit's step on PixArt, SD3 and FLUX
+# against LoRA and the frozen-weight floor, then sampling, the diffusers comparison,
 # fp8 loss, FID, the CUDA tests (the fp8 loss stage already checks the fp8 path end to end), the text cache
 # against encoding on the fly (PixArt with T5-XXL), the larger batch, and aspect-ratio buckets (PixArt
 # steps at non-square buckets against the square, eager and compiled).
-ALL="attention train_bf16 train_fp8 pixart t2i_memory sample dit_forward fp8_loss fid tests pixart_text train_big buckets"
+ALL="attention train_bf16 train_fp8 pixart t2i_memory t2i_step sample dit_forward fp8_loss fid tests pixart_text train_big buckets"
 STAGES=${*:-$ALL}
 TS="python3 benchmarks/train_step.py --device $DEV --config $CFG --latent $LAT --threads $T $FP8ANY"
 for stage in $STAGES; do
@@ -94,6 +100,7 @@ for stage in $STAGES; do
       --text cached --repeats 3 ;;
     t2i_memory) run_stage t2i_memory 170 python3 benchmarks/t2i_memory.py $T2IMEM --batch 1 --methods difffit,lora,full \
       --rank 16 --precision fp8,bf16 --checkpointing on,off ;;
+    t2i_step) run_stage t2i_step 240 python3 benchmarks/t2i_step.py $T2ISTEP ;;
     pixart_text) run_stage pixart_text 150 python3 benchmarks/pixart_train.py --device $DEV $PIXART --methods difffit \
       --text cached,encode --repeats 3 ;;
     buckets) run_stage buckets 240 python3 benchmarks/buckets.py --device $DEV $BUCKETS ;;

@@ -86,7 +86,7 @@ def build(args: argparse.Namespace):
     side, counter = config["sample_size"], itertools.count()
 
     def step(batch: int) -> None:
-        g = step_generator(device, 0, next(counter), 0)
+        g = step_generator(device, 0, next(counter))
         t, noise = diffusion.draw(g, batch, (4, side, side))
         x0 = torch.randn((batch, 4, side, side), device=device, generator=g)
         text = _text(encoder, batch, args.tokens, config["caption_channels"], device, g)

@@ -101,7 +101,7 @@ def build_step(args: argparse.Namespace):
     counter = itertools.count()
 
     def step() -> None:
-        g = step_generator(device, 0, next(counter), 0)
+        g = step_generator(device, 0, next(counter))
         t, noise = diffusion.draw(g, args.batch, tuple(x0.shape[1:]))
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = diffusion.training_losses(lambda xt, ts: model(xt, ts, y).float(), x0, t, noise)

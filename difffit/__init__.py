@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "FitConfig", "FitResult", "SamplingOptions", "attach_captions", "clip_score", "evaluate", "fit", "generate",
-    "load_base", "load_source", "merge_adapter", "sample_to_folder", "text_embeddings",
+    "DiffFitError", "EvalConfig", "FitConfig", "FitResult", "MethodSettings", "SamplingOptions", "attach_captions",
+    "clip_score", "evaluate", "fit", "generate", "load_adapter", "load_base", "load_source", "merge_adapter",
+    "sample_to_folder", "text_embeddings", "unload_adapter",
 ]
 
 

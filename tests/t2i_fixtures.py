@@ -157,7 +157,7 @@ def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
     options = dict(data=str(data), base=str(base), steps=6, batch_size=4, save_every=0, sample_every=0,
                    num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
                    compile="off")
-    return FitConfig(**{**options, **overrides})
+    return FitConfig.from_options({**options, **overrides})
 
 
 def record_batch_shapes(monkeypatch) -> list[tuple[int, ...]]:
@@ -216,14 +216,15 @@ def make_tiny_sd3_transformer(layers: int = 4, seed: int = 0, **overrides):
     return SD3Transformer2DModel(**{**config, **overrides}).eval()
 
 
-def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0, **transformer) -> Path:
     """Save a tiny StableDiffusion3Pipeline into `folder`: two CLIPs with projection, T5, the 16-channel VAE and
-    SD3's scheduler (flow matching, shift 3)."""
+    SD3's scheduler (flow matching, shift 3); `transformer`: overrides of the transformer's configuration."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=make_tiny_sd3_transformer(layers, seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=make_tiny_sd3_transformer(layers, seed, **transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=make_tiny_vae16(seed), text_encoder=tiny_clip_text(len(clip), projection=True, seed=seed),
         tokenizer=clip, text_encoder_2=tiny_clip_text(len(clip), projection=True, seed=seed + 1), tokenizer_2=clip,
         text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_3=t5)
@@ -259,6 +260,10 @@ def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **over
     pipe.save_pretrained(folder)
     return Path(folder)
 
+
+
+# every tiny text-to-image pipeline by family name, for tests that run each family
+PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
 
 def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
     """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.

@@ -325,7 +325,7 @@ def conf(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
         options = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=6, batch_size=4,
                        save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
                        out=str(tmp_path / "run"), adapter_dtype="fp32", **FIT_SETTINGS)
-        return FitConfig(**(options | overrides))
+        return FitConfig.from_options(options | overrides)
 
     return make
 

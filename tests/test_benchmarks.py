@@ -91,6 +91,24 @@ def test_t2i_memory_runs_at_toy_size_on_the_cpu():
     assert "pixart-tiny difffit no-ckpt: fp8/bf16 peak" in report["ratios"]
 
 
+def test_t2i_step_runs_at_toy_size_on_the_cpu():
+    """The t2i_step GPU stage's script end to end on the tiny FLUX: every method against the floor, which trains
+    one value and holds no weight gradient or optimizer state, so it needs the least memory."""
+    report = run_at_toy_size("t2i_step.py", "--configs", "flux-tiny", "--repeats", "1", "--threads", "1")
+    assert report["benchmark"] == "t2i_step" and report["lora_rank"] == 16
+    flux = report["configs"]["flux-tiny"]
+    rows = flux["contenders"]
+    assert list(rows) == ["floor", "difffit", "lora", "bitfit", "full"] and rows["floor"]["trainable_params"] == 1
+    assert all(r["step_s"]["median"] > 0 and r["peak_mib"] > 0 for r in rows.values())
+    assert rows["floor"]["peak_mib"] < rows["difffit"]["peak_mib"] < rows["full"]["peak_mib"]
+    assert rows["bitfit"]["trainable_params"] < rows["difffit"]["trainable_params"] < rows["full"]["trainable_params"]
+    # no weight gradient: DiffFit's matrix products are the floor's, LoRA adds its factors', full every weight's
+    flops = {m: r["matmul_gflop"] for m, r in rows.items()}
+    assert flops["floor"] <= flops["difffit"] < flops["lora"] < flops["full"]
+    assert {"difffit/floor step", "difffit/lora step", "full/floor step"} <= set(flux["ratios"])
+    assert flux["goal"]["difffit/floor"] == flux["ratios"]["difffit/floor step"]["median"]
+
+
 def test_t2i_memory_reports_out_of_memory_as_a_result(monkeypatch):
     import t2i_memory
 

@@ -198,3 +198,59 @@ def test_dataset_without_caption_column_needs_one(tmp_path):
     with pytest.raises(DiffFitError, match="has no caption column"):
         attach_captions(folder)
     assert attach_captions(open_data(str(data), caption_column="name")).captions == ["x", "y"]
+
+
+def test_captions_keep_newlines_and_separator_characters(tmp_path):
+    """A quoted CSV caption keeps its newline, and its \\x1e is text, not the start of a row; JSON Lines end
+    at "\\n" only, so U+2028 and U+0085 inside a caption (valid JSON) stay in it."""
+    for name in ("a", "b", "c"):
+        _image(tmp_path / "csv" / f"{name}.png")
+        _image(tmp_path / "jsonl" / f"{name}.png")
+    (tmp_path / "csv" / "metadata.csv").write_text(
+        'file_name,text\na.png,"a red ring\non a dark table"\nb.png,"left\x1ec.png"\nc.png,plain\n', encoding="utf-8")
+    folder = attach_captions(scan_image_folder(tmp_path / "csv"))
+    assert _captions(folder) == {"a.png": "a red ring\non a dark table", "b.png": "left\x1ec.png", "c.png": "plain"}
+    rows = [{"file_name": "a.png", "text": "one\u2028two"}, {"file_name": "b.png", "text": "three\x85four"},
+            {"file_name": "c.png", "text": "five\x1csix"}]
+    (tmp_path / "jsonl" / "metadata.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    folder = attach_captions(scan_image_folder(tmp_path / "jsonl"))
+    assert _captions(folder) == {"a.png": "one\u2028two", "b.png": "three\x85four", "c.png": "five\x1csix"}
+
+
+def test_every_name_of_an_image_trains_with_its_own_caption(tmp_path):
+    """Hard links and symbolic links to one file are images of their own, each with its sidecar caption."""
+    first = _image(tmp_path / "data" / "img00.png")
+    first.with_suffix(".txt").write_text("the first name")
+    for i in range(1, 4):
+        (tmp_path / "data" / f"img0{i}.txt").write_text(f"name {i}")
+    (tmp_path / "data" / "img01.png").hardlink_to(first)
+    (tmp_path / "data" / "img02.png").symlink_to("img00.png")
+    (tmp_path / "data" / "img03.png").symlink_to(first)
+    folder = attach_captions(scan_image_folder(tmp_path / "data"))
+    assert _captions(folder) == {"img00.png": "the first name", "img01.png": "name 1", "img02.png": "name 2",
+                                 "img03.png": "name 3"}
+
+
+def test_a_caption_file_linked_from_outside_the_data_is_named(tmp_path, capsys):
+    for name in ("a", "b", "c"):
+        _image(tmp_path / "data" / f"{name}.png")
+    (tmp_path / "diary.txt").write_text("my private diary")
+    (tmp_path / "data" / "a.txt").symlink_to(tmp_path / "diary.txt")
+    (tmp_path / "data" / "b.txt").symlink_to("c.txt")  # a link inside the data folder: nothing to say
+    (tmp_path / "data" / "c.txt").write_text("a square")
+    folder = attach_captions(scan_image_folder(tmp_path / "data"))
+    assert folder.captions == ["my private diary", "a square", "a square"]
+    assert folder.outside_captions == {"my private diary": str(tmp_path / "data" / "a.txt")}
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"1 caption(s) come from files outside {tmp_path / 'data'}" in err and "diary.txt" in err, err
+    (tmp_path / "data" / "a.txt").unlink()  # a metadata file linked from elsewhere: its captions are named too
+    (tmp_path / "table.jsonl").write_text('{"file_name": "a.png", "text": "from a linked table"}\n')
+    (tmp_path / "data" / "metadata.jsonl").symlink_to(tmp_path / "table.jsonl")
+    folder = attach_captions(scan_image_folder(tmp_path / "data"))
+    assert folder.outside_captions == {"from a linked table": str(tmp_path / "data" / "metadata.jsonl")}
+    (tmp_path / "data" / "metadata.jsonl").unlink()
+    (tmp_path / "data" / "a.txt").write_text("mine")
+    capsys.readouterr()
+    assert attach_captions(scan_image_folder(tmp_path / "data")).outside_captions == {}
+    assert capsys.readouterr().err == ""

@@ -121,7 +121,7 @@ def hf_home(tmp_path, monkeypatch):
 
 
 def fit_config(**options) -> FitConfig:
-    return FitConfig(**{"data": "images", "base": "tiny", "steps": 1, "batch_size": 4, **options})
+    return FitConfig.from_options({"data": "images", "base": "tiny", "steps": 1, "batch_size": 4, **options})
 
 
 @pytest.mark.parametrize("method, option, limit", [
@@ -151,9 +151,9 @@ def test_a_base_read_only_when_loaded_is_bounded_before_the_latents(tmp_path, to
     """A .pt base's shapes are known only once it is loaded: refused then, before latents or LoRA layers."""
     pt = tmp_path / "base.pt"
     torch.save(load_file(str(tiny_base_file)), pt)
-    config = FitConfig(data=str(toy_data), base=str(pt), vae=str(tiny_vae_dir), method="lora", rank=10**9,
-                       num_heads=6, steps=1, batch_size=4, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"), num_workers=0)
+    config = FitConfig(data=str(toy_data), base=str(pt), vae=str(tiny_vae_dir), method="lora",
+                       method_settings=MethodSettings(rank=10**9), num_heads=6, steps=1, batch_size=4,
+                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), num_workers=0)
     config.validate()  # nothing to read the architecture from yet
     with pytest.raises(DiffFitError, match="--rank 1000000000 is above 384"):
         fit(config, progress=False)

@@ -87,10 +87,10 @@ def test_lora_targets_help_lists_exactly_what_is_accepted():
         parse_lora_targets("final")  # listed once, never accepted
 
 
-def test_log_with_help_and_readme_name_every_tracker():
+def test_log_with_help_and_docs_name_every_tracker():
     (option,) = [p for p in COMMANDS["fit"].params if p.name == "log_with"]
     assert all(name in option.help for name in TRACKERS)
-    assert f"--log-with {'|'.join(TRACKERS)}" in (REPO / "README.md").read_text()
+    assert f"--log-with {'|'.join(TRACKERS)}" in (REPO / "docs" / "merge-share-report.md").read_text()
 
 
 # -- names with brackets, in every command -----------------------------------------------------------

@@ -202,7 +202,7 @@ def test_find_bad_images_reports_each(tmp_path):
     assert [p.name for p in bad] == ["broken.png"]
 
 
-# -- symlinks: each real folder read once, each real file counted once, loops not followed --------------
+# -- symlinks: each real folder read once, each name of a file an image, loops not followed --------------
 
 
 def _two_classes(root, per_class=8):
@@ -252,7 +252,7 @@ def test_two_loops_in_one_folder_end_quickly(tmp_path, deadline):
     assert FolderImages(root / "c1").count == 8
 
 
-def test_a_file_reached_twice_counts_once_and_links_out_are_followed(tmp_path, deadline):
+def test_each_name_of_a_file_is_an_image_and_links_out_are_followed(tmp_path, deadline):
     root = _two_classes(tmp_path / "data", per_class=2)
     os.symlink("0.png", root / "c1" / "alias.png")  # the same file under a second name
     (root / "c1" / "sub").mkdir()
@@ -261,10 +261,12 @@ def test_a_file_reached_twice_counts_once_and_links_out_are_followed(tmp_path, d
     os.symlink(tmp_path / "elsewhere", root / "c2" / "more")  # a folder outside the data: followed
     os.symlink(tmp_path / "elsewhere", root / "c2" / "more-again")  # the same folder twice: read once
     os.symlink(".", root / "everything")  # a class folder that is the data folder itself: a loop
+    os.link(root / "c2" / "0.png", root / "c2" / "hard.png")  # a hard link: a name of its own too
     folder = scan_image_folder(root)
     assert folder.class_names == ["c1", "c2"]
-    assert [f.relative_to(root).as_posix() for f in folder.files] == ["c1/0.png", "c1/1.png", "c2/0.png",
-                                                                      "c2/1.png", "c2/more/far.png"]
+    assert [f.relative_to(root).as_posix() for f in folder.files] == [
+        "c1/0.png", "c1/1.png", "c1/alias.png", "c1/sub/again.png", "c2/0.png", "c2/1.png", "c2/hard.png",
+        "c2/more/far.png"]
 
 
 # -- images the centre crop cannot take -----------------------------------------------------------------

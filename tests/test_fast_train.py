@@ -24,27 +24,27 @@ from difffit.engine.training.step import LossMeter, step_generator
 # -- device-side randomness -------------------------------------------------------------------------
 
 
-def _draws(seed: int, step: int, rank: int, micro: int = 2):
-    g = step_generator("cpu", seed, step, rank)
+def _draws(seed: int, step: int, micro: int = 2):
+    g = step_generator("cpu", seed, step)
     return [draw_timesteps_and_noise(g, 4, (4, 8, 8), 1000) for _ in range(micro)]
 
 
-def test_same_seed_step_rank_draws_the_same():
-    for (t1, n1), (t2, n2) in zip(_draws(0, 7, 1), _draws(0, 7, 1), strict=True):
+def test_same_seed_and_step_draw_the_same():
+    for (t1, n1), (t2, n2) in zip(_draws(0, 7), _draws(0, 7), strict=True):
         assert torch.equal(t1, t2) and torch.equal(n1, n2)
-    (t_a, n_a), (t_b, _) = _draws(0, 7, 1)
-    assert not torch.equal(n_a, _draws(0, 7, 1)[1][1])  # micro-batches of one step differ
-    for other in (_draws(1, 7, 1), _draws(0, 8, 1), _draws(0, 7, 0)):
+    (t_a, n_a), (t_b, _) = _draws(0, 7)
+    assert not torch.equal(n_a, _draws(0, 7)[1][1])  # successive draws of one step differ
+    for other in (_draws(1, 7), _draws(0, 8)):
         assert not torch.equal(n_a, other[0][1])
     assert t_a.device.type == "cpu" and t_a.dtype == torch.long and 0 <= int(t_a.min()) and int(t_a.max()) < 1000
 
 
 def test_resume_draws_what_an_uninterrupted_run_draws():
     """Steps 0..5 in one go against 0..2, a 'restart' (fresh generators, nothing carried), then 3..5."""
-    straight = [_draws(3, s, 0) for s in range(6)]
-    resumed = [_draws(3, s, 0) for s in range(3)]
+    straight = [_draws(3, s) for s in range(6)]
+    resumed = [_draws(3, s) for s in range(3)]
     torch.manual_seed(12345)  # a resumed process starts with unrelated global RNG state
-    resumed += [_draws(3, s, 0) for s in range(3, 6)]
+    resumed += [_draws(3, s) for s in range(3, 6)]
     for a, b in zip(straight, resumed, strict=True):
         for (ta, na), (tb, nb) in zip(a, b, strict=True):
             assert torch.equal(ta, tb) and torch.equal(na, nb)
@@ -52,8 +52,8 @@ def test_resume_draws_what_an_uninterrupted_run_draws():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generator_draws_on_the_device_and_repeats():
-    (t1, n1), = _cuda = [draw_timesteps_and_noise(step_generator("cuda", 0, 5, 0), 4, (4, 8, 8), 1000)]
-    t2, n2 = draw_timesteps_and_noise(step_generator("cuda", 0, 5, 0), 4, (4, 8, 8), 1000)
+    (t1, n1), = _cuda = [draw_timesteps_and_noise(step_generator("cuda", 0, 5), 4, (4, 8, 8), 1000)]
+    t2, n2 = draw_timesteps_and_noise(step_generator("cuda", 0, 5), 4, (4, 8, 8), 1000)
     assert n1.is_cuda and torch.equal(t1, t2) and torch.equal(n1, n2)
 
 

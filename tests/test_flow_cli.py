@@ -58,7 +58,7 @@ def test_fit_info_sample_merge(case, pipeline_dir, data, tmp_path, monkeypatch, 
     (("fit", "{data}", "--base", "{pipe}", "--method", "vpt-deep"), "--method vpt-deep is not available on"),
     (("fit", "{data}", "--base", "{pipe}", "--lora-targets", "qkv", "--method", "lora", "--batch-size", "2"),
      "Unknown --lora-targets entry 'qkv'"),
-    (("sample", "{pipe}", "--class", "red"), "--class does not apply to"),
+    (("sample", "{pipe}", "--class", "red"), "--class applies to class-conditional (DiT) models"),
     (("sample", "{pipe}", "--prompt", "a cat", "--width", "18"), "--width 18 is not a multiple of 8 px"),
 ])
 def test_refusals_are_one_sentence(case, pipeline_dir, data, tmp_path, monkeypatch, capsys, args, words):

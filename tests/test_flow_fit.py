@@ -151,7 +151,7 @@ def test_every_encoders_outputs_are_cached_once_and_the_encoders_freed(case, pip
     ({"snr_gamma": 5.0}, "--snr-gamma weights the epsilon-prediction loss, and .* trains by rectified flow"),
     ({"p2_gamma": 1.0}, "--p2-gamma weights the epsilon-prediction loss"),
     ({"method": "adapter-parallel"}, "--method adapter-parallel is not available on"),
-    ({"val_fraction": 0.2}, "--val-fraction applies to class-conditional"),
+    ({"num_heads": 2}, "--num-heads applies to class-conditional"),
     ({"max_text_tokens": 600}, "--max-text-tokens 600 is above 512, the most a .* pipeline reads"),
 ])
 def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeline_dir, data, tmp_path, options,

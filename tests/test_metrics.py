@@ -303,6 +303,11 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     with pytest.raises(DiffFitError, match="already exists") as refused:
         run(a, b, weights, save_stats=existing)
     assert "--overwrite" in refused.value.hint and existing.read_bytes() == b"someone's file"
+    with pytest.raises(DiffFitError, match="not written by difffit"):  # --overwrite replaces difffit's stats only
+        run(a, b, weights, save_stats=existing, overwrite=True)
+    assert existing.read_bytes() == b"someone's file"
+    run(a, b, weights, save_stats=existing.with_name("ours.npz"))
+    existing = existing.with_name("ours.npz")
     code, _, err = _cli(monkeypatch, capsys, "eval-fid", a, b, "--inception-weights", weights, "--device", "cpu",
                         "--save-stats", existing, "--overwrite")
     assert code == 0, err
@@ -313,3 +318,15 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     with pytest.raises(DiffFitError, match="statistics of different sizes"):
         run(tmp_path / "other.npz", b, weights, save_stats=tmp_path / "new.npz")
     assert not (tmp_path / "new.npz").exists()
+
+
+def test_evaluate_takes_an_eval_config_and_keyword_options_replace_its_fields(tmp_path):
+    from difffit.engine.evaluation.options import EvalConfig
+
+    config = EvalConfig(metrics="fid,kid", kid_subsets=0)
+    with pytest.raises(DiffFitError, match="KID needs --kid-subsets >= 1"):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config)
+    with pytest.raises(DiffFitError, match="--clip-model is the model of the clip metric"):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config, kid_subsets=1, clip_model="any")
+    with pytest.raises(TypeError):
+        metrics.evaluate(str(tmp_path), str(tmp_path), config, kid_subset=1)  # a misspelt option is refused

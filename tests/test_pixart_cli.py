@@ -41,7 +41,7 @@ def test_fit_info_sample_merge(pipeline_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (("sample", "{pipe}", "--class", "red"), "--class does not apply to"),
+    (("sample", "{pipe}", "--class", "red"), "--class applies to class-conditional (DiT) models"),
     (("sample", "{pipe}", "--prompts", "{missing}"), "Cannot read the prompts file"),
     (("fit", "{data}", "--base", "{pipe}", "--method", "adapter-parallel"),
      "--method adapter-parallel is not available on PixArt bases"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from t2i_fixtures import make_captioned_data, make_tiny_pixart, t2i_fit_config
 
-from difffit.engine.data.batches import Captions
+from difffit.engine.data.batches import Captions, StepDraws
 from difffit.engine.data.text_cache import text_embeddings
 from difffit.engine.errors import DiffFitError
 from difffit.engine.methods.sources import load_source
@@ -199,10 +199,12 @@ def test_caption_dropout_uses_the_empty_caption_at_the_rate_asked():
                             "prompt_attention_mask": torch.ones(len(texts), 1)}
     embeddings = text_embeddings(captions * 250, encode, key="k", cache_dir=None, progress=False, extra=[""])
     conditions = Captions(embeddings, 0.3)
-    rows = conditions.take(torch.arange(1000), torch.Generator().manual_seed(1))["prompt_embeds"].flatten()
+    drop = StepDraws.draw(torch.Generator().manual_seed(1), 1000, (1,), conditions.dropout).drop
+    rows = conditions.take(torch.arange(1000), drop)["prompt_embeds"].flatten()
     assert set(rows.tolist()) == {0.0, 9.0} and 0.25 < (rows == 0).float().mean() < 0.35
-    again = conditions.take(torch.arange(1000), torch.Generator().manual_seed(1))["prompt_embeds"].flatten()
-    assert torch.equal(rows, again)  # a function of the step's generator: resume draws the same
+    assert torch.equal(rows == 0, drop)
+    again = StepDraws.draw(torch.Generator().manual_seed(1), 1000, (1,), conditions.dropout).drop
+    assert torch.equal(drop, again)  # a function of the step's generator: resume draws the same
 
 
 # -- bad input: one sentence, and nothing in --out ---------------------------------------------------------
@@ -239,7 +241,7 @@ def test_a_base_folder_without_its_text_encoder_stops_the_run(conf, tmp_path):
 
 @pytest.mark.parametrize("options, match", [
     ({"method": "vpt-deep"}, "--method vpt-deep is not available on PixArt bases"),
-    ({"val_fraction": 0.2}, "--val-fraction applies to class-conditional"),
+    ({"num_heads": 2}, "--num-heads applies to class-conditional"),
     ({"resolution": 20}, "--resolution 20 is not a multiple of 8 px"),
     ({"resolution": 32, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional grid"),
     ({"vae": "identity"}, "--vae applies to class-conditional"),

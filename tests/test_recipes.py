@@ -109,3 +109,25 @@ def test_caption_options_from_the_cli_and_recipes(tmp_path, monkeypatch):
                         (["--caption-template", "a photo"], "has no {class} placeholder")):
         result = CliRunner().invoke(cli.app, ["fit", "--recipe", str(recipe), *args])
         assert isinstance(result.exception, DiffFitError) and words in str(result.exception), args
+
+
+def test_method_settings_are_flat_keys_in_recipes_and_in_the_resolved_config(tmp_path):
+    """The config nests them as one MethodSettings; a recipe, the flags and config.toml keep them flat."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = "imgs"\nmethod = "lora"\nrank = 16\nlora-targets = "qkv, proj"\nadapter_dim = 32\n')
+    config = resolve_fit_config({"prompt_tokens": 4}, str(recipe))
+    settings = config.method_settings
+    assert (settings.rank, settings.lora_targets, settings.adapter_dim, settings.prompt_tokens) == (
+        16, ("qkv", "proj"), 32, 4)
+    assert settings.gamma_placement == FitConfig().method_settings.gamma_placement  # not given: the default
+    written = tmp_path / "config.toml"
+    written.write_text(write_toml({k: v for k, v in config.options().items() if k != "resume"}))  # as fit writes it
+    text = written.read_text()
+    assert "rank = 16\n" in text and 'lora_targets = "qkv,proj"\n' in text and "method_settings" not in text
+    assert FitConfig.from_options(read_options(written)) == config  # a resumed run reads it back
+    for text, refusal in (('rank = "many"\n', "`rank` should be an integer"),
+                          ("lora_targets = 3\n", "`lora_targets` should be a comma-separated string"),
+                          ("[method_settings]\nrank = 4\n", "unknown option `method_settings`")):
+        written.write_text(text)
+        with pytest.raises(DiffFitError, match=refusal):
+            read_options(written)

@@ -138,8 +138,16 @@ def test_report_refusals(real_run, tmp_path):
     with pytest.raises(DiffFitError, match="already exists"):
         write_report([real_run], out)
     assert out.read_text() == "mine"
-    write_report([real_run], out, overwrite=True)
-    assert out.read_text().startswith("<!DOCTYPE html>")
+    image = tmp_path / "data" / "img05.png"  # a training image: never replaced, even with --overwrite
+    image.parent.mkdir()
+    image.write_bytes(b"\x89PNG a training image")
+    for target in (out, image):
+        with pytest.raises(DiffFitError, match="not written by difffit"):
+            write_report([real_run], target, overwrite=True)
+    assert out.read_text() == "mine" and image.read_bytes() == b"\x89PNG a training image"
+    ours = write_report([real_run], tmp_path / "ours.html")
+    write_report([real_run], ours, overwrite=True)  # a report difffit wrote is replaced
+    assert ours.read_text().startswith("<!DOCTYPE html>")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffFitError, match="not a run folder"):
         write_report([tmp_path / "empty"], tmp_path / "x.html")

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 from test_train import REPO, _cli, _wait_for, adapter_tensors
 
 from difffit.engine.data.cache_files import remove_stale_builds
@@ -52,6 +54,9 @@ def test_check_output_refuses_inputs_existing_outputs_and_foreign_folders(tmp_pa
     with pytest.raises(DiffFitError, match="already exists") as refused:
         check_output(existing, overwrite=False, inputs=[adapter])
     assert "--overwrite" in refused.value.hint
+    with pytest.raises(DiffFitError, match="not written by difffit"):  # --overwrite replaces difffit's files only
+        check_output(existing, overwrite=True, inputs=[adapter])
+    save_file({"w": torch.zeros(1)}, existing, metadata={"difffit.vae": "x"})  # a merged model difffit wrote
     assert check_output(existing, overwrite=True, inputs=[adapter]) == existing
     foreign = tmp_path / "notes"
     foreign.mkdir()
@@ -72,6 +77,68 @@ def test_atomic_folder_swap_never_replaces_a_foreign_folder(tmp_path):
         tmp.mkdir()
     assert (target / "notes.txt").read_text() == "a user's file"
     assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]  # no temporary left behind
+
+
+def _write_pipeline(target, files: dict[str, str]) -> None:
+    with atomic_path(target, kind="merge") as tmp:
+        for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
+
+
+def _tree(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file()
+            and p.name != MARKER}
+
+
+def test_replacing_a_folder_difffit_wrote_keeps_the_files_a_user_added(tmp_path):
+    target = tmp_path / "pipeline"
+    _write_pipeline(target, {"model_index.json": "1", "transformer/weights": "1", "old-part/x": "1"})
+    (target / "NOTES.md").write_text("my notes")
+    (target / "my-extras").mkdir()
+    (target / "my-extras" / "eval.json").write_text("{}")
+    (target / "transformer" / "mine.txt").write_text("mine too")
+    (target / "empty-mine").mkdir()
+    _write_pipeline(target, {"model_index.json": "2", "transformer/weights": "2"})
+    assert _tree(target) == {"model_index.json": "2", "transformer/weights": "2", "NOTES.md": "my notes",
+                             "my-extras/eval.json": "{}", "transformer/mine.txt": "mine too"}  # old-part/x: gone
+    assert (target / "empty-mine").is_dir() and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    # A user's file where the new output writes one: refused, nothing changed.
+    (target / "scheduler").mkdir()
+    (target / "scheduler" / "config.json").write_text("hand-edited")
+    before = _tree(target)
+    with pytest.raises(DiffFitError, match="not written by difffit"):
+        _write_pipeline(target, {"model_index.json": "3", "scheduler/config.json": "3"})
+    assert _tree(target) == before and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    shutil.rmtree(target / "scheduler")
+    (target / "extra").mkdir()
+    (target / "extra" / "x").write_text("mine")  # in a folder where the new output writes a file
+    before = _tree(target)
+    with pytest.raises(DiffFitError, match="not written by difffit"):
+        _write_pipeline(target, {"model_index.json": "3", "extra": "3"})
+    assert _tree(target) == before and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    # A folder whose marker does not list what difffit wrote (an older version's): only a like-for-like
+    # replacement; anything else might be a user's.
+    write_marker(target, "merge")
+    with pytest.raises(DiffFitError, match="may not be difffit's"):
+        _write_pipeline(target, {"model_index.json": "4"})
+    assert _tree(target) == before
+
+
+def test_only_files_difffit_wrote_count_as_its_own(tmp_path):
+    from difffit.engine.io import written_by_difffit
+
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2), difffit_stats=np.array("{}"))
+    np.savez(tmp_path / "other.npz", mu=np.zeros(2))
+    save_file({"w": torch.zeros(1)}, tmp_path / "adapter.safetensors", metadata={"difffit": "{}"})
+    save_file({"w": torch.zeros(1)}, tmp_path / "merged.safetensors", metadata={"difffit.vae": "x"})
+    save_file({"w": torch.zeros(1)}, tmp_path / "someone.safetensors", metadata={"format": "pt"})
+    (tmp_path / "report.html").write_text("<!DOCTYPE html><html><head><title>difffit report: run</title>")
+    (tmp_path / "page.html").write_text("<!DOCTYPE html><html><head><title>my page</title>")
+    Image.new("RGB", (4, 4)).save(tmp_path / "img05.png")
+    (tmp_path / "short").write_bytes(b"\x05\x00")
+    ours = {p.name for p in tmp_path.iterdir() if written_by_difffit(p)}
+    assert ours == {"stats.npz", "adapter.safetensors", "merged.safetensors", "report.html"}
 
 
 def test_fit_refuses_a_foreign_out_folder_and_the_data_folder(conf, tmp_path, toy_data):

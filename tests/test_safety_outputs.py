@@ -77,8 +77,13 @@ def test_merge_to_a_file_never_replaces_an_input_or_an_unasked_file(run_folder, 
     with pytest.raises(DiffFitError, match="already exists"):
         merge_adapter(str(adapter_file), existing)
     assert existing.read_bytes() == b"an older model"
-    merge_adapter(str(adapter_file), existing, overwrite=True)
-    assert existing.stat().st_size > 1000
+    with pytest.raises(DiffFitError, match="not written by difffit"):  # --overwrite replaces difffit's files only
+        merge_adapter(str(adapter_file), existing, overwrite=True)
+    assert existing.read_bytes() == b"an older model"
+    merged = tmp_path / "merged-by-difffit.safetensors"
+    merge_adapter(str(adapter_file), merged)
+    merge_adapter(str(adapter_file), merged, overwrite=True)
+    assert merged.stat().st_size > 1000
 
 
 def test_run_folder_given_as_a_model_names_its_adapter(monkeypatch, capsys, run_folder, tmp_path):

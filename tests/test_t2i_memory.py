@@ -212,7 +212,7 @@ def conf(tmp_path, pipeline_dir):
         options = dict(data=str(data), base=str(pipeline_dir), steps=3, batch_size=4, save_every=0, sample_every=0,
                        num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
                        adapter_dtype="fp32", compile="off")
-        return FitConfig(**{**options, **overrides})
+        return FitConfig.from_options({**options, **overrides})
     return make
 
 

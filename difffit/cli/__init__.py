@@ -47,7 +47,8 @@ class Session:
 
 app = typer.Typer(
     name="difffit",
-    help="Adapt pre-trained diffusion transformers (DiT) to new image domains with DiffFit.\n\n" + EXAMPLES,
+    help="Adapt pre-trained diffusion transformers (DiT; text-to-image PixArt-α/Σ, SD3/3.5, FLUX.1) to new image "
+    "domains with DiffFit.\n\n" + EXAMPLES,
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -1,8 +1,10 @@
-"""Every option that more than one command takes, declared once as an `Annotated` alias.
+"""Every option that more than one command takes, declared once as an `Annotated` alias, and the engine's
+defaults that the command signatures read.
 
-Defaults stay in the command signatures. Where two commands share a flag but not its meaning
-(fit's --steps counts optimizer steps, sample's counts denoising steps), each meaning gets its own
-alias, so a default never changes by accident.
+A default is written once, in the engine's options dataclass, and a command's signature names it:
+`steps: opt.FitSteps = opt.FIT.steps` (tests/test_single_source.py holds every command to this). Where two
+commands share a flag but not its meaning (fit's --steps counts optimizer steps, sample's counts denoising
+steps), each meaning gets its own alias and its own source, so a default never changes by accident.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ from typing import Annotated
 
 import typer
 
+from difffit.engine.evaluation.options import DEFAULT_CLIP_MODEL, FID_SAMPLING, SAMPLE_DEFAULTS, EvalConfig
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.lora_names import DIT_LORA
+from difffit.engine.training.options import FitFields
 
 # Help text is Rich markup (the commands' examples use [bold] and [dim]): write a literal [word] as "\\[word]".
 # Every command's output option is --out, or -o for short.
 OUT = ("--out", "-o")
+
+# The engine's defaults, by command (plain data: reading them imports no torch).
+FIT = FitFields()  # fit and upscale-res
+METHOD = MethodSettings()  # the method settings of fit, upscale-res and info
+SAMPLE = SAMPLE_DEFAULTS  # sample
+EVAL = EvalConfig()  # eval-fid
+FID = FID_SAMPLING  # eval-fid's sampling of an adapter or a base
 
 # -- everywhere -----------------------------------------------------------------------------------
 
@@ -27,11 +39,15 @@ AdapterBase = Annotated[str | None, typer.Option(
     "--base", help="For an adapter: a base other than the one it names (its fingerprint is checked).",
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace an existing output (a folder only if difffit wrote it; never an input).")]
+    "--overwrite", help="Replace an existing output that difffit wrote (in a folder, only its own files: files you "
+    "added stay; never an input).")]
 InceptionWeights = Annotated[str | None, typer.Option(
     help="FID Inception weights: a file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth), or random "
     "(a fixed random network that works offline, for tests: its FIDs only show that the pipeline runs); default: "
     "the torch hub cache, downloaded once.", show_default=False)]
+ClipModel = Annotated[str | None, typer.Option(
+    help=f"CLIP model of the clip metric: hub id or local folder (default: {DEFAULT_CLIP_MODEL}).",
+    show_default=False)]
 ForceBase = Annotated[bool, typer.Option(
     "--force-base/--no-force-base", help="Apply an adapter to a base whose fingerprint is not the adapter's.")]
 
@@ -64,6 +80,9 @@ Classes = Annotated[list[str] | None, typer.Option(
 CfgScale = Annotated[float, typer.Option(help="Guidance: 4.0 to look at, 1.5 for FID (the paper's); 1 = none.")]
 CfgChannels = Annotated[str, typer.Option(help="Guide '3' latent channels (reference) or 'all'.")]
 Scheduler = Annotated[str, typer.Option(help="ddpm (reference), ddim or dpm-solver.")]
+EvalCfgScale = Annotated[float | None, typer.Option(
+    "--cfg-scale", help="Guidance of a model's samples (default: DiT 1.5, the paper's FID setting; a text-to-image "
+    "base's pipeline's own); 1 = none.", show_default=False)]
 SampleCfgScale = Annotated[float | None, typer.Option(
     "--cfg-scale", help="Guidance (default: DiT 4.0, to look at; a text-to-image base's pipeline's own, PixArt 4.5); "
     "1.5 for DiT FIDs (the paper's); 1 = none.", show_default=False)]
@@ -165,17 +184,27 @@ P2Gamma = Annotated[float | None, typer.Option(
     help="P2 weighting (k=1) of the MSE term, e.g. 1 (default: off; epsilon-prediction bases only).",
     show_default=False)]
 ValFraction = Annotated[float, typer.Option(
-    help="Hold out this fraction of each class (fixed by --seed) for validation.")]
+    help="Hold out this fraction of each class (text-to-image: of each class and aspect-ratio bucket), fixed by "
+    "--seed, for validation.")]
 ValData = Annotated[str | None, typer.Option(
-    help="A separate validation folder or dataset, with the training classes.", show_default=False)]
-ValEvery = Annotated[int, typer.Option(help="Validation loss every N steps (0: at the end only).")]
-EvalEvery = Annotated[int, typer.Option(help="FID/KID of --eval-n samples every N steps (0: never).")]
-EvalN = Annotated[int, typer.Option(help="Samples per in-training FID (DDIM 50 steps, cfg 1.5).")]
-EvalReference = Annotated[str | None, typer.Option(
-    help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached).",
+    help="A separate validation folder or dataset, with the training classes (text-to-image: captioned).",
     show_default=False)]
+ValEvery = Annotated[int, typer.Option(help="Validation loss every N steps (0: at the end only).")]
+EvalEvery = Annotated[int, typer.Option(help="FID/KID (and --eval-metrics clip) of samples every N steps (0: never).")]
+EvalN = Annotated[int | None, typer.Option(
+    help="Samples per in-training evaluation (default: DiT 1000, at DDIM 50 steps and cfg 1.5; text-to-image one "
+    "per held-out caption or --eval-prompts line, at the preview settings).", show_default=False)]
+EvalReference = Annotated[str | None, typer.Option(
+    help="In-training FID reference: an image folder or a statistics .npz (extracted once, cached); default: the "
+    "held-out images.", show_default=False)]
+EvalMetrics = Annotated[str, typer.Option(
+    help="In-training metrics, comma-separated: fid (with KID), clip (CLIP score of text-to-image samples against "
+    "their prompts).")]
+EvalPrompts = Annotated[str | None, typer.Option(
+    help="Text-to-image: a prompts file (one per line) that in-training evaluation samples (default: the held-out "
+    "captions).", show_default=False)]
 KeepBest = Annotated[str | None, typer.Option(
-    help="Keep best/adapter.safetensors by fid or val_loss.", show_default=False)]
+    help="Keep best/adapter.safetensors by fid, clip or val_loss.", show_default=False)]
 
 # -- flags that mean something else in each command ----------------------------------------------
 

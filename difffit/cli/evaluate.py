@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, print_table, say
 
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
@@ -16,6 +17,7 @@ SKIPPED_SHOWN = 20
 
 
 def eval_fid(
+    ctx: typer.Context,
     generated: Annotated[str, typer.Argument(
         metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
         show_default=False)],
@@ -23,33 +25,33 @@ def eval_fid(
         metavar="REFERENCE",
         help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
         "(not needed for --metrics clip alone).", show_default=False)] = None,
-    n: opt.EvalNumImages = None,
+    num_samples: opt.EvalNumImages = opt.EVAL.num_samples,
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
-        "image against its prompt).")] = "fid",
-    clip_model: Annotated[str | None, typer.Option(
-        help="CLIP model of the clip metric: hub id or local folder (default: openai/clip-vit-large-patch14).",
-        show_default=False)] = None,
-    inception_weights: opt.InceptionWeights = None,
-    batch_size: opt.EvalBatchSize = 64,
-    device: opt.Device = "auto",
+        "image against its prompt).")] = opt.EVAL.metrics,
+    clip_model: opt.ClipModel = opt.EVAL.clip_model,
+    inception_weights: opt.InceptionWeights = opt.EVAL.inception_weights,
+    batch_size: opt.EvalBatchSize = opt.EVAL.batch_size,
+    device: opt.Device = opt.EVAL.device,
     save_stats: Annotated[Path | None, typer.Option(
         help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
         "needs --overwrite.",
-        show_default=False)] = None,
-    kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets.")] = 100,
-    kid_subset_size: Annotated[int, typer.Option(help="KID: images per subset (<= images per side).")] = 1000,
-    base: opt.AdapterBase = None,
-    vae: opt.Vae = None,
-    classes: opt.Classes = None,
-    cfg_scale: opt.CfgScale = 1.5,
-    cfg_channels: opt.CfgChannels = "3",
-    steps: opt.SamplingSteps = None,
-    scheduler: opt.Scheduler = "ddpm",
-    seed: opt.SamplingSeed = 0,
-    mixed_precision: opt.SamplingPrecision = "no",
-    force_base: opt.ForceBase = False,
-    overwrite: opt.Overwrite = False,
+        show_default=False)] = opt.EVAL.save_stats,
+    kid_subsets: Annotated[int, typer.Option(help="KID: number of random subsets.")] = opt.EVAL.kid_subsets,
+    kid_subset_size: Annotated[int, typer.Option(
+        help="KID: images per subset (<= images per side).")] = opt.EVAL.kid_subset_size,
+    base: opt.AdapterBase = opt.EVAL.base,
+    vae: opt.Vae = opt.EVAL.vae,
+    classes: opt.Classes = opt.EVAL.classes,
+    prompts_file: opt.PromptsFile = None,
+    cfg_scale: opt.EvalCfgScale = opt.FID.cfg_scale,
+    cfg_channels: opt.CfgChannels = opt.FID.cfg_channels,
+    steps: opt.SamplingSteps = opt.FID.steps,
+    scheduler: opt.SampleScheduler = opt.FID.scheduler,
+    seed: opt.SamplingSeed = opt.FID.seed,
+    mixed_precision: opt.SamplingPrecision = opt.FID.mixed_precision,
+    force_base: opt.ForceBase = opt.EVAL.force_base,
+    overwrite: opt.Overwrite = opt.EVAL.overwrite,
     as_json: opt.Json = False,
 ) -> None:
     """FID (and KID, IS, precision/recall) between generated and reference images.
@@ -60,7 +62,8 @@ def eval_fid(
     The CLIP score (--metrics clip) is the mean of 100 * max(cos(image, prompt), 0) with transformers' CLIP,
     over a folder written by `difffit sample --prompt`, whose sample.json records each image's prompt.
     When GENERATED is an adapter or a base, the sampling options (--class, --cfg-scale, --scheduler, ...)
-    say how to sample it.
+    say how to sample it; a text-to-image one samples the prompts of --prompts FILE in turn (one image each
+    unless -n says more), and the clip metric scores each sample against its prompt.
 
     [bold]Examples[/bold]
 
@@ -81,19 +84,24 @@ def eval_fid(
       [dim]# prompt samples: FID against real images and the CLIP score against their prompts[/dim]
       difffit eval-fid samples/ramen data/ramen --metrics fid,clip
       difffit eval-fid samples/ramen --metrics clip --clip-model openai/clip-vit-base-patch16 --json
+
+      [dim]# a text-to-image adapter sampled in memory from a prompts file: FID and CLIP score[/dim]
+      difffit eval-fid runs/ramen/adapter.safetensors data/ramen --prompts prompts.txt --metrics fid,clip
     """
     from difffit.engine.evaluation.metrics import evaluate
-    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.evaluation.options import EvalConfig
+    from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
 
+    images = Path(generated).expanduser().is_dir() or generated.lower().endswith(".npz")  # not a model to sample
+    check_conditioning_options(ctx, [] if images else [generated], base)
     sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                                seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
-    result = evaluate(
-        generated, reference, metrics=metrics, num_samples=n,
-        inception_weights=inception_weights, batch_size=batch_size,
-        device=device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-        sampling=sampling, classes=classes, base=base, vae=vae, force_base=force_base, clip_model=clip_model,
-        progress=True, overwrite=overwrite,
-    )
+    config = EvalConfig(metrics=metrics, num_samples=num_samples, inception_weights=inception_weights,
+                        batch_size=batch_size, device=device, save_stats=save_stats, kid_subsets=kid_subsets,
+                        kid_subset_size=kid_subset_size, sampling=sampling, classes=classes, base=base, vae=vae,
+                        force_base=force_base, clip_model=clip_model, overwrite=overwrite,
+                        prompts=read_prompts(prompts_file) if prompts_file is not None else None)
+    result = evaluate(generated, reference, config, progress=True)
     _render_skipped(result.skipped)
     if as_json:
         emit_json(result.to_json())

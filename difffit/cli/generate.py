@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, is_main_process, print_fields, say
 
 
 def sample(
+    ctx: typer.Context,
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
         show_default=False)],
@@ -20,18 +22,18 @@ def sample(
     classes: opt.Classes = None,
     prompts: opt.Prompts = None,
     prompts_file: opt.PromptsFile = None,
-    negative_prompt: opt.NegativePrompt = "",
-    width: opt.Width = None,
-    height: opt.Height = None,
-    cfg_scale: opt.SampleCfgScale = None,
-    cfg_channels: opt.CfgChannels = "3",
-    steps: opt.SamplingSteps = None,
-    scheduler: opt.SampleScheduler = None,
-    seed: opt.SamplingSeed = 0,
-    batch_size: opt.SamplingBatchSize = 16,
-    mixed_precision: opt.SamplingPrecision = "no",
-    device: opt.Device = "auto",
-    compile: opt.Compile = "auto",
+    negative_prompt: opt.NegativePrompt = opt.SAMPLE.negative_prompt,
+    width: opt.Width = opt.SAMPLE.width,
+    height: opt.Height = opt.SAMPLE.height,
+    cfg_scale: opt.SampleCfgScale = opt.SAMPLE.cfg_scale,
+    cfg_channels: opt.CfgChannels = opt.SAMPLE.cfg_channels,
+    steps: opt.SamplingSteps = opt.SAMPLE.steps,
+    scheduler: opt.SampleScheduler = opt.SAMPLE.scheduler,
+    seed: opt.SamplingSeed = opt.SAMPLE.seed,
+    batch_size: opt.SamplingBatchSize = opt.SAMPLE.batch_size,
+    mixed_precision: opt.SamplingPrecision = opt.SAMPLE.mixed_precision,
+    device: opt.Device = opt.SAMPLE.device,
+    compile: opt.Compile = opt.SAMPLE.compile,
     out: opt.SampleOut = None,
     npz: Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")] = False,
     force_base: opt.ForceBase = False,
@@ -72,6 +74,7 @@ def sample(
     from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
     from difffit.engine.methods.sources import sample_sources
 
+    check_conditioning_options(ctx, sources, base)
     options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
                               seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
                               compile=compile, negative_prompt=negative_prompt, width=width, height=height)
@@ -88,14 +91,16 @@ def sample(
 
 
 def merge(
+    ctx: typer.Context,
     adapter: Annotated[str, typer.Argument(
         metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (PixArt's "
-        "default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
-        "peft.PeftModel.from_pretrained", show_default=False)
+        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (the "
+        "text-to-image default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
+        "peft.PeftModel.from_pretrained; comfyui (PixArt, SD3, FLUX): one small .safetensors for ComfyUI's "
+        "Load LoRA node (put it in ComfyUI/models/loras)", show_default=False)
     ] = None,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
@@ -117,10 +122,13 @@ def merge(
 
     difffit merge runs/food-lora/adapter.safetensors --format peft --out food-lora-peft/
 
+    difffit merge runs/flux-style/adapter.safetensors --format comfyui --out flux-style.safetensors
+
     difffit merge runs/food/adapter.safetensors --out food.safetensors --overwrite   [dim]# replace it[/dim]
     """
     from difffit.engine.methods.merge import merge_adapter
 
+    check_conditioning_options(ctx, [adapter], base)
     summary = merge_adapter(adapter, out, base=base, fmt=fmt, force_base=force_base, overwrite=overwrite)
     if as_json:
         emit_json(summary)

@@ -8,22 +8,24 @@ import typer
 
 from difffit import __version__
 from difffit.cli import _options as opt
+from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, print_fields, print_table, say
 
 
 def info(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(
         metavar="SOURCE", help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
     method: opt.MethodToDescribe = None,
     num_classes: Annotated[int | None, typer.Option(
         "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
     gamma_blocks: opt.GammaBlocks = None,
-    gamma_placement: opt.GammaPlacement = "branch",
-    rank: opt.Rank = 8,
-    lora_alpha: opt.LoraAlpha = None,
-    lora_targets: opt.LoraTargets = None,
-    adapter_dim: opt.AdapterDim = 64,
-    prompt_tokens: opt.PromptTokens = 8,
+    gamma_placement: opt.GammaPlacement = opt.METHOD.gamma_placement,
+    rank: opt.Rank = opt.METHOD.rank,
+    lora_alpha: opt.LoraAlpha = opt.METHOD.lora_alpha,
+    lora_targets: opt.LoraTargets = opt.METHOD.lora_targets,
+    adapter_dim: opt.AdapterDim = opt.METHOD.adapter_dim,
+    prompt_tokens: opt.PromptTokens = opt.METHOD.prompt_tokens,
     base: opt.AdapterBase = None,
     resolution: opt.Resolution = None,
     num_heads: opt.NumHeads = None,
@@ -41,9 +43,10 @@ def info(
 
     difffit info runs/food/adapter.safetensors --json
     """
-    from difffit.engine.methods.baselines import MethodSettings
+    from difffit.engine.methods.settings import MethodSettings
     from difffit.engine.methods.sources import describe_source
 
+    check_conditioning_options(ctx, [source], base)
     settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
                                              lora_targets=lora_targets, adapter_dim=adapter_dim,
                                              prompt_tokens=prompt_tokens)).validate()

@@ -64,6 +64,15 @@ def make_accelerator(device: str, mixed_precision: str, log_with: str | None, pr
     return accelerator, precision
 
 
+@contextlib.contextmanager
+def one_builder_first(accelerator):
+    """Run the body on process 0 first (it builds a cache), then on the first process of each other machine
+    (which opens it, or builds its own where it cannot see process 0's disk), then on every other process
+    (which open their machine's): a cache is built once, and never twice on one machine."""
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
+
+
 def fp8_support(device: torch.device | str) -> str | None:
     """None when `device` runs fp8 matmuls on tensor cores; otherwise the reason, in one sentence."""
     device = torch.device(device)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,15 +25,63 @@ LOCK = ".difffit.lock"
 TMP_NAME_CHARS = 200  # of an output's name kept in its temporary name
 # How torch.save ("unexpected pos"), safetensors (StorageFull) and the OS word a full disk.
 DISK_FULL_WORDS = ("No space left", "StorageFull", "unexpected pos", "failed writing file")
+HEAD_BYTES = 4096  # of a file read to tell whether difffit wrote it
+SAFETENSORS_HEADER_MAX = 100_000_000  # safetensors' own limit on its JSON header
+REPORT_TITLE = b"<title>difffit report"  # how `difffit report` pages begin
 
 
-def write_marker(folder: Path, kind: str) -> None:
-    """Mark `folder` as written by difffit (`kind`: run, samples, merge, cache, checkpoint)."""
-    (folder / MARKER).write_text(json.dumps({"tool": "difffit", "kind": kind}) + "\n")
+def write_marker(folder: Path, kind: str, files: Iterable[str] | None = None) -> None:
+    """Mark `folder` as written by difffit (`kind`: run, samples, merge, cache, checkpoint). `files`: the
+    paths (relative, `/`-separated) difffit wrote there; a later `--overwrite` replaces only those."""
+    record = {"tool": "difffit", "kind": kind, **({"files": sorted(files)} if files is not None else {})}
+    (folder / MARKER).write_text(json.dumps(record) + "\n")
 
 
 def has_marker(folder: Path) -> bool:
     return (folder / MARKER).is_file()
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """The files difffit's marker in `folder` says it wrote; None when the marker lists none."""
+    try:
+        files = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(map(str, files)) if isinstance(files, list) else None
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file, link and empty folder under `folder` (links not followed), relative and `/`-separated."""
+    found = []
+    for here, dirs, files in os.walk(folder):
+        rel = Path(here).relative_to(folder)
+        names = files + [d for d in dirs if (Path(here) / d).is_symlink() or not any((Path(here) / d).iterdir())]
+        found += [(rel / name).as_posix() for name in names]
+    return found
+
+
+def _kept_entries(old: Path, new: Path) -> list[str]:
+    """What `old` (an output folder difffit wrote) holds that difffit did not write: kept when `new` replaces
+    it. Refused in one sentence, before anything changes, when one of them has a name `new` takes, or when
+    `old`'s marker does not list what difffit wrote (an older version's folder) and it holds anything `new`
+    does not replace: no one's file is ever replaced, or mixed into a new output, unasked."""
+    written = written_files(old)
+    others = sorted(e for e in _entries(old) if e not in {MARKER, LOCK} and e not in (written or ()))
+    if written is None:
+        unknown = [e for e in others if not (new / e).exists() or (new / e).is_dir() != (old / e).is_dir()]
+        if unknown:
+            raise DiffFitError(f"{old / unknown[0]} may not be difffit's (the folder's marker does not list what "
+                               "difffit wrote), and the new output does not replace it; nothing was changed.",
+                               hint="Move your files out of it, or choose another output.")
+        return []
+    # a user's empty folder where the new output has one: nothing to keep
+    others = [e for e in others if not ((old / e).is_dir() and not (old / e).is_symlink() and (new / e).is_dir())]
+    taken = [e for e in others if (new / e).exists() or (new / e).is_symlink() or any(
+        (new / part).is_file() or (new / part).is_symlink() for part in map(str, Path(e).parents[:-1]))]
+    if taken:
+        raise DiffFitError(f"{old / taken[0]} was not written by difffit, and the new output writes one of that "
+                           "name; nothing was changed.", hint="Move it elsewhere, or choose another output.")
+    return others
 
 
 @contextlib.contextmanager
@@ -59,7 +108,7 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: st
     try:
         yield tmp
         if tmp.is_dir() and kind is not None:
-            write_marker(tmp, kind)
+            write_marker(tmp, kind, files=_entries(tmp))
         # mkstemp's name, and some writers (safetensors), make private (0600) files: the result gets
         # the modes of the user's umask, as any file they create would.
         umask = _umask()
@@ -71,10 +120,7 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: st
             if any(path.iterdir()) and not has_marker(path):
                 raise DiffFitError(f"{path} already exists and was not written by difffit; it is left as it is.",
                                    hint="Choose another output path.")
-            old = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
+            _replace_folder(path, tmp, kept=_kept_entries(path, tmp))
         else:
             os.replace(tmp, path)
     except OSError as exc:
@@ -89,6 +135,22 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: st
     finally:
         if tmp.exists():
             _remove(tmp)
+
+
+def _replace_folder(path: Path, new: Path, kept: list[str]) -> None:
+    """Swap `new` in for the folder `path`, then move `kept` (a user's files in it) from the old folder into
+    the new one. The old folder is removed only once they all moved: an error leaves them there, named."""
+    old = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    try:
+        for entry in kept:
+            (path / entry).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old / entry, path / entry)
+    except OSError as exc:
+        raise DiffFitError(f"Could not keep your files of {path} in the new output ({exc.strerror}); they are "
+                           f"in {old}.", hint="Move them back yourself.") from None
+    _remove(old)
 
 
 def _umask() -> int:
@@ -139,10 +201,38 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[s
         raise DiffFitError(f"{option} {out} is a folder, and this output is a file.", hint="Give a file name.")
     if not overwrite:
         raise DiffFitError(f"{out} already exists.", hint="Add --overwrite to replace it, or choose another path.")
-    if folder and not has_marker(out):
+    if not (has_marker(out) if folder else written_by_difffit(out)):
         raise DiffFitError(f"{out} exists and was not written by difffit, so --overwrite does not replace it.",
-                           hint="Choose a new folder, or remove it yourself.")
+                           hint=f"Choose a new {'folder' if folder else 'file'}, or remove it yourself.")
     return out
+
+
+def written_by_difffit(path: Path) -> bool:
+    """Whether the file `path` is one difffit writes: a .safetensors carrying difffit's metadata (adapters,
+    merged models), a statistics .npz (its `difffit_stats` entry) or an HTML report (its title)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+            if head.startswith(b"PK"):  # an .npz is a zip: its member names are in the central directory
+                return _zip_names_include(path, "difffit_stats.npy")
+            size = int.from_bytes(head[:8], "little")
+            if 2 <= size <= SAFETENSORS_HEADER_MAX and head[8:9] == b"{":
+                header = json.loads((head[8:] + f.read(max(0, size - len(head) + 8)))[:size])
+                metadata = header.get("__metadata__") or {}
+                return any(key == "difffit" or key.startswith("difffit.") for key in metadata)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return REPORT_TITLE in head
+
+
+def _zip_names_include(path: Path, name: str) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return name in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 @contextlib.contextmanager
@@ -167,6 +257,41 @@ def run_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What an existing path is when it is neither a regular file nor a folder ("a FIFO (named pipe)", "a
+    character device", ...), following links; None for a file, a folder or nothing at all."""
+    try:
+        mode = os.stat(Path(path).expanduser()).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_readable(path: str | os.PathLike, what: str) -> None:
+    """The one check of every input read from a path: something that is neither a regular file nor a folder
+    (a FIFO would block the read forever, a device never end it) is refused in one sentence naming `what` it
+    was given as. A missing path passes: the reader says what it expected there."""
+    if kind := special_kind(path):
+        raise DiffFitError(f"The {what} {path} is {kind}, not a regular file or folder; difffit reads only those.")
+
+
+def check_folder_path(path: str | os.PathLike, option: str) -> None:
+    """Refuse, in one sentence and before any work, a folder option (`option`, e.g. --cache-dir) naming an existing
+    file or device, or a path under one, where a folder is to be used or made."""
+    given = Path(path).expanduser()
+    existing = next((p for p in (given, *given.parents) if os.path.lexists(p)), None)
+    if existing is None or existing.is_dir():
+        return
+    what = special_kind(existing) or "a file"
+    where = "" if existing == given else f": {existing} is {what}"
+    raise DiffFitError(f"{option} {path} cannot be a folder{where or f', it is {what}'}.",
+                       hint="Give a folder (it is created if missing).")
 
 
 def files_signature(files: Iterable[Path], root: Path) -> str:

@@ -9,6 +9,7 @@ Nothing printed here is read as Rich markup: paths, class names and messages may
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 
@@ -27,20 +28,48 @@ from rich.text import Text
 
 stderr_console = Console(stderr=True)
 Part = str | tuple[str, str]
+# What a terminal would act on rather than show: C0 and C1 control characters (escape sequences that clear the
+# screen or retitle the window, bells, carriage returns, line breaks) and the bidirectional overrides that reorder
+# what is shown. Names, paths, captions and metadata come from files anyone can write.
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as its escape (`\\x1b`, `\\n`, `\\u202e`): shown, never obeyed."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _printable_part(part: Part) -> Part:
+    return printable(part) if isinstance(part, str) else (printable(part[0]), part[1])
+
+
+def _printable_cell(cell):
+    if isinstance(cell, str):
+        return printable(cell)
+    if isinstance(cell, Text) and CONTROL.search(cell.plain):
+        return Text(printable(cell.plain), style=cell.style)
+    return cell
 
 
 def say(*parts: Part) -> None:
     """One line on stderr from plain strings and (text, style) pairs, e.g. `say(("Wrote", "green"), f" {path}")`.
 
-    Text is shown as written, never parsed as markup: `[red]` in a file name stays `[red]`.
+    Text is shown as written, never parsed as markup (`[red]` in a file name stays `[red]`), with control
+    characters escaped (`printable`): every line a person reads goes through here or `print_table`.
     """
-    stderr_console.print(Text.assemble(*parts), highlight=False)
+    stderr_console.print(Text.assemble(*map(_printable_part, parts)), highlight=False)
 
 
 def print_table(table: Table) -> None:
-    """A rich Table on stderr. Its cells and title are shown as written: `[red]` in a path stays `[red]`."""
+    """A rich Table on stderr. Its cells and title are shown as written, control characters escaped (`printable`):
+    `[red]` in a path stays `[red]`, an escape sequence in a name is shown, not obeyed."""
+    table.title = _printable_cell(table.title)
     if isinstance(table.title, str):
         table.title = Text(table.title, style="table.title")
+    table.caption = _printable_cell(table.caption)
+    for column in table.columns:
+        column.header = _printable_cell(column.header)
+        column._cells[:] = [_printable_cell(cell) for cell in column._cells]
     stderr_console.print(table, markup=False, highlight=False)
 
 

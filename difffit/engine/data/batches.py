@@ -1,15 +1,19 @@
-"""What each training step sees, as a pure function of (seed, step, process).
+"""What each training step sees, as a pure function of (seed, step): the same global batch on any number of
+processes.
 
-Exactness on resume comes from one rule: every random draw of optimizer step s on process r is a
-function of (seed, s, r). The data order is a per-epoch permutation seeded by (seed, epoch); the
-flips, latent noise, timesteps and diffusion noise come from a generator seeded by (seed, s, r);
-the global torch RNG (the model's label dropout) is re-seeded from the same triple each step. So a
+Exactness on resume comes from one rule: every random draw of optimizer step s is a function of
+(seed, s). The data order is a per-epoch permutation seeded by (seed, epoch); the flips, latent noise
+and label or caption dropout of the whole global batch come from a generator seeded by (seed, s), the
+timesteps and diffusion noise from a device generator seeded the same way (`training.step`). So a
 checkpoint needs only the step, and a run resumed from step 20 draws exactly what an uninterrupted
 run draws. The held-out validation items (`held_out`) are a function of (seed, item list) too.
 
 `--batch-size` is the global batch of one optimizer step; each of P processes takes its own slice
-of it (batch / (P * grad_accum) per micro-step), so results do not depend on how many GPUs ran them.
-With aspect-ratio buckets (`BucketOrder`) a step's whole global batch comes from one bucket.
+of it (batch / (P * grad_accum) per micro-step): its items, and the rows of the step's draws at its
+slice's place in the global batch. Every process draws the global batch's random values and keeps its
+rows, so what is trained does not depend on how many GPUs (or accumulation micro-steps) ran it.
+With aspect-ratio buckets (`BucketOrder`) a step's whole global batch comes from one bucket, the same on
+every process.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from difffit.engine.errors import DiffFitError
 # DataOrder shuffles an epoch in memory (about 40 bytes an item with its cached permutations), so --repeats
 # may grow an epoch up to this many items (or the dataset's own size, if larger): 10M items is ~400 MB.
 MAX_EPOCH_ITEMS = 10_000_000
+# Images one forward pass takes (fit's micro-step on a process, a sampling or Inception batch): a batch's tensors are
+# allocated at once, so a larger training step is split with --grad-accum instead.
+MAX_FORWARD_BATCH = 1024
 
 
 def step_seed(*parts: int) -> int:
@@ -167,46 +174,63 @@ class Split:
     rank: int
     world: int
 
-    @property
-    def per_process(self) -> int:
+    def __post_init__(self):
         per_process, rest = divmod(self.batch_size, self.world * self.grad_accum)
         if rest or not per_process:
             raise DiffFitError(
                 f"--batch-size {self.batch_size} does not split evenly over {self.world} process(es) x "
                 f"--grad-accum {self.grad_accum}.", hint="Use a multiple of their product as the batch size.")
-        return per_process
+        if per_process > MAX_FORWARD_BATCH:
+            accum = -(-self.batch_size // (self.world * MAX_FORWARD_BATCH))
+            raise DiffFitError(
+                f"--batch-size {self.batch_size:,} makes micro-batches of {per_process:,} images per process, above "
+                f"{MAX_FORWARD_BATCH:,}, the most one forward pass takes.",
+                hint=f"Add --grad-accum {accum} (or more) to split each step, or use a smaller --batch-size.")
+
+    @property
+    def per_process(self) -> int:
+        return self.batch_size // (self.world * self.grad_accum)
+
+    def offset(self, micro: int) -> int:
+        """Where this process's slice of micro-step `micro` starts within its step's global batch."""
+        return (micro * self.world + self.rank) * self.per_process
+
+    def rows(self, micro: int) -> slice:
+        """This process's rows of micro-step `micro` among its step's global-batch draws."""
+        return slice(self.offset(micro), self.offset(micro) + self.per_process)
 
     def start(self, step: int, micro: int) -> int:
         """The data-stream position of this process's slice of micro-step `micro` of `step`."""
-        return step * self.batch_size + (micro * self.world + self.rank) * self.per_process
+        return step * self.batch_size + self.offset(micro)
 
 
 class Labels:
-    """Class labels as what the model is conditioned on (DiT; its label dropout happens in the model)."""
+    """Class labels as what the model is conditioned on (DiT). With probability `dropout` an item's label is
+    replaced by `null`, the null class classifier-free guidance samples with (the model's own draw is off)."""
 
-    def __init__(self, labels: Sequence[int]):
+    def __init__(self, labels: Sequence[int], dropout: float = 0.0, null: int | None = None):
         self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.dropout, self.null = dropout, null
 
-    def take(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return self.labels[index]
+    def take(self, index: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        labels = self.labels[index]
+        return labels if drop is None else torch.where(drop, self.null, labels)
 
 
 class Captions:
     """Caption embeddings as what the model is conditioned on (text-to-image families).
 
     With probability `dropout` an item's caption is replaced by the empty caption's embeddings, the
-    unconditional input the pipelines' guidance uses, drawn from the step's generator `g` (so a resumed
-    run drops exactly the captions an uninterrupted one does).
+    unconditional input the pipelines' guidance uses.
     """
 
     def __init__(self, embeddings: TextEmbeddings, dropout: float):
         self.embeddings, self.dropout = embeddings, dropout
         self.empty = embeddings.of("") if dropout else None
 
-    def take(self, index: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def take(self, index: torch.Tensor, drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
         rows = self.embeddings.take(index)
-        if self.dropout:
-            drop = torch.rand(len(index), generator=g) < self.dropout
+        if drop is not None:
             for name, tensor in rows.items():
                 tensor[drop] = self.empty[name].to(tensor.dtype)
         return rows
@@ -227,12 +251,33 @@ class Batches:
                  split: Split, order: DataOrder | BucketOrder, device: torch.device):
         self.latents, self.conditions = latents, conditions
         self.split, self.order, self.device = split, order, device
+        self._drawn: tuple[int, StepDraws] | None = None
 
     def micro_batch(self, step: int, micro: int,
                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
-        n = self.split.per_process
+        """Micro-step `micro` of optimizer step `step`, this process's slice; `g`: the step's generator, which
+        draws the whole global batch's flips, latent noise and dropout at the step's first micro-step."""
         index = self.order.take_batch(self.split, step, micro)
-        flips = torch.randint(0, 2, (n,), generator=g)
-        latent_noise = torch.randn((n, *self.latents.shape(index)), generator=g)
-        x0 = self.latents.draw(index, flips, latent_noise, self.device)
-        return x0, to_device(self.conditions.take(index, g), self.device)
+        if self._drawn is None or self._drawn[0] != step:
+            self._drawn = step, StepDraws.draw(g, self.split.batch_size, self.latents.shape(index),
+                                               self.conditions.dropout)
+        rows, draws = self.split.rows(micro), self._drawn[1]
+        x0 = self.latents.draw(index, draws.flips[rows], draws.latent_noise[rows], self.device)
+        drop = None if draws.drop is None else draws.drop[rows]
+        return x0, to_device(self.conditions.take(index, drop), self.device)
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """The random values of one optimizer step's global batch, one row per item (drawn on the CPU)."""
+
+    flips: torch.Tensor
+    latent_noise: torch.Tensor
+    drop: torch.Tensor | None  # the items whose label or caption is dropped; None without dropout
+
+    @classmethod
+    def draw(cls, g: torch.Generator, batch: int, shape: tuple[int, ...], dropout: float) -> StepDraws:
+        flips = torch.randint(0, 2, (batch,), generator=g)
+        latent_noise = torch.randn((batch, *shape), generator=g)
+        drop = torch.rand(batch, generator=g) < dropout if dropout else None
+        return cls(flips, latent_noise, drop)

@@ -16,6 +16,7 @@ left without a caption is an error naming it: it is never trained with an empty 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from difffit.engine.data.images import ImageFolder, Row
 from difffit.engine.errors import DiffFitError
-from difffit.engine.io import has_marker
+from difffit.engine.io import check_readable, has_marker
+from difffit.engine.progress import say
 
 TEXT_COLUMNS = ("text", "caption")  # the default caption column, in order; then the only string column
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -47,8 +49,20 @@ def attach_captions(folder: ImageFolder, *, caption_column: str | None = None,
                                hint="Name it with --caption-column, or caption the classes with --caption-template.")
         found = list(folder.captions or [""] * len(folder))
     else:
-        listed = metadata_captions(folder, caption_column)
-        found = [sidecar_caption(path) or listed.get(_normal(path), "") for path in folder.files]
+        listed, sources = metadata_captions(folder, caption_column)
+        found, outside = [], {}
+        for path in folder.files:
+            caption, source = sidecar_caption(path), path.with_suffix(".txt")
+            if not caption:
+                caption, source = listed.get(_normal(path), ""), sources.get(_normal(path))
+            if caption and source is not None and outside_of(source, folder.root):
+                outside.setdefault(caption, str(source))
+            found.append(caption)
+        folder = replace(folder, outside_captions=outside)
+        if outside:
+            some = next(iter(outside.values()))
+            say((f"{len(outside)} caption(s) come from files outside {folder.root} (such as {some} -> "
+                 f"{Path(some).resolve()}); they are trained on, and a model card may quote them.", "yellow"))
     if caption_template is not None:
         found = [caption or template_caption(caption_template, folder.class_names[label])
                  for caption, label in zip(found, folder.labels, strict=True)]
@@ -82,6 +96,7 @@ def sidecar_caption(image: Path) -> str:
 
 def read_text_file(path: Path, what: str) -> str:
     """A text file's contents as strict UTF-8 (a leading byte-order mark dropped); one sentence for anything wrong."""
+    check_readable(path, what)
     try:
         return path.read_bytes().decode("utf-8-sig")  # strict UTF-8; a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
@@ -94,12 +109,22 @@ def read_text_file(path: Path, what: str) -> str:
 # -- metadata.jsonl / metadata.csv ------------------------------------------------------------------
 
 
-def metadata_captions(folder: ImageFolder, caption_column: str | None = None) -> dict[Path, str]:
-    """{normalised image path: caption} from every metadata file above the folder's images, nearest last."""
+def metadata_captions(folder: ImageFolder, caption_column: str | None = None) -> tuple[dict[Path, str],
+                                                                                      dict[Path, Path]]:
+    """{normalised image path: caption} from every metadata file above the folder's images, nearest last, and
+    {normalised image path: the metadata file its caption came from}."""
     captions: dict[Path, str] = {}
+    sources: dict[Path, Path] = {}
     for path in metadata_files(folder):
-        captions.update(read_metadata(path, caption_column))
-    return captions
+        listed = read_metadata(path, caption_column)
+        captions.update(listed)
+        sources.update(dict.fromkeys(listed, path))
+    return captions, sources
+
+
+def outside_of(path: Path, root: Path) -> bool:
+    """Whether the file `path` (links followed) lies outside the folder `root`: a caption read from elsewhere."""
+    return not path.resolve().is_relative_to(root.resolve())
 
 
 def metadata_files(folder: ImageFolder) -> list[Path]:
@@ -163,7 +188,9 @@ def _metadata_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """([(line number, row)], columns in order of appearance) of a .jsonl or .csv metadata file."""
     text = read_text_file(path, "metadata file")
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # A file object, not lines: a quoted caption may hold a newline, and str.splitlines would also cut at
+        # characters such as \x1e or U+2028 that are text inside a caption.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = [c for c in reader.fieldnames or [] if c]
         try:
             return [(reader.line_num, row) for row in reader], columns
@@ -177,7 +204,8 @@ def _metadata_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for line, content in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): U+2028, U+0085 and the like are valid inside a JSON string.
+    for line, content in enumerate(text.split("\n"), start=1):
         if not content.strip():
             continue
         try:

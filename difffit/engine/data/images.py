@@ -77,6 +77,7 @@ class ImageFolder:
     skipped: list[tuple[Path | Row, str]] = field(default_factory=list)
     rows: RowSource | None = None  # set for a dataset, whose files are then Rows
     captions: list[str] | None = None
+    outside_captions: dict[str, str] = field(default_factory=dict)  # caption -> a file outside `root` it came from
 
     def __post_init__(self) -> None:
         for name in ("labels", "captions"):
@@ -148,15 +149,16 @@ def without_unreadable_classes(folder: ImageFolder, scanned: ImageFolder, announ
 def image_files(folder: Path, recursive: bool, skip_outputs: bool = False) -> list[Path]:
     """The image files under `folder` (by extension, any case; hidden files skipped), sorted.
 
-    Symbolic links are followed, but each real folder is read once and each real file counted once; a
-    link back to a folder above it (`up -> ..`, `self -> .`) is a loop: named on stderr, not followed. So
-    a data folder never yields more images than it holds, nor another class's images, and never hangs.
+    Symbolic links are followed, but each real folder is read once; a link back to a folder above it
+    (`up -> ..`, `self -> .`) is a loop: named on stderr, not followed. So a data folder never yields
+    another class's images, and never hangs. Each name of a file is an image of its own (hard links and
+    links to one file, each with its own caption), as the folder lists them.
     With `skip_outputs` (training data), folders difffit wrote (runs, samples, merges: they hold its
     marker) are passed over, so `difffit fit .` inside a data folder does not train on its own earlier
     output; eval-fid reads them (samples are what it scores).
     """
     top = folder.resolve()
-    seen_folders, seen_files, found = {top}, set(), []
+    seen_folders, found = {top}, []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         here = Path(dirpath)
         if skip_outputs and has_marker(here):
@@ -170,8 +172,7 @@ def image_files(folder: Path, recursive: bool, skip_outputs: bool = False) -> li
                 st = path.stat()  # through links: the real file
             except OSError:  # a dangling link
                 continue
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen_files:
-                seen_files.add((st.st_dev, st.st_ino))
+            if stat.S_ISREG(st.st_mode):
                 found.append(path)
         if not recursive:
             break

@@ -93,6 +93,13 @@ class TextEmbeddings:
             raise KeyError(f"{caption!r} was not encoded: pass it to text_embeddings(..., extra=[...])")
         return self._gather(torch.tensor([self.index[caption]]))
 
+    def of_each(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The embeddings of each of `captions` (every one encoded, e.g. as `extra`), a batch of len(captions)."""
+        missing = next((caption for caption in captions if caption not in self.index), None)
+        if missing is not None:
+            raise KeyError(f"{missing!r} was not encoded: pass it to text_embeddings(..., extra=[...])")
+        return self._gather(torch.tensor([self.index[caption] for caption in captions], dtype=torch.long))
+
     def _gather(self, unique: torch.Tensor) -> dict[str, torch.Tensor]:
         shard_of, row_of = self.location[unique].unbind(1)
         dtypes = self.shards[0].dtypes

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from difffit.engine.data.images import IMAGE_EXTENSIONS, BadImage, image_files, load_image
+from difffit.engine.data.images import IMAGE_EXTENSIONS, BadImage, ImageFolder, center_crop, image_files, load_image
 from difffit.engine.errors import DiffFitError, require_at_least
 from difffit.engine.evaluation.inception import file_digest
+from difffit.engine.evaluation.options import CLASS_FID_SAMPLING, FID_SAMPLING
 from difffit.engine.evaluation.sample import SamplingOptions, generate_batches, parse_classes
 from difffit.engine.evaluation.sample_folder import (
     GRID,
@@ -38,9 +39,10 @@ from difffit.engine.methods.sources import load_source
 from difffit.engine.models.families import family_of
 
 if TYPE_CHECKING:
+    from difffit.engine.data.text_cache import TextEmbeddings
     from difffit.engine.models.bases import Base
 
-DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED is a model
+DEFAULT_NUM_SAMPLES = 50_000  # the reference FID protocol; used when GENERATED is a class-conditional model
 
 
 class FolderImages:
@@ -123,42 +125,79 @@ class NpzImages:
 class ModelInput:
     """How eval-fid samples GENERATED when it is an adapter or a base."""
 
-    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(cfg_scale=1.5))
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions.from_fields(FID_SAMPLING))
     classes: Sequence[str] | None = None  # --class names or indices, cycled
     base: str | None = None  # for an adapter: another base than the one it names
     vae: str | None = None
     force_base: bool = False
+    prompts: Sequence[str] | None = None  # a text-to-image model's prompts, cycled
 
 
 class ModelSamples:
     """`count` samples of a loaded base (an adapter applied, or the model being trained), generated batch by
-    batch and never written to disk."""
+    batch and never written to disk. A text-to-image base samples `prompts` in turn (`embeddings`: already
+    encoded, as fit's are); `prompts` is then each sample's prompt, which the clip metric scores against."""
 
     def __init__(self, base: Base, count: int, sampling: SamplingOptions, device: torch.device, *,
-                 classes: Sequence[int] | None = None, progress: bool = True, name: str = "samples"):
+                 classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+                 embeddings: TextEmbeddings | None = None, progress: bool = True, name: str = "samples",
+                 indices: Sequence[int] | None = None):
+        """`indices`: which of the `count` samples to make (each sample is a function of its index); all of them
+        by default."""
         require_at_least("-n", count, 1)
-        self.base, self.count, self.sampling, self.classes = base, count, sampling, classes
-        self.device, self.progress, self.name = device, progress, name
+        self.base, self.sampling, self.classes = base, sampling, classes
+        self.indices = list(range(count) if indices is None else indices)
+        self.count = len(self.indices)
+        self.cycled_prompts = list(prompts) if prompts else None  # sample i's prompt is i mod their number
+        self.prompts = None if not prompts else [prompts[i % len(prompts)] for i in self.indices]
+        self.embeddings, self.device, self.progress, self.name = embeddings, device, progress, name
         self.skipped: list[tuple[Path, str]] = []
 
     @classmethod
     def from_source(cls, source: str, count: int | None, model: ModelInput, device: torch.device,
                     progress: bool = True) -> ModelSamples:
-        """eval-fid's GENERATED when it names an adapter or a base."""
+        """eval-fid's GENERATED when it names an adapter or a base: a class-conditional one samples its classes
+        (50,000 by default), a text-to-image one `model.prompts` (one image each by default)."""
         base, _ = load_source(source, base=model.base, vae=model.vae, force_base=model.force_base)
-        if not family_of(base).class_table:
-            raise DiffFitError(f"{source} is a text-to-image model; eval-fid samples class-conditional ones only.",
-                               hint=f"Sample it by prompt first (difffit sample {source} --prompts FILE -n N), then "
-                               "give eval-fid that folder.")
+        family = family_of(base)
+        if family.conditioning == "text":
+            if not model.prompts:
+                raise DiffFitError(f"{source} is a text-to-image model; give eval-fid the prompts to sample it with.",
+                                   hint="Add --prompts FILE (one prompt per line).")
+            return cls(base, len(model.prompts) if count is None else count, model.sampling, device,
+                       prompts=model.prompts, progress=progress, name=source)
+        if model.prompts:
+            raise DiffFitError(f"--prompts does not apply to {source}, a class-conditional {family.title} model.",
+                               hint="Use --class to choose its classes.")
+        sampling = replace(model.sampling, **{k: v for k, v in CLASS_FID_SAMPLING.items()
+                                              if getattr(model.sampling, k) is None})
         classes = parse_classes(model.classes or [], base.class_names, base.model.config.num_classes)
-        return cls(base, DEFAULT_NUM_SAMPLES if count is None else count, model.sampling, device, classes=classes,
+        return cls(base, DEFAULT_NUM_SAMPLES if count is None else count, sampling, device, classes=classes,
                    progress=progress, name=source)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         sampling = replace(self.sampling, batch_size=batch_size)  # the extraction batch drives both
-        for _, images in generate_batches(self.base, range(self.count), sampling, classes=self.classes,
+        for _, images in generate_batches(self.base, self.indices, sampling, classes=self.classes,
+                                          prompts=self.cycled_prompts, embeddings=self.embeddings,
                                           device=self.device, progress=self.progress):
             yield images.numpy()
+
+
+class CroppedImages:
+    """The images of an ImageFolder (fit's held-out set), centre-cropped to a `side` square as fit samples:
+    an in-training FID reference."""
+
+    def __init__(self, folder: ImageFolder, side: int):
+        self.folder, self.side, self.count = folder, side, len(folder)
+        self.name = f"the held-out images of {folder.root}"
+        self.skipped: list[tuple[Path, str]] = []
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"held-out\0{self.side}\0{self.folder.signature()}".encode()).hexdigest()
+
+    def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
+        for lo in range(0, self.count, batch_size):
+            yield [center_crop(self.folder.load(item), self.side) for item in self.folder.files[lo : lo + batch_size]]
 
 
 def without_sample_grids(files: list[Path]) -> list[Path]:

@@ -18,7 +18,7 @@ import torch
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import downloads_disabled, network_reachable
-from difffit.engine.io import atomic_path, user_cache_dir
+from difffit.engine.io import atomic_path, check_readable, user_cache_dir
 from difffit.engine.models.formats import read_torch
 from difffit.engine.progress import track
 
@@ -51,6 +51,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         return cached if cached.is_file() else random_inception_weights(cached)
     if path is not None:
         path = Path(path).expanduser()
+        check_readable(path, "Inception weights file")
         if not path.is_file():
             raise DiffFitError(f"The Inception weights file {path} does not exist.")
         return path

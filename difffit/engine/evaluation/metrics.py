@@ -16,29 +16,32 @@ may also be a model source (adapter or base), sampled in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from difffit.engine.data.batches import MAX_FORWARD_BATCH
 from difffit.engine.devices import resolve_device
-from difffit.engine.errors import DiffFitError, require_at_least
-from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, clip_folder, score_pairs
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most
+from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead, clip_folder, score_pairs
 from difffit.engine.evaluation.image_sets import FolderImages, ModelInput, ModelSamples, NpzImages, npz_members
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
-from difffit.engine.evaluation.sample import SamplingOptions
-from difffit.engine.io import atomic_path, check_output, user_cache_dir
+from difffit.engine.evaluation.options import EvalConfig
+from difffit.engine.evaluation.sample import MAX_IMAGES, check_image_count
+from difffit.engine.io import atomic_path, check_output, check_readable, user_cache_dir
 
 METRICS = ("fid", "kid", "isc", "prc", "clip")
 STATS_FORMAT = 1
 ISC_SPLITS = 10
 PRC_NEIGHBORHOOD = 3
+MAX_KID_SUBSETS = 100_000  # torch-fidelity draws 100; each subset is a kernel over two subsets' features
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
                device: torch.device | None = None, progress: bool = True
                ) -> FolderImages | NpzImages | ModelSamples | Statistics:
     """GENERATED or REFERENCE -> an image set to extract from, or statistics read from a file."""
+    check_readable(spec, role)
     path = Path(spec).expanduser()
     if path.is_dir():
         return FolderImages(path, limit)
@@ -258,42 +262,40 @@ def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, 
 def evaluate(
     generated: str,
     reference: str | None = None,
+    config: EvalConfig | None = None,
     *,
-    metrics: str | tuple[str, ...] = ("fid",),
-    num_samples: int | None = None,
-    inception_weights: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    save_stats: str | os.PathLike | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    sampling: SamplingOptions | None = None,
-    classes: Sequence[str] | None = None,
-    base: str | None = None,
-    vae: str | None = None,
-    force_base: bool = False,
-    clip_model: str | None = None,
     progress: bool = True,
-    overwrite: bool = False,
+    **options,
 ) -> Evaluation:
-    """Compare GENERATED with REFERENCE (see the module docstring for what each may be).
+    """Compare GENERATED with REFERENCE (see the module docstring for what each may be), as `config` says;
+    `options` are EvalConfig fields that replace its (or the defaults'): `evaluate(gen, ref, metrics="fid,kid")`.
 
     Everything cheap is validated before anything slow starts: the reference, the weights, the
     generated input (a model is loaded, not yet sampled). When GENERATED is an adapter or base,
-    `sampling` (default: cfg 1.5, the paper's FID setting), `classes`, `base`, `vae` and `force_base`
-    say how its samples are made. `save_stats` follows the output rules (never an input or inside one; an
-    existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
+    `sampling` (default: a class-conditional model's cfg 1.5 and DDPM, the paper's FID setting; a
+    text-to-image model's pipeline defaults), `classes` or `prompts` (a text-to-image model's), `base`, `vae`
+    and `force_base` say how its samples are made. `save_stats` follows the output rules (never an input or
+    inside one; an existing file only with `overwrite`) and is written, atomically, only when the metrics are computed.
     The `clip` metric scores GENERATED against the prompts its sample folder records, with `clip_model`
     (default: DEFAULT_CLIP_MODEL); it needs no REFERENCE.
     """
+    config = dataclasses.replace(config or EvalConfig(), **options)
+    save_stats, clip_model = config.save_stats, config.clip_model
     if save_stats is not None:
-        inputs = [spec for spec in (generated, reference, base, vae, inception_weights) if spec]  # clip: no REFERENCE
-        save_stats = check_output(save_stats, overwrite=overwrite, inputs=inputs, option="--save-stats")
-    metrics = parse_metrics(metrics)
+        inputs = [spec for spec in (generated, reference, config.base, config.vae, config.inception_weights)
+                  if spec]  # clip: no REFERENCE
+        save_stats = check_output(save_stats, overwrite=config.overwrite, inputs=inputs, option="--save-stats")
+    metrics = parse_metrics(config.metrics)
     inception = tuple(m for m in metrics if m != "clip")
+    batch_size = config.batch_size
     require_at_least("--batch-size", batch_size, 1)
-    if "kid" in metrics and (kid_subsets < 1 or kid_subset_size < 2):
+    require_at_most("--batch-size", batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
+    if config.num_samples is not None:
+        check_image_count("-n", config.num_samples)
+    if "kid" in metrics and (config.kid_subsets < 1 or config.kid_subset_size < 2):
         raise DiffFitError("KID needs --kid-subsets >= 1 and --kid-subset-size >= 2.")
+    require_at_most("--kid-subsets", config.kid_subsets, MAX_KID_SUBSETS, "more subsets do not sharpen the estimate")
+    require_at_most("--kid-subset-size", config.kid_subset_size, MAX_IMAGES, "more images than one run scores")
     if clip_model is not None and "clip" not in metrics:
         raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
     if inception and reference is None:
@@ -305,32 +307,38 @@ def evaluate(
     if reference is not None and not inception:
         raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
                            hint="Leave the REFERENCE out, or add fid to --metrics.")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(config.device)
     needs_features = "kid" in metrics or "prc" in metrics
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception \
         else None
-    model = ModelInput(sampling or ModelInput().sampling, classes, base, vae, force_base)
-    gen_input = open_input(generated, role="generated", limit=num_samples, need_features=needs_features or
+    model = ModelInput(config.sampling or ModelInput().sampling, config.classes, config.base, config.vae,
+                       config.force_base, config.prompts)
+    gen_input = open_input(generated, role="generated", limit=config.num_samples, need_features=needs_features or
                            "isc" in metrics, model=model, device=torch_device, progress=progress)
     if "clip" in metrics:
         if getattr(gen_input, "prompts", None) is None:
             raise DiffFitError(f"The clip metric scores each image against its prompt, and {generated} records no "
-                               "prompts.", hint="Score a folder written by `difffit sample --prompt ...`: its "
-                               "sample.json lists them.")
+                               "prompts.", hint="Score a folder written by `difffit sample --prompt ...` (its "
+                               "sample.json lists them), or a text-to-image adapter with --prompts FILE.")
         clip_model = clip_folder(clip_model or DEFAULT_CLIP_MODEL)  # a missing model fails now, not after FID
     values, ref, ref_source, skipped = {}, None, "none", []
+    scored = None
+    if "clip" in metrics and inception:  # scored as the Inception network reads them: each image made once
+        gen_input = scored = ScoredAsRead(gen_input, ClipScorer(str(clip_model), torch_device))
     if inception:
         values, ref, ref_source, skipped = _inception_metrics(
-            inception, gen_input, ref_input, inception_weights=inception_weights, batch_size=batch_size,
-            device=torch_device, save_stats=save_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-            progress=progress)
-    if "clip" in metrics:
+            inception, gen_input, ref_input, inception_weights=config.inception_weights, batch_size=batch_size,
+            device=torch_device, save_stats=save_stats, kid_subsets=config.kid_subsets,
+            kid_subset_size=config.kid_subset_size, progress=progress)
+    if scored is not None:
+        values["clip_score"] = scored.scorer.score()
+    elif "clip" in metrics:
         pairs = ((image, prompt) for images, prompts in zip(gen_input.batches(batch_size),
                                                              _chunks(gen_input.prompts, batch_size), strict=True)
                  for image, prompt in zip(images, prompts, strict=True) if image is not None)
         values["clip_score"] = score_pairs(pairs, gen_input.count, model=str(clip_model), device=torch_device,
                                            batch_size=batch_size, progress=progress)
-        skipped = skipped or list(gen_input.skipped)
+        skipped = list(gen_input.skipped)
     if save_stats is not None:  # only once every metric is computed: a failed run writes nothing
         save_statistics(save_stats, ref)
     return Evaluation(values, gen_input.count - len(gen_input.skipped), ref.count if ref else 0, ref_source, skipped)

@@ -23,12 +23,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from difffit.engine.data.batches import MAX_FORWARD_BATCH
 from difffit.engine.data.captions import read_text_file
 from difffit.engine.data.text_cache import TextEmbeddings, text_embeddings
 from difffit.engine.devices import autocast_dtype, resolve_device
-from difffit.engine.errors import DiffFitError, require_at_least
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
+from difffit.engine.evaluation.options import SamplingFields
 from difffit.engine.models.dit import DiT
 from difffit.engine.models.families import FAMILIES, family_of
+from difffit.engine.models.family import MAX_SIDE
 from difffit.engine.models.schedulers import (
     SCHEDULERS,
     DPMSolverSampler,
@@ -42,6 +45,17 @@ from difffit.engine.progress import make_progress
 if TYPE_CHECKING:
     from difffit.engine.models.bases import Base
 
+
+
+# The most images one run draws or scores (sample -n, eval-fid -n, fit --eval-n): sample.json lists each one's file
+# and prompt, and FID holds each one's features, so a run is refused above it rather than growing without bound.
+MAX_IMAGES = 1_000_000
+
+
+def check_image_count(option: str, n: int) -> None:
+    """A number of images to draw: 1 to MAX_IMAGES."""
+    require_at_least(option, n, 1)
+    require_at_most(option, n, MAX_IMAGES, "the most images one run draws or scores (50,000 for a paper FID)")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -66,25 +80,12 @@ def draw_noise(
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """How to sample: guidance, scheduler, seed, batching and numerics, checked when made.
+class SamplingOptions(SamplingFields):
+    """How to sample (SamplingFields: guidance, scheduler, seed, batching and numerics), checked when made.
 
     The same object drives `difffit sample`, eval-fid's in-memory samples and fit's previews, and
     is what sample.json records.
     """
-
-    cfg_scale: float | None = 4.0  # None: the base's family's default (DiT 4.0, a pipeline's own)
-    cfg_channels: str = "3"  # DiT: guide the first 3 latent channels (the reference) or "all"
-    scheduler: str | None = "ddpm"  # DiT: one of SCHEDULERS; text families: their names; None: the default
-    steps: int | None = None  # None: the scheduler's (DiT: DEFAULT_STEPS) or the pipeline's default
-    seed: int = 0
-    batch_size: int = 16
-    mixed_precision: str = "no"  # no (exact fp32), fp16 or bf16 autocast
-    device: str = "auto"
-    compile: str = "off"  # auto (on CUDA), on or off: each DiT block compiled once, last batch padded
-    negative_prompt: str = ""  # text families: the unconditional branch of guidance ("": the pipelines')
-    width: int | None = None  # text families: image size in pixels (default: the base's resolution)
-    height: int | None = None
 
     def __post_init__(self) -> None:
         if self.cfg_scale is not None and not math.isfinite(self.cfg_scale):
@@ -101,11 +102,18 @@ class SamplingOptions:
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 require_at_least(f"--{name}", getattr(self, name), 8)
+                require_at_most(f"--{name}", getattr(self, name), MAX_SIDE, "the largest side difffit draws")
         require_at_least("--batch-size", self.batch_size, 1)
-        require_at_least("--seed", self.seed, 0)
+        require_at_most("--batch-size", self.batch_size, MAX_FORWARD_BATCH, "the most images one forward pass takes")
+        require_seed("--seed", self.seed)
         autocast_dtype(self.mixed_precision)
         # An unknown device, a missing GPU or an unknown --compile is refused before any loading.
         resolve_compile(self.compile, resolve_device(self.device))
+
+    @classmethod
+    def from_fields(cls, fields: SamplingFields) -> SamplingOptions:
+        """`fields` (a preset such as FID_SAMPLING), checked."""
+        return cls(**dataclasses.asdict(fields))
 
     @property
     def num_steps(self) -> int:
@@ -375,13 +383,13 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
         encode = family.prompt_encoder(base, device, base.max_text_tokens)
         embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
                                      extra=negatives)
+        encode.report_truncated()
         del encode  # the encoder goes with it (T5-XXL: 9 GB)
     negative = {name: value for prompt in negatives for name, value in embeddings.of(prompt).items()}
     base.model.to(device).eval()
 
     def images(lo: int, batch: list[int]) -> torch.Tensor:
-        rows = [embeddings.of(prompt) for prompt in per_image[lo : lo + len(batch)]]
-        text = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+        text = embeddings.of_each(per_image[lo : lo + len(batch)])
         unconditional = {name: value.expand(len(batch), *value.shape[1:]) for name, value in negative.items()}
         out = family.sample_images(base, text, unconditional, sample_generators(options.seed, batch), options, device)
         check_finite(out, batch, options)
@@ -402,8 +410,7 @@ def generate(
     progress: bool = True,
 ) -> torch.Tensor:
     """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches`."""
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    check_image_count("-n", n)
     batches = generate_batches(base, range(n), options or SamplingOptions(), classes=classes, prompts=prompts,
                                embeddings=embeddings, device=device, progress=progress)
     return torch.cat([images for _, images in batches])

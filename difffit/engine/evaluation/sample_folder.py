@@ -17,6 +17,7 @@ import json
 import math
 import re
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ import torch
 
 from difffit.engine.devices import resolve_device
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, generate_batches
+from difffit.engine.evaluation.sample import SamplingOptions, check_image_count, generate_batches
 from difffit.engine.io import LOCK, MARKER, atomic_path, run_lock, write_marker
 
 if TYPE_CHECKING:
@@ -161,15 +162,30 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def save_npz(images: torch.Tensor | np.ndarray, path: str | Path) -> Path:
-    """`arr_0` = N x H x W x 3 uint8, the layout OpenAI's ADM evaluator reads."""
-    array = _as_numpy(images)
+def save_npz(images: torch.Tensor | np.ndarray | Sequence[Path], path: str | Path) -> Path:
+    """`arr_0` = N x H x W x 3 uint8, the layout OpenAI's ADM evaluator reads, as `np.savez` writes it. `images`: an
+    array, or PNG files read and written one at a time (the memory of one image, however many there are)."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor | np.ndarray):
+        array = _as_numpy(images)
+        rows, shape = iter(array), array.shape
+    else:
+        first = np.asarray(Image.open(images[0]).convert("RGB"))
+        rows = (np.asarray(Image.open(p).convert("RGB")) for p in images)
+        shape = (len(images), *first.shape)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     path = Path(path)
     with (
         atomic_path(path) as tmp,
-        open(tmp, "wb") as f,
-    ):  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, arr_0=array)
+        zipfile.ZipFile(tmp, "w", allowZip64=True) as archive,
+        archive.open("arr_0.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, header)
+        for row in rows:
+            if row.shape != shape[1:]:
+                raise DiffFitError(f"The samples of {path.parent} differ in size ({row.shape} and {shape[1:]}).")
+            member.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
     return path
 
 
@@ -217,8 +233,7 @@ def sample_to_folder(
     the files this run wrote (a later run into the same folder, with `overwrite`, removes only those) and
     whether it finished. Returns a summary.
     """
-    if n < 1:
-        raise DiffFitError(f"-n must be at least 1 (got {n}).")
+    check_image_count("-n", n)
     options = options.for_base(base)
     folder = Path(folder)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
@@ -265,6 +280,6 @@ def sample_to_folder(
         pngs = [folder / f"{i:06d}.png" for i in range(n)]
         summary["grid"] = str(save_grid(load_pngs(pngs[:GRID_MAX]), folder / GRID))
         if npz:
-            summary["npz"] = str(save_npz(load_pngs(pngs), folder / "samples.npz"))
+            summary["npz"] = str(save_npz(pngs, folder / "samples.npz"))  # streamed: one image in memory at a time
         write_manifest(folder, settings | {"files": planned, "complete": True})
     return summary

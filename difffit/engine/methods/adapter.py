@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ from torch import nn
 from difffit import __version__
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary
-from difffit.engine.io import atomic_path
-from difffit.engine.methods.baselines import MethodSettings, add_method_modules
+from difffit.engine.io import atomic_path, check_readable
+from difffit.engine.methods.baselines import add_method_modules
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import CLASS_TABLE, prepare_model, trainable_parameters
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families import family_named, family_of
@@ -40,6 +42,10 @@ if TYPE_CHECKING:
 FORMAT = "difffit-adapter"
 VERSION = 1
 METADATA_KEY = "difffit"
+# Bounds on the metadata JSON an adapter may carry: far above what fit writes (a config, class names, a training
+# summary: kilobytes, a few levels deep), and checked before parsing.
+MAX_METADATA_CHARS = 16_000_000
+MAX_METADATA_DEPTH = 64
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 DERIVED = ("architecture", "num_classes", "null_index", "latent_size", "resolution", "pos_embed_scale")
 
@@ -263,10 +269,26 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
 
 
+def check_metadata_shape(path: Path, text: str) -> None:
+    """Refuse metadata larger or more deeply nested than any adapter's, before it is parsed (a parser recurses once
+    per level): in one sentence, not a RecursionError."""
+    if len(text) > MAX_METADATA_CHARS:
+        raise DiffFitError(f"{path} has {len(text):,} characters of adapter metadata, more than the "
+                           f"{MAX_METADATA_CHARS:,} an adapter writes; it is not a difffit adapter.")
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_METADATA_DEPTH:
+        raise DiffFitError(f"{path} has adapter metadata nested {deepest:,} levels deep, more than the "
+                           f"{MAX_METADATA_DEPTH} an adapter writes; it is not a difffit adapter.")
+
+
 def read_adapter_meta(path) -> AdapterMeta:
     """An adapter's metadata, from the file header only (no tensors read)."""
     path = Path(path)
     refuse_run_folder(path)
+    check_readable(path, "adapter file")
     if not path.is_file():
         raise DiffFitError(f"Adapter file {path} does not exist.")
     return _parse_meta(path, read_safetensors_header(path)[1])
@@ -274,11 +296,15 @@ def read_adapter_meta(path) -> AdapterMeta:
 
 def _parse_meta(path: Path, header: dict) -> AdapterMeta:
     try:
-        raw = json.loads(header[METADATA_KEY])
-    except (KeyError, ValueError):
+        text = header[METADATA_KEY]
+        check_metadata_shape(path, text)
+        raw = json.loads(text)
+    except (KeyError, ValueError, TypeError):
         raise DiffFitError(
             f"{path} is a safetensors file but not a difffit adapter (no difffit metadata)."
         ) from None
+    if not isinstance(raw, dict):
+        raise DiffFitError(f"{path} has adapter metadata that is not a JSON object; it is not a difffit adapter.")
     if raw.get("format") != FORMAT:
         raise DiffFitError(
             f"{path} has format {raw.get('format')!r}, not {FORMAT!r}; it is not a difffit adapter."
@@ -314,37 +340,50 @@ class AdapterSwapper:
     and nothing of the base is ever copied.
     """
 
-    def __init__(self, base: Base):
-        self.model: nn.Module = base.model
-        self.spec = base.spec
+    def __init__(self, base: Base | nn.Module, spec: str | None = None):
+        """`base`: a loaded base, or a model alone (a stock diffusers transformer) named `spec` in messages."""
+        self.model: nn.Module = base if isinstance(base, nn.Module) else base.model
+        self.spec = spec or getattr(base, "spec", type(self.model).__name__)
         self._saved: list[tuple[nn.Module, str, object]] = []
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
-    def _set(self, owner: object, name: str, value: object) -> None:
+    def replace(self, owner: object, name: str, value: object) -> None:
+        """Set `owner.name` to `value`, remembering what it was for `restore` (a `Setter`)."""
         self._saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
     @torch.no_grad()
-    def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta) -> None:
+    def apply(self, tensors: dict[str, torch.Tensor], meta: AdapterMeta, dtype: torch.dtype | None = None) -> None:
+        """Apply an adapter (restoring any applied one first); its tensors take `dtype` (default: the model's)."""
         self.restore()
         model = self.model
         check_base_architecture(meta, model, self.spec)
         like = next(model.parameters())
+        dtype = dtype or like.dtype
         try:
             # The base takes the adapted model's shape (DiT: resolution, class table; PixArt: gamma modules).
-            family_of(model).shape_for_adapter(model, meta, self._set)
+            family_of(model).shape_for_adapter(model, meta, self.replace)
             # peft marks the base's parameters frozen when it injects LoRA: remember the flags too.
             self._flags = [(p, p.requires_grad) for p in model.parameters()]
             with torch.random.fork_rng(devices=[]):  # the modules' random init is overwritten below
-                add_method_modules(model, meta.method, meta.method_settings, self._set)
+                add_method_modules(model, meta.method, meta.method_settings, self.replace)
             for name, stored in tensors.items():
                 module_name, _, leaf = name.rpartition(".")  # PixArt's final scale_shift_table has no module
                 module = model.get_submodule(module_name)
                 value = _decode(name, stored.to(like.device), getattr(module, leaf), meta)
-                self._set(module, leaf, nn.Parameter(value.to(like.device, like.dtype), requires_grad=False))
+                self.replace(module, leaf, nn.Parameter(value.to(like.device, dtype), requires_grad=False))
         except Exception:
             self.restore()
             raise
+
+    @torch.no_grad()
+    def cast_like_replaced(self) -> None:
+        """Give every tensor set since `apply` the dtype of the base tensor it replaced (after an `apply` in
+        float32 and a fold, which round once)."""
+        for owner, name, old in self._saved:
+            new = getattr(owner, name)
+            if isinstance(old, torch.Tensor) and isinstance(new, nn.Parameter) and new.dtype != old.dtype:
+                setattr(owner, name, nn.Parameter(new.to(old.dtype), requires_grad=new.requires_grad))
 
     def restore(self) -> None:
         """Put the base's own tensors back (a no-op when nothing is applied)."""

@@ -6,6 +6,8 @@
   DiTPipeline (transformer, vae, scheduler, model_index.json with id2label; DiTPipeline hard-codes the
   null label as 1000, so K < 1000 classes get a 1001-row table), PixArt's its own pipeline class with
   the merged transformer and the base's other components linked or copied as they are.
+- "comfyui" (PixArt, SD3, FLUX; not `full`): one small .safetensors that ComfyUI's Load LoRA node applies
+  exactly, in ComfyUI's native key layout (engine/methods/comfyui.py).
 - "peft" (LoRA adapters only): a peft folder (adapter_model.safetensors, adapter_config.json) that
   `peft.PeftModel.from_pretrained(model, folder)` loads onto difffit's DiT or diffusers' PixArt
   transformer; DiT's new class table rides along as a peft `modules_to_save` entry, so the DiT must
@@ -24,9 +26,10 @@ from torch import nn
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.io import atomic_path, check_output
-from difffit.engine.methods.adapter import AdapterMeta, read_adapter_meta
+from difffit.engine.methods.adapter import AdapterMeta, read_adapter, read_adapter_meta
 from difffit.engine.methods.baselines import fold_lora, lora_config
-from difffit.engine.methods.sources import load_source, local_source
+from difffit.engine.methods.comfyui import check_comfyui_adapter, check_comfyui_out, comfyui_offered, write_comfyui
+from difffit.engine.methods.sources import load_adapter_base, load_source, local_source
 from difffit.engine.methods.trainable import FOLDABLE
 from difffit.engine.models.diffusers_layout import DIFFUSERS_NULL_LABEL
 from difffit.engine.models.dit import CLASS_TABLE, DiT
@@ -38,7 +41,8 @@ from difffit.engine.models.formats import (
     METADATA_VAE,
 )
 
-FORMATS = ("original", "diffusers", "peft")
+FORMATS = ("original", "diffusers", "peft", "comfyui")
+FILE_FORMATS = ("original", "comfyui")  # one file; the others write a folder
 
 
 def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt: str | None = None,
@@ -56,7 +60,11 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     meta = read_adapter_meta(adapter)  # also the one-sentence reason for a non-adapter (not tried as a base)
     family = meta.model_family
     fmt = fmt or family.merge_formats[0]
-    check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=fmt != "original")
+    folder = fmt not in FILE_FORMATS
+    if fmt == "comfyui":
+        check_comfyui_out(out)
+        check_comfyui_adapter(meta)
+    check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=folder)
     if fmt not in family.merge_formats:
         raise DiffFitError(f"--format {fmt} is not available for {family.title} adapters; choose "
                            f"{' or '.join(family.merge_formats)}.")
@@ -68,11 +76,16 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     if fmt == "diffusers" and (problem := family.pipeline_problem(meta)):  # refused before the base is loaded
         raise DiffFitError(f"A {family.pipeline_name} cannot hold this model: {problem}.",
                            hint="Merge with --format original instead.")
-    folder = fmt != "original"
-    loaded, meta = load_source(adapter, base=base, force_base=force_base)
+    if fmt == "comfyui":
+        tensors, meta = read_adapter(adapter)
+        loaded = load_adapter_base(adapter, meta, base=base, force_base=force_base)
+    else:
+        loaded, meta = load_source(adapter, base=base, force_base=force_base)
     out = check_output(out, overwrite=overwrite, inputs=[adapter, loaded.spec], folder=folder)
     model = loaded.model
-    if fmt == "peft":
+    if fmt == "comfyui":
+        write_comfyui(loaded, tensors, meta, out)
+    elif fmt == "peft":
         write_peft(model, out, meta)
     else:
         fold_lora(model)
@@ -95,8 +108,9 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
         "architecture": meta.architecture,
         **classes,
         "resolution": meta.resolution,
-        "gamma_blocks_folded": meta.gamma_blocks,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        # The ComfyUI file keeps gamma apart (ComfyUI applies it, through its DoRA path, to this very base).
+        **({"gamma_blocks": meta.gamma_blocks, "base_fingerprint": loaded.fingerprint} if fmt == "comfyui"
+           else {"gamma_blocks_folded": meta.gamma_blocks, "total_params": sum(p.numel() for p in model.parameters())}),
         "bytes": sum(f.stat().st_size for f in files),
     }
 
@@ -148,4 +162,5 @@ def merge_formats(meta: AdapterMeta) -> list[str]:
         return []
     family = meta.model_family
     return [fmt for fmt in family.merge_formats if (fmt != "peft" or meta.method == "lora")
-            and (fmt != "diffusers" or not family.pipeline_problem(meta))]
+            and (fmt != "diffusers" or not family.pipeline_problem(meta))
+            and (fmt != "comfyui" or comfyui_offered(meta))]

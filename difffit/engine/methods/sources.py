@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, parse_classes
+from difffit.engine.errors import DiffFitError, require_at_most
+from difffit.engine.evaluation.sample import SamplingOptions, check_conditioning, check_image_count, parse_classes
 from difffit.engine.evaluation.sample_folder import sample_to_folder
+from difffit.engine.io import check_readable, special_kind
 from difffit.engine.methods.adapter import (
     AdapterMeta,
     AdapterSwapper,
@@ -23,11 +24,13 @@ from difffit.engine.methods.adapter import (
     read_adapter_meta,
     refuse_run_folder,
 )
-from difffit.engine.methods.baselines import MethodSettings
 from difffit.engine.methods.hub_adapters import resolve_adapter_source
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import describe_method
 from difffit.engine.models.bases import Base
 from difffit.engine.models.families import family_of, family_of_spec, load_base
+from difffit.engine.models.family import MAX_SIDE, Family
+from difffit.engine.models.formats import WEIGHT_SUFFIXES
 from difffit.engine.progress import say
 
 # -- loading --------------------------------------------------------------------------------------
@@ -50,7 +53,9 @@ def load_source(
 
 def local_source(spec: str) -> str:
     """`hf://OWNER/NAME[/file]` or an adapter repo's `OWNER/NAME` -> the adapter file in the Hub cache;
-    anything else unchanged (a local path, an alias, a base repo)."""
+    anything else unchanged (a local path, an alias, a base repo). A FIFO or a device is refused here, before
+    anything opens it."""
+    check_readable(spec, "source")
     return resolve_adapter_source(str(spec)) or str(spec)
 
 
@@ -65,16 +70,22 @@ def load_adapter_base(
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
     loaded = base_for_adapter(meta, base=base, vae=vae)
-    if loaded.fingerprint != meta.base_fingerprint:
-        message = (
-            f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-            f"but {loaded.spec} has fingerprint {loaded.fingerprint}."
-        )
-        if not force_base:
-            hint = f"Pass --base {meta.base_spec}, or --force-base to apply it anyway."
-            raise DiffFitError(message, hint=hint)
-        say(("Warning:", "yellow"), f" {message} Applying it anyway (--force-base).")
+    check_fingerprint(source, meta, loaded.spec, loaded.fingerprint, force_base=force_base,
+                      hint=f"Pass --base {meta.base_spec}, or --force-base to apply it anyway.", forced="--force-base")
     return loaded
+
+
+def check_fingerprint(source: str | Path, meta: AdapterMeta, spec: str, fingerprint: str | None, *, force_base: bool,
+                      hint: str, forced: str) -> None:
+    """Refuse a base (`spec`) whose weights' fingerprint is not the one the adapter trained on, in one sentence;
+    with `force_base` (the option spelled `forced`) warn and go on."""
+    if fingerprint == meta.base_fingerprint:
+        return
+    message = (f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
+               f"but {spec} has fingerprint {fingerprint}.")
+    if not force_base:
+        raise DiffFitError(message, hint=hint)
+    say(("Warning:", "yellow"), f" {message} Applying it anyway ({forced}).")
 
 
 def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | None = None) -> Base:
@@ -82,6 +93,10 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
     architecture does not fit the adapter; the fingerprint is left to the caller."""
     spec = base or meta.base_spec
     family = meta.model_family
+    if why := not_a_model(spec):
+        whose = "--base" if base else "The adapter's recorded base"
+        raise DiffFitError(f"{whose} {spec} is not a model: it is {why}.",
+                           hint="Pass --base with the base the adapter was trained on.")
     if (given := family_of_spec(spec)) is not family:
         raise DiffFitError(f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
                            "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
@@ -97,6 +112,26 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
             raise first from None
     check_base_architecture(meta, loaded.model, spec)
     return loaded
+
+
+def source_family(source: str, *, base: str | None = None) -> Family:
+    """The family of a source without loading its weights: an adapter's recorded one, else its base spec's."""
+    spec = local_source(source)
+    refuse_run_folder(spec)
+    if is_adapter_file(spec):
+        return read_adapter_meta(spec).model_family
+    return family_of_spec(spec)
+
+
+def not_a_model(spec: str) -> str | None:
+    """Why a local path cannot be a base (a FIFO, a device, a file of no weights format); None if it may be one
+    (a folder, a weights file, or not a local path: an alias or a Hub id)."""
+    path = Path(spec).expanduser()
+    if kind := special_kind(path):
+        return kind
+    if path.is_file() and not path.name.lower().endswith(WEIGHT_SUFFIXES):
+        return "a file of no weights format (.safetensors, .pt, .pth, .bin, .ckpt)"
+    return None
 
 
 def source_name(source: str) -> str:
@@ -228,6 +263,8 @@ def describe_source(
         return report
     if base is not None:
         raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
+    if resolution is not None:
+        require_at_most("--resolution", resolution, MAX_SIDE, "the largest side difffit trains at or draws")
     # info never downloads a text-to-image base's weights: its counts come from the config (meta device)
     loaded = load_base(source, resolution=resolution, num_heads=num_heads, info=True)
     family = family_of(loaded)
@@ -270,6 +307,7 @@ def sample_sources(
     """
     from accelerate import PartialState
 
+    check_image_count("-n", n)  # before any source loads
     state = PartialState(cpu=options.device == "cpu")
     root = Path(out) if out is not None else None
     outputs, used = [], []

@@ -18,13 +18,15 @@ import re
 import torch
 from torch import nn
 
-from difffit.engine.errors import DiffFitError, require_at_least
-from difffit.engine.methods.baselines import MethodSettings, add_method_modules
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most
+from difffit.engine.methods.baselines import add_method_modules, check_fits
+from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families import family_of
 from difffit.engine.models.families.dit import CLASS_TABLE, DIT, fold_scale_factors, resize_class_table
 from difffit.engine.models.family import ADDED_GROUPS, METHODS, Family, added_reference, norm_parameter_names
 
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a table of a million rows is gigabytes at DiT-XL width
 FOLDABLE = ("full", "bitfit", "lora", "difffit")  # the rest add computation that no weight can absorb
 # Re-exported where they always were: the DiT family's pieces, and the family-generic name rules.
 __all__ = ["CLASS_TABLE", "METHODS", "added_reference", "fold_scale_factors", "norm_parameter_names",
@@ -83,9 +85,10 @@ def prepare_model(
     family = family_of(model)
     check_method(method, family)
     settings = (settings or MethodSettings()).validate(family)
-    settings.check_fits(method, model)
+    check_fits(settings, method, model)
     if num_classes is not None:
         require_at_least("--num-classes", num_classes, 1)
+        require_at_most("--num-classes", num_classes, MAX_CLASSES, "a class table holds a row per class")
     new_classes = family.prepare_conditioning(model, num_classes, new_classes)
     if method == "difffit":
         if gamma_blocks is None:

@@ -34,6 +34,9 @@ METHODS = ("full", "adapter-parallel", "adapter-sequential", "bitfit", "vpt-deep
 # Tensors a method adds (rather than changes), by name, and the value they have in the base model.
 ADDED = {".gamma_": 1.0, ".lora_A.": 0.0, ".lora_B.": 0.0, ".adapter.": 0.0, ".prompts": 0.0}
 ADDED_GROUPS = ("lora", "adapters", "prompts")  # info lists these only where a method has them
+# The longest image side difffit trains at or draws, for every family: 65,536 tokens at patch 2 on an 8x VAE, far
+# past any published checkpoint, and refused before anything is allocated for it.
+MAX_SIDE = 4096
 
 
 def added_reference(name: str) -> float | None:
@@ -66,7 +69,8 @@ class Family:
     pipeline_tag: str = "text-to-image"  # the Hub task of its models
     schedulers: tuple[str, ...]  # the --scheduler names `sample` offers
     lora: LoraNames  # the --lora-targets names and the block modules they name
-    merge_formats: tuple[str, ...] = ("diffusers", "peft")  # what `merge --format` offers (the first: default)
+    # What `merge --format` offers (the first: the default).
+    merge_formats: tuple[str, ...] = ("diffusers", "peft", "comfyui")
     pipeline_name: str = "diffusers pipeline"  # what its merged pipeline folder is, for messages
     # Text families' model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
     pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "
@@ -216,12 +220,17 @@ class Family:
     def check_ready(self, base) -> None:
         """Refuse, in one sentence, a base whose text encoder, tokenizer, VAE or scheduler is missing."""
 
+    def text_token_limit(self, base=None) -> int | None:
+        """The most caption tokens `base`'s pipeline reads (None: no bound known, e.g. without a base yet)."""
+        return self.max_text_tokens_limit
+
     def text_key(self, base, max_tokens: int) -> str:
         """What cached text embeddings depend on besides the caption: encoder identity and token count."""
         raise NotImplementedError
 
     def prompt_encoder(self, base, device: torch.device, max_tokens: int, what: str = "prompt"):
-        """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call."""
+        """`encode(texts) -> {name: (B, ...)}` on the CPU; the encoder loads on the first call, and
+        `encode.report_truncated()` says in one line which of the texts so far were cut."""
         raise NotImplementedError
 
     def size_multiple(self, base) -> int:
@@ -240,10 +249,19 @@ class Family:
         return None
 
     def check_side(self, base, flag: str, value: int | None) -> None:
-        """Refuse, in one sentence, an image side (given by `flag`) that is not a multiple of `size_multiple`."""
+        """Refuse, in one sentence, an image side (given by `flag`) that is not a multiple of `size_multiple`,
+        or that is longer than the model takes (`largest_side`) or than difffit draws (MAX_SIDE)."""
+        if value is None:
+            return
         step = self.size_multiple(base)
-        if value is not None and value % step:
+        if value % step:
             raise DiffFitError(f"{flag} {value} is not a multiple of {step} px, which {base.spec} needs.")
+        largest = self.largest_side(base)
+        if largest is not None and value > largest:
+            raise DiffFitError(f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
+                               "positional table's size).")
+        if value > MAX_SIDE:
+            raise DiffFitError(f"{flag} {value} is above {MAX_SIDE} px, the largest side difffit trains at or draws.")
 
     def sample_images(self, base, text: dict, negative: dict, generators: list[torch.Generator], options,
                       device: torch.device):

@@ -12,6 +12,8 @@ Parameter (engine/models/fp8.py), so anything asking where gamma is asks `has_ga
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,20 +41,21 @@ def has_gamma(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_scaled_linears(model: nn.Module) -> None:
-    """Each ScaledLinear becomes a plain Linear holding gamma W and gamma b: new tensors, so a base whose
-    projections an adapter shares is left as it was. Folding needs the projections' real weights: a model
-    whose gamma sits on a float8 projection (a training-time speed mode) is refused."""
+def fold_scaled_linears(model: nn.Module, setter: Callable[[object, str, object], None] = setattr) -> None:
+    """Each ScaledLinear becomes a plain Linear holding gamma W and gamma b, computed in float32 and rounded
+    once to W's dtype: new tensors, so a base whose projections an adapter shares is left as it was (and a
+    `setter` that remembers can put the ScaledLinear's projection back). Folding needs the projections' real
+    weights: a model whose gamma sits on a float8 projection (a training-time speed mode) is refused."""
     for name, module in list(model.named_modules()):
         if has_gamma(module) and not isinstance(module, ScaledLinear):
             raise ValueError(f"{name} holds gamma on a {type(module).__name__}; fold on the base's own weights")
         if isinstance(module, ScaledLinear):
-            gamma = module.gamma_.to(module.weight.dtype)
+            dtype, gamma = module.weight.dtype, module.gamma_.float()
             folded = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
-                                              bias=module.bias is not None, device=module.weight.device,
-                                              dtype=module.weight.dtype)
-            folded.weight = nn.Parameter(module.weight * gamma[:, None], module.weight.requires_grad)
+                                              bias=module.bias is not None, device=module.weight.device, dtype=dtype)
+            weight = (module.weight.float() * gamma[:, None]).to(dtype)
+            folded.weight = nn.Parameter(weight, module.weight.requires_grad)
             if module.bias is not None:
-                folded.bias = nn.Parameter(module.bias * gamma, module.bias.requires_grad)
+                folded.bias = nn.Parameter((module.bias.float() * gamma).to(dtype), module.bias.requires_grad)
             owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, folded)
+            setter(model.get_submodule(owner), leaf, folded)

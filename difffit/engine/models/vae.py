@@ -14,6 +14,7 @@ import torch
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary, hub_ref, hub_snapshot
+from difffit.engine.io import check_readable
 from difffit.engine.progress import library_bars_off
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -109,6 +110,7 @@ def vae_geometry(spec: str) -> tuple[int, int]:
 def _vae_folder(spec: str, config_only: bool = False) -> Path:
     """The local folder holding an AutoencoderKL's config.json (and weights unless config_only)."""
     path = Path(spec).expanduser()
+    check_readable(path, "VAE")
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
             path = path / "vae"  # a pipeline folder: use its VAE

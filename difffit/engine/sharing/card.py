@@ -68,11 +68,13 @@ def _hub_repo(spec: str, subfolders: bool = False) -> str | None:
 
 
 def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, grid: str | None = None,
-               grid_caption: str = "", merged: bool = False, license: str | None = None) -> ModelCard:
+               grid_caption: str = "", merged: bool = False, license: str | None = None,
+               comfyui_file: str | None = None) -> ModelCard:
     """The card of the adapter described by `summary` (`runs.training_summary`), pushed to `repo_id`.
 
     `grid`: the sample image's name in the repo; `merged`: the repo holds a merged DiTPipeline
-    instead of the adapter; `license`: default, the base's license when difffit knows it, else "other".
+    instead of the adapter; `license`: default, the base's license when difffit knows it, else "other";
+    `comfyui_file`: the name of the ComfyUI file beside the adapter, if the repo holds one.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -105,6 +107,8 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         base_text=base_text + (" (a local base)" if local_base else ""),
         local_base=local_base,
         base_option=f" --base {local_base}" if local_base else "",
+        base_pipeline=base_id or f"path/to/{local_base or base_name}",
+        comfyui_file=comfyui_file,
         merge_formats=summary.get("merge_formats", []),
         adapter_size=format_bytes(summary["file_bytes"]),
         class_rows=names[:MAX_CLASSES_LISTED],

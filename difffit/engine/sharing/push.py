@@ -1,5 +1,8 @@
 """`difffit push`: an adapter (or the model merged from it), a sample grid and a model card to the Hub.
 
+Beside a text-to-image adapter that folds exactly into ComfyUI's layout (`merge --format comfyui`), the
+repo also gets that ComfyUI file, `<repo name>-comfyui.safetensors`, and the card says how to use it.
+
 The upload folder is built first, in full; `--dry-run --out DIR` stops there, so DIR holds exactly
 what would be uploaded. The upload itself is huggingface_hub's `create_repo` + `upload_folder`.
 """
@@ -20,7 +23,8 @@ from difffit.engine.io import MARKER, atomic_path
 from difffit.engine.methods.adapter import read_adapter
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
-from difffit.engine.sharing.card import model_card
+from difffit.engine.progress import say
+from difffit.engine.sharing.card import MAX_CLASSES_LISTED, model_card
 from difffit.engine.training.runs import previews, read_eval_json, training_summary
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -42,6 +46,7 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
     adapter = Path(adapter)
     read_adapter(adapter)  # refused exactly as sample refuses it (damaged, corrupt, NaN), before anything is built
     summary = training_summary(adapter)
+    announce_quoted_prompts(summary["training"])
     eval_result = read_eval_json(eval_json) if eval_json is not None else None
     build = {"summary": summary, "repo_id": repo_id, "eval_result": eval_result, "grid_classes": grid_classes,
              "merged": merged, "license": license}
@@ -66,6 +71,20 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
             "private": private}
 
 
+def announce_quoted_prompts(training: dict) -> None:
+    """Say, before anything is built or uploaded, which prompts the model card quotes (a text-to-image run's
+    preview prompts, by default its first captions), and which of them were read from a file outside the data
+    folder (a caption file linked from elsewhere), which the user may not mean to publish."""
+    quoted = (training.get("validation_prompts") or [])[:MAX_CLASSES_LISTED]
+    if not quoted:
+        return
+    say(f"The model card quotes {len(quoted)} preview prompt(s): {'; '.join(map(repr, quoted))}.")
+    outside = training.get("outside_prompts") or {}
+    for prompt in (p for p in quoted if p in outside):
+        say((f"Warning: the preview prompt {prompt!r} is the caption file {outside[prompt]}, outside the data "
+             "folder; it is published in the card.", "yellow"))
+
+
 def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: str, eval_result: dict | None,
                         grid_classes: list[str] | None, merged: bool, license: str | None) -> list[str]:
     """Write the repo's files into the empty `folder`; returns their names, sorted."""
@@ -77,11 +96,20 @@ def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: 
         (folder / "pipeline").rmdir()
     else:
         shutil.copyfile(adapter, folder / ADAPTER_FILE)
+    comfyui = None
+    if not merged and "comfyui" in summary.get("merge_formats", []):
+        comfyui = comfyui_file_name(repo_id)
+        merge_adapter(str(adapter), folder / comfyui, fmt="comfyui")
     caption = _write_grid(adapter, folder / GRID_FILE, grid_classes)
     card = model_card(summary, repo_id, eval_result=eval_result, grid=GRID_FILE if caption else None,
-                      grid_caption=caption or "", merged=merged, license=license)
+                      grid_caption=caption or "", merged=merged, license=license, comfyui_file=comfyui)
     card.save(folder / CARD_FILE)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def comfyui_file_name(repo_id: str) -> str:
+    """The ComfyUI file's name in the repo: ComfyUI's LoRA list shows file names, so it says what it is."""
+    return f"{repo_id.split('/')[-1]}-comfyui.safetensors"
 
 
 def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> str | None:

@@ -1,10 +1,11 @@
 """`difffit report`: one self-contained HTML page about one or more runs, and fit's loss.png.
 
 Per run: the loss curves (loss raw and smoothed, MSE and VB smoothed, the validation loss when
-logged) as inline SVG, the preview grids as a timeline, the training summary, the eval results found
-next to the run, and the resolved config.toml. With several runs: a comparison table and the
-smoothed losses overlaid. Images are inline (base64), so the file can be mailed or attached as is.
-Every curve in the SVGs carries an id (gid), and each run's plotted series are embedded as JSON.
+logged) and the in-training FID and CLIP score when logged, as inline SVG, the preview grids as a
+timeline, the training summary, the eval results found next to the run, and the resolved config.toml.
+With several runs: a comparison table and the smoothed losses overlaid. Images are inline (base64), so
+the file can be mailed or attached as is. Every curve in the SVGs carries an id (gid), and each run's
+plotted series are embedded as JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from difffit import __version__
 from difffit.engine.errors import DiffFitError
 from difffit.engine.io import atomic_path, check_output
 from difffit.engine.methods.sources import unique_names
-from difffit.engine.training.loss_plot import loss_figure, save_figure
+from difffit.engine.training.loss_plot import eval_figure, loss_figure, save_figure
 from difffit.engine.training.runs import (
     eval_results,
     format_duration,
@@ -149,9 +150,11 @@ def _run_section(i: int, name: str, info: dict) -> str:
              '<div class="overview">', _table(_summary_rows(info["summary"]))]
     if info["records"]:
         plotted = {key: dict(zip(("step", "value"), series(info["records"], key), strict=True))
-                   for key in ("loss", "mse", "vb", "val_loss")}
-        parts += [f'<div class="plot">{_inline_svg(loss_figure({name: info["records"]}), f"loss-{i}")}</div>',
-                  f'<script type="application/json" class="log-data">{json.dumps(plotted)}</script>']
+                   for key in ("loss", "mse", "vb", "val_loss", "fid", "kid", "clip")}
+        parts.append(f'<div class="plot">{_inline_svg(loss_figure({name: info["records"]}), f"loss-{i}")}')
+        if (evaluation := eval_figure(info["records"])) is not None:  # in-training FID / CLIP score
+            parts.append(_inline_svg(evaluation, f"eval-{i}"))
+        parts += ["</div>", f'<script type="application/json" class="log-data">{json.dumps(plotted)}</script>']
     parts.append("</div>")
     if info["previews"]:
         parts += ["<h3>Samples during training</h3>", _timeline(info["previews"])]

@@ -19,7 +19,9 @@ from difffit.engine.data.batches import Captions, Labels
 from difffit.engine.data.captions import attach_captions
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
+from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
+from difffit.engine.evaluation.sample import SamplingOptions
 from difffit.engine.methods.trainable import check_method, same_classes
 from difffit.engine.models.family import Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
@@ -30,9 +32,8 @@ PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
 TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
              ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"),
-             ("caption_dropout", "--caption-dropout"))
-CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"), ("val_fraction", "--val-fraction"),
-              ("val_data", "--val-data"), ("eval_every", "--eval-every"), ("keep_best", "--keep-best"))
+             ("caption_dropout", "--caption-dropout"), ("eval_prompts", "--eval-prompts"))
+CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"))
 
 
 def check_options(config: FitConfig, family: Family) -> None:
@@ -46,10 +47,10 @@ def check_options(config: FitConfig, family: Family) -> None:
         if getattr(config, field):
             kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
             raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
-    limit = family.max_text_tokens_limit
-    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
-        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens} is above {limit}, the most a {family.title} "
-                           "pipeline reads.")
+    if family.conditioning != "text" and "clip" in config.evaluation_metrics():
+        raise DiffFitError(f"--eval-metrics clip scores samples against their captions, and this base is a "
+                           f"class-conditional {family.title} model.", hint="Use --eval-metrics fid.")
+    check_text_tokens(config, family)
     if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
         flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
         raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
@@ -68,6 +69,16 @@ def check_options(config: FitConfig, family: Family) -> None:
     if config.mixed_precision == "fp8" and family.fp8_keep() is None:
         raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
                            hint="Use --mixed-precision bf16 (the default on CUDA).")
+
+
+def check_text_tokens(config: FitConfig, family: Family, base=None) -> None:
+    """Refuse a --max-text-tokens above what the family's pipeline reads: before loading where the family alone says
+    (SD3, FLUX), and again once `base` is loaded where its pipeline does (PixArt-α 120, Σ 300)."""
+    limit = family.text_token_limit(base)
+    if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
+        pipeline = f"{base.pipeline}" if base is not None else f"{family.title} pipeline"
+        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens:,} is above {limit}, the most a {pipeline} "
+                           "reads.")
 
 
 def apply_family_defaults(config: FitConfig, family: Family) -> None:
@@ -94,7 +105,11 @@ def prepare_conditions(run: Run, progress: bool) -> Labels | Captions:
         run.new_classes = not same_classes(folder.class_names, base.config.num_classes, base.class_names)
         # A kept table keeps the base's class names (e.g. ImageNet's labels for wnid folders).
         run.class_names = folder.class_names if run.new_classes or not base.class_names else list(base.class_names)
-        return Labels(folder.labels)
+        # Label dropout is drawn with the global batch (engine.data.batches), the same rows on any number of
+        # processes, so the model's own per-process draw is off. The null class follows the table trained:
+        # the folder's classes (a kept table has as many).
+        base.model.y_embedder.dropout_prob = 0.0
+        return Labels(folder.labels, base.config.class_dropout_prob, null=len(folder.class_names))
     run.new_classes, run.class_names = False, folder.class_names
     run.preview_prompts = run.config.validation_prompts or list(dict.fromkeys(folder.captions))[:PREVIEW_IMAGES]
     return Captions(_caption_embeddings(run, progress), run.config.caption_dropout)
@@ -104,15 +119,15 @@ def _caption_embeddings(run: Run, progress: bool):
     config, base, family, device = run.config, run.base, run.family, run.accelerator.device
     max_tokens = config.max_text_tokens or base.max_text_tokens
     # The empty caption: what caption dropout trains on, and the previews' guidance (where the family has one)
-    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts
-    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn:
-            encode = family.prompt_encoder(base, device, max_tokens, "caption")
-            embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
-                                         cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
-                                         progress=progress, extra=extra)
-            del encode  # the text encoder with it: training needs the transformer and the cached tensors only
-        run.accelerator.wait_for_everyone()
+    extra = ([""] if config.caption_dropout or family.negative_prompts else []) + run.preview_prompts \
+        + run.held_out_prompts
+    with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
+        encode = family.prompt_encoder(base, device, max_tokens, "caption")
+        embeddings = text_embeddings(run.folder.captions, encode, key=family.text_key(base, max_tokens),
+                                     cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
+                                     progress=progress, extra=extra)
+        encode.report_truncated()
+        del encode  # the text encoder with it: training needs the transformer and the cached tensors only
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -127,6 +142,14 @@ def preview_inputs(run: Run) -> dict:
     return {"prompts": run.preview_prompts, "embeddings": run.batches.conditions.embeddings}
 
 
+def preview_options(run: Run, batch_size: int = PREVIEW_IMAGES) -> SamplingOptions:
+    """How previews (and a text-to-image run's in-training evaluation) sample: the family's cheap preview
+    settings over its defaults, fixed seed; a text-to-image run at the size it trains at (DiT at its base's)."""
+    size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
+    return SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
+                           seed=run.config.seed, batch_size=batch_size, mixed_precision=run.sampling_precision)
+
+
 def text_summary(run: Run) -> dict:
     """The text settings an adapter's training summary records (nothing for class-conditional runs)."""
     if run.family.conditioning != "text":
@@ -136,4 +159,12 @@ def text_summary(run: Run) -> dict:
     return {"pipeline": run.base.pipeline, "resolution": run.resolution,
             "caption_dropout": run.config.caption_dropout, **flow,
             "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
-            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts}
+            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts,
+            **({"outside_prompts": outside} if (outside := _outside_prompts(run)) else {})}
+
+
+def _outside_prompts(run: Run) -> dict[str, str]:
+    """{preview prompt: the file outside the data folder it was read from}, for push to warn about."""
+    if run.config.validation_prompts:  # the user's own prompts
+        return {}
+    return {p: run.folder.outside_captions[p] for p in run.preview_prompts if p in run.folder.outside_captions}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,102 +14,34 @@ from difffit.engine.data.captions import check_template
 from difffit.engine.data.hf_datasets import HF_PREFIX, hub_dataset
 from difffit.engine.data.images import ImageFolder
 from difffit.engine.devices import DEVICES
-from difffit.engine.errors import DiffFitError, require_at_least
-from difffit.engine.methods.baselines import MethodSettings
+from difffit.engine.errors import DiffFitError, require_at_least, require_at_most, require_seed
+from difffit.engine.evaluation.sample import check_image_count
+from difffit.engine.io import check_folder_path
 from difffit.engine.methods.trainable import METHODS, describe_method
 from difffit.engine.models.bases import base_architecture
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families.dit import DIT
-from difffit.engine.models.family import Family
+from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.models.resolution import PE_MODES
 from difffit.engine.models.speed import COMPILE_CHOICES
+from difffit.engine.training.options import FitFields
 from difffit.engine.training.trackers import check_log_with
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16", "fp8")
 ADAPTER_DTYPES = ("fp16", "fp32")
-KEEP_BEST = ("fid", "val_loss")
+KEEP_BEST = ("fid", "clip", "val_loss")
+EVAL_METRICS = ("fid", "clip")  # in-training: FID (with KID where the reference has features), CLIP score
 BUCKETS = ("auto", "none")
-MAX_RESOLUTION = 4096  # 65,536 tokens at patch 2 on the SD VAE: far past any DiT checkpoint
+MAX_STEPS = 100_000_000  # DiT-XL/2 trained 7M steps; the step count sizes the run's schedule
 
 
 @dataclass
-class FitConfig:
-    """Every option of `difffit fit` and `difffit upscale-res`.
-
-    None means "decided at run time" (from the base, the method or the data). A `resolution` other
-    than the base's moves the base there first (the positional-encoding trick by default).
-    """
-
-    data: str | None = None
-    base: str | None = None
-    vae: str | None = None  # default: the base's VAE
-    method: str = "difffit"
-    out: str | None = None  # default: runs/<data folder name>-<method>
-    steps: int = 24000  # total optimizer steps of the run (a resumed run trains up to this)
-    batch_size: int = 32  # global batch per optimizer step (all processes, all accumulation steps)
-    lr: float | None = None  # default: 1e-3 for difffit and bitfit, 1e-4 for full
-    seed: int = 0
-    resolution: int | None = None  # default: the base's resolution
-    num_heads: int | None = None  # only for a base of non-standard width that does not record it
-    mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
-    device: str = "auto"
-    save_every: int = 1000
-    sample_every: int = 2000  # 0 = no preview grids
-    resume: bool = False
-    gamma_blocks: str | None = None  # default: the first half of the blocks
-    ema: bool = True
-    ema_decay: float = 0.9999
-    cache_latents: bool = True
-    cache_dir: str | None = None
-    grad_checkpointing: bool = False
-    compile: str = "auto"  # auto (on for CUDA), on or off: torch.compile of each DiT block
-    keep: int = 2
-    log_every: int = 1
-    warmup: int = 0
-    grad_accum: int = 1
-    adapter_dtype: str = "fp16"
-    log_with: str | None = None
-    num_workers: int | None = None  # image-loading processes; default min(8, CPUs)
-    pos_embed: str | None = None  # when resolution differs from the base: "trick" (default) or "plain"
-    # Method settings (engine/methods/baselines.py MethodSettings has the defaults and where they come from).
-    gamma_placement: str = "branch"  # difffit: "branch" or "branch+attn"
-    rank: int = 8  # lora
-    lora_alpha: float | None = None  # lora; default = rank
-    lora_targets: str | None = None  # lora; default: the family's (DiT "qkv,proj"; PixArt "to_q,to_k,to_v,to_out.0")
-    adapter_dim: int = 64  # adapter-parallel, adapter-sequential
-    prompt_tokens: int = 8  # vpt-deep
-    image_column: str | None = None  # a dataset's image column (default: its first Image feature)
-    label_column: str | None = None  # a dataset's label column (default: its first ClassLabel feature)
-    # Text-to-image data (engine/data/captions.py says where captions come from, in which order).
-    caption_column: str | None = None  # metadata files' / a dataset's text column (default: text, else caption)
-    caption_template: str | None = None  # class folders as captions, e.g. "a photo of {class}"
-    caption_dropout: float | None = None  # the fraction of captions replaced by the empty one (default: the family's)
-    max_text_tokens: int | None = None  # default: the base's (PixArt-alpha 120, PixArt-Sigma 300, SD3 256, FLUX 512)
-    validation_prompts: list[str] | None = None  # preview prompts (default: the data's first captions)
-    class_balance: bool = False  # draw every class equally often, whatever its image count
-    # "auto": aspect-ratio buckets (engine/data/buckets.py), "none": the square crop; default: auto where the
-    # base takes any image size (text-to-image families), none where it takes one square (DiT)
-    buckets: str | None = None
-    repeats: int | dict[str, int] = 1  # items per epoch: a global count, or {class name: count} in a recipe
-    snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE term
-    p2_gamma: float | None = None  # P2 weighting (k = 1) of the MSE term
-    timestep_sampling: str | None = None  # flow bases (SD3, FLUX): logit_normal (default), uniform or mode
-    val_fraction: float = 0.0  # held out of the data, per class, for the validation loss
-    val_data: str | None = None  # or a separate validation folder / dataset
-    val_every: int = 0  # validation loss every N steps (0: only at the end, when there is a validation set)
-    eval_every: int = 0  # FID/KID of samples every N steps (0: never)
-    eval_n: int = 1000
-    eval_reference: str | None = None  # image folder or statistics .npz
-    inception_weights: str | None = None
-    keep_best: str | None = None  # "fid" or "val_loss": keep best/adapter.safetensors
+class FitConfig(FitFields):
+    """What a fit run is asked to do: FitFields (every option, with its default), checked by `validate`."""
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
-
-    def method_settings(self) -> MethodSettings:
-        """The method's settings, checked (the fields of the same names; lora_targets parsed)."""
-        return MethodSettings.from_dict(dataclasses.asdict(self)).validate()
 
     def out_dir(self) -> Path:
         return Path(self.out).expanduser() if self.out else default_out_dir(self.data, self.method)
@@ -130,21 +63,27 @@ class FitConfig:
             raise DiffFitError("No base model given.", hint="Pass --base, e.g. --base DiT-XL/2-256.")
         for name in ("steps", "batch_size", "keep", "log_every", "grad_accum"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("save_every", "sample_every", "warmup", "seed"):
+        require_at_most("--steps", self.steps, MAX_STEPS, "years of training at any speed")
+        require_seed("--seed", self.seed)
+        for name in ("save_every", "sample_every", "warmup"):
             _at_least(name, getattr(self, name), 0)
         for name in ("resolution", "num_heads"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
-        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
-            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_RESOLUTION} px.")
+        if self.resolution is not None and self.resolution > MAX_SIDE:
+            raise DiffFitError(f"{self.resolution} px is beyond the largest supported resolution, {MAX_SIDE} px.")
         if self.num_workers is not None:
             _at_least("num_workers", self.num_workers, 0)
+            require_at_most("--num-workers", self.num_workers, os.cpu_count() or 1, "this machine's CPU cores")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise DiffFitError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise DiffFitError(f"--ema-decay must be in [0, 1) (got {self.ema_decay}).")
         check_log_with(self.log_with)
+        if self.cache_dir is not None:
+            check_folder_path(self.cache_dir, "--cache-dir")
         self._validate_data_and_validation()
+        self.method_settings.validate()
         self.check_architecture(base_architecture(self.base, resolution=self.resolution, vae=self.vae,
                                                   num_heads=self.num_heads))
         return self
@@ -155,7 +94,7 @@ class FitConfig:
         shapes are cheap to read (`base_architecture`), else by `fit` as soon as the base (of `family`, whose
         config `architecture` is) is loaded."""
         if architecture is not None:
-            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings(),
+            describe_method(architecture, self.method, gamma_blocks=self.gamma_blocks, settings=self.method_settings,
                             family=family)
 
     def check_data(self, folder: ImageFolder) -> None:
@@ -174,7 +113,9 @@ class FitConfig:
     def _validate_data_and_validation(self) -> None:
         for name in ("val_every", "eval_every"):
             _at_least(name, getattr(self, name), 0)
-        _at_least("eval_n", self.eval_n, 2)
+        if self.eval_n is not None:
+            _at_least("eval_n", self.eval_n, 2)
+            check_image_count("--eval-n", self.eval_n)
         counts = self.repeats.values() if isinstance(self.repeats, dict) else [self.repeats]
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
@@ -203,14 +144,32 @@ class FitConfig:
         has_val = bool(self.val_fraction or self.val_data)
         if self.val_every and not has_val:
             raise DiffFitError("--val-every needs a validation set.", hint="Add --val-fraction 0.1 or --val-data DIR.")
-        if self.eval_every and not self.eval_reference:
-            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz).")
+        metrics = self.evaluation_metrics()
+        if self.clip_model is not None and "clip" not in metrics:
+            raise DiffFitError("--clip-model is the model of the clip metric; add clip to --eval-metrics.")
+        if self.eval_every and "fid" in metrics and not (self.eval_reference or has_val):
+            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz) or a "
+                               "validation set to compare samples with.",
+                               hint="Add --eval-reference DIR, or --val-fraction 0.1 on a text-to-image base.")
         if self.keep_best is not None:
             _choice("--keep-best", self.keep_best, KEEP_BEST)
-            if self.keep_best == "fid" and not self.eval_every:
-                raise DiffFitError("--keep-best fid needs --eval-every N and --eval-reference.")
+            if self.keep_best in EVAL_METRICS and self.keep_best not in metrics:
+                raise DiffFitError(f"--keep-best {self.keep_best} keeps the best {self.keep_best} score, and "
+                                   f"--eval-metrics {self.eval_metrics} does not compute it.",
+                                   hint=f"Add {self.keep_best} to --eval-metrics.")
+            if self.keep_best in EVAL_METRICS and not self.eval_every:
+                raise DiffFitError(f"--keep-best {self.keep_best} needs --eval-every N.")
             if self.keep_best == "val_loss" and not has_val:
                 raise DiffFitError("--keep-best val_loss needs a validation set (--val-fraction or --val-data).")
+
+    def evaluation_metrics(self) -> tuple[str, ...]:
+        """--eval-metrics parsed and checked, in EVAL_METRICS order."""
+        names = [name.strip().lower() for name in self.eval_metrics.split(",") if name.strip()]
+        unknown = [name for name in names if name not in EVAL_METRICS]
+        if unknown or not names:
+            raise DiffFitError(f"Unknown --eval-metrics {unknown[0] if unknown else '(none)'!r}; choose from "
+                               f"{', '.join(EVAL_METRICS)}.")
+        return tuple(name for name in EVAL_METRICS if name in names)
 
     def bucketed(self, family: Family) -> bool:
         """Whether the run groups images into aspect-ratio buckets: --buckets, else the family's default."""
@@ -242,6 +201,10 @@ def default_out_dir(data: str | None, method: str) -> Path:
 
 @dataclass
 class FitResult:
+    """What `fit` returns (and `difffit fit --json` prints): the run folder and its adapter file (None before the
+    first save), the steps done and asked for, the last loss, the data seen and skipped, the speed, and whether
+    and why the run stopped early."""
+
     out_dir: Path
     adapter: Path | None
     step: int

@@ -52,6 +52,29 @@ def loss_figure(runs: dict[str, list[dict]]):
     return fig
 
 
+EVAL_CURVES = (("fid", "FID (lower is better)", "C4"), ("clip", "CLIP score (higher is better)", "C5"))
+
+
+def eval_figure(records: list[dict]):
+    """The in-training evaluation of one run: a panel per metric logged (fid, clip), None when none was.
+    Lines get gids (the metric's log key)."""
+    from matplotlib.figure import Figure
+
+    logged = [(key, label, color, series(records, key)) for key, label, color in EVAL_CURVES]
+    logged = [curve for curve in logged if curve[3][1]]
+    if not logged:
+        return None
+    fig = Figure(figsize=(4 * len(logged), 3), dpi=100, layout="constrained")
+    for ax, (key, label, color, (steps, values)) in zip(fig.subplots(1, len(logged), squeeze=False)[0], logged,
+                                                         strict=True):
+        line, = ax.plot(steps, values, color=color, marker="o", markersize=3, label=label)
+        line.set_gid(key)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize="medium")
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def save_figure(fig, fmt: str) -> bytes:
     import matplotlib
 

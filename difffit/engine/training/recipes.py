@@ -6,14 +6,15 @@ the run being resumed (DIR/config.toml), the built-in defaults of FitConfig.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
 from difffit.engine.errors import DiffFitError
+from difffit.engine.io import check_readable
 from difffit.engine.training.config import FitConfig
+from difffit.engine.training.options import option_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,13 +23,14 @@ else:  # pragma: no cover
 
 # Recipes shipped with the source tree (recipes/*.toml); `--recipe food101` finds them by name.
 SHIPPED = Path(__file__).resolve().parents[3] / "recipes"
-_FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)}
+_FIELDS = option_fields()
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def find_recipe(spec: str) -> Path:
     path = Path(spec).expanduser()
+    check_readable(path, "recipe")
     if path.is_file():
         return path
     shipped = SHIPPED / f"{spec}.toml"
@@ -46,6 +48,11 @@ def _coerce(key: str, value, source: str):
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise DiffFitError(f"{source}: `{key}` should be a string or a list of strings, not {value!r}.")
         return values
+    if declared.startswith("tuple[str"):  # --lora-targets: comma-separated, or a list of names
+        if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DiffFitError(f"{source}: `{key}` should be a comma-separated string or a list of strings, "
+                               f"not {value!r}.")
+        return value
     if isinstance(value, dict) and "dict[str, int]" in declared:  # a table such as [repeats]: class = count
         return {str(k): _coerce(key, v, f"{source}, [{key}] {k}") for k, v in value.items()}
     kind = _TYPES[declared.split("|")[0].strip()]
@@ -84,10 +91,10 @@ def resolve_fit_config(given: dict, recipe: str | None = None) -> FitConfig:
     options = read_options(find_recipe(recipe), f"recipe {recipe}") if recipe else {}
     options.update(given)
     if options.get("resume"):
-        out = FitConfig(**options).out_dir()
+        out = FitConfig.from_options(options).out_dir()
         if (out / "config.toml").exists():
             options = read_options(out / "config.toml") | options
-    return FitConfig(**options)
+    return FitConfig.from_options(options)
 
 
 # --------------------------------------------------------------------------------------------

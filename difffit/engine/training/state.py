@@ -44,8 +44,11 @@ class Run:
     cache: str | None = None
     text_cache: str | None = None  # text-to-image: the caption embeddings' cache folder
     preview_prompts: list[str] = dataclasses.field(default_factory=list)  # text-to-image: what previews show
+    # text-to-image: the held-out captions and --eval-prompts, encoded with the training captions
+    held_out_prompts: list[str] = dataclasses.field(default_factory=list)
     validation: Validation | None = None
     buckets: list[Bucket] | None = None  # with --buckets auto: the aspect-ratio buckets of the training data
+    identity: dict = dataclasses.field(default_factory=dict)  # what defines the run (engine.training.resume)
 
     @property
     def family(self) -> Family:

@@ -2,7 +2,7 @@
 
 Two host syncs used to run every step: the CPU generator's timesteps and noise were copied to the
 GPU, and the loss sums were read back (`.tolist()`) to check finiteness. Here both stay on the
-device: timesteps and noise come from a device generator seeded by (seed, step, rank), so a resumed
+device: timesteps and noise come from a device generator seeded by (seed, step), so a resumed
 run draws exactly what an uninterrupted one does; the loss sums accumulate on the device and are
 read every `log_every` steps, so a NaN stop can lag by up to that many steps (checkpoints flush
 first, so a checkpoint never follows an undetected NaN).
@@ -20,12 +20,13 @@ from difffit.engine.data.batches import step_seed
 # Re-exported: the benchmarks and tests draw their batches' timesteps and noise from here, as fit does.
 
 STATS = ("loss", "mse", "vb")
-DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (label dropout) and 2 (data) are train.py's
+DEVICE_STREAM = 3  # the last part of the seed tuple: streams 1 (the model's own randomness) and 2 (data) are train.py's
 
 
-def step_generator(device: torch.device | str, seed: int, step: int, rank: int) -> torch.Generator:
-    """The device generator of optimizer step `step` on process `rank`; seeding it costs no host sync."""
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, DEVICE_STREAM))
+def step_generator(device: torch.device | str, seed: int, step: int) -> torch.Generator:
+    """The device generator of optimizer step `step`, which draws the global batch's timesteps and noise (every
+    process the same, keeping its rows); seeding it costs no host sync."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, DEVICE_STREAM))
 
 
 class LossMeter:

@@ -11,7 +11,6 @@ Multi-GPU: `accelerate launch -m difffit fit ...`; process 0 writes every file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time
@@ -26,9 +25,9 @@ from difffit.engine.data.buckets import bucketed_latents, show_buckets
 from difffit.engine.data.hf_datasets import HF_PREFIX, open_data
 from difffit.engine.data.images import report_skipped, require_images, without_unreadable_classes
 from difffit.engine.data.latents import usable_latents
-from difffit.engine.devices import make_accelerator, tf32_matmuls
+from difffit.engine.devices import make_accelerator, one_builder_first, tf32_matmuls
 from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.sample import SamplingOptions, generate
+from difffit.engine.evaluation.sample import generate
 from difffit.engine.evaluation.sample_folder import save_grid
 from difffit.engine.io import atomic_path, run_lock
 from difffit.engine.methods.adapter import make_meta, save_adapter
@@ -64,14 +63,18 @@ from difffit.engine.training.conditions import (
     PREVIEW_IMAGES,
     apply_family_defaults,
     check_options,
+    check_text_tokens,
     prepare_conditions,
     preview_inputs,
+    preview_options,
     text_summary,
     with_captions,
 )
 from difffit.engine.training.config import FitConfig, FitResult
+from difffit.engine.training.held_out import held_out_prompts, split_validation
 from difffit.engine.training.loss_plot import write_loss_plot
 from difffit.engine.training.recipes import write_toml
+from difffit.engine.training.resume import RUN_KEY, check_same_run, run_identity
 from difffit.engine.training.signals import StopFlag
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import (
@@ -82,7 +85,7 @@ from difffit.engine.training.step import (
     update_ema,
 )
 from difffit.engine.training.trackers import log_preview
-from difffit.engine.training.validation import Validation, split_validation
+from difffit.engine.training.validation import Validation
 
 MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
                "fp8 (on an FP8 GPU) halves them again.")
@@ -96,6 +99,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     check_run_folder(out_dir, config.data)
     # -- accelerator, data, base at the run's resolution; then the lock on --out ---------------------
     accelerator, precision = make_accelerator(config.device, config.mixed_precision, config.log_with, out_dir)
+    # a global batch the processes cannot share equally is refused before anything is read or written
+    Split(config.batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes)
     with contextlib.ExitStack() as held:
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
         # bad options for the base's family, bad data, then a bad base, fail before --out is touched
@@ -103,10 +108,16 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         check_options(config, family)
         apply_family_defaults(config, family)
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
-        folder, val_folder = split_validation(config, with_captions(data, config, family))
-        config.check_data(folder)
+        folder = with_captions(data, config, family)
+        if family.conditioning != "text":
+            folder, val_folder = split_validation(config, folder)
+            config.check_data(folder)
         base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
         family.check_ready(base)
+        check_text_tokens(config, family, base)
+        if family.conditioning == "text":  # held out per bucket shape, which the base's patch and VAE decide
+            folder, val_folder = split_validation(config, folder, family, base)
+            config.check_data(folder)
         config.check_architecture(family.config_of(base.model), family)  # before the method's modules exist
         if accelerator.is_main_process:
             held.enter_context(run_lock(out_dir))
@@ -116,9 +127,12 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         if accelerator.is_main_process:
             claim_run_folder(out_dir)
         run = Run(config, out_dir, accelerator, precision, base, pos_embed, folder, [], True)
+        run.held_out_prompts = held_out_prompts(config, val_folder) if family.conditioning == "text" else []
         _prepare_data(run, progress and run.main)
         # -- trainable state, resume ------------------------------------------------------------------
         _prepare_trainable_state(run)
+        run.identity = run_identity(_resolved_config(run), run.folder, run.base.fingerprint, run.base.vae_spec,
+                                    [b.summary() for b in run.buckets] if run.buckets else None)
         start_step, elapsed_before = _resume(run, checkpoints)
         if run.main:
             _write_run_record(run, start_step)
@@ -192,13 +206,12 @@ def _prepare_data(run: Run, progress: bool) -> None:
                               num_workers=num_workers, progress=progress)
 
     bucketed = config.bucketed(run.family)
-    for turn in (True, False):  # the main process encodes; the others wait, then open the finished cache
-        if run.main == turn and bucketed:
+    with one_builder_first(run.accelerator):  # process 0 encodes; the others wait, then open the finished cache
+        if bucketed:
             folder, latents = bucketed_latents(run.folder, run.resolution, run.family.size_multiple(base),
                                                config.batch_size, latents_for, progress, run.family.largest_side(base))
-        elif run.main == turn:
+        else:
             folder, latents = latents_for(run.folder, run.resolution)
-        run.accelerator.wait_for_everyone()
     run.cache = None if latents.cache_path is None else str(latents.cache_path)
     if run.main:
         report_skipped(folder.skipped, len(run.folder.files))
@@ -222,7 +235,7 @@ def _prepare_trainable_state(run: Run) -> None:
     gamma_blocks = parse_gamma_blocks(config.gamma_blocks, family.depth(model)) if config.method == "difffit" else None
     torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
     prepare_model(model, config.method, gamma_blocks, len(run.folder.class_names), new_classes=run.new_classes,
-                  settings=config.method_settings())
+                  settings=config.method_settings)
     run.base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     device = run.accelerator.device
     # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
@@ -254,15 +267,16 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
     if not run.config.resume:
         return 0, 0.0
 
-    def same_classes(state: dict) -> None:
+    def same_run(state: dict) -> None:
         trained_on = state.get("class_names")
         if trained_on is not None and trained_on != run.class_names:
             raise DiffFitError(
                 f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
                 f"the data now has [{', '.join(run.class_names)}].",
                 hint="Resume with the same class folders, or start a new run with another --out.")
+        check_same_run(state.get(RUN_KEY), run.identity, str(run.out_dir / "checkpoints"))
 
-    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_classes)
+    step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_run)
     if not state and run.main:
         say(f"No checkpoint in {run.out_dir / 'checkpoints'}; starting from step 0.")
     return step, state.get("elapsed_s", 0.0)
@@ -271,7 +285,7 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
 def _resolved_config(run: Run) -> dict:
     config = run.config
     data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
-    resolved = dataclasses.asdict(config) | {
+    resolved = config.options() | {
         "data": data, "base": run.base.spec, "out": str(run.out_dir),
         "lr": config.learning_rate(), "resolution": run.resolution, "mixed_precision": run.precision}
     resolved.pop("resume")
@@ -305,7 +319,7 @@ class Outcome:
 def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool) -> Outcome:
     """Optimizer steps from `start_step` to `config.steps`: log, checkpoint and preview on schedule."""
     config, accelerator, optimizer, model = run.config, run.accelerator, run.optimizer, run.model
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    device, world = accelerator.device, accelerator.num_processes
     # DiT's: linear betas over 1000 steps; SD3's and FLUX's: rectified flow at --timestep-sampling's draws
     diffusion = run.family.diffusion(run.base, config.timestep_sampling)
     mse_weights = diffusion.mse_weights(config.snr_gamma, config.p2_gamma)
@@ -326,14 +340,17 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
                 (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log:
             task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
             while step < config.steps:
-                torch.manual_seed(step_seed(config.seed, step, rank, 1))  # the label dropout's RNG
-                g = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 2))  # data order, flips
-                on_device = step_generator(device, config.seed, step, rank)  # timesteps and noise
+                # Every draw is of the global batch, each process keeping its slice's rows (engine.data.batches)
+                torch.manual_seed(step_seed(config.seed, step, 1))  # any randomness inside the model
+                g = torch.Generator().manual_seed(step_seed(config.seed, step, 2))  # flips, latent noise, dropout
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / config.warmup) if config.warmup else lr
                 for micro in range(config.grad_accum):
                     x0, y = run.batches.micro_batch(step, micro, g)
-                    t, noise = diffusion.draw(on_device, per_process, x0.shape[1:])
+                    if micro == 0:  # the global batch's timesteps and noise, on the device
+                        ts, noises = diffusion.draw(step_generator(device, config.seed, step), config.batch_size,
+                                                    x0.shape[1:])
+                    t, noise = ts[run.batches.split.rows(micro)], noises[run.batches.split.rows(micro)]
                     sync = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                         losses = diffusion.training_losses(denoiser(forward, y, run.autocast_dtype), x0, t, noise,
@@ -398,7 +415,7 @@ def train_loop(run: Run, start_step: int, elapsed_before: float, progress: bool)
 def _checkpoint(run: Run, step: int, elapsed: float) -> None:
     if run.main:
         state = {"elapsed_s": elapsed, "method": run.config.method, "seed": run.config.seed,
-                 "class_names": run.class_names, "images": len(run.folder),
+                 "class_names": run.class_names, "images": len(run.folder), RUN_KEY: run.identity,
                  **(run.validation.state() if run.validation else {})}
         save_checkpoint(run.out_dir, step, run.params, run.ema, run.optimizer, state, run.config.keep)
     run.accelerator.wait_for_everyone()
@@ -408,10 +425,7 @@ def _preview(run: Run, step: int) -> None:
     """A grid of the first classes from the EMA weights, fixed seed: samples/step-NNNNNNN.png."""
     if not (run.main and run.config.sample_every):
         return
-    # A text-to-image run previews at the size it trains at; DiT samples at its (moved) base's only.
-    size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
-    options = SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
-                              seed=run.config.seed, batch_size=PREVIEW_IMAGES, mixed_precision=run.sampling_precision)
+    options = preview_options(run)
     with swapped_in(run.params, run.ema):
         images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
                           progress=False)
@@ -427,7 +441,7 @@ def _write_adapter(run: Run, base_config, training: dict, name: str = "adapter.s
         return None
     path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
-    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings(),
+    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings,
                      new_class_table=run.new_classes,
                      class_names=run.class_names, pos_embed=run.pos_embed, base_config=base_config, training=training)
     with swapped_in(run.params, run.ema):

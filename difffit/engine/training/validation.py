@@ -1,74 +1,56 @@
-"""Knowing when to stop: the held-out set, the validation loss, in-training FID/KID, the best adapter.
+"""Knowing when to stop: the validation loss, in-training FID/KID and CLIP score, the best adapter.
 
-- The held-out set is `--val-fraction` of each class (`engine.data.batches.held_out`, fixed by the seed),
-  or a separate `--val-data` folder or dataset with the training data's classes.
-- The validation loss is the hybrid loss (unweighted, whatever --snr-gamma / --p2-gamma say, so runs
-  compare) of every held-out image at VAL_TIMESTEPS fixed timesteps, spread evenly over the
-  schedule, with fixed noise drawn from its own seed: the same weights always give the same number.
-- FID/KID sample `--eval-n` images with the adapter in memory (DDIM, cfg 1.5: a tracking signal
-  cheaper than the paper's 250-step protocol; `difffit eval-fid` gives the final number) and compare
-  them with the reference statistics, extracted once before training and cached by content.
-- `--keep-best` writes best/adapter.safetensors whenever the chosen metric improves; the record
-  travels in each checkpoint's state.json, so a resumed run keeps the same best.
+- The held-out set and its latents are `engine.training.held_out`'s.
+- The validation loss is the family's own loss (DiT's and PixArt's hybrid loss, unweighted whatever
+  --snr-gamma / --p2-gamma say, so runs compare; SD3's and FLUX's rectified flow) of every held-out image at
+  VAL_TIMESTEPS fixed noise levels, spread evenly over the schedule, with fixed noise drawn from its own
+  seed: the same weights always give the same number, bit for bit. Text-to-image images are conditioned on
+  their cached caption embeddings and keep their bucket's shape.
+- Evaluation samples in memory: DiT `--eval-n` images (DDIM, cfg 1.5: a tracking signal cheaper than the
+  paper's 250-step protocol; `difffit eval-fid` gives the final number); a text-to-image base the held-out
+  captions or `--eval-prompts`, at the run's preview settings. FID/KID compare them with `--eval-reference`
+  or the held-out images (statistics extracted once before training, cached by content); the CLIP score
+  (`--eval-metrics clip`) scores each sample against its prompt as the Inception network reads it.
+- `--keep-best` writes best/adapter.safetensors whenever the chosen metric improves (clip: higher is
+  better); the record travels in each checkpoint's state.json, so a resumed run keeps the same best.
 
-Everything runs on the main process, with the weights the loop puts in (the EMA with --ema).
+Every process takes a share of the work (`shared_work`: whole batches, the numbers back in batch order), so
+several processes give the one-process numbers; the main process logs them and keeps the best. It runs
+with the weights the loop puts in (the EMA with --ema).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from difffit.engine.data.batches import held_out, step_seed
-from difffit.engine.data.hf_datasets import open_data
-from difffit.engine.data.images import ImageFolder, require_images
-from difffit.engine.data.latents import usable_latents
-from difffit.engine.errors import DiffFitError
-from difffit.engine.evaluation.image_sets import ModelSamples
+from difffit.engine.data.batches import step_seed, to_device
+from difffit.engine.data.images import ImageFolder
+from difffit.engine.devices import one_builder_first
+from difffit.engine.evaluation.clip_score import DEFAULT_CLIP_MODEL, ClipScorer, ScoredAsRead
+from difffit.engine.evaluation.image_sets import CroppedImages, ModelSamples
 from difffit.engine.evaluation.inception import LazyExtractor, extract_features, resolve_inception_weights
 from difffit.engine.evaluation.metrics import Statistics, compute_metrics, open_input, reference_statistics
-from difffit.engine.evaluation.sample import SamplingOptions, draw_noise, sample_generators
+from difffit.engine.evaluation.sample import SamplingOptions, draw_noise, read_prompts, sample_generators
 from difffit.engine.models.diffusion import GaussianDiffusion
-from difffit.engine.progress import say
+from difffit.engine.models.flow_matching import FlowMatching
 from difffit.engine.training.checkpoints import list_checkpoints
-from difffit.engine.training.config import FitConfig
+from difffit.engine.training.conditions import preview_options
+from difffit.engine.training.held_out import VAL_SEED, Group, held_out_groups, split_validation
+from difffit.engine.training.shared_work import SingleProcess, map_batches
 from difffit.engine.training.state import Run
 from difffit.engine.training.step import denoiser
 
+__all__ = ["VAL_SEED", "Validation", "split_validation", "validation_loss", "held_out_loss"]
+
 VAL_TIMESTEPS = 4  # per held-out image; with N images the N * 4 timesteps tile the schedule evenly
-VAL_SEED = 0x7A11  # the validation noise's own stream: independent of the training draws
-EVAL_SAMPLING = {"cfg_scale": 1.5, "scheduler": "ddim", "steps": 50}
+EVAL_SAMPLING = {"cfg_scale": 1.5, "scheduler": "ddim", "steps": 50}  # DiT's
+DIT_EVAL_N = 1000
 KID_SUBSET_SIZE = 1000
-
-
-def split_validation(config: FitConfig, folder: ImageFolder) -> tuple[ImageFolder, ImageFolder | None]:
-    """(training items, held-out items or None). Also checks, before any work, that FID can run offline."""
-    if config.eval_every:
-        resolve_inception_weights(config.inception_weights)  # missing offline: one sentence, now
-    if config.val_data:
-        val = open_data(config.val_data, config.image_column, config.label_column)
-        index = {name: i for i, name in enumerate(folder.class_names)}
-        if len(folder.class_names) == len(val.class_names) == 1:  # two flat folders: named after themselves
-            index = {val.class_names[0]: 0}
-        unknown = sorted({val.class_names[label] for label in val.labels} - set(index))
-        if unknown:
-            raise DiffFitError(f"--val-data {config.val_data} has classes the training data lacks: "
-                               f"{', '.join(unknown[:10])}.", hint="Validate on the training data's classes.")
-        labels = [index[val.class_names[label]] for label in val.labels]
-        return folder, replace(val, labels=labels, class_names=folder.class_names, skipped=[])
-    if not config.val_fraction:
-        return folder, None
-    chosen = held_out(folder.labels, config.val_fraction, config.seed)
-    if not chosen:
-        raise DiffFitError(f"--val-fraction {config.val_fraction} holds out no image of {config.data} "
-                           f"({len(folder)} images in {len(folder.class_names)} classes).",
-                           hint="Use a larger fraction, or --val-data DIR.")
-    kept = sorted(set(range(len(folder))) - set(chosen))
-    return replace(folder.take(kept), skipped=folder.skipped), folder.take(chosen)
+HIGHER_IS_BETTER = ("clip",)
 
 
 class Validation:
@@ -78,16 +60,25 @@ class Validation:
         config, device = run.config, run.accelerator.device
         self.val_every, self.eval_every, self.steps = config.val_every, config.eval_every, config.steps
         self.keep_best, self.save_best = config.keep_best, save_best
+        self.metrics = config.evaluation_metrics() if config.eval_every else ()
         self.has_val = val is not None  # known to every process, so all of them agree on due()
         self.best: dict | None = None  # {"metric", "value", "step"}
-        self.x0 = self.labels = self.reference = self.extractor = None
-        if not run.main:
-            return
+        self.groups: list[Group] = []
+        self.prompts = self.reference = self.extractor = None
+        self.diffusion = run.family.diffusion(run.base, config.timestep_sampling)
         if val is not None:
-            self.x0, self.labels = _held_out_latents(run, val, progress)
-        if config.eval_every:
+            with one_builder_first(run.accelerator):  # process 0 caches the held-out latents, the others open them
+                val, self.groups = held_out_groups(run, val, progress)
+        if not config.eval_every:
+            return
+        if run.family.conditioning == "text":
+            self.prompts = read_prompts(config.eval_prompts) if config.eval_prompts else list(val.captions)
+        self.count = config.eval_n or (len(self.prompts) if self.prompts else DIT_EVAL_N)
+        if "fid" in self.metrics:
             self.extractor = LazyExtractor(resolve_inception_weights(config.inception_weights), device, ("2048",))
-            reference = open_input(config.eval_reference, role="reference", limit=None, need_features=False)
+        if "fid" in self.metrics and run.main:  # the main process compares; every process makes samples
+            reference = open_input(config.eval_reference, role="reference", limit=None, need_features=False) \
+                if config.eval_reference else CroppedImages(val, run.resolution)
             if not isinstance(reference, Statistics):
                 reference = reference_statistics(reference, self.extractor, keep_features=True, batch_size=64,
                                                  progress=progress)[0]
@@ -102,14 +93,15 @@ class Validation:
     def evaluate(self, run: Run, step: int, log) -> dict:
         """Validation loss and/or FID at `step` with the weights in the model now: logged, and the best kept."""
         record: dict = {"step": step}
+        model = run.accelerator.unwrap_model(run.model).eval()
+        if self.val_due(step):
+            record["val_loss"] = held_out_loss(run.family.forward(model, run.base), self.diffusion, self.groups,
+                                               run.config.seed, run.config.batch_size, run.accelerator.device,
+                                               run.autocast_dtype, run.accelerator)
+        if self.eval_every and step % self.eval_every == 0:
+            record |= self._sample_metrics(run)
+        model.train()
         if run.main:
-            model = run.accelerator.unwrap_model(run.model).eval()
-            if self.val_due(step):
-                record["val_loss"] = validation_loss(model, self.x0, self.labels, run.config.seed,
-                                                     run.config.batch_size, run.autocast_dtype)
-            if self.eval_every and step % self.eval_every == 0:
-                record |= self._fid(run)
-            model.train()
             log.write(json.dumps(record) + "\n")
             log.flush()
             if run.config.log_with:
@@ -118,23 +110,57 @@ class Validation:
         run.accelerator.wait_for_everyone()
         return record
 
-    def _fid(self, run: Run) -> dict[str, float]:
-        config = run.config
-        options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
-                                  mixed_precision=run.sampling_precision)
-        samples = ModelSamples(run.base, config.eval_n, options, run.accelerator.device, progress=False)
-        features = extract_features(samples, self.extractor.get(), batch_size=config.batch_size,
-                                    description="Inception features", progress=False)
-        generated = Statistics.from_features(features, self.extractor.identity, keep_features=True)
-        kid = self.reference.features is not None
-        values = compute_metrics(("fid", "kid") if kid else ("fid",), generated, self.reference,
-                                 kid_subset_size=min(KID_SUBSET_SIZE, generated.count, self.reference.count),
-                                 device=run.accelerator.device)
-        return {"fid": values["fid"]} | ({"kid": values["kid_mean"]} if kid else {})
+    def _sample_metrics(self, run: Run) -> dict[str, float]:
+        """FID (and KID) and/or the CLIP score of samples of the model as it is now (on the main process; {} on
+        the others): each sample made once, batch k on process k mod P."""
+        config, device = run.config, run.accelerator.device
+        if self.prompts is None:  # DiT
+            options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
+                                      mixed_precision=run.sampling_precision)
+            extra = {}
+        else:
+            options = preview_options(run, config.batch_size)
+            extra = {"prompts": self.prompts, "embeddings": run.batches.conditions.embeddings}
+        scorer = ClipScorer(config.clip_model or DEFAULT_CLIP_MODEL, device) if "clip" in self.metrics else None
+
+        def measure(batch: range) -> dict:
+            samples = ModelSamples(run.base, self.count, options, device, progress=False, indices=batch, **extra)
+            if scorer is not None:  # this batch's sums alone, so the batches add up in order on any process count
+                samples = ScoredAsRead(samples, scorer)
+            part = {}
+            if "fid" in self.metrics:
+                part = {name: value.cpu() for name, value in extract_features(
+                    samples, self.extractor.get(), batch_size=config.batch_size, description="Inception features",
+                    progress=False).items()}
+            else:
+                for _ in samples.batches(config.batch_size):
+                    pass
+            if scorer is not None:
+                part["clip"] = scorer.take_sums()
+            return part
+
+        parts = map_batches(self.count, config.batch_size, measure, run.accelerator)
+        if not run.main:
+            return {}
+        values = {}
+        if "fid" in self.metrics:
+            features = {name: torch.cat([part[name] for part in parts]) for name in parts[0] if name != "clip"}
+            generated = Statistics.from_features(features, self.extractor.identity, keep_features=True)
+            kid = self.reference.features is not None
+            computed = compute_metrics(("fid", "kid") if kid else ("fid",), generated, self.reference,
+                                       kid_subset_size=min(KID_SUBSET_SIZE, generated.count, self.reference.count),
+                                       device=device)
+            values = {"fid": computed["fid"]} | ({"kid": computed["kid_mean"]} if kid else {})
+        if scorer is not None:
+            for part in parts:  # in batch order
+                scorer.add_sums(*part["clip"])
+            values["clip"] = scorer.score()
+        return values
 
     def _keep_best(self, record: dict) -> None:
         value = record.get(self.keep_best) if self.keep_best else None
-        if value is not None and (self.best is None or value < self.best["value"]):
+        sign = -1 if self.keep_best in HIGHER_IS_BETTER else 1
+        if value is not None and (self.best is None or sign * value < sign * self.best["value"]):
             self.best = {"metric": self.keep_best, "value": value, "step": record["step"]}
             self.save_best(record["step"])
 
@@ -158,40 +184,40 @@ class Validation:
 @torch.no_grad()
 def validation_loss(model, x0: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
                     autocast_dtype: torch.dtype | None = None) -> float:
-    """Mean hybrid loss of every (image, fixed timestep, fixed noise) pair: a function of the weights only.
+    """DiT's validation loss of latents `x0` of classes `labels` (one shape): `held_out_loss` of one group."""
+    return held_out_loss(model, GaussianDiffusion(), [Group(x0, labels)], seed, batch_size,
+                         next(model.parameters()).device, autocast_dtype)
 
-    Pair j = i * VAL_TIMESTEPS + k of N images sits at timestep floor((j + 0.5) * T / (N * VAL_TIMESTEPS))
-    after a fixed shuffle, so the timesteps tile the schedule; its noise comes from its own generator.
+
+@torch.no_grad()
+def held_out_loss(forward, diffusion: GaussianDiffusion | FlowMatching, groups: list[Group], seed: int,
+                  batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                  accelerator=None) -> float:
+    """Mean loss of every (image, fixed noise level, fixed noise) pair: a function of the weights only.
+
+    `forward(x_t, t, conditions)` is the family's model call. Pair j = i * VAL_TIMESTEPS + k of the N images
+    (the groups' in turn) sits at the fraction u_j = (order_j + 0.5) / (N * VAL_TIMESTEPS) of the schedule,
+    `order` a fixed shuffle, so the noise levels tile it: timestep floor(u_j * T) (DDPM), or the training
+    sigma there (rectified flow). Its noise comes from its own generator; batches never mix groups (shapes).
+    `accelerator`: the run's processes share the batches (each process's number is the one-process one).
     """
-    diffusion = GaussianDiffusion()
-    device = next(model.parameters()).device
-    pairs = len(x0) * VAL_TIMESTEPS
+    pairs = sum(len(group.x0) for group in groups) * VAL_TIMESTEPS
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(step_seed(seed, VAL_SEED)))
-    timesteps = ((order.double() + 0.5) * diffusion.num_steps / pairs).long()
-    total = 0.0
-    for lo in range(0, pairs, batch_size):
-        j = torch.arange(lo, min(lo + batch_size, pairs))
-        x, y = x0[j // VAL_TIMESTEPS].to(device), labels[j // VAL_TIMESTEPS].to(device)
-        noise = draw_noise(sample_generators(step_seed(seed, VAL_SEED), j.tolist()), x.shape[1:], device)
-        losses = diffusion.training_losses(denoiser(model, y, autocast_dtype), x, timesteps[j].to(device), noise)
-        total += losses["loss"].sum().item()
+    if isinstance(diffusion, FlowMatching):
+        levels = (order.double() + 0.5) / pairs  # FlowMatching's u in (0, 1)
+    else:
+        levels = ((order.double() + 0.5) * diffusion.num_steps / pairs).long()
+    total, first = 0.0, 0
+    for group in groups:
+        def batch_sum(batch: range, group: Group = group, first: int = first) -> float:
+            j = torch.arange(first + batch.start, first + batch.stop)
+            x, y = group.take(j // VAL_TIMESTEPS - first // VAL_TIMESTEPS)
+            x, y = x.to(device), to_device(y, device)
+            noise = draw_noise(sample_generators(step_seed(seed, VAL_SEED), j.tolist()), x.shape[1:], device)
+            losses = diffusion.training_losses(denoiser(forward, y, autocast_dtype), x, levels[j].to(device), noise)
+            return losses["loss"].sum().item()
+
+        for value in map_batches(len(group.x0) * VAL_TIMESTEPS, batch_size, batch_sum, accelerator or SingleProcess()):
+            total += value  # in batch order: the same sum on any number of processes
+        first += len(group.x0) * VAL_TIMESTEPS
     return total / pairs
-
-
-def _held_out_latents(run: Run, val: ImageFolder, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out images' latents, drawn once (plain, fixed latent noise) and kept on the CPU."""
-    config, base, device = run.config, run.base, run.accelerator.device
-    val = val.keep_classes(run.folder.class_names)  # without the classes training dropped as unreadable
-    val, latents = usable_latents(val, run.resolution, base.vae_spec, base.vae, cache=config.cache_latents,
-                                  cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
-                                  num_workers=0, progress=progress)
-    for item, reason in val.skipped:
-        say(f"skipped validation image {item}: {reason}")
-    require_images(val)
-    shape = (base.config.in_channels, base.config.input_size, base.config.input_size)
-    parts = []
-    for lo in range(0, len(val), config.batch_size):
-        index = torch.arange(lo, min(lo + config.batch_size, len(val)))
-        noise = draw_noise(sample_generators(step_seed(config.seed, VAL_SEED, 1), index.tolist()), shape, "cpu")
-        parts.append(latents.draw(index, torch.zeros_like(index), noise, device).cpu())
-    return torch.cat(parts), torch.tensor(val.labels)

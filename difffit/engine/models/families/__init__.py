@@ -14,11 +14,12 @@ from torch import nn
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import hub_ref, hub_snapshot
+from difffit.engine.io import check_readable
 from difffit.engine.models.bases import ALIASES as DIT_ALIASES
 from difffit.engine.models.bases import RANDOM_PREFIX
 from difffit.engine.models.families.dit import DIT
 from difffit.engine.models.families.flux import FLUX
-from difffit.engine.models.families.pipelines import TINY_T2I, bundled_folder, read_json
+from difffit.engine.models.families.pipelines import TINY_T2I, bundled_folder, check_model_index, read_json
 from difffit.engine.models.families.pixart import PIXART
 from difffit.engine.models.families.sd3 import SD3
 from difffit.engine.models.family import Family
@@ -60,6 +61,7 @@ def family_of_spec(spec: str) -> Family:
         return ALIAS_FAMILIES[spec]
     if spec == TINY_T2I:
         return _family_of_folder(bundled_folder(spec), spec)
+    check_readable(spec, "base")
     path = Path(spec).expanduser()
     if spec.startswith(RANDOM_PREFIX) or spec == "tiny" or path.is_file() or spec.lower().endswith(WEIGHT_SUFFIXES):
         return DIT
@@ -78,6 +80,13 @@ def _family_of_folder(folder: Path, spec: str) -> Family:
     index = folder / "model_index.json"
     if index.is_file():
         pipeline = read_json(index).get("_class_name")
+        if isinstance(pipeline, list):  # [module, class]: a class defined by Python code in the folder or its repo
+            raise DiffFitError(f"{spec} names custom pipeline code ({pipeline!r} in model_index.json), which difffit "
+                               f"does not load; it supports {SUPPORTED}.")
+        if not isinstance(pipeline, str):
+            raise DiffFitError(f"{index} names no pipeline class (_class_name is {pipeline!r}); it supports "
+                               f"{SUPPORTED}.")
+        check_model_index(index, read_json(index))
         if pipeline not in PIPELINE_FAMILIES:
             raise DiffFitError(f"{spec} is a {pipeline}, which difffit does not adapt; it supports {SUPPORTED}.")
         return PIPELINE_FAMILIES[pipeline]

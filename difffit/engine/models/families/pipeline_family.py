@@ -27,10 +27,10 @@ from torch import nn
 
 from difffit.engine.devices import autocast_dtype
 from difffit.engine.models.families.pipeline_io import (
+    PipelinePromptEncoder,
     default_scheduler_name,
     make_scheduler,
     pipeline_class,
-    pipeline_prompt_encoder,
     quiet_pipeline,
     write_pipeline_folder,
 )
@@ -186,7 +186,7 @@ class PipelineFamily(Family):
         raise NotImplementedError
 
     def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
-        return pipeline_prompt_encoder(base, device, max_tokens, what, self.encode, self.long_text_tokenizer)
+        return PipelinePromptEncoder(base, device, max_tokens, what, self.encode, self.long_text_tokenizer)
 
     def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
         """The text and guidance arguments of the pipeline's __call__ (embeddings on the CPU, float32)."""

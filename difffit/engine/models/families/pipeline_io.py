@@ -38,16 +38,23 @@ def pipeline_class(name: str) -> type:
     return getattr(diffusers, name)
 
 
+# transformers' "Token indices sequence length is longer than the specified maximum" comes from here: it is
+# meant for a developer running a sequence through a model untruncated, and difffit truncates on purpose.
+TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
+
+
 @contextlib.contextmanager
 def quiet_pipeline(name: str) -> Iterator[None]:
-    """The pipeline's own truncation warnings off: difffit says it once, its way."""
-    logger = logging.getLogger(pipeline_class(name).__module__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The pipeline's and its tokenizers' own truncation warnings off: difffit says it once, its way."""
+    loggers = [logging.getLogger(pipeline_class(name).__module__), logging.getLogger(TOKENIZER_LOGGER)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def encoder_dtype(device: torch.device | str) -> torch.dtype:
@@ -81,40 +88,51 @@ def text_components(base: PipelineBase, device: torch.device | str, dtype: torch
     return parts
 
 
-def pipeline_prompt_encoder(base: PipelineBase, device: torch.device | str, max_tokens: int, what: str,
-                            encode: PipelineEncode, long_text_tokenizer: str
-                            ) -> Callable[[list[str]], dict[str, torch.Tensor]]:
-    """`encode(texts)` -> the family's tensors on the CPU, through the pipeline's encode_prompt. Texts longer
-    than `max_tokens` tokens of `long_text_tokenizer` (the component whose length --max-text-tokens sets) are
-    truncated as the pipeline does, with one warning naming them (`what`: "prompt" or "caption")."""
-    loaded = []
+class PipelinePromptEncoder:
+    """`encoder(texts)` -> the family's tensors on the CPU, through the pipeline's encode_prompt (the encoders
+    load on the first call). Texts longer than `max_tokens` tokens of `long_text_tokenizer` (the component whose
+    length --max-text-tokens sets) are truncated as the pipeline does; `report_truncated()` says so in one line
+    for all the texts encoded so far (`what`: "prompt" or "caption")."""
+
+    def __init__(self, base: PipelineBase, device: torch.device | str, max_tokens: int, what: str,
+                 encode: PipelineEncode, long_text_tokenizer: str) -> None:
+        self.base, self.device, self.max_tokens, self.what = base, torch.device(device), max_tokens, what
+        self.encode, self.long_text_tokenizer = encode, long_text_tokenizer
+        self.loaded: tuple[dict, object] | None = None
+        self.long: dict[str, int] = {}  # text -> its length in tokens, for the texts longer than max_tokens
 
     @torch.no_grad()
-    def run(texts: list[str]) -> dict[str, torch.Tensor]:
-        if not loaded:
-            parts = text_components(base, device, encoder_dtype(device))
-            empty = dict.fromkeys(base.components.names())
-            loaded.append((parts, pipeline_class(base.pipeline)(**{**empty, "transformer": None, **parts})))
-        parts, pipe = loaded[0]
-        warn_truncated(texts, parts[long_text_tokenizer], max_tokens, what)
-        with quiet_pipeline(base.pipeline):
-            out = encode(pipe, list(texts), torch.device(device), max_tokens)
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.loaded is None:
+            parts = text_components(self.base, self.device, encoder_dtype(self.device))
+            empty = dict.fromkeys(self.base.components.names())
+            self.loaded = parts, pipeline_class(self.base.pipeline)(**{**empty, "transformer": None, **parts})
+        parts, pipe = self.loaded
+        self.long.update(long_texts(texts, parts[self.long_text_tokenizer], self.max_tokens))
+        with quiet_pipeline(self.base.pipeline):
+            out = self.encode(pipe, list(texts), self.device, self.max_tokens)
         return {name: tensor.cpu() for name, tensor in out.items()}
 
-    return run
+    def report_truncated(self) -> None:
+        """One line for the texts encoded so far that were cut, naming a few of them; then starts over."""
+        if not self.long:
+            return
+        count, m = len(self.long), self.max_tokens
+        shown = "; ".join(f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({n} tokens)" for text, n in
+                          list(self.long.items())[:LONG_PROMPTS_SHOWN])
+        more = f" and {count - LONG_PROMPTS_SHOWN} more" if count > LONG_PROMPTS_SHOWN else ""
+        said = (f"{count} {self.what}s are longer than {m} tokens; their ends are cut" if count > 1 else
+                f"1 {self.what} is longer than {m} tokens; its end is cut")
+        # Plain text, never markup: a prompt may hold [brackets].
+        say(("Warning:", "yellow"), f" {said}: {shown}{more}.")
+        self.long = {}
 
 
-def warn_truncated(texts: Sequence[str], tokenizer, max_tokens: int, what: str) -> None:
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True).input_ids]
-    long = [(text, n) for text, n in zip(texts, lengths, strict=True) if n > max_tokens]
-    if not long:
-        return
-    shown = "; ".join(f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({n} tokens)" for text, n in
-                      long[:LONG_PROMPTS_SHOWN])
-    more = f" and {len(long) - LONG_PROMPTS_SHOWN} more" if len(long) > LONG_PROMPTS_SHOWN else ""
-    # Plain text, never markup: a prompt may hold [brackets].
-    say(("Warning:", "yellow"), f" {len(long)} {what}(s) longer than the base's {max_tokens} tokens are cut to "
-        f"{max_tokens}, as the pipeline does: {shown}{more}.")
+def long_texts(texts: Sequence[str], tokenizer, max_tokens: int) -> dict[str, int]:
+    """{text: its length in tokens} of the `texts` longer than `max_tokens` tokens of `tokenizer`."""
+    # verbose=False: the tokenizer's own "longer than the maximum" notice is for untruncated model inputs
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False).input_ids]
+    return {text: n for text, n in zip(texts, lengths, strict=True) if n > max_tokens}
 
 
 def make_scheduler(base: PipelineBase, name: str, names: dict[str, str]):

@@ -181,16 +181,69 @@ def pipeline_default(pipeline: str, argument: str) -> Any:
 
 
 def read_json(path: Path) -> dict:
+    """A pipeline's JSON file (model_index.json, a config.json), which must hold one JSON object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise DiffFitError(f"Could not read {path} ({error_summary(e)}).") from None
+    if not isinstance(value, dict):
+        raise DiffFitError(f"{path} holds a JSON {type(value).__name__}, not the object of names a pipeline writes; "
+                           "it is damaged or not a diffusers file.")
+    return value
+
+
+def check_model_index(path: Path, index: dict) -> None:
+    """Refuse a model_index.json whose components are not listed as diffusers writes them: [library, class] each
+    (or null), so that a damaged one is one sentence rather than an error deep in loading."""
+    for name, value in index.items():
+        if name.startswith("_") or value is None:
+            continue
+        if not (isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
+            raise DiffFitError(f"{path} lists the component {name} as {value!r}, not as [library, class]; it is "
+                               "damaged or not a diffusers pipeline.")
+
+
+# Sizes the families compute with: a transformer config must give each as a positive whole number.
+SHAPE_KEYS = ("sample_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim", "in_channels")
+
+
+def check_transformer_config(path: Path, config: dict, kind: PipelineKind) -> None:
+    """Refuse a transformer config.json whose values are not of the types its diffusers class takes (the types of
+    the class's defaults), so a damaged file is one sentence rather than a TypeError deep in the model."""
+    import diffusers
+
+    parameters = inspect.signature(getattr(diffusers, kind.transformer_class).__init__).parameters
+    for name, parameter in parameters.items():
+        if name not in config:
+            continue
+        default, value = parameter.default, config[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, int):
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            fits = (whole and value >= 1) if name in SHAPE_KEYS else (whole and value >= 0) or value is None
+        elif isinstance(default, float):
+            fits = number
+        elif isinstance(default, str):
+            fits = isinstance(value, str) or value is None
+        elif isinstance(default, tuple):
+            fits = isinstance(value, list | tuple)
+        else:
+            fits = True
+        if not fits:
+            wanted = "a positive whole number" if name in SHAPE_KEYS else f"a {type(default).__name__}"
+            raise DiffFitError(f"{path} gives {name} as {value!r}, and a {kind.transformer_class} takes {wanted}; the "
+                               "file is damaged or not a transformer config.")
 
 
 def pipeline_class_of(folder: Path) -> str | None:
     """The pipeline class a local folder's model_index.json names (None without one)."""
     index = folder / "model_index.json"
-    return read_json(index).get("_class_name") if index.is_file() else None
+    if not index.is_file():
+        return None
+    pipeline = read_json(index).get("_class_name")
+    return pipeline if isinstance(pipeline, str) else None
 
 
 def load_pipeline_base(spec: str, kind: PipelineKind, *, weights: bool = True) -> PipelineBase:
@@ -260,13 +313,14 @@ def _load(spec: str, transformer_dir: Path, components: Components, pipeline: st
     if not kind.is_transformer(config):
         raise DiffFitError(f"{spec}: {transformer_dir} does not hold a {kind.title} transformer "
                            f"({config.get('_class_name', 'no config.json')}).")
+    check_transformer_config(transformer_dir / "config.json", config, kind)
     if not weights:
         return _config_only(spec, {k: v for k, v in config.items() if not k.startswith("_")},
                             Alias(hub_id or spec, components.repo_id or spec, pipeline), kind)
     try:
         with library_bars_off():
             model = _transformer_class(kind).from_pretrained(transformer_dir, torch_dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
         raise DiffFitError(f"Could not load the {kind.title} transformer of {spec} from {transformer_dir} "
                            f"({error_summary(e)}).") from None
     model.eval().requires_grad_(True)

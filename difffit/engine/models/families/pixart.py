@@ -40,7 +40,7 @@ from torch import nn
 from difffit.engine.errors import DiffFitError
 from difffit.engine.models.diffusion import GaussianDiffusion
 from difffit.engine.models.families.pipeline_family import PipelineFamily, ScaledLinear
-from difffit.engine.models.families.pipelines import PipelineBase
+from difffit.engine.models.families.pipelines import PipelineBase, pipeline_default
 from difffit.engine.models.families.pixart_bases import PIXART_KIND, TRANSFORMER_CLASSES
 from difffit.engine.models.family import ModelCall
 from difffit.engine.models.lora_names import PIXART_LORA
@@ -74,6 +74,10 @@ class PixArtFamily(PipelineFamily):
                   "out_channels", "caption_channels", "cross_attention_dim", "use_additional_conditions")
     config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size",
                    "in_channels", "out_channels", "caption_channels")
+
+    def text_token_limit(self, base: PipelineBase | None = None) -> int | None:
+        # The pipeline's own token count (PixArt-α 120, Σ 300): what its published models were trained to read.
+        return None if base is None else pipeline_default(base.pipeline, "max_sequence_length")
 
     def owns(self, model: nn.Module) -> bool:
         return type(model).__name__ in TRANSFORMER_CLASSES and getattr(model, "config", {}).get("norm_type") \

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difffit.engine.errors import DiffFitError
 from difffit.engine.models.families.flow_family import FlowFamily
 from difffit.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind
 from difffit.engine.models.family import ModelCall
@@ -107,13 +106,6 @@ class SD3Family(FlowFamily):
         # SD3 crops its positional table to the image; diffusers raises mid-step beyond the table's size.
         config = base.model.config
         return config.pos_embed_max_size * config.patch_size * base.vae_factor if config.pos_embed_max_size else None
-
-    def check_side(self, base: PipelineBase, flag: str, value: int | None) -> None:
-        super().check_side(base, flag, value)
-        largest = self.largest_side(base)
-        if value is not None and largest and value > largest:
-            raise DiffFitError(f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
-                               "positional table's size).")
 
     def forward(self, model: nn.Module, base: PipelineBase | None) -> ModelCall:
         def call(x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
