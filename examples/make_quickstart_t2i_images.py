@@ -2,7 +2,7 @@
 
 Runs what docs/quickstart-t2i.md runs (`fit --recipe recipes/quickstart-t2i.toml`, then `sample` of the
 adapter and of the `tiny-t2i` base by the first 16 captions of examples/target-t2i, with the pipeline's own
-sampler: DPM-Solver++, 20 steps, guidance 4.5) in a scratch folder, and writes docs/quickstart-t2i-base.png,
+sampler: SD3's flow-matching Euler, 28 steps, guidance 7) in a scratch folder, and writes docs/quickstart-t2i-base.png,
 -adapted.png and -target.png (4x4 grids of the 32 px images, in the same caption order, shown at 2x with
 nearest-neighbour pixels). Every step is seeded, so a rerun of unchanged code writes the same pictures.
 

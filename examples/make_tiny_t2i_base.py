@@ -1,12 +1,20 @@
 """Rebuild the bundled tiny text-to-image base (difffit/assets/tiny-t2i/, the `tiny-t2i` alias) from scratch.
 
-The base is a real diffusers PixArtAlphaPipeline folder that works in pixel space at 32x32:
-- transformer: a PixArtTransformer2DModel (5 blocks, 96 wide, patch 4: 8x8 tokens), trained here;
-- text encoder: a 2-layer T5 encoder (random, frozen, as PixArt's T5 is frozen) and a T5 tokenizer trained
-  with the `tokenizers` library over the captions' words;
+The base is a real diffusers StableDiffusion3Pipeline folder that works in pixel space at 32x32:
+- transformer: an SD3Transformer2DModel (5 joint blocks, 96 wide, patch 4: 8x8 image tokens, q/k RMSNorm as
+  SD3.5), trained here;
+- text encoders: two CLIP text towers with projection (their pooled outputs steer every block, as SD3's
+  CLIP-L and CLIP-G do) sharing one CLIP tokenizer, and a 2-layer T5 encoder with its own tokenizer; random
+  and frozen, as SD3's are frozen; both tokenizers are built with the `tokenizers` library over the
+  captions' words;
 - VAE: an AutoencoderKL of factor 1 whose weights are set so that it passes pixels through unchanged (to
   about 1e-6): latents are the RGB image itself, so nothing has to be learnt there;
-- scheduler: the DPM-Solver++ PixArt ships.
+- scheduler: SD3's flow-matching Euler scheduler, unshifted (a 32 px image needs no resolution shift).
+
+Why SD3: its pooled text embedding conditions every block's adaLN as DiT's class label does, so the base
+learns to follow captions within a few hundred steps (a PixArt-α base, whose text arrives only through
+cross-attention, ignored its captions after 1200); it samples with classifier-free guidance; and its
+DiffFit adapters export to ComfyUI (`merge --format comfyui`).
 
 It is trained with difffit itself: `fit --method full` (recipes/tiny-t2i-base.toml) from the random
 pipeline on 3000 captioned scenes drawn by examples/make_examples.py's `write_scenes` (a red, green, blue or
@@ -36,9 +44,17 @@ RUN = REPO / "runs" / "tiny-t2i-base"
 DATA, INIT = REPO / "runs" / "tiny-t2i-data", REPO / "runs" / "tiny-t2i-init"  # inputs live outside the run
 ASSET = REPO / "difffit" / "assets" / "tiny-t2i"
 SCENES = 3000
-TEXT_WIDTH = 64
+TEXT_WIDTH = 64  # T5's width: SD3's joint_attention_dim, which holds both CLIPs' hidden states side by side
+CLIP_WIDTH = 32
+TEXT_TOKENS = 16  # the CLIP tokenizer's length (SD3 pads CLIP to it) and --max-text-tokens for T5
 BIG = 1000.0  # the constant channels that pin the VAE's GroupNorm statistics (see identity_vae)
 LIFT = 20.0  # the shift that puts SiLU on its linear part: silu(x + 20) = x + 20 to 2e-9 relative
+
+
+def all_captions() -> list[str]:
+    """Every caption either style of scene writes."""
+    return [scene_caption(*scene, style) for scene in product(SCENE_SHAPES, SCENE_COLOURS, SCENE_PLACES)
+            for style in SCENE_BACKGROUNDS]
 
 
 def t5_tokenizer():
@@ -52,9 +68,7 @@ def t5_tokenizer():
     from tokenizers import SentencePieceUnigramTokenizer
     from transformers import T5TokenizerFast
 
-    captions = [scene_caption(*scene, style) for scene in product(SCENE_SHAPES, SCENE_COLOURS, SCENE_PLACES)
-                for style in SCENE_BACKGROUNDS]
-    counts = Counter(word for caption in captions for word in caption.split())
+    counts = Counter(word for caption in all_captions() for word in caption.split())
     total = sum(counts.values())
     pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
     pieces.update({"\u2581" + word: math.log(n / total) for word, n in counts.most_common()})
@@ -75,6 +89,37 @@ def t5_encoder(vocab_size: int):
     return T5EncoderModel(config).eval()
 
 
+def clip_tokenizer():
+    """A CLIP tokenizer (BPE with CLIP's `</w>` word ends, lower case) whose merges spell every caption word
+    whole, so each word is one token; any other text falls back to its letters."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizerFast
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # CLIP's own pre-tokenizer splits words the same way
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+                                  show_progress=False)
+    bpe.train_from_iterator([*all_captions(), " ".join(string.printable.strip())], trainer)
+    with tempfile.TemporaryDirectory() as files:  # CLIPTokenizerFast reads CLIP's vocab.json and merges.txt
+        bpe.model.save(files)
+        return CLIPTokenizerFast.from_pretrained(files, model_max_length=TEXT_TOKENS)
+
+
+def clip_encoder(vocab_size: int, seed: int):
+    """A 2-layer CLIP text tower with projection (SD3's encoder kind), random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CLIP_WIDTH, intermediate_size=2 * CLIP_WIDTH,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
+                            projection_dim=CLIP_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModelWithProjection(config).eval()
+
+
 def identity_vae():
     """A factor-1 AutoencoderKL (3 latent channels) whose encoder and decoder each pass pixels through.
 
@@ -88,7 +133,7 @@ def identity_vae():
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
                         latent_channels=3, norm_num_groups=1, sample_size=32, mid_block_add_attention=False,
-                        scaling_factor=1.0)
+                        scaling_factor=1.0, shift_factor=0.0)
     with torch.no_grad():
         for half in (vae.encoder, vae.decoder):
             for name, module in half.named_modules():
@@ -116,15 +161,19 @@ def identity_vae():
 
 def write_init() -> None:
     """The random pipeline the recipe starts from, saved by diffusers' save_pretrained."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(0)
-    tokenizer = t5_tokenizer()
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=24, in_channels=3, out_channels=6, num_layers=5,
-        cross_attention_dim=96, sample_size=32, patch_size=4, caption_channels=TEXT_WIDTH, norm_num_groups=1)
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5_encoder(len(tokenizer)), vae=identity_vae(),
-                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    text_encoder_3 = t5_encoder(len(t5))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=5, attention_head_dim=24,
+        num_attention_heads=4, joint_attention_dim=TEXT_WIDTH, caption_projection_dim=96,
+        pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=8, qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=identity_vae(),
+        text_encoder=clip_encoder(len(clip), seed=1), tokenizer=clip, text_encoder_2=clip_encoder(len(clip), seed=2),
+        tokenizer_2=clip, text_encoder_3=text_encoder_3, tokenizer_3=t5)
     shutil.rmtree(INIT, ignore_errors=True)
     pipe.save_pretrained(INIT)
 
