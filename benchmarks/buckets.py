@@ -49,7 +49,7 @@ def build_step(args: argparse.Namespace, compiled: bool):
         cast_frozen_matrices(model, dtype)
     model.train()
     if compiled:
-        compile_blocks(model, blocks=PIXART.blocks, dynamic=None)  # as fit compiles a run of several buckets
+        compile_blocks(model, blocks=PIXART.block_lists[0], dynamic=None)  # as fit compiles a run of several buckets
     optimizer = make_optimizer(trainable_parameters(model).values(), 1e-4, device)
     diffusion, forward, counter = GaussianDiffusion(), PIXART.forward(model, SimpleNamespace(vae_factor=VAE_FACTOR)), \
         itertools.count()

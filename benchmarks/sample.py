@@ -106,8 +106,9 @@ def swap_ms(base, tensors, meta, repeats: int = 20) -> dict:
 def swapping(workdir: Path) -> dict:
     from difffit.engine.methods.adapter import AdapterMeta, expected_shapes, make_meta, read_adapter, save_adapter
     from difffit.engine.methods.trainable import prepare_model, trainable_parameters
-    from difffit.engine.models.bases import Base, load_base
+    from difffit.engine.models.bases import Base
     from difffit.engine.models.dit import DiT, config_for
+    from difffit.engine.models.families import load_base
 
     # DiT-S/2 through the real file path: save an adapter, read it, swap it in and out.
     base = load_base("random:DiT-S/2", resolution=256, num_classes=1000, vae="identity")

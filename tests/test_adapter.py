@@ -26,8 +26,8 @@ from difffit.engine.methods.adapter import (
 )
 from difffit.engine.methods.sources import load_source
 from difffit.engine.methods.trainable import prepare_model, trainable_parameters
-from difffit.engine.models.bases import load_base
 from difffit.engine.models.dit import DiT, config_for
+from difffit.engine.models.families import load_base
 
 X = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([1, 400, 999])

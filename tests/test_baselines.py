@@ -29,7 +29,7 @@ from difffit.engine.methods.trainable import (
     prepare_model,
     trainable_parameters,
 )
-from difffit.engine.models.bases import load_base
+from difffit.engine.models.families import load_base
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 

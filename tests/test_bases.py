@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.models import bases
-from difffit.engine.models.bases import Base, describe_base, load_base, state_dict_fingerprint
+from difffit.engine.models.bases import Base, describe_base, state_dict_fingerprint
 from difffit.engine.models.diffusers_layout import diffusers_to_original, original_to_diffusers
 from difffit.engine.models.dit import DIT_CONFIGS, DiT, DiTConfig, config_for
+from difffit.engine.models.families import load_base
 from difffit.engine.models.formats import config_from_state_dict
 
 HEADS = 4  # the golden model's width (64) is not a standard one, so its head count must be given

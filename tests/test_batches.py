@@ -19,7 +19,7 @@ def _class_counts(order: DataOrder, draws: int) -> Counter:
 
 def test_default_order_is_a_plain_permutation_per_epoch():
     order = DataOrder(LABELS, seed=3)
-    g = torch.Generator().manual_seed(step_seed(3, 1, 0x0D47A))  # the stream before balance and repeats existed
+    g = torch.Generator().manual_seed(step_seed(3, 1, 0x0D47A))  # epoch 1: one shuffle of the whole dataset
     assert torch.equal(order.take(len(LABELS), len(LABELS)), torch.randperm(len(LABELS), generator=g))
     assert _class_counts(order, 39 * 10) == {0: 300, 1: 60, 2: 30}
 

@@ -26,7 +26,7 @@ from difffit.engine.methods.hub_adapters import resolve_adapter_source
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import describe_source, load_source, sample_sources
 from difffit.engine.methods.trainable import prepare_model
-from difffit.engine.models.bases import load_base
+from difffit.engine.models.families import load_base
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
@@ -130,7 +130,7 @@ def fit_config(**options) -> FitConfig:
     ("vpt-deep", "prompt_tokens", 64),  # 8 x 8 tokens at 32 px with patch 4
 ])
 def test_method_sizes_are_bounded_by_the_architecture_before_any_model_is_built(monkeypatch, method, option, limit):
-    monkeypatch.setattr("difffit.engine.models.bases.load_base", lambda *a, **k: pytest.fail("base loaded"))
+    monkeypatch.setattr("difffit.engine.models.families.dit.load_dit_base", lambda *a, **k: pytest.fail("base loaded"))
     fit_config(method=method, **{option: limit}).validate()  # the largest the model can use
     for value in (limit + 1, 100_000):
         with pytest.raises(DiffFitError, match=f"--{option.replace('_', '-')} {value} is above .*{limit}"):
@@ -290,8 +290,7 @@ def test_an_adapter_on_another_architecture_says_its_base_differs(s2_adapter):
         assert "random:DiT-S/2" in error.value.hint
 
 
-def test_info_uses_base_for_adapters_and_refuses_it_for_bases(adapters, base_file, tmp_path, monkeypatch,  # noqa: F811
-                                                              capsys):
+def test_info_uses_base_for_adapters_and_refuses_it_for_bases(adapters, base_file, tmp_path, monkeypatch, capsys):  # noqa: F811
     other = tmp_path / "other.safetensors"
     state = load_file(str(base_file))
     state["blocks.0.attn.proj.bias"] = state["blocks.0.attn.proj.bias"] + 1
@@ -359,7 +358,7 @@ def test_report_out_as_a_folder_gets_report_html_inside(tmp_path, monkeypatch, c
 
 
 def test_fid_of_a_set_against_itself_is_never_negative():
-    from difffit.engine.evaluation.metrics import Statistics, frechet_distance
+    from difffit.engine.evaluation.statistics import Statistics, frechet_distance
 
     for seed in range(4):  # seeds 1-3 come out near -5e-7 without the clamp
         features = torch.rand(20, 2048, generator=torch.Generator().manual_seed(seed))

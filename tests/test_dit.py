@@ -5,6 +5,7 @@ import torch
 from conftest import MODEL_ATOL, guidance_atol
 
 from difffit.engine.models.dit import DiT, DiTConfig, config_for, sincos_pos_embed_2d
+from difffit.engine.models.families.dit import DIT
 
 
 def test_forward_matches_reference(golden, golden_model):
@@ -30,7 +31,7 @@ def test_cfg_all_channels_guides_every_eps_channel(golden, golden_model):
     expected = uncond + scale * (cond - uncond)
     torch.testing.assert_close(out[:2, :4], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[2:, :4], expected, atol=1e-6, rtol=0)
-    # the first three channels agree with the reference quirk; the fourth now differs
+    # the first three channels agree with the reference quirk; the fourth differs
     torch.testing.assert_close(out[:, :3], golden["cfg.out"][:, :3], atol=guidance_atol(scale), rtol=0)
     assert (out[:, 3] - golden["cfg.out"][:, 3]).abs().max() > 1e-3
     torch.testing.assert_close(out[:, 4:], golden["cfg.out"][:, 4:], atol=MODEL_ATOL, rtol=0)
@@ -60,7 +61,7 @@ def test_label_dropout_only_in_train_mode(golden_model):
 def test_scale_factors_of_one_change_nothing(golden, golden_model):
     model = DiT(golden_model.config).eval()
     model.load_state_dict(golden_model.state_dict())
-    model.add_scale_factors([0, 1])
+    DIT.add_gamma(model, [0, 1], "branch")
     assert model.gamma_blocks == [0, 1]
     with torch.no_grad():
         out = model(golden["fwd.x"], golden["fwd.t"], golden["fwd.y"])

@@ -24,11 +24,11 @@ from difffit.engine.methods.adapter import AdapterSwapper, make_meta, read_adapt
 from difffit.engine.methods.baselines import MethodSettings, fold_lora
 from difffit.engine.methods.sources import describe_source, load_source
 from difffit.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
-from difffit.engine.models.families import FLUX, SD3, family_of, family_of_spec, load_base
+from difffit.engine.models.families import FLUX, SD3, family_of, load_base, resolve_base
 from difffit.engine.models.families.flux import ALIAS_CONFIGS as FLUX_CONFIGS
-from difffit.engine.models.families.pipeline_family import ScaledLinear
 from difffit.engine.models.families.sd3 import ALIAS_CONFIGS as SD3_CONFIGS
 from difffit.engine.models.flow_matching import FlowMatching
+from difffit.engine.models.scaled_linear import ScaledLinear
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def test_dit_only_methods_are_refused(case):
 
 def test_a_pipeline_folder_loads_as_its_family(case, pipeline_dir):
     base = load_base(str(pipeline_dir))
-    assert family_of(base) is case.family and family_of_spec(str(pipeline_dir)) is case.family
+    assert family_of(base) is case.family and resolve_base(str(pipeline_dir)).family is case.family
     assert base.resolution == 16 and len(base.fingerprint) == 16
     report = describe_source(str(pipeline_dir), method="difffit")
     assert report["family"] == case.family.name and report["pipeline"] == base.pipeline

@@ -14,7 +14,7 @@ from difffit.cli import app
 from difffit.engine.methods.adapter import save_adapter
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
-from difffit.engine.models.bases import load_base
+from difffit.engine.models.families import load_base
 
 
 @pytest.fixture(scope="module")

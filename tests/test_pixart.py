@@ -14,9 +14,9 @@ from difffit.engine.methods.adapter import AdapterSwapper, make_meta, read_adapt
 from difffit.engine.methods.baselines import MethodSettings, fold_lora
 from difffit.engine.methods.sources import describe_source, load_source
 from difffit.engine.methods.trainable import count_groups, describe_method, prepare_model, trainable_parameters
-from difffit.engine.models.families import PIXART, family_of, family_of_spec, load_base
-from difffit.engine.models.families.pixart import ScaledLinear
+from difffit.engine.models.families import PIXART, family_of, load_base, resolve_base
 from difffit.engine.models.families.pixart_bases import XL2_CONFIG
+from difffit.engine.models.scaled_linear import ScaledLinear
 
 XL512 = {**XL2_CONFIG, "sample_size": 64}
 # PixArt-XL/2 by hand (width 1152, 28 blocks, MLP 4608, T5 4096 -> 1152): per block the biases of the 2 x 4
@@ -151,7 +151,7 @@ def test_lora_targets_both_attentions_and_folds():
 
 def test_a_pipeline_folder_loads_as_pixart(pipeline_dir):
     base = load_base(str(pipeline_dir))
-    assert family_of(base) is PIXART and family_of_spec(str(pipeline_dir)) is PIXART
+    assert family_of(base) is PIXART and resolve_base(str(pipeline_dir)).family is PIXART
     assert base.pipeline == "PixArtAlphaPipeline" and base.max_text_tokens == 120
     assert base.resolution == 16 and len(base.fingerprint) == 16
     assert load_base(str(pipeline_dir)).fingerprint == base.fingerprint

@@ -66,7 +66,7 @@ def test_an_adapter_of_one_family_on_a_base_of_the_other_is_one_sentence(pipelin
 
     from difffit.engine.methods.adapter import make_meta, save_adapter
     from difffit.engine.methods.trainable import prepare_model
-    from difffit.engine.models.bases import load_base
+    from difffit.engine.models.families import load_base
 
     trained_adapter(pipeline_dir, tmp_path / "pixart.safetensors")
     dit = load_base(str(tiny_base_file))

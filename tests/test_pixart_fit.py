@@ -195,8 +195,11 @@ def test_an_adapter_samples_with_the_token_count_it_trained_with(conf, data):
 
 def test_caption_dropout_uses_the_empty_caption_at_the_rate_asked():
     captions = [f"caption {i}" for i in range(4)]
-    encode = lambda texts: {"prompt_embeds": torch.tensor([[float(len(t))] for t in texts]).unsqueeze(-1),  # noqa: E731
-                            "prompt_attention_mask": torch.ones(len(texts), 1)}
+
+    def encode(texts):
+        return {"prompt_embeds": torch.tensor([[float(len(t))] for t in texts]).unsqueeze(-1),
+                "prompt_attention_mask": torch.ones(len(texts), 1)}
+
     embeddings = text_embeddings(captions * 250, encode, key="k", cache_dir=None, progress=False, extra=[""])
     conditions = Captions(embeddings, 0.3)
     drop = StepDraws.draw(torch.Generator().manual_seed(1), 1000, (1,), conditions.dropout).drop

@@ -67,7 +67,7 @@ def test_the_pipelines_defaults_and_other_schedulers(pipeline_dir, tiny_base_fil
     resolved = SamplingOptions(cfg_scale=None, scheduler=None).for_base(base)
     assert (resolved.cfg_scale, resolved.scheduler, resolved.steps) == (4.5, "dpm-solver", 20)
     dit = SamplingOptions(cfg_scale=None, scheduler=None).for_base(load_base(str(tiny_base_file)))
-    assert (dit.cfg_scale, dit.scheduler, dit.num_steps) == (4.0, "ddpm", 250)  # DiT's defaults, as before
+    assert (dit.cfg_scale, dit.scheduler, dit.num_steps) == (4.0, "ddpm", 250)  # DiT's own defaults
     ddim = images(pipeline_dir, 1, PROMPTS, scheduler="ddim")
     assert not np.array_equal(ddim, images(pipeline_dir, 1, PROMPTS))
     wide = images(pipeline_dir, 1, PROMPTS, width=32, height=16)

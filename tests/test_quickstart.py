@@ -15,7 +15,7 @@ from scipy import linalg
 
 from difffit.engine.evaluation.sample import SamplingOptions, generate
 from difffit.engine.methods.sources import load_source
-from difffit.engine.models.bases import load_base
+from difffit.engine.models.families import load_base
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 

@@ -12,8 +12,8 @@ from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.sample import SamplingOptions, generate
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
-from difffit.engine.models.bases import load_base
 from difffit.engine.models.dit import sincos_pos_embed_2d
+from difffit.engine.models.families import load_base
 from difffit.engine.models.resolution import move_to_resolution
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit

@@ -352,7 +352,7 @@ def make_adapter(base_file, path, seed):
 
     from difffit.engine.methods.adapter import make_meta, save_adapter
     from difffit.engine.methods.trainable import prepare_model, trainable_parameters
-    from difffit.engine.models.bases import load_base
+    from difffit.engine.models.families import load_base
 
     base = load_base(str(base_file))
     model = copy.deepcopy(base.model)

@@ -183,7 +183,7 @@ def test_grad_checkpointing_keeps_loss_and_gradients_and_saves_less(fp8):
     plain = saved_bytes(model)
     PIXART.set_gradient_checkpointing(model, True)
     assert model.gradient_checkpointing
-    # Checkpointing is on for real: the blocks' activations are no longer kept for the backward.
+    # Checkpointing is on for real: the blocks' activations are not kept for the backward.
     assert saved_bytes(model) < 0.6 * plain
     loss_ckpt, grads_ckpt = gradients(model)
     # The recomputed forward is the same computation (float32 on the CPU, float8 activations quantized

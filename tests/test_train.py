@@ -53,7 +53,7 @@ def test_loss_falls_on_learnable_data(tmp_path, conf):
 
 
 def test_frozen_tensors_bit_identical_and_outputs_written(tmp_path, conf, tiny_base_file, tiny_vae_dir):
-    from difffit.engine.models.bases import load_base
+    from difffit.engine.models.families import load_base
 
     base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -252,7 +252,7 @@ def test_same_classes_keeps_the_base_table_only_when_the_classes_match():
 
 
 def test_bf16_training_stores_frozen_matrices_in_bf16(tmp_path, conf, tiny_base_file, tiny_vae_dir):
-    from difffit.engine.models.bases import load_base
+    from difffit.engine.models.families import load_base
 
     base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
     frozen_before = base.model.blocks[0].attn.qkv.weight.detach().clone()

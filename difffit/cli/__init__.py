@@ -75,9 +75,9 @@ def _root(
 
 app.command(rich_help_panel="Train", help=train.FIT_HELP, cls=train.FitCommand)(train.fit)
 app.command("upscale-res", rich_help_panel="Train", help=train.UPSCALE_HELP, cls=train.UpscaleCommand)(train.fit)
-app.command(rich_help_panel="Generate")(generate.sample)
+app.command(rich_help_panel="Generate", help=generate.SAMPLE_HELP)(generate.sample)
 app.command(rich_help_panel="Generate")(generate.merge)
-app.command("eval-fid", rich_help_panel="Evaluate")(evaluate.eval_fid)
+app.command("eval-fid", rich_help_panel="Evaluate", help=evaluate.EVAL_FID_HELP)(evaluate.eval_fid)
 app.command(rich_help_panel="Inspect")(inspect.info)
 app.command(rich_help_panel="Inspect")(inspect.env)
 app.command(rich_help_panel="Share", help=share.PUSH_HELP)(share.push)
@@ -104,7 +104,7 @@ def main() -> None:
         where = f": {exc.filename}" if exc.filename else ""
         say(ERROR, f" {exc.strerror or exc}{where}.")
         sys.exit(1)
-    except Exception as exc:  # an unexpected failure still gets one sentence, not a traceback
+    except Exception as exc:  # an unexpected failure gets one sentence too, not a traceback
         if session.debug:
             raise
         say(ERROR, f" {type(exc).__name__}: {exc}")

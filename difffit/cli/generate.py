@@ -10,12 +10,48 @@ from difffit.cli import _options as opt
 from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, is_main_process, print_fields, say
 
+# sample's own arguments and options (those it shares with other commands are in _options.py)
+Sources = Annotated[list[str], typer.Argument(
+    metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
+    show_default=False)]
+Npz = Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")]
+
+SAMPLE_HELP = """Generate images from an adapter, a merged model or a base.
+
+Writes OUT/000000.png ..., OUT/grid.png, OUT/sample.json (the settings, and each image's prompt) and,
+with --npz, OUT/samples.npz for OpenAI's ADM evaluator. Several adapters of one base load it once.
+Under `accelerate launch` the images are split over the processes. Image i depends only on the seed,
+its class or prompt, and i.
+
+[bold]Examples[/bold]
+
+  [dim]# 16 images, 4x4 grid, in samples/food101[/dim]
+  difffit sample runs/food101/adapter.safetensors
+
+  [dim]# two named classes, 25 DPM-Solver steps[/dim]
+  difffit sample adapter.safetensors --class pizza --class sushi --scheduler dpm-solver
+
+  [dim]# a text-to-image adapter (PixArt): 4 images of one prompt, at the pipeline's guidance and steps[/dim]
+  difffit sample runs/ramen/adapter.safetensors --prompt "a bowl of ramen, studio light" -n 4
+
+  [dim]# prompts from a file, 768x512, 30 steps, guidance 5[/dim]
+  difffit sample adapter.safetensors --prompts prompts.txt --width 768 --height 512 --steps 30 --cfg-scale 5
+
+  [dim]# FID samples (paper setting) on 8 GPUs, one npz[/dim]
+  accelerate launch --num_processes 8 -m difffit sample adapter.safetensors \\
+      -n 50000 --cfg-scale 1.5 --npz
+
+  [dim]# compare adapters of one base (swapped, not reloaded)[/dim]
+  difffit sample runs/a/adapter.safetensors runs/b/adapter.safetensors --out samples/compare
+
+  [dim]# sample again into the same folder: replaces (and removes) only difffit's own earlier samples[/dim]
+  difffit sample runs/food101/adapter.safetensors -n 8 --overwrite
+"""
+
 
 def sample(
     ctx: typer.Context,
-    sources: Annotated[list[str], typer.Argument(
-        metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
-        show_default=False)],
+    sources: Sources,
     n: opt.NumImages = 16,
     base: opt.AdapterBase = None,
     vae: opt.Vae = None,
@@ -35,42 +71,12 @@ def sample(
     device: opt.Device = opt.SAMPLE.device,
     compile: opt.Compile = opt.SAMPLE.compile,
     out: opt.SampleOut = None,
-    npz: Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")] = False,
+    npz: Npz = False,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,
 ) -> None:
-    """Generate images from an adapter, a merged model or a base.
-
-    Writes OUT/000000.png ..., OUT/grid.png, OUT/sample.json (the settings, and each image's prompt) and,
-    with --npz, OUT/samples.npz for OpenAI's ADM evaluator. Several adapters of one base load it once.
-    Under `accelerate launch` the images are split over the processes. Image i depends only on the seed,
-    its class or prompt, and i.
-
-    [bold]Examples[/bold]
-
-      [dim]# 16 images, 4x4 grid, in samples/food101[/dim]
-      difffit sample runs/food101/adapter.safetensors
-
-      [dim]# two named classes, 25 DPM-Solver steps[/dim]
-      difffit sample adapter.safetensors --class pizza --class sushi --scheduler dpm-solver
-
-      [dim]# a text-to-image adapter (PixArt): 4 images of one prompt, at the pipeline's guidance and steps[/dim]
-      difffit sample runs/ramen/adapter.safetensors --prompt "a bowl of ramen, studio light" -n 4
-
-      [dim]# prompts from a file, 768x512, 30 steps, guidance 5[/dim]
-      difffit sample adapter.safetensors --prompts prompts.txt --width 768 --height 512 --steps 30 --cfg-scale 5
-
-      [dim]# FID samples (paper setting) on 8 GPUs, one npz[/dim]
-      accelerate launch --num_processes 8 -m difffit sample adapter.safetensors \\
-          -n 50000 --cfg-scale 1.5 --npz
-
-      [dim]# compare adapters of one base (swapped, not reloaded)[/dim]
-      difffit sample runs/a/adapter.safetensors runs/b/adapter.safetensors --out samples/compare
-
-      [dim]# sample again into the same folder: replaces (and removes) only difffit's own earlier samples[/dim]
-      difffit sample runs/food101/adapter.safetensors -n 8 --overwrite
-    """
+    """`sample`: the options as SamplingOptions, one `sample_sources` call, what it wrote (help: SAMPLE_HELP)."""
     from difffit.engine.evaluation.sample import SamplingOptions, read_prompts
     from difffit.engine.methods.sources import sample_sources
 

@@ -48,7 +48,7 @@ class DataOrder:
 
     The pool holds each item once, or `repeats[i]` times. With `balance`, every class fills as many
     places of an epoch as the largest class has (its items in a fresh order each epoch, cycled), so
-    classes are drawn equally whatever their sizes; the default pool draws exactly as before.
+    classes are drawn equally whatever their sizes; without `balance`, an epoch is a shuffle of the pool itself.
     """
 
     def __init__(self, labels: Sequence[int], seed: int, repeats: Sequence[int] | None = None, balance: bool = False):

@@ -18,6 +18,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -34,6 +35,9 @@ from difffit.engine.data.images import (
 )
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 HF_PREFIX = "hf:"
 HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # NAME (a canonical dataset) or OWNER/NAME
@@ -92,7 +96,7 @@ class HFRows:
     """The image column of a dataset, decoded by us (`engine.data.images.load_image`), so a broken row is named
     and skipped exactly like a broken file. Picklable: data-loader workers get their own copy."""
 
-    def __init__(self, dataset, column: str):
+    def __init__(self, dataset: Dataset, column: str):
         from datasets import Image as ImageFeature
 
         self.fingerprint = dataset._fingerprint  # before the cast below, which makes a new one
@@ -181,7 +185,7 @@ def _load(spec: str):
                            hint="Check the name and split; offline, only datasets already in the cache load.") from None
 
 
-def _one_split(loaded, spec: str, split: str | None):
+def _one_split(loaded: Dataset | DatasetDict, spec: str, split: str | None) -> Dataset:
     """A Dataset from what `datasets` returned: a DatasetDict gives `split`, else its train split or its only one."""
     import datasets
 
@@ -211,7 +215,7 @@ def _check_disk_space(name: str) -> None:
 # -- columns and classes --------------------------------------------------------------------------
 
 
-def _default_column(dataset, feature_type: str, names: tuple[str, ...], fallback: str | None) -> str | None:
+def _default_column(dataset: Dataset, feature_type: str, names: tuple[str, ...], fallback: str | None) -> str | None:
     """The first column of the feature type (Image, ClassLabel), else a usual name, else `fallback`."""
     for column, feature in dataset.features.items():
         if type(feature).__name__ == feature_type:
@@ -219,7 +223,7 @@ def _default_column(dataset, feature_type: str, names: tuple[str, ...], fallback
     return next((c for c in names if c in dataset.column_names), fallback)
 
 
-def _captions(dataset, column: str, name: str) -> list[str]:
+def _captions(dataset: Dataset, column: str, name: str) -> list[str]:
     """The caption of each row, stripped; "" where a row has none (attach_captions names those rows)."""
     captions = []
     for i, value in enumerate(dataset.select_columns([column])[column]):
@@ -230,7 +234,7 @@ def _captions(dataset, column: str, name: str) -> list[str]:
     return captions
 
 
-def _labels(dataset, column: str | None, name: str) -> tuple[list[int], list[str], set[int]]:
+def _labels(dataset: Dataset, column: str | None, name: str) -> tuple[list[int], list[str], set[int]]:
     """(label per row, class names, rows without a label). Names: a ClassLabel's, else the sorted values."""
     from datasets import ClassLabel
 

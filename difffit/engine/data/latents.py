@@ -136,7 +136,8 @@ def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoencoder, batch_size: int, device,
+def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoencoder, batch_size: int,
+                 device: torch.device | str,
                  num_workers: int, progress: bool) -> None:
     width, height = as_size(size)
     shape = (len(folder.files), 2, 2, vae.latent_channels, height // vae.factor, width // vae.factor)

@@ -9,12 +9,13 @@ run each, with `meta.json` (the key, the captions, each tensor's file, dtype and
 `.npy` per tensor name, rows aligned with the captions, memory-mapped when read. A run encodes only
 the captions no intact shard holds and writes them as a new shard, so editing one caption of a large
 dataset costs one encode, not the whole dataset's (T5-XXL encodes a few hundred captions a second on a
-GPU; hours for a large dataset on a CPU). Shards of captions no longer used stay until the cache folder
-is removed; they are only read for their index.
+GPU; hours for a large dataset on a CPU). Shards of captions the data has dropped stay until the cache
+folder is removed; they are only read for their index.
 
 A shard is checked when opened; a damaged one (checksum, truncation, broken meta) is named on stderr,
-removed and its captions encoded again. If the encoder now returns tensors of another shape or dtype
-under the same key, the old shards are out of date: named, removed, and everything is encoded again.
+removed and its captions encoded again. If the encoder returns tensors of another shape or dtype than
+the shards under its key hold, those shards are out of date: named, removed, and everything is encoded
+again.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.options import DEFAULT_CLIP_MODEL
 from difffit.engine.hub import HUB_ID, error_summary, hub_snapshot, split_hub_id
 from difffit.engine.progress import library_bars_off, say, track
+
+if TYPE_CHECKING:
+    from difffit.engine.evaluation.inception import ImageSet
 
 ImageLike = np.ndarray | Image.Image  # H x W x 3 uint8, or any Pillow image
 
@@ -98,12 +102,12 @@ class ScoredAsRead:
     """An image set (with `prompts`, one per image) whose images `scorer` scores as another consumer (the
     Inception network) reads them: a model's samples are made once for FID and CLIP score together."""
 
-    def __init__(self, images, scorer: ClipScorer):
+    def __init__(self, images: ImageSet, scorer: ClipScorer):
         self.images, self.scorer = images, scorer
         self.count, self.name, self.prompts = images.count, images.name, images.prompts
 
     @property
-    def skipped(self) -> list:
+    def skipped(self) -> list[tuple[Path, str]]:
         return self.images.skipped
 
     def batches(self, batch_size: int) -> Iterator:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -140,12 +142,28 @@ class InceptionFeatures:
         return {name: value.cpu() for name, value in zip(self.features, out, strict=True)}
 
 
+class ImageSet(Protocol):
+    """What `extract_features` reads (image_sets.py's sets, clip_score's ScoredAsRead): `count` images in uint8
+    batches, each an N x H x W x 3 array or a list of H x W x 3 ones (None: unreadable, then listed in `skipped`)."""
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]: ...
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray | list[np.ndarray | None]]: ...
+
+
 def extractor_identity(weights: Path) -> str:
     """Part of every statistics cache key: the network and the exact weights file."""
     return f"{FEATURE_EXTRACTOR}/sha256:{file_digest(weights)}"
 
 
-def extract_features(images, extractor: InceptionFeatures, *, batch_size: int, description: str,
+def extract_features(images: ImageSet, extractor: InceptionFeatures, *, batch_size: int, description: str,
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """Run the extractor over an image set; images of different sizes are batched separately."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.features}

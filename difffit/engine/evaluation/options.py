@@ -1,7 +1,7 @@
 """The options of sampling and of evaluation with their defaults, the one place each is written.
 
-Plain data with no torch: the command line reads `sample`'s and `eval-fid`'s defaults from here without
-loading the engine. SamplingOptions (evaluation/sample.py) is SamplingFields checked; `evaluate`
+No torch here, so `sample` and `eval-fid` read their defaults from this module without loading the
+engine. SamplingOptions (evaluation/sample.py) is SamplingFields checked; `evaluate`
 (evaluation/metrics.py) takes an EvalConfig.
 """
 

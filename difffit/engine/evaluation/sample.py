@@ -31,7 +31,7 @@ from difffit.engine.errors import DiffFitError, require_at_least, require_at_mos
 from difffit.engine.evaluation.options import SamplingFields
 from difffit.engine.models.dit import DiT
 from difffit.engine.models.families import FAMILIES, family_of
-from difffit.engine.models.family import MAX_SIDE
+from difffit.engine.models.family import MAX_SIDE, TextConditioning
 from difffit.engine.models.schedulers import (
     SCHEDULERS,
     DPMSolverSampler,
@@ -119,7 +119,7 @@ class SamplingOptions(SamplingFields):
     def num_steps(self) -> int:
         return self.steps if self.scheduler not in SCHEDULERS else checked_steps(self.scheduler, self.steps)
 
-    def for_base(self, base) -> SamplingOptions:
+    def for_base(self, base: Base) -> SamplingOptions:
         """These options with the base's family's defaults where none were given (cfg scale, scheduler,
         steps), and checked against what the family offers."""
         family = family_of(base)
@@ -129,7 +129,7 @@ class SamplingOptions(SamplingFields):
             raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
                                f"{', '.join(family.schedulers)}.")
         family.check_sample_size(base, self.width, self.height)
-        if self.negative_prompt and not family.negative_prompts:
+        if self.negative_prompt and isinstance(family, TextConditioning) and not family.negative_prompts:
             raise DiffFitError(f"--negative-prompt has nothing to steer on {family.title} bases: they sample with "
                                "guidance distilled into the model, without an unconditional branch.")
         return resolved

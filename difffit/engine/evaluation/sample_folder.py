@@ -31,6 +31,8 @@ from difffit.engine.evaluation.sample import SamplingOptions, check_image_count,
 from difffit.engine.io import LOCK, MARKER, atomic_path, run_lock, write_marker
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+
     from difffit.engine.models.bases import Base
 
 MANIFEST = "sample.json"
@@ -220,7 +222,7 @@ def sample_to_folder(
     classes: Sequence[int] | None = None,
     prompts: Sequence[str] | None = None,
     npz: bool = False,
-    state=None,
+    state: PartialState | None = None,
     progress: bool = True,
     record: dict | None = None,
     overwrite: bool = False,

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +118,8 @@ class AdapterMeta:
         return out
 
 
-def make_meta(base: Base, model: nn.Module, method: str, *, new_class_table: bool = False, class_names=None,
+def make_meta(base: Base, model: nn.Module, method: str, *, new_class_table: bool = False,
+              class_names: Sequence[str] | None = None,
               training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | dict | None = None,
               settings: MethodSettings | None = None) -> AdapterMeta:
     """Metadata for `model`, prepared by `prepare_model` from `base`. Pass `base_config` when the base's
@@ -158,7 +160,7 @@ def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def save_adapter(path, model: nn.Module, base_state: dict[str, torch.Tensor], meta: AdapterMeta,
+def save_adapter(path: str | Path, model: nn.Module, base_state: dict[str, torch.Tensor], meta: AdapterMeta,
                  dtype: str = "fp16") -> None:
     """Write the trained tensors of `model` (those `meta` names) to `path`, atomically."""
     from safetensors.torch import save_file
@@ -197,7 +199,7 @@ def _reference(name: str, base_state: dict[str, torch.Tensor], shape: torch.Size
 # ---------------------------------------------------------------------------------------------
 
 
-def is_adapter_file(path) -> bool:
+def is_adapter_file(path: str | Path) -> bool:
     """True for a file whose safetensors header says it is a difffit adapter (any version)."""
     path = Path(path)
     if not path.is_file():
@@ -208,7 +210,7 @@ def is_adapter_file(path) -> bool:
         return False
 
 
-def read_adapter(path, *, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+def read_adapter(path: str | Path, *, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
     """Tensors and metadata of an adapter; one-sentence DiffFitError for anything wrong with the file.
 
     Tensors holding NaN or inf are refused (they would sample black images), unless `allow_non_finite`
@@ -284,7 +286,7 @@ def check_metadata_shape(path: Path, text: str) -> None:
                            f"{MAX_METADATA_DEPTH} an adapter writes; it is not a difffit adapter.")
 
 
-def read_adapter_meta(path) -> AdapterMeta:
+def read_adapter_meta(path: str | Path) -> AdapterMeta:
     """An adapter's metadata, from the file header only (no tensors read)."""
     path = Path(path)
     refuse_run_folder(path)

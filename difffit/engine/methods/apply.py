@@ -20,6 +20,7 @@ bit for bit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,13 +33,17 @@ from difffit.engine.models.bases import state_dict_fingerprint
 from difffit.engine.models.families import FAMILIES, family_of
 from difffit.engine.models.scaled_linear import fold_scaled_linears
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
 APPLIED = "_difffit_adapter"  # the transformer's attribute holding (swapper, source) while an adapter is applied
 FOLDS_INTO = (torch.float32, torch.bfloat16, torch.float16)  # the weight dtypes a fold computes from and rounds to
 TEXT_FAMILIES = ", ".join(family.title for family in FAMILIES.values() if family.conditioning == "text")
 
 
 @torch.no_grad()
-def load_adapter(pipe_or_transformer: object, path: str | Path, *, force_base: bool = False) -> AdapterMeta:
+def load_adapter(pipe_or_transformer: DiffusionPipeline | nn.Module, path: str | Path, *,
+                 force_base: bool = False) -> AdapterMeta:
     """Apply a text-to-image difffit adapter (difffit, bitfit, full or lora; PixArt-α/Σ, SD3/3.5, FLUX.1) to a
     stock diffusers pipeline, or to its transformer, in place; returns the adapter's metadata.
 
@@ -102,7 +107,7 @@ def check_target(transformer: nn.Module, spec: str, source: str, meta: AdapterMe
                            "force_base=True to apply it anyway.", forced="force_base=True")
 
 
-def unload_adapter(pipe_or_transformer: object) -> None:
+def unload_adapter(pipe_or_transformer: DiffusionPipeline | nn.Module) -> None:
     """Take off the adapter `load_adapter` applied: the transformer's own tensors and modules go back, so its
     state dict is the base's bit for bit, with nothing added. Without an applied adapter: nothing to do."""
     transformer = transformer_of(pipe_or_transformer)
@@ -112,7 +117,7 @@ def unload_adapter(pipe_or_transformer: object) -> None:
         delattr(transformer, APPLIED)
 
 
-def transformer_of(pipe_or_transformer: object) -> nn.Module:
+def transformer_of(pipe_or_transformer: DiffusionPipeline | nn.Module) -> nn.Module:
     """A pipeline's transformer, or the transformer given; one sentence for anything else."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not isinstance(transformer, nn.Module):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ from difffit.engine.io import atomic_path
 from difffit.engine.methods.adapter import AdapterMeta, AdapterSwapper, expected_shapes
 from difffit.engine.methods.baselines import lora_layers
 from difffit.engine.models.scaled_linear import has_gamma
+
+if TYPE_CHECKING:
+    from difffit.engine.models.bases import Base
 
 PREFIX = "diffusion_model."
 METADATA_KEY = "difffit.comfyui"  # not "difffit": that key marks an adapter file
@@ -293,7 +297,7 @@ def check_comfyui_adapter(meta: AdapterMeta) -> None:
                            "instead.")
 
 
-def write_comfyui(base, tensors: dict[str, torch.Tensor], meta: AdapterMeta, path: Path) -> None:
+def write_comfyui(base: Base, tensors: dict[str, torch.Tensor], meta: AdapterMeta, path: Path) -> None:
     """Apply the adapter's `tensors` to `base` (a loaded, fingerprint-checked base: nothing applied yet) and
     write the ComfyUI file to `path` atomically; the base's tensors are put back afterwards."""
     from safetensors.torch import save_file

@@ -3,7 +3,7 @@
 An adapter repo (what `difffit push` uploads) holds a difffit adapter .safetensors and none of a
 base's files (model_index.json, config.json, transformer/). `OWNER/NAME` means an adapter repo when
 it holds adapter.safetensors (push's name); `hf://OWNER/NAME` also takes a repo's only .safetensors,
-and `hf://OWNER/NAME/FILE` any file. Everything else is left to `bases.load_base`. Files land in
+and `hf://OWNER/NAME/FILE` any file. Everything else is left to `families.load_base`. Files land in
 the standard Hub cache, so a later offline run (HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD) reads them there.
 """
 

@@ -65,17 +65,7 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
         check_comfyui_out(out)
         check_comfyui_adapter(meta)
     check_output(out, overwrite=overwrite, inputs=[adapter, *([base] if base else [])], folder=folder)
-    if fmt not in family.merge_formats:
-        raise DiffFitError(f"--format {fmt} is not available for {family.title} adapters; choose "
-                           f"{' or '.join(family.merge_formats)}.")
-    if meta.method not in FOLDABLE:
-        raise DiffFitError(f"A {meta.method} adapter adds layers that cannot be folded into the base weights; "
-                           f"sample from the adapter instead (difffit sample {adapter}).")
-    if fmt == "peft" and meta.method != "lora":
-        raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
-    if fmt == "diffusers" and (problem := family.pipeline_problem(meta)):  # refused before the base is loaded
-        raise DiffFitError(f"A {family.pipeline_name} cannot hold this model: {problem}.",
-                           hint="Merge with --format original instead.")
+    _check_mergeable(adapter, meta, fmt)
     if fmt == "comfyui":
         tensors, meta = read_adapter(adapter)
         loaded = load_adapter_base(adapter, meta, base=base, force_base=force_base)
@@ -115,7 +105,23 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     }
 
 
-def write_original(model: DiT, path: Path, *, class_names, vae_spec: str,
+def _check_mergeable(adapter: str, meta: AdapterMeta, fmt: str) -> None:
+    """The adapter folds into its base, in a format its family offers (checked before the base is loaded)."""
+    family = meta.model_family
+    if fmt not in family.merge_formats:
+        raise DiffFitError(f"--format {fmt} is not available for {family.title} adapters; choose "
+                           f"{' or '.join(family.merge_formats)}.")
+    if meta.method not in FOLDABLE:
+        raise DiffFitError(f"A {meta.method} adapter adds layers that cannot be folded into the base weights; "
+                           f"sample from the adapter instead (difffit sample {adapter}).")
+    if fmt == "peft" and meta.method != "lora":
+        raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
+    if fmt == "diffusers" and (problem := family.pipeline_problem(meta)):
+        raise DiffFitError(f"A {family.pipeline_name} cannot hold this model: {problem}.",
+                           hint="Merge with --format original instead.")
+
+
+def write_original(model: DiT, path: Path, *, class_names: list[str] | None, vae_spec: str,
                    meta: AdapterMeta | None = None) -> None:
     """The model's state dict in the original layout, fp32, with difffit metadata that load_base reads."""
     from safetensors.torch import save_file

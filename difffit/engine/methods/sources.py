@@ -28,7 +28,7 @@ from difffit.engine.methods.hub_adapters import resolve_adapter_source
 from difffit.engine.methods.settings import MethodSettings
 from difffit.engine.methods.trainable import describe_method
 from difffit.engine.models.bases import Base
-from difffit.engine.models.families import family_of, family_of_spec, load_base
+from difffit.engine.models.families import family_of, load_base, resolve_base
 from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.formats import WEIGHT_SUFFIXES
 from difffit.engine.progress import say
@@ -97,17 +97,18 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
         whose = "--base" if base else "The adapter's recorded base"
         raise DiffFitError(f"{whose} {spec} is not a model: it is {why}.",
                            hint="Pass --base with the base the adapter was trained on.")
-    if (given := family_of_spec(spec)) is not family:
+    resolved = resolve_base(spec)
+    if (given := resolved.family) is not family:
         raise DiffFitError(f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
                            "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
     options = family.adapter_base_options(meta, spec)
     try:
-        loaded = family.load(spec, vae=vae or meta.vae_spec, **options)  # the family is known: resolve once
+        loaded = family.load(resolved, vae=vae or meta.vae_spec, **options)
     except DiffFitError as first:  # another base may not take the adapter's head count: load it as it is
         if base is None or not options:
             raise
         try:
-            loaded = family.load(spec, vae=vae or meta.vae_spec)
+            loaded = family.load(resolved, vae=vae or meta.vae_spec)
         except DiffFitError:
             raise first from None
     check_base_architecture(meta, loaded.model, spec)
@@ -120,7 +121,7 @@ def source_family(source: str, *, base: str | None = None) -> Family:
     refuse_run_folder(spec)
     if is_adapter_file(spec):
         return read_adapter_meta(spec).model_family
-    return family_of_spec(spec)
+    return resolve_base(spec).family
 
 
 def not_a_model(spec: str) -> str | None:
@@ -191,7 +192,7 @@ def iter_sources(
 # -- what the commands do with them ---------------------------------------------------------------
 
 
-def describe_adapter(path) -> dict:
+def describe_adapter(path: str | Path) -> dict:
     """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
     tensors, meta = read_adapter(path, allow_non_finite=True)
     family = meta.model_family

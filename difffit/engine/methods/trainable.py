@@ -28,7 +28,8 @@ from difffit.engine.models.family import ADDED_GROUPS, METHODS, Family, added_re
 
 MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a table of a million rows is gigabytes at DiT-XL width
 FOLDABLE = ("full", "bitfit", "lora", "difffit")  # the rest add computation that no weight can absorb
-# Re-exported where they always were: the DiT family's pieces, and the family-generic name rules.
+# Importable from here too, beside the method code that uses them: the DiT family's pieces and the family-generic
+# name rules.
 __all__ = ["CLASS_TABLE", "METHODS", "added_reference", "fold_scale_factors", "norm_parameter_names",
            "resize_class_table"]
 

@@ -1,6 +1,6 @@
-"""Resolve a `--base` spec to a DiT with the reference numerics, its VAE and its metadata.
+"""Load a DiT `--base` (resolved by `families.resolve_base`) with the reference numerics, its VAE and metadata.
 
-Specs, tried in this order:
+The DiT specs:
   random:DiT-S/2          a standard config, reference init, seeded (sized by resolution / num_classes)
   tiny                    the base bundled under difffit/assets/tiny (when this build has one)
   DiT-XL/2-256, -512      aliases of the hub pipelines facebook/DiT-XL-2-256 / -512
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from difffit.engine.errors import DiffFitError
-from difffit.engine.hub import WEIGHT_SUFFIXES, hub_ref
+from difffit.engine.hub import WEIGHT_SUFFIXES
 from difffit.engine.models.diffusers_layout import load_diffusers_dir, load_hub
 from difffit.engine.models.dit import (
     DIT_CONFIGS,
@@ -32,6 +32,7 @@ from difffit.engine.models.dit import (
     config_for,
     sincos_pos_embed_2d,
 )
+from difffit.engine.models.family import BaseSpec
 from difffit.engine.models.formats import (
     GAMMA_SUFFIXES,
     Weights,
@@ -84,24 +85,24 @@ class Base:
         return self._vae.to(device, dtype)
 
 
-def load_base(
-    spec: str,
+def load_dit_base(
+    base: BaseSpec,
     *,
     resolution: int | None = None,
     num_classes: int | None = None,
     num_heads: int | None = None,
     vae: str | None = None,
 ) -> Base:
-    """Load any base spec (see the module docstring) as a `Base`.
+    """A resolved DiT spec (see the module docstring; `families.resolve_base` reads it) loaded as a `Base`.
 
     `resolution` (pixels) and `num_classes` size random bases; for other bases `resolution` is checked
     against the weights and `num_classes` is ignored (a method resizes the class table). `num_heads`
     is needed only for non-standard widths. `vae` overrides the base's own VAE.
     """
-    spec = str(spec)
-    if spec.startswith(RANDOM_PREFIX):
+    spec = base.spec
+    if base.source == "random":
         return _random_base(spec, resolution, num_classes, vae)
-    weights = _find_weights(spec)
+    weights = _find_weights(base)
     config = config_from_state_dict(weights.state, num_heads=num_heads or weights.num_heads, source=spec)
     if weights.pos_embed_scale is not None:
         config = DiTConfig(**{**config.to_dict(), "pos_embed_scale": weights.pos_embed_scale})
@@ -125,23 +126,23 @@ def load_base(
     )
 
 
-def base_architecture(spec: str, *, resolution: int | None = None, vae: str | None = None,
-                      num_heads: int | None = None) -> DiTConfig | None:
-    """The architecture `load_base(spec)` gives, at `resolution` when given, read without building the model
+def dit_architecture(base: BaseSpec, *, resolution: int | None = None, vae: str | None = None,
+                     num_heads: int | None = None) -> DiTConfig | None:
+    """The architecture `load_dit_base(base)` gives, at `resolution` when given, read without building the model
     or reading weights where that is cheap: a random: name, the tiny base, a local .safetensors file (its
-    header holds every shape). None otherwise, and for anything load_base would refuse (it says why)."""
+    header holds every shape). None otherwise, and for anything load_dit_base would refuse (it says why)."""
     try:
-        if spec.startswith(RANDOM_PREFIX):
+        if base.source == "random":
             factor, channels = vae_geometry(vae or DEFAULT_VAE)
-            return config_for(spec[len(RANDOM_PREFIX):], input_size=(resolution or 256) // factor,
+            return config_for(base.spec[len(RANDOM_PREFIX):], input_size=(resolution or 256) // factor,
                               in_channels=channels)
-        path = TINY_BASE if spec == TINY else Path(spec).expanduser()
-        if path.suffix.lower() != ".safetensors" or not path.is_file():
+        path = base.path
+        if base.source not in ("bundled", "file") or path.suffix.lower() != ".safetensors" or not path.is_file():
             return None
         shapes, metadata = read_safetensors_header(path)
         recorded = parse_metadata(metadata, path)
         state = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
-        config = config_from_state_dict(state, num_heads=num_heads or recorded.get("num_heads"), source=spec)
+        config = config_from_state_dict(state, num_heads=num_heads or recorded.get("num_heads"), source=base.spec)
         if resolution is not None:
             factor, _ = vae_geometry(vae or recorded.get("vae_spec") or DEFAULT_VAE)
             config = replace(config, input_size=resolution // factor)
@@ -174,12 +175,13 @@ def describe_base(base: Base) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Spec resolution
+# Weights of a resolved spec
 # --------------------------------------------------------------------------------------------
 
 
-def _find_weights(spec: str) -> Weights:
-    if spec == TINY:
+def _find_weights(base: BaseSpec) -> Weights:
+    spec = base.spec
+    if base.source == "bundled":
         if not TINY_BASE.exists():
             raise DiffFitError(
                 f"The tiny base is not bundled in this build of difffit (nothing at {TINY_BASE}); "
@@ -188,20 +190,11 @@ def _find_weights(spec: str) -> Weights:
         weights = _load_local(TINY_BASE)
         weights.source_format = "bundled"
         return weights
-    if spec in ALIASES:
-        return load_hub(ALIASES[spec], what=f"the base {spec} (hub repo {ALIASES[spec]})")
-    if spec.startswith("DiT-"):
-        raise DiffFitError(f"Unknown base alias {spec!r}; known aliases: {', '.join(ALIASES)}.")
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path)
-    ref = hub_ref(spec)
-    if ref is None:
-        raise DiffFitError(f"{spec} does not exist (no such file or folder).")
-    if ref.filename:
-        raise DiffFitError(f"{spec} names a file in a hub repo; a base on the Hub is a whole diffusers repo.",
-                           hint=f"Pass --base {ref.repo_id}, or download the file and pass its local path.")
-    return load_hub(ref.repo_id, what=f"the base {spec} (no such local path, so read as a hub repo id)")
+    if base.source == "alias":
+        return load_hub(base.repo_id, what=f"the base {spec} (hub repo {base.repo_id})")
+    if base.source in ("file", "folder"):
+        return _load_local(base.path)
+    return load_hub(base.repo_id, what=f"the base {spec} (no such local path, so read as a hub repo id)")
 
 
 def _random_base(spec: str, resolution: int | None, num_classes: int | None, vae: str | None) -> Base:

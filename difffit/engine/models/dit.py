@@ -7,7 +7,8 @@ Differences from the reference are in speed only: attention goes through
 
 Fine-tuning methods add optional parts, each absent (None) unless a method adds it, so a stock
 model has exactly the reference's parameters: DiffFit's per-block scale factors (`gamma_attn`,
-`gamma_mlp`, and `attn.gamma_qkv` / `attn.gamma_proj` for the branch+attn placement), a bottleneck
+`gamma_mlp`, and `attn.gamma_qkv` / `attn.gamma_proj` for the branch+attn placement; the DiT family adds
+and folds them, families/dit.py), a bottleneck
 adapter beside or after the MLP (`adapter`), and VPT-deep prompt tokens (`prompts`).
 """
 
@@ -80,10 +81,6 @@ def config_for(name: str, **overrides) -> DiTConfig:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def _ones(n: int, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.ones(n, dtype=like.dtype, device=like.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,21 +218,6 @@ class DiTBlock(nn.Module):
         self.adapter: Bottleneck | None = None
         self.prompts: nn.Parameter | None = None  # (N, hidden) VPT-deep tokens
 
-    def add_scale_factors(self, attn: bool = False) -> None:
-        """Add DiffFit's gamma (ones, so the block's output is unchanged until trained); `attn` adds
-        the qkv and proj ones too."""
-        like = self.attn.proj.weight
-        hidden = like.shape[0]
-        self.gamma_attn, self.gamma_mlp = _ones(hidden, like), _ones(hidden, like)
-        if attn:
-            self.attn.gamma_qkv, self.attn.gamma_proj = _ones(3 * hidden, like), _ones(hidden, like)
-
-    def remove_scale_factors(self) -> None:
-        self.gamma_attn = None
-        self.gamma_mlp = None
-        self.attn.gamma_qkv = None
-        self.attn.gamma_proj = None
-
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.prompts is not None:  # prepended here, dropped at the end: later layers never see them
             x = torch.cat([self.prompts.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
@@ -352,12 +334,6 @@ class DiT(nn.Module):
         cond, uncond = eps.chunk(2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
-
-    # -- DiffFit scale factors -----------------------------------------------------------------
-
-    def add_scale_factors(self, blocks: list[int], attn: bool = False) -> None:
-        for i in blocks:
-            self.blocks[i].add_scale_factors(attn)
 
     @property
     def gamma_blocks(self) -> list[int]:

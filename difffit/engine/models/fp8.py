@@ -94,7 +94,8 @@ class FrozenFP8Matmul(torch.autograd.Function):
 
 class FP8FrozenLinear(nn.Module):
     """A frozen nn.Linear with its weight in float8; the bias (if any) is the original Parameter, and so is
-    a ScaledLinear's gamma (DiffFit's trainable scale on the output), which multiplies the output as before."""
+    a ScaledLinear's gamma (DiffFit's trainable scale on the output), which multiplies the output as it does on
+    the float projection."""
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, kernel: bool = True):
         super().__init__()

@@ -14,12 +14,15 @@ from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import hub_ref
 from difffit.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
 from difffit.engine.models.families import PIPELINE_KINDS, family_named
-from difffit.engine.models.families.pipelines import TINY_T2I
+from difffit.engine.models.families.pipeline_bases import TINY_T2I
+from difffit.engine.models.family import TextConditioning
 from difffit.engine.models.vae import IDENTITY_VAE
 from difffit.engine.training.runs import format_duration, split_eval
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from difffit.engine.models.family import Family
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "model_card.md"
 # Hub repos of the aliases of every family (a pipeline alias names the repo holding its transformer).
@@ -76,21 +79,11 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
     instead of the adapter; `license`: default, the base's license when difffit knows it, else "other";
     `comfyui_file`: the name of the ComfyUI file beside the adapter, if the repo holds one.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     base_id = hub_base_id(summary["base"])
     family = family_named(summary.get("family"))
-    own_license = license is None and base_id in BASE_LICENSE_NAMES
-    card_data = ModelCardData(
-        base_model=base_id,
-        base_model_relation=("finetune" if merged else "adapter") if base_id else None,
-        library_name="diffusers" if merged else "difffit",
-        license=license or BASE_LICENSES.get(base_id, DEFAULT_LICENSE),
-        license_name=BASE_LICENSE_NAMES[base_id] if own_license else None,
-        license_link=f"https://huggingface.co/{base_id}" if own_license else None,
-        pipeline_tag=family.pipeline_tag,
-        tags=["difffit", family.name, "diffusion", summary["method"]],
-    )
+    card_data = _card_data(base_id, family, summary["method"], merged=merged, license=license)
     metrics, settings = split_eval(eval_result) if eval_result else ({}, {})
     names = summary.get("class_names") or [str(i) for i in range(summary.get("num_classes") or 0)]
     prompts = summary["training"].get("validation_prompts") or []
@@ -119,7 +112,7 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         sample_condition=f"--prompt {shlex.quote(example_prompt)}" if family.conditioning == "text" else
         f"--class {names[0] if ' ' not in names[0] else '0'}",
         pipeline_class=summary["training"].get("pipeline") or "DiTPipeline",
-        pipeline_call=family.pipeline_call,
+        pipeline_call=family.pipeline_call if isinstance(family, TextConditioning) else None,
         grid=grid,
         grid_caption=grid_caption,
         training=_Training(summary["training"]),
@@ -133,6 +126,24 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         vae=public_name(summary["vae"], subfolders=True),
         vae_local=not resolvable(summary["vae"], subfolders=True),
         final_loss=summary.get("final_loss", summary["training"].get("last_loss")),
+    )
+
+
+def _card_data(base_id: str | None, family: Family, method: str, *, merged: bool,
+               license: str | None) -> ModelCardData:
+    """The card's YAML header: base model and relation, library, license, pipeline tag and tags."""
+    from huggingface_hub import ModelCardData
+
+    own_license = license is None and base_id in BASE_LICENSE_NAMES
+    return ModelCardData(
+        base_model=base_id,
+        base_model_relation=("finetune" if merged else "adapter") if base_id else None,
+        library_name="diffusers" if merged else "difffit",
+        license=license or BASE_LICENSES.get(base_id, DEFAULT_LICENSE),
+        license_name=BASE_LICENSE_NAMES[base_id] if own_license else None,
+        license_link=f"https://huggingface.co/{base_id}" if own_license else None,
+        pipeline_tag=family.pipeline_tag,
+        tags=["difffit", family.name, "diffusion", method],
     )
 
 

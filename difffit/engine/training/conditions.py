@@ -23,7 +23,7 @@ from difffit.engine.devices import one_builder_first
 from difffit.engine.errors import DiffFitError
 from difffit.engine.evaluation.sample import SamplingOptions
 from difffit.engine.methods.trainable import check_method, same_classes
-from difffit.engine.models.family import Family
+from difffit.engine.models.family import Family, TextConditioning
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.state import Run
@@ -74,7 +74,7 @@ def check_options(config: FitConfig, family: Family) -> None:
 def check_text_tokens(config: FitConfig, family: Family, base=None) -> None:
     """Refuse a --max-text-tokens above what the family's pipeline reads: before loading where the family alone says
     (SD3, FLUX), and again once `base` is loaded where its pipeline does (PixArt-α 120, Σ 300)."""
-    limit = family.text_token_limit(base)
+    limit = family.text_token_limit(base) if isinstance(family, TextConditioning) else None
     if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
         pipeline = f"{base.pipeline}" if base is not None else f"{family.title} pipeline"
         raise DiffFitError(f"--max-text-tokens {config.max_text_tokens:,} is above {limit}, the most a {pipeline} "

@@ -18,8 +18,8 @@ from difffit.engine.errors import DiffFitError, require_at_least, require_at_mos
 from difffit.engine.evaluation.sample import check_image_count
 from difffit.engine.io import check_folder_path
 from difffit.engine.methods.trainable import METHODS, describe_method
-from difffit.engine.models.bases import base_architecture
 from difffit.engine.models.dit import DiTConfig
+from difffit.engine.models.families import base_architecture
 from difffit.engine.models.families.dit import DIT
 from difffit.engine.models.family import MAX_SIDE, Family
 from difffit.engine.models.flow_matching import TIMESTEP_SAMPLING

@@ -37,9 +37,9 @@ from difffit.engine.methods.trainable import (
     prepare_model,
     trainable_parameters,
 )
-from difffit.engine.models.bases import RANDOM_PREFIX, Base
-from difffit.engine.models.families import family_of, family_of_spec
-from difffit.engine.models.family import Family
+from difffit.engine.models.bases import Base
+from difffit.engine.models.families import family_of, resolve_base
+from difffit.engine.models.family import BaseSpec, Family
 from difffit.engine.models.fp8 import quantize_frozen_linears
 from difffit.engine.models.resolution import move_to_resolution
 from difffit.engine.models.speed import (
@@ -104,7 +104,8 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
     with contextlib.ExitStack() as held:
         held.enter_context(tf32_matmuls(accelerator.device.type == "cuda"))
         # bad options for the base's family, bad data, then a bad base, fail before --out is touched
-        family = family_of(base) if base is not None else family_of_spec(config.base)
+        spec = resolve_base(config.base) if base is None else None
+        family = family_of(base) if base is not None else spec.family
         check_options(config, family)
         apply_family_defaults(config, family)
         data = open_data(config.data, config.image_column, config.label_column, config.caption_column)
@@ -112,7 +113,7 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         if family.conditioning != "text":
             folder, val_folder = split_validation(config, folder)
             config.check_data(folder)
-        base, base_config, pos_embed = _load_base_at_resolution(config, base, family)
+        base, base_config, pos_embed = _load_base_at_resolution(config, base, family, spec)
         family.check_ready(base)
         check_text_tokens(config, family, base)
         if family.conditioning == "text":  # held out per bucket shape, which the base's patch and VAE decide
@@ -173,13 +174,13 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
 # -- phases -----------------------------------------------------------------------------------------
 
 
-def _load_base_at_resolution(config: FitConfig, base: Base | None, family: Family) -> tuple[Base, object, str]:
+def _load_base_at_resolution(config: FitConfig, base: Base | None, family: Family,
+                             spec: BaseSpec | None) -> tuple[Base, object, str]:
     """(base of `family` at the run's resolution, its config before any move, positional mode)."""
     if base is None:
-        # --resolution sizes a random base; any other base keeps its own and is moved below. The spec's family is
-        # known already: loading through it resolves a Hub id once.
-        sized = config.base.startswith(RANDOM_PREFIX)
-        base = family.load(config.base, resolution=config.resolution if sized else None, vae=config.vae,
+        # --resolution sizes a random base; any other base keeps its own and is moved below.
+        sized = spec.source == "random"
+        base = family.load(spec, resolution=config.resolution if sized else None, vae=config.vae,
                            num_heads=config.num_heads)
     base_config, pos_embed = family.config_of(base.model), "standard"
     # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base

@@ -1,10 +1,10 @@
 """The DiT family: class-conditional DiT with the reference numerics (engine/models/dit.py, bases.py).
 
-- Loading: every spec `models.bases.load_base` reads (original checkpoints, diffusers DiT folders and
+- Loading: every spec `models.bases.load_dit_base` reads (original checkpoints, diffusers DiT folders and
   repos, aliases, random: and the bundled tiny base).
 - difffit trains every bias except the timestep embedder's (the paper freezes that embedder), the
   class table, affine norm parameters if the model has any, and gamma on the attention and MLP
-  branches of the chosen blocks (`DiTBlock.add_scale_factors`); bitfit every bias plus a new class
+  branches of the chosen blocks (`GAMMA`, in the reference layout); bitfit every bias plus a new class
   table; full everything but the fixed sin-cos `pos_embed`; the other baselines what they add.
 - New classes: a dataset with K classes gets a (K+1)-row table, every row (the null row K included) a
   copy of the base's null row, so an untrained adapter samples the base's unconditional distribution.
@@ -13,21 +13,26 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from difffit.engine.errors import DiffFitError
-from difffit.engine.models.bases import RANDOM_PREFIX, Base, describe_base, load_base
+from difffit.engine.models.bases import RANDOM_PREFIX, Base, describe_base, load_dit_base
 from difffit.engine.models.diffusers_layout import dit_pipeline_problem, write_dit_pipeline
 from difffit.engine.models.dit import CLASS_TABLE, DiT, DiTConfig
-from difffit.engine.models.family import METHODS, Family, ModelCall, Setter, added_reference
+from difffit.engine.models.family import METHODS, BaseSpec, Family, ModelCall, Setter, added_reference
 from difffit.engine.models.fp8 import KEEP_BF16
+from difffit.engine.models.gamma import GammaPlacement, GammaSite
 from difffit.engine.models.lora_names import DIT_LORA
 from difffit.engine.models.resolution import set_resolution
 from difffit.engine.models.schedulers import SCHEDULERS
 
-DIT_OPTIONS = ("resolution", "num_classes", "num_heads", "vae")  # load_base's keywords
+if TYPE_CHECKING:
+    from difffit.engine.methods.adapter import AdapterMeta
+
+DIT_OPTIONS = ("resolution", "num_classes", "num_heads", "vae")  # load_dit_base's keywords
 SHAPE_KEYS = ("depth", "hidden_size", "patch_size", "in_channels", "learn_sigma")  # what an adapter cannot change
 
 
@@ -42,21 +47,12 @@ def resize_class_table(model: DiT, num_classes: int) -> None:
     model.config = replace(model.config, num_classes=num_classes)
 
 
-@torch.no_grad()
-def fold_scale_factors(model: DiT) -> None:
-    """Fold gamma into the branch outputs: gamma * (W x + b) = (gamma W) x + gamma b; then drop gamma.
-
-    gamma scales output features, i.e. the rows of attn.proj / mlp.fc2 weights and their biases (and
-    of attn.qkv for the branch+attn placement, whose gamma_proj folds into attn.proj with gamma_attn).
-    """
-    for block in model.blocks:
-        pairs = ((block.gamma_attn, block.attn.proj), (block.gamma_mlp, block.mlp.fc2),
-                 (block.attn.gamma_qkv, block.attn.qkv), (block.attn.gamma_proj, block.attn.proj))
-        for gamma, linear in pairs:
-            if gamma is not None:
-                linear.weight.mul_(gamma.to(linear.weight.dtype)[:, None])
-                linear.bias.mul_(gamma.to(linear.bias.dtype))
-        block.remove_scale_factors()
+# gamma in the reference layout: Parameters of each block, multiplied in after the projection they fold into.
+GAMMA = GammaPlacement(
+    branch={"blocks": (GammaSite("attn.proj", slot="gamma_attn"), GammaSite("mlp.fc2", slot="gamma_mlp"))},
+    attention={"blocks": (GammaSite("attn.qkv", slot="attn.gamma_qkv"),
+                          GammaSite("attn.proj", slot="attn.gamma_proj"))},
+)
 
 
 class DiTFamily(Family):
@@ -64,7 +60,7 @@ class DiTFamily(Family):
     title = "DiT"
     conditioning = "class"
     methods = METHODS
-    blocks = "blocks"
+    gamma = GAMMA
     class_table = CLASS_TABLE
     groups = ("biases", "gamma", "class_table", "norms", "lora", "adapters", "prompts", "other")
     pipeline_tag = "unconditional-image-generation"  # the Hub has no class-conditional task
@@ -73,12 +69,13 @@ class DiTFamily(Family):
     schedulers = SCHEDULERS
     fixed_size = True  # the reference's positional embedding is stored for one square grid
     lora = DIT_LORA
+    keep_bf16 = KEEP_BF16
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(model, DiT)
 
-    def load(self, spec: str, **options) -> Base:
-        return load_base(spec, **{k: v for k, v in options.items() if k in DIT_OPTIONS})
+    def load(self, base: BaseSpec, **options: Any) -> Base:
+        return load_dit_base(base, **{k: v for k, v in options.items() if k in DIT_OPTIONS})
 
     def describe(self, base: Base) -> dict:
         return describe_base(base)
@@ -90,7 +87,7 @@ class DiTFamily(Family):
         dit = DiTConfig(**config)
         return {"in_channels": dit.in_channels, "learn_sigma": dit.learn_sigma}
 
-    def adapter_base_options(self, meta, spec: str) -> dict:
+    def adapter_base_options(self, meta: AdapterMeta, spec: str) -> dict:
         base_config = DiTConfig(**meta.base_config)
         if spec.startswith(RANDOM_PREFIX):  # a random base is only reproducible at the size it was made with
             return {"resolution": base_config.input_size * meta.vae_factor, "num_classes": base_config.num_classes}
@@ -128,10 +125,10 @@ class DiTFamily(Family):
             resize_class_table(model, num_classes if num_classes is not None else model.config.num_classes)
         return new_classes
 
-    def fits_adapter(self, model: DiT, meta) -> bool:
+    def fits_adapter(self, model: DiT, meta: AdapterMeta) -> bool:
         return all(getattr(model.config, key) == meta.base_config[key] for key in SHAPE_KEYS)
 
-    def shape_for_adapter(self, model: DiT, meta, setter: Setter) -> None:
+    def shape_for_adapter(self, model: DiT, meta: AdapterMeta, setter: Setter) -> None:
         """The base at the adapter's resolution and with its class table's size (its values come with the
         adapter's tensors); every change goes through `setter`, so the swapper can undo it."""
         setter(model, "config", model.config)
@@ -146,22 +143,13 @@ class DiTFamily(Family):
             table.num_embeddings = meta.num_classes + 1
             model.config = replace(model.config, num_classes=meta.num_classes)
 
-    def adopt_adapter(self, base: Base, meta) -> None:
+    def adopt_adapter(self, base: Base, meta: AdapterMeta) -> None:
         base.class_names = meta.class_names
 
-    def add_gamma(self, model: DiT, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
-        model.add_scale_factors([i for i in blocks if i not in model.gamma_blocks], attn=placement == "branch+attn")
-
-    def gamma_blocks(self, model: DiT) -> list[int]:
-        return model.gamma_blocks
-
-    def fold_gamma(self, model: DiT) -> None:
-        fold_scale_factors(model)
-
-    def pipeline_problem(self, meta) -> str | None:
+    def pipeline_problem(self, meta: AdapterMeta) -> str | None:
         return dit_pipeline_problem(DiTConfig(**meta.config), meta.vae_spec)
 
-    def write_pipeline(self, base: Base, model: DiT, folder) -> None:
+    def write_pipeline(self, base: Base, model: DiT, folder: Path) -> None:
         write_dit_pipeline(model, folder, class_names=base.class_names, vae=base.vae())
 
     def forward(self, model: DiT, base: Base) -> ModelCall:
@@ -186,8 +174,6 @@ class DiTFamily(Family):
         return {"heads": config.num_heads, "head_dim": config.hidden_size // config.num_heads,
                 "tokens": (config.input_size // config.patch_size) ** 2}
 
-    def fp8_keep(self) -> tuple[str, ...]:
-        return KEEP_BF16
-
 
 DIT = DiTFamily()
+fold_scale_factors = DIT.fold_gamma  # gamma * (W x + b) = (gamma W) x + gamma b, then gamma dropped

@@ -1,5 +1,5 @@
 """What the rectified-flow MM-DiT families (SD3, FLUX) share on top of every pipeline family's machinery
-(pipeline_family.py: prompt encoding and sampling through the pipeline): the flow-matching loss, the
+(text_family.py: prompt encoding and sampling through the pipeline): the flow-matching loss, the
 Euler scheduler, and cheaper previews.
 
 - Loss: `models/flow_matching.py` on the base's own FlowMatchEulerDiscreteScheduler config (its shift, and
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from difffit.engine.models.families.pipeline_family import PipelineFamily
-from difffit.engine.models.families.pipelines import PipelineBase
+from difffit.engine.models.families.pipeline_bases import PipelineBase
+from difffit.engine.models.families.text_family import TextFamily
 from difffit.engine.models.flow_matching import FlowMatching
 
 # --scheduler names -> diffusers classes, built from the pipeline's own scheduler config.
@@ -29,7 +29,7 @@ SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler"}
 PREVIEW_STEPS = 28
 
 
-class FlowFamily(PipelineFamily):
+class FlowFamily(TextFamily):
     """A rectified-flow pipeline family; subclasses say how their pipeline is called."""
 
     prediction = "flow"

@@ -32,13 +32,15 @@ unconditional branch to train; `--caption-dropout P` still trains on the empty c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from difffit.engine.models.families.flow_family import FlowFamily
-from difffit.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind, pipeline_default, read_json
+from difffit.engine.models.families.pipeline_bases import Alias, PipelineBase, PipelineKind, pipeline_default, read_json
 from difffit.engine.models.family import ModelCall
+from difffit.engine.models.gamma import GammaPlacement
 from difffit.engine.models.lora_names import FLUX_LORA
 
 TRANSFORMER = "FluxTransformer2DModel"
@@ -103,11 +105,12 @@ FLUX_KIND = PipelineKind("flux", "FLUX", TRANSFORMER, (PIPELINE,), ALIASES, ALIA
 class FluxFamily(FlowFamily):
     name = "flux"
     title = "FLUX"
-    blocks = "transformer_blocks"  # the joint blocks; the single ones follow (branches lists both)
     kind = FLUX_KIND
     lora = FLUX_LORA
-    branches = {"transformer_blocks": JOINT_BRANCHES, "single_transformer_blocks": ("proj_out",)}
-    attention_inputs = {"transformer_blocks": JOINT_QKV, "single_transformer_blocks": SINGLE_QKV}
+    # the joint blocks, then the single ones
+    gamma = GammaPlacement.on_projections(
+        {"transformer_blocks": JOINT_BRANCHES, "single_transformer_blocks": ("proj_out",)},
+        {"transformer_blocks": JOINT_QKV, "single_transformer_blocks": SINGLE_QKV})
     frozen_embedders = ("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder.")
     shape_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
                   "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
@@ -166,7 +169,7 @@ class FluxFamily(FlowFamily):
 
         return call
 
-    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+    def encode(self, pipe: Any, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = pipe.encode_prompt(texts, None, device=device, max_sequence_length=max_tokens)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 

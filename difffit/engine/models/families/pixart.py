@@ -7,12 +7,8 @@ What DiffFit trains here (`--method difffit`):
   to a shared projection of the timestep, so the table is the counterpart of DiT's adaLN bias;
 - affine norm parameters where there are any (stock PixArt has none);
 - gamma: one vector per residual branch (self-attention, cross-attention, MLP) of the first half of
-  the blocks by default, multiplying the branch's output projection (`attn1.to_out.0`,
-  `attn2.to_out.0`, `ff.net.2`) before the gated residual add. The projection is the last
-  operation of each branch, so gamma there is exactly the paper's "scale the branch output", and
-  it folds into that projection's weight and bias (W' = diag(gamma) W, b' = gamma * b): a merged
-  model is a stock diffusers transformer. `branch+attn` adds gamma on the q, k and v projections.
-gamma sits in `ScaledLinear` (engine/models/scaled_linear.py, shared with SD3 and FLUX).
+  the blocks by default, on the branch's output projection (`attn1.to_out.0`, `attn2.to_out.0`,
+  `ff.net.2`), before the gated residual add; `branch+attn` adds gamma on the q, k and v projections.
 
 `--mixed-precision fp8`: every block Linear in float8 (gamma's projections included, keeping their gamma);
 the embedders (`pos_embed`, `adaln_single`: timestep and micro-condition embedders plus the shared
@@ -34,18 +30,21 @@ scheduler config).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from difffit.engine.errors import DiffFitError
 from difffit.engine.models.diffusion import GaussianDiffusion
-from difffit.engine.models.families.pipeline_family import PipelineFamily, ScaledLinear
-from difffit.engine.models.families.pipelines import PipelineBase, pipeline_default
+from difffit.engine.models.families.pipeline_bases import PipelineBase, pipeline_default
 from difffit.engine.models.families.pixart_bases import PIXART_KIND, TRANSFORMER_CLASSES
+from difffit.engine.models.families.text_family import TextFamily
 from difffit.engine.models.family import ModelCall
+from difffit.engine.models.gamma import GammaPlacement
 from difffit.engine.models.lora_names import PIXART_LORA
 
-__all__ = ["PIXART", "ScaledLinear"]
+__all__ = ["PIXART"]
 BRANCHES = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")  # the output projection of each residual branch
 QKV = tuple(f"attn{i}.to_{x}" for i in (1, 2) for x in "qkv")
 SCHEDULES = ("linear", "scaled_linear")
@@ -53,17 +52,15 @@ SCHEDULES = ("linear", "scaled_linear")
 SCHEDULERS = {"dpm-solver": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
 
 
-class PixArtFamily(PipelineFamily):
+class PixArtFamily(TextFamily):
     name = "pixart"
     title = "PixArt"
-    blocks = "transformer_blocks"
     kind = PIXART_KIND
     lora = PIXART_LORA
     schedulers = ("pipeline", *SCHEDULERS)  # "pipeline": the pipeline's own (PixArt's: dpm-solver)
     scheduler_classes = SCHEDULERS
     long_text_tokenizer = "tokenizer"
-    branches = {"transformer_blocks": BRANCHES}
-    attention_inputs = {"transformer_blocks": QKV}
+    gamma = GammaPlacement.on_projections({"transformer_blocks": BRANCHES}, {"transformer_blocks": QKV})
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
     tables = ("scale_shift_table",)
     pipeline_call = {"arguments": ", clean_caption=False", "same_images": "difffit samples through this same "
@@ -120,7 +117,7 @@ class PixArtFamily(PipelineFamily):
             betas = torch.linspace(start, end, steps, dtype=torch.float64)
         return GaussianDiffusion(num_train_steps=steps, betas=betas)
 
-    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+    def encode(self, pipe: Any, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
         embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
                                                 clean_caption=False, max_sequence_length=max_tokens)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}

@@ -1,14 +1,14 @@
 """PixArt-α/Σ bases: diffusers pipelines (a Hub id, a local folder with model_index.json, or an alias).
 
 A PixArt base is diffusers' own `PixArtTransformer2DModel` plus the pipeline's other components (T5
-text encoder and tokenizer, VAE, scheduler), loaded as every pipeline base is (families/pipelines.py).
+text encoder and tokenizer, VAE, scheduler), loaded as every pipeline base is (families/pipeline_bases.py).
 The public Σ repos and the α 256 repo hold only a transformer; their aliases take the other components
 from the repo the PixArt team publishes them in, as diffusers' documentation does.
 """
 
 from __future__ import annotations
 
-from difffit.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind, load_pipeline_base
+from difffit.engine.models.families.pipeline_bases import Alias, PipelineBase, PipelineKind
 
 PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 TRANSFORMER_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # α repos still say the latter
@@ -53,9 +53,3 @@ def is_pixart_transformer(config: dict) -> bool:
 PIXART_KIND = PipelineKind("pixart", "PixArt", "PixArtTransformer2DModel", PIPELINES, ALIASES,
                            {name: {**XL2_CONFIG, **config} for name, config in ALIAS_CONFIGS.items()},
                            is_pixart_transformer, PipelineBase)
-
-
-def load_pixart_base(spec: str, *, weights: bool = True) -> PipelineBase:
-    """An alias, a local pipeline folder or a Hub pipeline id. `weights=False` builds the transformer on
-    the meta device from its config (info's counts; an alias needs no download for it)."""
-    return load_pipeline_base(spec, PIXART_KIND, weights=weights)

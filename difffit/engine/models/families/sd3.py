@@ -19,12 +19,15 @@ empty caption's, which is what the pipeline's guidance encodes as its unconditio
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from difffit.engine.models.families.flow_family import FlowFamily
-from difffit.engine.models.families.pipelines import Alias, PipelineBase, PipelineKind
+from difffit.engine.models.families.pipeline_bases import Alias, PipelineBase, PipelineKind
 from difffit.engine.models.family import ModelCall
+from difffit.engine.models.gamma import GammaPlacement
 from difffit.engine.models.lora_names import SD3_LORA
 
 TRANSFORMER = "SD3Transformer2DModel"
@@ -70,11 +73,9 @@ SD3_KIND = PipelineKind("sd3", "SD3", TRANSFORMER, (PIPELINE,), ALIASES, ALIAS_C
 class SD3Family(FlowFamily):
     name = "sd3"
     title = "SD3"
-    blocks = "transformer_blocks"
     kind = SD3_KIND
     lora = SD3_LORA
-    branches = {"transformer_blocks": BRANCHES}
-    attention_inputs = {"transformer_blocks": QKV}
+    gamma = GammaPlacement.on_projections({"transformer_blocks": BRANCHES}, {"transformer_blocks": QKV})
     frozen_embedders = ("time_text_embed.timestep_embedder.",)
     shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
                   "out_channels", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
@@ -114,7 +115,7 @@ class SD3Family(FlowFamily):
 
         return call
 
-    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+    def encode(self, pipe: Any, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=device, do_classifier_free_guidance=False,
                                                   max_sequence_length=max_tokens)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

@@ -24,7 +24,7 @@ import torch
 from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import error_summary
 from difffit.engine.io import atomic_path
-from difffit.engine.models.families.pipelines import TEXT_PARTS, PipelineBase, read_json
+from difffit.engine.models.families.pipeline_bases import TEXT_PARTS, PipelineBase, read_json
 from difffit.engine.progress import library_bars_off, say
 
 LONG_PROMPTS_SHOWN = 3

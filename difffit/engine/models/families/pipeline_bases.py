@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from difffit.engine.errors import DiffFitError
-from difffit.engine.hub import error_summary, hub_ref, hub_snapshot
+from difffit.engine.hub import error_summary, hub_snapshot
 from difffit.engine.io import files_signature
 from difffit.engine.models.bases import state_dict_fingerprint
+from difffit.engine.models.family import BaseSpec
 from difffit.engine.models.vae import Autoencoder, load_vae, vae_geometry
 from difffit.engine.progress import library_bars_off
 
@@ -196,7 +197,8 @@ def check_model_index(path: Path, index: dict) -> None:
     """Refuse a model_index.json whose components are not listed as diffusers writes them: [library, class] each
     (or null), so that a damaged one is one sentence rather than an error deep in loading."""
     for name, value in index.items():
-        if name.startswith("_") or value is None:
+        # settings beside the components are any JSON but a string or a list (DiTPipeline's id2label)
+        if name.startswith("_") or value is None or isinstance(value, dict | bool | int | float):
             continue
         if not (isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
             raise DiffFitError(f"{path} lists the component {name} as {value!r}, not as [library, class]; it is "
@@ -246,10 +248,11 @@ def pipeline_class_of(folder: Path) -> str | None:
     return pipeline if isinstance(pipeline, str) else None
 
 
-def load_pipeline_base(spec: str, kind: PipelineKind, *, weights: bool = True) -> PipelineBase:
-    """An alias, a local pipeline folder or a Hub pipeline id of `kind`. `weights=False` builds the
+def load_pipeline_base(base: BaseSpec, kind: PipelineKind, *, weights: bool = True) -> PipelineBase:
+    """A resolved alias, local pipeline folder or Hub pipeline id of `kind`. `weights=False` builds the
     transformer on the meta device from its config (info's counts; an alias needs no download for it)."""
-    if spec in kind.aliases:
+    spec = base.spec
+    if base.source == "alias":
         alias = kind.aliases[spec]
         transformer = _snapshot(alias.transformer, spec, weights, optional=not weights)
         if transformer is None:  # an alias not in the cache, for info: its published config
@@ -258,17 +261,16 @@ def load_pipeline_base(spec: str, kind: PipelineKind, *, weights: bool = True) -
                                 alias.components)
         return _load(spec, transformer / "transformer", components, alias.pipeline, "hub", alias.transformer,
                      weights, kind)
-    path = bundled_folder(spec) if spec == TINY_T2I else Path(spec).expanduser()
-    if path.is_dir():
-        pipeline = pipeline_class_of(path)
+    if base.source in ("folder", "bundled"):  # a local folder, or one bundled with difffit (`tiny-t2i`)
+        pipeline = pipeline_class_of(base.path)
         if pipeline not in kind.pipelines:
-            raise DiffFitError(f"{path} is not a {kind.title} pipeline folder (model_index.json names {pipeline}).")
-        source_format = "bundled" if spec == TINY_T2I else "diffusers"
-        return _load(spec, path / "transformer", Components(path), pipeline, source_format, None, weights, kind)
-    repo_id = hub_ref(spec).repo_id  # family_of_spec matched it as a Hub repo
-    folder = _snapshot(repo_id, spec, weights)
-    return _load(spec, folder / "transformer", Components(folder, repo_id), pipeline_class_of(folder), "hub",
-                 repo_id, weights, kind)
+            raise DiffFitError(f"{base.path} is not a {kind.title} pipeline folder (model_index.json names "
+                               f"{pipeline}).")
+        return _load(spec, base.path / "transformer", Components(base.path), pipeline,
+                     "bundled" if base.source == "bundled" else "diffusers", None, weights, kind)
+    folder = _snapshot(base.repo_id, spec, weights)
+    return _load(spec, folder / "transformer", Components(folder, base.repo_id), pipeline_class_of(folder), "hub",
+                 base.repo_id, weights, kind)
 
 
 def bundled_folder(spec: str) -> Path:

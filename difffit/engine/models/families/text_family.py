@@ -1,15 +1,9 @@
-"""What the text-to-image families (PixArt, SD3, FLUX) share: diffusers pipelines as bases, and DiffFit's
-placement described as data: which block lists the model has, the output projection of each residual
-branch in a block of each list, the embedders that stay frozen, and the modulation tables that train.
-
-gamma sits in `ScaledLinear` (engine/models/scaled_linear.py), a Linear subclass that shares the
-projection's own weight and bias and multiplies its output: parameter names stay diffusers'
-(`...to_out.0.weight`), so fingerprints, LoRA targets and state dicts are unchanged, and an untrained
-gamma (ones) changes no bit. The projection is the last operation of each branch, so gamma there is
-exactly the paper's "scale the branch output", and it folds into that projection's weight and bias (W' =
-diag(gamma) W, b' = gamma * b): a merged model is a stock diffusers transformer. Blocks are numbered
-across the block lists in the order the image passes through them (FLUX: its 19 joint blocks, then its
-38 single blocks), which `--gamma-blocks` counts in.
+"""What the text-to-image families (PixArt, SD3, FLUX) share: diffusers pipelines as bases (pipeline_bases.py),
+text encoded and images drawn by the pipeline's own code (pipeline_calls.py), and DiffFit described as data:
+where gamma sits (`gamma`: the output projection of each residual branch, per block list; engine/models/gamma.py
+holds it on the projection as a `ScaledLinear`), the embedders that stay frozen, and the modulation tables that
+train. Blocks are numbered across the block lists in the order the image passes through them (FLUX: its 19
+joint blocks, then its 38 single blocks), which `--gamma-blocks` counts in.
 
 Memory: `--mixed-precision fp8` puts every frozen Linear in float8 except what `keep_bf16` names (each
 family's embedders, modulation projections and final layer); gamma's projections go float8 with their
@@ -19,14 +13,22 @@ gamma (engine/models/fp8.py). `--grad-checkpointing` is diffusers' own switch, b
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from difffit.engine.devices import autocast_dtype
-from difffit.engine.models.families.pipeline_io import (
+from difffit.engine.models.families.pipeline_bases import (
+    PipelineBase,
+    PipelineKind,
+    load_pipeline_base,
+    pipeline_default,
+)
+from difffit.engine.models.families.pipeline_calls import (
     PipelinePromptEncoder,
     default_scheduler_name,
     make_scheduler,
@@ -34,55 +36,33 @@ from difffit.engine.models.families.pipeline_io import (
     quiet_pipeline,
     write_pipeline_folder,
 )
-from difffit.engine.models.families.pipelines import (
-    PipelineBase,
-    PipelineKind,
-    load_pipeline_base,
-    pipeline_default,
-)
-from difffit.engine.models.family import Family, Setter, added_reference
-from difffit.engine.models.scaled_linear import ScaledLinear, fold_scaled_linears, has_gamma
+from difffit.engine.models.family import BaseSpec, Family, FreeSize, Setter, TextConditioning, added_reference
+
+if TYPE_CHECKING:
+    from difffit.engine.evaluation.sample import SamplingOptions
+    from difffit.engine.methods.adapter import AdapterMeta
 
 
-def linear_at(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module | None]:
-    """(owner, attribute, module) of `path` inside `block`; module None where the block has no such layer
-    (SD3's last block has no context output, a block without dual attention no attn2)."""
-    parent, _, leaf = path.rpartition(".")  # FLUX's single blocks: proj_out, on the block itself
-    try:
-        owner = block.get_submodule(parent)
-    except AttributeError:
-        return block, leaf, None
-    return owner, leaf, getattr(owner, leaf, None)
-
-
-class PipelineFamily(Family):
+class TextFamily(TextConditioning, FreeSize, Family):
     """A text-to-image family whose bases are diffusers pipelines of `kind`."""
 
-    conditioning = "text"
     methods = ("full", "bitfit", "lora", "difffit")
     groups = ("biases", "gamma", "modulation", "norms", "lora", "other")
     kind: PipelineKind
-    branches: dict[str, tuple[str, ...]]  # block list -> the output projection of each residual branch
-    attention_inputs: dict[str, tuple[str, ...]]  # block list -> q, k, v projections (--gamma-placement branch+attn)
     frozen_embedders: tuple[str, ...]  # name prefixes of the timestep (and guidance, size) embedders
     tables: tuple[str, ...] = ()  # name suffixes of per-block modulation tables (PixArt's scale_shift_table)
     shape_keys: tuple[str, ...]  # the config keys an adapter cannot change
     config_keys: tuple[str, ...]  # the config keys an adapter file's config must have
-    keep_bf16: tuple[str, ...] | None = None  # fnmatch patterns of the Linears fp8 leaves bf16 (None: no fp8)
     scheduler_classes: dict[str, str]  # --scheduler names -> diffusers classes, built from the pipeline's config
     card_defaults: dict[str, dict] = {}  # Hub repo -> the sampling settings its model card recommends
     long_text_tokenizer: str  # the (T5) tokenizer's component name, whose length --max-text-tokens sets
 
-    @property
-    def block_lists(self) -> tuple[str, ...]:
-        return tuple(self.branches)
-
     # -- loading and describing -----------------------------------------------------------------------
 
-    def load(self, spec: str, **options) -> PipelineBase:
+    def load(self, base: BaseSpec, **options: Any) -> PipelineBase:
         """`info=True`: the weights of a local folder are read (for its fingerprint), a Hub repo's never:
         its counts come from its config on the meta device."""
-        return load_pipeline_base(spec, self.kind, weights=not options.get("info") or Path(spec).expanduser().is_dir())
+        return load_pipeline_base(base, self.kind, weights=not options.get("info") or base.source == "folder")
 
     def describe(self, base: PipelineBase) -> dict:
         config = dict(base.model.config)
@@ -94,9 +74,9 @@ class PipelineFamily(Family):
             "hub_id": base.hub_id,
         }
 
+    @abstractmethod
     def shape_fields(self, config: dict) -> dict:
         """The config's sizes `info` shows (latent size, channels, patch, text width)."""
-        raise NotImplementedError
 
     def config_of(self, model: nn.Module) -> dict:
         # As JSON has it (tuples as lists), so a model's config compares equal to the one its adapter recorded.
@@ -116,13 +96,6 @@ class PipelineFamily(Family):
             if key not in config:
                 raise TypeError(f"missing {key}")
 
-    def depth(self, model: nn.Module) -> int:
-        return len(self.all_blocks(model))
-
-    def all_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(block list, block) of every block, in the order the image passes through them."""
-        return [(name, block) for name in self.block_lists for block in getattr(model, name)]
-
     # -- what a method trains -------------------------------------------------------------------------
 
     def is_trainable(self, name: str, method: str, new_classes: bool, norm_names: set[str]) -> bool:
@@ -141,36 +114,19 @@ class PipelineFamily(Family):
             return "modulation"
         return super().parameter_group(name, norm_names)
 
-    def fits_adapter(self, model: nn.Module, meta) -> bool:
+    def fits_adapter(self, model: nn.Module, meta: AdapterMeta) -> bool:
         mine = self.config_of(model)
         return all(mine.get(key) == meta.base_config.get(key) for key in self.shape_keys)
 
-    def shape_for_adapter(self, model: nn.Module, meta, setter: Setter) -> None:
+    def shape_for_adapter(self, model: nn.Module, meta: AdapterMeta, setter: Setter) -> None:
         """Swap in the adapter's gamma modules through `setter` (the swapper puts the plain ones back)."""
         if meta.method == "difffit":
             self.add_gamma(model, meta.gamma_blocks, meta.settings.get("gamma_placement", "branch"), setter)
 
-    def adopt_adapter(self, base: PipelineBase, meta) -> None:
+    def adopt_adapter(self, base: PipelineBase, meta: AdapterMeta) -> None:
         base.text_tokens = meta.training.get("max_text_tokens")
 
-    def add_gamma(self, model: nn.Module, blocks: list[int], placement: str, setter: Setter = setattr) -> None:
-        every = self.all_blocks(model)
-        for i in blocks:
-            kind, block = every[i]
-            paths = self.branches[kind] + (self.attention_inputs[kind] if placement == "branch+attn" else ())
-            for path in paths:
-                owner, leaf, linear = linear_at(block, path)
-                if isinstance(linear, nn.Linear) and not has_gamma(linear):
-                    setter(owner, leaf, ScaledLinear(linear))
-
-    def gamma_blocks(self, model: nn.Module) -> list[int]:
-        return [i for i, (_, block) in enumerate(self.all_blocks(model))
-                if any(has_gamma(module) for module in block.modules())]
-
-    def fold_gamma(self, model: nn.Module) -> None:
-        fold_scaled_linears(model)
-
-    def write_pipeline(self, base: PipelineBase, model: nn.Module, folder) -> None:
+    def write_pipeline(self, base: PipelineBase, model: nn.Module, folder: Path) -> None:
         write_pipeline_folder(base, model, folder)
 
     # -- text, sampling -------------------------------------------------------------------------------
@@ -181,16 +137,16 @@ class PipelineFamily(Family):
     def text_key(self, base: PipelineBase, max_tokens: int) -> str:
         return f"{base.pipeline}\n{base.components.encoder_identity()}\nmax_tokens={max_tokens}"
 
-    def encode(self, pipe, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
+    @abstractmethod
+    def encode(self, pipe: Any, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
         """The pipeline's encode_prompt on `texts` -> the tensors training and sampling condition on."""
-        raise NotImplementedError
 
     def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
         return PipelinePromptEncoder(base, device, max_tokens, what, self.encode, self.long_text_tokenizer)
 
+    @abstractmethod
     def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
         """The text and guidance arguments of the pipeline's __call__ (embeddings on the CPU, float32)."""
-        raise NotImplementedError
 
     def sampling_defaults(self, base: PipelineBase) -> dict:
         defaults = {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
@@ -203,7 +159,7 @@ class PipelineFamily(Family):
 
     @torch.inference_mode()
     def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
-                      options, device: torch.device) -> np.ndarray:
+                      options: SamplingOptions, device: torch.device) -> np.ndarray:
         """One batch through the pipeline -> float (B, H, W, 3) in [0, 1], the pipeline's own post-processing."""
         vae = base.vae(device, torch.float32)
         parts = {**dict.fromkeys(base.components.names()), "transformer": base.model, "vae": vae.vae,
@@ -228,6 +184,3 @@ class PipelineFamily(Family):
             model.enable_gradient_checkpointing()
         else:
             model.disable_gradient_checkpointing()
-
-    def fp8_keep(self) -> tuple[str, ...] | None:
-        return self.keep_bf16
