@@ -76,7 +76,7 @@ def t5_tokenizer():
     pieces.update({piece: -20.0 for piece in ["\u2581", *chars, *("\u2581" + c for c in chars)] if piece not in pieces})
     unigram = SentencePieceUnigramTokenizer(vocab=list(pieces.items()))
     return T5TokenizerFast(tokenizer_object=unigram._tokenizer, pad_token="<pad>", eos_token="</s>",
-                           unk_token="<unk>", extra_ids=0)
+                           unk_token="<unk>", extra_ids=0, model_max_length=TEXT_TOKENS)
 
 
 def t5_encoder(vocab_size: int):

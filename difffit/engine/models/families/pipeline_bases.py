@@ -62,6 +62,7 @@ class PipelineKind:
     alias_configs: dict[str, dict]
     is_transformer: Callable[[dict], bool]
     base_class: type  # the PipelineBase subclass the family's bases are
+    long_text_tokenizer: str  # the (T5) tokenizer's component name, whose length --max-text-tokens sets
 
 
 @dataclass
@@ -133,6 +134,7 @@ class PipelineBase:
     hub_id: str | None = None  # the transformer's Hub repo, for model cards
     stored_dtype: str = "float32"  # the transformer file's dtype: merge writes the merged weights in it
     text_tokens: int | None = None  # an applied adapter's --max-text-tokens (None: the pipeline's own)
+    tokenizer_tokens: int | None = None  # the long-text tokenizer's model_max_length, where it is local and set
     family: str = ""
     class_names: None = None
     _vae: Autoencoder | None = field(default=None, init=False, repr=False, compare=False)
@@ -155,7 +157,12 @@ class PipelineBase:
     @property
     def max_text_tokens(self) -> int:
         """The caption tokens the model reads: an applied adapter's, else the pipeline's own default."""
-        return self.text_tokens or pipeline_default(self.pipeline, "max_sequence_length")
+        return self.text_tokens or self.tokenizer_capped(pipeline_default(self.pipeline, "max_sequence_length"))
+
+    def tokenizer_capped(self, tokens: int) -> int:
+        """`tokens`, or fewer where the long-text tokenizer is made for fewer (its model_max_length): the bundled
+        tiny-t2i's T5 reads 16 tokens, and padding its captions to SD3's 256 would only cost time."""
+        return min(tokens, self.tokenizer_tokens or tokens)
 
     def vae(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Autoencoder:
         if self._vae is None:
@@ -327,7 +334,16 @@ def _load(spec: str, transformer_dir: Path, components: Components, pipeline: st
                            f"({error_summary(e)}).") from None
     model.eval().requires_grad_(True)
     return kind.base_class(model, spec, source_format, state_dict_fingerprint(model.state_dict()), components,
-                           pipeline, hub_id, _stored_dtype(transformer_dir), family=kind.family)
+                           pipeline, hub_id, _stored_dtype(transformer_dir), family=kind.family,
+                           tokenizer_tokens=_tokenizer_length(components.folder / kind.long_text_tokenizer))
+
+
+def _tokenizer_length(folder: Path) -> int | None:
+    """A local tokenizer's model_max_length; None where its config is absent (not downloaded) or leaves it unset
+    (transformers then writes a huge sentinel)."""
+    path = folder / "tokenizer_config.json"
+    length = read_json(path).get("model_max_length") if path.is_file() else None
+    return length if isinstance(length, int) and 0 < length < 1_000_000 else None
 
 
 def _stored_dtype(transformer_dir: Path) -> str:
