@@ -234,6 +234,25 @@ def test_a_pipeline_folder_loads_as_its_family(case, pipeline_dir):
                                                          family=case.family)["trainable_params"]
 
 
+def test_the_default_text_tokens_are_the_pipelines_capped_by_its_long_text_tokenizer(case, tmp_path):
+    """A T5 tokenizer made for fewer tokens than the pipeline's max_sequence_length (the bundled tiny-t2i's 16)
+    sets the default; an unset model_max_length (transformers' huge sentinel) leaves the pipeline's own."""
+    import json
+    import shutil
+
+    folder = case.pipeline(tmp_path / "pipe")
+    tokenizer = folder / case.family.kind.long_text_tokenizer / "tokenizer_config.json"
+    settings = json.loads(tokenizer.read_text())
+    pipeline_tokens = load_base(str(folder)).max_text_tokens
+    assert pipeline_tokens in (256, 512) and settings.get("model_max_length", 10**30) > pipeline_tokens
+    tokenizer.write_text(json.dumps({**settings, "model_max_length": 24}))
+    assert load_base(str(folder)).max_text_tokens == 24
+    shutil.copytree(folder, tmp_path / "long")  # a tokenizer made for more leaves the pipeline's default
+    tokenizer = tmp_path / "long" / case.family.kind.long_text_tokenizer / "tokenizer_config.json"
+    tokenizer.write_text(json.dumps({**settings, "model_max_length": 4096}))
+    assert load_base(str(tmp_path / "long")).max_text_tokens == pipeline_tokens
+
+
 def test_info_on_an_alias_downloads_nothing(case, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

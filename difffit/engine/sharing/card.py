@@ -14,6 +14,7 @@ from difffit.engine.errors import DiffFitError
 from difffit.engine.hub import hub_ref
 from difffit.engine.models.bases import ALIASES, RANDOM_PREFIX, TINY
 from difffit.engine.models.families import PIPELINE_KINDS, family_named
+from difffit.engine.models.families.pipeline_bases import TINY_T2I
 from difffit.engine.models.family import TextConditioning
 from difffit.engine.models.vae import IDENTITY_VAE
 from difffit.engine.training.runs import format_duration, split_eval
@@ -55,9 +56,9 @@ def public_name(spec: str, *, subfolders: bool = False) -> str:
 
 
 def resolvable(spec: str, *, subfolders: bool = False) -> bool:
-    """Whether anyone can load `spec`: a hub id, an alias, random:..., the bundled tiny base, identity.
+    """Whether anyone can load `spec`: a hub id, an alias, random:..., a bundled tiny base, identity.
     `subfolders`: a VAE may live in a repo's vae/ folder."""
-    anyones = spec in ALIAS_REPOS or spec in (TINY, IDENTITY_VAE) or spec.startswith(RANDOM_PREFIX)
+    anyones = spec in ALIAS_REPOS or spec in (TINY, TINY_T2I, IDENTITY_VAE) or spec.startswith(RANDOM_PREFIX)
     return anyones or _hub_repo(spec, subfolders=subfolders) is not None
 
 

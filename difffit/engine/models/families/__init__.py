@@ -1,9 +1,9 @@
 """The model families difffit adapts, and the one place a `--base` spec is read (`resolve_base`).
 
-The family of a diffusers pipeline comes from the classes its model_index.json and transformer
-config name; an original checkpoint, a `random:` spec and the tiny base are DiT. A pipeline of any
-other family is refused in one sentence naming the supported ones. Every loader takes the `BaseSpec`
-this gives: the spec is interpreted, and a Hub id looked up, once.
+The family of a diffusers pipeline comes from the classes its model_index.json and transformer config
+name (the bundled `tiny-t2i` is one: Stable Diffusion 3); an original checkpoint, a `random:` spec and the
+tiny base are DiT. A pipeline of any other family is refused in one sentence naming the supported ones.
+Every loader takes the `BaseSpec` this gives: the spec is interpreted, and a Hub id looked up, once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from difffit.engine.models.bases import RANDOM_PREFIX, TINY, TINY_BASE, Base, di
 from difffit.engine.models.dit import DiTConfig
 from difffit.engine.models.families.dit import DIT
 from difffit.engine.models.families.flux import FLUX
-from difffit.engine.models.families.pipeline_bases import PipelineBase, check_model_index, read_json
+from difffit.engine.models.families.pipeline_bases import (
+    TINY_T2I,
+    PipelineBase,
+    bundled_folder,
+    check_model_index,
+    read_json,
+)
 from difffit.engine.models.families.pixart import PIXART
 from difffit.engine.models.families.sd3 import SD3
 from difffit.engine.models.family import BaseSpec, Family
@@ -68,6 +74,9 @@ def resolve_base(spec: str, *, offline: bool = False) -> BaseSpec | None:
         return BaseSpec(spec, DIT, "alias", repo_id=DIT_ALIASES[spec])
     if spec in ALIAS_FAMILIES:
         return BaseSpec(spec, ALIAS_FAMILIES[spec], "alias")
+    if spec == TINY_T2I:
+        path = bundled_folder(spec)
+        return BaseSpec(spec, _family_of_folder(path, spec), "bundled", path)
     check_readable(spec, "base")
     if spec.startswith(RANDOM_PREFIX):
         return BaseSpec(spec, DIT, "random")

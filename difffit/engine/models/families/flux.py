@@ -94,12 +94,13 @@ class FluxBase(PipelineBase):
     def max_text_tokens(self) -> int:
         if self.text_tokens:
             return self.text_tokens
-        return pipeline_default(self.pipeline, "max_sequence_length") if self.model.config.guidance_embeds \
-            else SCHNELL_TEXT_TOKENS
+        dev = self.model.config.guidance_embeds  # FLUX.1-dev's pipeline reads 512 tokens, schnell 256
+        tokens = pipeline_default(self.pipeline, "max_sequence_length") if dev else SCHNELL_TEXT_TOKENS
+        return self.tokenizer_capped(tokens)
 
 
 FLUX_KIND = PipelineKind("flux", "FLUX", TRANSFORMER, (PIPELINE,), ALIASES, ALIAS_CONFIGS, is_flux_transformer,
-                         FluxBase)
+                         FluxBase, "tokenizer_2")
 
 
 class FluxFamily(FlowFamily):
@@ -117,7 +118,6 @@ class FluxFamily(FlowFamily):
                   "axes_dims_rope")
     config_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
                    "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
-    long_text_tokenizer = "tokenizer_2"
     card_defaults = CARD_DEFAULTS
     # fp8: the embedders, the adaLN modulation projections (joint blocks' both streams, single blocks' `norm`)
     # and the output layer stay bf16; a single block's fused proj_out is a block matrix and goes float8.

@@ -1,5 +1,8 @@
 """Bases that are diffusers pipelines (PixArt, SD3, FLUX): a Hub id, a local folder, or an alias.
 
+`tiny-t2i` names the pipeline folder bundled under difffit/assets/tiny-t2i (a tiny PixArt-α trained on
+drawn scenes, rebuilt by examples/make_tiny_t2i_base.py); it loads as any local pipeline folder does.
+
 A pipeline base is diffusers' own transformer plus the pipeline's other components (text encoders and
 tokenizers, VAE, scheduler), read where the pipeline keeps them. Each family describes its pipelines with
 a `PipelineKind` (transformer class, pipeline classes, aliases and their published configs); loading,
@@ -33,6 +36,8 @@ from difffit.engine.progress import library_bars_off
 CONFIG_FILES = ["model_index.json", "transformer/config.json", "scheduler/*", "vae/config.json", "tokenizer*/*",
                 "text_encoder*/config.json", "text_encoder*/*.index*.json"]
 TEXT_PARTS = ("tokenizer", "text_encoder")  # the folders whose files identify a pipeline's text encoding
+TINY_T2I = "tiny-t2i"  # the text-to-image base bundled with difffit
+TINY_T2I_BASE = Path(__file__).resolve().parents[3] / "assets" / "tiny-t2i"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class PipelineKind:
     alias_configs: dict[str, dict]
     is_transformer: Callable[[dict], bool]
     base_class: type  # the PipelineBase subclass the family's bases are
+    long_text_tokenizer: str  # the (T5) tokenizer's component name, whose length --max-text-tokens sets
 
 
 @dataclass
@@ -121,13 +127,14 @@ class PipelineBase:
 
     model: torch.nn.Module
     spec: str
-    source_format: str  # "diffusers" (a local folder), "hub", or "config" (weights not read: info only)
+    source_format: str  # "diffusers" (a local folder), "bundled" (tiny-t2i), "hub", "config" (weights not read)
     fingerprint: str | None
     components: Components
     pipeline: str  # the diffusers pipeline class, e.g. PixArtAlphaPipeline, StableDiffusion3Pipeline
     hub_id: str | None = None  # the transformer's Hub repo, for model cards
     stored_dtype: str = "float32"  # the transformer file's dtype: merge writes the merged weights in it
     text_tokens: int | None = None  # an applied adapter's --max-text-tokens (None: the pipeline's own)
+    tokenizer_tokens: int | None = None  # the long-text tokenizer's model_max_length, where it is local and set
     family: str = ""
     class_names: None = None
     _vae: Autoencoder | None = field(default=None, init=False, repr=False, compare=False)
@@ -150,7 +157,12 @@ class PipelineBase:
     @property
     def max_text_tokens(self) -> int:
         """The caption tokens the model reads: an applied adapter's, else the pipeline's own default."""
-        return self.text_tokens or pipeline_default(self.pipeline, "max_sequence_length")
+        return self.text_tokens or self.tokenizer_capped(pipeline_default(self.pipeline, "max_sequence_length"))
+
+    def tokenizer_capped(self, tokens: int) -> int:
+        """`tokens`, or fewer where the long-text tokenizer is made for fewer (its model_max_length): the bundled
+        tiny-t2i's T5 reads 16 tokens, and padding its captions to SD3's 256 would only cost time."""
+        return min(tokens, self.tokenizer_tokens or tokens)
 
     def vae(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Autoencoder:
         if self._vae is None:
@@ -256,15 +268,26 @@ def load_pipeline_base(base: BaseSpec, kind: PipelineKind, *, weights: bool = Tr
                                 alias.components)
         return _load(spec, transformer / "transformer", components, alias.pipeline, "hub", alias.transformer,
                      weights, kind)
-    if base.source == "folder":
+    if base.source in ("folder", "bundled"):  # a local folder, or one bundled with difffit (`tiny-t2i`)
         pipeline = pipeline_class_of(base.path)
         if pipeline not in kind.pipelines:
             raise DiffFitError(f"{base.path} is not a {kind.title} pipeline folder (model_index.json names "
                                f"{pipeline}).")
-        return _load(spec, base.path / "transformer", Components(base.path), pipeline, "diffusers", None, weights, kind)
+        return _load(spec, base.path / "transformer", Components(base.path), pipeline,
+                     "bundled" if base.source == "bundled" else "diffusers", None, weights, kind)
     folder = _snapshot(base.repo_id, spec, weights)
     return _load(spec, folder / "transformer", Components(folder, base.repo_id), pipeline_class_of(folder), "hub",
                  base.repo_id, weights, kind)
+
+
+def bundled_folder(spec: str) -> Path:
+    """The pipeline folder a bundled base's alias names (only `tiny-t2i` so far), refused when this build of
+    difffit does not ship it."""
+    if not (TINY_T2I_BASE / "model_index.json").is_file():
+        raise DiffFitError(f"The tiny text-to-image base is not bundled in this build of difffit (nothing at "
+                           f"{TINY_T2I_BASE}).", hint="Rebuild it with `python examples/make_tiny_t2i_base.py` "
+                           "from a source checkout, or pass --base a text-to-image pipeline (a Hub id or a folder).")
+    return TINY_T2I_BASE
 
 
 def _snapshot(repo_id: str, spec: str, weights: bool, optional: bool = False) -> Path | None:
@@ -311,7 +334,16 @@ def _load(spec: str, transformer_dir: Path, components: Components, pipeline: st
                            f"({error_summary(e)}).") from None
     model.eval().requires_grad_(True)
     return kind.base_class(model, spec, source_format, state_dict_fingerprint(model.state_dict()), components,
-                           pipeline, hub_id, _stored_dtype(transformer_dir), family=kind.family)
+                           pipeline, hub_id, _stored_dtype(transformer_dir), family=kind.family,
+                           tokenizer_tokens=_tokenizer_length(components.folder / kind.long_text_tokenizer))
+
+
+def _tokenizer_length(folder: Path) -> int | None:
+    """A local tokenizer's model_max_length; None where its config is absent (not downloaded) or leaves it unset
+    (transformers then writes a huge sentinel)."""
+    path = folder / "tokenizer_config.json"
+    length = read_json(path).get("model_max_length") if path.is_file() else None
+    return length if isinstance(length, int) and 0 < length < 1_000_000 else None
 
 
 def _stored_dtype(transformer_dir: Path) -> str:

@@ -59,7 +59,6 @@ class PixArtFamily(TextFamily):
     lora = PIXART_LORA
     schedulers = ("pipeline", *SCHEDULERS)  # "pipeline": the pipeline's own (PixArt's: dpm-solver)
     scheduler_classes = SCHEDULERS
-    long_text_tokenizer = "tokenizer"
     gamma = GammaPlacement.on_projections({"transformer_blocks": BRANCHES}, {"transformer_blocks": QKV})
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
     tables = ("scale_shift_table",)

@@ -52,4 +52,4 @@ def is_pixart_transformer(config: dict) -> bool:
 
 PIXART_KIND = PipelineKind("pixart", "PixArt", "PixArtTransformer2DModel", PIPELINES, ALIASES,
                            {name: {**XL2_CONFIG, **config} for name, config in ALIAS_CONFIGS.items()},
-                           is_pixart_transformer, PipelineBase)
+                           is_pixart_transformer, PipelineBase, "tokenizer")

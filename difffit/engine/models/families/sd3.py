@@ -67,7 +67,7 @@ def is_sd3_transformer(config: dict) -> bool:
 
 
 SD3_KIND = PipelineKind("sd3", "SD3", TRANSFORMER, (PIPELINE,), ALIASES, ALIAS_CONFIGS, is_sd3_transformer,
-                        PipelineBase)
+                        PipelineBase, "tokenizer_3")
 
 
 class SD3Family(FlowFamily):
@@ -82,7 +82,6 @@ class SD3Family(FlowFamily):
                   "dual_attention_layers", "qk_norm")
     config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size",
                    "in_channels", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim")
-    long_text_tokenizer = "tokenizer_3"
     card_defaults = CARD_DEFAULTS
     # fp8: the embedders, the adaLN modulation projections of both streams and the output layer stay bf16.
     keep_bf16 = ("pos_embed.*", "time_text_embed.*", "context_embedder", "*.norm1.*", "*.norm1_context.*",

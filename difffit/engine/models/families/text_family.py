@@ -55,7 +55,6 @@ class TextFamily(TextConditioning, FreeSize, Family):
     config_keys: tuple[str, ...]  # the config keys an adapter file's config must have
     scheduler_classes: dict[str, str]  # --scheduler names -> diffusers classes, built from the pipeline's config
     card_defaults: dict[str, dict] = {}  # Hub repo -> the sampling settings its model card recommends
-    long_text_tokenizer: str  # the (T5) tokenizer's component name, whose length --max-text-tokens sets
 
     # -- loading and describing -----------------------------------------------------------------------
 
@@ -142,7 +141,7 @@ class TextFamily(TextConditioning, FreeSize, Family):
         """The pipeline's encode_prompt on `texts` -> the tensors training and sampling condition on."""
 
     def prompt_encoder(self, base: PipelineBase, device: torch.device, max_tokens: int, what: str = "prompt"):
-        return PipelinePromptEncoder(base, device, max_tokens, what, self.encode, self.long_text_tokenizer)
+        return PipelinePromptEncoder(base, device, max_tokens, what, self.encode, self.kind.long_text_tokenizer)
 
     @abstractmethod
     def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
