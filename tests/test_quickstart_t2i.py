@@ -21,8 +21,8 @@ from test_quickstart import frechet_distance, pixel_features
 
 from difffit.engine.evaluation.sample import SamplingOptions, generate
 from difffit.engine.methods.sources import load_source
-from difffit.engine.models.families import family_of_spec, load_base
-from difffit.engine.models.families.pipelines import TINY_T2I_BASE
+from difffit.engine.models.families import load_base, resolve_base
+from difffit.engine.models.families.pipeline_bases import TINY_T2I_BASE
 from difffit.engine.training.recipes import resolve_fit_config
 from difffit.engine.training.train import fit
 
@@ -79,7 +79,7 @@ def test_tiny_t2i_is_a_bundled_sd3_pipeline_that_stock_diffusers_loads():
     from diffusers import DiffusionPipeline
 
     base = load_base("tiny-t2i")
-    assert family_of_spec("tiny-t2i").name == "sd3"
+    assert resolve_base("tiny-t2i").family.name == "sd3" and base.max_text_tokens == 16
     assert base.source_format == "bundled" and base.pipeline == "StableDiffusion3Pipeline" and base.resolution == 32
     pipe = DiffusionPipeline.from_pretrained(str(TINY_T2I_BASE))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
