@@ -109,17 +109,48 @@ def fit(config: FitConfig, *, base: Base | None = None, progress: bool = True) -
         return _train(run, inputs.val_folder, checkpoints, progress)
 
 
-def _make_run(config: FitConfig, out_dir: Path, accelerator: Accelerator, precision: str, inputs: Inputs,
-              data: Data, trainable: Trainable) -> Run:
+def _make_run(
+    config: FitConfig,
+    out_dir: Path,
+    accelerator: Accelerator,
+    precision: str,
+    inputs: Inputs,
+    data: Data,
+    trainable: Trainable,
+) -> Run:
     """The Run the setup phases' results make, with the identity its checkpoints record."""
     base, conditioning = inputs.base, data.conditioning
     resolved = _resolved_config(config, base, out_dir, precision)
-    identity = run_identity(resolved, data.folder, base.fingerprint, base.vae_spec,
-                            [b.summary() for b in data.buckets] if data.buckets else None)
-    return Run(config, out_dir, accelerator, precision, base, inputs.base_config, inputs.pos_embed, resolved,
-               data.folder, data.batches, data.buckets, data.cache, conditioning.class_names, conditioning.new_classes,
-               conditioning.preview_prompts, trainable.model, trainable.optimizer, trainable.params,
-               trainable.base_state, trainable.ema, identity)
+    identity = run_identity(
+        resolved,
+        data.folder,
+        base.fingerprint,
+        base.vae_spec,
+        [b.summary() for b in data.buckets] if data.buckets else None,
+    )
+    return Run(
+        config,
+        out_dir,
+        accelerator,
+        precision,
+        base,
+        inputs.base_config,
+        inputs.pos_embed,
+        resolved,
+        data.folder,
+        data.batches,
+        data.buckets,
+        data.cache,
+        conditioning.class_names,
+        conditioning.new_classes,
+        conditioning.preview_prompts,
+        trainable.model,
+        trainable.optimizer,
+        trainable.params,
+        trainable.base_state,
+        trainable.ema,
+        identity,
+    )
 
 
 def _train(run: Run, val_folder: ImageFolder | None, checkpoints: list[tuple[int, Path]], progress: bool) -> FitResult:
@@ -130,14 +161,26 @@ def _train(run: Run, val_folder: ImageFolder | None, checkpoints: list[tuple[int
         _write_run_record(run, start_step)
     if config.log_with:
         accelerator.init_trackers("difffit", config=_tracker_config(run) if run.main else None)
-    training = {"steps": start_step, "batch_size": config.batch_size, "lr": config.learning_rate(),
-                "seed": config.seed, "method": config.method, "images": len(run.folder), "ema": config.ema,
-                **config.loss_weighting(), **text_summary(run),
-                **({"buckets": [b.summary() for b in run.buckets]} if run.buckets else {})}
+    training = {
+        "steps": start_step,
+        "batch_size": config.batch_size,
+        "lr": config.learning_rate(),
+        "seed": config.seed,
+        "method": config.method,
+        "images": len(run.folder),
+        "ema": config.ema,
+        **config.loss_weighting(),
+        **text_summary(run),
+        **({"buckets": [b.summary() for b in run.buckets]} if run.buckets else {}),
+    }
     validation = None
     if val_folder is not None or config.eval_every:
-        validation = Validation(run, val_folder, lambda step: _write_adapter(
-            run, training | {"steps": step}, "best/adapter.safetensors"), progress)
+        validation = Validation(
+            run,
+            val_folder,
+            lambda step: _write_adapter(run, training | {"steps": step}, "best/adapter.safetensors"),
+            progress,
+        )
         validation.restore(run.out_dir, start_step)
     # -- the loop, then the finish -----------------------------------------------------------------------
     if start_step == 0:
@@ -147,19 +190,34 @@ def _train(run: Run, val_folder: ImageFolder | None, checkpoints: list[tuple[int
         _checkpoint(run, validation, outcome.step, elapsed_before + outcome.elapsed)
     if not outcome.stop_signal and config.sample_every and outcome.step > start_step:
         _preview(run, outcome.step)
-    adapter = _write_adapter(run, training | {
-        "steps": outcome.step, "last_loss": outcome.loss, "elapsed_s": round(elapsed_before + outcome.elapsed, 3)})
+    adapter = _write_adapter(
+        run,
+        training
+        | {"steps": outcome.step, "last_loss": outcome.loss, "elapsed_s": round(elapsed_before + outcome.elapsed, 3)},
+    )
     if run.main:
         write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
     if config.log_with:
         accelerator.end_training()
     return FitResult(
-        out_dir=run.out_dir, adapter=adapter, step=outcome.step, start_step=start_step, steps=config.steps,
-        loss=outcome.loss, images=len(run.folder), classes=len(run.class_names), skipped=len(run.folder.skipped),
-        trainable_params=sum(p.numel() for p in run.params.values()), elapsed_s=round(outcome.elapsed, 3),
-        img_per_s=round(outcome.rate, 3) if outcome.rate else None, interrupted=outcome.stop_signal is not None,
-        stop_signal=outcome.stop_signal, cache=run.cache, buckets=training.get("buckets"),
-        **(validation.result() if validation else {}))
+        out_dir=run.out_dir,
+        adapter=adapter,
+        step=outcome.step,
+        start_step=start_step,
+        steps=config.steps,
+        loss=outcome.loss,
+        images=len(run.folder),
+        classes=len(run.class_names),
+        skipped=len(run.folder.skipped),
+        trainable_params=sum(p.numel() for p in run.params.values()),
+        elapsed_s=round(outcome.elapsed, 3),
+        img_per_s=round(outcome.rate, 3) if outcome.rate else None,
+        interrupted=outcome.stop_signal is not None,
+        stop_signal=outcome.stop_signal,
+        cache=run.cache,
+        buckets=training.get("buckets"),
+        **(validation.result() if validation else {}),
+    )
 
 
 def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
@@ -173,7 +231,8 @@ def _resume(run: Run, checkpoints: list[tuple[int, Path]]) -> tuple[int, float]:
             raise DiffFitError(
                 f"The data's classes changed since the checkpoint: it was trained on [{', '.join(trained_on)}], "
                 f"the data now has [{', '.join(run.class_names)}].",
-                hint="Resume with the same class folders, or start a new run with another --out.")
+                hint="Resume with the same class folders, or start a new run with another --out.",
+            )
         check_same_run(state.get(RUN_KEY), run.identity, str(run.out_dir / "checkpoints"))
 
     step, state = restore_newest(checkpoints, run.params, run.ema, run.optimizer, check=same_run)
@@ -186,8 +245,13 @@ def _resolved_config(config: FitConfig, base: Base, out_dir: Path, precision: st
     """The run's options as resolved: paths absolute, the learning rate, resolution and precision decided."""
     data = config.data if config.data.startswith(HF_PREFIX) else str(Path(config.data).expanduser().resolve())
     resolved = config.options() | {
-        "data": data, "base": base.spec, "out": str(out_dir), "lr": config.learning_rate(),
-        "resolution": config.resolution or base.resolution, "mixed_precision": precision}
+        "data": data,
+        "base": base.spec,
+        "out": str(out_dir),
+        "lr": config.learning_rate(),
+        "resolution": config.resolution or base.resolution,
+        "mixed_precision": precision,
+    }
     resolved.pop("resume")
     return resolved
 
@@ -251,8 +315,9 @@ class LoopState:
         return self.elapsed_before + now - self.t_start
 
 
-def train_loop(run: Run, validation: Validation | None, start_step: int, elapsed_before: float,
-               progress: bool) -> Outcome:
+def train_loop(
+    run: Run, validation: Validation | None, start_step: int, elapsed_before: float, progress: bool
+) -> Outcome:
     """Optimizer steps from `start_step` to `config.steps`: log, checkpoint, validate and preview on schedule."""
     config, accelerator = run.config, run.accelerator
     device, world = accelerator.device, accelerator.num_processes
@@ -266,8 +331,12 @@ def train_loop(run: Run, validation: Validation | None, start_step: int, elapsed
     backend = choose_attention_backend(device, batch=per_process, **shape) if shape else None
     try:
         # The log opens after the signal handlers are in place: a run whose log exists can always be stopped.
-        with bar, StopFlag() as stop, attention_backend(backend), \
-                (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log:
+        with (
+            bar,
+            StopFlag() as stop,
+            attention_backend(backend),
+            (run.out_dir / "log.jsonl").open("a") if run.main else contextlib.nullcontext() as log,
+        ):
             task = bar.add_task("Training", total=config.steps, completed=start_step, loss="-", rate="")
             while state.step < config.steps:
                 optimizer_step(state.step, meter)
@@ -277,8 +346,9 @@ def train_loop(run: Run, validation: Validation | None, start_step: int, elapsed
                 requested = stop.requested  # a host flag: no device sync
                 # The one host sync. Collective under several processes: on schedule there, never on one's own.
                 if meter.due(step, config.steps) or checkpoint_due or (requested and world == 1):
-                    stats = meter.read(lambda v: accelerator.reduce(v, "mean") if world > 1 else v,
-                                       extra=(float(requested),))
+                    stats = meter.read(
+                        lambda v: accelerator.reduce(v, "mean") if world > 1 else v, extra=(float(requested),)
+                    )
                     _log_step(run, state, stats, now, log)
                     bar.update(task, loss=f"{state.smoothed:.4f}")
                     if stats["extra"][0] > 0:
@@ -295,7 +365,8 @@ def train_loop(run: Run, validation: Validation | None, start_step: int, elapsed
     except torch.cuda.OutOfMemoryError:
         raise DiffFitError(
             f"CUDA ran out of memory with {per_process} images per micro-step on {device}.",
-            hint=f"Try a smaller --batch-size or a larger --grad-accum. {MEMORY_HINT}") from None
+            hint=f"Try a smaller --batch-size or a larger --grad-accum. {MEMORY_HINT}",
+        ) from None
     return Outcome(state.step, state.loss, state.rate, time.perf_counter() - state.t_start, state.stop_signal)
 
 
@@ -342,16 +413,22 @@ def _log_step(run: Run, state: LoopState, stats: dict, now: float, log: TextIO |
         raise DiffFitError(
             f"The loss became {stats['loss']} within the {stats['steps']} step(s) before step {step}; "
             "training stopped" + (f" (the checkpoint of step {kept[-1][0]} is kept)." if kept else "."),
-            hint="Lower --lr, add --warmup, or use --mixed-precision bf16 or no instead of fp16.")
+            hint="Lower --lr, add --warmup, or use --mixed-precision bf16 or no instead of fp16.",
+        )
     state.loss = stats["loss"]
     state.smoothed = state.loss if state.smoothed is None else 0.95 * state.smoothed + 0.05 * state.loss
     if not run.main:
         return
     batch_size = run.config.batch_size
-    record = {"step": step, "loss": stats["loss"], "mse": stats["mse"], "vb": stats["vb"],
-              "lr": run.optimizer.param_groups[0]["lr"],
-              "img_per_s": round(batch_size * (step - state.step_log) / max(now - state.t_log, 1e-9), 3),
-              "elapsed_s": round(state.elapsed(now), 3)}
+    record = {
+        "step": step,
+        "loss": stats["loss"],
+        "mse": stats["mse"],
+        "vb": stats["vb"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "img_per_s": round(batch_size * (step - state.step_log) / max(now - state.t_log, 1e-9), 3),
+        "elapsed_s": round(state.elapsed(now), 3),
+    }
     log.write(json.dumps(record) + "\n")
     log.flush()
     state.t_log, state.step_log = now, step
@@ -364,9 +441,15 @@ def _log_step(run: Run, state: LoopState, stats: dict, now: float, log: TextIO |
 
 def _checkpoint(run: Run, validation: Validation | None, step: int, elapsed: float) -> None:
     if run.main:
-        state = {"elapsed_s": elapsed, "method": run.config.method, "seed": run.config.seed,
-                 "class_names": run.class_names, "images": len(run.folder), RUN_KEY: run.identity,
-                 **(validation.state() if validation else {})}
+        state = {
+            "elapsed_s": elapsed,
+            "method": run.config.method,
+            "seed": run.config.seed,
+            "class_names": run.class_names,
+            "images": len(run.folder),
+            RUN_KEY: run.identity,
+            **(validation.state() if validation else {}),
+        }
         save_checkpoint(run.out_dir, step, run.params, run.ema, run.optimizer, state, run.config.keep)
     run.accelerator.wait_for_everyone()
 
@@ -377,8 +460,9 @@ def _preview(run: Run, step: int) -> None:
         return
     options = preview_options(run)
     with swapped_in(run.params, run.ema):
-        images = generate(run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device,
-                          progress=False)
+        images = generate(
+            run.base, PREVIEW_IMAGES, options, **preview_inputs(run), device=run.accelerator.device, progress=False
+        )
     run.accelerator.unwrap_model(run.model).train()
     grid = save_grid(images, run.out_dir / "samples" / f"step-{step:07d}.png")
     write_loss_plot(run.out_dir / "log.jsonl", run.out_dir / "loss.png")
@@ -391,9 +475,17 @@ def _write_adapter(run: Run, training: dict, name: str = "adapter.safetensors") 
         return None
     path = run.out_dir / name
     model = run.accelerator.unwrap_model(run.model)
-    meta = make_meta(run.base, model, run.config.method, settings=run.config.method_settings,
-                     new_class_table=run.new_classes, class_names=run.class_names, pos_embed=run.pos_embed,
-                     base_config=run.base_config, training=training)
+    meta = make_meta(
+        run.base,
+        model,
+        run.config.method,
+        settings=run.config.method_settings,
+        new_class_table=run.new_classes,
+        class_names=run.class_names,
+        pos_embed=run.pos_embed,
+        base_config=run.base_config,
+        training=training,
+    )
     with swapped_in(run.params, run.ema):
         save_adapter(path, model, run.base_state, meta, run.config.adapter_dtype)
     return path
