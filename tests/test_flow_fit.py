@@ -25,8 +25,8 @@ from difffit.engine.methods.adapter import read_adapter_meta
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
 from difffit.engine.models.families import family_of, load_base
+from difffit.engine.training import outputs, train
 from difffit.engine.training import setup as fit_setup
-from difffit.engine.training import train
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
@@ -217,9 +217,11 @@ def test_timestep_sampling_changes_the_draws(pipeline_dir, data, tmp_path):
 def test_previews_sample_with_each_familys_defaults(pipeline_dir, data, tmp_path, monkeypatch):
     """Preview grids at step 0 and at the end, with the family's caption dropout (FLUX: 0, and no empty
     caption to guide with), validation prompts and preview steps."""
-    steps, sample = [], train.generate
+    steps, sample = [], outputs.generate
     monkeypatch.setattr(
-        train, "generate", lambda base, n, options, **kw: steps.append(options.steps) or sample(base, n, options, **kw)
+        outputs,
+        "generate",
+        lambda base, n, options, **kw: steps.append(options.steps) or sample(base, n, options, **kw),
     )
     result = fit(
         config_of(pipeline_dir, data, tmp_path, steps=1, sample_every=1, validation_prompts=["a red square"]),
@@ -355,9 +357,9 @@ def test_fit_trains_at_another_resolution_as_it_is(case, pipeline_dir, data, tmp
     one sentence each, with nothing written."""
     base = load_base(str(pipeline_dir))
     size, side = 2 * base.resolution, 2 * base.resolution // base.vae_factor
-    shapes, previews, sample = record_batch_shapes(monkeypatch), [], train.generate
+    shapes, previews, sample = record_batch_shapes(monkeypatch), [], outputs.generate
     monkeypatch.setattr(
-        train,
+        outputs,
         "generate",
         lambda base, n, options, **kw: (
             previews.append((options.width, options.height)) or sample(base, n, options, **kw)
