@@ -20,7 +20,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.b
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """ "auto" (CUDA when present), "cpu", "cuda" or "cuda:N" -> a device, or a one-sentence error."""
+    """The device `spec` names: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; else a one-sentence error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():

@@ -124,7 +124,7 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: st
 
 
 def split_hub_id(spec: str) -> tuple[str, str]:
-    """ "owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
+    """A Hub path split into repo and folder: "owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
     owner, name, *rest = spec.split("/")
     return f"{owner}/{name}", "/".join(rest)
 

@@ -81,7 +81,7 @@ class IdentityAutoencoder(Autoencoder):
 
 
 def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Autoencoder:
-    """ "identity", a local diffusers AutoencoderKL folder (or a pipeline folder with vae/), or a hub id."""
+    """The VAE `spec` names: "identity", an AutoencoderKL folder (or a pipeline folder with vae/), or a hub id."""
     if spec == IDENTITY_VAE:
         return IdentityAutoencoder()
     folder = _vae_folder(spec)
