@@ -63,8 +63,12 @@ def interleave(contenders: Mapping[str, Callable[[], float]], repeats: int, warm
 
 def spread(values: list[float], digits: int = 5) -> dict:
     """{'median', 'min', 'max', 'n'} of a list of measurements."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "n": len(values)}
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "n": len(values),
+    }
 
 
 def paired_ratio(numerator: list[float], denominator: list[float], digits: int = 3) -> dict:
@@ -80,8 +84,12 @@ def reproduces(first: dict, second: dict) -> bool:
 
 def environment(device: torch.device | str) -> dict:
     device = torch.device(device)
-    env = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    env = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -104,8 +112,9 @@ class Worker:
     interleaves them."""
 
     def __init__(self, script: str, argv: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, script, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, script, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.ready = self.reply()
 
     def reply(self) -> dict:

@@ -31,10 +31,16 @@ from difffit.engine.models.dit import config_for
 def xl_meta(method: str) -> AdapterMeta:
     """The metadata of a DiT-XL/2 adapter of `method` for 101 classes, stored as fp16 differences."""
     xl = config_for("DiT-XL/2", input_size=32)
-    return AdapterMeta(method=method, gamma_blocks=list(range(14)) if method == "difffit" else [],
-                       base_spec="DiT-XL/2-256", base_fingerprint="0" * 16, base_config=xl.to_dict(),
-                       config={**xl.to_dict(), "num_classes": 101}, vae_spec="stabilityai/sd-vae-ft-ema",
-                       new_class_table=True)
+    return AdapterMeta(
+        method=method,
+        gamma_blocks=list(range(14)) if method == "difffit" else [],
+        base_spec="DiT-XL/2-256",
+        base_fingerprint="0" * 16,
+        base_config=xl.to_dict(),
+        config={**xl.to_dict(), "num_classes": 101},
+        vae_spec="stabilityai/sd-vae-ft-ema",
+        new_class_table=True,
+    )
 
 
 def measure(method: str, repeats: int, folder: Path) -> dict:
@@ -49,9 +55,13 @@ def measure(method: str, repeats: int, folder: Path) -> dict:
     times = interleave({name: timer(lambda p=path: read_adapter(p), "cpu") for name, path in paths.items()}, repeats)
     crc = interleave({"crc": timer(lambda: tensors_checksum(tensors), "cpu")}, repeats)["crc"]
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"tensor_bytes": size, **{f"read_adapter_{name}_s": spread(t, 6) for name, t in times.items()},
-            "with_over_without": paired_ratio(times["with_checksum"], times["without_checksum"]),
-            "checksum_s": spread(crc, 6), "checksum_gb_per_s": round(size / 1e9 / spread(crc)["median"], 3)}
+    return {
+        "tensor_bytes": size,
+        **{f"read_adapter_{name}_s": spread(t, 6) for name, t in times.items()},
+        "with_over_without": paired_ratio(times["with_checksum"], times["without_checksum"]),
+        "checksum_s": spread(crc, 6),
+        "checksum_gb_per_s": round(size / 1e9 / spread(crc)["median"], 3),
+    }
 
 
 def main() -> None:

@@ -23,12 +23,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = torch.device(args.device)
-    report = {"benchmark": "attention_backend", **environment(device), "batch": args.batch, "heads": 16,
-              "tokens": args.tokens, "head_dim": HEAD_DIM_DIT, "dtype": "bfloat16"}
+    report = {
+        "benchmark": "attention_backend",
+        **environment(device),
+        "batch": args.batch,
+        "heads": 16,
+        "tokens": args.tokens,
+        "head_dim": HEAD_DIM_DIT,
+        "dtype": "bfloat16",
+    }
     for label, batch in (("training batch", args.batch), ("guided sampling batch", 2 * args.batch)):
         timings = time_attention_backends(device, batch=batch, tokens=args.tokens, repeats=args.repeats)
-        report[label] = {"batch": batch, "seconds": {k: round(v, 6) for k, v in timings.items()},
-                         "choice": min(timings, key=timings.get) if timings else None}
+        report[label] = {
+            "batch": batch,
+            "seconds": {k: round(v, 6) for k, v in timings.items()},
+            "choice": min(timings, key=timings.get) if timings else None,
+        }
     emit(report)
 
 

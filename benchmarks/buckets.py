@@ -51,10 +51,15 @@ def build_step(args: argparse.Namespace, compiled: bool):
     if compiled:
         compile_blocks(model, blocks=PIXART.block_lists[0], dynamic=None)  # as fit compiles a run of several buckets
     optimizer = make_optimizer(trainable_parameters(model).values(), 1e-4, device)
-    diffusion, forward, counter = GaussianDiffusion(), PIXART.forward(model, SimpleNamespace(vae_factor=VAE_FACTOR)), \
-        itertools.count()
-    text = {"prompt_embeds": torch.randn((args.batch, args.tokens, config["caption_channels"]), device=device),
-            "prompt_attention_mask": torch.ones((args.batch, args.tokens), dtype=torch.long, device=device)}
+    diffusion, forward, counter = (
+        GaussianDiffusion(),
+        PIXART.forward(model, SimpleNamespace(vae_factor=VAE_FACTOR)),
+        itertools.count(),
+    )
+    text = {
+        "prompt_embeds": torch.randn((args.batch, args.tokens, config["caption_channels"]), device=device),
+        "prompt_attention_mask": torch.ones((args.batch, args.tokens), dtype=torch.long, device=device),
+    }
 
     def step(width: int, height: int) -> None:
         g = step_generator(device, 0, next(counter))
@@ -77,12 +82,16 @@ def measure_steps(args: argparse.Namespace, compiled: bool, sizes: list[tuple[in
     times = interleave({f"{w}x{h}": runs[(w, h)] for w, h in sizes}, args.repeats, warmup=1)
     square = f"{sizes[0][0]}x{sizes[0][1]}"
     out = {}
-    for (w, h) in sizes:
+    for w, h in sizes:
         name = f"{w}x{h}"
         per_step = [t / args.steps_per_repeat for t in times[name]]
-        out[name] = {"tokens": (w // VAE_FACTOR // 2) * (h // VAE_FACTOR // 2), "first_step_s": first[(w, h)],
-                     "step_s": spread(per_step), "img_per_s": round(args.batch / spread(per_step)["median"], 2),
-                     f"img_per_s_vs_{square}": paired_ratio(times[square], times[name])}
+        out[name] = {
+            "tokens": (w // VAE_FACTOR // 2) * (h // VAE_FACTOR // 2),
+            "first_step_s": first[(w, h)],
+            "step_s": spread(per_step),
+            "img_per_s": round(args.batch / spread(per_step)["median"], 2),
+            f"img_per_s_vs_{square}": paired_ratio(times[square], times[name]),
+        }
     return out
 
 
@@ -104,8 +113,13 @@ def measure_schedule(images: int, batch: int) -> dict:
     start = time.perf_counter()
     for s in range(1, steps):
         order.take_batch(split, s, 0)
-    return {"images": images, "buckets": len(buckets), "plan_s": round(plan_s, 3), "round_build_s": round(round_s, 4),
-            "take_batch_us": round(1e6 * (time.perf_counter() - start) / (steps - 1), 1)}
+    return {
+        "images": images,
+        "buckets": len(buckets),
+        "plan_s": round(plan_s, 3),
+        "round_build_s": round(round_s, 4),
+        "take_batch_us": round(1e6 * (time.perf_counter() - start) / (steps - 1), 1),
+    }
 
 
 def main() -> None:
@@ -113,22 +127,36 @@ def main() -> None:
     small = small_mode()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", default="tiny" if small else "alpha-512", choices=sorted(CONFIGS))
-    parser.add_argument("--sizes", default="64x64,80x48,128x32" if small else "512x512,736x352,1024x256",
-                        help="comma-separated WxH buckets in pixels; the first is the reference (the square)")
+    parser.add_argument(
+        "--sizes",
+        default="64x64,80x48,128x32" if small else "512x512,736x352,1024x256",
+        help="comma-separated WxH buckets in pixels; the first is the reference (the square)",
+    )
     parser.add_argument("--batch", type=int, default=2 if small else 32)
     parser.add_argument("--tokens", type=int, default=8 if small else 120)
     parser.add_argument("--precision", default="no" if small else "bf16", choices=("no", "bf16"))
     parser.add_argument("--compile", default="off" if small else "off,on", help="comma-separated: off, on")
     parser.add_argument("--repeats", type=int, default=2 if small else 5)
     parser.add_argument("--steps-per-repeat", type=int, default=1 if small else 3)
-    parser.add_argument("--images", type=int, default=10_000 if small else 1_000_000,
-                        help="images of the schedule measurement")
+    parser.add_argument(
+        "--images", type=int, default=10_000 if small else 1_000_000, help="images of the schedule measurement"
+    )
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     steps = {mode: measure_steps(args, mode == "on", sizes) for mode in args.compile.split(",")}
-    emit({"benchmark": "buckets", **environment(args.device), "config": args.config, "batch": args.batch,
-          "precision": args.precision, "repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
-          "steps": steps, "schedule": measure_schedule(args.images, args.batch)})
+    emit(
+        {
+            "benchmark": "buckets",
+            **environment(args.device),
+            "config": args.config,
+            "batch": args.batch,
+            "precision": args.precision,
+            "repeats": args.repeats,
+            "steps_per_repeat": args.steps_per_repeat,
+            "steps": steps,
+            "schedule": measure_schedule(args.images, args.batch),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,17 @@ from _timing import emit, environment, interleave, paired_ratio, spread, timer
 
 from difffit.engine.data.cache_files import file_checksum
 
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-              block_out_channels=(128, 256, 512, 512), sample_size=256,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512),
+    sample_size=256,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 
 
 def main() -> None:
@@ -44,13 +52,26 @@ def main() -> None:
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "latents.npy"
         np.save(path, np.zeros((args.rows, 2, 2, 4, latent, latent), dtype=np.float16))
-        times = interleave({"encode": timer(lambda: vae.encode(images).latent_dist.sample(), device),
-                            "checksum": timer(lambda: file_checksum(path), device)}, args.repeats)
+        times = interleave(
+            {
+                "encode": timer(lambda: vae.encode(images).latent_dist.sample(), device),
+                "checksum": timer(lambda: file_checksum(path), device),
+            },
+            args.repeats,
+        )
     encode = [t / args.batch for t in times["encode"]]
     checksum = [t / args.rows for t in times["checksum"]]
-    emit({**environment(device), "resolution": args.resolution, "batch": args.batch, "rows": args.rows,
-          "encode_s_per_image": spread(encode, 7), "checksum_s_per_image": spread(checksum, 9),
-          "checksum_over_encode": paired_ratio(checksum, encode, 9)})
+    emit(
+        {
+            **environment(device),
+            "resolution": args.resolution,
+            "batch": args.batch,
+            "rows": args.rows,
+            "encode_s_per_image": spread(encode, 7),
+            "checksum_s_per_image": spread(checksum, 9),
+            "checksum_over_encode": paired_ratio(checksum, encode, 9),
+        }
+    )
 
 
 if __name__ == "__main__":

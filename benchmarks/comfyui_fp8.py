@@ -65,8 +65,10 @@ def output(model, state: dict, seed: int = 0) -> torch.Tensor:
     model.load_state_dict(state, strict=False)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, 16, 16, generator=g)
-    text = {"prompt_embeds": torch.randn(2, 8, FLOW_TEXT_WIDTH, generator=g),
-            "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    text = {
+        "prompt_embeds": torch.randn(2, 8, FLOW_TEXT_WIDTH, generator=g),
+        "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
+    }
     with torch.no_grad():
         return FLUX.forward(model, None)(x, torch.tensor([300.0, 800.0]), text)
 
@@ -80,8 +82,13 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = make_tiny_flux(tmp / "pipe", layers=args.layers, attention_head_dim=128,
-                                num_attention_heads=args.width // 128, axes_dims_rope=(16, 56, 56))
+        folder = make_tiny_flux(
+            tmp / "pipe",
+            layers=args.layers,
+            attention_head_dim=128,
+            num_attention_heads=args.width // 128,
+            axes_dims_rope=(16, 56, 56),
+        )
         base = load_base(str(folder))
         before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
         prepare_model(base.model, "difffit")
@@ -100,29 +107,49 @@ def main() -> None:
         base_state = {k: v.float().clone() for k, v in base_model.state_dict().items()}  # output() loads into it
         exact_native = native_state("flux", merged)
         exact_native_base = native_state("flux", base_state)
-        patched_keys = sorted({k.removeprefix("diffusion_model.").rsplit(".", 1)[0] + ".weight"
-                               for k in lora if k.endswith(".dora_scale")})
+        patched_keys = sorted(
+            {
+                k.removeprefix("diffusion_model.").rsplit(".", 1)[0] + ".weight"
+                for k in lora
+                if k.endswith(".dora_scale")
+            }
+        )
         results = {}
         for name, dtype in (("comfyui_fp32_base", torch.float32), ("comfyui_fp8_base", FP8)):
             weights, not_loaded = apply_file(comfy_patcher("flux", base_model, base_state, dtype), lora, 1.0)
             assert not not_loaded, not_loaded
-            results[name] = {"weights": weights_error(weights, exact_native, patched_keys),
-                             "output": to_diffusers("flux", weights, base_model)}
+            results[name] = {
+                "weights": weights_error(weights, exact_native, patched_keys),
+                "output": to_diffusers("flux", weights, base_model),
+            }
         fp8_merged = {k: v.to(FP8).float() for k, v in exact_native.items()}
-        results["fp8_merged"] = {"weights": weights_error(fp8_merged, exact_native, patched_keys),
-                                 "output": to_diffusers("flux", fp8_merged, base_model)}
+        results["fp8_merged"] = {
+            "weights": weights_error(fp8_merged, exact_native, patched_keys),
+            "output": to_diffusers("flux", fp8_merged, base_model),
+        }
         factor = torch.cat([row_factor(exact_native_base[k]) for k in patched_keys])
         exact_out = output(base_model, merged)
         base_out = output(base_model, base_state)
         for result in results.values():
             result["output"] = relative(output(base_model, result["output"]), exact_out)
-    emit({"benchmark": "comfyui_fp8", "model": f"FLUX-d{args.layers}+{args.layers}-w{args.width}",
-          "perturb": args.perturb, "gamma_weights": len(patched_keys),
-          "adapter_effect_on_output": relative(base_out, exact_out),
-          "dora_row_factor": {"rms": (factor - 1).pow(2).mean().sqrt().item(), "max": (factor - 1).abs().max().item()},
-          "relative_error": {name: {"patched_weights": r["weights"], "transformer_output": r["output"]}
-                             for name, r in results.items()},
-          "env": environment("cpu")})
+    emit(
+        {
+            "benchmark": "comfyui_fp8",
+            "model": f"FLUX-d{args.layers}+{args.layers}-w{args.width}",
+            "perturb": args.perturb,
+            "gamma_weights": len(patched_keys),
+            "adapter_effect_on_output": relative(base_out, exact_out),
+            "dora_row_factor": {
+                "rms": (factor - 1).pow(2).mean().sqrt().item(),
+                "max": (factor - 1).abs().max().item(),
+            },
+            "relative_error": {
+                name: {"patched_weights": r["weights"], "transformer_output": r["output"]}
+                for name, r in results.items()
+            },
+            "env": environment("cpu"),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -71,12 +71,27 @@ def main() -> None:
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    times = interleave({"ours": timer(lambda: step(ours), device), "diffusers": timer(lambda: step(theirs), device)},
-                       args.repeats, warmup=args.warmup)
-    emit({"benchmark": "dit_forward_backward", **environment(device), "config": config.name, "latent": args.latent,
-          "batch": args.batch, "precision": args.precision, "compile": args.compile, "repeats": args.repeats,
-          "ours_s": spread(times["ours"]), "diffusers_s": spread(times["diffusers"]),
-          "ours/diffusers": paired_ratio(times["ours"], times["diffusers"]), "max_abs_diff": diff})
+    times = interleave(
+        {"ours": timer(lambda: step(ours), device), "diffusers": timer(lambda: step(theirs), device)},
+        args.repeats,
+        warmup=args.warmup,
+    )
+    emit(
+        {
+            "benchmark": "dit_forward_backward",
+            **environment(device),
+            "config": config.name,
+            "latent": args.latent,
+            "batch": args.batch,
+            "precision": args.precision,
+            "compile": args.compile,
+            "repeats": args.repeats,
+            "ours_s": spread(times["ours"]),
+            "diffusers_s": spread(times["diffusers"]),
+            "ours/diffusers": paired_ratio(times["ours"], times["diffusers"]),
+            "max_abs_diff": diff,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -47,24 +47,42 @@ def main() -> None:
             image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
             Image.fromarray(image).save(folder / f"{i:06d}.png")
 
-        ours, theirs = our_extraction(folder, weights, device, args.batch_size), \
-            torch_fidelity_extraction(folder, weights, device, args.batch_size)
+        ours, theirs = (
+            our_extraction(folder, weights, device, args.batch_size),
+            torch_fidelity_extraction(folder, weights, device, args.batch_size),
+        )
         times = interleave({"ours": ours, "torch_fidelity": theirs}, args.repeats, warmup=0)
 
         def evaluate() -> float:
             start = time.perf_counter()
-            metrics.evaluate(str(folder), str(folder), inception_weights=str(weights), device=str(device),
-                             batch_size=args.batch_size, progress=False)
+            metrics.evaluate(
+                str(folder),
+                str(folder),
+                inception_weights=str(weights),
+                device=str(device),
+                batch_size=args.batch_size,
+                progress=False,
+            )
             return time.perf_counter() - start
 
         cold, repeat = evaluate(), evaluate()
 
-    emit({"benchmark": "fid_features", **environment(device), "num_images": args.num_images, "size": args.size,
-          "batch_size": args.batch_size, "repeats": args.repeats,
-          "ours_images_per_s": spread([args.num_images / t for t in times["ours"]], 2),
-          "torch_fidelity_images_per_s": spread([args.num_images / t for t in times["torch_fidelity"]], 2),
-          "speedup": paired_ratio(times["torch_fidelity"], times["ours"]), "goal_speedup": 1.2,
-          "fid_cold_s": round(cold, 2), "fid_repeat_cached_reference_s": round(repeat, 2)})
+    emit(
+        {
+            "benchmark": "fid_features",
+            **environment(device),
+            "num_images": args.num_images,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "ours_images_per_s": spread([args.num_images / t for t in times["ours"]], 2),
+            "torch_fidelity_images_per_s": spread([args.num_images / t for t in times["torch_fidelity"]], 2),
+            "speedup": paired_ratio(times["torch_fidelity"], times["ours"]),
+            "goal_speedup": 1.2,
+            "fid_cold_s": round(cold, 2),
+            "fid_repeat_cached_reference_s": round(repeat, 2),
+        }
+    )
 
 
 def our_extraction(folder: Path, weights: Path, device: torch.device, batch_size: int):
@@ -74,8 +92,9 @@ def our_extraction(folder: Path, weights: Path, device: torch.device, batch_size
 
     def run() -> float:
         start = _sync(device)
-        inception.extract_features(image_sets.FolderImages(folder), extractor, batch_size=batch_size,
-                                 description="ours", progress=False)
+        inception.extract_features(
+            image_sets.FolderImages(folder), extractor, batch_size=batch_size, description="ours", progress=False
+        )
         return _sync(device) - start
 
     return run
@@ -86,8 +105,13 @@ def torch_fidelity_extraction(folder: Path, weights: Path, device: torch.device,
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
     cuda = device.type == "cuda"
-    options = {"input1": str(folder), "cuda": cuda, "batch_size": batch_size, "verbose": False,
-               "feature_extractor_weights_path": str(weights)}
+    options = {
+        "input1": str(folder),
+        "cuda": cuda,
+        "batch_size": batch_size,
+        "verbose": False,
+        "feature_extractor_weights_path": str(weights),
+    }
     extractor = create_feature_extractor(inception.FEATURE_EXTRACTOR, ["2048"], **options)
     extractor(torch.zeros((2, 3, 64, 64), dtype=torch.uint8, device=device))
 

@@ -52,8 +52,9 @@ def train(args: argparse.Namespace, precision: str, device: torch.device) -> lis
         index = torch.randint(0, args.images, (args.batch,), generator=g, device=device)
         t, noise = diffusion.draw(g, args.batch, tuple(latents.shape[1:]))
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            losses = diffusion.training_losses(lambda xt, ts, y=labels[index]: model(xt, ts, y).float(),
-                                               latents[index], t, noise)
+            losses = diffusion.training_losses(
+                lambda xt, ts, y=labels[index]: model(xt, ts, y).float(), latents[index], t, noise
+            )
         loss = losses["loss"].mean()
         loss.backward()
         optimizer.step()
@@ -82,11 +83,22 @@ def main() -> None:
         require_fp8(device)
     runs = {precision: train(args, precision, device) for precision in ("bf16", "fp8")}
     mean = {p: sum(w) / len(w) for p, w in runs.items()}
-    emit({"benchmark": "fp8_loss", **environment(device), "config": args.config, "latent": args.latent,
-          "batch": args.batch, "steps": args.steps, "images": args.images, "compile": args.compile,
-          "loss_windows": {p: [round(v, 5) for v in w] for p, w in runs.items()},
-          "mean_loss": {p: round(v, 5) for p, v in mean.items()},
-          "fp8/bf16 mean loss": round(mean["fp8"] / mean["bf16"], 4), "goal": "within 2% (0.98..1.02)"})
+    emit(
+        {
+            "benchmark": "fp8_loss",
+            **environment(device),
+            "config": args.config,
+            "latent": args.latent,
+            "batch": args.batch,
+            "steps": args.steps,
+            "images": args.images,
+            "compile": args.compile,
+            "loss_windows": {p: [round(v, 5) for v in w] for p, w in runs.items()},
+            "mean_loss": {p: round(v, 5) for p, v in mean.items()},
+            "fp8/bf16 mean loss": round(mean["fp8"] / mean["bf16"], 4),
+            "goal": "within 2% (0.98..1.02)",
+        }
+    )
 
 
 if __name__ == "__main__":

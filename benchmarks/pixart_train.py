@@ -46,18 +46,37 @@ from _timing import (
 
 from difffit.engine.models.families.pixart_bases import XL2_CONFIG
 
-TINY = {**XL2_CONFIG, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "caption_channels": 64,
-        "cross_attention_dim": 32, "sample_size": 8, "norm_num_groups": 4}
-CONFIGS = {"alpha-512": {**XL2_CONFIG, "sample_size": 64}, "alpha-1024": {**XL2_CONFIG, "sample_size": 128,
-                                                                          "use_additional_conditions": True},
-           # CPU-sized: 12 blocks 384 wide at 128 px, reading T5-base's 768-d text.
-           "small": {**XL2_CONFIG, "num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64,
-                     "caption_channels": 768, "cross_attention_dim": 384, "sample_size": 16},
-           "tiny": TINY}
+TINY = {
+    **XL2_CONFIG,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "caption_channels": 64,
+    "cross_attention_dim": 32,
+    "sample_size": 8,
+    "norm_num_groups": 4,
+}
+CONFIGS = {
+    "alpha-512": {**XL2_CONFIG, "sample_size": 64},
+    "alpha-1024": {**XL2_CONFIG, "sample_size": 128, "use_additional_conditions": True},
+    # CPU-sized: 12 blocks 384 wide at 128 px, reading T5-base's 768-d text.
+    "small": {
+        **XL2_CONFIG,
+        "num_layers": 12,
+        "num_attention_heads": 6,
+        "attention_head_dim": 64,
+        "caption_channels": 768,
+        "cross_attention_dim": 384,
+        "sample_size": 16,
+    },
+    "tiny": TINY,
+}
 # T5 v1.1 encoders as PixArt uses them (XXL: 4.76B parameters, 4096 wide); `tiny` matches TINY's text width.
-T5 = {"xxl": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64),
-      "base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64),
-      "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16)}
+T5 = {
+    "xxl": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64),
+    "base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64),
+    "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16),
+}
 
 
 def build(args: argparse.Namespace):
@@ -124,8 +143,11 @@ def _text(encoder, batch: int, tokens: int, width: int, device: torch.device, g:
 
 
 def peak_mb(device: torch.device) -> float:
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )  # Linux: KiB
     return round(peak / 2**20, 1)
 
 
@@ -181,8 +203,11 @@ def main() -> None:
     parser.add_argument("--text", default="cached", help="comma-separated: cached, encode")
     parser.add_argument("--t5", default="tiny" if small else "xxl", choices=sorted(T5))
     parser.add_argument("--tokens", type=int, default=8 if small else 120, help="caption tokens (α: 120)")
-    parser.add_argument("--batches", default="1,2" if small else "8,16,32,64,128,256",
-                        help="batches to try, ascending: the largest that every contender steps at is used")
+    parser.add_argument(
+        "--batches",
+        default="1,2" if small else "8,16,32,64,128,256",
+        help="batches to try, ascending: the largest that every contender steps at is used",
+    )
     parser.add_argument("--precision", default="no" if small else "bf16", choices=("no", "bf16"))
     parser.add_argument("--repeats", type=int, default=2 if small else 5)
     parser.add_argument("--steps-per-repeat", type=int, default=1 if small else 3)
@@ -195,25 +220,51 @@ def main() -> None:
         return
     contenders = list(itertools.product(args.methods.split(","), args.text.split(",")))
     common = without_values(sys.argv[1:], ("--methods", "--text"))
-    workers = {f"{method} {text}": Worker(__file__, [*common, "--worker", "--method", method, "--text", text],
-                                          dict(os.environ)) for method, text in contenders}
+    workers = {
+        f"{method} {text}": Worker(
+            __file__, [*common, "--worker", "--method", method, "--text", text], dict(os.environ)
+        )
+        for method, text in contenders
+    }
     if any(w.ready["largest_batch"] is None for w in workers.values()):
         raise SystemExit(f"a contender fits none of --batches {args.batches}: {[w.ready for w in workers.values()]}")
     batch = min(w.ready["largest_batch"] for w in workers.values())
     for w in workers.values():
         w.ask(f"batch {batch}")
-    times = interleave({name: (lambda w=w: w.ask(f"run {args.steps_per_repeat}")["s"]) for name, w in workers.items()},
-                       args.repeats, warmup=0)
+    times = interleave(
+        {name: (lambda w=w: w.ask(f"run {args.steps_per_repeat}")["s"]) for name, w in workers.items()},
+        args.repeats,
+        warmup=0,
+    )
     peaks = {name: w.ask("done")["peak_mem_mb"] for name, w in workers.items()}
     for w in workers.values():
         w.proc.wait()
-    results = {name: {"largest_batch": w.ready["largest_batch"], "probe": w.ready["probe"],
-                      "trainable_params": w.ready["trainable_params"], "step_s": spread(times[name]),
-                      "img_per_s": round(batch / spread(times[name])["median"], 2), "peak_mem_mb": peaks[name]}
-               for name, w in workers.items()}
-    emit({"benchmark": "pixart_train", **environment(args.device), "config": args.config, "t5": args.t5,
-          "tokens": args.tokens, "precision": args.precision, "batch": batch, "repeats": args.repeats,
-          "steps_per_repeat": args.steps_per_repeat, "contenders": results, "ratios": ratios(times, peaks)})
+    results = {
+        name: {
+            "largest_batch": w.ready["largest_batch"],
+            "probe": w.ready["probe"],
+            "trainable_params": w.ready["trainable_params"],
+            "step_s": spread(times[name]),
+            "img_per_s": round(batch / spread(times[name])["median"], 2),
+            "peak_mem_mb": peaks[name],
+        }
+        for name, w in workers.items()
+    }
+    emit(
+        {
+            "benchmark": "pixart_train",
+            **environment(args.device),
+            "config": args.config,
+            "t5": args.t5,
+            "tokens": args.tokens,
+            "precision": args.precision,
+            "batch": batch,
+            "repeats": args.repeats,
+            "steps_per_repeat": args.steps_per_repeat,
+            "contenders": results,
+            "ratios": ratios(times, peaks),
+        }
+    )
 
 
 def ratios(times: dict[str, list[float]], peaks: dict[str, float]) -> dict:
@@ -221,8 +272,9 @@ def ratios(times: dict[str, list[float]], peaks: dict[str, float]) -> dict:
     out = {}
     for a, b in itertools.permutations(times, 2):
         (method_a, text_a), (method_b, text_b) = a.split(), b.split()
-        if (text_a == text_b and method_b == "full" and method_a != "full") or \
-                (method_a == method_b and (text_a, text_b) == ("encode", "cached")):
+        if (text_a == text_b and method_b == "full" and method_a != "full") or (
+            method_a == method_b and (text_a, text_b) == ("encode", "cached")
+        ):
             out[f"{a} / {b} step time"] = paired_ratio(times[a], times[b])
             out[f"{a} / {b} peak memory"] = round(peaks[a] / peaks[b], 3)
     return out

@@ -28,7 +28,10 @@ def tiny_vae():
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
     ).eval()
 
 
@@ -77,12 +80,18 @@ def sampling(args, workdir: Path) -> dict:
 
         def run_pipe(pipe=pipe):
             with torch.inference_mode():
-                pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=args.steps,
-                     generator=torch.manual_seed(0), output_type="np")
+                pipe(
+                    class_labels=labels,
+                    guidance_scale=4.0,
+                    num_inference_steps=args.steps,
+                    generator=torch.manual_seed(0),
+                    output_type="np",
+                )
 
         def run_ours(name=ours_name):
-            options = SamplingOptions(cfg_scale=4.0, cfg_channels="all", scheduler=name, steps=args.steps,
-                                      batch_size=args.batch, device="cpu")
+            options = SamplingOptions(
+                cfg_scale=4.0, cfg_channels="all", scheduler=name, steps=args.steps, batch_size=args.batch, device="cpu"
+            )
             generate(base, args.batch, options, classes=labels, progress=False)
 
         run_ours(), run_pipe()  # warm-up (first-call allocations, lazy imports)
@@ -131,9 +140,15 @@ def swapping(workdir: Path) -> dict:
     model.to_empty(device="cpu")
     xl_base = Base(model.eval(), "xl", "random", "0" * 16, "identity")
     meta = AdapterMeta(
-        method="difffit", gamma_blocks=list(range(14)), base_spec="xl", base_fingerprint="0" * 16,
-        base_config=xl.to_dict(), config={**xl.to_dict(), "num_classes": 101}, vae_spec="identity",
-        new_class_table=True, class_names=[str(i) for i in range(101)],
+        method="difffit",
+        gamma_blocks=list(range(14)),
+        base_spec="xl",
+        base_fingerprint="0" * 16,
+        base_config=xl.to_dict(),
+        config={**xl.to_dict(), "num_classes": 101},
+        vae_spec="identity",
+        new_class_table=True,
+        class_names=[str(i) for i in range(101)],
     )
     tensors = {name: torch.zeros(shape, dtype=torch.float16) for name, shape in expected_shapes(meta).items()}
     out["DiT-XL/2"] = swap_ms(xl_base, tensors, meta)
@@ -151,8 +166,14 @@ def main() -> None:
         result = {
             "device": "cpu",
             "threads": torch.get_num_threads(),
-            "setup": {"model": "DiT-S/2", "latent": args.latent, "batch": args.batch, "steps": args.steps,
-                      "cfg_scale": 4.0, "cfg_channels": "all"},
+            "setup": {
+                "model": "DiT-S/2",
+                "latent": args.latent,
+                "batch": args.batch,
+                "steps": args.steps,
+                "cfg_scale": 4.0,
+                "cfg_channels": "all",
+            },
             "sampling": sampling(args, Path(tmp)),
             "adapter_swap": swapping(Path(tmp)),
         }

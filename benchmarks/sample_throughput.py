@@ -70,8 +70,15 @@ def main() -> None:
         dtype = torch.bfloat16 if precision == "fp8" else autocast_dtype(precision)
 
         def run(model=model, dtype=dtype) -> None:
-            sample_denoised(model, labels, sample_generators(0, range(args.batch)), cfg_scale=args.cfg_scale,
-                           scheduler="ddpm", steps=args.steps, autocast_dtype=dtype)
+            sample_denoised(
+                model,
+                labels,
+                sample_generators(0, range(args.batch)),
+                cfg_scale=args.cfg_scale,
+                scheduler="ddpm",
+                steps=args.steps,
+                autocast_dtype=dtype,
+            )
 
         start = time.perf_counter()
         timer(run, device)()  # the first run: compile (if on) and kernel selection
@@ -82,13 +89,30 @@ def main() -> None:
     for name, values in times.items():
         s = spread(values)
         img_s = args.batch / (s["median"] * args.report_steps / args.steps)
-        results[name] = {"run_s": s, f"img_per_s_{args.report_steps}_steps": round(img_s, 3),
-                         "hours_for_50k": round(50000 / img_s / 3600, 2), "first_run_s": compile_s[name]}
+        results[name] = {
+            "run_s": s,
+            f"img_per_s_{args.report_steps}_steps": round(img_s, 3),
+            "hours_for_50k": round(50000 / img_s / 3600, 2),
+            "first_run_s": compile_s[name],
+        }
     names = list(times)
     ratios = {f"{a} / {b} time": paired_ratio(times[a], times[b]) for a, b in itertools.combinations(names, 2)}
-    emit({"benchmark": "sample_throughput", **environment(device), "config": args.config, "latent": args.latent,
-          "batch": args.batch, "scheduler": "ddpm", "steps_timed": args.steps, "cfg_scale": args.cfg_scale,
-          "repeats": args.repeats, "contenders": results, "ratios": ratios, "skipped": skipped})
+    emit(
+        {
+            "benchmark": "sample_throughput",
+            **environment(device),
+            "config": args.config,
+            "latent": args.latent,
+            "batch": args.batch,
+            "scheduler": "ddpm",
+            "steps_timed": args.steps,
+            "cfg_scale": args.cfg_scale,
+            "repeats": args.repeats,
+            "contenders": results,
+            "ratios": ratios,
+            "skipped": skipped,
+        }
+    )
 
 
 if __name__ == "__main__":

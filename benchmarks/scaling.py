@@ -44,8 +44,10 @@ def step_seconds(compute: float, comm: float, backward_share: float, overlap: bo
 
 def model(args: argparse.Namespace) -> dict:
     config = config_for("DiT-XL/2", input_size=32)
-    values = {"difffit": describe_method(config, "difffit", num_classes=args.classes)["trainable_params"],
-              "full": describe_method(config, "full")["trainable_params"]}
+    values = {
+        "difffit": describe_method(config, "difffit", num_classes=args.classes)["trainable_params"],
+        "full": describe_method(config, "full")["trainable_params"],
+    }
     compute = {"difffit": args.batch / args.difffit_img_s, "full": args.batch / args.full_img_s}
     table, peaks = {}, {}
     for net, spec in NETWORKS.items():
@@ -56,28 +58,52 @@ def model(args: argparse.Namespace) -> dict:
             row = {"gpus": n}
             for overlap in (False, True):
                 key = "overlap" if overlap else "no_overlap"
-                times = {m: step_seconds(compute[m], allreduce_seconds(values[m], n, spec["bandwidth"],
-                                                                         spec["latency"], args.bytes_per_value),
-                                         BACKWARD_SHARE[m], overlap) for m in compute}
-                row[key] = {"difffit_step_s": round(times["difffit"], 5), "full_step_s": round(times["full"], 5),
-                            "difffit_img_s_total": round(n * args.batch / times["difffit"], 1),
-                            "full_img_s_total": round(n * args.batch / times["full"], 1),
-                            "full/difffit_step": round(times["full"] / times["difffit"], 3)}
-            row["full_allreduce_s"] = round(allreduce_seconds(values["full"], n, spec["bandwidth"], spec["latency"],
-                                                              args.bytes_per_value), 5)
-            row["difffit_allreduce_s"] = round(allreduce_seconds(values["difffit"], n, spec["bandwidth"],
-                                                                 spec["latency"], args.bytes_per_value), 6)
+                times = {
+                    m: step_seconds(
+                        compute[m],
+                        allreduce_seconds(values[m], n, spec["bandwidth"], spec["latency"], args.bytes_per_value),
+                        BACKWARD_SHARE[m],
+                        overlap,
+                    )
+                    for m in compute
+                }
+                row[key] = {
+                    "difffit_step_s": round(times["difffit"], 5),
+                    "full_step_s": round(times["full"], 5),
+                    "difffit_img_s_total": round(n * args.batch / times["difffit"], 1),
+                    "full_img_s_total": round(n * args.batch / times["full"], 1),
+                    "full/difffit_step": round(times["full"] / times["difffit"], 3),
+                }
+            row["full_allreduce_s"] = round(
+                allreduce_seconds(values["full"], n, spec["bandwidth"], spec["latency"], args.bytes_per_value), 5
+            )
+            row["difffit_allreduce_s"] = round(
+                allreduce_seconds(values["difffit"], n, spec["bandwidth"], spec["latency"], args.bytes_per_value), 6
+            )
             rows.append(row)
         table[net] = rows
         best = max(rows, key=lambda r: r["no_overlap"]["full/difffit_step"])
-        peaks[net] = {"gpus": best["gpus"], "full/difffit_step_no_overlap": best["no_overlap"]["full/difffit_step"],
-                      "full/difffit_step_overlap": best["overlap"]["full/difffit_step"]}
-    return {"inputs": {"difffit_img_s_one_gpu": args.difffit_img_s, "full_img_s_one_gpu": args.full_img_s,
-                       "batch_per_gpu": args.batch, "trainable_values": values, "classes": args.classes,
-                       "bytes_per_value": args.bytes_per_value,
-                       "networks": {k: {"bandwidth_GB_s": v["bandwidth"] / GB, "latency_us": v["latency"] * 1e6}
-                                    for k, v in NETWORKS.items()}},
-            "table": table, "peak_advantage": peaks}
+        peaks[net] = {
+            "gpus": best["gpus"],
+            "full/difffit_step_no_overlap": best["no_overlap"]["full/difffit_step"],
+            "full/difffit_step_overlap": best["overlap"]["full/difffit_step"],
+        }
+    return {
+        "inputs": {
+            "difffit_img_s_one_gpu": args.difffit_img_s,
+            "full_img_s_one_gpu": args.full_img_s,
+            "batch_per_gpu": args.batch,
+            "trainable_values": values,
+            "classes": args.classes,
+            "bytes_per_value": args.bytes_per_value,
+            "networks": {
+                k: {"bandwidth_GB_s": v["bandwidth"] / GB, "latency_us": v["latency"] * 1e6}
+                for k, v in NETWORKS.items()
+            },
+        },
+        "table": table,
+        "peak_advantage": peaks,
+    }
 
 
 def main() -> None:

@@ -48,12 +48,32 @@ from difffit.engine.models.families import FAMILIES
 from difffit.engine.models.fp8 import quantize_frozen_linears
 from difffit.engine.models.speed import make_optimizer
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+SD35_LARGE = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)
 # (family, transformer config, text tokens). Text: FLUX-dev's T5 512 tokens; SD3's 77 CLIP + 256 T5; PixArt-α 120.
 CONFIGS = {
     "flux-dev": ("flux", FLUX_DEV, 512),
@@ -61,19 +81,62 @@ CONFIGS = {
     "pixart-alpha-512": ("pixart", PIXART_CONFIGS["alpha-512"], 120),
     # CPU-sized, in the real ones' proportions (FLUX: twice as many single as joint blocks; SD3.5-large's
     # q/k RMS norms): 256 wide, reading 256-d text.
-    "flux-small": ("flux", {**FLUX_DEV, "num_layers": 4, "num_single_layers": 8, "attention_head_dim": 64,
-                            "num_attention_heads": 4, "joint_attention_dim": 256, "pooled_projection_dim": 64,
-                            "axes_dims_rope": (16, 24, 24)}, 64),
-    "sd35-small": ("sd3", {**SD35_LARGE, "num_layers": 8, "num_attention_heads": 4, "joint_attention_dim": 256,
-                           "caption_projection_dim": 256, "pooled_projection_dim": 64, "pos_embed_max_size": 64},
-                   64),
+    "flux-small": (
+        "flux",
+        {
+            **FLUX_DEV,
+            "num_layers": 4,
+            "num_single_layers": 8,
+            "attention_head_dim": 64,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 256,
+            "pooled_projection_dim": 64,
+            "axes_dims_rope": (16, 24, 24),
+        },
+        64,
+    ),
+    "sd35-small": (
+        "sd3",
+        {
+            **SD35_LARGE,
+            "num_layers": 8,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 256,
+            "caption_projection_dim": 256,
+            "pooled_projection_dim": 64,
+            "pos_embed_max_size": 64,
+        },
+        64,
+    ),
     "pixart-small": ("pixart", PIXART_CONFIGS["small"], 64),
-    "flux-tiny": ("flux", {**FLUX_DEV, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
-                           "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
-                           "axes_dims_rope": (4, 6, 6)}, 8),
-    "sd35-tiny": ("sd3", {**SD35_LARGE, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-                          "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 16,
-                          "pos_embed_max_size": 16}, 8),
+    "flux-tiny": (
+        "flux",
+        {
+            **FLUX_DEV,
+            "num_layers": 1,
+            "num_single_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 16,
+            "axes_dims_rope": (4, 6, 6),
+        },
+        8,
+    ),
+    "sd35-tiny": (
+        "sd3",
+        {
+            **SD35_LARGE,
+            "num_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "caption_projection_dim": 32,
+            "pooled_projection_dim": 16,
+            "pos_embed_max_size": 16,
+        },
+        8,
+    ),
     "pixart-tiny": ("pixart", PIXART_CONFIGS["tiny"], 8),
 }
 GOAL_GIB = 24  # DiffFit on FLUX.1-dev with fp8 frozen weights and checkpointing, batch 1, on a 24 GB card
@@ -81,32 +144,45 @@ GOAL_GIB = 24  # DiffFit on FLUX.1-dev with fp8 frozen weights and checkpointing
 CONTEXT_GIB = 1.0
 
 
-def model_inputs(family: str, config: dict, batch: int, px: int, tokens: int, device: torch.device,
-                 g: torch.Generator) -> tuple[dict, torch.Tensor]:
+def model_inputs(
+    family: str, config: dict, batch: int, px: int, tokens: int, device: torch.device, g: torch.Generator
+) -> tuple[dict, torch.Tensor]:
     """The transformer's keyword arguments for one noisy batch at `px` pixels (VAE factor 8), and the
     target its output is compared with."""
+
     def randn(*shape):
         return torch.randn(shape, generator=g, device=device)
 
     side = px // 8
     if family == "flux":  # latents packed 2x2 into 64-channel tokens; rotary ids; FLUX-dev's guidance
         image = (side // 2) ** 2
-        kwargs = dict(hidden_states=randn(batch, image, config["in_channels"]),
-                      encoder_hidden_states=randn(batch, tokens, config["joint_attention_dim"]),
-                      pooled_projections=randn(batch, config["pooled_projection_dim"]),
-                      timestep=torch.rand(batch, generator=g, device=device),
-                      img_ids=torch.zeros(image, 3, device=device), txt_ids=torch.zeros(tokens, 3, device=device),
-                      guidance=torch.full((batch,), 3.5, device=device) if config["guidance_embeds"] else None)
+        kwargs = dict(
+            hidden_states=randn(batch, image, config["in_channels"]),
+            encoder_hidden_states=randn(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=randn(batch, config["pooled_projection_dim"]),
+            timestep=torch.rand(batch, generator=g, device=device),
+            img_ids=torch.zeros(image, 3, device=device),
+            txt_ids=torch.zeros(tokens, 3, device=device),
+            guidance=torch.full((batch,), 3.5, device=device) if config["guidance_embeds"] else None,
+        )
         return kwargs, randn(batch, image, config["in_channels"])
     latents = randn(batch, config["in_channels"], side, side)
     timestep = torch.randint(0, 1000, (batch,), generator=g, device=device)
     if family == "sd3":
-        kwargs = dict(hidden_states=latents, encoder_hidden_states=randn(batch, tokens, config["joint_attention_dim"]),
-                      pooled_projections=randn(batch, config["pooled_projection_dim"]), timestep=timestep)
+        kwargs = dict(
+            hidden_states=latents,
+            encoder_hidden_states=randn(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=randn(batch, config["pooled_projection_dim"]),
+            timestep=timestep,
+        )
         return kwargs, randn(*latents.shape)
-    kwargs = dict(hidden_states=latents, encoder_hidden_states=randn(batch, tokens, config["caption_channels"]),
-                  encoder_attention_mask=torch.ones(batch, tokens, device=device), timestep=timestep,
-                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    kwargs = dict(
+        hidden_states=latents,
+        encoder_hidden_states=randn(batch, tokens, config["caption_channels"]),
+        encoder_attention_mask=torch.ones(batch, tokens, device=device),
+        timestep=timestep,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
     return kwargs, randn(*latents.shape)
 
 
@@ -147,7 +223,7 @@ def build(args, name: str, method: str, precision: str, checkpointing: bool, dev
         kwargs, target = model_inputs(family_name, config, args.batch, args.px, tokens, device, g)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(**kwargs, return_dict=False)[0]
-        loss = (out[:, :target.shape[1]].float() - target).square().mean()
+        loss = (out[:, : target.shape[1]].float() - target).square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,8 +310,11 @@ def contenders(args) -> list[tuple[str, str, str, bool]]:
     """Every config x method x precision x checkpointing asked for, most wanted first (the lists' order)."""
     out = []
     for name, checkpointing, precision, method in itertools.product(
-            args.configs.split(","), [c == "on" for c in args.checkpointing.split(",")], args.precision.split(","),
-            args.methods.split(",")):
+        args.configs.split(","),
+        [c == "on" for c in args.checkpointing.split(",")],
+        args.precision.split(","),
+        args.methods.split(","),
+    ):
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name}; known: {', '.join(CONFIGS)}")
         out.append((name, method, precision, checkpointing))
@@ -277,9 +356,13 @@ def goal(results: dict[str, dict], batch: int) -> dict | None:
     if batch != 1 or not result or result.get("status") != "ok":
         return None
     held = result.get("peak_reserved_mib", result["peak_mib"]) / 1024
-    return {"contender": "flux-dev difffit fp8 ckpt", "peak_gib": round(held, 2), "limit_gib": GOAL_GIB,
-            "rule": f"peak (reserved on CUDA) + {CONTEXT_GIB} GiB for the CUDA context <= {GOAL_GIB} GiB",
-            "met": held + CONTEXT_GIB <= GOAL_GIB}
+    return {
+        "contender": "flux-dev difffit fp8 ckpt",
+        "peak_gib": round(held, 2),
+        "limit_gib": GOAL_GIB,
+        "rule": f"peak (reserved on CUDA) + {CONTEXT_GIB} GiB for the CUDA context <= {GOAL_GIB} GiB",
+        "met": held + CONTEXT_GIB <= GOAL_GIB,
+    }
 
 
 def main() -> None:
@@ -293,8 +376,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--precision", default="bf16,fp8", help="comma-separated: bf16, fp8 (frozen weights)")
     parser.add_argument("--checkpointing", default="on,off", help="comma-separated: on, off")
-    parser.add_argument("--fp8-matmul", default="auto", choices=("auto", "kernel", "reference"),
-                        help="fp8 through _scaled_mm (kernel), dequantized (reference), or the kernel where it runs")
+    parser.add_argument(
+        "--fp8-matmul",
+        default="auto",
+        choices=("auto", "kernel", "reference"),
+        help="fp8 through _scaled_mm (kernel), dequantized (reference), or the kernel where it runs",
+    )
     parser.add_argument("--estimate", action="store_true", help="count tensor bytes under FakeTensorMode (CPU)")
     parser.add_argument("--steps", type=int, default=1 if small else 3, help="timed steps after a warm-up step")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -315,14 +402,30 @@ def main() -> None:
             results[name] = run_alone(args, contender)
             print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     device = torch.device(args.device)
-    measure_text = ("estimate: live tensor bytes under FakeTensorMode" if args.estimate else
-                    "cuda max_memory_allocated / max_memory_reserved" if device.type == "cuda" else
-                    "live tensor bytes counted op by op")
-    emit({"benchmark": "t2i_memory", **environment(device), "measure": measure_text,
-          "fp8_matmul": "_scaled_mm" if fp8_kernel(device, args.fp8_matmul) else "dequantized reference",
-          "px": args.px, "batch": args.batch, "lora_rank": args.rank, "timed_steps": args.steps,
-          "configs": {name: CONFIGS[name][0] for name in args.configs.split(",")},
-          "contenders": results, "skipped": skipped, "ratios": ratios(results), "goal": goal(results, args.batch)})
+    measure_text = (
+        "estimate: live tensor bytes under FakeTensorMode"
+        if args.estimate
+        else "cuda max_memory_allocated / max_memory_reserved"
+        if device.type == "cuda"
+        else "live tensor bytes counted op by op"
+    )
+    emit(
+        {
+            "benchmark": "t2i_memory",
+            **environment(device),
+            "measure": measure_text,
+            "fp8_matmul": "_scaled_mm" if fp8_kernel(device, args.fp8_matmul) else "dequantized reference",
+            "px": args.px,
+            "batch": args.batch,
+            "lora_rank": args.rank,
+            "timed_steps": args.steps,
+            "configs": {name: CONFIGS[name][0] for name in args.configs.split(",")},
+            "contenders": results,
+            "skipped": skipped,
+            "ratios": ratios(results),
+            "goal": goal(results, args.batch),
+        }
+    )
 
 
 if __name__ == "__main__":

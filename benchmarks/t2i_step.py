@@ -80,21 +80,26 @@ class Contender:
         self.g = torch.Generator(device).manual_seed(0)
 
     def step(self) -> None:
-        kwargs, target = model_inputs(self.family_name, self.config, self.args.batch, self.args.px, self.tokens,
-                                      self.device, self.g)
+        kwargs, target = model_inputs(
+            self.family_name, self.config, self.args.batch, self.args.px, self.tokens, self.device, self.g
+        )
         if self.scale is not None:
             kwargs["hidden_states"] = kwargs["hidden_states"] * self.scale
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.model(**kwargs, return_dict=False)[0]
-        loss = (out[:, :target.shape[1]].float() - target).square().mean()
+        loss = (out[:, : target.shape[1]].float() - target).square().mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def resident(self) -> list[torch.Tensor]:
         state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return [*self.model.parameters(), *self.model.buffers(), *state,
-                *([self.scale] if self.scale is not None else [])]
+        return [
+            *self.model.parameters(),
+            *self.model.buffers(),
+            *state,
+            *([self.scale] if self.scale is not None else []),
+        ]
 
     def matmul_gflop(self) -> float:
         """The matrix products of one step (torch's FlopCounterMode: matmuls, convolutions, attention), in
@@ -130,13 +135,21 @@ def measure(args, name: str) -> dict:
         def run() -> None:
             for _ in range(args.steps_per_repeat):
                 c.step()
+
         return timer(run, device)
 
     times = interleave({m: steps(c) for m, c in contenders.items()}, args.repeats, warmup=1)
     times = {m: [t / args.steps_per_repeat for t in ts] for m, ts in times.items()}
     synchronizer(device)()
-    rows = {m: {"step_s": spread(times[m]), "peak_mib": c.peak_mib(), "matmul_gflop": c.matmul_gflop(),
-                "trainable_params": c.trainable} for m, c in contenders.items()}
+    rows = {
+        m: {
+            "step_s": spread(times[m]),
+            "peak_mib": c.peak_mib(),
+            "matmul_gflop": c.matmul_gflop(),
+            "trainable_params": c.trainable,
+        }
+        for m, c in contenders.items()
+    }
     ratios = {}
     for method in methods:
         for base in ("floor", "lora"):
@@ -145,8 +158,11 @@ def measure(args, name: str) -> dict:
     out = {"family": CONFIGS[name][0], "blocks": args.blocks or "all", "contenders": rows, "ratios": ratios}
     if {"difffit", "floor", "lora"} <= set(methods):
         floor_ratio, lora_ratio = ratios["difffit/floor step"]["median"], ratios["difffit/lora step"]["median"]
-        out["goal"] = {"difffit/floor": floor_ratio, "difffit/lora": lora_ratio,
-                       "met": floor_ratio <= GOAL_FLOOR_RATIO and lora_ratio < 1}
+        out["goal"] = {
+            "difffit/floor": floor_ratio,
+            "difffit/lora": lora_ratio,
+            "met": floor_ratio <= GOAL_FLOOR_RATIO and lora_ratio < 1,
+        }
     return out
 
 
@@ -154,15 +170,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     small = small_mode()
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--configs", default="flux-tiny,sd35-tiny,pixart-tiny" if small else
-                        "flux-small,sd35-small,pixart-small")
+    parser.add_argument(
+        "--configs", default="flux-tiny,sd35-tiny,pixart-tiny" if small else "flux-small,sd35-small,pixart-small"
+    )
     parser.add_argument("--blocks", type=int, default=0, help="blocks kept per stack (0: the configuration's)")
     parser.add_argument("--px", type=int, default=64 if small else 256, help="image side in pixels")
     parser.add_argument("--batch", type=int, default=1 if small else 2)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--precision", default="no", choices=("no", "bf16"),
-                        help="bf16: frozen matrices stored bf16 under bf16 autocast, as fit on a GPU")
+    parser.add_argument(
+        "--precision",
+        default="no",
+        choices=("no", "bf16"),
+        help="bf16: frozen matrices stored bf16 under bf16 autocast, as fit on a GPU",
+    )
     parser.add_argument("--repeats", type=int, default=2 if small else 7)
     parser.add_argument("--steps-per-repeat", type=int, default=1 if small else 2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -176,10 +197,20 @@ def main() -> None:
     for name in args.configs.split(","):
         results[name] = measure(args, name)
         print(f"{name}: {results[name].get('goal')}", file=sys.stderr, flush=True)
-    emit({"benchmark": "t2i_step", **environment(args.device), "px": args.px, "batch": args.batch,
-          "precision": args.precision, "lora_rank": args.rank, "repeats": args.repeats,
-          "steps_per_repeat": args.steps_per_repeat, "goal": f"difffit <= {GOAL_FLOOR_RATIO} x floor and < lora",
-          "configs": results})
+    emit(
+        {
+            "benchmark": "t2i_step",
+            **environment(args.device),
+            "px": args.px,
+            "batch": args.batch,
+            "precision": args.precision,
+            "lora_rank": args.rank,
+            "repeats": args.repeats,
+            "steps_per_repeat": args.steps_per_repeat,
+            "goal": f"difffit <= {GOAL_FLOOR_RATIO} x floor and < lora",
+            "configs": results,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -47,26 +47,49 @@ def main() -> None:
 
     @torch.no_grad()
     def encode(captions: list[str]) -> dict[str, torch.Tensor]:
-        ids = torch.stack([torch.randint(3, 32128, (args.tokens,), generator=torch.Generator().manual_seed(
-            zlib.crc32(c.encode()))) for c in captions]).to(device)
+        ids = torch.stack(
+            [
+                torch.randint(3, 32128, (args.tokens,), generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
+                for c in captions
+            ]
+        ).to(device)
         mask = torch.ones_like(ids)
         return {"prompt_embeds": encoder(ids, attention_mask=mask)[0], "prompt_attention_mask": mask}
 
     captions = [f"caption number {i}" for i in range(args.captions)]
     batch = captions[: args.batch]
     with tempfile.TemporaryDirectory() as tmp:
-        cached = text_embeddings(captions, encode, key=f"t5-{args.t5}/{args.tokens}", cache_dir=tmp,
-                                 batch_size=args.batch, dtype=torch.bfloat16, progress=False)
+        cached = text_embeddings(
+            captions,
+            encode,
+            key=f"t5-{args.t5}/{args.tokens}",
+            cache_dir=tmp,
+            batch_size=args.batch,
+            dtype=torch.bfloat16,
+            progress=False,
+        )
         indices = torch.randperm(args.captions)[: args.batch]
-        times = interleave({"encode": timer(lambda: encode(batch), device),
-                            "cache": timer(lambda: {k: v.to(device) for k, v in cached.take(indices).items()},
-                                           device)}, args.repeats)
+        times = interleave(
+            {
+                "encode": timer(lambda: encode(batch), device),
+                "cache": timer(lambda: {k: v.to(device) for k, v in cached.take(indices).items()}, device),
+            },
+            args.repeats,
+        )
         per_caption = sum(a.itemsize * a[0].size for a in cached.shards[0].arrays.values())
-    emit({**environment(device), "t5": args.t5, "tokens": args.tokens, "batch": args.batch,
-          "encode_s_per_batch": spread(times["encode"], 6), "cache_s_per_batch": spread(times["cache"], 6),
-          "encode_over_cache": paired_ratio(times["encode"], times["cache"], 1),
-          "encoder_weight_bytes": sum(p.numel() * p.element_size() for p in encoder.parameters()),
-          "cache_bytes_per_caption": per_caption})
+    emit(
+        {
+            **environment(device),
+            "t5": args.t5,
+            "tokens": args.tokens,
+            "batch": args.batch,
+            "encode_s_per_batch": spread(times["encode"], 6),
+            "cache_s_per_batch": spread(times["cache"], 6),
+            "encode_over_cache": paired_ratio(times["encode"], times["cache"], 1),
+            "encoder_weight_bytes": sum(p.numel() * p.element_size() for p in encoder.parameters()),
+            "cache_bytes_per_caption": per_caption,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -143,8 +143,11 @@ def worker(args: argparse.Namespace) -> None:
             print(json.dumps({"s": (time.perf_counter() - start) / n}), flush=True)
         elif command == "done":
             finite = meter.read()["finite"]
-            peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+            peak = (
+                torch.cuda.max_memory_allocated(device)
+                if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )  # Linux: KiB
             print(json.dumps({"peak_mem_mb": round(peak / 2**20, 1), "loss_finite": finite}), flush=True)
             return
 
@@ -208,8 +211,11 @@ def main() -> None:
     parser.add_argument("--steps-per-repeat", type=int, default=1 if small else 3)
     parser.add_argument("--warmup", type=int, default=1 if small else 2, help="steps after the first one")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: torch's default)")
-    parser.add_argument("--fp8-anywhere", action="store_true",
-                        help="run fp8 where _scaled_mm has no tensor cores (CPU smoke runs of the code path)")
+    parser.add_argument(
+        "--fp8-anywhere",
+        action="store_true",
+        help="run fp8 where _scaled_mm has no tensor cores (CPU smoke runs of the code path)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,8 +234,11 @@ def main() -> None:
         argv = [*common, "--worker", "--method", method, "--precision", precision, "--compile", compile_]
         workers[(method, precision, compile_)] = Worker(__file__, argv, env)
     handles = {contender_name(*key): w for key, w in workers.items()}
-    times = interleave({name: (lambda w=w: w.ask(f"run {args.steps_per_repeat}")["s"]) for name, w in handles.items()},
-                       args.repeats, warmup=0)
+    times = interleave(
+        {name: (lambda w=w: w.ask(f"run {args.steps_per_repeat}")["s"]) for name, w in handles.items()},
+        args.repeats,
+        warmup=0,
+    )
     finals = {name: w.ask("done") for name, w in handles.items()}
     for w in handles.values():
         w.proc.wait()
@@ -245,9 +254,15 @@ def main() -> None:
         step = spread(times[name])
         img_s = args.batch / step["median"]
         needed = (3 if method == "full" else 2) * forward  # forward + input grads (+ weight grads for full)
-        result = {"step_s": step, "img_per_s": round(img_s, 2), "tflops_per_s": round(needed * img_s / 1e12, 3),
-                  "peak_mem_mb": finals[name]["peak_mem_mb"], "loss_finite": finals[name]["loss_finite"],
-                  "first_step_s": round(w.ready["first_step_s"], 3), "trainable_params": w.ready["trainable_params"]}
+        result = {
+            "step_s": step,
+            "img_per_s": round(img_s, 2),
+            "tflops_per_s": round(needed * img_s / 1e12, 3),
+            "peak_mem_mb": finals[name]["peak_mem_mb"],
+            "loss_finite": finals[name]["loss_finite"],
+            "first_step_s": round(w.ready["first_step_s"], 3),
+            "trainable_params": w.ready["trainable_params"],
+        }
         if compile_ == "on":
             result["compile_s"] = round(w.ready["first_step_s"] - step["median"], 2)
             result["compile_cache"] = "cold (empty inductor cache)" if name == first_compiled else "shared cache"
@@ -255,10 +270,21 @@ def main() -> None:
             result["mfu_of_bf16_peak"] = round(needed * img_s / peak_flops, 3)
         results[name] = result
     peaks = {name: r["peak_mem_mb"] for name, r in results.items()}
-    emit({"benchmark": "train_step", **env, "config": args.config, "latent": args.latent, "batch": args.batch,
-          "repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
-          "threads_per_worker": args.threads or None, "contenders": results,
-          "ratios": ratios(times, peaks, args), "skipped": skipped})
+    emit(
+        {
+            "benchmark": "train_step",
+            **env,
+            "config": args.config,
+            "latent": args.latent,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "steps_per_repeat": args.steps_per_repeat,
+            "threads_per_worker": args.threads or None,
+            "contenders": results,
+            "ratios": ratios(times, peaks, args),
+            "skipped": skipped,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,24 @@ import importlib
 __version__ = "0.2.0"
 
 __all__ = [
-    "DiffFitError", "EvalConfig", "FitConfig", "FitResult", "MethodSettings", "SamplingOptions", "attach_captions",
-    "clip_score", "evaluate", "fit", "generate", "load_adapter", "load_base", "load_source", "merge_adapter",
-    "sample_to_folder", "text_embeddings", "unload_adapter",
+    "DiffFitError",
+    "EvalConfig",
+    "FitConfig",
+    "FitResult",
+    "MethodSettings",
+    "SamplingOptions",
+    "attach_captions",
+    "clip_score",
+    "evaluate",
+    "fit",
+    "generate",
+    "load_adapter",
+    "load_base",
+    "load_source",
+    "merge_adapter",
+    "sample_to_folder",
+    "text_embeddings",
+    "unload_adapter",
 ]
 
 

@@ -74,8 +74,13 @@ def target_image(kind: str, rng: random.Random) -> Image.Image:
 SCENE_SHAPES = ("circle", "square", "triangle", "cross")
 SCENE_COLOURS = {"red": (215, 45, 45), "green": (45, 165, 65), "blue": (45, 75, 215), "yellow": (230, 190, 35)}
 NEON_COLOURS = {"red": (255, 70, 110), "green": (60, 255, 140), "blue": (70, 170, 255), "yellow": (255, 240, 80)}
-SCENE_PLACES = {"top left": (9, 9), "top right": (23, 9), "bottom left": (9, 23), "bottom right": (23, 23),
-                "centre": (16, 16)}
+SCENE_PLACES = {
+    "top left": (9, 9),
+    "top right": (23, 9),
+    "bottom left": (9, 23),
+    "bottom right": (23, 23),
+    "centre": (16, 16),
+}
 SCENE_BACKGROUNDS = {"light": "on a light background", "neon": "as a neon outline on a dark background"}
 
 
@@ -84,11 +89,25 @@ def scene_outline(kind: str, cx: float, cy: float, r: float) -> list[tuple[float
     if kind == "square":
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if kind == "triangle":  # a little larger than the rest: a triangle covers less of its circle
-        return [(cx + 1.3 * r * math.cos(a), cy + 0.3 * r + 1.3 * r * math.sin(a))
-                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + 1.3 * r * math.cos(a), cy + 0.3 * r + 1.3 * r * math.sin(a))
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     w = r / 2.5  # cross: a plus sign, arms r long and 2w wide
-    return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-            (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
+    return [
+        (cx - w, cy - r),
+        (cx + w, cy - r),
+        (cx + w, cy - w),
+        (cx + r, cy - w),
+        (cx + r, cy + w),
+        (cx + w, cy + w),
+        (cx + w, cy + r),
+        (cx - w, cy + r),
+        (cx - w, cy + w),
+        (cx - r, cy + w),
+        (cx - r, cy - w),
+        (cx - w, cy - w),
+    ]
 
 
 def scene_image(rng: random.Random, style: str) -> tuple[Image.Image, str]:

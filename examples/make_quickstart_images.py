@@ -34,7 +34,8 @@ PER_CLASS = 8  # target picture: the first 8 images of each of its 2 classes
 def publish(grid: Path, name: str) -> None:
     with Image.open(grid) as image:
         image.resize((image.width * SHOWN_AT, image.height * SHOWN_AT), Image.Resampling.NEAREST).save(
-            DOCS / f"quickstart-{name}.png")
+            DOCS / f"quickstart-{name}.png"
+        )
     print(f"wrote docs/quickstart-{name}.png")
 
 

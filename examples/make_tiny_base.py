@@ -23,8 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 INIT = REPO / "runs" / "tiny-base" / "init.safetensors"
 RUN = REPO / "runs" / "tiny-base"
 ASSET = REPO / "difffit" / "assets" / "tiny.safetensors"
-CONFIG = DiTConfig(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4,
-                   num_classes=4, class_dropout_prob=0.1)
+CONFIG = DiTConfig(
+    input_size=32,
+    patch_size=4,
+    in_channels=3,
+    hidden_size=128,
+    depth=6,
+    num_heads=4,
+    num_classes=4,
+    class_dropout_prob=0.1,
+)
 CLASSES = ["circle", "cross", "square", "triangle"]  # the sorted folder names of examples/shapes
 
 
@@ -32,8 +40,11 @@ def write_init() -> None:
     torch.manual_seed(0)
     model = DiT(CONFIG)
     INIT.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"difffit.num_heads": str(CONFIG.num_heads), "difffit.vae": "identity",
-                "difffit.class_names": json.dumps(CLASSES)}
+    metadata = {
+        "difffit.num_heads": str(CONFIG.num_heads),
+        "difffit.vae": "identity",
+        "difffit.class_names": json.dumps(CLASSES),
+    }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(INIT), metadata=metadata)
 
 

@@ -53,8 +53,11 @@ LIFT = 20.0  # the shift that puts SiLU on its linear part: silu(x + 20) = x + 2
 
 def all_captions() -> list[str]:
     """Every caption either style of scene writes."""
-    return [scene_caption(*scene, style) for scene in product(SCENE_SHAPES, SCENE_COLOURS, SCENE_PLACES)
-            for style in SCENE_BACKGROUNDS]
+    return [
+        scene_caption(*scene, style)
+        for scene in product(SCENE_SHAPES, SCENE_COLOURS, SCENE_PLACES)
+        for style in SCENE_BACKGROUNDS
+    ]
 
 
 def t5_tokenizer():
@@ -75,17 +78,34 @@ def t5_tokenizer():
     chars = string.printable.strip()
     pieces.update({piece: -20.0 for piece in ["\u2581", *chars, *("\u2581" + c for c in chars)] if piece not in pieces})
     unigram = SentencePieceUnigramTokenizer(vocab=list(pieces.items()))
-    return T5TokenizerFast(tokenizer_object=unigram._tokenizer, pad_token="<pad>", eos_token="</s>",
-                           unk_token="<unk>", extra_ids=0, model_max_length=TEXT_TOKENS)
+    return T5TokenizerFast(
+        tokenizer_object=unigram._tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=TEXT_TOKENS,
+    )
 
 
 def t5_encoder(vocab_size: int):
     """A 2-layer T5 v1.1-style encoder (gated GELU, as PixArt's T5-XXL), random weights."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=TEXT_WIDTH, d_kv=16, d_ff=2 * TEXT_WIDTH, num_layers=2,
-                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_WIDTH,
+        d_kv=16,
+        d_ff=2 * TEXT_WIDTH,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5EncoderModel(config).eval()
 
 
@@ -100,9 +120,13 @@ def clip_tokenizer():
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # CLIP's own pre-tokenizer splits words the same way
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     bpe.train_from_iterator([*all_captions(), " ".join(string.printable.strip())], trainer)
     with tempfile.TemporaryDirectory() as files:  # CLIPTokenizerFast reads CLIP's vocab.json and merges.txt
         bpe.model.save(files)
@@ -114,9 +138,18 @@ def clip_encoder(vocab_size: int, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CLIP_WIDTH, intermediate_size=2 * CLIP_WIDTH,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
-                            projection_dim=CLIP_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=2 * CLIP_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_TOKENS,
+        projection_dim=CLIP_WIDTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModelWithProjection(config).eval()
 
 
@@ -130,10 +163,20 @@ def identity_vae():
     """
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=3, norm_num_groups=1, sample_size=32, mid_block_add_attention=False,
-                        scaling_factor=1.0, shift_factor=0.0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=1,
+        sample_size=32,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
     with torch.no_grad():
         for half in (vae.encoder, vae.decoder):
             for name, module in half.named_modules():
@@ -167,13 +210,30 @@ def write_init() -> None:
     torch.manual_seed(0)
     text_encoder_3 = t5_encoder(len(t5))
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=5, attention_head_dim=24,
-        num_attention_heads=4, joint_attention_dim=TEXT_WIDTH, caption_projection_dim=96,
-        pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=8, qk_norm="rms_norm")
+        sample_size=32,
+        patch_size=4,
+        in_channels=3,
+        out_channels=3,
+        num_layers=5,
+        attention_head_dim=24,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_WIDTH,
+        caption_projection_dim=96,
+        pooled_projection_dim=2 * CLIP_WIDTH,
+        pos_embed_max_size=8,
+        qk_norm="rms_norm",
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=identity_vae(),
-        text_encoder=clip_encoder(len(clip), seed=1), tokenizer=clip, text_encoder_2=clip_encoder(len(clip), seed=2),
-        tokenizer_2=clip, text_encoder_3=text_encoder_3, tokenizer_3=t5)
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=identity_vae(),
+        text_encoder=clip_encoder(len(clip), seed=1),
+        tokenizer=clip,
+        text_encoder_2=clip_encoder(len(clip), seed=2),
+        tokenizer_2=clip,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5,
+    )
     shutil.rmtree(INIT, ignore_errors=True)
     pipe.save_pretrained(INIT)
 

@@ -36,28 +36,55 @@ from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ("method", "trainable_params", "trainable_percent", "adapter_bytes", "img_per_s", "peak_memory_mb",
-           "final_loss", "fid")
+COLUMNS = (
+    "method",
+    "trainable_params",
+    "trainable_percent",
+    "adapter_bytes",
+    "img_per_s",
+    "peak_memory_mb",
+    "final_loss",
+    "fid",
+)
 
 
 def run_method(method: str, args: argparse.Namespace, weights: str) -> dict:
     """Train and evaluate one method (in its own process: ru_maxrss is then this method's peak)."""
     torch.set_num_threads(args.threads)
     out = Path(args.out) / method
-    result = fit(FitConfig(data=args.data, base=args.base, method=method, out=str(out), steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, seed=0, save_every=0, sample_every=0,
-                           device=args.device, num_workers=0), progress=False)
+    result = fit(
+        FitConfig(
+            data=args.data,
+            base=args.base,
+            method=method,
+            out=str(out),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=0,
+            save_every=0,
+            sample_every=0,
+            device=args.device,
+            num_workers=0,
+        ),
+        progress=False,
+    )
     if torch.cuda.is_available() and args.device != "cpu":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # Linux reports ru_maxrss in KiB: the whole process (Python, torch, data), not only tensors
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     info = describe_adapter(result.adapter)
-    fid = evaluate(str(result.adapter), args.data, num_samples=args.fid_samples, inception_weights=weights,
-                   device=args.device, progress=False,
-                   sampling=SamplingOptions(scheduler="ddim", steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                                            seed=0)).metrics["fid"]
+    fid = evaluate(
+        str(result.adapter),
+        args.data,
+        num_samples=args.fid_samples,
+        inception_weights=weights,
+        device=args.device,
+        progress=False,
+        sampling=SamplingOptions(scheduler="ddim", steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=0),
+    ).metrics["fid"]
     return {
         "method": method,
         "settings": info["settings"],
@@ -73,13 +100,28 @@ def run_method(method: str, args: argparse.Namespace, weights: str) -> dict:
 
 
 def markdown(rows: list[dict], note: str) -> str:
-    head = ["method", "trainable params", "% of model", "adapter bytes", "train img/s", "peak memory (MB)",
-            "final loss", "FID"]
+    head = [
+        "method",
+        "trainable params",
+        "% of model",
+        "adapter bytes",
+        "train img/s",
+        "peak memory (MB)",
+        "final loss",
+        "FID",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["method"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.2f}",
-                 f"{row['adapter_bytes']:,}", f"{row['img_per_s']:.0f}", f"{row['peak_memory_mb']:.0f}",
-                 f"{row['final_loss']:.4f}", f"{row['fid']:.2f}"]
+        cells = [
+            row["method"],
+            f"{row['trainable_params']:,}",
+            f"{row['trainable_percent']:.2f}",
+            f"{row['adapter_bytes']:,}",
+            f"{row['img_per_s']:.0f}",
+            f"{row['peak_memory_mb']:.0f}",
+            f"{row['final_loss']:.4f}",
+            f"{row['fid']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{note}\n"
 
@@ -95,8 +137,9 @@ def main() -> None:
     parser.add_argument("--fid-samples", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per FID sample")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="the paper's FID guidance scale")
-    parser.add_argument("--inception-weights", default="random",
-                        help="default: random weights (FIDs then mean nothing)")
+    parser.add_argument(
+        "--inception-weights", default="random", help="default: random weights (FIDs then mean nothing)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared CPU)")
     args = parser.parse_args()
@@ -104,13 +147,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = args.inception_weights
-    note = (f"Budget: {args.steps} steps x batch {args.batch_size} per method on {args.base} / "
-            f"{os.path.relpath(args.data)}, seed 0; "
-            f"FID from {args.fid_samples} samples (DDIM {args.sample_steps} steps, cfg {args.cfg_scale}) against "
-            "the training images.")
+    note = (
+        f"Budget: {args.steps} steps x batch {args.batch_size} per method on {args.base} / "
+        f"{os.path.relpath(args.data)}, seed 0; "
+        f"FID from {args.fid_samples} samples (DDIM {args.sample_steps} steps, cfg {args.cfg_scale}) against "
+        "the training images."
+    )
     if weights == "random":
-        note += (" FID used RANDOM Inception weights (the real ones are not available offline): these FIDs only "
-                 "show that the pipeline runs, they do not rank the methods.")
+        note += (
+            " FID used RANDOM Inception weights (the real ones are not available offline): these FIDs only "
+            "show that the pipeline runs, they do not rank the methods."
+        )
     rows, start = [], time.perf_counter()
     # One fresh process per method (spawn: no state shared with this one), so peak memory is per method.
     context = multiprocessing.get_context("spawn")
@@ -118,8 +165,11 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             row = pool.submit(run_method, method, args, weights).result()
         rows.append(row)
-        print(f"{method:<20} {row['trainable_params']:>10,} params  loss {row['final_loss']:.4f}  "
-              f"FID {row['fid']:.2f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{method:<20} {row['trainable_params']:>10,} params  loss {row['final_loss']:.4f}  "
+            f"FID {row['fid']:.2f}  ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     table = markdown(rows, note)
     (out / "table1.md").write_text(table)
     (out / "table1.json").write_text(json.dumps({"rows": rows, "note": note, "args": vars(args)}, indent=1))

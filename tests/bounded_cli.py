@@ -22,14 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 UNEXPECTED = "for the full traceback"  # main's hint after an error that is not a DiffFitError
 
 
-def run_bounded(cases: list[list[str]], env: dict[str, str] | None = None, cwd: str | Path | None = None,
-                seconds: int = SECONDS) -> list[dict]:
+def run_bounded(
+    cases: list[list[str]], env: dict[str, str] | None = None, cwd: str | Path | None = None, seconds: int = SECONDS
+) -> list[dict]:
     """[{"argv", "code", "err", "timed_out"}] for each case, in order; each case is stopped after `seconds`."""
     # The child imports difffit from this checkout, as `python -m` from its root would.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "BOUNDED_CLI_SECONDS": str(seconds), **(env or {})}
-    done = subprocess.run([sys.executable, __file__], input=json.dumps([list(map(str, c)) for c in cases]),
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=seconds * len(cases) + 120)
+    done = subprocess.run(
+        [sys.executable, __file__],
+        input=json.dumps([list(map(str, c)) for c in cases]),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=seconds * len(cases) + 120,
+    )
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == len(cases), f"the child stopped early ({done.returncode}): {done.stderr[-3000:]}"
     return results
@@ -38,9 +46,13 @@ def run_bounded(cases: list[list[str]], env: dict[str, str] | None = None, cwd: 
 def refused_in_one_sentence(result: dict) -> bool:
     """An exit other than 0, with difffit's own `Error:` sentence (not an unexpected exception's, not a timeout)."""
     err = result["err"]
-    return (result["code"] not in (0, None) and not result["timed_out"] and "Traceback" not in err
-            and UNEXPECTED not in err and ("Invalid value" in err or any(line.startswith("Error:")
-                                                                          for line in err.splitlines())))
+    return (
+        result["code"] not in (0, None)
+        and not result["timed_out"]
+        and "Traceback" not in err
+        and UNEXPECTED not in err
+        and ("Invalid value" in err or any(line.startswith("Error:") for line in err.splitlines()))
+    )
 
 
 def _child() -> None:
@@ -84,8 +96,9 @@ def _child() -> None:
             code, err = 1, io.StringIO(f"Error: MemoryError {UNEXPECTED}")
         finally:
             signal.alarm(0)
-        sys.__stdout__.write(json.dumps({"argv": argv, "code": code, "err": err.getvalue(),
-                                         "timed_out": timed_out}) + "\n")
+        sys.__stdout__.write(
+            json.dumps({"argv": argv, "code": code, "err": err.getvalue(), "timed_out": timed_out}) + "\n"
+        )
         sys.__stdout__.flush()
 
 

@@ -48,8 +48,9 @@ def _pixart_width(comfy, width: int):
     """convert_diffusers_mmdit gives ComfyUI's PixArt table no width (it assumes PixArt-XL's 1152): give it the
     tiny model's, so the fused q/k/v offsets are the model's own."""
     table = comfy.utils.pixart_to_diffusers
-    comfy.utils.pixart_to_diffusers = lambda config, output_prefix="": table({**config, "hidden_size": width},
-                                                                               output_prefix)
+    comfy.utils.pixart_to_diffusers = lambda config, output_prefix="": table(
+        {**config, "hidden_size": width}, output_prefix
+    )
     try:
         yield
     finally:
@@ -73,18 +74,30 @@ def unet_config(family: str, transformer, native: dict[str, torch.Tensor]) -> di
     detected = comfy.model_detection.detect_unet_config(native, "")
     width = config["num_attention_heads"] * config["attention_head_dim"]
     if family == "flux":
-        return {**detected, "hidden_size": width, "num_heads": config["num_attention_heads"],
-                "context_in_dim": config["joint_attention_dim"], "axes_dim": list(config["axes_dims_rope"])}
+        return {
+            **detected,
+            "hidden_size": width,
+            "num_heads": config["num_attention_heads"],
+            "context_in_dim": config["joint_attention_dim"],
+            "axes_dim": list(config["axes_dims_rope"]),
+        }
     if family == "sd3":  # ComfyUI's MM-DiT is 64 * depth wide with depth heads of 64: the tiny SD3 is built so
         return detected
-    return {**detected, "hidden_size": width, "num_heads": config["num_attention_heads"],
-            "in_channels": config["in_channels"], "caption_channels": config["caption_channels"],
-            "image_model": "pixart_alpha", "micro_condition": bool(config.get("use_additional_conditions")),
-            "pred_sigma": config["out_channels"] == 2 * config["in_channels"]}
+    return {
+        **detected,
+        "hidden_size": width,
+        "num_heads": config["num_attention_heads"],
+        "in_channels": config["in_channels"],
+        "caption_channels": config["caption_channels"],
+        "image_model": "pixart_alpha",
+        "micro_condition": bool(config.get("use_additional_conditions")),
+        "pred_sigma": config["out_channels"] == 2 * config["in_channels"],
+    }
 
 
-def comfy_patcher(family: str, transformer, state: dict[str, torch.Tensor] | None = None,
-                  dtype: torch.dtype = torch.float32):
+def comfy_patcher(
+    family: str, transformer, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+):
     """ComfyUI's ModelPatcher of its own model class for `transformer`, holding `state` (default: the
     transformer's weights) converted by ComfyUI, stored in `dtype` (float8_e4m3fn: an fp8 base)."""
     comfy = import_comfy()
@@ -106,7 +119,7 @@ class _NotLoaded(logging.Handler):
         message = record.getMessage()
         for marker in ("lora key not loaded: ", "NOT LOADED "):
             if message.startswith(marker):
-                self.keys.append(message[len(marker):])
+                self.keys.append(message[len(marker) :])
 
 
 def apply_file(patcher, lora: dict[str, torch.Tensor], strength: float) -> tuple[dict[str, torch.Tensor], list[str]]:

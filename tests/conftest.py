@@ -43,7 +43,7 @@ def golden() -> dict:
         out = {"config": json.loads(f.metadata()["config"]), "state": {}}
         for key in f.keys():
             if key.startswith("state."):
-                out["state"][key[len("state."):]] = f.get_tensor(key)
+                out["state"][key[len("state.") :]] = f.get_tensor(key)
             else:
                 out[key] = f.get_tensor(key)
     return out
@@ -63,8 +63,9 @@ def golden_model(golden):
 MODEL_ATOL = 1e-5
 
 
-def assert_close_amplified(actual: torch.Tensor, expected: torch.Tensor, formula, model_output: torch.Tensor,
-                           atol: float = MODEL_ATOL) -> None:
+def assert_close_amplified(
+    actual: torch.Tensor, expected: torch.Tensor, formula, model_output: torch.Tensor, atol: float = MODEL_ATOL
+) -> None:
     """`actual` = `formula(model_output)` matches the reference's float32 value, within the model's rounding
     times what the formula amplifies it by, plus the formula's own rounding.
 
@@ -90,7 +91,8 @@ def assert_close_amplified(actual: torch.Tensor, expected: torch.Tensor, formula
     assert (diff <= tolerance).all(), (
         f"{(diff > tolerance).sum()} of {diff.numel()} elements differ by more than their tolerance; worst: "
         f"{diff.flatten()[worst]:.3g} against {tolerance.flatten()[worst]:.3g} "
-        f"(amplification {amplification.flatten()[worst]:.3g}, float32 rounding {rounding.flatten()[worst]:.3g})")
+        f"(amplification {amplification.flatten()[worst]:.3g}, float32 rounding {rounding.flatten()[worst]:.3g})"
+    )
 
 
 def assert_loss_matches_reference(golden: dict, model, device: str = "cpu", atol: float = MODEL_ATOL) -> None:
@@ -111,8 +113,9 @@ def assert_loss_matches_reference(golden: dict, model, device: str = "cpu", atol
         return {"mse": mse, "vb": vb, "loss": mse + vb}[name]
 
     for name in ("loss", "mse", "vb"):
-        assert_close_amplified(out[name].cpu(), golden[f"loss.{name}"], lambda o, name=name: term(name, o),
-                               output.cpu(), atol)
+        assert_close_amplified(
+            out[name].cpu(), golden[f"loss.{name}"], lambda o, name=name: term(name, o), output.cpu(), atol
+        )
 
 
 def guidance_atol(scale: float, atol: float = MODEL_ATOL) -> float:
@@ -173,8 +176,18 @@ def tiny_base_file(tmp_path_factory) -> Path:
     from difffit.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2,
-                                num_heads=6, mlp_ratio=1.0, num_classes=10))
+    model = DiT(
+        DiTConfig(
+            input_size=8,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=384,
+            depth=2,
+            num_heads=6,
+            mlp_ratio=1.0,
+            num_classes=10,
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1 and ("adaLN" in name or "final_layer.linear" in name):

@@ -17,10 +17,19 @@ from pathlib import Path
 import torch
 
 CORPUS = [
-    "a photo of a cat", "a photo of a dog", "a red bowl of ramen, studio light", "a bowl of noodles",
-    "a dog on the beach at sunset", "a cat sleeping on a sofa", "a blue square on a white background",
-    "a green circle", "an orange triangle", "a portrait of an astronaut riding a horse", "hot dogs",
-    "a watercolor painting of mountains", "a city street at night, neon lights, rain",
+    "a photo of a cat",
+    "a photo of a dog",
+    "a red bowl of ramen, studio light",
+    "a bowl of noodles",
+    "a dog on the beach at sunset",
+    "a cat sleeping on a sofa",
+    "a blue square on a white background",
+    "a green circle",
+    "an orange triangle",
+    "a portrait of an astronaut riding a horse",
+    "hot dogs",
+    "a watercolor painting of mountains",
+    "a city street at night, neon lights, rain",
 ]
 
 
@@ -31,10 +40,16 @@ def tiny_t5_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 200):
 
     unigram = SentencePieceUnigramTokenizer()
     # Every printable character as a word of its own, so any ASCII caption tokenizes without <unk>.
-    unigram.train_from_iterator([*corpus, " ".join(string.printable.strip())], vocab_size=vocab_size,
-                                special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
-    return T5TokenizerFast(tokenizer_object=unigram._tokenizer, pad_token="<pad>", eos_token="</s>",
-                           unk_token="<unk>", extra_ids=0)
+    unigram.train_from_iterator(
+        [*corpus, " ".join(string.printable.strip())],
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    return T5TokenizerFast(
+        tokenizer_object=unigram._tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
 
 
 def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
@@ -42,9 +57,20 @@ def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5EncoderModel(config).eval()
 
 
@@ -65,9 +91,13 @@ def tiny_clip_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 400, max_l
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     bpe.train_from_iterator([*corpus, " ".join(string.printable.strip())], trainer)
     with tempfile.TemporaryDirectory() as files:  # CLIPTokenizerFast reads CLIP's vocab.json and merges.txt
         bpe.model.save(files)
@@ -80,9 +110,18 @@ def tiny_clip(vocab_size: int, max_length: int = 16, image_size: int = 32, seed:
 
     torch.manual_seed(seed)
     towers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = CLIPConfig(text_config={**towers, "vocab_size": vocab_size, "max_position_embeddings": max_length,
-                                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                        vision_config={**towers, "image_size": image_size, "patch_size": 8}, projection_dim=16)
+    config = CLIPConfig(
+        text_config={
+            **towers,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": max_length,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**towers, "image_size": image_size, "patch_size": 8},
+        projection_dim=16,
+    )
     return CLIPModel(config).eval()
 
 
@@ -109,14 +148,24 @@ def make_tiny_transformer(layers: int = 4, text_width: int = 32, seed: int = 0, 
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
-                  cross_attention_dim=16, sample_size=IMAGE_PX // 2, patch_size=2, caption_channels=text_width,
-                  norm_num_groups=4)
+    config = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=16,
+        sample_size=IMAGE_PX // 2,
+        patch_size=2,
+        caption_channels=text_width,
+        norm_num_groups=4,
+    )
     return PixArtTransformer2DModel(**{**config, **overrides}).eval()
 
 
-def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline", layers: int = 4,
-                     seed: int = 0, **transformer) -> Path:
+def make_tiny_pixart(
+    folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline", layers: int = 4, seed: int = 0, **transformer
+) -> Path:
     """Save a tiny pipeline of class `pipeline` (PixArtAlphaPipeline or PixArtSigmaPipeline) into `folder`;
     `transformer`: overrides of the transformer's configuration."""
     import diffusers
@@ -125,10 +174,13 @@ def make_tiny_pixart(folder: str | Path, *, pipeline: str = "PixArtAlphaPipeline
 
     tokenizer = tiny_t5_tokenizer()
     pipe = getattr(diffusers, pipeline)(
-        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(len(tokenizer), seed=seed), vae=make_tiny_vae(seed),
+        tokenizer=tokenizer,
+        text_encoder=tiny_t5_encoder(len(tokenizer), seed=seed),
+        vae=make_tiny_vae(seed),
         transformer=make_tiny_transformer(layers, seed=seed, **transformer),
         # The scheduler PixArt-α/Σ ship: DPM-Solver++ on linear betas 1e-4..0.02 over 1000 steps, its defaults.
-        scheduler=DPMSolverMultistepScheduler())
+        scheduler=DPMSolverMultistepScheduler(),
+    )
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -154,9 +206,19 @@ def t2i_fit_config(data: Path, base: Path, tmp_path: Path, /, **overrides):
     adapter, caches under `tmp_path`; `overrides` change any field."""
     from difffit.engine.training.config import FitConfig
 
-    options = dict(data=str(data), base=str(base), steps=6, batch_size=4, save_every=0, sample_every=0,
-                   num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32",
-                   compile="off")
+    options = dict(
+        data=str(data),
+        base=str(base),
+        steps=6,
+        batch_size=4,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        adapter_dtype="fp32",
+        compile="off",
+    )
     return FitConfig.from_options({**options, **overrides})
 
 
@@ -186,9 +248,18 @@ def tiny_clip_text(vocab_size: int, *, projection: bool, max_length: int = 16, w
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=max_length, projection_dim=width,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=width,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
@@ -197,10 +268,19 @@ def make_tiny_vae16(seed: int = 0, *, scaling_factor: float = 1.5305, shift_fact
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=16, norm_num_groups=8, sample_size=IMAGE_PX, scaling_factor=scaling_factor,
-                         shift_factor=shift_factor).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=IMAGE_PX,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    ).eval()
 
 
 def make_tiny_sd3_transformer(layers: int = 4, seed: int = 0, **overrides):
@@ -209,10 +289,21 @@ def make_tiny_sd3_transformer(layers: int = 4, seed: int = 0, **overrides):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(sample_size=IMAGE_PX // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
-                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=FLOW_TEXT_WIDTH,
-                  caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
-                  dual_attention_layers=(0,), qk_norm="rms_norm")
+    config = dict(
+        sample_size=IMAGE_PX // 2,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=FLOW_TEXT_WIDTH,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
     return SD3Transformer2DModel(**{**config, **overrides}).eval()
 
 
@@ -225,9 +316,14 @@ def make_tiny_sd3(folder: str | Path, *, layers: int = 4, seed: int = 0, **trans
     pipe = StableDiffusion3Pipeline(
         transformer=make_tiny_sd3_transformer(layers, seed, **transformer),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=make_tiny_vae16(seed), text_encoder=tiny_clip_text(len(clip), projection=True, seed=seed),
-        tokenizer=clip, text_encoder_2=tiny_clip_text(len(clip), projection=True, seed=seed + 1), tokenizer_2=clip,
-        text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_3=t5)
+        vae=make_tiny_vae16(seed),
+        text_encoder=tiny_clip_text(len(clip), projection=True, seed=seed),
+        tokenizer=clip,
+        text_encoder_2=tiny_clip_text(len(clip), projection=True, seed=seed + 1),
+        tokenizer_2=clip,
+        text_encoder_3=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed),
+        tokenizer_3=t5,
+    )
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -239,9 +335,18 @@ def make_tiny_flux_transformer(layers: int = 2, seed: int = 0, **overrides):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=layers, attention_head_dim=8,
-                  num_attention_heads=2, joint_attention_dim=FLOW_TEXT_WIDTH, pooled_projection_dim=16,
-                  guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=layers,
+        num_single_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=FLOW_TEXT_WIDTH,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
     return FluxTransformer2DModel(**{**config, **overrides}).eval()
 
 
@@ -251,19 +356,30 @@ def make_tiny_flux(folder: str | Path, *, layers: int = 2, seed: int = 0, **over
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     clip, t5 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=make_tiny_flux_transformer(layers, seed, **overrides), scheduler=scheduler,
-                        vae=make_tiny_vae16(seed, scaling_factor=0.3611, shift_factor=0.1159),
-                        text_encoder=tiny_clip_text(len(clip), projection=False, seed=seed), tokenizer=clip,
-                        text_encoder_2=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed), tokenizer_2=t5)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=make_tiny_flux_transformer(layers, seed, **overrides),
+        scheduler=scheduler,
+        vae=make_tiny_vae16(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=tiny_clip_text(len(clip), projection=False, seed=seed),
+        tokenizer=clip,
+        text_encoder_2=tiny_t5_encoder(len(t5), FLOW_TEXT_WIDTH, seed),
+        tokenizer_2=t5,
+    )
     pipe.save_pretrained(folder)
     return Path(folder)
 
 
-
 # every tiny text-to-image pipeline by family name, for tests that run each family
 PIPELINES = {"pixart": make_tiny_pixart, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
+
 
 def make_mixed_aspect_data(root: Path, shapes: dict[tuple[int, int], int]) -> Path:
     """`shapes[(width, height)]` images of each size, captioned by colour and shape: aspect-ratio bucket data.

@@ -42,8 +42,11 @@ def write_base(path, vae_dir, seed=0, num_classes=10):
             if name != "pos_embed":
                 p.add_(torch.randn_like(p) * 0.02)
     names = json.dumps([f"c{i}" for i in range(num_classes)])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"difffit.vae": str(vae_dir), "difffit.class_names": names})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"difffit.vae": str(vae_dir), "difffit.class_names": names},
+    )
     return str(path)
 
 
@@ -68,8 +71,14 @@ def train(base_spec, method="difffit", num_classes=4, scale=0.05, seed=0, **prep
             p.add_(torch.randn_like(p) * scale)
     new = model.config.num_classes != base.config.num_classes
     names = [f"class{i}" for i in range(model.config.num_classes)] if new else base.class_names
-    meta = make_meta(base, model.eval(), method, new_class_table=new, class_names=names,
-                     training={"steps": 7, "batch_size": 2, "lr": 1e-3, "seed": 0, "last_loss": 0.5})
+    meta = make_meta(
+        base,
+        model.eval(),
+        method,
+        new_class_table=new,
+        class_names=names,
+        training={"steps": 7, "batch_size": 2, "lr": 1e-3, "seed": 0, "last_loss": 0.5},
+    )
     return base, model, meta
 
 
@@ -184,7 +193,7 @@ def adapter_file(base_spec, tmp_path):
 def rewrite(path, out, *, meta_edit=None, tensors_edit=None):
     tensors = load_file(str(path))
     header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    metadata = json.loads(path.read_bytes()[8:8 + header_size])["__metadata__"]
+    metadata = json.loads(path.read_bytes()[8 : 8 + header_size])["__metadata__"]
     raw = json.loads(metadata["difffit"])
     if meta_edit:
         meta_edit(raw)
@@ -237,8 +246,12 @@ def test_cli_refuses_truncated_adapter_cleanly(adapter_file, tmp_path):
     bad = tmp_path / "truncated.safetensors"
     bad.write_bytes(adapter_file.read_bytes()[:-500])
     for args in (["info", str(bad)], ["merge", str(bad), "--out", str(tmp_path / "m.safetensors")]):
-        result = subprocess.run([sys.executable, "-m", "difffit", *args], capture_output=True, text=True,
-                                env={**os.environ, "COLUMNS": "1000"})
+        result = subprocess.run(
+            [sys.executable, "-m", "difffit", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "1000"},
+        )
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr and result.stdout == ""
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -250,13 +263,20 @@ def test_xl_adapter_for_101_classes_is_under_2mb():
     """The real file format, with DiT-XL/2's shapes (computed on the meta device; no 2.7 GB model)."""
     xl = config_for("DiT-XL/2", input_size=32)
     meta = AdapterMeta(
-        method="difffit", gamma_blocks=list(range(14)), base_spec="DiT-XL/2-256", base_fingerprint="0" * 16,
-        base_config=xl.to_dict(), config={**xl.to_dict(), "num_classes": 101},
-        vae_spec="stabilityai/sd-vae-ft-ema", new_class_table=True,
+        method="difffit",
+        gamma_blocks=list(range(14)),
+        base_spec="DiT-XL/2-256",
+        base_fingerprint="0" * 16,
+        base_config=xl.to_dict(),
+        config={**xl.to_dict(), "num_classes": 101},
+        vae_spec="stabilityai/sd-vae-ft-ema",
+        new_class_table=True,
         class_names=[f"food class {i}" for i in range(101)],
     )
     shapes = expected_shapes(meta)
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 637_088
-    data = save({name: torch.zeros(shape, dtype=torch.float16) for name, shape in shapes.items()},
-                metadata={"difffit": json.dumps(meta.to_dict())})
+    data = save(
+        {name: torch.zeros(shape, dtype=torch.float16) for name, shape in shapes.items()},
+        metadata={"difffit": json.dumps(meta.to_dict())},
+    )
     assert len(data) < 2 * 1024 * 1024

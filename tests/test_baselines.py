@@ -53,8 +53,9 @@ def y(num_classes):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, settings", [v for v in VARIANTS if v[0] != "vpt-deep"],
-                         ids=[i for i in IDS if i != "vpt-deep"])
+@pytest.mark.parametrize(
+    "method, settings", [v for v in VARIANTS if v[0] != "vpt-deep"], ids=[i for i in IDS if i != "vpt-deep"]
+)
 def test_untrained_method_reproduces_the_base_bit_for_bit(method, settings):
     base = tiny()
     model = copy.deepcopy(base)
@@ -102,15 +103,18 @@ def test_vpt_deep_properties():
 TABLE = 102 * 1152
 
 
-@pytest.mark.parametrize("method, settings, group, expected, paper", [
-    ("lora", MethodSettings(), "lora", 28 * 8 * ((1152 + 3456) + (1152 + 1152)), 1.15e6),
-    ("lora", MethodSettings(lora_targets=("qkv",)), "lora", 28 * 8 * (1152 + 3456), 1.15e6),
-    ("lora", MethodSettings(rank=16, lora_targets=("qkv",)), "lora", 28 * 16 * (1152 + 3456), 2.18e6),
-    ("adapter-parallel", MethodSettings(), "adapters", 28 * (1152 * 64 + 64 + 64 * 1152 + 1152), 4.28e6),
-    ("adapter-sequential", MethodSettings(), "adapters", 28 * (1152 * 64 + 64 + 64 * 1152 + 1152), 4.28e6),
-    ("vpt-deep", MethodSettings(prompt_tokens=10), "prompts", 28 * 10 * 1152, 2.81e6),
-    ("difffit", MethodSettings(gamma_placement="branch+attn"), "gamma", 14 * (1152 + 1152 + 3456 + 1152), 0.83e6),
-])
+@pytest.mark.parametrize(
+    "method, settings, group, expected, paper",
+    [
+        ("lora", MethodSettings(), "lora", 28 * 8 * ((1152 + 3456) + (1152 + 1152)), 1.15e6),
+        ("lora", MethodSettings(lora_targets=("qkv",)), "lora", 28 * 8 * (1152 + 3456), 1.15e6),
+        ("lora", MethodSettings(rank=16, lora_targets=("qkv",)), "lora", 28 * 16 * (1152 + 3456), 2.18e6),
+        ("adapter-parallel", MethodSettings(), "adapters", 28 * (1152 * 64 + 64 + 64 * 1152 + 1152), 4.28e6),
+        ("adapter-sequential", MethodSettings(), "adapters", 28 * (1152 * 64 + 64 + 64 * 1152 + 1152), 4.28e6),
+        ("vpt-deep", MethodSettings(prompt_tokens=10), "prompts", 28 * 10 * 1152, 2.81e6),
+        ("difffit", MethodSettings(gamma_placement="branch+attn"), "gamma", 14 * (1152 + 1152 + 3456 + 1152), 0.83e6),
+    ],
+)
 def test_trainable_counts_on_dit_xl(method, settings, group, expected, paper):
     report = describe_method(meta_xl().config, method, num_classes=101, settings=settings)
     groups = report["trainable_groups"]
@@ -124,9 +128,13 @@ def test_trainable_counts_on_dit_xl(method, settings, group, expected, paper):
 def test_paper_counts_match_ours_where_the_setting_is_known():
     """The Table 1 numbers we can rebuild from the architecture agree to the paper's rounding."""
     xl = meta_xl().config
-    for method, settings in (("full", None), ("bitfit", None), ("adapter-parallel", None),
-                             ("lora", MethodSettings(lora_targets=("qkv",))),
-                             ("lora", MethodSettings(rank=16, lora_targets=("qkv",)))):
+    for method, settings in (
+        ("full", None),
+        ("bitfit", None),
+        ("adapter-parallel", None),
+        ("lora", MethodSettings(lora_targets=("qkv",))),
+        ("lora", MethodSettings(rank=16, lora_targets=("qkv",))),
+    ):
         report = describe_method(xl, method, num_classes=101, settings=settings)
         assert round(report["trainable_params"] / 1e4) == round(report["paper_trainable_params"] / 1e4), method
 
@@ -144,8 +152,12 @@ def test_bad_settings_are_refused():
     with pytest.raises(DiffFitError, match="lora-targets"):
         parse_lora_targets("qkv,ffn")
     assert parse_lora_targets("attn,mlp") == ("qkv", "proj", "fc1", "fc2")
-    for bad in (MethodSettings(rank=0), MethodSettings(gamma_placement="everywhere"),
-                MethodSettings(prompt_tokens=-1), MethodSettings(lora_alpha=0)):
+    for bad in (
+        MethodSettings(rank=0),
+        MethodSettings(gamma_placement="everywhere"),
+        MethodSettings(prompt_tokens=-1),
+        MethodSettings(lora_alpha=0),
+    ):
         with pytest.raises(DiffFitError):
             prepare_model(tiny(), "difffit", settings=bad)
 
@@ -181,8 +193,14 @@ def trained(base_spec, method, settings, seed=0, num_classes=4):
     with torch.no_grad():
         for p in trainable_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.05)
-    meta = make_meta(base, model.eval(), method, new_class_table=True,
-                     class_names=[f"class{i}" for i in range(num_classes)], settings=settings)
+    meta = make_meta(
+        base,
+        model.eval(),
+        method,
+        new_class_table=True,
+        class_names=[f"class{i}" for i in range(num_classes)],
+        settings=settings,
+    )
     return base, model, meta
 
 
@@ -227,8 +245,16 @@ def test_swapping_adapters_of_different_methods_restores_the_base_exactly(base_s
     flags = [p.requires_grad for p in model.parameters()]
     reference = outputs(model, 10)
     swapper = AdapterSwapper(base)
-    for ident in ("lora", "adapter-parallel", "difffit-branch+attn", "vpt-deep", "lora-mlp-adaLN",
-                  "adapter-sequential", "full", "lora"):
+    for ident in (
+        "lora",
+        "adapter-parallel",
+        "difffit-branch+attn",
+        "vpt-deep",
+        "lora-mlp-adaLN",
+        "adapter-sequential",
+        "full",
+        "lora",
+    ):
         path, trained_model = adapters[ident]
         expected = outputs(trained_model, 4)
         swapper.apply(*read_adapter(path))  # apply restores the previous adapter first
@@ -258,8 +284,15 @@ def test_multi_adapter_sampling_and_eval_fid_for_every_method(adapters, tmp_path
 
     weights = random_inception_weights(tmp_path / "inception.pth")
     for ident in ("vpt-deep", "adapter-parallel"):
-        result = evaluate(adapters[ident][0], str(toy_data), num_samples=4, inception_weights=str(weights),
-                          device="cpu", sampling=SamplingOptions(scheduler="ddim", steps=2), progress=False)
+        result = evaluate(
+            adapters[ident][0],
+            str(toy_data),
+            num_samples=4,
+            inception_weights=str(weights),
+            device="cpu",
+            sampling=SamplingOptions(scheduler="ddim", steps=2),
+            progress=False,
+        )
         assert np.isfinite(result.metrics["fid"]) and result.num_generated == 4
 
 
@@ -322,9 +355,20 @@ FIT_SETTINGS = dict(rank=4, adapter_dim=8, prompt_tokens=2)
 @pytest.fixture
 def conf(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     def make(**overrides) -> FitConfig:
-        options = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=6, batch_size=4,
-                       save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"), adapter_dtype="fp32", **FIT_SETTINGS)
+        options = dict(
+            data=str(toy_data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=6,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+            adapter_dtype="fp32",
+            **FIT_SETTINGS,
+        )
         return FitConfig.from_options(options | overrides)
 
     return make

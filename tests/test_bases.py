@@ -90,8 +90,12 @@ def test_bare_pt_matches_reference(golden, golden_pt):
 
 def test_training_checkpoint_prefers_ema(golden, golden_pt, tmp_path):
     decoy = {k: torch.zeros_like(v) for k, v in golden["state"].items()}
-    checkpoint = {"model": decoy, "ema": golden["state"], "opt": {"step": 3},
-                  "args": argparse.Namespace(model="DiT-XL/2", image_size=256)}
+    checkpoint = {
+        "model": decoy,
+        "ema": golden["state"],
+        "opt": {"step": 3},
+        "args": argparse.Namespace(model="DiT-XL/2", image_size=256),
+    }
     torch.save(checkpoint, tmp_path / "0050000.pt")
     base = load_base(str(tmp_path / "0050000.pt"), num_heads=HEADS)
     assert_reference_outputs(base.model, golden)
@@ -109,8 +113,7 @@ def test_ddp_prefix_is_stripped(golden, tmp_path):
 def test_safetensors_with_difffit_metadata(golden, golden_pt, tmp_path):
     path = tmp_path / "merged.safetensors"
     names = [f"class {i}" for i in range(10)]
-    metadata = {"difffit.class_names": json.dumps(names), "difffit.vae": "identity",
-                "difffit.pos_embed_scale": "1.0"}
+    metadata = {"difffit.class_names": json.dumps(names), "difffit.vae": "identity", "difffit.pos_embed_scale": "1.0"}
     save_file({k: v.contiguous() for k, v in golden["state"].items()}, str(path), metadata=metadata)
     base = load_base(str(path), num_heads=HEADS)
     assert_reference_outputs(base.model, golden)
@@ -337,8 +340,11 @@ def test_tiny_base_bundled_or_clear_error(golden, tmp_path, monkeypatch):
         load_base("tiny")
     bundle = tmp_path / "tiny"
     bundle.mkdir()
-    save_file({k: v.contiguous() for k, v in golden["state"].items()}, str(bundle / "base.safetensors"),
-              metadata={"difffit.vae": "identity", "difffit.num_heads": "4"})
+    save_file(
+        {k: v.contiguous() for k, v in golden["state"].items()},
+        str(bundle / "base.safetensors"),
+        metadata={"difffit.vae": "identity", "difffit.num_heads": "4"},
+    )
     monkeypatch.setattr(bases, "TINY_BASE", bundle)
     base = load_base("tiny")
     assert base.source_format == "bundled" and base.spec == "tiny" and base.vae_spec == "identity"

@@ -41,8 +41,9 @@ def test_ring_allreduce_volume_and_the_scaling_table():
     # 2(N-1)/N of the bytes over the link, plus 2(N-1) hops.
     assert scaling.allreduce_seconds(10**9, 4, 1e9, 0.0, 4) == pytest.approx(2 * 3 / 4 * 4.0)
     assert scaling.allreduce_seconds(10**9, 1, 1e9, 1.0, 4) == 0.0
-    out = scaling.model(argparse.Namespace(difffit_img_s=368.0, full_img_s=282.0, batch=32, classes=101,
-                                           bytes_per_value=4))
+    out = scaling.model(
+        argparse.Namespace(difffit_img_s=368.0, full_img_s=282.0, batch=32, classes=101, bytes_per_value=4)
+    )
     assert 600_000 < out["inputs"]["trainable_values"]["difffit"] < 700_000
     assert out["inputs"]["trainable_values"]["full"] > 674_000_000
     one_gpu = out["table"]["nvlink-900GB/s"][0]["no_overlap"]["full/difffit_step"]
@@ -55,8 +56,14 @@ def run_at_toy_size(script: str, *args: str) -> dict:
     """A benchmark script run as the GPU stage runs it, at toy sizes on the CPU (DIFFFIT_BENCH_SMALL): its JSON."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DIFFFIT_BENCH_SMALL": "1", "PYTHONPATH": str(repo)}
-    result = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args], capture_output=True,
-                            text=True, env=env, check=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    )
     return json.loads(result.stdout)
 
 
@@ -68,8 +75,9 @@ def test_pixart_train_runs_at_toy_size_on_the_cpu():
     assert set(contenders) == {"difffit cached", "difffit encode", "full cached", "full encode"}
     assert all(c["largest_batch"] == 2 and c["peak_mem_mb"] > 0 and c["img_per_s"] > 0 for c in contenders.values())
     assert contenders["difffit cached"]["trainable_params"] < contenders["full cached"]["trainable_params"] / 10
-    assert {"difffit cached / full cached step time", "difffit encode / difffit cached peak memory"} <= \
-        set(report["ratios"])
+    assert {"difffit cached / full cached step time", "difffit encode / difffit cached peak memory"} <= set(
+        report["ratios"]
+    )
 
 
 def test_t2i_memory_runs_at_toy_size_on_the_cpu():
@@ -80,10 +88,13 @@ def test_t2i_memory_runs_at_toy_size_on_the_cpu():
     runs = report["contenders"]
     ran = (("difffit", "bf16"), ("difffit", "fp8"), ("full", "bf16"))
     assert set(runs) == {f"pixart-tiny {m} {p} {c}" for m, p in ran for c in ("ckpt", "no-ckpt")}
-    assert all(r["status"] == "ok" and 0 < r["resident_mib"] <= r["peak_mib"] and r["img_per_s"] > 0
-               for r in runs.values())
-    assert report["skipped"] == {f"pixart-tiny full fp8 {c}": "full fine-tuning trains every weight; fp8 is for "
-                                 "frozen ones" for c in ("ckpt", "no-ckpt")}
+    assert all(
+        r["status"] == "ok" and 0 < r["resident_mib"] <= r["peak_mib"] and r["img_per_s"] > 0 for r in runs.values()
+    )
+    assert report["skipped"] == {
+        f"pixart-tiny full fp8 {c}": "full fine-tuning trains every weight; fp8 is for frozen ones"
+        for c in ("ckpt", "no-ckpt")
+    }
     bf16, fp8 = runs["pixart-tiny difffit bf16 no-ckpt"], runs["pixart-tiny difffit fp8 no-ckpt"]
     assert fp8["resident_mib"] < 0.75 * bf16["resident_mib"]  # the block matrices at 1 byte a value, not 2
     assert runs["pixart-tiny difffit bf16 ckpt"]["peak_mib"] < bf16["peak_mib"]
@@ -117,5 +128,7 @@ def test_t2i_memory_reports_out_of_memory_as_a_result(monkeypatch):
 
     monkeypatch.setattr(t2i_memory, "build", out_of_memory)
     args = argparse.Namespace(device="cpu", threads=0, estimate=False)
-    assert t2i_memory.measure(args, ("flux-dev", "full", "bf16", True)) == {"status": "out of memory",
-                                                                             "during": "build"}
+    assert t2i_memory.measure(args, ("flux-dev", "full", "bf16", True)) == {
+        "status": "out of memory",
+        "during": "build",
+    }

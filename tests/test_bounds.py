@@ -27,8 +27,11 @@ METHOD_OF = {"--rank": "lora", "--adapter-dim": "adapter-parallel", "--prompt-to
 def integer_options(command: str) -> list[str]:
     """The flags of `command` that take a whole number, as the app declares them."""
     click_command = typer.main.get_command(app).commands[command]
-    return [param.opts[0] for param in click_command.params
-            if param.param_type_name == "option" and param.type_descriptor.annotation is int]
+    return [
+        param.opts[0]
+        for param in click_command.params
+        if param.param_type_name == "option" and param.type_descriptor.annotation is int
+    ]
 
 
 def with_value(argv: list[str], flag: str, value) -> list[str]:
@@ -47,17 +50,52 @@ def walk_inputs(tmp_path_factory, tiny_base_file, tiny_vae_dir):
     root = tmp_path_factory.mktemp("walk")
     data = make_toy_data(root / "data")
     tiny = ["--base", str(tiny_base_file), "--vae", str(tiny_vae_dir)]
-    quick_fit = ["--method", "difffit", "--steps", "1", "--batch-size", "4", "--save-every", "0", "--sample-every", "0",
-                 "--num-workers", "0", "--cache-dir", str(root / "cache"), "--no-ema", "--adapter-dtype", "fp32",
-                 "--compile", "off"]
+    quick_fit = [
+        "--method",
+        "difffit",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(root / "cache"),
+        "--no-ema",
+        "--adapter-dtype",
+        "fp32",
+        "--compile",
+        "off",
+    ]
     return root, {
         # command -> a valid, quick command line of it (its --out, if it has one, is added per case)
         "fit": ["fit", str(data), *tiny, *quick_fit],
         "upscale-res": ["upscale-res", str(data), *tiny, "--to", "32", *quick_fit],
-        "sample": ["sample", str(tiny_base_file), "--vae", str(tiny_vae_dir), "-n", "1", "--steps", "2",
-                   "--scheduler", "ddim"],
-        "eval-fid": ["eval-fid", str(data / "red"), str(data / "blue"), "--inception-weights", "random",
-                     "--batch-size", "4"],
+        "sample": [
+            "sample",
+            str(tiny_base_file),
+            "--vae",
+            str(tiny_vae_dir),
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+        ],
+        "eval-fid": [
+            "eval-fid",
+            str(data / "red"),
+            str(data / "blue"),
+            "--inception-weights",
+            "random",
+            "--batch-size",
+            "4",
+        ],
         "info": ["info", "random:DiT-S/2", "--method", "difffit"],
     }
 
@@ -79,8 +117,11 @@ def test_every_integer_option_of_every_command_is_bounded(walk_inputs):
             cases.append(argv)
     assert len(cases) > 40  # fit's and upscale-res's options are walked, not skipped
     results = run_bounded(cases)
-    unbounded = [(r["argv"][0], r["argv"][r["argv"].index(str(HUGE)) - 1], r["err"][-400:] or r["timed_out"])
-                 for r in results if r["code"] != 0 and not refused_in_one_sentence(r)]
+    unbounded = [
+        (r["argv"][0], r["argv"][r["argv"].index(str(HUGE)) - 1], r["err"][-400:] or r["timed_out"])
+        for r in results
+        if r["code"] != 0 and not refused_in_one_sentence(r)
+    ]
     assert not unbounded, unbounded
     accepted = {r["argv"][r["argv"].index(str(HUGE)) - 1] for r in results if r["code"] == 0}
     # Accepted only where a huge value means "never" (checkpoints, previews, log lines, warmup) or "keep all", and
@@ -103,8 +144,20 @@ def test_sample_refuses_a_side_beyond_what_the_family_draws_before_allocating(pi
     base = load_base(str(pipeline))
     family = type(base).__name__
     for flag in ("--width", "--height"):
-        code, _, err = cli_run(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", "-n", "1", flag, "65536",
-                               "--out", tmp_path / "out")
+        code, _, err = cli_run(
+            monkeypatch,
+            capsys,
+            "sample",
+            pipeline,
+            "--prompt",
+            "a cat",
+            "-n",
+            "1",
+            flag,
+            "65536",
+            "--out",
+            tmp_path / "out",
+        )
         assert code == 1 and f"{flag} must be {MAX_SIDE:,} or less (got 65,536)" in err, (family, err)
     assert not (tmp_path / "out").exists()
     # The family's own largest side, where it has one (SD3's positional table), is refused by the same check.
@@ -129,10 +182,13 @@ def test_sample_counts_are_refused_before_any_source_loads(pipeline, tmp_path, m
 
     loaded = []
     monkeypatch.setattr(sources, "iter_sources", lambda *a, **k: loaded.append(1) or iter(()))
-    for argv, words in ((["-n", str(10**9)], f"-n must be {MAX_IMAGES:,} or less"),
-                        (["-n", "2", "--batch-size", str(10**6)], "--batch-size must be 1,024 or less")):
-        code, _, err = cli_run(monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", *argv,
-                               "--out", tmp_path / "out")
+    for argv, words in (
+        (["-n", str(10**9)], f"-n must be {MAX_IMAGES:,} or less"),
+        (["-n", "2", "--batch-size", str(10**6)], "--batch-size must be 1,024 or less"),
+    ):
+        code, _, err = cli_run(
+            monkeypatch, capsys, "sample", pipeline, "--prompt", "a cat", *argv, "--out", tmp_path / "out"
+        )
         assert code == 1 and words in err, err
     assert not loaded
 
@@ -157,11 +213,33 @@ def test_fit_bounds_batches_workers_and_eval_count(tmp_path, toy_data, tiny_base
     assert Split(MAX_FORWARD_BATCH * 8, 1, 3, 8).per_process == MAX_FORWARD_BATCH
 
 
-def test_fit_with_a_huge_batch_and_repeats_is_refused_before_the_first_step(tmp_path, toy_data, tiny_base_file,
-                                                                              tiny_vae_dir):
-    argv = ["fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir, "--steps", "1", "--batch-size",
-            "1000000", "--repeats", "625000", "--save-every", "0", "--sample-every", "0", "--num-workers", "0",
-            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
+def test_fit_with_a_huge_batch_and_repeats_is_refused_before_the_first_step(
+    tmp_path, toy_data, tiny_base_file, tiny_vae_dir
+):
+    argv = [
+        "fit",
+        toy_data,
+        "--base",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "--steps",
+        "1",
+        "--batch-size",
+        "1000000",
+        "--repeats",
+        "625000",
+        "--save-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+    ]
     [result] = run_bounded([argv])
     assert refused_in_one_sentence(result) and "--grad-accum" in result["err"], result
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -175,8 +253,9 @@ def test_pixart_max_text_tokens_is_bounded_by_its_pipeline(pipeline_class, limit
 
     pipe = make_tiny_pixart(tmp_path / "pipe", pipeline=pipeline_class)
     data = make_captioned_data(tmp_path / "data", per_caption=2)
-    with pytest.raises(DiffFitError, match=f"--max-text-tokens {limit + 1} is above {limit}, the most a "
-                                           f"{pipeline_class} reads"):
+    with pytest.raises(
+        DiffFitError, match=f"--max-text-tokens {limit + 1} is above {limit}, the most a {pipeline_class} reads"
+    ):
         fit(t2i_fit_config(data, pipe, tmp_path, max_text_tokens=limit + 1), progress=False)
     assert not (tmp_path / "cache").exists()  # refused before any caption was encoded
 
@@ -184,20 +263,24 @@ def test_pixart_max_text_tokens_is_bounded_by_its_pipeline(pipeline_class, limit
 def test_eval_fid_counts_are_refused_up_front(tmp_path, toy_data):
     from difffit.engine.evaluation.metrics import evaluate
 
-    for kwargs, words in (({"num_samples": 10**9}, f"-n must be {MAX_IMAGES:,} or less"),
-                          ({"batch_size": 10**6}, "--batch-size must be 1,024 or less"),
-                          ({"metrics": "kid", "kid_subsets": 10**9}, "--kid-subsets must be")):
+    for kwargs, words in (
+        ({"num_samples": 10**9}, f"-n must be {MAX_IMAGES:,} or less"),
+        ({"batch_size": 10**6}, "--batch-size must be 1,024 or less"),
+        ({"metrics": "kid", "kid_subsets": 10**9}, "--kid-subsets must be"),
+    ):
         with pytest.raises(DiffFitError, match=words):
-            evaluate(str(toy_data / "red"), str(toy_data / "blue"), inception_weights="random", progress=False,
-                     **kwargs)
+            evaluate(
+                str(toy_data / "red"), str(toy_data / "blue"), inception_weights="random", progress=False, **kwargs
+            )
 
 
 # -- seeds (item 3) -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [2**32, 2**64, -1, -(2**63)])
-def test_seeds_outside_the_generators_range_are_refused_in_every_command(seed, tmp_path, toy_data, tiny_base_file,
-                                                                         tiny_vae_dir, monkeypatch, capsys):
+def test_seeds_outside_the_generators_range_are_refused_in_every_command(
+    seed, tmp_path, toy_data, tiny_base_file, tiny_vae_dir, monkeypatch, capsys
+):
 
     commands = {
         "sample": ["sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "1", "--out", tmp_path / "s"],
@@ -219,17 +302,31 @@ def test_the_largest_seed_is_its_own_and_does_not_wrap_to_another():
         SamplingOptions(seed=MAX_SEED + 1)
 
 
-def test_sample_json_records_the_seed_that_drew_the_images(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch,
-                                                           capsys):
+def test_sample_json_records_the_seed_that_drew_the_images(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch, capsys):
 
-    code, _, err = cli_run(monkeypatch, capsys, "sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "1", "--steps",
-                           "2", "--scheduler", "ddim", "--seed", str(MAX_SEED), "--out", tmp_path / "s")
+    code, _, err = cli_run(
+        monkeypatch,
+        capsys,
+        "sample",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--seed",
+        str(MAX_SEED),
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["seed"] == MAX_SEED
 
 
-def test_the_npz_of_a_run_is_written_one_image_at_a_time(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch,
-                                                         capsys):
+def test_the_npz_of_a_run_is_written_one_image_at_a_time(tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch, capsys):
     import numpy as np
 
     from difffit.engine.evaluation import sample_folder
@@ -238,8 +335,23 @@ def test_the_npz_of_a_run_is_written_one_image_at_a_time(tmp_path, tiny_base_fil
     real_load = sample_folder.load_pngs
     monkeypatch.setattr(sample_folder, "GRID_MAX", 1)  # the grid reads one image; the npz must read none at once
     monkeypatch.setattr(sample_folder, "load_pngs", lambda paths: loaded.append(len(paths)) or real_load(paths))
-    code, _, err = cli_run(monkeypatch, capsys, "sample", tiny_base_file, "--vae", tiny_vae_dir, "-n", "3",
-                           "--steps", "2", "--scheduler", "ddim", "--npz", "--out", tmp_path / "s")
+    code, _, err = cli_run(
+        monkeypatch,
+        capsys,
+        "sample",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "-n",
+        "3",
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--npz",
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 0, err
     assert loaded == [1]
     pngs = real_load([tmp_path / "s" / f"{i:06d}.png" for i in range(3)])

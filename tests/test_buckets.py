@@ -126,8 +126,9 @@ def test_dataset_rows_read_their_size(tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (24, 12)).save(buffer, format="PNG")
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    datasets.Dataset.from_dict({"image": [{"bytes": buffer.getvalue(), "path": None}], "text": ["a"]},
-                               features=features).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": buffer.getvalue(), "path": None}], "text": ["a"]}, features=features
+    ).save_to_disk(str(tmp_path / "saved"))
     folder = open_data(str(tmp_path / "saved"))
     assert folder.size(folder.files[0]) == (24, 12) == folder.load(folder.files[0]).size
 
@@ -147,8 +148,9 @@ def test_every_step_draws_one_bucket_and_a_round_draws_every_image_batch_times()
         assert any(set(batch) <= set(bucket) for bucket in BUCKETS)
         drawn.update(batch)
     assert drawn == {i: 4 for i in range(11)}  # two rounds, each image twice a round whatever its bucket
-    buckets = [next(b for b, items in enumerate(BUCKETS) if order.take_batch(split, s, 0)[0] in items)
-               for s in range(order.n)]
+    buckets = [
+        next(b for b, items in enumerate(BUCKETS) if order.take_batch(split, s, 0)[0] in items) for s in range(order.n)
+    ]
     assert buckets != sorted(buckets)  # the buckets take turns in a shuffled order, not one after another
 
 
@@ -167,11 +169,16 @@ def test_the_schedule_is_a_function_of_seed_and_step_over_any_process_split():
     assert torch.equal(fresh.take_batch(one, 37, 0), steps[37])
     # 2 processes x 2 micro-steps take the slices of the same global batch, in order.
     for step in (0, 11, 37):
-        parts = [BucketOrder(BUCKETS, [0] * 11, seed=5).take_batch(Split(4, 2, rank, 2), step, micro)
-                 for micro in range(2) for rank in range(2)]
+        parts = [
+            BucketOrder(BUCKETS, [0] * 11, seed=5).take_batch(Split(4, 2, rank, 2), step, micro)
+            for micro in range(2)
+            for rank in range(2)
+        ]
         assert torch.equal(torch.cat(parts), steps[step])
-    assert not torch.equal(torch.stack(steps), torch.stack(
-        [BucketOrder(BUCKETS, [0] * 11, seed=6).take_batch(one, s, 0) for s in range(40)]))
+    assert not torch.equal(
+        torch.stack(steps),
+        torch.stack([BucketOrder(BUCKETS, [0] * 11, seed=6).take_batch(one, s, 0) for s in range(40)]),
+    )
 
 
 def test_bucketed_latents_draw_from_the_batchs_bucket_and_refuse_a_mixed_batch():
@@ -200,8 +207,10 @@ def test_bucketed_latents_draw_from_the_batchs_bucket_and_refuse_a_mixed_batch()
 # The tiny pipeline makes 16 px images (VAE factor 2, patch 2: sides in multiples of 8 px): buckets 8 x 32,
 # 16 x 16 and 32 x 8. With a batch of 4 the two 1:4 images are merged into the square bucket.
 MIXED = {(40, 10): 4, (20, 20): 5, (10, 40): 2}
-PLAN = [{"width": 16, "height": 16, "images": 7, "merged": [{"width": 8, "height": 32, "images": 2}]},
-        {"width": 32, "height": 8, "images": 4, "merged": []}]
+PLAN = [
+    {"width": 16, "height": 16, "images": 7, "merged": [{"width": 8, "height": 32, "images": 2}]},
+    {"width": 32, "height": 8, "images": 4, "merged": []},
+]
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +251,18 @@ def test_the_1024_models_micro_conditions_are_each_batchs_bucket(conf, tmp_path,
         return out
 
     monkeypatch.setattr(pixart, "micro_conditions", spy)
-    ms = make_tiny_pixart(tmp_path / "ms", num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48,
-                          use_additional_conditions=True)
+    ms = make_tiny_pixart(
+        tmp_path / "ms",
+        num_attention_heads=3,
+        attention_head_dim=16,
+        cross_attention_dim=48,
+        use_additional_conditions=True,
+    )
     fit(conf(base=str(ms), steps=6), progress=False)
     assert {(latent, tuple(px), aspect) for latent, px, aspect in seen} == {
-        ((8, 8), (16.0, 16.0), 1.0), ((4, 16), (8.0, 32.0), 0.25)}  # latents (h, w) -> pixels (h, w), h / w
+        ((8, 8), (16.0, 16.0), 1.0),
+        ((4, 16), (8.0, 32.0), 0.25),
+    }  # latents (h, w) -> pixels (h, w), h / w
 
 
 def test_encoded_on_the_fly_per_bucket_without_a_cache(conf, tmp_path):
@@ -284,8 +300,10 @@ def test_resume_with_buckets_equals_an_uninterrupted_run(conf, tmp_path):
     assert resumed.start_step == 4 and resumed.step == 8 and resumed.buckets == full.buckets == PLAN
     a, b = load_file(str(full.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-            for out in (full.out_dir, resumed.out_dir)]
+    logs = [
+        [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+        for out in (full.out_dir, resumed.out_dir)
+    ]
     assert logs[0] == logs[1]
 
 
@@ -296,8 +314,14 @@ def test_an_image_lost_while_caching_never_leaves_a_bucket_below_the_batch(conf,
     result = fit(conf(steps=1, buckets="auto"), progress=False)
     # 3 wide images are left, fewer than the batch: planned again, they join the square bucket.
     assert result.skipped == 1 and result.images == 10
-    assert result.buckets == [{"width": 16, "height": 16, "images": 10, "merged": [
-        {"width": 8, "height": 32, "images": 2}, {"width": 32, "height": 8, "images": 3}]}]  # the smallest first
+    assert result.buckets == [
+        {
+            "width": 16,
+            "height": 16,
+            "images": 10,
+            "merged": [{"width": 8, "height": 32, "images": 2}, {"width": 32, "height": 8, "images": 3}],
+        }
+    ]  # the smallest first
     assert f"skipped {broken}: not a readable image" in capsys.readouterr().err
 
 
@@ -314,8 +338,14 @@ def test_what_buckets_cannot_do_is_refused_in_one_sentence(conf, tmp_path, toy_d
     check_options(conf(class_balance=True, buckets="none"), PIXART)
     with pytest.raises(DiffFitError, match="Unknown --buckets 'square'"):
         conf(buckets="square").validate()
-    dit = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, buckets="auto",
-                    out=str(tmp_path / "dit"))
+    dit = FitConfig(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=1,
+        buckets="auto",
+        out=str(tmp_path / "dit"),
+    )
     with pytest.raises(DiffFitError, match="--buckets auto needs a base that takes any image size"):
         fit(dit, progress=False)
     assert not (tmp_path / "dit").exists()
@@ -325,14 +355,30 @@ def test_a_dit_run_keeps_its_square_crop_and_data_order(tmp_path, toy_data, tiny
     seen, loop = {}, train.train_loop
 
     def spy(run, *args, **kwargs):
-        seen.update(order=run.batches.order, x0=run.batches.micro_batch(3, 0, torch.Generator().manual_seed(0))[0],
-                    labels=run.folder.labels)
+        seen.update(
+            order=run.batches.order,
+            x0=run.batches.micro_batch(3, 0, torch.Generator().manual_seed(0))[0],
+            labels=run.folder.labels,
+        )
         return loop(run, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_loop", spy)
-    result = fit(FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1,
-                           batch_size=4, save_every=0, sample_every=0, num_workers=0, compile="off",
-                           cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run")), progress=False)
+    result = fit(
+        FitConfig(
+            data=str(toy_data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=1,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            compile="off",
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+        ),
+        progress=False,
+    )
     assert DIT.fixed_size and result.buckets is None
     assert type(seen["order"]) is DataOrder and seen["x0"].shape == (4, 4, 8, 8)  # 24 x 20 px images, 16 px squares
     assert torch.equal(seen["order"].take_batch(Split(4, 1, 0, 1), 3, 0), DataOrder(seen["labels"], 0).take(12, 4))

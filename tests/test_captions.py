@@ -41,8 +41,13 @@ def classes(tmp_path) -> Path:
 def test_sidecars_then_metadata_then_template_per_image(classes):
     (classes / "cats" / "c0.txt").write_text("  a sleepy cat \n", encoding="utf-8")
     (classes / "cats" / "c1.txt").write_text("   \n")  # empty: falls through to the next source
-    _jsonl(classes / "metadata.jsonl", [{"file_name": "cats/c0.png", "text": "loses to the sidecar"},
-                                        {"file_name": "cats/c1.png", "text": "from the root metadata"}])
+    _jsonl(
+        classes / "metadata.jsonl",
+        [
+            {"file_name": "cats/c0.png", "text": "loses to the sidecar"},
+            {"file_name": "cats/c1.png", "text": "from the root metadata"},
+        ],
+    )
     (classes / "hot_dogs" / "metadata.csv").write_text('file_name,text\nh0.jpg,"a hot dog, with mustard"\n')
     folder = attach_captions(scan_image_folder(classes), caption_template="a photo of {class}")
     assert _captions(folder) == {
@@ -55,20 +60,26 @@ def test_sidecars_then_metadata_then_template_per_image(classes):
 
 
 def test_the_nearest_metadata_file_wins(classes):
-    _jsonl(classes / "metadata.jsonl", [{"file_name": f"cats/c{i}.png", "text": f"root {i}"} for i in range(3)]
-           + [{"file_name": f"hot_dogs/h{i}.jpg", "text": f"root h{i}"} for i in range(2)])
+    _jsonl(
+        classes / "metadata.jsonl",
+        [{"file_name": f"cats/c{i}.png", "text": f"root {i}"} for i in range(3)]
+        + [{"file_name": f"hot_dogs/h{i}.jpg", "text": f"root h{i}"} for i in range(2)],
+    )
     _jsonl(classes / "cats" / "metadata.jsonl", [{"file_name": "c1.png", "text": "nearer"}])
     captions = _captions(attach_captions(scan_image_folder(classes)))
     assert captions["cats/c1.png"] == "nearer" and captions["cats/c0.png"] == "root 0"
     assert captions["hot_dogs/h1.jpg"] == "root h1"
 
 
-@pytest.mark.parametrize("columns, option, expected", [
-    ({"text": "t", "caption": "c"}, None, "t"),  # text before caption
-    ({"caption": "c", "n": 3}, None, "c"),
-    ({"prompt": "p", "width": 512}, None, "p"),  # the only string column
-    ({"text": "t", "prompt": "p"}, "prompt", "p"),  # --caption-column wins
-])
+@pytest.mark.parametrize(
+    "columns, option, expected",
+    [
+        ({"text": "t", "caption": "c"}, None, "t"),  # text before caption
+        ({"caption": "c", "n": 3}, None, "c"),
+        ({"prompt": "p", "width": 512}, None, "p"),  # the only string column
+        ({"text": "t", "prompt": "p"}, "prompt", "p"),  # --caption-column wins
+    ],
+)
 def test_metadata_text_column(tmp_path, columns, option, expected):
     _image(tmp_path / "flat" / "a.png")
     _jsonl(tmp_path / "flat" / "metadata.jsonl", [{"file_name": "a.png", **columns}])
@@ -104,29 +115,49 @@ def test_uncaptioned_images_are_named_with_a_count(tmp_path):
     for i in range(8):
         _image(tmp_path / "flat" / f"img{i}.png")
     (tmp_path / "flat" / "img3.txt").write_text("only this one")
-    with pytest.raises(DiffFitError, match=r"7 of 8 images .* no caption: img0.png, img1.png, img2.png, img4.png, "
-                                           r"img5.png and 2 more\.") as raised:
+    with pytest.raises(
+        DiffFitError,
+        match=r"7 of 8 images .* no caption: img0.png, img1.png, img2.png, img4.png, "
+        r"img5.png and 2 more\.",
+    ) as raised:
         attach_captions(scan_image_folder(tmp_path / "flat"))
     assert "--caption-template" in raised.value.hint
 
 
-@pytest.mark.parametrize("setup, words", [
-    (lambda d: (d / "a.txt").write_bytes(b"caf\xe9 au lait"), "a.txt is not UTF-8"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}, {"file_name": "gone.png",
-                                              "text": "y"}, {"file_name": "sub/lost.png", "text": "z"}]),
-     "names 2 file.* that do not exist: gone.png, sub/lost.png"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "width": 3, "tags": ["x"]}]),
-     "no text column .*its columns: file_name, width, tags"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}]), "no column 'prompt'"),
-    (lambda d: (d / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n'),
-     "line 2 is not valid JSON"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"image": "a.png", "text": "x"}]), "no file_name column"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}] * 2), "lists a.png twice"),
-    (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": 7}]), "text is int 7, not text"),
-    (lambda d: ((d / "metadata.csv").write_text("file_name,text\n"), _jsonl(d / "metadata.jsonl", [])),
-     "both metadata.jsonl and metadata.csv"),
-    (lambda d: (d / "metadata.csv").write_bytes(b"file_name,text\na.png,\xff\n"), "metadata.csv is not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda d: (d / "a.txt").write_bytes(b"caf\xe9 au lait"), "a.txt is not UTF-8"),
+        (
+            lambda d: _jsonl(
+                d / "metadata.jsonl",
+                [
+                    {"file_name": "a.png", "text": "x"},
+                    {"file_name": "gone.png", "text": "y"},
+                    {"file_name": "sub/lost.png", "text": "z"},
+                ],
+            ),
+            "names 2 file.* that do not exist: gone.png, sub/lost.png",
+        ),
+        (
+            lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "width": 3, "tags": ["x"]}]),
+            "no text column .*its columns: file_name, width, tags",
+        ),
+        (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}]), "no column 'prompt'"),
+        (
+            lambda d: (d / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n'),
+            "line 2 is not valid JSON",
+        ),
+        (lambda d: _jsonl(d / "metadata.jsonl", [{"image": "a.png", "text": "x"}]), "no file_name column"),
+        (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}] * 2), "lists a.png twice"),
+        (lambda d: _jsonl(d / "metadata.jsonl", [{"file_name": "a.png", "text": 7}]), "text is int 7, not text"),
+        (
+            lambda d: ((d / "metadata.csv").write_text("file_name,text\n"), _jsonl(d / "metadata.jsonl", [])),
+            "both metadata.jsonl and metadata.csv",
+        ),
+        (lambda d: (d / "metadata.csv").write_bytes(b"file_name,text\na.png,\xff\n"), "metadata.csv is not UTF-8"),
+    ],
+)
 def test_bad_caption_sources_are_one_sentence(tmp_path, setup, words):
     _image(tmp_path / "flat" / "a.png")
     setup(tmp_path / "flat")
@@ -168,8 +199,9 @@ def _dataset(tmp_path: Path, **columns) -> Path:
 
     n = len(next(iter(columns.values())))
     features = {"image": datasets.Image(), **{k: datasets.Value("string") for k in columns}}
-    data = datasets.Dataset.from_dict({"image": [png(i) for i in range(n)], **columns},
-                                      features=datasets.Features(features))
+    data = datasets.Dataset.from_dict(
+        {"image": [png(i) for i in range(n)], **columns}, features=datasets.Features(features)
+    )
     data.save_to_disk(str(tmp_path / "ds"))
     return tmp_path / "ds"
 
@@ -188,7 +220,10 @@ def test_dataset_rows_without_caption_are_named_or_templated(tmp_path):
     with pytest.raises(DiffFitError, match=r"2 of 3 images .* no caption: .*ds row 1, .*ds row 2\."):
         attach_captions(folder)
     assert attach_captions(folder, caption_template="a photo of {class}").captions == [
-        "one", "a photo of ds", "a photo of ds"]
+        "one",
+        "a photo of ds",
+        "a photo of ds",
+    ]
 
 
 def test_dataset_without_caption_column_needs_one(tmp_path):
@@ -207,13 +242,18 @@ def test_captions_keep_newlines_and_separator_characters(tmp_path):
         _image(tmp_path / "csv" / f"{name}.png")
         _image(tmp_path / "jsonl" / f"{name}.png")
     (tmp_path / "csv" / "metadata.csv").write_text(
-        'file_name,text\na.png,"a red ring\non a dark table"\nb.png,"left\x1ec.png"\nc.png,plain\n', encoding="utf-8")
+        'file_name,text\na.png,"a red ring\non a dark table"\nb.png,"left\x1ec.png"\nc.png,plain\n', encoding="utf-8"
+    )
     folder = attach_captions(scan_image_folder(tmp_path / "csv"))
     assert _captions(folder) == {"a.png": "a red ring\non a dark table", "b.png": "left\x1ec.png", "c.png": "plain"}
-    rows = [{"file_name": "a.png", "text": "one\u2028two"}, {"file_name": "b.png", "text": "three\x85four"},
-            {"file_name": "c.png", "text": "five\x1csix"}]
+    rows = [
+        {"file_name": "a.png", "text": "one\u2028two"},
+        {"file_name": "b.png", "text": "three\x85four"},
+        {"file_name": "c.png", "text": "five\x1csix"},
+    ]
     (tmp_path / "jsonl" / "metadata.jsonl").write_text(
-        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+    )
     folder = attach_captions(scan_image_folder(tmp_path / "jsonl"))
     assert _captions(folder) == {"a.png": "one\u2028two", "b.png": "three\x85four", "c.png": "five\x1csix"}
 
@@ -228,8 +268,12 @@ def test_every_name_of_an_image_trains_with_its_own_caption(tmp_path):
     (tmp_path / "data" / "img02.png").symlink_to("img00.png")
     (tmp_path / "data" / "img03.png").symlink_to(first)
     folder = attach_captions(scan_image_folder(tmp_path / "data"))
-    assert _captions(folder) == {"img00.png": "the first name", "img01.png": "name 1", "img02.png": "name 2",
-                                 "img03.png": "name 3"}
+    assert _captions(folder) == {
+        "img00.png": "the first name",
+        "img01.png": "name 1",
+        "img02.png": "name 2",
+        "img03.png": "name 3",
+    }
 
 
 def test_a_caption_file_linked_from_outside_the_data_is_named(tmp_path, capsys):

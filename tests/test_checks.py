@@ -48,6 +48,7 @@ def hub_calls(monkeypatch) -> list:
         def call(*args, **kwargs):
             calls.append((name, args))
             raise OSError("the test has no network")
+
         return call
 
     for name in ("hf_hub_download", "snapshot_download"):
@@ -75,13 +76,27 @@ def corrupt_with_nan(adapter, out) -> str:
 # -- 1. where a source lives --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["runs/nope/adapter.safetensors", "nope.safetensors", "models/nope.pt",
-                                  "nope.pth", "./nope", "/abs/nope", "~/nope-difffit", "a/b/c"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "runs/nope/adapter.safetensors",
+        "nope.safetensors",
+        "models/nope.pt",
+        "nope.pth",
+        "./nope",
+        "/abs/nope",
+        "~/nope-difffit",
+        "a/b/c",
+    ],
+)
 def test_a_mistyped_local_path_never_reaches_the_hub(hub_calls, tmp_path, monkeypatch, spec):
     monkeypatch.chdir(tmp_path)
     assert hub_ref(spec) is None
-    for attempt in (lambda: load_source(spec), lambda: describe_source(spec),
-                    lambda: merge_adapter(spec, tmp_path / "m.safetensors")):
+    for attempt in (
+        lambda: load_source(spec),
+        lambda: describe_source(spec),
+        lambda: merge_adapter(spec, tmp_path / "m.safetensors"),
+    ):
         with pytest.raises(DiffFitError, match="does not exist"):
             attempt()
     assert hub_calls == []
@@ -94,8 +109,12 @@ def test_only_hf_addresses_and_bare_owner_name_go_to_the_hub(hub_calls):
     assert hub_ref("facebook/DiT-XL-2-256/vae") is None  # a base or source: local
     assert hub_ref("facebook/DiT-XL-2-256/vae", subfolders=True) == HubRef("facebook/DiT-XL-2-256", "vae")
     assert hub_ref("tiny") is None and hub_ref("random:DiT-S/2") is None
-    for spec, words in [("hf://", "needs an owner and a name"), ("hf://me", "needs an owner and a name"),
-                        ("hf://me//x", "needs an owner and a name"), ("hf://me/x y", "'x y' holds characters")]:
+    for spec, words in [
+        ("hf://", "needs an owner and a name"),
+        ("hf://me", "needs an owner and a name"),
+        ("hf://me//x", "needs an owner and a name"),
+        ("hf://me/x y", "'x y' holds characters"),
+    ]:
         with pytest.raises(DiffFitError, match=words):
             hub_ref(spec)
     with pytest.raises(DiffFitError, match="does not exist"):
@@ -125,11 +144,14 @@ def fit_config(**options) -> FitConfig:
     return FitConfig.from_options({"data": "images", "base": "tiny", "steps": 1, "batch_size": 4, **options})
 
 
-@pytest.mark.parametrize("method, option, limit", [
-    ("lora", "rank", 128),  # the tiny base is 128 wide
-    ("adapter-parallel", "adapter_dim", 128),
-    ("vpt-deep", "prompt_tokens", 64),  # 8 x 8 tokens at 32 px with patch 4
-])
+@pytest.mark.parametrize(
+    "method, option, limit",
+    [
+        ("lora", "rank", 128),  # the tiny base is 128 wide
+        ("adapter-parallel", "adapter_dim", 128),
+        ("vpt-deep", "prompt_tokens", 64),  # 8 x 8 tokens at 32 px with patch 4
+    ],
+)
 def test_method_sizes_are_bounded_by_the_architecture_before_any_model_is_built(monkeypatch, method, option, limit):
     monkeypatch.setattr("difffit.engine.models.families.dit.load_dit_base", lambda *a, **k: pytest.fail("base loaded"))
     check_base_shapes(fit_config(method=method, **{option: limit}).validate())  # the largest the model can use
@@ -147,14 +169,23 @@ def test_bounds_on_a_random_base_follow_its_size():
         check_base_shapes(fit_config(**config | {"method": "lora"}, rank=385).validate())
 
 
-def test_a_base_read_only_when_loaded_is_bounded_before_the_latents(tmp_path, toy_data, tiny_base_file,
-                                                                   tiny_vae_dir):
+def test_a_base_read_only_when_loaded_is_bounded_before_the_latents(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     """A .pt base's shapes are known only once it is loaded: refused then, before latents or LoRA layers."""
     pt = tmp_path / "base.pt"
     torch.save(load_file(str(tiny_base_file)), pt)
-    config = FitConfig(data=str(toy_data), base=str(pt), vae=str(tiny_vae_dir), method="lora",
-                       method_settings=MethodSettings(rank=10**9), num_heads=6, steps=1, batch_size=4,
-                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), num_workers=0)
+    config = FitConfig(
+        data=str(toy_data),
+        base=str(pt),
+        vae=str(tiny_vae_dir),
+        method="lora",
+        method_settings=MethodSettings(rank=10**9),
+        num_heads=6,
+        steps=1,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        num_workers=0,
+    )
     check_base_shapes(config.validate())  # nothing to read the architecture from yet
     with pytest.raises(DiffFitError, match="--rank 1000000000 is above 384"):
         fit(config, progress=False)
@@ -177,8 +208,16 @@ def test_repeats_and_batch_size_are_bounded_by_the_data(tmp_path, toy_data, tiny
         check_data(fit_config(batch_size=13), folder)
     with pytest.raises(DiffFitError, match="makes an epoch of 12,000,000 items; the limit is 10,000,000"):
         check_data(fit_config(repeats=1_000_000), folder)
-    config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, batch_size=16,
-                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), num_workers=0)
+    config = FitConfig(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=1,
+        batch_size=16,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        num_workers=0,
+    )
     with pytest.raises(DiffFitError, match="--batch-size 16 is larger"):
         fit(config, progress=False)
     assert not (tmp_path / "cache").exists()
@@ -222,12 +261,23 @@ def test_lora_alpha_must_be_a_positive_number(alpha):
         fit_config(method="lora", lora_alpha=alpha).validate()
 
 
-def test_a_corrupt_state_json_falls_back_to_the_previous_checkpoint(tmp_path, toy_data, tiny_base_file,
-                                                                   tiny_vae_dir, capsys):
+def test_a_corrupt_state_json_falls_back_to_the_previous_checkpoint(
+    tmp_path, toy_data, tiny_base_file, tiny_vae_dir, capsys
+):
     def config(steps: int, resume: bool) -> FitConfig:
-        return FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=steps,
-                         batch_size=4, save_every=2, sample_every=0, num_workers=0, resume=resume,
-                         cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
+        return FitConfig(
+            data=str(toy_data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=steps,
+            batch_size=4,
+            save_every=2,
+            sample_every=0,
+            num_workers=0,
+            resume=resume,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+        )
 
     fit(config(4, False), progress=False)
     newest = tmp_path / "run" / "checkpoints" / "step-0000004"
@@ -285,8 +335,9 @@ def s2_adapter(tmp_path_factory) -> str:
 
 def test_an_adapter_on_another_architecture_says_its_base_differs(s2_adapter):
     for attempt in (lambda: load_source(s2_adapter, base="tiny"), lambda: describe_source(s2_adapter, base="tiny")):
-        with pytest.raises(DiffFitError, match="needs a DiT-S/2 base .*but tiny is a DiT-d6-w128-h4/4: the "
-                                               "adapter's base differs") as error:
+        with pytest.raises(
+            DiffFitError, match="needs a DiT-S/2 base .*but tiny is a DiT-d6-w128-h4/4: the adapter's base differs"
+        ) as error:
             attempt()
         assert "random:DiT-S/2" in error.value.hint
 
@@ -313,8 +364,10 @@ def test_long_output_names_never_show_temporary_names(adapters, tmp_path):  # no
     with pytest.raises(OSError) as error, atomic_path(target) as tmp:
         open(tmp / "inside", "w")  # noqa: SIM115 - a writer failing on its temporary path
     assert error.value.filename == str(target) and ".tmp-" not in str(error.value)
-    with pytest.raises(DiffFitError, match=f"Could not write {target} \\(File {target} cannot") as said, \
-            atomic_path(target) as tmp:
+    with (
+        pytest.raises(DiffFitError, match=f"Could not write {target} \\(File {target} cannot") as said,
+        atomic_path(target) as tmp,
+    ):
         raise RuntimeError(f"File {tmp} cannot be opened.")
     assert ".tmp-" not in said.value.message
 
@@ -369,8 +422,22 @@ def test_fid_of_a_set_against_itself_is_never_negative():
 
 def test_upscale_res_to_the_base_resolution_is_refused(monkeypatch, capsys, tmp_path, toy_data):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "upscale-res", toy_data, "--base", "tiny", "--to", "32",
-                           "--steps", "1", "--batch-size", "4", "--sample-every", "0")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "upscale-res",
+        toy_data,
+        "--base",
+        "tiny",
+        "--to",
+        "32",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+    )
     assert code == 1 and "32 px is not larger than the base's 32 px" in err.replace("\n", " "), err
     assert not (tmp_path / "runs").exists()
 

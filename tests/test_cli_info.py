@@ -42,12 +42,21 @@ def test_info_random_base():
 @pytest.mark.parametrize(
     "args, trainable, groups",
     [
-        (["--method", "difffit", "--num-classes", "5"], S2_BIASES + 6 * 2 * H + 6 * H,
-         {"biases": S2_BIASES, "gamma": 6 * 2 * H, "class_table": 6 * H, "norms": 0, "other": 0}),
-        (["--method", "difffit", "--gamma-blocks", "all"], S2_BIASES + 12 * 2 * H + 1001 * H,
-         {"biases": S2_BIASES, "gamma": 12 * 2 * H, "class_table": 1001 * H, "norms": 0, "other": 0}),
-        (["--method", "bitfit"], S2_BIASES + 2 * H,
-         {"biases": S2_BIASES + 2 * H, "gamma": 0, "class_table": 0, "norms": 0, "other": 0}),
+        (
+            ["--method", "difffit", "--num-classes", "5"],
+            S2_BIASES + 6 * 2 * H + 6 * H,
+            {"biases": S2_BIASES, "gamma": 6 * 2 * H, "class_table": 6 * H, "norms": 0, "other": 0},
+        ),
+        (
+            ["--method", "difffit", "--gamma-blocks", "all"],
+            S2_BIASES + 12 * 2 * H + 1001 * H,
+            {"biases": S2_BIASES, "gamma": 12 * 2 * H, "class_table": 1001 * H, "norms": 0, "other": 0},
+        ),
+        (
+            ["--method", "bitfit"],
+            S2_BIASES + 2 * H,
+            {"biases": S2_BIASES + 2 * H, "gamma": 0, "class_table": 0, "norms": 0, "other": 0},
+        ),
     ],
 )
 def test_info_method(args, trainable, groups):
@@ -88,8 +97,9 @@ def test_non_standard_width_needs_num_heads(tmp_path):
 
     from difffit.engine.models.dit import DiT, DiTConfig
 
-    model = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
-                                num_heads=4, num_classes=10))
+    model = DiT(
+        DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    )
     path = tmp_path / "w64.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     refused = CliRunner().invoke(app, ["info", str(path)])

@@ -35,8 +35,11 @@ def test_shared_flags_keep_each_commands_default():
     assert params("fit")["mixed_precision"].default == "auto"
     assert params("sample")["mixed_precision"].default == params("eval-fid")["mixed_precision"].default == "no"
     assert params("fit")["steps"].default == 24000 and params("sample")["steps"].default is None
-    assert (params("fit")["batch_size"].default, params("sample")["batch_size"].default,
-            params("eval-fid")["batch_size"].default) == (32, 16, 64)
+    assert (
+        params("fit")["batch_size"].default,
+        params("sample")["batch_size"].default,
+        params("eval-fid")["batch_size"].default,
+    ) == (32, 16, 64)
     # sample's None is the base's family's default, resolved when it samples (DiT 4.0, a pipeline's own:
     # test_pixart_sample.py checks both); eval-fid's None is the paper's FID setting on DiT (cfg 1.5, ddpm) and a
     # pipeline's own on a text-to-image base (test_t2i_validation.py checks both).
@@ -50,7 +53,9 @@ def test_shared_flags_keep_each_commands_default():
 
 
 def test_cli_imports_no_heavy_library():
-    code = ("import sys; from difffit.cli import app; "
-            "print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))")
+    code = (
+        "import sys; from difffit.cli import app; "
+        "print(sorted(m for m in ('torch', 'accelerate', 'diffusers') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

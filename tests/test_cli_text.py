@@ -122,15 +122,46 @@ def bracketed(tmp_path_factory, tiny_base_file, tiny_vae_dir) -> dict:
     root = tmp_path_factory.mktemp("brackets")
     data = make_toy_data(root / "data[" / "x]")
     (data / "blue").rename(data / "[bold]x")
-    result = fit(FitConfig(data=str(data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=2, batch_size=4,
-                           save_every=0, sample_every=0, num_workers=0, cache_dir=str(root / "cache"),
-                           out=str(root / "run[red]o")), progress=False)
+    result = fit(
+        FitConfig(
+            data=str(data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=2,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(root / "cache"),
+            out=str(root / "run[red]o"),
+        ),
+        progress=False,
+    )
     return {"root": root, "data": data, "adapter": result.adapter, "base": tiny_base_file, "vae": tiny_vae_dir}
 
 
 def fit_args(b: dict, data: Path, out: Path) -> list:
-    return [data, "--base", b["base"], "--vae", b["vae"], "--steps", "2", "--batch-size", "4", "--save-every", "1",
-            "--sample-every", "0", "--num-workers", "0", "--cache-dir", b["root"] / "cache", "--out", out]
+    return [
+        data,
+        "--base",
+        b["base"],
+        "--vae",
+        b["vae"],
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        b["root"] / "cache",
+        "--out",
+        out,
+    ]
 
 
 def test_fit_shows_bracketed_paths_and_classes(bracketed, tmp_path, monkeypatch, capsys):
@@ -139,8 +170,9 @@ def test_fit_shows_bracketed_paths_and_classes(bracketed, tmp_path, monkeypatch,
     code, _, err = run_cli(monkeypatch, capsys, "fit", *fit_args(bracketed, data, tmp_path / "r[red]"))
     assert_shown(code, err, 0, "No images in [dim]empty;", f"adapter: {tmp_path / 'r[red]' / 'adapter.safetensors'}")
     (data / "red").rename(data / "[green]g")  # classes renamed: resuming is refused, naming both lists
-    code, _, err = run_cli(monkeypatch, capsys, "fit", *fit_args(bracketed, data, tmp_path / "r[red]"), "--resume",
-                           "--steps", "3")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "fit", *fit_args(bracketed, data, tmp_path / "r[red]"), "--resume", "--steps", "3"
+    )
     assert_shown(code, err, 1, "it was trained on [[bold]x, red], the data now has [[bold]x, [green]g].")
     code, _, err = run_cli(monkeypatch, capsys, "fit", tmp_path / "data[/x]", "--base", bracketed["base"])
     assert_shown(code, err, 1, f"{tmp_path / 'data[/x]'}")
@@ -157,8 +189,22 @@ def test_sample_shows_bracketed_paths(bracketed, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "no[/]such.safetensors")
     assert_shown(code, err, 1, "no[/]such.safetensors")
     out = tmp_path / "out[red]y"
-    code, _, err = run_cli(monkeypatch, capsys, "sample", bracketed["adapter"], "-n", "2", "--scheduler", "ddim",
-                           "--steps", "2", "--device", "cpu", "--out", out)
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        bracketed["adapter"],
+        "-n",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
     assert_shown(code, err, 0, f"Wrote 2 images to {out} (")
 
 
@@ -182,8 +228,17 @@ def test_eval_fid_shows_bracketed_paths(bracketed, tmp_path, monkeypatch, capsys
     for i, png in enumerate(sorted((bracketed["data"] / "red").glob("*.png"))[:2]):
         Image.open(png).save(generated / f"{i}.png")
     (generated / "bad[red].png").write_bytes(b"not an image")
-    code, _, err = run_cli(monkeypatch, capsys, "eval-fid", generated, bracketed["data"] / "[bold]x",
-                           "--inception-weights", "random", "--device", "cpu")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "eval-fid",
+        generated,
+        bracketed["data"] / "[bold]x",
+        "--inception-weights",
+        "random",
+        "--device",
+        "cpu",
+    )
     assert_shown(code, err, 0, f"Skipped {generated / 'bad[red].png'}:")
 
 

@@ -22,8 +22,10 @@ PROMPTS = [f"a {name} square" for name in COLOURS]
 def squares(seed: int) -> list[np.ndarray]:
     """One noisy 32 px square per colour, in COLOURS order."""
     rng = np.random.default_rng(seed)
-    return [np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            for rgb in COLOURS.values()]
+    return [
+        np.clip(np.array(rgb)[None, None] + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        for rgb in COLOURS.values()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,8 @@ def test_images_and_prompts_must_pair_up(trained_clip):
 def test_long_prompts_are_cut_to_the_token_limit_and_counted(trained_clip, capsys):
     long = PROMPTS[0] + ", in a photo of" * 10  # past the tiny CLIP's 16 tokens
     assert score(squares(3)[:1], [long], trained_clip) == pytest.approx(
-        score(squares(3)[:1], [long[:60] + " and more words that are cut anyway"], trained_clip), abs=1e-3)
+        score(squares(3)[:1], [long[:60] + " and more words that are cut anyway"], trained_clip), abs=1e-3
+    )
     assert "1 of 1 prompts are longer than the CLIP model's 16 tokens" in capsys.readouterr().err.replace("\n", " ")
 
 
@@ -129,8 +132,9 @@ def test_eval_fid_scores_a_prompt_sample_folder(trained_clip, tmp_path):
     result = evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), device="cpu", progress=False)
     assert result.metrics == {"clip_score": pytest.approx(score(images, prompts, trained_clip), abs=1e-9)}
     assert result.num_generated == 8 and result.reference_source == "none"  # grid.png is not a sample
-    first = evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), num_samples=3, device="cpu",
-                     progress=False)
+    first = evaluate(
+        str(folder), metrics="clip", clip_model=str(trained_clip), num_samples=3, device="cpu", progress=False
+    )
     assert first.metrics["clip_score"] == pytest.approx(score(images[:3], prompts[:3], trained_clip), abs=1e-9)
     with pytest.raises(DiffFitError, match="--metrics clip computes none"):  # no REFERENCE: one sentence
         evaluate(str(folder), metrics="clip", clip_model=str(trained_clip), save_stats=tmp_path / "s.npz", device="cpu")
@@ -144,8 +148,15 @@ def test_eval_fid_and_clip_together_skip_an_unreadable_sample_once(trained_clip,
     (folder / "000002.png").write_bytes(b"not a png")
     reference = sample_folder(tmp_path / "reference", squares(15) + squares(16))  # a sample folder as reference
     weights = random_inception_weights(tmp_path / "inception.pth")
-    result = evaluate(str(folder), str(reference), metrics="fid,clip", clip_model=str(trained_clip),
-                      inception_weights=str(weights), device="cpu", progress=False)
+    result = evaluate(
+        str(folder),
+        str(reference),
+        metrics="fid,clip",
+        clip_model=str(trained_clip),
+        inception_weights=str(weights),
+        device="cpu",
+        progress=False,
+    )
     assert set(result.metrics) == {"fid", "clip_score"} and result.metrics["fid"] > 0
     assert (result.num_generated, result.num_reference) == (7, 8)
     assert [path.name for path, _ in result.skipped] == ["000002.png"]
@@ -161,8 +172,9 @@ def test_prompts_of_a_sample_npz_are_its_folders(trained_clip, tmp_path):
         np.savez(f, arr_0=np.stack(images))
     manifest = json.loads((folder / "sample.json").read_text())
     (folder / "sample.json").write_text(json.dumps({**manifest, "files": [*manifest["files"], "samples.npz"]}))
-    result = evaluate(str(folder / "samples.npz"), metrics="clip", clip_model=str(trained_clip), device="cpu",
-                      progress=False)
+    result = evaluate(
+        str(folder / "samples.npz"), metrics="clip", clip_model=str(trained_clip), device="cpu", progress=False
+    )
     assert result.metrics["clip_score"] == pytest.approx(score(images, prompts, trained_clip), abs=1e-9)
 
 
@@ -184,26 +196,51 @@ def test_clip_without_prompts_or_with_a_wrong_count_is_one_sentence(trained_clip
         evaluate(str(wrong), metrics="clip", clip_model=str(trained_clip), progress=False)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--metrics", "fid"], "--metrics fid compares the generated images with a REFERENCE; none was given"),
-    (["--clip-model", "x/y"], "--clip-model is the model of the clip metric; add clip to --metrics"),
-    (["{folder}", "--metrics", "clip"], "A REFERENCE was given, but --metrics clip"),
-    (["--metrics", "clip", "--clip-model", "someone/absent"], "CLIP model someone/absent is not in the Hugging Face"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--metrics", "fid"], "--metrics fid compares the generated images with a REFERENCE; none was given"),
+        (["--clip-model", "x/y"], "--clip-model is the model of the clip metric; add clip to --metrics"),
+        (["{folder}", "--metrics", "clip"], "A REFERENCE was given, but --metrics clip"),
+        (
+            ["--metrics", "clip", "--clip-model", "someone/absent"],
+            "CLIP model someone/absent is not in the Hugging Face",
+        ),
+    ],
+)
 def test_eval_fid_clip_refusals_on_the_command_line(tmp_path, args, words):
     folder = sample_folder(tmp_path / "samples", squares(0), PROMPTS)
     args = [a.format(folder=folder) for a in args]
-    done = subprocess.run([sys.executable, "-m", "difffit", "eval-fid", str(folder), *args], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "difffit", "eval-fid", str(folder), *args], capture_output=True, text=True
+    )
     assert done.returncode == 1 and words in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
 def test_eval_fid_clip_json_on_the_command_line(trained_clip, tmp_path):
     folder = sample_folder(tmp_path / "samples", squares(3), PROMPTS)
-    done = subprocess.run([sys.executable, "-m", "difffit", "eval-fid", str(folder), "--metrics", "clip",
-                           "--clip-model", str(trained_clip), "--device", "cpu", "--json"], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "difffit",
+            "eval-fid",
+            str(folder),
+            "--metrics",
+            "clip",
+            "--clip-model",
+            str(trained_clip),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"clip_score": pytest.approx(score(squares(3), PROMPTS, trained_clip)),
-                                       "num_generated": 4, "num_reference": None}
+    assert json.loads(done.stdout) == {
+        "clip_score": pytest.approx(score(squares(3), PROMPTS, trained_clip)),
+        "num_generated": 4,
+        "num_reference": None,
+    }

@@ -34,14 +34,18 @@ from difffit.engine.models.families import family_of, load_base
 # ComfyUI's MM-DiT is 64 * depth wide with depth heads of 64, so the tiny SD3 is two blocks of two 64-wide heads.
 PIPELINES = {
     "pixart": lambda folder: make_tiny_pixart(folder, layers=2),
-    "sd3": lambda folder: make_tiny_sd3(folder, layers=2, attention_head_dim=64, num_attention_heads=2,
-                                        caption_projection_dim=128),
+    "sd3": lambda folder: make_tiny_sd3(
+        folder, layers=2, attention_head_dim=64, num_attention_heads=2, caption_projection_dim=128
+    ),
     "flux": lambda folder: make_tiny_flux(folder),
 }
 SMALL_ROW = "transformer_blocks.0.{}.weight"  # a projection gamma scales (block 0 is in the default gamma half)
 GAMMA_PROJECTION = {"pixart": "attn1.to_out.0", "sd3": "attn.to_out.0", "flux": "attn.to_out.0"}
-SETTINGS = {"difffit": MethodSettings(), "bitfit": MethodSettings(),
-            "lora": MethodSettings(rank=2, lora_alpha=3.0, lora_targets=("attn", "mlp"))}
+SETTINGS = {
+    "difffit": MethodSettings(),
+    "bitfit": MethodSettings(),
+    "lora": MethodSettings(rank=2, lora_alpha=3.0, lora_targets=("attn", "mlp")),
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +93,7 @@ def make_adapter(folder, method: str, path, placement: str = "branch", tables: b
         for name, param in trainable_parameters(base.model).items():
             if tables or not name.endswith("scale_shift_table"):
                 param.add_(torch.randn_like(param) * 0.2)
-    save_adapter(path, base.model, state, make_meta(base, base.model, method, settings=settings,
-                                                    training={"steps": 1}))
+    save_adapter(path, base.model, state, make_meta(base, base.model, method, settings=settings, training={"steps": 1}))
     return path
 
 
@@ -177,8 +180,10 @@ def test_comfyui_leaves_pixart_tables_alone(comfy, pixart, tmp_path):
     If a ComfyUI release applies them, this fails: then write the tables instead of refusing."""
     family, folder = pixart
     base = load_base(str(folder)).model
-    table = {"diffusion_model.blocks.0.scale_shift_table.diff": torch.ones(6, 16),
-             "diffusion_model.final_layer.scale_shift_table.diff": torch.ones(2, 16)}
+    table = {
+        "diffusion_model.blocks.0.scale_shift_table.diff": torch.ones(6, 16),
+        "diffusion_model.final_layer.scale_shift_table.diff": torch.ones(2, 16),
+    }
     stray = "diffusion_model.blocks.0.attn.no_such_layer.diff_b"  # the capture of ComfyUI's warnings works
     weights, not_loaded = apply_file(comfy_patcher(family, base), {**table, stray: torch.ones(16)}, 1.0)
     native = native_state(family, base.state_dict())
@@ -197,8 +202,16 @@ def test_full_adapters_are_refused_in_one_sentence(monkeypatch, capsys, pipeline
     state = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     prepare_model(base.model, "full")
     save_adapter(tmp_path / "full.safetensors", base.model, state, make_meta(base, base.model, "full"))
-    code, _, err = run_cli(monkeypatch, capsys, "merge", str(tmp_path / "full.safetensors"), "--format", "comfyui",
-                           "--out", str(tmp_path / "full-comfyui.safetensors"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "merge",
+        str(tmp_path / "full.safetensors"),
+        "--format",
+        "comfyui",
+        "--out",
+        str(tmp_path / "full-comfyui.safetensors"),
+    )
     assert code != 0 and "every weight" in err and "--format diffusers" in err and "Traceback" not in err
     assert "comfyui" not in merge_formats(load_source(str(tmp_path / "full.safetensors"))[1])
 
@@ -227,8 +240,12 @@ def test_push_uploads_the_comfyui_file_and_the_card_shows_both_uses(pipeline, tm
         offered = not (family == "pixart" and method == "difffit")
         name = f"{family}-style-comfyui.safetensors"
         assert result["files"] == sorted(["README.md", "adapter.safetensors", *([name] if offered else [])])
-        assert ("## Use in ComfyUI" in card and "ComfyUI/models/loras/" in card and "**Load LoRA**" in card
-                and "0.5 is halfway" in card) == offered
+        assert (
+            "## Use in ComfyUI" in card
+            and "ComfyUI/models/loras/" in card
+            and "**Load LoRA**" in card
+            and "0.5 is halfway" in card
+        ) == offered
         if offered:
             merge_adapter(str(adapter), tmp_path / method / "direct.safetensors", fmt="comfyui")
             assert (up / name).read_bytes() == (tmp_path / method / "direct.safetensors").read_bytes()

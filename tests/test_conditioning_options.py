@@ -19,10 +19,22 @@ from difffit.cli._conditioning import CONDITIONING_OPTIONS
 
 COMMANDS = ("sample", "eval-fid", "info", "merge")
 # Values that parse for options whose text is checked before the engine call.
-VALUES = {"--cfg-channels": "all", "--scheduler": "ddim", "--mixed-precision": "no", "--device": "cpu",
-          "--compile": "off", "--metrics": "fid", "--method": "difffit", "--gamma-placement": "branch",
-          "--lora-targets": "qkv", "--class": "0", "--format": "diffusers", "--inception-weights": "random",
-          "--gamma-blocks": "half", "--base": None}
+VALUES = {
+    "--cfg-channels": "all",
+    "--scheduler": "ddim",
+    "--mixed-precision": "no",
+    "--device": "cpu",
+    "--compile": "off",
+    "--metrics": "fid",
+    "--method": "difffit",
+    "--gamma-placement": "branch",
+    "--lora-targets": "qkv",
+    "--class": "0",
+    "--format": "diffusers",
+    "--inception-weights": "random",
+    "--gamma-blocks": "half",
+    "--base": None,
+}
 
 
 class Reached(BaseException):  # past main's handler of unexpected errors
@@ -40,8 +52,12 @@ def stopped_engine(monkeypatch):
     def stop(*args, **kwargs):
         raise Reached
 
-    for module, name in ((sources, "sample_sources"), (sources, "describe_source"), (metrics, "evaluate"),
-                         (merge, "merge_adapter")):
+    for module, name in (
+        (sources, "sample_sources"),
+        (sources, "describe_source"),
+        (metrics, "evaluate"),
+        (merge, "merge_adapter"),
+    ):
         monkeypatch.setattr(module, name, stop)
 
 
@@ -74,8 +90,9 @@ def command_line(command: str, adapter, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_is_checked_against_each_familys_conditioning(command, adapters, stopped_engine, tmp_path,
-                                                                    monkeypatch, capsys):
+def test_every_option_is_checked_against_each_familys_conditioning(
+    command, adapters, stopped_engine, tmp_path, monkeypatch, capsys
+):
     from difffit.engine.models.families import FAMILIES as KNOWN
 
     table = CONDITIONING_OPTIONS[command]
@@ -108,8 +125,18 @@ def test_sample_cfg_channels_on_a_text_adapter_is_refused_before_loading(adapter
     loaded = []
     monkeypatch.setattr(sources, "iter_sources", lambda *a, **k: loaded.append(1) or iter(()))
     for family in ("pixart", "sd3", "flux"):
-        code, _, err = cli_run(monkeypatch, capsys, "sample", adapters[family], "--prompt", "a cat", "--cfg-channels",
-                               "all", "--out", tmp_path / family)
+        code, _, err = cli_run(
+            monkeypatch,
+            capsys,
+            "sample",
+            adapters[family],
+            "--prompt",
+            "a cat",
+            "--cfg-channels",
+            "all",
+            "--out",
+            tmp_path / family,
+        )
         assert code == 1 and "--cfg-channels applies to class-conditional (DiT) models" in err, err
     code, _, err = cli_run(monkeypatch, capsys, "sample", adapters["dit"], "--width", "64", "--out", tmp_path / "d")
     assert code == 1 and "--width applies to text-to-image models" in err, err

@@ -51,8 +51,22 @@ def test_resume_is_exact_with_device_side_randomness(tmp_path, toy_data, tiny_ba
     from difffit.engine.training.train import fit
 
     def run(name, steps, **extra):
-        return fit(config(tmp_path, toy_data, tiny_base_file, tiny_vae_dir, steps=steps, save_every=2, device="cuda",
-                          mixed_precision="no", compile="off", out=str(tmp_path / name), **extra), progress=False)
+        return fit(
+            config(
+                tmp_path,
+                toy_data,
+                tiny_base_file,
+                tiny_vae_dir,
+                steps=steps,
+                save_every=2,
+                device="cuda",
+                mixed_precision="no",
+                compile="off",
+                out=str(tmp_path / name),
+                **extra,
+            ),
+            progress=False,
+        )
 
     full = run("full", 4)
     run("half", 2)

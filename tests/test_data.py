@@ -51,8 +51,7 @@ def make_mixed_folder(root):
     (root / "text.png").write_text("this is not an image\n")
     (root / "corrupt.png").write_bytes(_png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:60])
     (root / "notes.txt").write_text("ignored: not an image extension")
-    good = ["good.png", "GOOD2.JPG", "cmyk.jpg", "gray16.png", "rgba.png", "palette.png", "tiny.webp",
-            "gray.bmp"]
+    good = ["good.png", "GOOD2.JPG", "cmyk.jpg", "gray16.png", "rgba.png", "palette.png", "tiny.webp", "gray.bmp"]
     return good, ["empty.jpg", "text.png", "corrupt.png"]
 
 
@@ -162,8 +161,7 @@ def test_latent_cache_matches_encoding_and_is_reused(tmp_path, tiny_vae_dir):
         calls.append(1)
         return vae
 
-    cache = latent_cache(folder, 16, str(tiny_vae_dir), get_vae, tmp_path / "cache", batch_size=2,
-                         progress=False)
+    cache = latent_cache(folder, 16, str(tiny_vae_dir), get_vae, tmp_path / "cache", batch_size=2, progress=False)
     assert cache.built and len(calls) == 1
     assert cache.rows.shape == (6, 2, 2, 4, 8, 8) and cache.rows.dtype == np.float16
     assert list(cache.bad) == ["broken.png"]
@@ -235,8 +233,9 @@ def test_a_symlink_loop_adds_no_image_and_no_other_class(tmp_path, capsys, deadl
     os.symlink(".", root / "c2" / "self")  # reached 8 * 41 from 8
     folder = scan_image_folder(root)
     assert folder.class_names == ["c1", "c2"] and len(folder) == 16
-    assert [f.relative_to(root).parts[0] for f, label in zip(folder.files, folder.labels, strict=True)
-            if label == 0] == ["c1"] * 8
+    assert [
+        f.relative_to(root).parts[0] for f, label in zip(folder.files, folder.labels, strict=True) if label == 0
+    ] == ["c1"] * 8
     err = " ".join(capsys.readouterr().err.split())
     assert f"Not following {root / 'c1' / 'up'}" in err and f"Not following {root / 'c2' / 'self'}" in err
     assert FolderImages(root).count == 16  # eval-fid's folders scan the same way
@@ -265,8 +264,15 @@ def test_each_name_of_a_file_is_an_image_and_links_out_are_followed(tmp_path, de
     folder = scan_image_folder(root)
     assert folder.class_names == ["c1", "c2"]
     assert [f.relative_to(root).as_posix() for f in folder.files] == [
-        "c1/0.png", "c1/1.png", "c1/alias.png", "c1/sub/again.png", "c2/0.png", "c2/1.png", "c2/hard.png",
-        "c2/more/far.png"]
+        "c1/0.png",
+        "c1/1.png",
+        "c1/alias.png",
+        "c1/sub/again.png",
+        "c2/0.png",
+        "c2/1.png",
+        "c2/hard.png",
+        "c2/more/far.png",
+    ]
 
 
 # -- images the centre crop cannot take -----------------------------------------------------------------
@@ -287,8 +293,16 @@ def test_a_thin_strip_is_skipped_before_it_is_upscaled(tmp_path):
 def test_keep_classes_keeps_captions_aligned(tmp_path):
     """A held-out set with captions (a dataset's text column) takes the training data's classes after one was
     dropped: its captions follow its files."""
-    folder = ImageFolder(tmp_path, [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"], [0, 1, 1],
-                         ["cat", "dog"], captions=["a cat", "a dog", "another dog"])
+    folder = ImageFolder(
+        tmp_path,
+        [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"],
+        [0, 1, 1],
+        ["cat", "dog"],
+        captions=["a cat", "a dog", "another dog"],
+    )
     kept = folder.keep_classes(["dog"])
-    assert (kept.files, kept.labels, kept.captions) == ([tmp_path / "b.png", tmp_path / "c.png"], [0, 0],
-                                                         ["a dog", "another dog"])
+    assert (kept.files, kept.labels, kept.captions) == (
+        [tmp_path / "b.png", tmp_path / "c.png"],
+        [0, 0],
+        ["a dog", "another dog"],
+    )

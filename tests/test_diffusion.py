@@ -24,7 +24,9 @@ def test_vb_term_does_not_train_the_mean(golden, golden_model):
     eps = torch.randn(2, 4, 8, 8, requires_grad=True)
     var = torch.zeros(2, 4, 8, 8, requires_grad=True)
     out = diffusion.training_losses(
-        lambda x, t: torch.cat([eps, var], dim=1), golden["loss.x0"][:2], torch.tensor([5, 500]),
+        lambda x, t: torch.cat([eps, var], dim=1),
+        golden["loss.x0"][:2],
+        torch.tensor([5, 500]),
         golden["loss.noise"][:2],
     )
     out["vb"].sum().backward()
@@ -43,10 +45,18 @@ def test_respaced_steps_match_reference(golden, golden_model, name, spacing, dty
         output = model(xt.to(dtype), diffusion.original_timesteps(index), golden["fwd.y"])
     out = diffusion.p_mean_variance(output, xt.to(dtype), index)
     for key in ("mean", "log_variance", "pred_xstart"):
-        assert_close_amplified(out[key], golden[f"{name}.{key}"],
-                               lambda o, key=key: diffusion.p_mean_variance(o, xt.to(o.dtype), index)[key], output)
-    assert_close_amplified(diffusion.ddim_step(output, xt.to(dtype), index), golden[f"{name}.ddim_prev"],
-                           lambda o: diffusion.ddim_step(o, xt.to(o.dtype), index), output)
+        assert_close_amplified(
+            out[key],
+            golden[f"{name}.{key}"],
+            lambda o, key=key: diffusion.p_mean_variance(o, xt.to(o.dtype), index)[key],
+            output,
+        )
+    assert_close_amplified(
+        diffusion.ddim_step(output, xt.to(dtype), index),
+        golden[f"{name}.ddim_prev"],
+        lambda o: diffusion.ddim_step(o, xt.to(o.dtype), index),
+        output,
+    )
 
 
 def test_ddpm_step_adds_no_noise_at_index_zero(golden, golden_model):

@@ -72,9 +72,13 @@ def test_a_hub_id_is_looked_up_once(pipeline_dir, tmp_path, monkeypatch):
 
 def test_a_dit_pipeline_with_class_names_is_dit(tmp_path):
     """DiTPipeline keeps id2label in model_index.json, beside its components (the Hub's facebook/DiT-XL-2-256)."""
-    index = {"_class_name": "DiTPipeline", "id2label": {"0": "tench, Tinca tinca"}, "scheduler": ["diffusers",
-             "DDIMScheduler"], "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers",
-             "AutoencoderKL"]}
+    index = {
+        "_class_name": "DiTPipeline",
+        "id2label": {"0": "tench, Tinca tinca"},
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert resolve_base(str(tmp_path)) == BaseSpec(str(tmp_path), DIT, "folder", tmp_path)
     with pytest.raises(DiffFitError, match="lists the component vae as 'AutoencoderKL'"):

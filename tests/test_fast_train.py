@@ -52,7 +52,7 @@ def test_resume_draws_what_an_uninterrupted_run_draws():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generator_draws_on_the_device_and_repeats():
-    (t1, n1), = _cuda = [draw_timesteps_and_noise(step_generator("cuda", 0, 5), 4, (4, 8, 8), 1000)]
+    ((t1, n1),) = _cuda = [draw_timesteps_and_noise(step_generator("cuda", 0, 5), 4, (4, 8, 8), 1000)]
     t2, n2 = draw_timesteps_and_noise(step_generator("cuda", 0, 5), 4, (4, 8, 8), 1000)
     assert n1.is_cuda and torch.equal(t1, t2) and torch.equal(n1, n2)
 
@@ -114,8 +114,11 @@ def test_optimizer_and_attention_on_cpu():
 
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10,
-                                class_dropout_prob=0.0))
+    model = DiT(
+        DiTConfig(
+            input_size=8, hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10, class_dropout_prob=0.0
+        )
+    )
     with torch.no_grad():  # adaLN-Zero init would make every block the identity
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -30,9 +30,29 @@ def data(tmp_path_factory):
 
 def test_fit_info_sample_merge(case, pipeline_dir, data, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    code, out, err = run_cli(monkeypatch, capsys, "fit", data, "--base", pipeline_dir, "--steps", "2",
-                             "--batch-size", "2", "--sample-every", "0", "--compile", "off", "--out", run,
-                             "--cache-dir", tmp_path / "cache", "--timestep-sampling", "uniform", "--json")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        data,
+        "--base",
+        pipeline_dir,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "0",
+        "--compile",
+        "off",
+        "--out",
+        run,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--timestep-sampling",
+        "uniform",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["step"] == 2
     code, out, err = run_cli(monkeypatch, capsys, "info", run / "adapter.safetensors", "--json")
@@ -41,26 +61,49 @@ def test_fit_info_sample_merge(case, pipeline_dir, data, tmp_path, monkeypatch, 
     # Each family's own defaults, recorded: SD3 trains the guidance branch, FLUX has none to train.
     assert info["training"]["caption_dropout"] == case.family.caption_dropout
     assert info["training"]["timestep_sampling"] == "uniform"
-    code, out, err = run_cli(monkeypatch, capsys, "sample", run / "adapter.safetensors", "--prompt", "a red square",
-                             "-n", "2", "--steps", "2", "--device", "cpu", "--out", tmp_path / "samples")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        run / "adapter.safetensors",
+        "--prompt",
+        "a red square",
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "samples",
+    )
     assert code == 0, err
     assert len(list((tmp_path / "samples").glob("0*.png"))) == 2  # and grid.png
-    code, out, err = run_cli(monkeypatch, capsys, "merge", run / "adapter.safetensors", "--out", tmp_path / "merged",
-                             "--json")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "merge", run / "adapter.safetensors", "--out", tmp_path / "merged", "--json"
+    )
     assert code == 0, err
     index = json.loads((tmp_path / "merged" / "model_index.json").read_text())
     assert index["_class_name"] == json.loads((pipeline_dir / "model_index.json").read_text())["_class_name"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (("fit", "{data}", "--base", "{pipe}", "--snr-gamma", "5"), "--snr-gamma weights the epsilon-prediction loss"),
-    (("fit", "{data}", "--base", "{pipe}", "--timestep-sampling", "cosine"), "Unknown --timestep-sampling 'cosine'"),
-    (("fit", "{data}", "--base", "{pipe}", "--method", "vpt-deep"), "--method vpt-deep is not available on"),
-    (("fit", "{data}", "--base", "{pipe}", "--lora-targets", "qkv", "--method", "lora", "--batch-size", "2"),
-     "Unknown --lora-targets entry 'qkv'"),
-    (("sample", "{pipe}", "--class", "red"), "--class applies to class-conditional (DiT) models"),
-    (("sample", "{pipe}", "--prompt", "a cat", "--width", "18"), "--width 18 is not a multiple of 8 px"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("fit", "{data}", "--base", "{pipe}", "--snr-gamma", "5"), "--snr-gamma weights the epsilon-prediction loss"),
+        (
+            ("fit", "{data}", "--base", "{pipe}", "--timestep-sampling", "cosine"),
+            "Unknown --timestep-sampling 'cosine'",
+        ),
+        (("fit", "{data}", "--base", "{pipe}", "--method", "vpt-deep"), "--method vpt-deep is not available on"),
+        (
+            ("fit", "{data}", "--base", "{pipe}", "--lora-targets", "qkv", "--method", "lora", "--batch-size", "2"),
+            "Unknown --lora-targets entry 'qkv'",
+        ),
+        (("sample", "{pipe}", "--class", "red"), "--class applies to class-conditional (DiT) models"),
+        (("sample", "{pipe}", "--prompt", "a cat", "--width", "18"), "--width 18 is not a multiple of 8 px"),
+    ],
+)
 def test_refusals_are_one_sentence(case, pipeline_dir, data, tmp_path, monkeypatch, capsys, args, words):
     values = {"pipe": pipeline_dir, "data": data}
     argv = [a.format(**values) for a in args] + ["--out", str(tmp_path / "out")]
@@ -70,8 +113,24 @@ def test_refusals_are_one_sentence(case, pipeline_dir, data, tmp_path, monkeypat
 
 
 def test_negative_prompts_are_refused_on_flux_only(case, pipeline_dir, tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "sample", pipeline_dir, "--prompt", "a cat", "--negative-prompt",
-                             "blurry", "-n", "1", "--steps", "1", "--device", "cpu", "--out", tmp_path / "out")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        pipeline_dir,
+        "--prompt",
+        "a cat",
+        "--negative-prompt",
+        "blurry",
+        "-n",
+        "1",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "out",
+    )
     if case.family.negative_prompts:
         assert code == 0, err
     else:
@@ -86,15 +145,18 @@ def test_a_gated_alias_is_one_sentence_naming_its_licence_page(case, tmp_path, m
     from huggingface_hub.errors import GatedRepoError
 
     def gated(repo_id, **kwargs):
-        raise GatedRepoError(f"401 Client Error. Cannot access gated repo for url https://huggingface.co/{repo_id}.",
-                             response=SimpleNamespace(headers={}, status_code=401, request=None))
+        raise GatedRepoError(
+            f"401 Client Error. Cannot access gated repo for url https://huggingface.co/{repo_id}.",
+            response=SimpleNamespace(headers={}, status_code=401, request=None),
+        )
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     alias, repo = next((name, a.transformer) for name, a in case.family.kind.aliases.items())
     data = make_captioned_data(tmp_path / "data", per_caption=1)
-    code, out, err = run_cli(monkeypatch, capsys, "fit", data, "--base", alias, "--batch-size", "2", "--out",
-                             tmp_path / "out")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "fit", data, "--base", alias, "--batch-size", "2", "--out", tmp_path / "out"
+    )
     assert code == 1 and "Traceback" not in err, err
     assert "gated Hub repo" in err and f"https://huggingface.co/{repo}" in err
     assert not (tmp_path / "out").exists()

@@ -41,8 +41,10 @@ class Case:
     packed: bool  # whether its pipeline's latents are packed into tokens (FLUX)
 
 
-CASES = {"sd3": Case(SD3, make_tiny_sd3_transformer, make_tiny_sd3, 32, 1.0, False),
-         "flux": Case(FLUX, make_tiny_flux_transformer, make_tiny_flux, 16, 3.5, True)}
+CASES = {
+    "sd3": Case(SD3, make_tiny_sd3_transformer, make_tiny_sd3, 32, 1.0, False),
+    "flux": Case(FLUX, make_tiny_flux_transformer, make_tiny_flux, 16, 3.5, True),
+}
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -58,8 +60,10 @@ def pipeline_dir(case, tmp_path_factory):
 def inputs(case: Case, seed: int = 0, batch: int = 2, tokens: int = 6):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 16, 8, 8, generator=g)
-    text = {"prompt_embeds": torch.randn(batch, tokens, FLOW_TEXT_WIDTH, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, case.pooled, generator=g)}
+    text = {
+        "prompt_embeds": torch.randn(batch, tokens, FLOW_TEXT_WIDTH, generator=g),
+        "pooled_prompt_embeds": torch.randn(batch, case.pooled, generator=g),
+    }
     return x, torch.tensor([10.0, 900.0][:batch]), text
 
 
@@ -110,24 +114,37 @@ def flux_counts(config: dict) -> dict:
     joint, single, w = config["num_layers"], config["num_single_layers"], config["num_attention_heads"] * 128
     embedders = 2 * w * (1 + config["guidance_embeds"])
     depth = joint + single
-    return {"biases": joint * 30 * w + single * 11 * w + 6 * w + 64, "timestep": embedders,
-            "gamma": 4 * w * joint + w * (depth // 2 - joint), "norms": (4 * joint + 2 * single) * 128,
-            "lora": (8 * joint + 3 * single) * 8 * 2 * w, "depth": depth}
+    return {
+        "biases": joint * 30 * w + single * 11 * w + 6 * w + 64,
+        "timestep": embedders,
+        "gamma": 4 * w * joint + w * (depth // 2 - joint),
+        "norms": (4 * joint + 2 * single) * 128,
+        "lora": (8 * joint + 3 * single) * 8 * 2 * w,
+        "depth": depth,
+    }
 
 
-REAL = [("sd3", name, SD3_CONFIGS[name], sd3_counts(SD3_CONFIGS[name]), total)
-        for name, total in (("SD3-medium", 2_028_328_000), ("SD3.5-medium", 2_243_171_520),
-                            ("SD3.5-large", 8_056_627_520))]
-REAL += [("flux", name, FLUX_CONFIGS[name], flux_counts(FLUX_CONFIGS[name]), total)
-         for name, total in (("FLUX.1-dev", 11_901_408_320), ("FLUX.1-schnell", 11_891_178_560))]
+REAL = [
+    ("sd3", name, SD3_CONFIGS[name], sd3_counts(SD3_CONFIGS[name]), total)
+    for name, total in (("SD3-medium", 2_028_328_000), ("SD3.5-medium", 2_243_171_520), ("SD3.5-large", 8_056_627_520))
+]
+REAL += [
+    ("flux", name, FLUX_CONFIGS[name], flux_counts(FLUX_CONFIGS[name]), total)
+    for name, total in (("FLUX.1-dev", 11_901_408_320), ("FLUX.1-schnell", 11_891_178_560))
+]
 
 
 @pytest.mark.parametrize("family, name, config, counts, total", REAL, ids=[r[1] for r in REAL])
 def test_counts_on_the_real_configurations(family, name, config, counts, total):
     family = CASES[family].family
     difffit = describe_method(config, "difffit", family=family)
-    assert difffit["trainable_groups"] == {"biases": counts["biases"], "gamma": counts["gamma"], "modulation": 0,
-                                           "norms": counts["norms"], "other": 0}
+    assert difffit["trainable_groups"] == {
+        "biases": counts["biases"],
+        "gamma": counts["gamma"],
+        "modulation": 0,
+        "norms": counts["norms"],
+        "other": 0,
+    }
     assert difffit["total_params"] == total + counts["gamma"]
     assert difffit["gamma_blocks"] == list(range(counts["depth"] // 2))  # the first half, FLUX's in both lists
     assert describe_method(config, "bitfit", family=family)["trainable_params"] == counts["biases"] + counts["timestep"]
@@ -142,8 +159,12 @@ def test_counts_on_the_real_configurations(family, name, config, counts, total):
 @pytest.mark.parametrize("method", ["difffit", "bitfit", "full", "lora"])
 def test_an_untrained_adapter_is_the_base_bit_for_bit(case, method):
     base, adapted = case.transformer(), case.transformer()
-    prepare_model(adapted, method, gamma_blocks=list(range(case.family.depth(adapted))) if method == "difffit"
-                  else None, settings=MethodSettings(rank=2))
+    prepare_model(
+        adapted,
+        method,
+        gamma_blocks=list(range(case.family.depth(adapted))) if method == "difffit" else None,
+        settings=MethodSettings(rank=2),
+    )
     assert torch.equal(run(case, adapted), run(case, base))
 
 
@@ -155,7 +176,9 @@ def test_sd3_gamma_sits_on_every_branch_output_of_both_streams():
     both = ("attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2")
     assert gammas == {f"transformer_blocks.{i}.{path}" for i in (0, 1) for path in both} | {
         "transformer_blocks.0.attn2.to_out.0",  # block 0 has SD3.5's second image attention
-        "transformer_blocks.3.attn.to_out.0", "transformer_blocks.3.ff.net.2"}  # the last: no text outputs
+        "transformer_blocks.3.attn.to_out.0",
+        "transformer_blocks.3.ff.net.2",
+    }  # the last: no text outputs
     assert set(model.state_dict()) - keys == {f"{name}.gamma_" for name in gammas}
     assert SD3.gamma_blocks(model) == [0, 1, 3]
     trained = trainable_parameters(model)
@@ -177,23 +200,37 @@ def test_flux_gamma_sits_on_both_streams_of_joint_blocks_and_the_fused_output_of
     prepare_model(model, "difffit", gamma_blocks=[2, 3, 5], settings=MethodSettings(gamma_placement="branch+attn"))
     gammas = {name.removesuffix(".gamma_") for name in trainable_parameters(model) if ".gamma_" in name}
     qkv = ("attn.to_q", "attn.to_k", "attn.to_v")
-    assert gammas == ({f"transformer_blocks.2.{path}" for path in (*joint, *qkv, "attn.add_q_proj",
-                                                                   "attn.add_k_proj", "attn.add_v_proj")}
-                      | {f"single_transformer_blocks.{i}.{path}" for i in (0, 2) for path in ("proj_out", *qkv)})
+    assert gammas == (
+        {
+            f"transformer_blocks.2.{path}"
+            for path in (*joint, *qkv, "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+        }
+        | {f"single_transformer_blocks.{i}.{path}" for i in (0, 2) for path in ("proj_out", *qkv)}
+    )
     assert FLUX.gamma_blocks(model) == [2, 3, 5]
     trained = trainable_parameters(model)
-    assert {"single_transformer_blocks.0.attn.norm_q.weight", "transformer_blocks.0.attn.norm_added_k.weight",
-            "single_transformer_blocks.1.proj_mlp.bias", "time_text_embed.text_embedder.linear_1.bias"} <= set(trained)
-    assert not any(name.startswith(("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder."))
-                   for name in trained)
+    assert {
+        "single_transformer_blocks.0.attn.norm_q.weight",
+        "transformer_blocks.0.attn.norm_added_k.weight",
+        "single_transformer_blocks.1.proj_mlp.bias",
+        "time_text_embed.text_embedder.linear_1.bias",
+    } <= set(trained)
+    assert not any(
+        name.startswith(("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder."))
+        for name in trained
+    )
 
 
 @pytest.mark.parametrize("placement", ["branch", "branch+attn"])
 def test_gamma_folds_into_the_output_projections(case, placement):
     model = case.transformer()
     keys = set(model.state_dict())
-    prepare_model(model, "difffit", gamma_blocks=list(range(case.family.depth(model))),
-                  settings=MethodSettings(gamma_placement=placement))
+    prepare_model(
+        model,
+        "difffit",
+        gamma_blocks=list(range(case.family.depth(model))),
+        settings=MethodSettings(gamma_placement=placement),
+    )
     expected = run(case, perturbed(model))
     case.family.fold_gamma(model)
     assert case.family.gamma_blocks(model) == [] and not any(isinstance(m, ScaledLinear) for m in model.modules())
@@ -205,8 +242,11 @@ def test_lora_targets_the_attention_of_both_streams_and_folds(case):
     model = case.transformer()
     prepare_model(model, "lora", settings=MethodSettings(rank=2))
     names = {n.rsplit(".lora_", 1)[0] for n in trainable_parameters(model)}
-    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
-            "transformer_blocks.0.attn.to_add_out"} <= names
+    assert {
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.add_k_proj",
+        "transformer_blocks.0.attn.to_add_out",
+    } <= names
     assert not any(name.endswith(("ff.net.2", "proj_out")) for name in names)
     assert count_groups(model)["lora"] == len(names) * 2 * (16 + 16)  # every target 16 -> 16, rank 2
     expected = run(case, perturbed(model))
@@ -230,8 +270,10 @@ def test_a_pipeline_folder_loads_as_its_family(case, pipeline_dir):
     assert base.resolution == 16 and len(base.fingerprint) == 16
     report = describe_source(str(pipeline_dir), method="difffit")
     assert report["family"] == case.family.name and report["pipeline"] == base.pipeline
-    assert report["trainable_params"] == describe_method(case.family.config_of(base.model), "difffit",
-                                                         family=case.family)["trainable_params"]
+    assert (
+        report["trainable_params"]
+        == describe_method(case.family.config_of(base.model), "difffit", family=case.family)["trainable_params"]
+    )
 
 
 def test_the_default_text_tokens_are_the_pipelines_capped_by_its_long_text_tokenizer(case, tmp_path):
@@ -281,15 +323,19 @@ def test_a_gated_repo_is_one_sentence_naming_its_licence_page(case, tmp_path, mo
     from huggingface_hub.errors import GatedRepoError
 
     def gated(repo_id, **kwargs):
-        raise GatedRepoError(f"401 Client Error. Cannot access gated repo for url https://huggingface.co/{repo_id}.",
-                             response=SimpleNamespace(headers={}, status_code=401, request=None))
+        raise GatedRepoError(
+            f"401 Client Error. Cannot access gated repo for url https://huggingface.co/{repo_id}.",
+            response=SimpleNamespace(headers={}, status_code=401, request=None),
+        )
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     alias = next(iter(case.family.kind.aliases))
     repo = case.family.kind.aliases[alias].transformer
-    with pytest.raises(DiffFitError, match=f"gated Hub repo .* accept it on its licence page, https://huggingface.co/"
-                                           f"{repo}, then log in") as error:
+    with pytest.raises(
+        DiffFitError,
+        match=f"gated Hub repo .* accept it on its licence page, https://huggingface.co/{repo}, then log in",
+    ) as error:
         load_base(alias)
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
@@ -362,12 +408,15 @@ def test_the_flow_loss_is_rectified_flow_on_the_schedulers_sigmas():
         seen.update(xt=xt, t=t)
         s = (t / 1000).view(-1, 1, 1, 1)
         return (xt - x0) / s  # noise - x0, recovered from x_t
+
     losses = flow.training_losses(velocity, x0, u, noise)
     torch.testing.assert_close(seen["t"], sigma * 1000)
     torch.testing.assert_close(seen["xt"], (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise)
     assert losses["loss"].max() < 1e-8 and torch.equal(losses["vb"], torch.zeros(4))
-    assert torch.allclose(flow.training_losses(lambda xt, t: torch.zeros_like(xt), x0, u, noise)["loss"],
-                          (noise - x0).pow(2).mean(dim=(1, 2, 3)))
+    assert torch.allclose(
+        flow.training_losses(lambda xt, t: torch.zeros_like(xt), x0, u, noise)["loss"],
+        (noise - x0).pow(2).mean(dim=(1, 2, 3)),
+    )
 
 
 def test_dynamic_shifting_shifts_by_the_images_tokens_as_the_pipeline_does():
@@ -376,8 +425,9 @@ def test_dynamic_shifting_shifts_by_the_images_tokens_as_the_pipeline_does():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    config = dict(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                  max_shift=1.15).config)
+    config = dict(
+        FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).config
+    )
     for tokens in (256, 1024, 4096):
         flow = FlowMatching(config, lambda x0, n=tokens: n)
         u = torch.tensor([0.25, 0.5, 0.9])
@@ -385,8 +435,9 @@ def test_dynamic_shifting_shifts_by_the_images_tokens_as_the_pipeline_does():
         reference = FlowMatchEulerDiscreteScheduler(**config)
         reference.set_timesteps(sigmas=plain.tolist(), mu=calculate_shift(tokens))
         torch.testing.assert_close(flow.sigmas(u, torch.zeros(1)), reference.sigmas[:3])
-    assert not torch.equal(FlowMatching(config, lambda x0: 256).sigmas(u, None),
-                           FlowMatching(config, lambda x0: 4096).sigmas(u, None))
+    assert not torch.equal(
+        FlowMatching(config, lambda x0: 256).sigmas(u, None), FlowMatching(config, lambda x0: 4096).sigmas(u, None)
+    )
 
 
 @pytest.mark.parametrize("sampling", ["logit_normal", "uniform", "mode"])
@@ -396,8 +447,9 @@ def test_timestep_sampling_uses_the_diffusers_densities(sampling):
 
     flow = FlowMatching(dict(FlowMatchEulerDiscreteScheduler().config), lambda x0: 16, sampling)
     u, _ = flow.draw(torch.Generator().manual_seed(5), 2000, (1,))
-    expected = compute_density_for_timestep_sampling(sampling, 2000, 0.0, 1.0, 1.29,
-                                                     generator=torch.Generator().manual_seed(5))
+    expected = compute_density_for_timestep_sampling(
+        sampling, 2000, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(5)
+    )
     assert torch.equal(u, expected)
     middle = ((u > 0.25) & (u < 0.75)).float().mean()  # uniform: half; the other two favour the middle
     assert 0.45 < middle < 0.55 if sampling == "uniform" else middle > 0.6
@@ -423,11 +475,26 @@ def test_the_training_forward_is_the_pipelines_call(case, pipeline_dir):
     _, _, text = inputs(case, seed=1, batch=1)
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     latents = pipe._pack_latents(x, 1, 16, 8, 8) if case.packed else x
-    extra = {} if case.packed else {"negative_prompt_embeds": text["prompt_embeds"],
-                                    "negative_pooled_prompt_embeds": text["pooled_prompt_embeds"]}
-    stepped = pipe(prompt_embeds=text["prompt_embeds"], pooled_prompt_embeds=text["pooled_prompt_embeds"], **extra,
-                   latents=latents, num_inference_steps=1, sigmas=[1.0], guidance_scale=case.one_pass_guidance,
-                   height=16, width=16, output_type="latent").images
+    extra = (
+        {}
+        if case.packed
+        else {
+            "negative_prompt_embeds": text["prompt_embeds"],
+            "negative_pooled_prompt_embeds": text["pooled_prompt_embeds"],
+        }
+    )
+    stepped = pipe(
+        prompt_embeds=text["prompt_embeds"],
+        pooled_prompt_embeds=text["pooled_prompt_embeds"],
+        **extra,
+        latents=latents,
+        num_inference_steps=1,
+        sigmas=[1.0],
+        guidance_scale=case.one_pass_guidance,
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
     with torch.no_grad():
         expected = x - case.family.forward(base.model, base)(x, torch.tensor([1000.0]), text)
     if case.packed:

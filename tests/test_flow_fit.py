@@ -25,8 +25,8 @@ from difffit.engine.methods.adapter import read_adapter_meta
 from difffit.engine.methods.merge import merge_adapter
 from difffit.engine.methods.sources import load_source
 from difffit.engine.models.families import family_of, load_base
+from difffit.engine.training import outputs, train
 from difffit.engine.training import setup as fit_setup
-from difffit.engine.training import train
 from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
@@ -53,8 +53,19 @@ def data(tmp_path_factory):
 def trained(case, pipeline_dir, data, tmp_path_factory):
     """One DiffFit run per family, shared by the tests below: 60 steps at a high learning rate."""
     root = tmp_path_factory.mktemp("runs")
-    config = dict(data=str(data), base=str(pipeline_dir), batch_size=8, lr=2e-2, ema=False, save_every=30,
-                  sample_every=0, num_workers=0, cache_dir=str(root / "cache"), adapter_dtype="fp32", compile="off")
+    config = dict(
+        data=str(data),
+        base=str(pipeline_dir),
+        batch_size=8,
+        lr=2e-2,
+        ema=False,
+        save_every=30,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(root / "cache"),
+        adapter_dtype="fp32",
+        compile="off",
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as conftest's per-test fixture does, which runs after module fixtures: the
     try:  # resume test's runs must sum in the same order as this one
@@ -76,8 +87,9 @@ def fixed_loss(source, data, captions=None) -> float:
     dataset = ImageDataset(folder, base.resolution)
     latents = encode_distribution(base.vae(), torch.stack([dataset[i][0] for i in range(len(folder))]))[:, 0]
     captions = captions or [f"a {p.stem.split('-')[0]} square" for p in folder.files]
-    text = text_embeddings(captions, family.prompt_encoder(base, "cpu", base.max_text_tokens), key="",
-                           cache_dir=None, progress=False)
+    text = text_embeddings(
+        captions, family.prompt_encoder(base, "cpu", base.max_text_tokens), key="", cache_dir=None, progress=False
+    )
     flow = family.diffusion(base)
     u = torch.linspace(0.05, 0.95, len(latents))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
@@ -95,8 +107,10 @@ def test_difffit_learns_the_captioned_data(trained, pipeline_dir, data):
     assert len(losses) == 60 and np.mean(losses[-15:]) < np.mean(losses[:15])
     assert fixed_loss(full.adapter, data) < 0.85 * fixed_loss(pipeline_dir, data)
     meta = read_adapter_meta(full.adapter)
-    assert meta.training["timestep_sampling"] == "logit_normal" and meta.training["pipeline"] == load_base(
-        str(pipeline_dir)).pipeline
+    assert (
+        meta.training["timestep_sampling"] == "logit_normal"
+        and meta.training["pipeline"] == load_base(str(pipeline_dir)).pipeline
+    )
 
 
 def test_resume_equals_an_uninterrupted_run(trained, tmp_path):
@@ -108,17 +122,19 @@ def test_resume_equals_an_uninterrupted_run(trained, tmp_path):
     assert resumed.start_step == 30 and resumed.step == 60
     a, b = load_file(str(full.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-            for out in (full.out_dir, resumed.out_dir)]
+    logs = [
+        [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+        for out in (full.out_dir, resumed.out_dir)
+    ]
     assert logs[0] == logs[1]
 
 
-def test_every_encoders_outputs_are_cached_once_and_the_encoders_freed(case, pipeline_dir, data, tmp_path,
-                                                                      monkeypatch):
+def test_every_encoders_outputs_are_cached_once_and_the_encoders_freed(case, pipeline_dir, data, tmp_path, monkeypatch):
     import transformers
 
-    classes = {getattr(transformers, name) for name in ("CLIPTextModel", "CLIPTextModelWithProjection",
-                                                         "T5EncoderModel")}
+    classes = {
+        getattr(transformers, name) for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+    }
     loaded = []
     originals = {cls: cls.from_pretrained.__func__ for cls in classes}
 
@@ -148,15 +164,17 @@ def test_every_encoders_outputs_are_cached_once_and_the_encoders_freed(case, pip
     assert loaded == []  # every caption came from the cache: no encoder was even loaded
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"snr_gamma": 5.0}, "--snr-gamma weights the epsilon-prediction loss, and .* trains by rectified flow"),
-    ({"p2_gamma": 1.0}, "--p2-gamma weights the epsilon-prediction loss"),
-    ({"method": "adapter-parallel"}, "--method adapter-parallel is not available on"),
-    ({"num_heads": 2}, "--num-heads applies to class-conditional"),
-    ({"max_text_tokens": 600}, "--max-text-tokens 600 is above 512, the most a .* pipeline reads"),
-])
-def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeline_dir, data, tmp_path, options,
-                                                                          match):
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"snr_gamma": 5.0}, "--snr-gamma weights the epsilon-prediction loss, and .* trains by rectified flow"),
+        ({"p2_gamma": 1.0}, "--p2-gamma weights the epsilon-prediction loss"),
+        ({"method": "adapter-parallel"}, "--method adapter-parallel is not available on"),
+        ({"num_heads": 2}, "--num-heads applies to class-conditional"),
+        ({"max_text_tokens": 600}, "--max-text-tokens 600 is above 512, the most a .* pipeline reads"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused_before_anything_is_written(pipeline_dir, data, tmp_path, options, match):
     config = config_of(pipeline_dir, data, tmp_path, **options)
     with pytest.raises(DiffFitError, match=match):
         fit(config, progress=False)
@@ -184,8 +202,10 @@ def test_timestep_sampling_is_refused_on_epsilon_bases(tmp_path, data):
 
 
 def test_timestep_sampling_changes_the_draws(pipeline_dir, data, tmp_path):
-    runs = [fit(config_of(pipeline_dir, data, tmp_path, timestep_sampling=s, out=str(tmp_path / s)), progress=False)
-            for s in ("uniform", "mode")]
+    runs = [
+        fit(config_of(pipeline_dir, data, tmp_path, timestep_sampling=s, out=str(tmp_path / s)), progress=False)
+        for s in ("uniform", "mode")
+    ]
     first = [json.loads((r.out_dir / "log.jsonl").read_text().splitlines()[0])["loss"] for r in runs]
     assert first[0] != first[1]
     assert read_adapter_meta(runs[1].adapter).training["timestep_sampling"] == "mode"
@@ -197,11 +217,16 @@ def test_timestep_sampling_changes_the_draws(pipeline_dir, data, tmp_path):
 def test_previews_sample_with_each_familys_defaults(pipeline_dir, data, tmp_path, monkeypatch):
     """Preview grids at step 0 and at the end, with the family's caption dropout (FLUX: 0, and no empty
     caption to guide with), validation prompts and preview steps."""
-    steps, sample = [], train.generate
-    monkeypatch.setattr(train, "generate", lambda base, n, options, **kw: steps.append(options.steps) or
-                        sample(base, n, options, **kw))
-    result = fit(config_of(pipeline_dir, data, tmp_path, steps=1, sample_every=1,
-                           validation_prompts=["a red square"]), progress=False)
+    steps, sample = [], outputs.generate
+    monkeypatch.setattr(
+        outputs,
+        "generate",
+        lambda base, n, options, **kw: steps.append(options.steps) or sample(base, n, options, **kw),
+    )
+    result = fit(
+        config_of(pipeline_dir, data, tmp_path, steps=1, sample_every=1, validation_prompts=["a red square"]),
+        progress=False,
+    )
     assert {p.name for p in (result.out_dir / "samples").iterdir()} >= {"step-0000000.png", "step-0000001.png"}
     base = load_base(str(pipeline_dir))
     assert steps == [family_of(base.model).preview_sampling(base)["steps"]] * 2
@@ -254,8 +279,7 @@ def test_sampling_uses_the_pipelines_defaults(case, pipeline_dir):
     assert wide.shape == (1, 16, 32, 3)
 
 
-def test_merged_pipeline_loads_in_stock_diffusers_and_draws_the_adapters_images(case, trained, pipeline_dir,
-                                                                                tmp_path):
+def test_merged_pipeline_loads_in_stock_diffusers_and_draws_the_adapters_images(case, trained, pipeline_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
     adapter = trained[1].adapter
@@ -266,8 +290,15 @@ def test_merged_pipeline_loads_in_stock_diffusers_and_draws_the_adapters_images(
     assert type(pipe).__name__ == base.pipeline
     pipe.set_progress_bar_config(disable=True)
     defaults = case.family.sampling_defaults(base)
-    out = pipe(PROMPTS + PROMPTS[:1], num_inference_steps=3, height=16, width=16, guidance_scale=defaults["cfg_scale"],
-               generator=sample_generators(7, range(3)), output_type="np").images
+    out = pipe(
+        PROMPTS + PROMPTS[:1],
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        guidance_scale=defaults["cfg_scale"],
+        generator=sample_generators(7, range(3)),
+        output_type="np",
+    ).images
     merged = np.round(out * 255).astype(np.int16)
     assert np.abs(merged - images(adapter, 3, PROMPTS).astype(np.int16)).max() <= 1
     for name in [p.name for p in pipeline_dir.iterdir() if p.is_dir() and p.name != "transformer"]:
@@ -303,8 +334,10 @@ def test_card_push_and_report(case, trained, tmp_path):
         own = {"license_name": each.license_name, "license_link": f"https://huggingface.co/{each.transformer}"}
         expected = {"license": "apache-2.0"} if name == "FLUX.1-schnell" else {"license": "other", **own}
         assert {k: card[k] for k in ("license", "license_name", "license_link") if k in card} == expected
-    assert {repo.license_name for repo in case.family.kind.aliases.values()} - {None} == \
-        {"sd3": {"stabilityai-ai-community"}, "flux": {"flux-1-dev-non-commercial-license"}}[case.family.name]
+    assert {repo.license_name for repo in case.family.kind.aliases.values()} - {None} == {
+        "sd3": {"stabilityai-ai-community"},
+        "flux": {"flux-1-dev-non-commercial-license"},
+    }[case.family.name]
     assert meta["tags"][:2] == ["difffit", case.family.name]
     assert f"`{pipeline}`" in body
     assert "clean_caption" not in body and re.search(r'pipe\("a (red|blue) square"\)\.images\[0\]', body)
@@ -324,16 +357,23 @@ def test_fit_trains_at_another_resolution_as_it_is(case, pipeline_dir, data, tmp
     one sentence each, with nothing written."""
     base = load_base(str(pipeline_dir))
     size, side = 2 * base.resolution, 2 * base.resolution // base.vae_factor
-    shapes, previews, sample = record_batch_shapes(monkeypatch), [], train.generate
-    monkeypatch.setattr(train, "generate", lambda base, n, options, **kw: previews.append(
-        (options.width, options.height)) or sample(base, n, options, **kw))
+    shapes, previews, sample = record_batch_shapes(monkeypatch), [], outputs.generate
+    monkeypatch.setattr(
+        outputs,
+        "generate",
+        lambda base, n, options, **kw: (
+            previews.append((options.width, options.height)) or sample(base, n, options, **kw)
+        ),
+    )
     result = fit(config_of(pipeline_dir, data, tmp_path, resolution=size, steps=2, sample_every=2), progress=False)
     assert set(shapes) == {(4, 16, side, side)} and previews == [(size, size)] * 2
     assert read_adapter_meta(result.adapter).training["resolution"] == size
     assert f"resolution = {size}" in (result.out_dir / "config.toml").read_text()
-    for options, match in (({"resolution": size + 2}, "--resolution .* is not a multiple of"),
-                           ({"resolution": size, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional"),
-                           *([({"resolution": 4 * size}, "the largest side")] if case.family.name == "sd3" else [])):
+    for options, match in (
+        ({"resolution": size + 2}, "--resolution .* is not a multiple of"),
+        ({"resolution": size, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional"),
+        *([({"resolution": 4 * size}, "the largest side")] if case.family.name == "sd3" else []),
+    ):
         with pytest.raises(DiffFitError, match=match):
             fit(config_of(pipeline_dir, data, tmp_path, out=str(tmp_path / "bad"), **options), progress=False)
         assert not (tmp_path / "bad").exists()

@@ -20,15 +20,29 @@ from difffit.engine.training.train import fit
 
 # The Linears each family keeps bf16 under fp8, by name in the tiny models (FLUX: 2 joint + 2 single blocks).
 KEPT = {
-    "sd3": {"time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-            "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2", "context_embedder",
-            "norm_out.linear", "proj_out", *(f"transformer_blocks.{i}.{n}.linear" for i in range(4)
-                                             for n in ("norm1", "norm1_context"))},
-    "flux": {"x_embedder", "context_embedder", "norm_out.linear", "proj_out",
-             *(f"time_text_embed.{e}.linear_{i}" for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
-               for i in (1, 2)),
-             *(f"transformer_blocks.{i}.{n}.linear" for i in range(2) for n in ("norm1", "norm1_context")),
-             *(f"single_transformer_blocks.{i}.norm.linear" for i in range(2))},
+    "sd3": {
+        "time_text_embed.timestep_embedder.linear_1",
+        "time_text_embed.timestep_embedder.linear_2",
+        "time_text_embed.text_embedder.linear_1",
+        "time_text_embed.text_embedder.linear_2",
+        "context_embedder",
+        "norm_out.linear",
+        "proj_out",
+        *(f"transformer_blocks.{i}.{n}.linear" for i in range(4) for n in ("norm1", "norm1_context")),
+    },
+    "flux": {
+        "x_embedder",
+        "context_embedder",
+        "norm_out.linear",
+        "proj_out",
+        *(
+            f"time_text_embed.{e}.linear_{i}"
+            for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
+            for i in (1, 2)
+        ),
+        *(f"transformer_blocks.{i}.{n}.linear" for i in range(2) for n in ("norm1", "norm1_context")),
+        *(f"single_transformer_blocks.{i}.norm.linear" for i in range(2)),
+    },
 }
 
 
@@ -58,16 +72,23 @@ def loss_and_grads(case, model, autocast: bool = False) -> tuple[float, dict[str
 def test_fp8_keeps_embedders_modulation_and_output_layer_and_quantizes_every_block_matrix(case):
     model = difffit_model(case)
     kept = KEPT[case.family.name]
-    assert {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-            and any(fnmatch.fnmatchcase(name, p) for p in case.family.fp8_keep())} == kept
+    assert {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in case.family.fp8_keep())
+    } == kept
     swapped = quantize_frozen_linears(model, keep=case.family.fp8_keep(), kernel=False)
     plain = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     assert plain == kept and swapped > 0
     fp8 = {name for name, m in model.named_modules() if isinstance(m, FP8FrozenLinear)}
     if case.family.name == "flux":  # the single blocks' fused output, with its gamma, is float8 like the rest
         assert {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_mlp"} <= fp8
-    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
-            "transformer_blocks.0.ff_context.net.2"} <= fp8
+    assert {
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_add_out",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.ff_context.net.2",
+    } <= fp8
 
 
 def test_fp8_matches_the_dequantized_reference(case):
@@ -113,8 +134,11 @@ def test_mixed_aspect_data_trains_in_buckets_and_samples_at_a_buckets_size(case,
     pipe = case.pipeline(tmp_path / "pipe")
     shapes = record_batch_shapes(monkeypatch)
     result = fit(t2i_fit_config(make_mixed_aspect_data(tmp_path / "data", MIXED), pipe, tmp_path), progress=False)
-    assert result.images == 11 and result.skipped == 0 and [(b["width"], b["height"]) for b in result.buckets] == [
-        (16, 16), (32, 8)]
+    assert (
+        result.images == 11
+        and result.skipped == 0
+        and [(b["width"], b["height"]) for b in result.buckets] == [(16, 16), (32, 8)]
+    )
     assert set(shapes) == {(4, 16, 8, 8), (4, 16, 4, 16)}  # 16-channel latents of 16 x 16 and 32 x 8 px
     base, _ = load_source(str(result.adapter))
     options = SamplingOptions(cfg_scale=None, scheduler=None, steps=2, device="cpu", width=32, height=8)
@@ -133,9 +157,18 @@ def test_fp8_fit_with_checkpointing_runs_and_writes_a_plain_adapter(case, tmp_pa
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
     monkeypatch.setattr(fit_setup, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
-    result = fit(t2i_fit_config(make_captioned_data(tmp_path / "data", per_caption=2), case.pipeline(tmp_path / "pipe"),
-                                tmp_path, steps=2, batch_size=2, mixed_precision="fp8", grad_checkpointing=True),
-                 progress=False)
+    result = fit(
+        t2i_fit_config(
+            make_captioned_data(tmp_path / "data", per_caption=2),
+            case.pipeline(tmp_path / "pipe"),
+            tmp_path,
+            steps=2,
+            batch_size=2,
+            mixed_precision="fp8",
+            grad_checkpointing=True,
+        ),
+        progress=False,
+    )
     assert result.step == 2 and result.loss is not None and torch.isfinite(torch.tensor(result.loss))
     with safe_open(str(result.adapter), "pt") as f:
         assert {f.get_tensor(key).dtype for key in f.keys()} == {torch.float32}
@@ -153,11 +186,24 @@ def test_flow_families_fit_and_sample_on_cuda(case, tmp_path):
     pipe, data = case.pipeline(tmp_path / "pipe"), make_captioned_data(tmp_path / "data", per_caption=2)
     precisions = ["bf16"] + (["fp8"] if devices.fp8_support("cuda") is None else [])
     for precision in precisions:
-        result = fit(t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, out=str(tmp_path / precision),
-                                    device="cuda", mixed_precision=precision, grad_checkpointing=True), progress=False)
+        result = fit(
+            t2i_fit_config(
+                data,
+                pipe,
+                tmp_path,
+                steps=3,
+                batch_size=2,
+                out=str(tmp_path / precision),
+                device="cuda",
+                mixed_precision=precision,
+                grad_checkpointing=True,
+            ),
+            progress=False,
+        )
         assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
         base, _ = load_source(str(result.adapter))
-        options = SamplingOptions(cfg_scale=None, scheduler=None, steps=2, device="cuda", mixed_precision="bf16",
-                                  width=32, height=16)
+        options = SamplingOptions(
+            cfg_scale=None, scheduler=None, steps=2, device="cuda", mixed_precision="bf16", width=32, height=16
+        )
         images = generate(base, 2, options, prompts=["a red square"], progress=False)
         assert images.shape == (2, 16, 32, 3)

@@ -160,8 +160,7 @@ def test_cuda_kernel_matches_reference():
     torch.testing.assert_close(fast(x).float(), slow(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_fp8_fit_on_dit_previews_and_writes_plain_files(tmp_path, toy_data, tiny_base_file, tiny_vae_dir,
-                                                        monkeypatch):
+def test_fp8_fit_on_dit_previews_and_writes_plain_files(tmp_path, toy_data, tiny_base_file, tiny_vae_dir, monkeypatch):
     """fit end to end under fp8 (this CPU declared fp8-capable, the dequantizing matmul): the step-0 preview
     samples the quantized model under bf16 autocast, and the adapter holds no float8."""
     import functools
@@ -175,9 +174,20 @@ def test_fp8_fit_on_dit_previews_and_writes_plain_files(tmp_path, toy_data, tiny
 
     monkeypatch.setattr(devices, "fp8_support", lambda device: None)
     monkeypatch.setattr(fit_setup, "quantize_frozen_linears", functools.partial(quantize_frozen_linears, kernel=False))
-    config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=2, batch_size=4,
-                       sample_every=2, save_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"), adapter_dtype="fp32", mixed_precision="fp8")
+    config = FitConfig(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=2,
+        batch_size=4,
+        sample_every=2,
+        save_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        adapter_dtype="fp32",
+        mixed_precision="fp8",
+    )
     result = train.fit(config, progress=False)
     assert (result.out_dir / "samples" / "step-0000000.png").is_file()
     assert (result.out_dir / "samples" / "step-0000002.png").is_file()

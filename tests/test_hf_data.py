@@ -47,8 +47,17 @@ def test_dataset_trains_and_keeps_class_names(tmp_path, kind, request, tiny_base
     folder = open_data(str(data))
     assert folder.class_names == ["red", "blue"] and len(folder) == 12 and sorted(set(folder.labels)) == [0, 1]
     assert folder.load(folder.files[0]).mode == "RGB"
-    options = dict(data=str(data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=2, batch_size=4,
-                   save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    options = dict(
+        data=str(data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=2,
+        batch_size=4,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     result = fit(FitConfig(**options, out=str(tmp_path / "run")), progress=False)
     assert result.classes == 2 and result.images == 12
     assert read_adapter(result.adapter)[1].class_names == ["red", "blue"]
@@ -70,10 +79,13 @@ def test_columns_labels_and_errors(tmp_path, toy_data):
     import datasets
 
     files = sorted(toy_data.rglob("*.png"))
-    plain = datasets.Dataset.from_dict({"img": [{"bytes": f.read_bytes(), "path": None} for f in files],
-                                        "species": [f.parent.name if i % 5 else None for i, f in enumerate(files)]},
-                                       features=datasets.Features({"img": datasets.Image(),
-                                                                   "species": datasets.Value("string")}))
+    plain = datasets.Dataset.from_dict(
+        {
+            "img": [{"bytes": f.read_bytes(), "path": None} for f in files],
+            "species": [f.parent.name if i % 5 else None for i, f in enumerate(files)],
+        },
+        features=datasets.Features({"img": datasets.Image(), "species": datasets.Value("string")}),
+    )
     plain.save_to_disk(str(tmp_path / "plain"))
     folder = open_data(str(tmp_path / "plain"), label_column="species")
     assert folder.class_names == ["blue", "red"]  # sorted unique values when there is no ClassLabel

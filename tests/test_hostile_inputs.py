@@ -45,8 +45,11 @@ def with_key(key, value):
 # -- item 5: malformed pipeline files ----------------------------------------------------------------------------
 
 MALFORMED = [
-    ("model_index.json", with_key("_class_name", ["custom_module", "CustomPipeline"]),
-     "names custom pipeline code .* which difffit does not load; it supports DiT .*FLUX"),
+    (
+        "model_index.json",
+        with_key("_class_name", ["custom_module", "CustomPipeline"]),
+        "names custom pipeline code .* which difffit does not load; it supports DiT .*FLUX",
+    ),
     ("model_index.json", lambda config: "[1, 2]", "holds a JSON list, not the object"),
     ("model_index.json", with_key("_class_name", 5), "names no pipeline class"),
     ("model_index.json", with_key("vae", "AutoencoderKL"), "lists the component vae as 'AutoencoderKL', not as"),
@@ -69,10 +72,14 @@ def test_malformed_pipeline_files_are_one_sentence(pipeline, tmp_path, name, edi
 
 
 def test_custom_pipeline_code_is_named_by_every_command(pipeline, tmp_path, monkeypatch, capsys):
-    folder = damaged_copy(pipeline, tmp_path, "model_index.json",
-                          with_key("_class_name", ["custom_module", "CustomPipeline"]))
-    for argv in (["info", folder], ["sample", folder, "--prompt", "a cat", "--out", tmp_path / "s"],
-                 ["fit", tmp_path, "--base", folder, "--out", tmp_path / "f"]):
+    folder = damaged_copy(
+        pipeline, tmp_path, "model_index.json", with_key("_class_name", ["custom_module", "CustomPipeline"])
+    )
+    for argv in (
+        ["info", folder],
+        ["sample", folder, "--prompt", "a cat", "--out", tmp_path / "s"],
+        ["fit", tmp_path, "--base", folder, "--out", tmp_path / "f"],
+    ):
         code, _, err = cli_run(monkeypatch, capsys, *argv)
         assert code == 1 and "names custom pipeline code" in err and "TypeError" not in err, err
 
@@ -83,13 +90,15 @@ def test_custom_pipeline_code_is_named_by_every_command(pipeline, tmp_path, monk
 @pytest.fixture(scope="module")
 def hostile_adapters(tmp_path_factory, tiny_base_file, tiny_vae_dir):
     folder = tmp_path_factory.mktemp("hostile")
-    return {family: make_adapter(family, folder, tiny_base_file, tiny_vae_dir, base_spec=HOSTILE)
-            for family in FAMILIES}
+    return {
+        family: make_adapter(family, folder, tiny_base_file, tiny_vae_dir, base_spec=HOSTILE) for family in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_control_characters_from_metadata_never_reach_the_terminal(family, hostile_adapters, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_control_characters_from_metadata_never_reach_the_terminal(
+    family, hostile_adapters, tmp_path, monkeypatch, capsys
+):
     adapter = hostile_adapters[family]
     code, _, err = cli_run(monkeypatch, capsys, "info", adapter)
     assert code == 0, err
@@ -126,11 +135,15 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(tmp_path, tiny_bas
     os.mkfifo(fifo)
     prompts = tmp_path / "prompts.txt"
     os.mkfifo(prompts)
-    cases = [["info", fifo], ["sample", fifo, "--out", tmp_path / "s"], ["merge", fifo, "--out", tmp_path / "m"],
-             ["eval-fid", fifo, toy_data, "--inception-weights", "random"],
-             ["eval-fid", toy_data, tmp_path / "x.safetensors", "--inception-weights", "random"],
-             ["sample", PIPELINES["pixart"](tmp_path / "pixart"), "--prompts", prompts, "--out", tmp_path / "p"],
-             ["fit", toy_data, "--base", fifo, "--out", tmp_path / "f"]]
+    cases = [
+        ["info", fifo],
+        ["sample", fifo, "--out", tmp_path / "s"],
+        ["merge", fifo, "--out", tmp_path / "m"],
+        ["eval-fid", fifo, toy_data, "--inception-weights", "random"],
+        ["eval-fid", toy_data, tmp_path / "x.safetensors", "--inception-weights", "random"],
+        ["sample", PIPELINES["pixart"](tmp_path / "pixart"), "--prompts", prompts, "--out", tmp_path / "p"],
+        ["fit", toy_data, "--base", fifo, "--out", tmp_path / "f"],
+    ]
     for result in run_bounded(cases, seconds=30):
         assert refused_in_one_sentence(result), result
         assert "FIFO (named pipe)" in result["err"] and "does not exist" not in result["err"], result
@@ -154,12 +167,16 @@ def test_metadata_nested_without_bound_is_one_sentence(tmp_path, tiny_base_file,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_recorded_base_that_is_not_a_model_is_said_to_be_none(family, tmp_path, tiny_base_file, tiny_vae_dir,
-                                                                 monkeypatch, capsys):
+def test_a_recorded_base_that_is_not_a_model_is_said_to_be_none(
+    family, tmp_path, tiny_base_file, tiny_vae_dir, monkeypatch, capsys
+):
     fifo = tmp_path / "base.safetensors"
     os.mkfifo(fifo)
-    for recorded, kind in (("/dev/zero", "a character device"), ("/etc/passwd", "a file of no weights format"),
-                           (str(fifo), "a FIFO")):
+    for recorded, kind in (
+        ("/dev/zero", "a character device"),
+        ("/etc/passwd", "a file of no weights format"),
+        (str(fifo), "a FIFO"),
+    ):
         folder = tmp_path / recorded.replace("/", "_")
         folder.mkdir()
         adapter = make_adapter(family, folder, tiny_base_file, tiny_vae_dir, base_spec=recorded)
@@ -168,14 +185,32 @@ def test_a_recorded_base_that_is_not_a_model_is_said_to_be_none(family, tmp_path
         assert "DiT base" not in err and "Use its base" not in err
 
 
-@pytest.mark.parametrize("cache_dir, words", [("/dev/null", "it is a character device"), ("file", "it is a file"),
-                                              ("file/sub", "is a file")])
-def test_a_cache_dir_that_cannot_be_a_folder_is_refused_first(cache_dir, words, tmp_path, toy_data, tiny_base_file,
-                                                              tiny_vae_dir, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "cache_dir, words", [("/dev/null", "it is a character device"), ("file", "it is a file"), ("file/sub", "is a file")]
+)
+def test_a_cache_dir_that_cannot_be_a_folder_is_refused_first(
+    cache_dir, words, tmp_path, toy_data, tiny_base_file, tiny_vae_dir, monkeypatch, capsys
+):
     (tmp_path / "file").write_text("mine\n")
     given = cache_dir if cache_dir.startswith("/") else str(tmp_path / cache_dir)
-    code, _, err = cli_run(monkeypatch, capsys, "fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir,
-                           "--steps", "1", "--batch-size", "4", "--cache-dir", given, "--out", tmp_path / "run")
+    code, _, err = cli_run(
+        monkeypatch,
+        capsys,
+        "fit",
+        toy_data,
+        "--base",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+        given,
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 1 and f"--cache-dir {given} cannot be a folder" in err and words in err, err
     assert "File exists" not in err and not (tmp_path / "run").exists()
     assert (tmp_path / "file").read_text() == "mine\n"

@@ -77,9 +77,15 @@ def typer_commands() -> set[tuple[str, str]]:
     (`app.command(...)(train.fit)`), read from the app itself, its sub-apps included."""
     from difffit.cli import app
 
-    found = {(name, qualname) for name, tree in all_modules.items() for qualname, node in functions(tree)
-             if any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute)
-                    and d.func.attr in ("command", "callback") for d in node.decorator_list)}
+    found = {
+        (name, qualname)
+        for name, tree in all_modules.items()
+        for qualname, node in functions(tree)
+        if any(
+            isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in ("command", "callback")
+            for d in node.decorator_list
+        )
+    }
     apps = [app]
     while apps:
         current = apps.pop()
@@ -88,8 +94,9 @@ def typer_commands() -> set[tuple[str, str]]:
             if info.callback is not None:
                 function = inspect.unwrap(info.callback)
                 found.add((function.__module__, function.__qualname__))
-        apps.extend(group.typer_instance for group in current.registered_groups
-                    if isinstance(group.typer_instance, typer.Typer))
+        apps.extend(
+            group.typer_instance for group in current.registered_groups if isinstance(group.typer_instance, typer.Typer)
+        )
     return found
 
 
@@ -120,14 +127,14 @@ def test_no_module_or_function_is_too_long():
 def test_only_typer_commands_take_many_parameters():
     _, _, many_parameters = oversized(typer_commands())
     assert many_parameters == [], (
-        f"functions with over {MAX_PARAMETERS} parameters (group them in a dataclass): {many_parameters}")
+        f"functions with over {MAX_PARAMETERS} parameters (group them in a dataclass): {many_parameters}"
+    )
 
 
 def test_the_limits_see_typer_commands_and_only_them():
     """The exemption is the commands the app runs, not every function in cli/ (a helper there is held to it)."""
     commands = typer_commands()
-    assert {("difffit.cli.train", "fit"), ("difffit.cli.evaluate", "eval_fid"),
-            ("difffit.cli", "_root")} <= commands
+    assert {("difffit.cli.train", "fit"), ("difffit.cli.evaluate", "eval_fid"), ("difffit.cli", "_root")} <= commands
     assert all(name.startswith("difffit.cli") for name, _ in commands)
     assert ("difffit.cli.evaluate", "_render_metrics") not in commands
     _, _, without_exemption = oversized(set())
@@ -135,19 +142,29 @@ def test_the_limits_see_typer_commands_and_only_them():
 
 
 def test_engine_modules_import_each_other_at_the_top():
-    inside = [f"{name}:{node.lineno} imports {target}" for name, tree in all_modules.items()
-              if name.startswith("difffit.engine") for target, node, in_function in imported(tree, name)
-              if in_function and target.startswith("difffit.engine")]
+    inside = [
+        f"{name}:{node.lineno} imports {target}"
+        for name, tree in all_modules.items()
+        if name.startswith("difffit.engine")
+        for target, node, in_function in imported(tree, name)
+        if in_function and target.startswith("difffit.engine")
+    ]
     assert inside == []
 
 
 def test_no_import_cycle_counting_function_level_imports():
-    graph = {name: {target for target, _, _ in imported(tree, name) if target in all_modules and target != name}
-             for name, tree in all_modules.items()}
+    graph = {
+        name: {target for target, _, _ in imported(tree, name) if target in all_modules and target != name}
+        for name, tree in all_modules.items()
+    }
     # Importing a package runs its __init__: an edge to a submodule is also an edge to its package.
     for name in graph:
-        graph[name] |= {parent for target in set(graph[name]) for parent in _parents(target)
-                        if parent in graph and parent != name and not name.startswith(parent + ".")}
+        graph[name] |= {
+            parent
+            for target in set(graph[name])
+            for parent in _parents(target)
+            if parent in graph and parent != name and not name.startswith(parent + ".")
+        }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -156,7 +173,7 @@ def test_no_import_cycle_counting_function_level_imports():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -182,10 +199,13 @@ def layer(module: str) -> int:
 
 
 def test_engine_dependencies_point_down():
-    upward = [f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
-              for name, tree in all_modules.items() if name.startswith("difffit.engine.")
-              for target, _, _ in imported(tree, name)
-              if target in all_modules and target != "difffit" and layer(target) > layer(name)]
+    upward = [
+        f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
+        for name, tree in all_modules.items()
+        if name.startswith("difffit.engine.")
+        for target, _, _ in imported(tree, name)
+        if target in all_modules and target != "difffit" and layer(target) > layer(name)
+    ]
     assert upward == []
 
 
@@ -215,8 +235,14 @@ def test_fit_config_checks_the_options_without_the_code_that_loads_a_base_or_dat
     """FitConfig.validate decides from the options alone: engine/training/config.py imports nothing that loads
     a base, scans data, builds a method's modules, samples or reaches a tracker (engine.training.setup checks
     what needs the base or the data, where it loads them)."""
-    loaders = ("difffit.engine.models.bases", "difffit.engine.models.dit", "difffit.engine.models.families",
-               "difffit.engine.data.images", "difffit.engine.methods.trainable", "difffit.engine.evaluation.sample",
-               "difffit.engine.training.trackers")
+    loaders = (
+        "difffit.engine.models.bases",
+        "difffit.engine.models.dit",
+        "difffit.engine.models.families",
+        "difffit.engine.data.images",
+        "difffit.engine.methods.trainable",
+        "difffit.engine.evaluation.sample",
+        "difffit.engine.training.trackers",
+    )
     name = "difffit.engine.training.config"
     assert [target for target, _, _ in imported(all_modules[name], name) if target.startswith(loaders)] == []

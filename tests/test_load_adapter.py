@@ -61,17 +61,27 @@ def stock(folder: Path, dtype: torch.dtype = torch.float32):
 def draw(pipe, seed: int = 7) -> np.ndarray:
     """Two images from the stock pipeline's own call, as uint8 levels."""
     extra = {"use_resolution_binning": False, "clean_caption": False} if "PixArt" in type(pipe).__name__ else {}
-    out = pipe(PROMPTS, num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(seed),
-               output_type="np", **extra).images
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **extra,
+    ).images
     return np.round(out * 255).astype(np.int16)
 
 
 def snapshot(transformer) -> tuple[dict, list, set, dict]:
     """What must come back after unloading: every tensor (cloned), the module tree, the instance attributes,
     which parameters take gradients."""
-    return ({name: t.detach().clone() for name, t in transformer.state_dict().items()},
-            [(name, type(m)) for name, m in transformer.named_modules()], set(vars(transformer)),
-            {name: p.requires_grad for name, p in transformer.named_parameters()})
+    return (
+        {name: t.detach().clone() for name, t in transformer.state_dict().items()},
+        [(name, type(m)) for name, m in transformer.named_modules()],
+        set(vars(transformer)),
+        {name: p.requires_grad for name, p in transformer.named_parameters()},
+    )
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -135,8 +145,9 @@ def test_a_wrong_base_is_refused_unless_forced(family, pipeline_dir, tmp_path, c
     adapter = make_adapter(pipeline_dir, tmp_path / "a.safetensors", "difffit")
     pipe = stock(other)
     base = snapshot(pipe.transformer)
-    with pytest.raises(DiffFitError, match=r"was trained on .* \(fingerprint \w+\), but this \w+ has fingerprint \w+\.$"
-                       ) as refused:
+    with pytest.raises(
+        DiffFitError, match=r"was trained on .* \(fingerprint \w+\), but this \w+ has fingerprint \w+\.$"
+    ) as refused:
         difffit.load_adapter(pipe, adapter)
     assert "force_base=True" in refused.value.hint
     assert_is_base(pipe.transformer, base)  # refused before anything changed
@@ -155,8 +166,11 @@ def test_a_second_adapter_is_refused_until_the_first_is_unloaded(pipeline_dir, t
     base = snapshot(pipe.transformer)
     difffit.load_adapter(pipe, first)
     applied = {name: t.clone() for name, t in pipe.transformer.state_dict().items()}
-    with pytest.raises(DiffFitError, match=r"already has the adapter .*first.safetensors applied, and load_adapter "
-                                           r"applies one adapter at a time\.$"):
+    with pytest.raises(
+        DiffFitError,
+        match=r"already has the adapter .*first.safetensors applied, and load_adapter "
+        r"applies one adapter at a time\.$",
+    ):
         difffit.load_adapter(pipe, second, force_base=True)
     assert_same_tensors(pipe.transformer.state_dict(), applied)
     difffit.unload_adapter(pipe)
@@ -182,14 +196,17 @@ def test_what_is_not_a_text_to_image_adapter_on_its_own_family_is_refused(tmp_pa
     with pytest.raises(DiffFitError, match=r"is an? SD3.* adapter, and this FluxTransformer2DModel is not an? SD3"):
         difffit.load_adapter(flux, make_adapter(sd3, tmp_path / "sd3.safetensors", "difffit"))
     deeper = make_adapter(make_tiny_flux(tmp_path / "deeper", layers=2), tmp_path / "deeper.safetensors", "difffit")
-    with pytest.raises(DiffFitError, match=r"needs a .* base \(it was trained on .*deeper\), but this Flux\w+ is a ") \
-            as other_shape:
+    with pytest.raises(
+        DiffFitError, match=r"needs a .* base \(it was trained on .*deeper\), but this Flux\w+ is a "
+    ) as other_shape:
         difffit.load_adapter(flux, deeper, force_base=True)  # forcing takes other weights, never other shapes
     assert "with diffusers" in other_shape.value.hint
     fp8 = stock(tmp_path / "deeper")
     fp8.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    with pytest.raises(DiffFitError, match="folds the adapter into the transformer's weights, and this Flux.* holds "
-                                           "float8_e4m3fn weights"):
+    with pytest.raises(
+        DiffFitError,
+        match="folds the adapter into the transformer's weights, and this Flux.* holds float8_e4m3fn weights",
+    ):
         difffit.load_adapter(fp8, deeper, force_base=True)
     dit_base, dit_model, dit_meta = train(write_base(tmp_path / "dit.safetensors", tiny_vae_dir))
     save_adapter(tmp_path / "dit-adapter.safetensors", dit_model, dit_base.model.state_dict(), dit_meta)

@@ -62,8 +62,13 @@ def test_diffusers_merge_matches_and_runs_in_dit_pipeline(adapter, tmp_path):
 
     pipe = DiTPipeline.from_pretrained(folder)
     assert pipe.labels["class2"] == 2
-    images = pipe(class_labels=[0, 3], num_inference_steps=2, guidance_scale=4.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        class_labels=[0, 3],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 

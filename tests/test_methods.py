@@ -54,8 +54,16 @@ def test_difffit_101_classes_is_637088():
     prepare_model(model, "difffit", num_classes=101)
     assert XL_BIASES == 487_328
     assert n_trainable(model) == 637_088 == XL_BIASES + 14 * 2 * 1152 + 102 * 1152
-    assert count_groups(model) == {"biases": 487_328, "gamma": 32_256, "class_table": 102 * 1152,
-                                   "norms": 0, "lora": 0, "adapters": 0, "prompts": 0, "other": 0}
+    assert count_groups(model) == {
+        "biases": 487_328,
+        "gamma": 32_256,
+        "class_table": 102 * 1152,
+        "norms": 0,
+        "lora": 0,
+        "adapters": 0,
+        "prompts": 0,
+        "other": 0,
+    }
     assert model.gamma_blocks == list(range(14))
     assert not any(name.startswith("t_embedder.") for name in trainable_parameters(model))
 

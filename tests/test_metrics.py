@@ -52,8 +52,7 @@ def image_sets(tmp_path_factory):
 
 def run(generated, reference, weights, **kwargs):
     kwargs.setdefault("device", "cpu")
-    return metrics.evaluate(str(generated), str(reference), inception_weights=str(weights), progress=False,
-                            **kwargs)
+    return metrics.evaluate(str(generated), str(reference), inception_weights=str(weights), progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +64,30 @@ def test_matches_torch_fidelity(ours, image_sets, weights):
     import torch_fidelity
 
     theirs = torch_fidelity.calculate_metrics(
-        input1=str(image_sets["A"]), input2=str(image_sets["B"]), cuda=False, fid=True, kid=True, isc=True,
-        prc=True, feature_extractor="inception-v3-compat", feature_layer_prc="2048", kid_subset_size=6,
-        feature_extractor_weights_path=str(weights), cache=False, verbose=False, save_cpu_ram=True,
+        input1=str(image_sets["A"]),
+        input2=str(image_sets["B"]),
+        cuda=False,
+        fid=True,
+        kid=True,
+        isc=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_layer_prc="2048",
+        kid_subset_size=6,
+        feature_extractor_weights_path=str(weights),
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
     )
-    keys = {"fid": "frechet_inception_distance", "kid_mean": "kernel_inception_distance_mean",
-            "kid_std": "kernel_inception_distance_std", "isc_mean": "inception_score_mean",
-            "isc_std": "inception_score_std", "precision": "precision", "recall": "recall"}
+    keys = {
+        "fid": "frechet_inception_distance",
+        "kid_mean": "kernel_inception_distance_mean",
+        "kid_std": "kernel_inception_distance_std",
+        "isc_mean": "inception_score_mean",
+        "isc_std": "inception_score_std",
+        "precision": "precision",
+        "recall": "recall",
+    }
     assert set(ours.metrics) == set(keys)
     for ours_key, their_key in keys.items():
         assert ours.metrics[ours_key] == pytest.approx(theirs[their_key], rel=1e-3, abs=1e-9), ours_key
@@ -103,8 +119,9 @@ def test_reference_statistics_are_cached_and_saved(image_sets, weights, tmp_path
         return extract(images, *args, **kwargs)
 
     monkeypatch.setattr(metrics, "extract_features", counting)
-    first = run(image_sets["A"], image_sets["B"], weights, metrics="fid,kid", kid_subset_size=6,
-                save_stats=tmp_path / "ref.npz")
+    first = run(
+        image_sets["A"], image_sets["B"], weights, metrics="fid,kid", kid_subset_size=6, save_stats=tmp_path / "ref.npz"
+    )
     assert first.reference_source == "extracted" and len(calls) == 2
     second = run(image_sets["A"], image_sets["B"], weights, metrics="fid,kid", kid_subset_size=6)
     assert second.reference_source == "cache"
@@ -143,15 +160,15 @@ def tiny_base(tmp_path_factory):
     from difffit.engine.models.dit import DiT, DiTConfig
 
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6,
-                                num_classes=4))
+    model = DiT(DiTConfig(input_size=8, in_channels=3, hidden_size=384, depth=1, num_heads=6, num_classes=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
                 p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"difffit.vae": "identity"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"difffit.vae": "identity"}
+    )
     return path
 
 
@@ -170,8 +187,9 @@ def test_model_input_is_sampled_in_memory(tiny_base, image_sets, weights, tmp_pa
     with open(tmp_path / "g.npz", "wb") as f:
         np.savez(f, arr_0=images)
     # batch 5 vs 12 moves the DiT's float rounding a little; other images would move FID by far more
-    assert result.metrics["fid"] == pytest.approx(run(tmp_path / "g.npz", image_sets["B"], weights)
-                                                  .metrics["fid"], rel=1e-3)
+    assert result.metrics["fid"] == pytest.approx(
+        run(tmp_path / "g.npz", image_sets["B"], weights).metrics["fid"], rel=1e-3
+    )
 
 
 def test_a_sample_folder_is_read_as_its_samples(tiny_base, image_sets, weights, tmp_path):
@@ -187,7 +205,8 @@ def test_a_sample_folder_is_read_as_its_samples(tiny_base, image_sets, weights, 
     from_folder = run(tmp_path / "samples", image_sets["B"], weights)
     assert from_folder.num_generated == N
     assert from_folder.metrics["fid"] == pytest.approx(
-        run(tmp_path / "samples" / "samples.npz", image_sets["B"], weights).metrics["fid"], rel=1e-6)
+        run(tmp_path / "samples" / "samples.npz", image_sets["B"], weights).metrics["fid"], rel=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +220,17 @@ def bad_inputs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("generated, reference, extra, expected", [
-    ("{bad}/empty", "{B}", [], "No images found"),
-    ("{bad}/floats.npz", "{B}", [], "expected N x H x W x 3 uint8"),
-    ("{A}", "{bad}/noarr.npz", [], "neither images (arr_0) nor statistics"),
-    ("{A}", "{bad}/missing.npz", [], "does not exist"),
-    ("{A}", "{B}", ["--metrics", "kid"], "KID draws subsets of 1000 images"),
-    ("{A}", "{B}", ["--metrics", "fid,lpips"], "Unknown metric 'lpips'"),
-])
+@pytest.mark.parametrize(
+    "generated, reference, extra, expected",
+    [
+        ("{bad}/empty", "{B}", [], "No images found"),
+        ("{bad}/floats.npz", "{B}", [], "expected N x H x W x 3 uint8"),
+        ("{A}", "{bad}/noarr.npz", [], "neither images (arr_0) nor statistics"),
+        ("{A}", "{bad}/missing.npz", [], "does not exist"),
+        ("{A}", "{B}", ["--metrics", "kid"], "KID draws subsets of 1000 images"),
+        ("{A}", "{B}", ["--metrics", "fid,lpips"], "Unknown metric 'lpips'"),
+    ],
+)
 def test_bad_input_is_one_sentence(generated, reference, extra, expected, image_sets, bad_inputs, weights):
     paths = {"bad": bad_inputs, "A": image_sets["A"], "B": image_sets["B"]}
     args = [generated.format(**paths), reference.format(**paths), "--inception-weights", str(weights), *extra]
@@ -253,9 +275,23 @@ def test_random_weights_are_an_offline_value_cached_once(ours, image_sets, weigh
 
 def test_json_output_has_only_the_asked_metrics(image_sets, weights):
     done = subprocess.run(
-        [sys.executable, "-m", "difffit", "eval-fid", str(image_sets["A"]), str(image_sets["B"]),
-         "--inception-weights", str(weights), "--metrics", "fid,isc", "--device", "cpu", "--json"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "difffit",
+            "eval-fid",
+            str(image_sets["A"]),
+            str(image_sets["B"]),
+            "--inception-weights",
+            str(weights),
+            "--metrics",
+            "fid,isc",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -269,12 +305,28 @@ def _cli(monkeypatch, capsys, *args):
     return code, out, " ".join(err.split())
 
 
-def test_eval_fid_scores_a_folder_that_difffit_sample_wrote(tiny_base, image_sets, weights, tmp_path, monkeypatch,
-                                                            capsys):
+def test_eval_fid_scores_a_folder_that_difffit_sample_wrote(
+    tiny_base, image_sets, weights, tmp_path, monkeypatch, capsys
+):
     """The pattern of eval-fid's --help: `difffit sample ... --out DIR`, then `difffit eval-fid DIR REFERENCE`."""
     monkeypatch.chdir(tmp_path)
-    code, _, err = _cli(monkeypatch, capsys, "sample", tiny_base, "-n", "5", "--scheduler", "ddim", "--steps", "2",
-                        "--device", "cpu", "--npz", "--out", "samples/x")
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        tiny_base,
+        "-n",
+        "5",
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--npz",
+        "--out",
+        "samples/x",
+    )
     assert code == 0, err
     common = ["--inception-weights", weights, "--device", "cpu", "--json"]
     code, out, err = _cli(monkeypatch, capsys, "eval-fid", "samples/x", image_sets["B"], *common)
@@ -292,9 +344,11 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     a, b = (shutil.copytree(image_sets[name], tmp_path / name) for name in "AB")  # a failure spoils only copies
     weights = shutil.copy(weights, tmp_path / "inception.pth")
     image = (b / "001.png").read_bytes()
-    for target, words in [(b / "001.png", "would overwrite the input"),  # was: the image became an npz
-                          (a / "stats.npz", "would overwrite the input"),  # inside an input folder
-                          (weights, "would overwrite the input")]:
+    for target, words in [
+        (b / "001.png", "would overwrite the input"),  # was: the image became an npz
+        (a / "stats.npz", "would overwrite the input"),  # inside an input folder
+        (weights, "would overwrite the input"),
+    ]:
         with pytest.raises(DiffFitError, match=words):
             run(a, b, weights, save_stats=target)
     assert (b / "001.png").read_bytes() == image and not (a / "stats.npz").exists()
@@ -308,8 +362,20 @@ def test_save_stats_never_replaces_an_input_or_an_unasked_file(image_sets, weigh
     assert existing.read_bytes() == b"someone's file"
     run(a, b, weights, save_stats=existing.with_name("ours.npz"))
     existing = existing.with_name("ours.npz")
-    code, _, err = _cli(monkeypatch, capsys, "eval-fid", a, b, "--inception-weights", weights, "--device", "cpu",
-                        "--save-stats", existing, "--overwrite")
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "eval-fid",
+        a,
+        b,
+        "--inception-weights",
+        weights,
+        "--device",
+        "cpu",
+        "--save-stats",
+        existing,
+        "--overwrite",
+    )
     assert code == 0, err
     assert metrics.load_statistics(existing).count == N
     # A run that fails writes nothing: statistics of another size cannot be compared with the reference's.

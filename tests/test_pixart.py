@@ -34,8 +34,10 @@ XL_TOTAL = 610_856_096
 def x_t_c(seed=0, batch=2, text_width=32, tokens=5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, 8, 8, generator=g)
-    text = {"prompt_embeds": torch.randn(batch, tokens, text_width, generator=g),
-            "prompt_attention_mask": torch.tensor([[1] * tokens, [1, 1, 1, 0, 0]][:batch])}
+    text = {
+        "prompt_embeds": torch.randn(batch, tokens, text_width, generator=g),
+        "prompt_attention_mask": torch.tensor([[1] * tokens, [1, 1, 1, 0, 0]][:batch]),
+    }
     return x, torch.tensor([10, 900][:batch]), text
 
 
@@ -53,22 +55,31 @@ def pipeline_dir(tmp_path_factory):
 # -- counts on the real configuration, on the meta device --------------------------------------------------
 
 
-@pytest.mark.parametrize("method, expected", [
-    ("difffit", BIASES + TABLES + GAMMA),
-    ("bitfit", BIASES + TIMESTEP_BIASES + TABLES),
-    ("full", XL_TOTAL),
-    ("lora", LORA_R8),
-])
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("difffit", BIASES + TABLES + GAMMA),
+        ("bitfit", BIASES + TIMESTEP_BIASES + TABLES),
+        ("full", XL_TOTAL),
+        ("lora", LORA_R8),
+    ],
+)
 def test_counts_on_the_real_pixart_alpha_xl2_config(method, expected):
     report = describe_method(XL512, method, family=PIXART)
     assert report["trainable_params"] == expected
-    assert report["total_params"] == XL_TOTAL + (GAMMA if method == "difffit" else 0) + \
-        (LORA_R8 if method == "lora" else 0)
+    assert report["total_params"] == XL_TOTAL + (GAMMA if method == "difffit" else 0) + (
+        LORA_R8 if method == "lora" else 0
+    )
     assert "num_classes" not in report and report["paper_trainable_params"] is None
     if method == "difffit":
         assert report["gamma_blocks"] == list(range(14))
-        assert report["trainable_groups"] == {"biases": BIASES, "gamma": GAMMA, "modulation": TABLES, "norms": 0,
-                                              "other": 0}
+        assert report["trainable_groups"] == {
+            "biases": BIASES,
+            "gamma": GAMMA,
+            "modulation": TABLES,
+            "norms": 0,
+            "other": 0,
+        }
         assert 0.1 < report["trainable_percent"] < 0.12  # about 0.1% of the model, as the issue promises
 
 
@@ -106,14 +117,18 @@ def test_gamma_sits_on_the_three_branch_outputs_of_the_first_half():
     prepare_model(model, "difffit")
     assert PIXART.gamma_blocks(model) == [0, 1]
     gammas = sorted(name for name in trainable_parameters(model) if ".gamma_" in name)
-    assert gammas == [f"transformer_blocks.{i}.{path}.gamma_" for i in (0, 1)
-                      for path in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")]
+    assert gammas == [
+        f"transformer_blocks.{i}.{path}.gamma_"
+        for i in (0, 1)
+        for path in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
+    ]
     # Shared, not copied: the projection keeps diffusers' parameter names and objects.
     block = model.transformer_blocks[0]
     assert isinstance(block.attn1.to_out[0], ScaledLinear) and block.attn1.to_out[0].weight is weight
     assert set(model.state_dict()) - keys == {name for name in gammas}
-    prepare_model(make_tiny_transformer(), "difffit", gamma_blocks=[3],
-                  settings=MethodSettings(gamma_placement="branch+attn"))
+    prepare_model(
+        make_tiny_transformer(), "difffit", gamma_blocks=[3], settings=MethodSettings(gamma_placement="branch+attn")
+    )
 
 
 @pytest.mark.parametrize("placement", ["branch", "branch+attn"])
@@ -135,8 +150,12 @@ def test_lora_targets_both_attentions_and_folds():
     model = make_tiny_transformer()
     prepare_model(model, "lora", settings=MethodSettings(rank=2))
     names = {n.rsplit(".lora_", 1)[0] for n in trainable_parameters(model)}
-    assert names == {f"transformer_blocks.{i}.attn{a}.{p}" for i in range(4) for a in (1, 2)
-                     for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert names == {
+        f"transformer_blocks.{i}.attn{a}.{p}"
+        for i in range(4)
+        for a in (1, 2)
+        for p in ("to_q", "to_k", "to_v", "to_out.0")
+    }
     assert count_groups(model)["lora"] == 4 * 8 * 2 * (16 + 16)  # 4 blocks x 8 linears 16 -> 16, rank 2
     with torch.no_grad():
         for p in trainable_parameters(model).values():
@@ -248,8 +267,12 @@ def test_adapters_apply_only_to_their_own_family(pipeline_dir, tmp_path, tiny_ba
     dit_base = load_base(str(tiny_base_file))
     dit_model = dit_base.model
     prepare_model(dit_model, "difffit")
-    save_adapter(tmp_path / "dit.safetensors", dit_model, {n: p.detach().clone() for n, p in
-                 dit_model.named_parameters()}, make_meta(dit_base, dit_model, "difffit"))
+    save_adapter(
+        tmp_path / "dit.safetensors",
+        dit_model,
+        {n: p.detach().clone() for n, p in dit_model.named_parameters()},
+        make_meta(dit_base, dit_model, "difffit"),
+    )
     _, dit_meta = read_adapter(tmp_path / "dit.safetensors")
     with pytest.raises(DiffFitError, match="is a DiT adapter, and .* is a PixArt base"):
         load_adapter_base(tmp_path / "dit.safetensors", dit_meta, base=str(pipeline_dir))
@@ -260,14 +283,22 @@ def test_the_1024_models_micro_conditions_are_the_pipelines():
     pipeline passes them. 48 wide: the size embedders split the width in three."""
     from types import SimpleNamespace
 
-    model = make_tiny_transformer(num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48,
-                                  use_additional_conditions=True)
+    model = make_tiny_transformer(
+        num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48, use_additional_conditions=True
+    )
     x, t, text = x_t_c()
     x = torch.nn.functional.pad(x, (0, 4))  # 8 x 12 latents: 16 x 24 px with a VAE of factor 2
     with torch.no_grad():
         ours = PIXART.forward(model, SimpleNamespace(vae_factor=2))(x, t, text)
-        theirs = model(x, encoder_hidden_states=text["prompt_embeds"], encoder_attention_mask=text[
-            "prompt_attention_mask"], timestep=t, added_cond_kwargs={
-            "resolution": torch.tensor([[16.0, 24.0]] * 2), "aspect_ratio": torch.tensor([[16 / 24]] * 2)},
-            return_dict=False)[0]
+        theirs = model(
+            x,
+            encoder_hidden_states=text["prompt_embeds"],
+            encoder_attention_mask=text["prompt_attention_mask"],
+            timestep=t,
+            added_cond_kwargs={
+                "resolution": torch.tensor([[16.0, 24.0]] * 2),
+                "aspect_ratio": torch.tensor([[16 / 24]] * 2),
+            },
+            return_dict=False,
+        )[0]
     assert torch.equal(ours, theirs)

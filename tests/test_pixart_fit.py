@@ -49,8 +49,9 @@ def fixed_loss(source, captions: list[str], latents: torch.Tensor) -> float:
     noise = torch.randn(latents.shape, generator=g)
     forward = PIXART.forward(base.model.eval(), base)
     with torch.no_grad():
-        losses = PIXART.diffusion(base).training_losses(lambda x, s: forward(x, s, text.take(torch.arange(len(x)))),
-                                                        latents, t, noise)
+        losses = PIXART.diffusion(base).training_losses(
+            lambda x, s: forward(x, s, text.take(torch.arange(len(x)))), latents, t, noise
+        )
     return losses["loss"].mean().item()
 
 
@@ -110,8 +111,10 @@ def test_resume_equals_an_uninterrupted_run(conf, tmp_path):
     assert resumed.start_step == 4 and resumed.step == 8
     a, b = load_file(str(full.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-            for out in (full.out_dir, resumed.out_dir)]
+    logs = [
+        [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+        for out in (full.out_dir, resumed.out_dir)
+    ]
     assert logs[0] == logs[1]
 
 
@@ -198,8 +201,10 @@ def test_caption_dropout_uses_the_empty_caption_at_the_rate_asked():
     captions = [f"caption {i}" for i in range(4)]
 
     def encode(texts):
-        return {"prompt_embeds": torch.tensor([[float(len(t))] for t in texts]).unsqueeze(-1),
-                "prompt_attention_mask": torch.ones(len(texts), 1)}
+        return {
+            "prompt_embeds": torch.tensor([[float(len(t))] for t in texts]).unsqueeze(-1),
+            "prompt_attention_mask": torch.ones(len(texts), 1),
+        }
 
     embeddings = text_embeddings(captions * 250, encode, key="k", cache_dir=None, progress=False, extra=[""])
     conditions = Captions(embeddings, 0.3)
@@ -243,18 +248,27 @@ def test_a_base_folder_without_its_text_encoder_stops_the_run(conf, tmp_path):
     refused(conf(base=str(folder)), "has no text_encoder")
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"method": "vpt-deep"}, "--method vpt-deep is not available on PixArt bases"),
-    ({"num_heads": 2}, "--num-heads applies to class-conditional"),
-    ({"resolution": 20}, "--resolution 20 is not a multiple of 8 px"),
-    ({"resolution": 32, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional grid"),
-    ({"vae": "identity"}, "--vae applies to class-conditional"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"method": "vpt-deep"}, "--method vpt-deep is not available on PixArt bases"),
+        ({"num_heads": 2}, "--num-heads applies to class-conditional"),
+        ({"resolution": 20}, "--resolution 20 is not a multiple of 8 px"),
+        ({"resolution": 32, "pos_embed": "trick"}, "upscale-res moves DiT's fixed positional grid"),
+        ({"vae": "identity"}, "--vae applies to class-conditional"),
+    ],
+)
 def test_options_that_do_not_apply_to_pixart(conf, options, match):
     refused(conf(**options), match)
 
 
 def test_caption_options_on_a_dit_base_are_refused(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
-    config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1,
-                       out=str(tmp_path / "run"), caption_template="a photo of {class}")
+    config = FitConfig(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=1,
+        out=str(tmp_path / "run"),
+        caption_template="a photo of {class}",
+    )
     refused(config, "--caption-template applies to text-to-image bases")

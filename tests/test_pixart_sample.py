@@ -76,23 +76,32 @@ def test_the_pipelines_defaults_and_other_schedulers(pipeline_dir, tiny_base_fil
 
 def test_what_does_not_apply_is_refused_before_anything_is_written(pipeline_dir, tiny_base_file, tmp_path):
     options = SamplingOptions(cfg_scale=None, scheduler=None, **FAST)
-    cases = [(str(pipeline_dir), {"classes": ["red"]}, "--class does not apply to .* a PixArt base"),
-             (str(pipeline_dir), {}, "text-to-image base; give it --prompt"),
-             (str(tiny_base_file), {"prompts": ["a cat"]}, "--prompt does not apply to .* a DiT base")]
+    cases = [
+        (str(pipeline_dir), {"classes": ["red"]}, "--class does not apply to .* a PixArt base"),
+        (str(pipeline_dir), {}, "text-to-image base; give it --prompt"),
+        (str(tiny_base_file), {"prompts": ["a cat"]}, "--prompt does not apply to .* a DiT base"),
+    ]
     for source, conditions, message in cases:
         with pytest.raises(DiffFitError, match=message):
             sample_sources([source], 2, options, out=tmp_path / "out", progress=False, **conditions)
         assert not (tmp_path / "out").exists()
     for bad in ({"width": 20}, {"scheduler": "ddpm", "steps": 2000}):
         with pytest.raises(DiffFitError):
-            sample_sources([str(pipeline_dir)], 1, SamplingOptions(**{"cfg_scale": None, "scheduler": None,
-                           **FAST, **bad}), out=tmp_path / "out", prompts=PROMPTS, progress=False)
+            sample_sources(
+                [str(pipeline_dir)],
+                1,
+                SamplingOptions(**{"cfg_scale": None, "scheduler": None, **FAST, **bad}),
+                out=tmp_path / "out",
+                prompts=PROMPTS,
+                progress=False,
+            )
         assert not (tmp_path / "out").exists()
     with pytest.raises(DiffFitError, match="apply to text-to-image bases"):
         sample_sources([str(tiny_base_file)], 1, SamplingOptions(width=32), out=tmp_path / "out", progress=False)
     with pytest.raises(DiffFitError, match="--scheduler pipeline is not one of DiT's"):
-        sample_sources([str(tiny_base_file)], 1, SamplingOptions(scheduler="pipeline"), out=tmp_path / "out",
-                       progress=False)
+        sample_sources(
+            [str(tiny_base_file)], 1, SamplingOptions(scheduler="pipeline"), out=tmp_path / "out", progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -130,9 +139,17 @@ def test_merged_pipeline_loads_in_stock_diffusers_and_draws_the_adapters_images(
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "merged")
     assert type(pipe).__name__ == "PixArtAlphaPipeline"
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPTS + PROMPTS[:1], negative_prompt="", num_inference_steps=3, height=16, width=16,
-               generator=sample_generators(7, range(3)), use_resolution_binning=False, clean_caption=False,
-               output_type="np").images
+    out = pipe(
+        PROMPTS + PROMPTS[:1],
+        negative_prompt="",
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        generator=sample_generators(7, range(3)),
+        use_resolution_binning=False,
+        clean_caption=False,
+        output_type="np",
+    ).images
     merged = np.round(out * 255).astype(np.int16)
     assert np.abs(merged - images(adapter, 3, PROMPTS).astype(np.int16)).max() <= 1
     # Unchanged components are the base's files (linked, or copied byte for byte), never re-saved.

@@ -24,9 +24,19 @@ PROMPTS = ["a red square", 'a "quoted" blue square']
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pixart-share")
     pipe = make_tiny_pixart(root / "pipe")
-    config = FitConfig(data=str(make_captioned_data(root / "data")), base=str(pipe), steps=2, batch_size=4,
-                       save_every=0, sample_every=2, num_workers=0, cache_dir=str(root / "cache"),
-                       out=str(root / "run"), validation_prompts=PROMPTS, compile="off")
+    config = FitConfig(
+        data=str(make_captioned_data(root / "data")),
+        base=str(pipe),
+        steps=2,
+        batch_size=4,
+        save_every=0,
+        sample_every=2,
+        num_workers=0,
+        cache_dir=str(root / "cache"),
+        out=str(root / "run"),
+        validation_prompts=PROMPTS,
+        compile="off",
+    )
     return fit(config, progress=False).out_dir
 
 

@@ -8,13 +8,24 @@ import sys
 
 import difffit
 
-PUBLIC = ("fit", "FitConfig", "load_base", "generate", "sample_to_folder", "evaluate", "merge_adapter", "load_adapter",
-          "unload_adapter")
+PUBLIC = (
+    "fit",
+    "FitConfig",
+    "load_base",
+    "generate",
+    "sample_to_folder",
+    "evaluate",
+    "merge_adapter",
+    "load_adapter",
+    "unload_adapter",
+)
 
 
 def test_import_difffit_loads_no_heavy_library():
-    code = ("import sys, difffit; print(sorted(m for m in ('torch', 'accelerate', 'diffusers', 'transformers', 'peft') "
-            "if m in sys.modules)); print(sorted(difffit.__all__))")
+    code = (
+        "import sys, difffit; print(sorted(m for m in ('torch', 'accelerate', 'diffusers', 'transformers', 'peft') "
+        "if m in sys.modules)); print(sorted(difffit.__all__))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded, names = result.stdout.splitlines()
     assert loaded == "[]"

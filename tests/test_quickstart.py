@@ -51,9 +51,19 @@ def test_tiny_base_is_bundled_and_offline():
 
 
 def test_fitting_the_tiny_base_moves_samples_to_the_target_domain(tmp_path, target_features):
-    config = FitConfig(data=str(TARGET), base="tiny", steps=150, batch_size=32, lr=3e-3, ema_decay=0.99,
-                       save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"))
+    config = FitConfig(
+        data=str(TARGET),
+        base="tiny",
+        steps=150,
+        batch_size=32,
+        lr=3e-3,
+        ema_decay=0.99,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+    )
     result = fit(config, progress=False)
     options = SamplingOptions(scheduler="ddim", steps=25, cfg_scale=1.5, batch_size=32)
     before = generate(load_base("tiny"), 48, options, progress=False).numpy()

@@ -93,8 +93,17 @@ def test_tiny_t2i_is_a_bundled_sd3_pipeline_that_stock_diffusers_loads():
 def test_fitting_tiny_t2i_moves_samples_to_the_target_look_and_keeps_to_the_captions(tmp_path, monkeypatch, target):
     captions, target_images = target
     monkeypatch.chdir(REPO)  # the recipe names examples/target-t2i relative to the checkout
-    config = resolve_fit_config({"steps": TEST_STEPS, "save_every": 0, "sample_every": 0, "num_workers": 0,
-                                 "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "run")}, str(RECIPE))
+    config = resolve_fit_config(
+        {
+            "steps": TEST_STEPS,
+            "save_every": 0,
+            "sample_every": 0,
+            "num_workers": 0,
+            "cache_dir": str(tmp_path / "cache"),
+            "out": str(tmp_path / "run"),
+        },
+        str(RECIPE),
+    )
     result = fit(config, progress=False)
     options = SamplingOptions(scheduler=None, cfg_scale=None, batch_size=SAMPLES)  # the pipeline's own
     prompts = captions[:SAMPLES]
@@ -106,7 +115,9 @@ def test_fitting_tiny_t2i_moves_samples_to_the_target_look_and_keeps_to_the_capt
     base_distance = frechet_distance(pixel_features(before), target_features)
     adapted_distance = frechet_distance(pixel_features(after), target_features)
     places, colours = caption_accuracy(after, prompts)
-    print(f"pixel Frechet distance to the target: base {base_distance:.3f}, adapted {adapted_distance:.3f}; "
-          f"adapted samples at the caption's place {places:.2f}, in its colour {colours:.2f}")
+    print(
+        f"pixel Frechet distance to the target: base {base_distance:.3f}, adapted {adapted_distance:.3f}; "
+        f"adapted samples at the caption's place {places:.2f}, in its colour {colours:.2f}"
+    )
     assert adapted_distance < 0.5 * base_distance, (adapted_distance, base_distance)
     assert places >= 0.6 and colours >= 0.6, (places, colours)  # chance: 0.2 and 0.25

@@ -26,9 +26,19 @@ def real_run(tmp_path_factory, tiny_base_file, tiny_vae_dir) -> Path:
     from conftest import make_toy_data
 
     root = tmp_path_factory.mktemp("report")
-    config = FitConfig(data=str(make_toy_data(root / "data")), base=str(tiny_base_file), vae=str(tiny_vae_dir),
-                       steps=4, batch_size=4, save_every=0, sample_every=2, num_workers=0,
-                       cache_dir=str(root / "cache"), out=str(root / "run"), lr=1e-2)
+    config = FitConfig(
+        data=str(make_toy_data(root / "data")),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=4,
+        batch_size=4,
+        save_every=0,
+        sample_every=2,
+        num_workers=0,
+        cache_dir=str(root / "cache"),
+        out=str(root / "run"),
+        lr=1e-2,
+    )
     out = fit(config, progress=False).out_dir
     (out / "eval.json").write_text(json.dumps({"fid": 42.125, "num_generated": 64, "num_reference": 12}))
     return out
@@ -37,8 +47,20 @@ def real_run(tmp_path_factory, tiny_base_file, tiny_vae_dir) -> Path:
 def fake_run(folder: Path, losses: list[float], val: dict[int, float] | None = None) -> Path:
     """A run folder written by hand: a log (with a foreign line and a cut-off line), one preview, no adapter."""
     folder.mkdir(parents=True)
-    lines = [json.dumps({"step": i + 1, "loss": v, "mse": v * 0.9, "vb": v * 0.1, "img_per_s": 100.0 + i,
-                         "elapsed_s": 2.0 * (i + 1), "peak_mem_mb": 1000 + i}) for i, v in enumerate(losses)]
+    lines = [
+        json.dumps(
+            {
+                "step": i + 1,
+                "loss": v,
+                "mse": v * 0.9,
+                "vb": v * 0.1,
+                "img_per_s": 100.0 + i,
+                "elapsed_s": 2.0 * (i + 1),
+                "peak_mem_mb": 1000 + i,
+            }
+        )
+        for i, v in enumerate(losses)
+    ]
     lines += [json.dumps({"step": s, "val_loss": v}) for s, v in (val or {}).items()]
     lines.insert(1, json.dumps({"event": "from another tool"}))
     (folder / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 99, "loss": 0.')
@@ -93,15 +115,14 @@ class Page(HTMLParser):
 def decode(src: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix)
-    return Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+    return Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :])))
 
 
 def test_report_of_one_real_run(real_run, tmp_path):
     out = write_report([real_run], tmp_path / "report.html")
     page = Page(out.read_text())
     assert len(page.images) == 3  # the preview timeline: steps 0, 2 and 4
-    assert all(decode(src).size == Image.open(real_run / "samples" / "step-0000000.png").size
-               for src in page.images)
+    assert all(decode(src).size == Image.open(real_run / "samples" / "step-0000000.png").size for src in page.images)
     log = [json.loads(line) for line in (real_run / "log.jsonl").read_text().splitlines()]
     (data,) = page.json
     assert data["loss"] == {"step": [r["step"] for r in log], "value": [r["loss"] for r in log]}
@@ -111,7 +132,7 @@ def test_report_of_one_real_run(real_run, tmp_path):
     assert summary["method"] == "difffit" and summary["steps"] == "4" and summary["batch size"] == "4"
     assert summary["final loss"] == f"{log[-1]['loss']:.4f}"
     assert ["fid", "42.125"] in page.tables[1]  # eval.json found next to the run
-    assert 'steps = 4' in out.read_text()  # the resolved config.toml
+    assert "steps = 4" in out.read_text()  # the resolved config.toml
 
 
 def test_two_runs_give_two_rows_and_two_curves(real_run, tmp_path):
@@ -170,6 +191,7 @@ def test_loss_png_decodes(real_run, tmp_path):
 def test_tensorboard_events_hold_the_preview_image(real_run, tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
     EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
     from difffit.engine.training.trackers import log_preview

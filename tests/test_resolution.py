@@ -54,9 +54,21 @@ def test_unknown_mode_is_refused(base):
 
 
 def test_upscaled_fit_samples_and_merges_at_the_new_size(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
-    config = FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), resolution=32,
-                       pos_embed="trick", steps=3, batch_size=4, save_every=0, sample_every=0, num_workers=0,
-                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), adapter_dtype="fp32")
+    config = FitConfig(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        resolution=32,
+        pos_embed="trick",
+        steps=3,
+        batch_size=4,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        adapter_dtype="fp32",
+    )
     result = fit(config, progress=False)  # moves the 16 px base to 32 px with the trick
     base = load_base(str(tiny_base_file), vae=str(tiny_vae_dir))
     move_to_resolution(base, 32, "trick")
@@ -80,9 +92,26 @@ def test_upscaled_fit_samples_and_merges_at_the_new_size(tmp_path, toy_data, tin
 
 def test_cli_refuses_a_smaller_target_in_one_sentence(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     run = subprocess.run(
-        [sys.executable, "-m", "difffit", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
-         "--vae", str(tiny_vae_dir), "--to", "8", "--batch-size", "4", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "difffit",
+            "upscale-res",
+            str(toy_data),
+            "--base",
+            str(tiny_base_file),
+            "--vae",
+            str(tiny_vae_dir),
+            "--to",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 1
     assert "not larger than the base's 16 px" in run.stderr
@@ -91,8 +120,19 @@ def test_cli_refuses_a_smaller_target_in_one_sentence(tmp_path, toy_data, tiny_b
 
 def test_cli_needs_a_target(tmp_path, toy_data, tiny_base_file):
     run = subprocess.run(
-        [sys.executable, "-m", "difffit", "upscale-res", str(toy_data), "--base", str(tiny_base_file),
-         "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "difffit",
+            "upscale-res",
+            str(toy_data),
+            "--base",
+            str(tiny_base_file),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 1 and "needs a target resolution" in run.stderr and "Traceback" not in run.stderr

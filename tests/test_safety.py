@@ -31,9 +31,20 @@ from difffit.engine.training.train import fit
 @pytest.fixture
 def conf(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
     def make(**overrides) -> FitConfig:
-        options = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=4, batch_size=4,
-                       save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"), adapter_dtype="fp32", ema=False)
+        options = dict(
+            data=str(toy_data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=4,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+            adapter_dtype="fp32",
+            ema=False,
+        )
         return FitConfig(**{**options, **overrides})
 
     return make
@@ -87,8 +98,9 @@ def _write_pipeline(target, files: dict[str, str]) -> None:
 
 
 def _tree(folder) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file()
-            and p.name != MARKER}
+    return {
+        p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file() and p.name != MARKER
+    }
 
 
 def test_replacing_a_folder_difffit_wrote_keeps_the_files_a_user_added(tmp_path):
@@ -100,8 +112,13 @@ def test_replacing_a_folder_difffit_wrote_keeps_the_files_a_user_added(tmp_path)
     (target / "transformer" / "mine.txt").write_text("mine too")
     (target / "empty-mine").mkdir()
     _write_pipeline(target, {"model_index.json": "2", "transformer/weights": "2"})
-    assert _tree(target) == {"model_index.json": "2", "transformer/weights": "2", "NOTES.md": "my notes",
-                             "my-extras/eval.json": "{}", "transformer/mine.txt": "mine too"}  # old-part/x: gone
+    assert _tree(target) == {
+        "model_index.json": "2",
+        "transformer/weights": "2",
+        "NOTES.md": "my notes",
+        "my-extras/eval.json": "{}",
+        "transformer/mine.txt": "mine too",
+    }  # old-part/x: gone
     assert (target / "empty-mine").is_dir() and [p.name for p in tmp_path.iterdir()] == ["pipeline"]
     # A user's file where the new output writes one: refused, nothing changed.
     (target / "scheduler").mkdir()
@@ -187,10 +204,19 @@ def test_a_second_run_into_a_locked_folder_is_refused(conf, tmp_path):
 
 def test_a_killed_process_leaves_no_blocking_lock(conf, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from difffit.engine.io import run_lock\n"
-        f"with run_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(600)")],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from difffit.engine.io import run_lock\n"
+                f"with run_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(600)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DiffFitError, match=f"pid {holder.pid}"):
@@ -221,10 +247,17 @@ def test_resume_at_or_past_the_end_changes_nothing(conf, tmp_path):
         fit(conf(resume=True, steps=2), progress=False)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("adapter_dtype", "int8", "--adapter-dtype"), ("seed", -5, "--seed"), ("resolution", 0, "--resolution"),
-    ("resolution", 100000, "largest supported"), ("lr", float("nan"), "--lr"), ("method", "lorax", "--method"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("adapter_dtype", "int8", "--adapter-dtype"),
+        ("seed", -5, "--seed"),
+        ("resolution", 0, "--resolution"),
+        ("resolution", 100000, "largest supported"),
+        ("lr", float("nan"), "--lr"),
+        ("method", "lorax", "--method"),
+    ],
+)
 def test_bad_options_fail_before_any_work(conf, tmp_path, option, value, message):
     with pytest.raises(DiffFitError, match=message):
         fit(conf(**{option: value}), progress=False)
@@ -244,13 +277,16 @@ def test_a_class_whose_images_are_all_unreadable_is_dropped(conf, tmp_path, toy_
     assert result.classes == clean.classes == 2 and result.skipped == 3
     a, b = adapter_tensors(clean.adapter), adapter_tensors(result.adapter)
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # a 2-class table
-    losses = [[json.loads(line).get("val_loss") for line in (run.out_dir / "log.jsonl").read_text().splitlines()]
-              for run in (clean, result)]
+    losses = [
+        [json.loads(line).get("val_loss") for line in (run.out_dir / "log.jsonl").read_text().splitlines()]
+        for run in (clean, result)
+    ]
     assert losses[0] == losses[1] and any(losses[0])  # red's held-out images keep red's label
 
 
-def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, tiny_base_file, tiny_vae_dir,
-                                                          monkeypatch, capsys):
+def test_a_full_disk_while_caching_latents_is_one_sentence(
+    tmp_path, toy_data, tiny_base_file, tiny_vae_dir, monkeypatch, capsys
+):
     import errno
 
     from conftest import run_cli
@@ -286,8 +322,26 @@ def test_a_full_disk_while_caching_latents_is_one_sentence(tmp_path, toy_data, t
 
     monkeypatch.setattr(latents, "open", opening, raising=False)  # the writes of latents.npy, at the OS boundary
     cache = tmp_path / "cache"
-    args = ["fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir, "--steps", "2", "--batch-size", "4",
-            "--num-workers", "0", "--cache-dir", cache, "--out", tmp_path / "run", "--sample-every", "0"]
+    args = [
+        "fit",
+        toy_data,
+        "--base",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        cache,
+        "--out",
+        tmp_path / "run",
+        "--sample-every",
+        "0",
+    ]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     err = " ".join(err.split())
     assert code == 1 and "Traceback" not in err, err  # was: rc 135 (Bus error) and nothing on stderr
@@ -360,9 +414,25 @@ def test_stale_cache_builds_of_dead_processes_are_removed(tmp_path):
 
 
 def test_sigterm_saves_and_resume_is_bit_equal(conf, tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
-    common = ["--base", str(tiny_base_file), "--vae", str(tiny_vae_dir), "--batch-size", "4", "--sample-every", "0",
-              "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--adapter-dtype", "fp32", "--no-ema",
-              "--out", str(tmp_path / "run")]
+    common = [
+        "--base",
+        str(tiny_base_file),
+        "--vae",
+        str(tiny_vae_dir),
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--adapter-dtype",
+        "fp32",
+        "--no-ema",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     run = _cli("fit", str(toy_data), *common, "--steps", "100000", "--save-every", "1000")
     _wait_for(tmp_path / "run" / "log.jsonl", run)
     run.send_signal(signal.SIGTERM)

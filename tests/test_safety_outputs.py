@@ -59,8 +59,17 @@ def test_diffusers_merge_into_the_current_folder_is_refused(run_folder, tmp_path
     work.mkdir()
     (work / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(work)
-    code, _, err = run_cli(monkeypatch, capsys, "merge", run_folder / "adapter.safetensors", "--format", "diffusers",
-                           "--out", ".", "--overwrite")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "merge",
+        run_folder / "adapter.safetensors",
+        "--format",
+        "diffusers",
+        "--out",
+        ".",
+        "--overwrite",
+    )
     assert code == 1 and "not written by difffit" in err.replace("\n", " ")
     assert [p.name for p in work.iterdir()] == ["thesis.tex"]
 
@@ -87,8 +96,11 @@ def test_merge_to_a_file_never_replaces_an_input_or_an_unasked_file(run_folder, 
 
 
 def test_run_folder_given_as_a_model_names_its_adapter(monkeypatch, capsys, run_folder, tmp_path):
-    for command in (["sample", str(run_folder), *FAST], ["merge", str(run_folder), "--out", str(tmp_path / "m")],
-                    ["info", str(run_folder)]):
+    for command in (
+        ["sample", str(run_folder), *FAST],
+        ["merge", str(run_folder), "--out", str(tmp_path / "m")],
+        ["info", str(run_folder)],
+    ):
         code, _, err = run_cli(monkeypatch, capsys, *command)
         assert code == 1 and "Traceback" not in err, err
         flat = err.replace("\n", "")  # rich wraps long paths mid-word
@@ -96,8 +108,9 @@ def test_run_folder_given_as_a_model_names_its_adapter(monkeypatch, capsys, run_
 
 
 def test_nan_options_and_adapters_are_refused(monkeypatch, capsys, adapters, tmp_path):  # noqa: F811
-    code, out, err = run_cli(monkeypatch, capsys, "sample", adapters[0], *FAST, "--cfg-scale", "nan",
-                             "--out", tmp_path / "s", "--json")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "sample", adapters[0], *FAST, "--cfg-scale", "nan", "--out", tmp_path / "s", "--json"
+    )
     assert code == 1 and out == "" and "--cfg-scale must be a finite number" in err.replace("\n", " ")
     assert not (tmp_path / "s").exists()
     tensors = load_file(adapters[0])
@@ -120,12 +133,15 @@ def test_nan_options_and_adapters_are_refused(monkeypatch, capsys, adapters, tmp
 
 
 def test_every_json_output_is_strict(monkeypatch, capsys, adapters, tmp_path):  # noqa: F811
-    code, out, err = run_cli(monkeypatch, capsys, "sample", adapters[0], *FAST, "-n", "1", "--out", tmp_path / "s",
-                             "--json")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "sample", adapters[0], *FAST, "-n", "1", "--out", tmp_path / "s", "--json"
+    )
     assert code == 0, err
     json.loads(out, parse_constant=lambda word: pytest.fail(f"non-strict JSON constant {word}"))
-    json.loads((tmp_path / "s" / "sample.json").read_text(),
-               parse_constant=lambda word: pytest.fail(f"non-strict JSON constant {word}"))
+    json.loads(
+        (tmp_path / "s" / "sample.json").read_text(),
+        parse_constant=lambda word: pytest.fail(f"non-strict JSON constant {word}"),
+    )
     assert "Wrote 1 image to" in err.replace("\n", " ")
 
 
@@ -145,16 +161,21 @@ def test_disk_full_and_permission_problems_are_one_sentence(tmp_path, monkeypatc
         pass
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["fit", "{data}", "--base", "random:DiT-S/2", "--resolution", "0"], "--resolution must be 1 or more"),
-    (["upscale-res", "{data}", "--base", "random:DiT-S/2", "--to", "100000"], "largest supported resolution"),
-    (["fit", "{data}", "--base", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
-    (["sample", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
-    (["fit", "{data}", "--base", "random:DiT-S/2", "--adapter-dtype", "int8"], "--adapter-dtype"),
-    (["fit", "{data}", "--base", "tiny", "--resolution", "33", "--batch-size", "4"], "33 px does not fit"),
-    (["fit", "{data}", "--base", "tiny", "--resolution", "16", "--batch-size", "4"],
-     "not larger than the base's 32 px"),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["fit", "{data}", "--base", "random:DiT-S/2", "--resolution", "0"], "--resolution must be 1 or more"),
+        (["upscale-res", "{data}", "--base", "random:DiT-S/2", "--to", "100000"], "largest supported resolution"),
+        (["fit", "{data}", "--base", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
+        (["sample", "random:DiT-S/2", "--seed", "-5"], "--seed must be 0 or more"),
+        (["fit", "{data}", "--base", "random:DiT-S/2", "--adapter-dtype", "int8"], "--adapter-dtype"),
+        (["fit", "{data}", "--base", "tiny", "--resolution", "33", "--batch-size", "4"], "33 px does not fit"),
+        (
+            ["fit", "{data}", "--base", "tiny", "--resolution", "16", "--batch-size", "4"],
+            "not larger than the base's 32 px",
+        ),
+    ],
+)
 def test_bad_options_are_one_sentence_before_any_work(monkeypatch, capsys, tmp_path, toy_data, args, words):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, *[a.format(data=toy_data) for a in args])
@@ -167,9 +188,21 @@ def test_diffusers_merge_of_another_mlp_ratio_is_one_sentence(tmp_path, tiny_bas
     from difffit.engine.training.config import FitConfig
     from difffit.engine.training.train import fit
 
-    run = fit(FitConfig(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, batch_size=4,
-                        save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                        out=str(tmp_path / "run")), progress=False)  # the fixture base has MLP ratio 1
+    run = fit(
+        FitConfig(
+            data=str(toy_data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=1,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+        ),
+        progress=False,
+    )  # the fixture base has MLP ratio 1
     with pytest.raises(DiffFitError, match="only MLP ratio 4, this model has 1"):
         merge_adapter(str(run.adapter), tmp_path / "pipeline", fmt="diffusers")
     assert not (tmp_path / "pipeline").exists()

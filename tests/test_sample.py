@@ -109,8 +109,15 @@ def reference_loop(model, labels, seed, spacing, stochastic, cfg_scale, cfg_chan
 def test_guided_loop_matches_reference_loop(golden_model, scheduler, spacing, channels):
     labels = torch.tensor([1, 2, 9])
     expected = reference_loop(golden_model, labels, 7, spacing, scheduler == "ddpm", 1.5, channels)
-    got = sample_denoised(golden_model, labels, sample_generators(7, range(3)), cfg_scale=1.5,
-                         cfg_channels=channels, scheduler=scheduler, steps=10)
+    got = sample_denoised(
+        golden_model,
+        labels,
+        sample_generators(7, range(3)),
+        cfg_scale=1.5,
+        cfg_channels=channels,
+        scheduler=scheduler,
+        steps=10,
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # random weights: |x0| reaches ~100
 
 
@@ -119,8 +126,14 @@ def test_guidance_doubles_the_batch_only_when_guiding(golden_model):
     hook = golden_model.x_embedder.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
     try:
         for scale in (1.0, 4.0):
-            sample_denoised(golden_model, torch.tensor([0, 1, 2]), sample_generators(0, range(3)),
-                           cfg_scale=scale, scheduler="ddim", steps=2)
+            sample_denoised(
+                golden_model,
+                torch.tensor([0, 1, 2]),
+                sample_generators(0, range(3)),
+                cfg_scale=scale,
+                scheduler="ddim",
+                steps=2,
+            )
     finally:
         hook.remove()
     assert sizes == [3, 3, 6, 6]
@@ -134,8 +147,9 @@ def test_unguided_loop_is_a_plain_conditional_loop(golden_model):
         index = torch.full((2,), i)
         with torch.no_grad():
             x = diffusion.ddim_step(golden_model(x, diffusion.original_timesteps(index), labels), x, index)
-    got = sample_denoised(golden_model, labels, sample_generators(3, range(2)), cfg_scale=1.0,
-                         scheduler="ddim", steps=5)
+    got = sample_denoised(
+        golden_model, labels, sample_generators(3, range(2)), cfg_scale=1.0, scheduler="ddim", steps=5
+    )
     torch.testing.assert_close(got, x, atol=1e-6, rtol=0)
 
 
@@ -175,14 +189,15 @@ def test_same_seed_same_images_whatever_the_batch_size(base, scheduler):
     other = generate(base, 5, options(batch_size=5, seed=6), progress=False)
     assert (other.int() - five.int()).abs().float().mean() > 5
     # An image depends on its index, not on which other images are made with it.
-    (indices, tail), = generate_batches(base, [3, 4], options(batch_size=8), progress=False)
+    ((indices, tail),) = generate_batches(base, [3, 4], options(batch_size=8), progress=False)
     assert indices == [3, 4] and (tail.int() - five[3:].int()).abs().max() <= 1
 
 
 def test_images_are_decoded_latents_in_reference_pixels(base, golden_model):
     images = generate(base, 2, SamplingOptions(scheduler="ddim", steps=3, seed=1), classes=[3], progress=False)
-    latents = sample_denoised(golden_model, torch.tensor([3, 3]), sample_generators(1, range(2)),
-                             scheduler="ddim", steps=3)
+    latents = sample_denoised(
+        golden_model, torch.tensor([3, 3]), sample_generators(1, range(2)), scheduler="ddim", steps=3
+    )
     with torch.no_grad():
         decoded = base.vae().decode(latents)
     expected = torch.clamp(127.5 * decoded + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
@@ -239,8 +254,16 @@ def test_sample_to_folder_writes_pngs_grid_npz_and_a_manifest(base, tmp_path):
     import json
 
     options = SamplingOptions(scheduler="ddim", steps=2, batch_size=2, device="cpu")
-    summary = sample_to_folder(base, tmp_path / "out", 5, options, classes=[2, 7], npz=True, progress=False,
-                               record={"source": "golden.safetensors"})
+    summary = sample_to_folder(
+        base,
+        tmp_path / "out",
+        5,
+        options,
+        classes=[2, 7],
+        npz=True,
+        progress=False,
+        record={"source": "golden.safetensors"},
+    )
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert names == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "sample.json", "samples.npz"]
     expected = generate(base, 5, options, classes=[2, 7], progress=False).numpy()
@@ -388,8 +411,9 @@ def test_two_adapters_in_one_run_equal_two_runs(adapters, tmp_path, monkeypatch,
     assert [o["dir"] for o in report["outputs"]] == ["samples/cats", "samples/birds"]
     together = [load_pngs(sorted((tmp_path / "samples" / name).glob("0*.png"))) for name in ("cats", "birds")]
     for adapter, images in zip(adapters, together, strict=True):
-        code, _, err = run_cli(monkeypatch, capsys, "sample", adapter, *FAST, "--class", "dog",
-                               "--out", tmp_path / "alone", "--overwrite")
+        code, _, err = run_cli(
+            monkeypatch, capsys, "sample", adapter, *FAST, "--class", "dog", "--out", tmp_path / "alone", "--overwrite"
+        )
         assert code == 0, err
         assert np.array_equal(load_pngs(sorted((tmp_path / "alone").glob("0*.png"))), images)
     assert not np.array_equal(together[0], together[1])  # the adapters differ, and so do their images
@@ -399,8 +423,22 @@ def test_two_adapters_in_one_run_equal_two_runs(adapters, tmp_path, monkeypatch,
 
 
 def test_sample_base_file_with_npz(base_file, tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", base_file, *FAST, "--npz", "--class", "4",
-                           "--out", tmp_path / "out", "--cfg-scale", "1.5", "--cfg-channels", "all")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        base_file,
+        *FAST,
+        "--npz",
+        "--class",
+        "4",
+        "--out",
+        tmp_path / "out",
+        "--cfg-scale",
+        "1.5",
+        "--cfg-channels",
+        "all",
+    )
     assert code == 0, err
     with np.load(tmp_path / "out" / "samples.npz") as data:
         arr = data["arr_0"]
@@ -497,15 +535,17 @@ def test_an_interrupted_sample_never_passes_for_a_finished_one(base, tmp_path, m
     assert manifest["complete"] is False and manifest["seed"] == 7  # not the finished seed-0 run it replaces
     # Only the new run's first batch is there: no seed-0 images mixed in under the new manifest.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "000000.png", "000001.png", "sample.json"]
+        "000000.png",
+        "000001.png",
+        "sample.json",
+    ]
     with pytest.raises(DiffFitError, match="unfinished `difffit sample` run"):
         FolderImages(out)
     with pytest.raises(DiffFitError, match="already holds samples of an unfinished run"):
         sample_to_folder(base, out, 6, replace(options, seed=7), progress=False)
     sample_to_folder(base, out, 6, replace(options, seed=7), progress=False, overwrite=True)
     clean = sample_to_folder(base, tmp_path / "clean", 6, replace(options, seed=7), progress=False)
-    assert np.array_equal(load_pngs(sorted(out.glob("0*.png"))),
-                          load_pngs(sorted(Path(clean["dir"]).glob("0*.png"))))
+    assert np.array_equal(load_pngs(sorted(out.glob("0*.png"))), load_pngs(sorted(Path(clean["dir"]).glob("0*.png"))))
     assert json.loads((out / "sample.json").read_text())["complete"] is True
     assert FolderImages(out).count == 6  # the grid is not a sample
 
@@ -518,8 +558,10 @@ def test_an_interrupted_first_sample_can_be_replaced(base, tmp_path, monkeypatch
         with pytest.raises(KeyboardInterrupt):
             sample_to_folder(base, out, 4, options, progress=False)
     sample_to_folder(base, out, 4, options, progress=False, overwrite=True)  # was: "did not write"
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        f"{i:06d}.png" for i in range(4)] + ["grid.png", "sample.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{i:06d}.png" for i in range(4)] + [
+        "grid.png",
+        "sample.json",
+    ]
 
 
 def test_a_second_sample_into_a_folder_in_use_is_refused(base, tmp_path):

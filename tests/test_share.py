@@ -33,9 +33,19 @@ def run_dir(tmp_path_factory, tiny_base_file, tiny_vae_dir) -> Path:
 
     root = tmp_path_factory.mktemp("share")
     data = make_toy_data(root / "data")
-    config = FitConfig(data=str(data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=4, batch_size=4,
-                       save_every=0, sample_every=2, num_workers=0, cache_dir=str(root / "cache"),
-                       out=str(root / "run"), lr=1e-2)
+    config = FitConfig(
+        data=str(data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=4,
+        batch_size=4,
+        save_every=0,
+        sample_every=2,
+        num_workers=0,
+        cache_dir=str(root / "cache"),
+        out=str(root / "run"),
+        lr=1e-2,
+    )
     return fit(config, progress=False).out_dir
 
 
@@ -63,23 +73,39 @@ def test_card_front_matter_and_body(run_dir):
     summary = training_summary(run_dir / "adapter.safetensors")
     summary["base"] = "DiT-XL/2-256"  # as if trained on the public base (MLP ratio 4, a diffusers VAE)
     summary["merge_formats"] = ["original", "diffusers"]
-    eval_result = {"fid": 12.3456, "kid_mean": 0.0123, "num_generated": 1000, "num_reference": 500,
-                   "cfg_scale": 1.5}
+    eval_result = {"fid": 12.3456, "kid_mean": 0.0123, "num_generated": 1000, "num_reference": 500, "cfg_scale": 1.5}
     card = model_card(summary, "me/toy-difffit", eval_result=eval_result, grid="grid.png", grid_caption="Preview.")
     meta, body = front_matter(str(card))
-    assert meta == {"base_model": "facebook/DiT-XL-2-256", "base_model_relation": "adapter",
-                    "library_name": "difffit", "license": "cc-by-nc-4.0",
-                    "pipeline_tag": "unconditional-image-generation", "tags": ["difffit", "dit", "diffusion"]}
+    assert meta == {
+        "base_model": "facebook/DiT-XL-2-256",
+        "base_model_relation": "adapter",
+        "library_name": "difffit",
+        "license": "cc-by-nc-4.0",
+        "pipeline_tag": "unconditional-image-generation",
+        "tags": ["difffit", "dit", "diffusion"],
+    }
     assert ModelCard(str(card)).data.base_model == "facebook/DiT-XL-2-256"  # the Hub's own parser agrees
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    for text in ("# toy-difffit", "![Samples](grid.png)", "0. blue", "1. red", "| Method | difffit |",
-                 f"| Trainable parameters | {summary['trainable_params']:,} (",
-                 "| Steps | 4 |", "| Batch size | 4 |", "| Learning rate | 0.01 |", "| Training images | 12 |",
-                 f"| Final loss | {records[-1]['loss']:.4f} |", "| FID | 12.35 |", "| KID | 0.0123 |",
-                 "| cfg_scale | 1.5 |", "| num_generated | 1000 |",
-                 "difffit sample hf://me/toy-difffit -n 16 --class blue",
-                 "difffit merge hf://me/toy-difffit --format diffusers --out toy-difffit-pipeline",
-                 'DiTPipeline.from_pretrained("toy-difffit-pipeline")'):
+    for text in (
+        "# toy-difffit",
+        "![Samples](grid.png)",
+        "0. blue",
+        "1. red",
+        "| Method | difffit |",
+        f"| Trainable parameters | {summary['trainable_params']:,} (",
+        "| Steps | 4 |",
+        "| Batch size | 4 |",
+        "| Learning rate | 0.01 |",
+        "| Training images | 12 |",
+        f"| Final loss | {records[-1]['loss']:.4f} |",
+        "| FID | 12.35 |",
+        "| KID | 0.0123 |",
+        "| cfg_scale | 1.5 |",
+        "| num_generated | 1000 |",
+        "difffit sample hf://me/toy-difffit -n 16 --class blue",
+        "difffit merge hf://me/toy-difffit --format diffusers --out toy-difffit-pipeline",
+        'DiTPipeline.from_pretrained("toy-difffit-pipeline")',
+    ):
         assert text in body, text
     assert "\n\n\n" not in body
 
@@ -100,21 +126,34 @@ def test_card_of_a_local_base_without_eval_or_grid(run_dir):
     assert f"difffit merge hf://me/x --base {base.name} --out x.safetensors" in body
 
 
-@pytest.mark.parametrize("method, vae, shown", [
-    ("difffit", "stabilityai/sd-vae-ft-ema", "--format diffusers"),  # every merge works
-    ("difffit", "identity", "difffit merge hf://me/x --out x.safetensors"),  # no pipeline without an AutoencoderKL
-    ("adapter-parallel", "stabilityai/sd-vae-ft-ema", "not merged into its base"),  # nothing folds
-])
+@pytest.mark.parametrize(
+    "method, vae, shown",
+    [
+        ("difffit", "stabilityai/sd-vae-ft-ema", "--format diffusers"),  # every merge works
+        ("difffit", "identity", "difffit merge hf://me/x --out x.safetensors"),  # no pipeline without an AutoencoderKL
+        ("adapter-parallel", "stabilityai/sd-vae-ft-ema", "not merged into its base"),  # nothing folds
+    ],
+)
 def test_card_gives_only_merge_instructions_that_work(run_dir, method, vae, shown):
     from difffit.engine.methods.adapter import read_adapter_meta
     from difffit.engine.methods.merge import merge_formats
     from difffit.engine.models.dit import config_for
 
     xl = config_for("DiT-XL/2", input_size=32).to_dict()
-    meta = dataclasses.replace(read_adapter_meta(run_dir / "adapter.safetensors"), method=method, vae_spec=vae,
-                               config=xl, base_config=xl, base_spec="DiT-XL/2-256")
+    meta = dataclasses.replace(
+        read_adapter_meta(run_dir / "adapter.safetensors"),
+        method=method,
+        vae_spec=vae,
+        config=xl,
+        base_config=xl,
+        base_spec="DiT-XL/2-256",
+    )
     summary = training_summary(run_dir / "adapter.safetensors") | {
-        "method": method, "vae": vae, "base": meta.base_spec, "merge_formats": merge_formats(meta)}
+        "method": method,
+        "vae": vae,
+        "base": meta.base_spec,
+        "merge_formats": merge_formats(meta),
+    }
     _, body = front_matter(str(model_card(summary, "me/x")))
     assert shown in body
     if method == "adapter-parallel":
@@ -129,8 +168,7 @@ def test_card_gives_only_merge_instructions_that_work(run_dir, method, vae, show
 def test_dry_run_writes_exactly_the_upload_folder(run_dir, tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"fid": 7.5, "num_generated": 64, "num_reference": 12}))
     out = tmp_path / "upload"
-    result = push_adapter(run_dir / "adapter.safetensors", "me/toy", eval_json=tmp_path / "eval.json",
-                          dry_run_out=out)
+    result = push_adapter(run_dir / "adapter.safetensors", "me/toy", eval_json=tmp_path / "eval.json", dry_run_out=out)
     assert result["files"] == ["README.md", "adapter.safetensors", "grid.png"] and result["dry_run"]
     assert sorted(p.name for p in out.iterdir()) == result["files"]
     assert (out / "adapter.safetensors").read_bytes() == (run_dir / "adapter.safetensors").read_bytes()
@@ -143,8 +181,9 @@ def test_dry_run_writes_exactly_the_upload_folder(run_dir, tmp_path):
 
 
 def test_dry_run_samples_a_grid_for_named_classes(run_dir, tmp_path):
-    result = push_adapter(run_dir / "adapter.safetensors", "me/toy", grid_classes=["red", "0"],
-                          dry_run_out=tmp_path / "up")
+    result = push_adapter(
+        run_dir / "adapter.safetensors", "me/toy", grid_classes=["red", "0"], dry_run_out=tmp_path / "up"
+    )
     grid = np.asarray(Image.open(tmp_path / "up" / "grid.png"))
     assert grid.shape == (3 * 16, 3 * 16, 3)  # 8 samples of 16 px in a 3x3 grid
     assert "4 samples each of red, blue" in (tmp_path / "up" / "README.md").read_text()
@@ -182,15 +221,21 @@ def test_upload_calls_at_the_hfapi_boundary(run_dir, monkeypatch):
         calls.append(("upload_folder", sorted(p.name for p in folder.iterdir()), kwargs))
         return type("Commit", (), {"commit_url": "https://huggingface.co/me/toy/commit/abc"})()
 
-    for name, method in (("create_repo", create_repo), ("create_branch", create_branch),
-                         ("upload_folder", upload_folder)):
+    for name, method in (
+        ("create_repo", create_repo),
+        ("create_branch", create_branch),
+        ("upload_folder", upload_folder),
+    ):
         monkeypatch.setattr(HfApi, name, method)
     result = push_adapter(run_dir / "adapter.safetensors", "me/toy", private=True, revision="v1", message="first")
     assert calls == [
         ("create_repo", "me/toy", {"private": True, "exist_ok": True, "repo_type": "model"}),
         ("create_branch", "me/toy", {"branch": "v1", "exist_ok": True}),
-        ("upload_folder", ["README.md", "adapter.safetensors", "grid.png"],
-         {"repo_id": "me/toy", "revision": "v1", "commit_message": "first"}),
+        (
+            "upload_folder",
+            ["README.md", "adapter.safetensors", "grid.png"],
+            {"repo_id": "me/toy", "revision": "v1", "commit_message": "first"},
+        ),
     ]
     assert result["url"].endswith("/commit/abc") and not result["dry_run"]
 
@@ -257,8 +302,23 @@ def test_commands_take_a_hub_adapter(run_dir, hf_home, tmp_path, monkeypatch, ca
     code, out, err = run_cli(monkeypatch, capsys, "info", "hf://me/toy", "--json")
     assert code == 0, err
     assert json.loads(out)["kind"] == "adapter" and str(hf_home / "hub") in json.loads(out)["path"]
-    code, out, err = run_cli(monkeypatch, capsys, "sample", "hf://me/toy", "-n", "2", "--scheduler", "ddim",
-                             "--steps", "2", "--device", "cpu", "--out", tmp_path / "s", "--json")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        "hf://me/toy",
+        "-n",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "s",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["outputs"][0]["source"] == "hf://me/toy" and (tmp_path / "s" / "000001.png").is_file()
     code, out, err = run_cli(monkeypatch, capsys, "merge", "hf://me/toy", "--out", tmp_path / "m.safetensors")
@@ -282,14 +342,16 @@ def test_pull_offline_failures_are_one_sentence(run_dir, hf_home):
     with pytest.raises(DiffFitError, match="not in the Hugging Face cache .*downloads are off"):
         resolve_adapter_source("hf://me/absent")
     cached_repo("me/toy", {"README.md": "card"})
-    with pytest.raises(DiffFitError, match="adapter.safetensors of the hub repo me/toy is not in the Hugging Face "
-                                           "cache") as error:
+    with pytest.raises(
+        DiffFitError, match="adapter.safetensors of the hub repo me/toy is not in the Hugging Face cache"
+    ) as error:
         resolve_adapter_source("hf://me/toy/adapter.safetensors")
     assert "hf download me/toy adapter.safetensors" in error.value.hint
     with pytest.raises(DiffFitError, match="no .safetensors file"):
         resolve_adapter_source("hf://me/toy")
-    cached_repo("me/two", {"a.safetensors": run_dir / "adapter.safetensors",
-                           "b.safetensors": run_dir / "adapter.safetensors"})
+    cached_repo(
+        "me/two", {"a.safetensors": run_dir / "adapter.safetensors", "b.safetensors": run_dir / "adapter.safetensors"}
+    )
     with pytest.raises(DiffFitError, match="a.safetensors, b.safetensors"):
         resolve_adapter_source("hf://me/two")
     assert resolve_adapter_source("hf://me/two/b.safetensors")
@@ -331,7 +393,8 @@ def test_upload_failures_are_one_sentence(run_dir, monkeypatch):
         raise OSError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(HfApi, "create_repo", no_network)
-    with pytest.raises(DiffFitError, match=r"Uploading to me/toy failed \(\[Errno -2\] Name or service not known\)"
-                       ) as error:
+    with pytest.raises(
+        DiffFitError, match=r"Uploading to me/toy failed \(\[Errno -2\] Name or service not known\)"
+    ) as error:
         push_adapter(run_dir / "adapter.safetensors", "me/toy")
     assert "network" in error.value.hint

@@ -32,15 +32,24 @@ FIT_OWN = names(FitFields) - {"method_settings"}
 # command: (its function, [(the expression its defaults read, the defaults, the fields read there)] in order of
 # precedence, the parameters named other than their field)
 SOURCES = {
-    "fit": (train.fit, [("opt.METHOD", opt.METHOD, names(MethodSettings)), ("opt.FIT", opt.FIT, FIT_OWN)],
-            train.RENAMED),
-    "upscale-res": (train.fit, [("opt.METHOD", opt.METHOD, names(MethodSettings)), ("opt.FIT", opt.FIT, FIT_OWN)],
-                    train.RENAMED),
+    "fit": (
+        train.fit,
+        [("opt.METHOD", opt.METHOD, names(MethodSettings)), ("opt.FIT", opt.FIT, FIT_OWN)],
+        train.RENAMED,
+    ),
+    "upscale-res": (
+        train.fit,
+        [("opt.METHOD", opt.METHOD, names(MethodSettings)), ("opt.FIT", opt.FIT, FIT_OWN)],
+        train.RENAMED,
+    ),
     "info": (info_cli.info, [("opt.METHOD", opt.METHOD, names(MethodSettings))], {}),
     "sample": (generate.sample, [("opt.SAMPLE", opt.SAMPLE, names(SamplingFields))], {}),
     # eval-fid's --batch-size and --device are the evaluation's (and its sampling's too)
-    "eval-fid": (evaluate.eval_fid, [("opt.EVAL", opt.EVAL, names(EvalConfig)),
-                                     ("opt.FID", opt.FID, names(SamplingFields))], {}),
+    "eval-fid": (
+        evaluate.eval_fid,
+        [("opt.EVAL", opt.EVAL, names(EvalConfig)), ("opt.FID", opt.FID, names(SamplingFields))],
+        {},
+    ),
 }
 COMMANDS = typer.main.get_command(app).commands
 
@@ -55,7 +64,7 @@ def source_of(command: str, parameter: str) -> tuple[str, object, str] | None:
 def signature_defaults(function) -> dict[str, ast.expr]:
     """Each parameter's default as written in the source."""
     args = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0].args
-    return {a.arg: d for a, d in zip(args.args[len(args.args) - len(args.defaults):], args.defaults, strict=True)}
+    return {a.arg: d for a, d in zip(args.args[len(args.args) - len(args.defaults) :], args.defaults, strict=True)}
 
 
 @pytest.mark.parametrize("command", sorted(SOURCES))

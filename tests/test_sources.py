@@ -47,8 +47,9 @@ def test_describe_base_with_a_method_names_the_adapted_model(tiny_base_file):
     assert report["total_params"] == plain["total_params"]  # the base itself is unchanged
     # 3 + 1 class rows instead of 10 + 1, and two gamma vectors in each of the 2 blocks (width 384)
     assert report["adapted_total_params"] == plain["total_params"] - 7 * 384 + 2 * 2 * 384
-    assert report["trainable_percent"] == pytest.approx(100 * report["trainable_params"] / (
-        report["adapted_total_params"]))
+    assert report["trainable_percent"] == pytest.approx(
+        100 * report["trainable_params"] / (report["adapted_total_params"])
+    )
 
 
 def test_describe_adapter_checks_a_base_and_refuses_method_options(adapter):
@@ -60,8 +61,9 @@ def test_describe_adapter_checks_a_base_and_refuses_method_options(adapter):
 
 def test_sample_sources_writes_folders_and_sample_json(adapter, tiny_base_file, tiny_vae_dir, tmp_path):
     sources = [str(adapter), str(tiny_base_file)]
-    summary = sample_sources(sources, 3, FAST, out=tmp_path / "out", classes=["1"], vae=str(tiny_vae_dir),
-                             progress=False)
+    summary = sample_sources(
+        sources, 3, FAST, out=tmp_path / "out", classes=["1"], vae=str(tiny_vae_dir), progress=False
+    )
     assert [o["source"] for o in summary["outputs"]] == sources
     assert [o["dir"] for o in summary["outputs"]] == [str(tmp_path / "out" / n) for n in ("run", "tiny_base")]
     assert (summary["n"], summary["steps"], summary["processes"]) == (3, 2, 1)

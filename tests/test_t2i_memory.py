@@ -30,8 +30,18 @@ from difffit.engine.training.config import FitConfig
 from difffit.engine.training.train import fit
 
 # Per PixArt block: q, k, v, out of self- and cross-attention, and the MLP's two Linears.
-BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+BLOCK_LINEARS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
 TEXT_TOKENS, TEXT_WIDTH = 6, 32
 
 
@@ -48,8 +58,10 @@ def perturbed(model: nn.Module, scale: float = 0.05) -> nn.Module:
 def batch(size: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(size, 4, 8, 8, generator=g)
-    text = {"prompt_embeds": torch.randn(size, TEXT_TOKENS, TEXT_WIDTH, generator=g),
-            "prompt_attention_mask": torch.ones(size, TEXT_TOKENS, dtype=torch.long)}
+    text = {
+        "prompt_embeds": torch.randn(size, TEXT_TOKENS, TEXT_WIDTH, generator=g),
+        "prompt_attention_mask": torch.ones(size, TEXT_TOKENS, dtype=torch.long),
+    }
     return x0, torch.tensor([10, 500, 990])[:size], text, torch.randn(size, 4, 8, 8, generator=g)
 
 
@@ -83,8 +95,9 @@ def test_fp8_quantizes_every_block_linear_and_keeps_embedders_modulation_and_fin
     for block in model.transformer_blocks:
         assert all(isinstance(block.get_submodule(path), FP8FrozenLinear) for path in BLOCK_LINEARS)
     kept = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    assert kept and all(name.startswith(("adaln_single.", "caption_projection.")) or name == "proj_out"
-                        for name in kept)
+    assert kept and all(
+        name.startswith(("adaln_single.", "caption_projection.")) or name == "proj_out" for name in kept
+    )
     # gamma's projections went float8 too, keeping their gamma: the same Parameter objects under the same
     # names, so optimizer, checkpoints and adapter files are unchanged; no float8 tensor reaches a state dict.
     assert trainable_parameters(model).keys() == trained.keys()
@@ -209,10 +222,21 @@ def conf(tmp_path, pipeline_dir):
     data = make_captioned_data(tmp_path / "data")
 
     def make(**overrides) -> FitConfig:
-        options = dict(data=str(data), base=str(pipeline_dir), steps=3, batch_size=4, save_every=0, sample_every=0,
-                       num_workers=0, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-                       adapter_dtype="fp32", compile="off")
+        options = dict(
+            data=str(data),
+            base=str(pipeline_dir),
+            steps=3,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+            adapter_dtype="fp32",
+            compile="off",
+        )
         return FitConfig.from_options({**options, **overrides})
+
     return make
 
 
@@ -286,12 +310,14 @@ def test_fp8_kernel_with_gamma_and_checkpointing_on_cuda():
     PIXART.set_gradient_checkpointing(fast, True)
 
     def cuda_gradients(model):
-        x0, t, text, noise = (v.cuda() if torch.is_tensor(v) else {k: w.cuda() for k, w in v.items()}
-                              for v in batch())
+        x0, t, text, noise = (v.cuda() if torch.is_tensor(v) else {k: w.cuda() for k, w in v.items()} for v in batch())
         forward = PIXART.forward(model, None)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = GaussianDiffusion().training_losses(lambda x, s: forward(x, s, text).float(), x0, t,
-                                                       noise)["loss"].mean()
+            loss = (
+                GaussianDiffusion()
+                .training_losses(lambda x, s: forward(x, s, text).float(), x0, t, noise)["loss"]
+                .mean()
+            )
         loss.backward()
         return loss.item(), {n: p.grad.float().cpu() for n, p in trainable_parameters(model).items()}
 
@@ -315,8 +341,25 @@ def test_a_model_too_large_for_the_device_is_one_sentence(pipeline_dir, tmp_path
 
     monkeypatch.setattr(nn.Module, "to", out_of_memory)
     data = make_captioned_data(tmp_path / "data")
-    code, out, err = run_cli(monkeypatch, capsys, "fit", data, "--base", pipeline_dir, "--steps", "2", "--batch-size",
-                             "4", "--sample-every", "0", "--compile", "off", "--out", tmp_path / "run", "--cache-dir",
-                             tmp_path / "cache")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        data,
+        "--base",
+        pipeline_dir,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--compile",
+        "off",
+        "--out",
+        tmp_path / "run",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert code == 1 and "Traceback" not in err, err
     assert "The PixArt model does not fit in the memory of cpu" in err and "--grad-checkpointing" in err

@@ -24,9 +24,12 @@ from difffit.engine.training.train import fit
 
 LONG = "a red square " + "with a long story about its edges and its corners " * 30  # past every tokenizer
 # What reaches stderr only from a library: transformers' and diffusers' notices, Python warnings, tqdm bars.
-LIBRARY_NOISE = re.compile(r"Token indices|\[transformers\]|\[diffusers\]|Warning: (?!\d+ (caption|prompt))|"
-                           r"[A-Za-z]+Warning\b|deprecat|it/s\]|s/it\]|Loading (weights|checkpoint|pipeline)|"
-                           r"Writing model shards|Fetching \d+ files", re.IGNORECASE)
+LIBRARY_NOISE = re.compile(
+    r"Token indices|\[transformers\]|\[diffusers\]|Warning: (?!\d+ (caption|prompt))|"
+    r"[A-Za-z]+Warning\b|deprecat|it/s\]|s/it\]|Loading (weights|checkpoint|pipeline)|"
+    r"Writing model shards|Fetching \d+ files",
+    re.IGNORECASE,
+)
 
 
 @pytest.fixture(params=list(PIPELINES), scope="module")
@@ -49,8 +52,10 @@ def setup(family, tmp_path_factory):
     (data / "red-0.txt").write_text(LONG)
     (data / "blue-1.txt").write_text(LONG.replace("red", "blue"))
     run = root / "run"
-    fit(t2i_fit_config(data, pipe, root, steps=2, batch_size=2, method="lora", save_every=1, out=str(run)),
-        progress=False)
+    fit(
+        t2i_fit_config(data, pipe, root, steps=2, batch_size=2, method="lora", save_every=1, out=str(run)),
+        progress=False,
+    )
     return pipe, data, run
 
 
@@ -82,16 +87,21 @@ def test_resume_of_a_changed_run_is_refused_naming_the_change(setup, tmp_path, c
     elif change == "added image":
         shutil.copy(data / "blue-0.png", data / "blue-9.png")
         shutil.copy(data / "blue-0.txt", data / "blue-9.txt")
-    config = t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, method="lora", save_every=1,
-                            out=str(run), resume=True)
+    config = t2i_fit_config(
+        data, pipe, tmp_path, steps=3, batch_size=2, method="lora", save_every=1, out=str(run), resume=True
+    )
     config = type(config).from_options({**config.options(), **overrides})
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     with pytest.raises(DiffFitError) as refused:
         fit(config, progress=False)
     said = str(refused.value)
-    words = {"caption": "the captions changed", "added image": "the training images changed (4 then, 5 now)",
-             "resolution": "--resolution was 16, now 32", "batch": "--batch-size was 2, now 4",
-             "rank": "--rank was 8, now 4"}[change]
+    words = {
+        "caption": "the captions changed",
+        "added image": "the training images changed (4 then, 5 now)",
+        "resolution": "--resolution was 16, now 32",
+        "batch": "--batch-size was 2, now 4",
+        "rank": "--rank was 8, now 4",
+    }[change]
     assert words in said and said.count(".") == 1 + said.count("..."), said
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
@@ -100,8 +110,22 @@ def test_a_larger_steps_resumes_with_the_base_and_data_moved(setup, tmp_path):
     pipe, data, run = setup
     run = shutil.copytree(run, tmp_path / "run")
     pipe, data = shutil.copytree(pipe, tmp_path / "pipe"), shutil.copytree(data, tmp_path / "data")
-    resumed = fit(t2i_fit_config(data, pipe, tmp_path, steps=3, batch_size=2, method="lora", save_every=1,
-                                 out=str(run), resume=True, num_workers=0, compile="off"), progress=False)
+    resumed = fit(
+        t2i_fit_config(
+            data,
+            pipe,
+            tmp_path,
+            steps=3,
+            batch_size=2,
+            method="lora",
+            save_every=1,
+            out=str(run),
+            resume=True,
+            num_workers=0,
+            compile="off",
+        ),
+        progress=False,
+    )
     assert (resumed.start_step, resumed.step) == (2, 3)
 
 
@@ -133,8 +157,11 @@ def _quiet_cli(monkeypatch, capsys, *args) -> str:
     assert code == 0, err
     assert not LIBRARY_NOISE.search(err), err
     assert not notices.seen, notices.seen
-    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning,
-                                                               ImportWarning, ResourceWarning))]
+    shown = [
+        w
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning))
+    ]
     assert not shown, [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in shown]
     return err
 
@@ -142,45 +169,122 @@ def _quiet_cli(monkeypatch, capsys, *args) -> str:
 def test_commands_print_no_library_notices(setup, family, tmp_path, monkeypatch, capsys):
     pipe, data, _ = setup
     run = tmp_path / "run"
-    err = _quiet_cli(monkeypatch, capsys, "fit", data, "--base", pipe, "--steps", "1", "--batch-size", "2",
-                     "--sample-every", "0", "--compile", "off", "--out", run, "--cache-dir", tmp_path / "cache",
-                     "--num-workers", "0")
+    err = _quiet_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        data,
+        "--base",
+        pipe,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "0",
+        "--compile",
+        "off",
+        "--out",
+        run,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--num-workers",
+        "0",
+    )
     flat = err.replace("\n", " ")
     limit = {"pixart": 120, "sd3": 256, "flux": 512}[family]
     assert f"2 captions are longer than {limit} tokens; their ends are cut" in flat, err
     assert flat.count("longer than") == 1, err
     adapter = run / "adapter.safetensors"
-    _quiet_cli(monkeypatch, capsys, "sample", adapter, "--prompt", LONG, "-n", "2", "--steps", "2", "--device", "cpu",
-               "--out", tmp_path / "samples")
+    _quiet_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        adapter,
+        "--prompt",
+        LONG,
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "samples",
+    )
     _quiet_cli(monkeypatch, capsys, "merge", adapter, "--out", tmp_path / "merged")
     clip = save_tiny_clip(tmp_path / "clip")
     capsys.readouterr()  # the fixture's own saving bars
-    _quiet_cli(monkeypatch, capsys, "eval-fid", tmp_path / "samples", "--metrics", "clip", "--clip-model", clip,
-               "--device", "cpu")
+    _quiet_cli(
+        monkeypatch,
+        capsys,
+        "eval-fid",
+        tmp_path / "samples",
+        "--metrics",
+        "clip",
+        "--clip-model",
+        clip,
+        "--device",
+        "cpu",
+    )
 
 
-def test_push_names_the_prompts_its_card_quotes_and_those_from_outside_the_data(setup, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_push_names_the_prompts_its_card_quotes_and_those_from_outside_the_data(setup, tmp_path, monkeypatch, capsys):
     _, data, run = setup
-    code, _, err = run_cli(monkeypatch, capsys, "push", run / "adapter.safetensors", "me/squares", "--dry-run",
-                           "--out", tmp_path / "up")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "push", run / "adapter.safetensors", "me/squares", "--dry-run", "--out", tmp_path / "up"
+    )
     assert code == 0, err
     flat = " ".join(err.split())
     card = (tmp_path / "up" / "README.md").read_text()
     assert "a blue square from my private notes" in card  # what the warning is about
     assert "The model card quotes 4 preview prompt(s): 'a blue square from my private notes'; " in flat, err
-    assert (f"Warning: the preview prompt 'a blue square from my private notes' is the caption file "
-            f"{data / 'blue-0.txt'}, outside the data folder") in flat, err
+    assert (
+        f"Warning: the preview prompt 'a blue square from my private notes' is the caption file "
+        f"{data / 'blue-0.txt'}, outside the data folder"
+    ) in flat, err
     assert flat.count("Warning: the preview prompt") == 1, err
 
 
-def test_dit_commands_print_no_library_notices(toy_data, tiny_base_file, tiny_vae_dir, tmp_path, monkeypatch,
-                                               capsys):
+def test_dit_commands_print_no_library_notices(toy_data, tiny_base_file, tiny_vae_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    _quiet_cli(monkeypatch, capsys, "fit", toy_data, "--base", tiny_base_file, "--vae", tiny_vae_dir, "--steps", "2",
-               "--batch-size", "4", "--sample-every", "0", "--compile", "off", "--out", run, "--num-workers", "0",
-               "--cache-dir", tmp_path / "cache")
+    _quiet_cli(
+        monkeypatch,
+        capsys,
+        "fit",
+        toy_data,
+        "--base",
+        tiny_base_file,
+        "--vae",
+        tiny_vae_dir,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--compile",
+        "off",
+        "--out",
+        run,
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     adapter = run / "adapter.safetensors"
-    _quiet_cli(monkeypatch, capsys, "sample", adapter, "-n", "2", "--steps", "2", "--device", "cpu",
-               "--out", tmp_path / "samples")
+    _quiet_cli(
+        monkeypatch,
+        capsys,
+        "sample",
+        adapter,
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "samples",
+    )
     _quiet_cli(monkeypatch, capsys, "merge", adapter, "--out", tmp_path / "merged.safetensors")

@@ -62,8 +62,9 @@ def config(data, pipeline_dir, tmp_path, name: str, **overrides):
     return t2i_fit_config(data, pipeline_dir, tmp_path, **{**options, "out": str(tmp_path / name), **overrides})
 
 
-def test_validation_loss_is_the_same_number_for_the_same_weights_across_a_resume(data, pipeline_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_validation_loss_is_the_same_number_for_the_same_weights_across_a_resume(
+    data, pipeline_dir, tmp_path, monkeypatch
+):
     held_out_shapes, measure = [], validation.held_out_loss
 
     def spy(forward, diffusion, groups, *args, **kwargs):
@@ -101,8 +102,20 @@ def evaluated(family, data, pipeline_dir, clip_dir, tmp_path_factory):
     """A run with in-training CLIP score (and FID, KID) every 2 steps, keeping the best CLIP score."""
     root = tmp_path_factory.mktemp("eval")
     weights = random_inception_weights(root / "inception.pth")
-    result = fit(config(data, pipeline_dir, root, "run", eval_every=2, eval_metrics=metrics_of(family),
-                        clip_model=str(clip_dir), inception_weights=str(weights), keep_best="clip"), progress=False)
+    result = fit(
+        config(
+            data,
+            pipeline_dir,
+            root,
+            "run",
+            eval_every=2,
+            eval_metrics=metrics_of(family),
+            clip_model=str(clip_dir),
+            inception_weights=str(weights),
+            keep_best="clip",
+        ),
+        progress=False,
+    )
     return result, weights
 
 
@@ -128,20 +141,43 @@ def test_report_plots_val_loss_fid_and_clip(family, evaluated, tmp_path):
     assert all(f'id="{curve}"' in page for curve in ("loss-0-val_loss", *(f"eval-0-{m}" for m in metrics)))
 
 
-def test_eval_fid_samples_a_text_to_image_adapter_by_prompt(family, evaluated, data, clip_dir, tmp_path, monkeypatch,
-                                                             capsys):
+def test_eval_fid_samples_a_text_to_image_adapter_by_prompt(
+    family, evaluated, data, clip_dir, tmp_path, monkeypatch, capsys
+):
     result, weights = evaluated
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red picture, 16 by 16\na blue picture, 32 by 8\n")
     adapter = str(result.out_dir / "adapter.safetensors")
     fid = "fid" in metrics_of(family)
-    scores = evaluate(adapter, str(data) if fid else None, metrics=metrics_of(family), num_samples=4,
-                      prompts=["a red picture", "a blue picture"], inception_weights=str(weights),
-                      clip_model=str(clip_dir), batch_size=4, device="cpu", progress=False)
+    scores = evaluate(
+        adapter,
+        str(data) if fid else None,
+        metrics=metrics_of(family),
+        num_samples=4,
+        prompts=["a red picture", "a blue picture"],
+        inception_weights=str(weights),
+        clip_model=str(clip_dir),
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     assert scores.num_generated == 4 and 0 < scores.metrics["clip_score"] <= 100
     assert np.isfinite(scores.metrics["fid"]) if fid else "fid" not in scores.metrics
-    code, out, err = run_cli(monkeypatch, capsys, "eval-fid", adapter, "--prompts", prompts, "--metrics", "clip",
-                             "--clip-model", clip_dir, "--device", "cpu", "--json")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "eval-fid",
+        adapter,
+        "--prompts",
+        prompts,
+        "--metrics",
+        "clip",
+        "--clip-model",
+        clip_dir,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["num_generated"] == 2  # one sample per prompt by default
     code, _, err = run_cli(monkeypatch, capsys, "eval-fid", adapter, "--metrics", "clip", "--clip-model", clip_dir)
@@ -155,8 +191,9 @@ def test_eval_fid_samples_dit_at_the_papers_fid_setting_and_refuses_prompts(tiny
     samples = ModelSamples.from_source(str(tiny_base_file), 2, model, torch.device("cpu"))
     assert (samples.sampling.cfg_scale, samples.sampling.scheduler, samples.prompts) == (1.5, "ddpm", None)
     with pytest.raises(DiffFitError, match="--prompts does not apply to"):
-        ModelSamples.from_source(str(tiny_base_file), 2, ModelInput(vae=str(tiny_vae_dir), prompts=["a cat"]),
-                                 torch.device("cpu"))
+        ModelSamples.from_source(
+            str(tiny_base_file), 2, ModelInput(vae=str(tiny_vae_dir), prompts=["a cat"]), torch.device("cpu")
+        )
 
 
 # -- bad input: one sentence, nothing written -------------------------------------------------------------
@@ -169,16 +206,26 @@ def uncaptioned(root: Path) -> Path:
     return data
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"val_fraction": 0.5}, r"would hold out all 1 image\(s\) of the 32 x 8 bucket"),
-    ({"val_fraction": 0.0, "val_every": 0, "keep_best": None, "val_data": "UNCAPTIONED"}, "have no caption"),
-    ({"eval_every": 2, "eval_metrics": "clip", "clip_model": "someone/no-such-clip", "keep_best": None},
-     "someone/no-such-clip"),
-    ({"eval_every": 2, "eval_metrics": "clip", "keep_best": None}, "clip-vit-large-patch14"),  # the default, offline
-    ({"eval_every": 2, "keep_best": "clip"}, "--eval-metrics fid does not compute it"),
-    ({"val_fraction": 0.0, "val_every": 0, "keep_best": None, "eval_every": 2, "eval_metrics": "clip"},
-     "no validation set"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"val_fraction": 0.5}, r"would hold out all 1 image\(s\) of the 32 x 8 bucket"),
+        ({"val_fraction": 0.0, "val_every": 0, "keep_best": None, "val_data": "UNCAPTIONED"}, "have no caption"),
+        (
+            {"eval_every": 2, "eval_metrics": "clip", "clip_model": "someone/no-such-clip", "keep_best": None},
+            "someone/no-such-clip",
+        ),
+        (
+            {"eval_every": 2, "eval_metrics": "clip", "keep_best": None},
+            "clip-vit-large-patch14",
+        ),  # the default, offline
+        ({"eval_every": 2, "keep_best": "clip"}, "--eval-metrics fid does not compute it"),
+        (
+            {"val_fraction": 0.0, "val_every": 0, "keep_best": None, "eval_every": 2, "eval_metrics": "clip"},
+            "no validation set",
+        ),
+    ],
+)
 def test_bad_validation_input_is_one_sentence_and_writes_nothing(pipeline_dir, tmp_path, overrides, message):
     data = make_mixed_aspect_data(tmp_path / "data", {(16, 16): 6, (32, 8): 1})
     if overrides.get("val_data") == "UNCAPTIONED":
@@ -189,12 +236,22 @@ def test_bad_validation_input_is_one_sentence_and_writes_nothing(pipeline_dir, t
     assert not (tmp_path / "run").exists()
 
 
-def test_clip_and_eval_prompts_on_a_class_conditional_base_are_refused(tmp_path, toy_data, tiny_base_file,
-                                                                       tiny_vae_dir):
-    common = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=1, eval_every=1,
-                  val_fraction=0.34, out=str(tmp_path / "run"))
-    for overrides, message in (({"eval_metrics": "clip"}, "--eval-metrics clip scores samples against their captions"),
-                               ({"eval_prompts": "prompts.txt"}, "--eval-prompts applies to text-to-image bases")):
+def test_clip_and_eval_prompts_on_a_class_conditional_base_are_refused(
+    tmp_path, toy_data, tiny_base_file, tiny_vae_dir
+):
+    common = dict(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=1,
+        eval_every=1,
+        val_fraction=0.34,
+        out=str(tmp_path / "run"),
+    )
+    for overrides, message in (
+        ({"eval_metrics": "clip"}, "--eval-metrics clip scores samples against their captions"),
+        ({"eval_prompts": "prompts.txt"}, "--eval-prompts applies to text-to-image bases"),
+    ):
         with pytest.raises(DiffFitError, match=message):
             fit(FitConfig(**common, **overrides), progress=False)
     assert not (tmp_path / "run").exists()

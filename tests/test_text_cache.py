@@ -13,8 +13,14 @@ from difffit.engine.data.text_cache import text_cache_dir, text_embeddings
 from difffit.engine.errors import DiffFitError
 
 MAX_TOKENS = 12
-CAPTIONS = ["a photo of a cat", "a bowl of ramen", "a photo of a cat", "a green circle", "a bowl of ramen",
-            "a dog on the beach"]
+CAPTIONS = [
+    "a photo of a cat",
+    "a bowl of ramen",
+    "a photo of a cat",
+    "a green circle",
+    "a bowl of ramen",
+    "a dog on the beach",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,9 @@ class Encoder:
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         self.seen += captions
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.max_tokens, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+        )
         embeds = self.model(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
         return {"prompt_embeds": embeds, "prompt_attention_mask": tokens.attention_mask}
 
@@ -80,8 +87,9 @@ def test_second_run_encodes_nothing_and_a_changed_caption_only_itself(t5, tmp_pa
     changed = text_embeddings(edited, edit_encoder, key="t5", cache_dir=tmp_path, progress=False)
     assert edit_encoder.seen == ["a green square"] and len(_shards(changed)) == 2
     expected = Encoder(t5)(["a green square"])
-    torch.testing.assert_close(changed.take(torch.tensor([3]))["prompt_embeds"], expected["prompt_embeds"],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        changed.take(torch.tensor([3]))["prompt_embeds"], expected["prompt_embeds"], rtol=1e-5, atol=1e-6
+    )
     _assert_equal(changed.take(torch.tensor([0, 5])), first.take(torch.tensor([0, 5])))
     mixed = changed.take(torch.arange(6))  # one batch from both shards
     for i in range(6):
@@ -120,8 +128,9 @@ def test_damaged_cache_is_named_and_rebuilt(t5, tmp_path, capsys, damage):
 
 
 def test_stored_dtype_is_the_callers_and_masks_keep_theirs(t5, tmp_path):
-    embeddings = text_embeddings(CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, dtype=torch.bfloat16,
-                                 progress=False)
+    embeddings = text_embeddings(
+        CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, dtype=torch.bfloat16, progress=False
+    )
     batch = embeddings.take(torch.arange(6))
     assert batch["prompt_embeds"].dtype == torch.bfloat16 and batch["prompt_attention_mask"].dtype == torch.long
     exact = text_embeddings(CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, progress=False)
@@ -129,15 +138,17 @@ def test_stored_dtype_is_the_callers_and_masks_keep_theirs(t5, tmp_path):
     assert torch.equal(batch["prompt_embeds"], exact.take(torch.arange(6))["prompt_embeds"].to(torch.bfloat16))
     (shard,) = _shards(embeddings)
     assert (shard / "0.npy").stat().st_size < 0.6 * (_shards(exact)[0] / "0.npy").stat().st_size
-    reopened = text_embeddings(CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, dtype=torch.bfloat16,
-                               progress=False)
+    reopened = text_embeddings(
+        CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, dtype=torch.bfloat16, progress=False
+    )
     assert reopened.encoded == 0
     _assert_equal(reopened.take(torch.arange(6)), batch)
 
 
 def test_extra_captions_such_as_the_empty_one(t5, tmp_path):
-    embeddings = text_embeddings(CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, extra=["", CAPTIONS[0]],
-                                 progress=False)
+    embeddings = text_embeddings(
+        CAPTIONS, Encoder(t5), key="t5", cache_dir=tmp_path, extra=["", CAPTIONS[0]], progress=False
+    )
     empty = embeddings.of("")
     assert empty["prompt_embeds"].shape == (1, MAX_TOKENS, 32)
     assert empty["prompt_attention_mask"].sum() == 1  # only </s>
@@ -167,11 +178,14 @@ def test_encoder_nan_is_one_sentence_and_caches_nothing(tmp_path):
     assert [p for p in tmp_path.rglob("*.npy")] == []
 
 
-@pytest.mark.parametrize("encode, words", [
-    (lambda captions: {"e": torch.zeros(1, 3)}, "leading dim must be the batch"),
-    (lambda captions: {"e": torch.zeros(len(captions), len(captions[0]))}, "pad every batch to one token count"),
-    (lambda captions: [torch.zeros(len(captions))], "dict of tensors"),
-])
+@pytest.mark.parametrize(
+    "encode, words",
+    [
+        (lambda captions: {"e": torch.zeros(1, 3)}, "leading dim must be the batch"),
+        (lambda captions: {"e": torch.zeros(len(captions), len(captions[0]))}, "pad every batch to one token count"),
+        (lambda captions: [torch.zeros(len(captions))], "dict of tensors"),
+    ],
+)
 def test_encoder_bugs_are_named(tmp_path, encode, words):
     with pytest.raises((ValueError, TypeError), match=words):
         text_embeddings(["ab", "abc", "abcd"], encode, key="k", cache_dir=tmp_path, batch_size=2, progress=False)

@@ -22,9 +22,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(tmp_path: Path, data: Path, base: Path, vae: Path, **overrides) -> FitConfig:
-    options = dict(data=str(data), base=str(base), vae=str(vae), steps=6, batch_size=4, save_every=0,
-                   sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                   out=str(tmp_path / "run"), adapter_dtype="fp32")
+    options = dict(
+        data=str(data),
+        base=str(base),
+        vae=str(vae),
+        steps=6,
+        batch_size=4,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+        adapter_dtype="fp32",
+    )
     options.update(overrides)
     return FitConfig(**options)
 
@@ -60,14 +70,18 @@ def test_frozen_tensors_bit_identical_and_outputs_written(tmp_path, conf, tiny_b
     result = fit(conf(steps=3, sample_every=2, save_every=2, lr=1e-2), base=base, progress=False)
     after = base.model.state_dict()
     trained = {n for n, p in base.model.named_parameters() if p.requires_grad}
-    changed = {n for n in before if n in after and before[n].shape == after[n].shape
-               and not torch.equal(before[n], after[n])}
+    changed = {
+        n for n in before if n in after and before[n].shape == after[n].shape and not torch.equal(before[n], after[n])
+    }
     assert changed and changed <= trained
     frozen = [n for n in before if n not in trained]
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
     out = result.out_dir
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000000.png", "step-0000002.png",
-                                                                     "step-0000003.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-0000000.png",
+        "step-0000002.png",
+        "step-0000003.png",
+    ]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
     import tomllib
 
@@ -96,9 +110,12 @@ def test_resume_of_a_changed_dit_run_is_refused_naming_the_change(tmp_path, conf
     first = conf(steps=2, save_every=1)
     fit(first, progress=False)
     again = {**first.__dict__, "steps": 3, "resume": True}
-    for change, words in [({"lr": 2e-3}, "--lr was 0.001, now 0.002"), ({"method": "bitfit"}, "--method was difffit"),
-                          ({"gamma_blocks": "0"}, "--gamma-blocks was unset, now 0"),
-                          ({"ema_decay": 0.99}, "--ema-decay was 0.9999, now 0.99")]:
+    for change, words in [
+        ({"lr": 2e-3}, "--lr was 0.001, now 0.002"),
+        ({"method": "bitfit"}, "--method was difffit"),
+        ({"gamma_blocks": "0"}, "--gamma-blocks was unset, now 0"),
+        ({"ema_decay": 0.99}, "--ema-decay was 0.9999, now 0.99"),
+    ]:
         with pytest.raises(DiffFitError, match="is not the one checkpointed") as refused:
             fit(FitConfig(**{**again, **change}), progress=False)
         assert words in str(refused.value)
@@ -113,8 +130,15 @@ def test_resume_of_a_changed_dit_run_is_refused_naming_the_change(tmp_path, conf
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "difffit", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "difffit", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -126,11 +150,26 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 
 
 def test_resume_after_sigkill(tmp_path, conf, toy_data, tiny_base_file, tiny_vae_dir):
-    common = ["--base", str(tiny_base_file), "--vae", str(tiny_vae_dir), "--batch-size", "4",
-              "--sample-every", "0", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
-              "--adapter-dtype", "fp32", "--no-ema"]
-    killed = _cli("fit", str(toy_data), *common, "--steps", "100000", "--save-every", "3",
-                  "--out", str(tmp_path / "killed"))
+    common = [
+        "--base",
+        str(tiny_base_file),
+        "--vae",
+        str(tiny_vae_dir),
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--adapter-dtype",
+        "fp32",
+        "--no-ema",
+    ]
+    killed = _cli(
+        "fit", str(toy_data), *common, "--steps", "100000", "--save-every", "3", "--out", str(tmp_path / "killed")
+    )
     try:
         _wait_for(tmp_path / "killed" / "checkpoints" / "step-0000003", killed)
     finally:
@@ -138,8 +177,9 @@ def test_resume_after_sigkill(tmp_path, conf, toy_data, tiny_base_file, tiny_vae
         killed.communicate()
     newest = max(int(p.name[5:]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*"))
     total = str(newest + 3)
-    resumed = _cli("fit", str(toy_data), *common, "--steps", total, "--out", str(tmp_path / "killed"),
-                   "--resume", "--json")
+    resumed = _cli(
+        "fit", str(toy_data), *common, "--steps", total, "--out", str(tmp_path / "killed"), "--resume", "--json"
+    )
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-2000:]
     summary = json.loads(stdout)
@@ -152,10 +192,28 @@ def test_resume_after_sigkill(tmp_path, conf, toy_data, tiny_base_file, tiny_vae
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
-    run = _cli("fit", str(toy_data), "--base", str(tiny_base_file), "--vae", str(tiny_vae_dir),
-               "--steps", "100000", "--batch-size", "4", "--sample-every", "0", "--save-every", "2",
-               "--num-workers", "0",
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"))
+    run = _cli(
+        "fit",
+        str(toy_data),
+        "--base",
+        str(tiny_base_file),
+        "--vae",
+        str(tiny_vae_dir),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "2",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "run"),
+    )
     _wait_for(tmp_path / "run" / "checkpoints" / "step-0000002", run)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)

@@ -30,9 +30,19 @@ def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
 @pytest.fixture
 def conf(tmp_path, tiny_base_file, tiny_vae_dir):
     def make(data: Path, **overrides) -> FitConfig:
-        options = dict(data=str(data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=6, batch_size=4,
-                       save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"),
-                       out=str(tmp_path / "run"), adapter_dtype="fp32")
+        options = dict(
+            data=str(data),
+            base=str(tiny_base_file),
+            vae=str(tiny_vae_dir),
+            steps=6,
+            batch_size=4,
+            save_every=0,
+            sample_every=0,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+            out=str(tmp_path / "run"),
+            adapter_dtype="fp32",
+        )
         return FitConfig(**(options | overrides))
 
     return make
@@ -40,8 +50,9 @@ def conf(tmp_path, tiny_base_file, tiny_vae_dir):
 
 def test_same_weights_same_validation_loss():
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=2,
-                                num_classes=3)).eval()
+    model = DiT(
+        DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=2, num_classes=3)
+    ).eval()
     x0, labels = torch.randn(5, 4, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     first = validation_loss(model, x0, labels, seed=0, batch_size=3)
     assert validation_loss(model, x0, labels, seed=0, batch_size=3) == first
@@ -75,10 +86,23 @@ def test_overfitting_shows_training_loss_falling_and_validation_loss_rising(tmp_
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
     # Batches of 8 from 2 images: each image 4 times per step, stated with --repeats (a batch may not exceed an epoch).
-    result = fit(conf(tmp_path / "train", base="random:DiT-S/2", vae="identity", resolution=4, method="full",
-                      steps=100, batch_size=8, repeats=4, lr=1e-3, ema=False, val_data=str(tmp_path / "val"),
-                      val_every=10),
-                 progress=False)
+    result = fit(
+        conf(
+            tmp_path / "train",
+            base="random:DiT-S/2",
+            vae="identity",
+            resolution=4,
+            method="full",
+            steps=100,
+            batch_size=8,
+            repeats=4,
+            lr=1e-3,
+            ema=False,
+            val_data=str(tmp_path / "val"),
+            val_every=10,
+        ),
+        progress=False,
+    )
     losses = [value for _, value in records(result.out_dir, "loss")]
     val_losses = records(result.out_dir, "val_loss")
     assert [step for step, _ in val_losses] == list(range(10, 101, 10))
@@ -108,8 +132,19 @@ def test_keep_best_val_loss_and_resume_restores_split_and_best(tmp_path, conf, t
 
 def test_in_training_fid_and_keep_best_fid(tmp_path, conf, toy_data):
     weights = random_inception_weights(tmp_path / "inception.pth")
-    result = fit(conf(toy_data, steps=4, lr=1e-2, eval_every=2, eval_n=4, eval_reference=str(toy_data),
-                      inception_weights=str(weights), keep_best="fid"), progress=False)
+    result = fit(
+        conf(
+            toy_data,
+            steps=4,
+            lr=1e-2,
+            eval_every=2,
+            eval_n=4,
+            eval_reference=str(toy_data),
+            inception_weights=str(weights),
+            keep_best="fid",
+        ),
+        progress=False,
+    )
     fids, kids = records(result.out_dir, "fid"), records(result.out_dir, "kid")
     assert [s for s, _ in fids] == [2, 4] and [s for s, _ in kids] == [2, 4]
     assert all(np.isfinite(v) and v > 0 for _, v in fids)
@@ -123,12 +158,15 @@ def test_missing_inception_weights_fail_before_training(tmp_path, conf, toy_data
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"val_every": 5}, "needs a validation set"),
-    ({"keep_best": "fid"}, "--eval-every"),
-    ({"eval_every": 5}, "--eval-reference"),
-    ({"val_fraction": 1.0}, r"\[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"val_every": 5}, "needs a validation set"),
+        ({"keep_best": "fid"}, "--eval-every"),
+        ({"eval_every": 5}, "--eval-reference"),
+        ({"val_fraction": 1.0}, r"\[0, 1\)"),
+    ],
+)
 def test_validation_options_are_checked(conf, toy_data, overrides, message):
     with pytest.raises(DiffFitError, match=message):
         conf(toy_data, **overrides).validate()

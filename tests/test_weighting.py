@@ -19,8 +19,13 @@ from difffit.engine.training.train import fit
 def _losses(golden, golden_model, **weighting):
     diffusion = GaussianDiffusion()
     with torch.no_grad():
-        return diffusion.training_losses(lambda x, t: golden_model(x, t, golden["loss.y"]), golden["loss.x0"],
-                                         golden["loss.t"], golden["loss.noise"], diffusion.mse_weights(**weighting))
+        return diffusion.training_losses(
+            lambda x, t: golden_model(x, t, golden["loss.y"]),
+            golden["loss.x0"],
+            golden["loss.t"],
+            golden["loss.noise"],
+            diffusion.mse_weights(**weighting),
+        )
 
 
 def _snr(t: torch.Tensor) -> torch.Tensor:
@@ -34,11 +39,14 @@ def test_no_weighting_is_the_reference_loss(golden, golden_model):
     assert_loss_matches_reference(golden, golden_model)
 
 
-@pytest.mark.parametrize("weighting,expected", [
-    ({"snr_gamma": 5.0}, lambda snr: torch.minimum(snr, torch.tensor(5.0, dtype=snr.dtype)) / snr),
-    ({"p2_gamma": 1.0}, lambda snr: 1 / (1 + snr)),
-    ({"p2_gamma": 0.5}, lambda snr: (1 + snr) ** -0.5),
-])
+@pytest.mark.parametrize(
+    "weighting,expected",
+    [
+        ({"snr_gamma": 5.0}, lambda snr: torch.minimum(snr, torch.tensor(5.0, dtype=snr.dtype)) / snr),
+        ({"p2_gamma": 1.0}, lambda snr: 1 / (1 + snr)),
+        ({"p2_gamma": 0.5}, lambda snr: (1 + snr) ** -0.5),
+    ],
+)
 def test_weighting_changes_the_mse_term_by_its_formula(golden, golden_model, weighting, expected):
     plain, weighted = _losses(golden, golden_model), _losses(golden, golden_model, **weighting)
     weights = expected(_snr(golden["loss.t"])).float()
@@ -55,8 +63,17 @@ def test_min_snr_caps_only_the_low_noise_steps():
 
 
 def test_fit_records_the_weighting(tmp_path, toy_data, tiny_base_file, tiny_vae_dir):
-    options = dict(data=str(toy_data), base=str(tiny_base_file), vae=str(tiny_vae_dir), steps=2, batch_size=4,
-                   save_every=0, sample_every=0, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    options = dict(
+        data=str(toy_data),
+        base=str(tiny_base_file),
+        vae=str(tiny_vae_dir),
+        steps=2,
+        batch_size=4,
+        save_every=0,
+        sample_every=0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     plain = fit(FitConfig(**options, out=str(tmp_path / "plain")), progress=False)
     weighted = fit(FitConfig(**options, out=str(tmp_path / "snr"), snr_gamma=5.0, p2_gamma=1.0), progress=False)
     first = [json.loads((r.out_dir / "log.jsonl").read_text().splitlines()[0]) for r in (plain, weighted)]

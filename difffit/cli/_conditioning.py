@@ -18,8 +18,10 @@ from difffit.engine.errors import DiffFitError
 
 # command -> {conditioning the options belong to: parameter names}
 CONDITIONING_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sample": {"class": ("classes", "cfg_channels", "vae", "compile"),
-               "text": ("prompts", "prompts_file", "negative_prompt", "width", "height")},
+    "sample": {
+        "class": ("classes", "cfg_channels", "vae", "compile"),
+        "text": ("prompts", "prompts_file", "negative_prompt", "width", "height"),
+    },
     "eval-fid": {"class": ("classes", "cfg_channels", "vae"), "text": ("prompts_file",)},
     "info": {"class": ("num_classes", "resolution", "num_heads"), "text": ()},
     "merge": {"class": (), "text": ()},
@@ -30,8 +32,11 @@ KINDS = {"class": "class-conditional (DiT)", "text": "text-to-image"}
 def typed_options(ctx: typer.Context) -> dict[str, str]:
     """{parameter name: its flag} of the options given on the command line (or by environment), not defaulted."""
     flags = {param.name: param.opts[0] for param in ctx.command.params}
-    return {name: flags[name] for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+    return {
+        name: flags[name]
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    }
 
 
 def check_conditioning_options(ctx: typer.Context, sources: Iterable[str], base: str | None = None) -> None:
@@ -48,6 +53,8 @@ def check_conditioning_options(ctx: typer.Context, sources: Iterable[str], base:
         for kind, names in table.items():
             given = [name for name in names if name in typed]
             if kind != family.conditioning and given:
-                raise DiffFitError(f"{typed[given[0]]} applies to {KINDS[kind]} models, and {source} is a "
-                                   f"{family.title} model, conditioned on {'text' if kind == 'class' else 'classes'}.",
-                                   hint="Leave it out.")
+                raise DiffFitError(
+                    f"{typed[given[0]]} applies to {KINDS[kind]} models, and {source} is a "
+                    f"{family.title} model, conditioned on {'text' if kind == 'class' else 'classes'}.",
+                    hint="Leave it out.",
+                )

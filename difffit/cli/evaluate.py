@@ -14,25 +14,51 @@ from difffit.cli._render import emit_json, print_table, say
 if TYPE_CHECKING:
     from difffit.engine.evaluation.metrics import Evaluation
 
-METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
-                "isc_std": "IS std", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score"}
+METRIC_NAMES = {
+    "fid": "FID",
+    "kid_mean": "KID",
+    "kid_std": "KID std",
+    "isc_mean": "Inception Score",
+    "isc_std": "IS std",
+    "precision": "Precision",
+    "recall": "Recall",
+    "clip_score": "CLIP score",
+}
 SKIPPED_SHOWN = 20
 
 # eval-fid's own arguments and options (those it shares with other commands are in _options.py)
-Generated = Annotated[str, typer.Argument(
-    metavar="GENERATED", help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
-    show_default=False)]
-Reference = Annotated[str | None, typer.Argument(
-    metavar="REFERENCE",
-    help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
-    "(not needed for --metrics clip alone).", show_default=False)]
-Metrics = Annotated[str, typer.Option(
-    help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
-    "image against its prompt).")]
-SaveStats = Annotated[Path | None, typer.Option(
-    help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
-    "needs --overwrite.",
-    show_default=False)]
+Generated = Annotated[
+    str,
+    typer.Argument(
+        metavar="GENERATED",
+        help="Image folder, .npz (arr_0 images), or an adapter / base to sample from in memory.",
+        show_default=False,
+    ),
+]
+Reference = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="REFERENCE",
+        help="Image folder, ADM reference batch .npz (arr_0 and/or mu/sigma), or a --save-stats file "
+        "(not needed for --metrics clip alone).",
+        show_default=False,
+    ),
+]
+Metrics = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated: fid, kid, isc (Inception Score), prc (precision/recall), clip (CLIP score of each "
+        "image against its prompt)."
+    ),
+]
+SaveStats = Annotated[
+    Path | None,
+    typer.Option(
+        help="Also write the reference statistics to this .npz (usable as REFERENCE later); an existing file "
+        "needs --overwrite.",
+        show_default=False,
+    ),
+]
 KidSubsets = Annotated[int, typer.Option(help="KID: number of random subsets.")]
 KidSubsetSize = Annotated[int, typer.Option(help="KID: images per subset (<= images per side).")]
 
@@ -107,13 +133,34 @@ def eval_fid(
 
     images = Path(generated).expanduser().is_dir() or generated.lower().endswith(".npz")  # not a model to sample
     check_conditioning_options(ctx, [] if images else [generated], base)
-    sampling = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
-                               seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device)
-    config = EvalConfig(metrics=metrics, num_samples=num_samples, inception_weights=inception_weights,
-                        batch_size=batch_size, device=device, save_stats=save_stats, kid_subsets=kid_subsets,
-                        kid_subset_size=kid_subset_size, sampling=sampling, classes=classes, base=base, vae=vae,
-                        force_base=force_base, clip_model=clip_model, overwrite=overwrite,
-                        prompts=read_prompts(prompts_file) if prompts_file is not None else None)
+    sampling = SamplingOptions(
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        scheduler=scheduler,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        mixed_precision=mixed_precision,
+        device=device,
+    )
+    config = EvalConfig(
+        metrics=metrics,
+        num_samples=num_samples,
+        inception_weights=inception_weights,
+        batch_size=batch_size,
+        device=device,
+        save_stats=save_stats,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        sampling=sampling,
+        classes=classes,
+        base=base,
+        vae=vae,
+        force_base=force_base,
+        clip_model=clip_model,
+        overwrite=overwrite,
+        prompts=read_prompts(prompts_file) if prompts_file is not None else None,
+    )
     result = evaluate(generated, reference, config, progress=True)
     _render_skipped(result.skipped)
     if as_json:

@@ -11,9 +11,14 @@ from difffit.cli._conditioning import check_conditioning_options
 from difffit.cli._render import emit_json, is_main_process, print_fields, say
 
 # sample's own arguments and options (those it shares with other commands are in _options.py)
-Sources = Annotated[list[str], typer.Argument(
-    metavar="SOURCE", help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
-    show_default=False)]
+Sources = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="SOURCE",
+        help="Adapter file(s), a merged model, or a base (alias, hub id, file, random:...).",
+        show_default=False,
+    ),
+]
 Npz = Annotated[bool, typer.Option("--npz", help="Also write samples.npz (N x H x W x 3 uint8).")]
 
 SAMPLE_HELP = """Generate images from an adapter, a merged model or a base.
@@ -81,32 +86,65 @@ def sample(
     from difffit.engine.methods.sources import sample_sources
 
     check_conditioning_options(ctx, sources, base)
-    options = SamplingOptions(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scheduler=scheduler, steps=steps,
-                              seed=seed, batch_size=batch_size, mixed_precision=mixed_precision, device=device,
-                              compile=compile, negative_prompt=negative_prompt, width=width, height=height)
+    options = SamplingOptions(
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        scheduler=scheduler,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        mixed_precision=mixed_precision,
+        device=device,
+        compile=compile,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+    )
     prompts = [*(prompts or []), *(read_prompts(prompts_file) if prompts_file is not None else [])]
-    summary = sample_sources(sources, n, options, out=out, classes=classes, prompts=prompts, base=base, vae=vae,
-                             force_base=force_base, npz=npz, overwrite=overwrite)
+    summary = sample_sources(
+        sources,
+        n,
+        options,
+        out=out,
+        classes=classes,
+        prompts=prompts,
+        base=base,
+        vae=vae,
+        force_base=force_base,
+        npz=npz,
+        overwrite=overwrite,
+    )
     if not is_main_process():
         return
     for output in summary["outputs"]:
-        say(("Wrote", "green"), f" {n} image{'s' if n != 1 else ''} to {output['dir']} "
-            f"({output['images_per_second']:.2f} img/s)")
+        say(
+            ("Wrote", "green"),
+            f" {n} image{'s' if n != 1 else ''} to {output['dir']} ({output['images_per_second']:.2f} img/s)",
+        )
     if as_json:
         emit_json(summary)
 
 
 def merge(
     ctx: typer.Context,
-    adapter: Annotated[str, typer.Argument(
-        metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME).")],
+    adapter: Annotated[
+        str,
+        typer.Argument(
+            metavar="ADAPTER", help="The adapter.safetensors to fold into its base, or a Hub adapter (hf://OWNER/NAME)."
+        ),
+    ],
     out: opt.MergeOut,
     base: opt.AdapterBase = None,
-    fmt: Annotated[str | None, typer.Option(
-        "--format", help="original (DiT's default): one .safetensors that --base accepts; diffusers (the "
-        "text-to-image default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
-        "peft.PeftModel.from_pretrained; comfyui (PixArt, SD3, FLUX): one small .safetensors for ComfyUI's "
-        "Load LoRA node (put it in ComfyUI/models/loras)", show_default=False)
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="original (DiT's default): one .safetensors that --base accepts; diffusers (the "
+            "text-to-image default): a pipeline folder that diffusers loads; peft: a LoRA adapter folder for "
+            "peft.PeftModel.from_pretrained; comfyui (PixArt, SD3, FLUX): one small .safetensors for ComfyUI's "
+            "Load LoRA node (put it in ComfyUI/models/loras)",
+            show_default=False,
+        ),
     ] = None,
     force_base: opt.ForceBase = False,
     overwrite: opt.Overwrite = False,

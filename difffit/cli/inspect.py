@@ -14,11 +14,17 @@ from difffit.cli._render import emit_json, print_fields, print_table, say
 
 def info(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(
-        metavar="SOURCE", help="An adapter file, or a base (alias, hub id, local checkpoint, random:...).")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SOURCE", help="An adapter file, or a base (alias, hub id, local checkpoint, random:...)."
+        ),
+    ],
     method: opt.MethodToDescribe = None,
-    num_classes: Annotated[int | None, typer.Option(
-        "--num-classes", help="Classes of the target dataset (with --method).", show_default=False)] = None,
+    num_classes: Annotated[
+        int | None,
+        typer.Option("--num-classes", help="Classes of the target dataset (with --method).", show_default=False),
+    ] = None,
     gamma_blocks: opt.GammaBlocks = None,
     gamma_placement: opt.GammaPlacement = opt.METHOD.gamma_placement,
     rank: opt.Rank = opt.METHOD.rank,
@@ -47,11 +53,26 @@ def info(
     from difffit.engine.methods.sources import describe_source
 
     check_conditioning_options(ctx, [source], base)
-    settings = MethodSettings.from_dict(dict(gamma_placement=gamma_placement, rank=rank, lora_alpha=lora_alpha,
-                                             lora_targets=lora_targets, adapter_dim=adapter_dim,
-                                             prompt_tokens=prompt_tokens)).validate()
-    report = describe_source(source, method=method, num_classes=num_classes, gamma_blocks=gamma_blocks,
-                             settings=settings, base=base, resolution=resolution, num_heads=num_heads)
+    settings = MethodSettings.from_dict(
+        dict(
+            gamma_placement=gamma_placement,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            adapter_dim=adapter_dim,
+            prompt_tokens=prompt_tokens,
+        )
+    ).validate()
+    report = describe_source(
+        source,
+        method=method,
+        num_classes=num_classes,
+        gamma_blocks=gamma_blocks,
+        settings=settings,
+        base=base,
+        resolution=resolution,
+        num_heads=num_heads,
+    )
     if as_json:
         emit_json(report)
     else:
@@ -78,12 +99,17 @@ def _render_info(report: dict) -> None:
         if report["checked_base_matches"]:
             say((f"--base {checked} is the adapter's base", "green"), f" (fingerprint {report['base_fingerprint']}).")
         else:
-            say((f"--base {checked} is not the adapter's base:", "yellow"),
+            say(
+                (f"--base {checked} is not the adapter's base:", "yellow"),
                 f" its fingerprint is {report['checked_base_fingerprint']}, the adapter's ({report['base']}) is "
-                f"{report['base_fingerprint']}; sample and merge refuse it without --force-base.")
+                f"{report['base_fingerprint']}; sample and merge refuse it without --force-base.",
+            )
     if report.get("non_finite_tensors"):
-        say(("Unusable:", "bold red"), f" NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
-            "sample, merge and eval-fid refuse this adapter.")
+        say(
+            ("Unusable:", "bold red"),
+            f" NaN or inf in {', '.join(report['non_finite_tensors'][:5])}; "
+            "sample, merge and eval-fid refuse this adapter.",
+        )
 
 
 def env(as_json: opt.Json = False) -> None:

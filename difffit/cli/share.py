@@ -39,27 +39,41 @@ Anyone can then use the adapter as hf://OWNER/NAME with sample, eval-fid, merge 
 
 
 def push(
-    adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="The adapter.safetensors to share.",
-                                                show_default=False)],
-    repo_id: Annotated[str, typer.Argument(metavar="OWNER/NAME", help="Hub model repo (created if missing).",
-                                           show_default=False)],
+    adapter: Annotated[
+        Path, typer.Argument(metavar="ADAPTER", help="The adapter.safetensors to share.", show_default=False)
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="OWNER/NAME", help="Hub model repo (created if missing).", show_default=False)
+    ],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
-    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing; default main).",
-                                                 show_default=False)] = None,
-    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.",
-                                                show_default=False)] = None,
-    eval_json: Annotated[Path | None, typer.Option("--eval", help="An `eval-fid --json` result to show in the card.",
-                                                   show_default=False)] = None,
-    grid_classes: Annotated[list[str] | None, typer.Option(
-        "--grid-classes", help="Sample a fresh grid of this class (name or index); repeat for more.",
-        show_default=False)] = None,
-    merged: Annotated[bool, typer.Option(
-        "--merged", help="Upload the merged model as a diffusers DiTPipeline instead of the adapter.")] = False,
-    license: Annotated[str | None, typer.Option(
-        help="License id for the card (default: the base's, cc-by-nc-4.0 for DiT; else other).",
-        show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the upload folder to --out; upload nothing.")
-                       ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to push to (created if missing; default main).", show_default=False)
+    ] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.", show_default=False)] = None,
+    eval_json: Annotated[
+        Path | None, typer.Option("--eval", help="An `eval-fid --json` result to show in the card.", show_default=False)
+    ] = None,
+    grid_classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid-classes",
+            help="Sample a fresh grid of this class (name or index); repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    merged: Annotated[
+        bool,
+        typer.Option("--merged", help="Upload the merged model as a diffusers DiTPipeline instead of the adapter."),
+    ] = False,
+    license: Annotated[
+        str | None,
+        typer.Option(
+            help="License id for the card (default: the base's, cc-by-nc-4.0 for DiT; else other).", show_default=False
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write the upload folder to --out; upload nothing.")
+    ] = False,
     out: opt.PushOut = None,
     as_json: opt.Json = False,
 ) -> None:
@@ -67,9 +81,18 @@ def push(
 
     if dry_run != (out is not None):
         raise DiffFitError("--dry-run and --out go together.", hint="Pass both, e.g. --dry-run --out upload/.")
-    result = push_adapter(adapter, repo_id, private=private, revision=revision, message=message,
-                          eval_json=eval_json, grid_classes=grid_classes, merged=merged, license=license,
-                          dry_run_out=out)
+    result = push_adapter(
+        adapter,
+        repo_id,
+        private=private,
+        revision=revision,
+        message=message,
+        eval_json=eval_json,
+        grid_classes=grid_classes,
+        merged=merged,
+        license=license,
+        dry_run_out=out,
+    )
     if as_json:
         emit_json(result)
     elif dry_run:
@@ -96,8 +119,9 @@ opens anywhere, offline.
 
 
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run folders written by difffit fit.",
-                                                   show_default=False)],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Run folders written by difffit fit.", show_default=False)
+    ],
     out: opt.ReportOut = "report.html",
     overwrite: opt.Overwrite = False,
     as_json: opt.Json = False,

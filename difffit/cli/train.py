@@ -66,11 +66,20 @@ mode, and sample, eval-fid and merge honour them.
 """
 
 # upscale-res's own options. One function serves both commands; each command shows only its options.
-To = Annotated[int | None, typer.Option(
-    "--to", help="Target resolution in pixels: larger than the base's, a multiple of VAE factor x patch.",
-    show_default=False)]
-Pe = Annotated[str | None, typer.Option(
-    "--pe", help="Positional embedding of the new grid: trick (default, the paper's) or plain.", show_default=False)]
+To = Annotated[
+    int | None,
+    typer.Option(
+        "--to",
+        help="Target resolution in pixels: larger than the base's, a multiple of VAE factor x patch.",
+        show_default=False,
+    ),
+]
+Pe = Annotated[
+    str | None,
+    typer.Option(
+        "--pe", help="Positional embedding of the new grid: trick (default, the paper's) or plain.", show_default=False
+    ),
+]
 FIT_ONLY, UPSCALE_ONLY = ("resolution",), ("to", "pe")
 RENAMED = {"to": "resolution", "pe": "pos_embed"}  # upscale-res's flags -> FitConfig fields
 
@@ -163,7 +172,8 @@ def fit(
 def _given_options(ctx: typer.Context) -> dict:
     """The options typed on the command line (defaults must not override a recipe)."""
     return {
-        name: value for name, value in ctx.params.items()
+        name: value
+        for name, value in ctx.params.items()
         if name not in ("recipe", "as_json")
         # Typer vendors click, so compare the source by name.
         and getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
@@ -190,7 +200,9 @@ def _run(given: dict, recipe: str | None, as_json: bool, needs_resolution: bool 
         loss = f", last loss {result.loss:.4f}" if result.loss is not None else ""
         say(("Done:", "green"), f" {result.step} steps{loss}; adapter: {result.adapter}")
         if result.best_step is not None:
-            say(f"Best {config.keep_best} {result.best_metric:.4f} at step {result.best_step}: "
-                f"{result.out_dir / 'best' / 'adapter.safetensors'}")
+            say(
+                f"Best {config.keep_best} {result.best_metric:.4f} at step {result.best_step}: "
+                f"{result.out_dir / 'best' / 'adapter.safetensors'}"
+            )
     if result.interrupted:
         raise typer.Exit(EXIT_CODES.get(result.stop_signal, 130))

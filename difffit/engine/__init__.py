@@ -14,13 +14,24 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FitConfig": "training.config", "FitResult": "training.config", "MethodSettings": "methods.settings",
-    "EvalConfig": "evaluation.options", "fit": "training.train",
-    "load_base": "models.families", "SamplingOptions": "evaluation.sample", "generate": "evaluation.sample",
-    "sample_to_folder": "evaluation.sample_folder", "evaluate": "evaluation.metrics",
-    "merge_adapter": "methods.merge", "load_source": "methods.sources",
-    "load_adapter": "methods.apply", "unload_adapter": "methods.apply", "DiffFitError": "errors",
-    "attach_captions": "data.captions", "text_embeddings": "data.text_cache", "clip_score": "evaluation.clip_score",
+    "FitConfig": "training.config",
+    "FitResult": "training.config",
+    "MethodSettings": "methods.settings",
+    "EvalConfig": "evaluation.options",
+    "fit": "training.train",
+    "load_base": "models.families",
+    "SamplingOptions": "evaluation.sample",
+    "generate": "evaluation.sample",
+    "sample_to_folder": "evaluation.sample_folder",
+    "evaluate": "evaluation.metrics",
+    "merge_adapter": "methods.merge",
+    "load_source": "methods.sources",
+    "load_adapter": "methods.apply",
+    "unload_adapter": "methods.apply",
+    "DiffFitError": "errors",
+    "attach_captions": "data.captions",
+    "text_embeddings": "data.text_cache",
+    "clip_score": "evaluation.clip_score",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,12 +20,14 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.b
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N" -> a device, or a one-sentence error."""
+    """The device `spec` names: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; else a one-sentence error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffFitError("--device cuda was asked for, but PyTorch sees no CUDA device.",
-                           hint="Check `difffit env`, or use --device cpu.")
+        raise DiffFitError(
+            "--device cuda was asked for, but PyTorch sees no CUDA device.",
+            hint="Check `difffit env`, or use --device cpu.",
+        )
     try:
         return torch.device(spec)
     except RuntimeError:
@@ -52,8 +54,9 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def make_accelerator(device: str, mixed_precision: str, log_with: str | None,
-                     project_dir: Path) -> tuple[Accelerator, str]:
+def make_accelerator(
+    device: str, mixed_precision: str, log_with: str | None, project_dir: Path
+) -> tuple[Accelerator, str]:
     """(accelerate's Accelerator for the process group and trackers, the precision "auto" resolves to); mixed
     precision is ours (autocast + scaler), so that fits with different precisions can run one after another in
     one Python process."""
@@ -88,8 +91,10 @@ def fp8_support(device: torch.device | str) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        return (f"--mixed-precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: L4, L40, "
-                f"H100, H200, B200); {name} has {major}.{minor}.")
+        return (
+            f"--mixed-precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: L4, L40, "
+            f"H100, H200, B200); {name} has {major}.{minor}."
+        )
     return None
 
 

@@ -27,8 +27,18 @@ def environment_report() -> dict:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         devices.append("mps")
     report = {"difffit": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for package in ("torch", "torchvision", "diffusers", "accelerate", "safetensors", "huggingface_hub",
-                    "torch-fidelity", "typer", "rich", "pillow"):
+    for package in (
+        "torch",
+        "torchvision",
+        "diffusers",
+        "accelerate",
+        "safetensors",
+        "huggingface_hub",
+        "torch-fidelity",
+        "typer",
+        "rich",
+        "pillow",
+    ):
         report[package] = _version(package)
     report.update(
         {

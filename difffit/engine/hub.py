@@ -46,13 +46,16 @@ def hub_ref(spec: str, *, subfolders: bool = False) -> HubRef | None:
 
 
 def _explicit_ref(spec: str) -> HubRef:
-    parts = spec[len(HF_PREFIX):].rstrip("/").split("/")
+    parts = spec[len(HF_PREFIX) :].rstrip("/").split("/")
     if len(parts) < 2 or not all(parts):
-        raise DiffFitError(f"{spec} does not name a hub repo: it needs an owner and a name, one '/' apart.",
-                           hint="Write hf://OWNER/NAME, or hf://OWNER/NAME/FILE for one file of the repo.")
+        raise DiffFitError(
+            f"{spec} does not name a hub repo: it needs an owner and a name, one '/' apart.",
+            hint="Write hf://OWNER/NAME, or hf://OWNER/NAME/FILE for one file of the repo.",
+        )
     if bad := next((part for part in parts if not HUB_NAME.match(part)), None):
-        raise DiffFitError(f"{spec} is not a hub address: {bad!r} holds characters other than letters, digits, "
-                           "'-', '_' and '.'.")
+        raise DiffFitError(
+            f"{spec} is not a hub address: {bad!r} holds characters other than letters, digits, '-', '_' and '.'."
+        )
     return HubRef(f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), explicit=True)
 
 
@@ -103,9 +106,7 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: st
 
     cache, offline = hub_cache_dir(), downloads_disabled()
     try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline
-        )
+        folder = snapshot_download(repo_id, allow_patterns=allow_patterns, cache_dir=cache, local_files_only=offline)
     except GatedRepoError:  # before the network errors: it is one (an HTTP 401/403)
         raise DiffFitError(
             f"{what[0].upper()}{what[1:]} is in {repo_id}, a gated Hub repo whose licence this account has not "
@@ -123,7 +124,7 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], what: str, instead: st
 
 
 def split_hub_id(spec: str) -> tuple[str, str]:
-    """"owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
+    """A Hub path split into repo and folder: "owner/name/sub/folder" -> ("owner/name", "sub/folder")."""
     owner, name, *rest = spec.split("/")
     return f"{owner}/{name}", "/".join(rest)
 

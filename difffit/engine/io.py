@@ -70,17 +70,27 @@ def _kept_entries(old: Path, new: Path) -> list[str]:
     if written is None:
         unknown = [e for e in others if not (new / e).exists() or (new / e).is_dir() != (old / e).is_dir()]
         if unknown:
-            raise DiffFitError(f"{old / unknown[0]} may not be difffit's (the folder's marker does not list what "
-                               "difffit wrote), and the new output does not replace it; nothing was changed.",
-                               hint="Move your files out of it, or choose another output.")
+            raise DiffFitError(
+                f"{old / unknown[0]} may not be difffit's (the folder's marker does not list what "
+                "difffit wrote), and the new output does not replace it; nothing was changed.",
+                hint="Move your files out of it, or choose another output.",
+            )
         return []
     # a user's empty folder where the new output has one: nothing to keep
     others = [e for e in others if not ((old / e).is_dir() and not (old / e).is_symlink() and (new / e).is_dir())]
-    taken = [e for e in others if (new / e).exists() or (new / e).is_symlink() or any(
-        (new / part).is_file() or (new / part).is_symlink() for part in map(str, Path(e).parents[:-1]))]
+    taken = [
+        e
+        for e in others
+        if (new / e).exists()
+        or (new / e).is_symlink()
+        or any((new / part).is_file() or (new / part).is_symlink() for part in map(str, Path(e).parents[:-1]))
+    ]
     if taken:
-        raise DiffFitError(f"{old / taken[0]} was not written by difffit, and the new output writes one of that "
-                           "name; nothing was changed.", hint="Move it elsewhere, or choose another output.")
+        raise DiffFitError(
+            f"{old / taken[0]} was not written by difffit, and the new output writes one of that "
+            "name; nothing was changed.",
+            hint="Move it elsewhere, or choose another output.",
+        )
     return others
 
 
@@ -118,8 +128,10 @@ def atomic_path(path: str | os.PathLike, kind: str | None = "output", option: st
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
         if tmp.is_dir() and path.is_dir():
             if any(path.iterdir()) and not has_marker(path):
-                raise DiffFitError(f"{path} already exists and was not written by difffit; it is left as it is.",
-                                   hint="Choose another output path.")
+                raise DiffFitError(
+                    f"{path} already exists and was not written by difffit; it is left as it is.",
+                    hint="Choose another output path.",
+                )
             _replace_folder(path, tmp, kept=_kept_entries(path, tmp))
         else:
             os.replace(tmp, path)
@@ -148,8 +160,10 @@ def _replace_folder(path: Path, new: Path, kept: list[str]) -> None:
             (path / entry).parent.mkdir(parents=True, exist_ok=True)
             os.rename(old / entry, path / entry)
     except OSError as exc:
-        raise DiffFitError(f"Could not keep your files of {path} in the new output ({exc.strerror}); they are "
-                           f"in {old}.", hint="Move them back yourself.") from None
+        raise DiffFitError(
+            f"Could not keep your files of {path} in the new output ({exc.strerror}); they are in {old}.",
+            hint="Move them back yourself.",
+        ) from None
     _remove(old)
 
 
@@ -170,15 +184,23 @@ def _friendly_os_error(exc: OSError, path: Path, option: str) -> Exception:
     """Disk full and permission problems as one sentence naming the path; anything else as the same error
     about `path` (never the temporary name, which the user never asked for)."""
     if exc.errno == errno.ENOSPC:
-        return DiffFitError(f"The disk is full while writing {path}; nothing was written under that name.",
-                            hint=f"Free some space, or write elsewhere with {option}.")
+        return DiffFitError(
+            f"The disk is full while writing {path}; nothing was written under that name.",
+            hint=f"Free some space, or write elsewhere with {option}.",
+        )
     if isinstance(exc, PermissionError):
         return DiffFitError(f"Permission denied writing {path}.", hint="Choose a folder you can write to.")
     return OSError(exc.errno, exc.strerror, str(path)) if exc.errno is not None else exc
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
-                 folder: bool = False, option: str = "--out") -> Path:
+def check_output(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike] = (),
+    folder: bool = False,
+    option: str = "--out",
+) -> Path:
     """Refuse an output that would destroy data, in one sentence naming it; returns the path.
 
     - an output equal to an input, containing one, or inside an input folder: always refused;
@@ -190,20 +212,25 @@ def check_output(path: str | os.PathLike, *, overwrite: bool, inputs: Iterable[s
     for given in inputs:
         source = Path(given).expanduser().resolve()
         if resolved == source or resolved in source.parents or (source.is_dir() and source in resolved.parents):
-            raise DiffFitError(f"{option} {out} would overwrite the input {given}; an input is never an output.",
-                               hint="Choose another output path.")
+            raise DiffFitError(
+                f"{option} {out} would overwrite the input {given}; an input is never an output.",
+                hint="Choose another output path.",
+            )
     if not out.exists():
         return out
     if folder and not out.is_dir():
-        raise DiffFitError(f"{option} {out} is an existing file, and this output is a folder.",
-                           hint="Choose a new folder name.")
+        raise DiffFitError(
+            f"{option} {out} is an existing file, and this output is a folder.", hint="Choose a new folder name."
+        )
     if not folder and out.is_dir():
         raise DiffFitError(f"{option} {out} is a folder, and this output is a file.", hint="Give a file name.")
     if not overwrite:
         raise DiffFitError(f"{out} already exists.", hint="Add --overwrite to replace it, or choose another path.")
     if not (has_marker(out) if folder else written_by_difffit(out)):
-        raise DiffFitError(f"{out} exists and was not written by difffit, so --overwrite does not replace it.",
-                           hint=f"Choose a new {'folder' if folder else 'file'}, or remove it yourself.")
+        raise DiffFitError(
+            f"{out} exists and was not written by difffit, so --overwrite does not replace it.",
+            hint=f"Choose a new {'folder' if folder else 'file'}, or remove it yourself.",
+        )
     return out
 
 
@@ -248,8 +275,10 @@ def run_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise DiffFitError(f"{folder} is in use by another difffit run ({holder}).",
-                               hint="Wait for it to finish, or choose another --out.") from None
+            raise DiffFitError(
+                f"{folder} is in use by another difffit run ({holder}).",
+                hint="Wait for it to finish, or choose another --out.",
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -268,8 +297,12 @@ def special_kind(path: str | os.PathLike) -> str | None:
         return None
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
     return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
@@ -290,8 +323,10 @@ def check_folder_path(path: str | os.PathLike, option: str) -> None:
         return
     what = special_kind(existing) or "a file"
     where = "" if existing == given else f": {existing} is {what}"
-    raise DiffFitError(f"{option} {path} cannot be a folder{where or f', it is {what}'}.",
-                       hint="Give a folder (it is created if missing).")
+    raise DiffFitError(
+        f"{option} {path} cannot be a folder{where or f', it is {what}'}.",
+        hint="Give a folder (it is created if missing).",
+    )
 
 
 def files_signature(files: Iterable[Path], root: Path) -> str:

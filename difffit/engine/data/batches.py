@@ -68,8 +68,12 @@ class DataOrder:
             pool = self.pool
             if self.balance:
                 places = self.n // len(self.by_class)
-                pool = torch.cat([items[torch.randperm(len(items), generator=g).repeat(-(-places // len(items)))]
-                                  [:places] for items in self.by_class])
+                pool = torch.cat(
+                    [
+                        items[torch.randperm(len(items), generator=g).repeat(-(-places // len(items)))][:places]
+                        for items in self.by_class
+                    ]
+                )
             self._perms[epoch] = pool[torch.randperm(self.n, generator=g)]
         return self._perms[epoch]
 
@@ -98,13 +102,19 @@ class BucketOrder:
     bucket, and how many steps that bucket had before it, are a function of (seed, s): resume is exact.
     """
 
-    def __init__(self, buckets: Sequence[Sequence[int]], labels: Sequence[int], seed: int,
-                 repeats: Sequence[int] | None = None):
+    def __init__(
+        self, buckets: Sequence[Sequence[int]], labels: Sequence[int], seed: int, repeats: Sequence[int] | None = None
+    ):
         self.seed = seed
         self.members = [torch.tensor(list(items), dtype=torch.long) for items in buckets]
-        self.orders = [DataOrder([labels[i] for i in items], step_seed(seed, b, 0xB0C),
-                                 None if repeats is None else [repeats[i] for i in items])
-                       for b, items in enumerate(buckets)]
+        self.orders = [
+            DataOrder(
+                [labels[i] for i in items],
+                step_seed(seed, b, 0xB0C),
+                None if repeats is None else [repeats[i] for i in items],
+            )
+            for b, items in enumerate(buckets)
+        ]
         self.steps = torch.tensor([order.n for order in self.orders])  # each bucket's steps in a round
         self.n = int(self.steps.sum())
         self._round: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -146,8 +156,10 @@ def item_repeats(repeats: int | dict[str, int], labels: Sequence[int], class_nam
         return None if repeats == 1 else [repeats] * len(labels)
     unknown = sorted(set(repeats) - set(class_names))
     if unknown:
-        raise DiffFitError(f"`repeats` names class(es) the data does not have: {', '.join(unknown)}.",
-                           hint=f"The classes are: {', '.join(class_names[:20])}.")
+        raise DiffFitError(
+            f"`repeats` names class(es) the data does not have: {', '.join(unknown)}.",
+            hint=f"The classes are: {', '.join(class_names[:20])}.",
+        )
     per_class = [repeats.get(name, 1) for name in class_names]
     return [per_class[label] for label in labels]
 
@@ -179,13 +191,16 @@ class Split:
         if rest or not per_process:
             raise DiffFitError(
                 f"--batch-size {self.batch_size} does not split evenly over {self.world} process(es) x "
-                f"--grad-accum {self.grad_accum}.", hint="Use a multiple of their product as the batch size.")
+                f"--grad-accum {self.grad_accum}.",
+                hint="Use a multiple of their product as the batch size.",
+            )
         if per_process > MAX_FORWARD_BATCH:
             accum = -(-self.batch_size // (self.world * MAX_FORWARD_BATCH))
             raise DiffFitError(
                 f"--batch-size {self.batch_size:,} makes micro-batches of {per_process:,} images per process, above "
                 f"{MAX_FORWARD_BATCH:,}, the most one forward pass takes.",
-                hint=f"Add --grad-accum {accum} (or more) to split each step, or use a smaller --batch-size.")
+                hint=f"Add --grad-accum {accum} (or more) to split each step, or use a smaller --batch-size.",
+            )
 
     @property
     def per_process(self) -> int:
@@ -236,8 +251,9 @@ class Captions:
         return rows
 
 
-def to_device(conditions: torch.Tensor | dict[str, torch.Tensor],
-              device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
+def to_device(
+    conditions: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor | dict[str, torch.Tensor]:
     if isinstance(conditions, dict):
         return {name: tensor.to(device, non_blocking=True) for name, tensor in conditions.items()}
     return conditions.to(device)
@@ -247,20 +263,29 @@ class Batches:
     """Micro-batches (latents x0, conditions: labels or caption embeddings) for the training loop, drawn from
     cached or encoded latents (of one size, or of each batch's bucket)."""
 
-    def __init__(self, latents: CachedLatents | EncodedLatents | BucketedLatents, conditions: Labels | Captions,
-                 split: Split, order: DataOrder | BucketOrder, device: torch.device):
+    def __init__(
+        self,
+        latents: CachedLatents | EncodedLatents | BucketedLatents,
+        conditions: Labels | Captions,
+        split: Split,
+        order: DataOrder | BucketOrder,
+        device: torch.device,
+    ):
         self.latents, self.conditions = latents, conditions
         self.split, self.order, self.device = split, order, device
         self._drawn: tuple[int, StepDraws] | None = None
 
-    def micro_batch(self, step: int, micro: int,
-                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+    def micro_batch(
+        self, step: int, micro: int, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
         """Micro-step `micro` of optimizer step `step`, this process's slice; `g`: the step's generator, which
         draws the whole global batch's flips, latent noise and dropout at the step's first micro-step."""
         index = self.order.take_batch(self.split, step, micro)
         if self._drawn is None or self._drawn[0] != step:
-            self._drawn = step, StepDraws.draw(g, self.split.batch_size, self.latents.shape(index),
-                                               self.conditions.dropout)
+            self._drawn = (
+                step,
+                StepDraws.draw(g, self.split.batch_size, self.latents.shape(index), self.conditions.dropout),
+            )
         rows, draws = self.split.rows(micro), self._drawn[1]
         x0 = self.latents.draw(index, draws.flips[rows], draws.latent_noise[rows], self.device)
         drop = None if draws.drop is None else draws.drop[rows]

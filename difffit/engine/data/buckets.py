@@ -49,8 +49,12 @@ class Bucket:
 
     def summary(self) -> dict:
         """What FitResult and the adapter's training summary record of the bucket."""
-        return {"width": self.size[0], "height": self.size[1], "images": len(self.members),
-                "merged": [{"width": w, "height": h, "images": n} for (w, h), n in self.merged]}
+        return {
+            "width": self.size[0],
+            "height": self.size[1],
+            "images": len(self.members),
+            "merged": [{"width": w, "height": h, "images": n} for (w, h), n in self.merged],
+        }
 
 
 def bucket_step(resolution: int, multiple: int) -> int:
@@ -84,8 +88,9 @@ def _log_aspects(sizes: Sequence[Size]) -> torch.Tensor:
     return torch.log(shapes[:, 0] / shapes[:, 1])
 
 
-def plan_buckets(sizes: Sequence[Size], resolution: int, multiple: int, batch_size: int,
-                 largest: int | None = None) -> list[Bucket]:
+def plan_buckets(
+    sizes: Sequence[Size], resolution: int, multiple: int, batch_size: int, largest: int | None = None
+) -> list[Bucket]:
     """Images of `sizes` (width, height) into buckets: each to the nearest aspect ratio, then every bucket
     with fewer than `batch_size` images merged into its nearest neighbour that has images, the smallest first.
     Returns the buckets that have images, by aspect ratio."""
@@ -152,14 +157,19 @@ class BucketedLatents:
     def shape(self, index: torch.Tensor) -> tuple[int, ...]:
         return self._part(index).shape(index)
 
-    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
-             device: torch.device) -> torch.Tensor:
+    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor, device: torch.device) -> torch.Tensor:
         return self._part(index).draw(self.position[index], flips, noise, device)
 
 
-def bucketed_latents(folder: ImageFolder, resolution: int, multiple: int, batch_size: int,
-                     latents_for: Callable[[ImageFolder, Size], tuple[ImageFolder, Latents]],
-                     progress: bool, largest: int | None = None) -> tuple[ImageFolder, BucketedLatents]:
+def bucketed_latents(
+    folder: ImageFolder,
+    resolution: int,
+    multiple: int,
+    batch_size: int,
+    latents_for: Callable[[ImageFolder, Size], tuple[ImageFolder, Latents]],
+    progress: bool,
+    largest: int | None = None,
+) -> tuple[ImageFolder, BucketedLatents]:
     """The folder without its unusable images, planned into buckets, and each bucket's latents.
 
     `latents_for(images, size)` gives (the usable ones, their latents at `size`): `latents.usable_latents`.
@@ -177,19 +187,26 @@ def bucketed_latents(folder: ImageFolder, resolution: int, multiple: int, batch_
             break
         folder = kept
     place = {item: i for i, item in enumerate(kept.files)}
-    buckets = [Bucket(bucket.size, tuple(place[item] for item in images.files), bucket.merged)
-               for bucket, (images, _) in zip(buckets, usable, strict=True)]
+    buckets = [
+        Bucket(bucket.size, tuple(place[item] for item in images.files), bucket.merged)
+        for bucket, (images, _) in zip(buckets, usable, strict=True)
+    ]
     return kept, BucketedLatents(buckets, [latents for _, latents in usable])
 
 
 def show_buckets(buckets: list[Bucket], batch_size: int) -> None:
     """The bucket table on stderr: each shape, its images, and the small buckets merged into it."""
     table = Table(title=f"Aspect-ratio buckets (batch {batch_size})", title_justify="left")
-    for name, justify in (("bucket (W x H)", "left"), ("aspect", "right"), ("images", "right"),
-                          ("merged into it", "left")):
+    for name, justify in (
+        ("bucket (W x H)", "left"),
+        ("aspect", "right"),
+        ("images", "right"),
+        ("merged into it", "left"),
+    ):
         table.add_column(name, justify=justify)
     for bucket in buckets:
         merged = ", ".join(f"{w} x {h} ({n} image{'s' if n != 1 else ''})" for (w, h), n in bucket.merged)
-        table.add_row(f"{bucket.size[0]} x {bucket.size[1]}", f"{bucket.aspect:.2f}", f"{len(bucket.members):,}",
-                      merged)
+        table.add_row(
+            f"{bucket.size[0]} x {bucket.size[1]}", f"{bucket.aspect:.2f}", f"{len(bucket.members):,}", merged
+        )
     print_table(table)

@@ -56,8 +56,10 @@ def require_free_space(build: Path, needed: int, what: str, hint: str) -> None:
     full disk would be a Bus error that kills the process with nothing said."""
     free = shutil.disk_usage(build).free
     if needed > free:
-        raise DiffFitError(f"The {what} needs {needed / 1e9:.2f} GB and the disk of {build.parent} has "
-                           f"{free / 1e9:.2f} GB free.", hint=hint)
+        raise DiffFitError(
+            f"The {what} needs {needed / 1e9:.2f} GB and the disk of {build.parent} has {free / 1e9:.2f} GB free.",
+            hint=hint,
+        )
 
 
 def remove_stale_builds(root: Path) -> None:

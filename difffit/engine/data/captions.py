@@ -32,12 +32,15 @@ TEXT_COLUMNS = ("text", "caption")  # the default caption column, in order; then
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 PLACEHOLDER = "{class}"
 SHOWN = 5  # names listed in an error before "and N more"
-HINT = ("Put NAME.txt beside each image, list it in a metadata.jsonl (file_name, text), or caption the class "
-        "folders with --caption-template \"a photo of {class}\".")
+HINT = (
+    "Put NAME.txt beside each image, list it in a metadata.jsonl (file_name, text), or caption the class "
+    'folders with --caption-template "a photo of {class}".'
+)
 
 
-def attach_captions(folder: ImageFolder, *, caption_column: str | None = None,
-                    caption_template: str | None = None) -> ImageFolder:
+def attach_captions(
+    folder: ImageFolder, *, caption_column: str | None = None, caption_template: str | None = None
+) -> ImageFolder:
     """The folder with `captions` filled from the sources above, or a DiffFitError naming what is missing.
 
     `caption_column` names the metadata files' text column (for a dataset, `open_data` takes it).
@@ -45,8 +48,10 @@ def attach_captions(folder: ImageFolder, *, caption_column: str | None = None,
     check_template(caption_template)
     if folder.rows is not None:
         if folder.captions is None and caption_template is None:
-            raise DiffFitError(f"The dataset {folder.root} has no caption column ({' or '.join(TEXT_COLUMNS)}).",
-                               hint="Name it with --caption-column, or caption the classes with --caption-template.")
+            raise DiffFitError(
+                f"The dataset {folder.root} has no caption column ({' or '.join(TEXT_COLUMNS)}).",
+                hint="Name it with --caption-column, or caption the classes with --caption-template.",
+            )
         found = list(folder.captions or [""] * len(folder))
     else:
         listed, sources = metadata_captions(folder, caption_column)
@@ -61,24 +66,34 @@ def attach_captions(folder: ImageFolder, *, caption_column: str | None = None,
         folder = replace(folder, outside_captions=outside)
         if outside:
             some = next(iter(outside.values()))
-            say((f"{len(outside)} caption(s) come from files outside {folder.root} (such as {some} -> "
-                 f"{Path(some).resolve()}); they are trained on, and a model card may quote them.", "yellow"))
+            say(
+                (
+                    f"{len(outside)} caption(s) come from files outside {folder.root} (such as {some} -> "
+                    f"{Path(some).resolve()}); they are trained on, and a model card may quote them.",
+                    "yellow",
+                )
+            )
     if caption_template is not None:
-        found = [caption or template_caption(caption_template, folder.class_names[label])
-                 for caption, label in zip(found, folder.labels, strict=True)]
+        found = [
+            caption or template_caption(caption_template, folder.class_names[label])
+            for caption, label in zip(found, folder.labels, strict=True)
+        ]
     missing = [item for item, caption in zip(folder.files, found, strict=True) if not caption]
     if missing:
         names = _some([str(item) if isinstance(item, Row) else str(item.relative_to(folder.root)) for item in missing])
-        raise DiffFitError(f"{len(missing)} of {len(folder)} images in {folder.root} have no caption: {names}.",
-                           hint=HINT)
+        raise DiffFitError(
+            f"{len(missing)} of {len(folder)} images in {folder.root} have no caption: {names}.", hint=HINT
+        )
     return replace(folder, captions=found)
 
 
 def check_template(template: str | None) -> None:
     """A caption template must say where the class name goes."""
     if template is not None and PLACEHOLDER not in template:
-        raise DiffFitError(f"--caption-template {template!r} has no {PLACEHOLDER} placeholder for the class name.",
-                           hint='For example: --caption-template "a photo of {class}".')
+        raise DiffFitError(
+            f"--caption-template {template!r} has no {PLACEHOLDER} placeholder for the class name.",
+            hint='For example: --caption-template "a photo of {class}".',
+        )
 
 
 def template_caption(template: str, class_name: str) -> str:
@@ -100,8 +115,9 @@ def read_text_file(path: Path, what: str) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")  # strict UTF-8; a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
-        raise DiffFitError(f"The {what} {path} is not UTF-8 text (byte {exc.start} is invalid).",
-                           hint="Save it as UTF-8.") from None
+        raise DiffFitError(
+            f"The {what} {path} is not UTF-8 text (byte {exc.start} is invalid).", hint="Save it as UTF-8."
+        ) from None
     except OSError as exc:
         raise DiffFitError(f"Cannot read the {what} {path} ({exc.strerror or exc}).") from None
 
@@ -109,8 +125,9 @@ def read_text_file(path: Path, what: str) -> str:
 # -- metadata.jsonl / metadata.csv ------------------------------------------------------------------
 
 
-def metadata_captions(folder: ImageFolder, caption_column: str | None = None) -> tuple[dict[Path, str],
-                                                                                      dict[Path, Path]]:
+def metadata_captions(
+    folder: ImageFolder, caption_column: str | None = None
+) -> tuple[dict[Path, str], dict[Path, Path]]:
     """{normalised image path: caption} from every metadata file above the folder's images, nearest last, and
     {normalised image path: the metadata file its caption came from}."""
     captions: dict[Path, str] = {}
@@ -155,8 +172,10 @@ def read_metadata(path: Path, caption_column: str | None = None) -> dict[Path, s
     """{normalised image path: caption} of one metadata file; empty captions are left out."""
     rows, columns = _metadata_rows(path)
     if "file_name" not in columns:
-        raise DiffFitError(f"{path} has no file_name column; its columns: {', '.join(columns) or 'none'}.",
-                           hint="List each image as file_name (relative to this file's folder) and its caption.")
+        raise DiffFitError(
+            f"{path} has no file_name column; its columns: {', '.join(columns) or 'none'}.",
+            hint="List each image as file_name (relative to this file's folder) and its caption.",
+        )
     column = _text_column(path, rows, columns, caption_column)
     captions: dict[Path, str] = {}
     lines: dict[Path, int] = {}
@@ -167,8 +186,9 @@ def read_metadata(path: Path, caption_column: str | None = None) -> dict[Path, s
             raise DiffFitError(f"{path} line {line}: file_name is {name!r}, not a file name.")
         image = _normal(path.parent / name)
         if image in lines:
-            raise DiffFitError(f"{path} lists {name} twice (lines {lines[image]} and {line}); give one caption "
-                               "per image.")
+            raise DiffFitError(
+                f"{path} lists {name} twice (lines {lines[image]} and {line}); give one caption per image."
+            )
         lines[image] = line
         if not image.is_file():
             missing.append(name)
@@ -179,8 +199,10 @@ def read_metadata(path: Path, caption_column: str | None = None) -> dict[Path, s
         if value and value.strip():
             captions[image] = value.strip()
     if missing:
-        raise DiffFitError(f"{path} names {len(missing)} file(s) that do not exist: {_some(missing)}.",
-                           hint="file_name is relative to the folder of the metadata file.")
+        raise DiffFitError(
+            f"{path} names {len(missing)} file(s) that do not exist: {_some(missing)}.",
+            hint="file_name is relative to the folder of the metadata file.",
+        )
     return captions
 
 
@@ -213,7 +235,7 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         except ValueError as exc:
             raise DiffFitError(f"{path} line {line} is not valid JSON ({exc}).") from None
         if not isinstance(row, dict):
-            raise DiffFitError(f"{path} line {line} is not a JSON object ({{\"file_name\": ..., \"text\": ...}}).")
+            raise DiffFitError(f'{path} line {line} is not a JSON object ({{"file_name": ..., "text": ...}}).')
         yield line, row
 
 
@@ -221,8 +243,9 @@ def _text_column(path: Path, rows: list[tuple[int, dict]], columns: list[str], c
     """--caption-column, else `text`, else `caption`, else the only string column."""
     if caption_column is not None:
         if caption_column not in columns:
-            raise DiffFitError(f"{path} has no column {caption_column!r} (--caption-column); its columns: "
-                               f"{', '.join(columns)}.")
+            raise DiffFitError(
+                f"{path} has no column {caption_column!r} (--caption-column); its columns: {', '.join(columns)}."
+            )
         return caption_column
     for name in TEXT_COLUMNS:
         if name in columns:
@@ -230,8 +253,11 @@ def _text_column(path: Path, rows: list[tuple[int, dict]], columns: list[str], c
     strings = [c for c in columns if c != "file_name" and _is_text(row.get(c) for _, row in rows)]
     if len(strings) == 1:
         return strings[0]
-    raise DiffFitError(f"{path} has no text column to caption from ({' or '.join(TEXT_COLUMNS)}, or a single "
-                       f"column of text); its columns: {', '.join(columns)}.", hint="Name one with --caption-column.")
+    raise DiffFitError(
+        f"{path} has no text column to caption from ({' or '.join(TEXT_COLUMNS)}, or a single "
+        f"column of text); its columns: {', '.join(columns)}.",
+        hint="Name one with --caption-column.",
+    )
 
 
 def _is_text(values) -> bool:

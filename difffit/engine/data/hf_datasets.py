@@ -55,8 +55,9 @@ def is_dataset(spec: str) -> bool:
     return path.is_dir() and (any((path / m).is_file() for m in SAVED_MARKERS) or bool(_parquet_files(path)))
 
 
-def open_data(spec: str, image_column: str | None = None, label_column: str | None = None,
-              caption_column: str | None = None) -> ImageFolder:
+def open_data(
+    spec: str, image_column: str | None = None, label_column: str | None = None, caption_column: str | None = None
+) -> ImageFolder:
     """Training data from an image folder or a dataset (see the module docstring).
 
     A dataset's captions come from `caption_column` (default: `text`, else `caption`, when present);
@@ -65,31 +66,48 @@ def open_data(spec: str, image_column: str | None = None, label_column: str | No
     """
     if not is_dataset(spec):
         if image_column or label_column:
-            raise DiffFitError(f"--image-column and --label-column apply to datasets; {spec} is an image folder.",
-                               hint="Leave them out, or pass hf:OWNER/NAME, a save_to_disk folder or parquet files.")
+            raise DiffFitError(
+                f"--image-column and --label-column apply to datasets; {spec} is an image folder.",
+                hint="Leave them out, or pass hf:OWNER/NAME, a save_to_disk folder or parquet files.",
+            )
         return scan_image_folder(spec)
     dataset = _load(spec)
     image_column = image_column or _default_column(dataset, "Image", IMAGE_COLUMNS, "image")
     label_column = label_column or _default_column(dataset, "ClassLabel", LABEL_COLUMNS, None)
     # A usual caption column is taken as captions only when it holds strings: class-conditional data may have a
     # `text` column of something else, which it never reads; --caption-column names one to be checked.
-    caption_column = caption_column or next((c for c in TEXT_COLUMNS if c in dataset.column_names
-                                             and getattr(dataset.features[c], "dtype", None) in STRINGS), None)
-    for option, column in (("--image-column", image_column), ("--label-column", label_column),
-                           ("--caption-column", caption_column)):
+    caption_column = caption_column or next(
+        (
+            c
+            for c in TEXT_COLUMNS
+            if c in dataset.column_names and getattr(dataset.features[c], "dtype", None) in STRINGS
+        ),
+        None,
+    )
+    for option, column in (
+        ("--image-column", image_column),
+        ("--label-column", label_column),
+        ("--caption-column", caption_column),
+    ):
         if column is not None and column not in dataset.column_names:
-            raise DiffFitError(f"{spec} has no column {column!r} ({option}); its columns: "
-                               f"{', '.join(dataset.column_names)}.")
+            raise DiffFitError(
+                f"{spec} has no column {column!r} ({option}); its columns: {', '.join(dataset.column_names)}."
+            )
     name = spec if spec.startswith(HF_PREFIX) else str(_local_path(spec)[0])
     labels, class_names, unlabelled = _labels(dataset, label_column, name)
     rows = [i for i in range(len(dataset)) if i not in unlabelled]
     if not rows:
         raise DiffFitError(f"{spec} has no labelled rows (column {label_column!r}).")
     captions = _captions(dataset, caption_column, name) if caption_column else None
-    return ImageFolder(Path(name), [Row(i, name) for i in rows], [labels[i] for i in rows], class_names,
-                       skipped=[(Row(i, name), "no label") for i in sorted(unlabelled)],
-                       rows=HFRows(dataset, image_column),
-                       captions=None if captions is None else [captions[i] for i in rows])
+    return ImageFolder(
+        Path(name),
+        [Row(i, name) for i in rows],
+        [labels[i] for i in rows],
+        class_names,
+        skipped=[(Row(i, name), "no label") for i in sorted(unlabelled)],
+        rows=HFRows(dataset, image_column),
+        captions=None if captions is None else [captions[i] for i in rows],
+    )
 
 
 class HFRows:
@@ -137,10 +155,12 @@ class HFRows:
 def hub_dataset(spec: str) -> tuple[str, str]:
     """hf:[OWNER/]NAME[:split] -> (the dataset's hub name, the split or ""); one sentence for a spec that
     names no dataset (checked with the options, before anything loads)."""
-    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    name, _, split = spec[len(HF_PREFIX) :].partition(":")
     if not HUB_DATASET.match(name):
-        raise DiffFitError(f"{spec} does not name a Hugging Face dataset.",
-                           hint="Write hf:OWNER/NAME or hf:OWNER/NAME:split, e.g. hf:cifar10:train.")
+        raise DiffFitError(
+            f"{spec} does not name a Hugging Face dataset.",
+            hint="Write hf:OWNER/NAME or hf:OWNER/NAME:split, e.g. hf:cifar10:train.",
+        )
     return name, split
 
 
@@ -177,12 +197,16 @@ def _load(spec: str):
         raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise DiffFitError(f"The dataset {spec} does not fit on the disk of the Hugging Face cache.",
-                               hint="Free space, or point HF_HOME at a larger disk.") from None
+            raise DiffFitError(
+                f"The dataset {spec} does not fit on the disk of the Hugging Face cache.",
+                hint="Free space, or point HF_HOME at a larger disk.",
+            ) from None
         raise DiffFitError(f"Cannot load the dataset {spec} ({error_summary(exc)}).") from None
     except Exception as exc:  # datasets raises many types (hub errors, missing splits, bad files)
-        raise DiffFitError(f"Cannot load the dataset {spec} ({error_summary(exc)}).",
-                           hint="Check the name and split; offline, only datasets already in the cache load.") from None
+        raise DiffFitError(
+            f"Cannot load the dataset {spec} ({error_summary(exc)}).",
+            hint="Check the name and split; offline, only datasets already in the cache load.",
+        ) from None
 
 
 def _one_split(loaded: Dataset | DatasetDict, spec: str, split: str | None) -> Dataset:
@@ -193,8 +217,10 @@ def _one_split(loaded: Dataset | DatasetDict, spec: str, split: str | None) -> D
         return loaded
     split = split or ("train" if "train" in loaded or len(loaded) != 1 else next(iter(loaded)))
     if split not in loaded:
-        raise DiffFitError(f"{spec} has no split {split!r}; its splits: {', '.join(loaded)}.",
-                           hint=f"Name one after a colon, e.g. {spec.rsplit(':', 1)[0]}:{next(iter(loaded))}.")
+        raise DiffFitError(
+            f"{spec} has no split {split!r}; its splits: {', '.join(loaded)}.",
+            hint=f"Name one after a colon, e.g. {spec.rsplit(':', 1)[0]}:{next(iter(loaded))}.",
+        )
     return loaded[split]
 
 
@@ -208,8 +234,10 @@ def _check_disk_space(name: str) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
     if needed > free:
-        raise DiffFitError(f"The dataset {name} needs about {needed / 1e9:.1f} GB and {cache} has "
-                           f"{free / 1e9:.1f} GB free.", hint="Free space, or point HF_HOME at a larger disk.")
+        raise DiffFitError(
+            f"The dataset {name} needs about {needed / 1e9:.1f} GB and {cache} has {free / 1e9:.1f} GB free.",
+            hint="Free space, or point HF_HOME at a larger disk.",
+        )
 
 
 # -- columns and classes --------------------------------------------------------------------------
@@ -228,8 +256,10 @@ def _captions(dataset: Dataset, column: str, name: str) -> list[str]:
     captions = []
     for i, value in enumerate(dataset.select_columns([column])[column]):
         if value is not None and not isinstance(value, str):
-            raise DiffFitError(f"{name} row {i}: the caption column {column!r} holds {type(value).__name__}, "
-                               "not text.", hint="Name a column of strings with --caption-column.")
+            raise DiffFitError(
+                f"{name} row {i}: the caption column {column!r} holds {type(value).__name__}, not text.",
+                hint="Name a column of strings with --caption-column.",
+            )
         captions.append((value or "").strip())
     return captions
 

@@ -120,8 +120,10 @@ class ImageFolder:
 
     def _subset(self, indices: Sequence[int]) -> dict:
         """The per-item fields at `indices`: the one place that knows which fields are aligned with `files`."""
-        return {name: None if values is None else [values[i] for i in indices]
-                for name, values in (("files", self.files), ("labels", self.labels), ("captions", self.captions))}
+        return {
+            name: None if values is None else [values[i] for i in indices]
+            for name, values in (("files", self.files), ("labels", self.labels), ("captions", self.captions))
+        }
 
     def keep_classes(self, names: Sequence[str]) -> ImageFolder:
         """The items of the classes named in `names`, labelled by their place there (a held-out set takes the
@@ -141,8 +143,12 @@ def without_unreadable_classes(folder: ImageFolder, scanned: ImageFolder, announ
     if not gone:
         return folder
     if announce:
-        say((f"No readable images in {', '.join(folder.class_names[i] for i in gone)}; not used as class(es).",
-             "yellow"))
+        say(
+            (
+                f"No readable images in {', '.join(folder.class_names[i] for i in gone)}; not used as class(es).",
+                "yellow",
+            )
+        )
     return folder.keep_classes([name for i, name in enumerate(folder.class_names) if i not in gone])
 
 
@@ -203,8 +209,9 @@ def is_output_folder(folder: Path) -> bool:
     return has_marker(folder) or (folder.name in OUTPUT_ROOTS and any(has_marker(p) for p in folder.iterdir()))
 
 
-def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_workers: int = 0,
-                      progress: bool = True) -> ImageFolder:
+def scan_image_folder(
+    root: str | os.PathLike, validate: bool = False, num_workers: int = 0, progress: bool = True
+) -> ImageFolder:
     """List the images under `root`: class sub-folders (sorted) are the classes, a flat folder is one.
 
     Only the extensions in IMAGE_EXTENSIONS count (any case); other files are ignored. With
@@ -213,8 +220,11 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DiffFitError(f"The data folder {root} does not exist or is not a folder.")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and not is_output_folder(p) and not links_back(p, root.resolve()))
+    subdirs = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and not is_output_folder(p) and not links_back(p, root.resolve())
+    )
     files: list[Path] = []
     labels: list[int] = []
     class_names: list[str] = []
@@ -247,8 +257,10 @@ def scan_image_folder(root: str | os.PathLike, validate: bool = False, num_worke
 
 def require_images(folder: ImageFolder) -> None:
     if not folder.files:
-        raise DiffFitError(f"None of the {len(folder.skipped)} image files in {folder.root} could be read.",
-                           hint="The files are named above with the reason each one was skipped.")
+        raise DiffFitError(
+            f"None of the {len(folder.skipped)} image files in {folder.root} could be read.",
+            hint="The files are named above with the reason each one was skipped.",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +335,9 @@ def _oriented_size(image: Image.Image) -> Size:
 def check_elongation(size: Size) -> None:
     """Raise BadImage for an image more elongated than MAX_ASPECT_RATIO (see `center_crop`)."""
     if max(size) > MAX_ASPECT_RATIO * min(size):
-        raise BadImage(f"{size[0]} x {size[1]} px is more elongated than {MAX_ASPECT_RATIO}:1, too thin "
-                       "for a centre crop")
+        raise BadImage(
+            f"{size[0]} x {size[1]} px is more elongated than {MAX_ASPECT_RATIO}:1, too thin for a centre crop"
+        )
 
 
 def center_crop(image: Image.Image, width: int, height: int | None = None) -> np.ndarray:
@@ -383,12 +396,14 @@ def _as_list(batch: list) -> list:
 
 def image_batches(folder: ImageFolder, size: int | Size, batch_size: int, num_workers: int):
     dataset = ImageDataset(folder, size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       collate_fn=_as_list, shuffle=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list, shuffle=False
+    )
 
 
-def find_bad_images(folder: ImageFolder, size: int | Size, num_workers: int = 0,
-                    progress: bool = True) -> dict[Path | Row, str]:
+def find_bad_images(
+    folder: ImageFolder, size: int | Size, num_workers: int = 0, progress: bool = True
+) -> dict[Path | Row, str]:
     """Decode (and crop to `size`) every image once; {item: reason} for the ones that cannot be used."""
     bad: dict[Path | Row, str] = {}
     with track(len(folder.files), "Checking images", progress) as advance:

@@ -85,10 +85,17 @@ class LatentCache:
         return np.array([self.row_of[folder.key(item)] for item in folder.files], dtype=np.int64)
 
 
-def latent_cache(folder: ImageFolder, size: int | Size, vae_spec: str, get_vae: Callable[[], Autoencoder],
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
-                 device: torch.device | str = "cpu", num_workers: int = 0,
-                 progress: bool = True) -> LatentCache:
+def latent_cache(
+    folder: ImageFolder,
+    size: int | Size,
+    vae_spec: str,
+    get_vae: Callable[[], Autoencoder],
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> LatentCache:
     """Open the cache for (files, crop size, VAE), building it first (atomically) if needed.
 
     `get_vae()` returns the engine.models.vae.Autoencoder; it is only called when the cache must be built.
@@ -136,9 +143,16 @@ def encode_distribution(vae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoencoder, batch_size: int,
-                 device: torch.device | str,
-                 num_workers: int, progress: bool) -> None:
+def _build_cache(
+    tmp: Path,
+    folder: ImageFolder,
+    size: int | Size,
+    vae: Autoencoder,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int,
+    progress: bool,
+) -> None:
     width, height = as_size(size)
     shape = (len(folder.files), 2, 2, vae.latent_channels, height // vae.factor, width // vae.factor)
     what = "Encoding latents" if isinstance(size, int) else f"Encoding latents ({width} x {height} bucket)"
@@ -164,9 +178,15 @@ def _build_cache(tmp: Path, folder: ImageFolder, size: int | Size, vae: Autoenco
             rows_file.write(rows.tobytes())
             start += len(batch)
             advance(len(batch))
-    meta = {"format": CACHE_FORMAT, "size": [width, height], "vae": vae.spec, "shape": list(shape),
-            "files": [folder.key(item) for item in folder.files], "bad": bad,
-            "checksum": file_checksum(tmp / "latents.npy")}
+    meta = {
+        "format": CACHE_FORMAT,
+        "size": [width, height],
+        "vae": vae.spec,
+        "shape": list(shape),
+        "files": [folder.key(item) for item in folder.files],
+        "bad": bad,
+        "checksum": file_checksum(tmp / "latents.npy"),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -178,8 +198,12 @@ def _rows_file(path: Path, shape: tuple[int, ...]) -> BinaryIO:
     file write is an OSError (ENOSPC) that atomic_path turns into one sentence, removing the folder. The
     free space is checked first, so a disk too small fails before any image is encoded.
     """
-    require_free_space(path.parent, math.prod(shape) * np.dtype(np.float16).itemsize, "latent cache",
-                       hint="Free some space, or put the cache elsewhere with --cache-dir (or --no-cache-latents).")
+    require_free_space(
+        path.parent,
+        math.prod(shape) * np.dtype(np.float16).itemsize,
+        "latent cache",
+        hint="Free some space, or put the cache elsewhere with --cache-dir (or --no-cache-latents).",
+    )
     rows_file = open(path, "wb")  # noqa: SIM115 - the caller closes it
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(rows_file, header)
@@ -197,15 +221,26 @@ def draw_cached_latents(rows: torch.Tensor, flips: torch.Tensor, noise: torch.Te
     return draw_latents(rows[torch.arange(len(rows)), flips.long()], noise)
 
 
-def usable_latents(folder: ImageFolder, size: int | Size, vae_spec: str, vae: Callable[..., Autoencoder], *,
-                   cache: bool, cache_dir: str | os.PathLike | None, batch_size: int, device: torch.device,
-                   num_workers: int, progress: bool) -> tuple[ImageFolder, CachedLatents | EncodedLatents]:
+def usable_latents(
+    folder: ImageFolder,
+    size: int | Size,
+    vae_spec: str,
+    vae: Callable[..., Autoencoder],
+    *,
+    cache: bool,
+    cache_dir: str | os.PathLike | None,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    progress: bool,
+) -> tuple[ImageFolder, CachedLatents | EncodedLatents]:
     """The folder without its unusable images, and latents for the rest, cropped to `size` (a square's side
     or a bucket's (width, height)): from the latent cache (built first if needed), or, without `cache`,
     encoded on the fly. `vae(device[, dtype])` gives the VAE."""
     if cache:
-        opened = latent_cache(folder, size, vae_spec, lambda: vae(device), cache_dir, batch_size, device,
-                              num_workers, progress)
+        opened = latent_cache(
+            folder, size, vae_spec, lambda: vae(device), cache_dir, batch_size, device, num_workers, progress
+        )
         folder = folder.without(folder.by_key(opened.bad))
         return folder, CachedLatents(opened, folder)
     folder = folder.without(find_bad_images(folder, size, num_workers, progress))
@@ -224,8 +259,7 @@ class CachedLatents:
         """The latents' (C, h, w) (the same for every item)."""
         return tuple(self.cache.rows.shape[-3:])
 
-    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
-             device: torch.device) -> torch.Tensor:
+    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor, device: torch.device) -> torch.Tensor:
         rows = torch.from_numpy(np.ascontiguousarray(self.cache.rows[self.rows[index].numpy()]))
         return draw_cached_latents(rows.to(device), flips.to(device), noise.to(device))
 
@@ -244,8 +278,7 @@ class EncodedLatents:
         return self.vae.latent_channels, height // self.vae.factor, width // self.vae.factor
 
     @torch.no_grad()
-    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor,
-             device: torch.device) -> torch.Tensor:
+    def draw(self, index: torch.Tensor, flips: torch.Tensor, noise: torch.Tensor, device: torch.device) -> torch.Tensor:
         images = torch.stack([self.dataset[i][0] for i in index.tolist()]).to(device)
         images = torch.where(flips.to(device).view(-1, 1, 1, 1).bool(), images.flip(-1), images)
         return draw_latents(encode_distribution(self.vae, images), noise.to(device))

@@ -68,8 +68,7 @@ class Shard:
 class TextEmbeddings:
     """The embeddings of each unique caption, stored once, and the caption of each image (`rows`)."""
 
-    def __init__(self, captions: list[str], rows: torch.Tensor, shards: list[Shard], encoded: int,
-                 path: Path | None):
+    def __init__(self, captions: list[str], rows: torch.Tensor, shards: list[Shard], encoded: int, path: Path | None):
         self.captions = captions  # unique captions; rows[i] is the index of image i's caption here
         self.rows = rows
         self.encoded = encoded  # how many captions `encode` saw in this run (0: all came from the cache)
@@ -109,8 +108,10 @@ class TextEmbeddings:
         if bool((shard_of == shard_of[0]).all()):  # the usual case: one shard holds the whole batch
             rows = row_of.numpy()
             return {name: _to_torch(a[rows], dtypes[name]) for name, a in self.shards[int(shard_of[0])].arrays.items()}
-        out = {name: torch.empty((len(unique), *a.shape[1:]), dtype=dtypes[name])
-               for name, a in self.shards[0].arrays.items()}
+        out = {
+            name: torch.empty((len(unique), *a.shape[1:]), dtype=dtypes[name])
+            for name, a in self.shards[0].arrays.items()
+        }
         for s in shard_of.unique().tolist():
             positions = (shard_of == s).nonzero().squeeze(1)
             rows = row_of[positions].numpy()
@@ -119,9 +120,17 @@ class TextEmbeddings:
         return out
 
 
-def text_embeddings(captions: Sequence[str], encode: Encode, *, key: str, cache_dir: Path | None,
-                    batch_size: int = 32, progress: bool = True, dtype: torch.dtype | None = None,
-                    extra: Sequence[str] = ()) -> TextEmbeddings:
+def text_embeddings(
+    captions: Sequence[str],
+    encode: Encode,
+    *,
+    key: str,
+    cache_dir: Path | None,
+    batch_size: int = 32,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    extra: Sequence[str] = (),
+) -> TextEmbeddings:
     """Embeddings of `captions` (one per image) and of `extra` (e.g. "" or validation prompts).
 
     `key` names everything the embeddings depend on besides the caption: the encoder's id or path,
@@ -162,8 +171,15 @@ def _folder_name(key: str, dtype: torch.dtype | None) -> str:
 
 
 @torch.no_grad()
-def _encode(captions: list[str], encode: Encode, batch_size: int, dtype: torch.dtype | None, progress: bool,
-            folder: Path | None, first: Shard | None = None) -> Shard:
+def _encode(
+    captions: list[str],
+    encode: Encode,
+    batch_size: int,
+    dtype: torch.dtype | None,
+    progress: bool,
+    folder: Path | None,
+    first: Shard | None = None,
+) -> Shard:
     """Encode `captions` in batches into arrays in memory, or memory-mapped .npy files in `folder`.
     `first`, when given, holds the already encoded first batch."""
     arrays: dict[str, np.ndarray] = {}
@@ -179,9 +195,12 @@ def _encode(captions: list[str], encode: Encode, batch_size: int, dtype: torch.d
                 dtypes = {name: t.dtype for name, t in out.items()}
                 shapes = {name: (len(captions), *t.shape[1:]) for name, t in out.items()}
                 if folder is not None:  # the shard is memory-mapped: a full disk must fail before the first write
-                    require_free_space(folder, sum(math.prod(shapes[n]) * t.element_size() for n, t in out.items()),
-                                       "text-embedding cache", hint="Free some space, or put the cache elsewhere "
-                                       "with --cache-dir.")
+                    require_free_space(
+                        folder,
+                        sum(math.prod(shapes[n]) * t.element_size() for n, t in out.items()),
+                        "text-embedding cache",
+                        hint="Free some space, or put the cache elsewhere with --cache-dir.",
+                    )
                 arrays = {name: _allocate(folder, i, shapes[name], t.dtype) for i, (name, t) in enumerate(out.items())}
             _check_same_form(out, arrays, dtypes)
             for name, tensor in out.items():
@@ -197,29 +216,36 @@ def _checked(out, batch: list[str], dtype: torch.dtype | None) -> dict[str, torc
     checked = {}
     for name, tensor in out.items():
         if tensor.dim() == 0 or len(tensor) != len(batch):
-            raise ValueError(f"encode returned {name} of shape {tuple(tensor.shape)} for {len(batch)} captions; "
-                             "the leading dim must be the batch")
+            raise ValueError(
+                f"encode returned {name} of shape {tuple(tensor.shape)} for {len(batch)} captions; "
+                "the leading dim must be the batch"
+            )
         if tensor.is_floating_point():
             bad = ~torch.isfinite(tensor.float()).flatten(1).all(1)
             if bad.any():
                 caption = batch[int(bad.nonzero()[0])]
-                raise DiffFitError(f"The text encoder gives NaN or inf for the caption {caption[:80]!r}.",
-                                   hint="A T5 encoder in float16 overflows; run it in bfloat16 or float32.")
+                raise DiffFitError(
+                    f"The text encoder gives NaN or inf for the caption {caption[:80]!r}.",
+                    hint="A T5 encoder in float16 overflows; run it in bfloat16 or float32.",
+                )
             tensor = tensor.to(dtype or tensor.dtype)
         checked[name] = tensor.detach().cpu()
     return checked
 
 
-def _check_same_form(out: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
-                     dtypes: dict[str, torch.dtype]) -> None:
+def _check_same_form(
+    out: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], dtypes: dict[str, torch.dtype]
+) -> None:
     """Every batch must give the same tensors: a caller bug (e.g. padding to the longest caption) otherwise."""
     if set(out) != set(arrays):
         raise ValueError(f"encode returned {sorted(out)} after {sorted(arrays)}")
     for name, tensor in out.items():
         if tensor.shape[1:] != arrays[name].shape[1:] or tensor.dtype != dtypes[name]:
-            raise ValueError(f"encode returned {name} {tuple(tensor.shape)} {tensor.dtype} after "
-                             f"{tuple(arrays[name].shape[1:])} {dtypes[name]} per caption; pad every batch to "
-                             "one token count")
+            raise ValueError(
+                f"encode returned {name} {tuple(tensor.shape)} {tensor.dtype} after "
+                f"{tuple(arrays[name].shape[1:])} {dtypes[name]} per caption; pad every batch to "
+                "one token count"
+            )
 
 
 def _allocate(folder: Path | None, i: int, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
@@ -245,8 +271,16 @@ def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 # -- shards on disk ----------------------------------------------------------------------------------
 
 
-def _write_shard(folder: Path, key: str, captions: list[str], encode: Encode, batch_size: int,
-                 dtype: torch.dtype | None, progress: bool, first: Shard) -> Shard:
+def _write_shard(
+    folder: Path,
+    key: str,
+    captions: list[str],
+    encode: Encode,
+    batch_size: int,
+    dtype: torch.dtype | None,
+    progress: bool,
+    first: Shard,
+) -> Shard:
     """Encode `captions` straight into a new shard (atomically), then open it as any later run will."""
     path = folder / uuid.uuid4().hex
     with cache_build(path) as tmp:
@@ -254,8 +288,11 @@ def _write_shard(folder: Path, key: str, captions: list[str], encode: Encode, ba
         tensors = {}
         for i, (name, array) in enumerate(shard.arrays.items()):
             array.flush()
-            tensors[name] = {"file": f"{i}.npy", "dtype": str(shard.dtypes[name]).removeprefix("torch."),
-                             "checksum": file_checksum(tmp / f"{i}.npy")}
+            tensors[name] = {
+                "file": f"{i}.npy",
+                "dtype": str(shard.dtypes[name]).removeprefix("torch."),
+                "checksum": file_checksum(tmp / f"{i}.npy"),
+            }
         del shard
         meta = {"format": TEXT_FORMAT, "key": key, "captions": captions, "tensors": tensors}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))

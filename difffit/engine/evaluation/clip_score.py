@@ -31,16 +31,36 @@ if TYPE_CHECKING:
 ImageLike = np.ndarray | Image.Image  # H x W x 3 uint8, or any Pillow image
 
 
-def clip_score(images: Iterable[ImageLike], prompts: Sequence[str], *, model: str = DEFAULT_CLIP_MODEL,
-               device: torch.device | str = "auto", batch_size: int = 64, progress: bool = True) -> float:
+def clip_score(
+    images: Iterable[ImageLike],
+    prompts: Sequence[str],
+    *,
+    model: str = DEFAULT_CLIP_MODEL,
+    device: torch.device | str = "auto",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> float:
     """The CLIP score of images[i] against prompts[i] (see the module docstring). `model`: a hub id or a
     folder holding a CLIPModel with its processor (`save_pretrained`)."""
-    return score_pairs(zip(images, prompts, strict=True), len(prompts), model=model, device=device,
-                       batch_size=batch_size, progress=progress)
+    return score_pairs(
+        zip(images, prompts, strict=True),
+        len(prompts),
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
-def score_pairs(pairs: Iterable[tuple[ImageLike, str]], count: int, *, model: str, device: torch.device | str,
-                batch_size: int, progress: bool) -> float:
+def score_pairs(
+    pairs: Iterable[tuple[ImageLike, str]],
+    count: int,
+    *,
+    model: str,
+    device: torch.device | str,
+    batch_size: int,
+    progress: bool,
+) -> float:
     """clip_score over (image, prompt) pairs streamed in batches; `count` sizes the progress bar."""
     scorer = ClipScorer(model, device)
     with track(count, "CLIP score", progress) as advance:
@@ -66,8 +86,9 @@ class ClipScorer:
         net, processor, device = self.net, self.processor, self.device
         lengths = [len(ids) for ids in processor.tokenizer(list(prompts), verbose=False)["input_ids"]]
         self.cut += sum(length > self.max_tokens for length in lengths)
-        text = processor.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_tokens,
-                                   return_tensors="pt").to(device)
+        text = processor.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(device)
         # Writable copies (an array of a Pillow image is read-only, which torch.from_numpy warns about).
         pixels = processor.image_processor(images=[np.array(i) for i in images], return_tensors="pt")["pixel_values"]
         # What CLIPModel.get_{image,text}_features compute, spelled out: their return type changed
@@ -93,8 +114,13 @@ class ClipScorer:
         if not self.scored:
             raise DiffFitError("There are no images to compute a CLIP score of.")
         if self.cut:
-            say((f"{self.cut} of {self.scored} prompts are longer than the CLIP model's {self.max_tokens} tokens; "
-                 f"they were scored on their first {self.max_tokens}.", "yellow"))
+            say(
+                (
+                    f"{self.cut} of {self.scored} prompts are longer than the CLIP model's {self.max_tokens} tokens; "
+                    f"they were scored on their first {self.max_tokens}.",
+                    "yellow",
+                )
+            )
         return self.total / self.scored
 
 
@@ -113,8 +139,11 @@ class ScoredAsRead:
     def batches(self, batch_size: int) -> Iterator:
         done = 0
         for batch in self.images.batches(batch_size):
-            pairs = [(image, prompt) for image, prompt in zip(batch, self.prompts[done : done + len(batch)],
-                                                              strict=True) if image is not None]
+            pairs = [
+                (image, prompt)
+                for image, prompt in zip(batch, self.prompts[done : done + len(batch)], strict=True)
+                if image is not None
+            ]
             done += len(batch)
             if pairs:
                 self.scorer.add(*zip(*pairs, strict=True))
@@ -132,8 +161,10 @@ def load_clip(spec: str, device: torch.device):
             model = CLIPModel.from_pretrained(folder, use_safetensors=True)
             processor = CLIPProcessor.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise DiffFitError(f"Cannot load the CLIP model {spec} from {folder} ({error_summary(exc)}).",
-                           hint="--clip-model takes a hub id or a folder with a CLIPModel and its processor.") from None
+        raise DiffFitError(
+            f"Cannot load the CLIP model {spec} from {folder} ({error_summary(exc)}).",
+            hint="--clip-model takes a hub id or a folder with a CLIPModel and its processor.",
+        ) from None
     return model.float().eval().to(device), processor
 
 
@@ -143,12 +174,17 @@ def clip_folder(spec: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or not HUB_ID.match(spec):
-        raise DiffFitError(f"--clip-model {spec!r} is neither a folder holding a CLIP model nor a hub id like "
-                           f"{DEFAULT_CLIP_MODEL}.")
+        raise DiffFitError(
+            f"--clip-model {spec!r} is neither a folder holding a CLIP model nor a hub id like {DEFAULT_CLIP_MODEL}."
+        )
     repo_id, subfolder = split_hub_id(spec)
     prefix = f"{subfolder}/" if subfolder else ""
-    snapshot = hub_snapshot(repo_id, [f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.safetensors"],
-                            what=f"the CLIP model {spec}", instead="pass --clip-model a local folder")
+    snapshot = hub_snapshot(
+        repo_id,
+        [f"{prefix}*.json", f"{prefix}*.txt", f"{prefix}*.safetensors"],
+        what=f"the CLIP model {spec}",
+        instead="pass --clip-model a local folder",
+    )
     return snapshot / subfolder if subfolder else snapshot
 
 

@@ -138,10 +138,20 @@ class ModelSamples:
     batch and never written to disk. A text-to-image base samples `prompts` in turn (`embeddings`: already
     encoded, as fit's are); `prompts` is then each sample's prompt, which the clip metric scores against."""
 
-    def __init__(self, base: Base, count: int, sampling: SamplingOptions, device: torch.device, *,
-                 classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
-                 embeddings: TextEmbeddings | None = None, progress: bool = True, name: str = "samples",
-                 indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        base: Base,
+        count: int,
+        sampling: SamplingOptions,
+        device: torch.device,
+        *,
+        classes: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        embeddings: TextEmbeddings | None = None,
+        progress: bool = True,
+        name: str = "samples",
+        indices: Sequence[int] | None = None,
+    ):
         """`indices`: which of the `count` samples to make (each sample is a function of its index); all of them
         by default."""
         require_at_least("-n", count, 1)
@@ -154,32 +164,59 @@ class ModelSamples:
         self.skipped: list[tuple[Path, str]] = []
 
     @classmethod
-    def from_source(cls, source: str, count: int | None, model: ModelInput, device: torch.device,
-                    progress: bool = True) -> ModelSamples:
+    def from_source(
+        cls, source: str, count: int | None, model: ModelInput, device: torch.device, progress: bool = True
+    ) -> ModelSamples:
         """eval-fid's GENERATED when it names an adapter or a base: a class-conditional one samples its classes
         (50,000 by default), a text-to-image one `model.prompts` (one image each by default)."""
         base, _ = load_source(source, base=model.base, vae=model.vae, force_base=model.force_base)
         family = family_of(base)
         if family.conditioning == "text":
             if not model.prompts:
-                raise DiffFitError(f"{source} is a text-to-image model; give eval-fid the prompts to sample it with.",
-                                   hint="Add --prompts FILE (one prompt per line).")
-            return cls(base, len(model.prompts) if count is None else count, model.sampling, device,
-                       prompts=model.prompts, progress=progress, name=source)
+                raise DiffFitError(
+                    f"{source} is a text-to-image model; give eval-fid the prompts to sample it with.",
+                    hint="Add --prompts FILE (one prompt per line).",
+                )
+            return cls(
+                base,
+                len(model.prompts) if count is None else count,
+                model.sampling,
+                device,
+                prompts=model.prompts,
+                progress=progress,
+                name=source,
+            )
         if model.prompts:
-            raise DiffFitError(f"--prompts does not apply to {source}, a class-conditional {family.title} model.",
-                               hint="Use --class to choose its classes.")
-        sampling = replace(model.sampling, **{k: v for k, v in CLASS_FID_SAMPLING.items()
-                                              if getattr(model.sampling, k) is None})
+            raise DiffFitError(
+                f"--prompts does not apply to {source}, a class-conditional {family.title} model.",
+                hint="Use --class to choose its classes.",
+            )
+        sampling = replace(
+            model.sampling, **{k: v for k, v in CLASS_FID_SAMPLING.items() if getattr(model.sampling, k) is None}
+        )
         classes = parse_classes(model.classes or [], base.class_names, base.model.config.num_classes)
-        return cls(base, DEFAULT_NUM_SAMPLES if count is None else count, sampling, device, classes=classes,
-                   progress=progress, name=source)
+        return cls(
+            base,
+            DEFAULT_NUM_SAMPLES if count is None else count,
+            sampling,
+            device,
+            classes=classes,
+            progress=progress,
+            name=source,
+        )
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         sampling = replace(self.sampling, batch_size=batch_size)  # the extraction batch drives both
-        for _, images in generate_batches(self.base, self.indices, sampling, classes=self.classes,
-                                          prompts=self.cycled_prompts, embeddings=self.embeddings,
-                                          device=self.device, progress=self.progress):
+        for _, images in generate_batches(
+            self.base,
+            self.indices,
+            sampling,
+            classes=self.classes,
+            prompts=self.cycled_prompts,
+            embeddings=self.embeddings,
+            device=self.device,
+            progress=self.progress,
+        ):
             yield images.numpy()
 
 
@@ -211,8 +248,10 @@ def _aligned_prompts(folder: Path, count: int) -> list[str] | None:
     """A sample folder's prompts, one per sample, or None; a manifest whose count is off is refused."""
     prompts = sample_prompts(folder)
     if prompts is not None and len(prompts) != count:
-        raise DiffFitError(f"{folder}/sample.json lists {len(prompts)} prompts for {count} samples.",
-                           hint="The folder was changed after sampling; sample it again.")
+        raise DiffFitError(
+            f"{folder}/sample.json lists {len(prompts)} prompts for {count} samples.",
+            hint="The folder was changed after sampling; sample it again.",
+        )
     return prompts
 
 
@@ -236,8 +275,9 @@ class _open_npy:
             self.zip = zipfile.ZipFile(self.path)
             self.file = self.zip.open(f"{self.name}.npy")
             version = np.lib.format.read_magic(self.file)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(self.file)
         except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
             self.__exit__()

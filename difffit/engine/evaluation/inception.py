@@ -68,9 +68,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
             f"(HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD); {how}."
         )
     if not network_reachable("github.com"):
-        raise DiffFitError(
-            f"The FID Inception weights {INCEPTION_FILE} are not cached and there is no network; {how}."
-        )
+        raise DiffFitError(f"The FID Inception weights {INCEPTION_FILE} are not cached and there is no network; {how}.")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:  # torch.hub writes to a temporary name and renames it into place
         torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=True)
@@ -91,9 +89,11 @@ def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
 
     cls = tf_inception.FeatureExtractorInceptionV3
     # The constructor always loads weights; let it build the layers and skip the loading.
-    with torch.random.fork_rng(devices=[]), \
-            mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None):
+    with (
+        torch.random.fork_rng(devices=[]),
+        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None),
+    ):
         torch.manual_seed(seed)
         net = cls(FEATURE_EXTRACTOR, ["2048"])
         for module in net.modules():
@@ -124,7 +124,10 @@ class InceptionFeatures:
         read_torch(weights)
         try:  # cuda=False: we move it ourselves (torch-fidelity's default would be CUDA)
             net = create_feature_extractor(
-                FEATURE_EXTRACTOR, list(features), cuda=False, feature_extractor_weights_path=str(weights),
+                FEATURE_EXTRACTOR,
+                list(features),
+                cuda=False,
+                feature_extractor_weights_path=str(weights),
                 verbose=False,
             )
         except RuntimeError as exc:
@@ -163,8 +166,9 @@ def extractor_identity(weights: Path) -> str:
     return f"{FEATURE_EXTRACTOR}/sha256:{file_digest(weights)}"
 
 
-def extract_features(images: ImageSet, extractor: InceptionFeatures, *, batch_size: int, description: str,
-                     progress: bool = True) -> dict[str, torch.Tensor]:
+def extract_features(
+    images: ImageSet, extractor: InceptionFeatures, *, batch_size: int, description: str, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Run the extractor over an image set; images of different sizes are batched separately."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.features}
     with track(images.count, description, enabled=progress) as advance:

@@ -70,9 +70,16 @@ def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
-def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, model: ModelInput | None = None,
-               device: torch.device | None = None, progress: bool = True
-               ) -> FolderImages | NpzImages | ModelSamples | Statistics:
+def open_input(
+    spec: str,
+    *,
+    role: str,
+    limit: int | None,
+    need_features: bool,
+    model: ModelInput | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> FolderImages | NpzImages | ModelSamples | Statistics:
     """GENERATED or REFERENCE -> an image set to extract from, or statistics read from a file."""
     check_readable(spec, role)
     path = Path(spec).expanduser()
@@ -101,8 +108,14 @@ def open_input(spec: str, *, role: str, limit: int | None, need_features: bool, 
     return ModelSamples.from_source(spec, limit, model, device or resolve_device("auto"), progress)
 
 
-def reference_statistics(images: FolderImages | NpzImages | CroppedImages, extractor: LazyExtractor, *,
-                         keep_features: bool, batch_size: int, progress: bool) -> tuple[Statistics, str]:
+def reference_statistics(
+    images: FolderImages | NpzImages | CroppedImages,
+    extractor: LazyExtractor,
+    *,
+    keep_features: bool,
+    batch_size: int,
+    progress: bool,
+) -> tuple[Statistics, str]:
     """Statistics of a reference image set, from the on-disk cache when its content was seen before."""
     key = hashlib.sha256(f"{STATS_FORMAT}\0{extractor.identity}\0{images.digest()}\0{images.count}".encode())
     cached = user_cache_dir() / "fid-stats" / f"{key.hexdigest()[:32]}.npz"
@@ -110,13 +123,17 @@ def reference_statistics(images: FolderImages | NpzImages | CroppedImages, extra
         stats = load_statistics(cached)
         if stats.features is not None or not keep_features:
             return stats, "cache"
-    features = extract_features(images, extractor.get(), batch_size=batch_size,
-                                description="Inception features (reference)", progress=progress)
+    features = extract_features(
+        images, extractor.get(), batch_size=batch_size, description="Inception features (reference)", progress=progress
+    )
     # The cache keeps pool3 features only when a metric needed them (50k x 2048 floats is 400 MB).
     stats = Statistics.from_features(features, extractor.identity, keep_features, images.skipped)
     if not images.skipped:  # a decode failure might be transient; don't make it permanent
-        save_statistics(cached, Statistics(stats.mu, stats.sigma, stats.count, stats.features,
-                                           extractor=stats.extractor), option="DIFFFIT_CACHE")
+        save_statistics(
+            cached,
+            Statistics(stats.mu, stats.sigma, stats.count, stats.features, extractor=stats.extractor),
+            option="DIFFFIT_CACHE",
+        )
     return stats, "extracted"
 
 
@@ -136,8 +153,15 @@ def check_counts(metrics: tuple[str, ...], num_gen: int, num_ref: int, kid_subse
         raise DiffFitError(f"Precision/recall need over {PRC_NEIGHBORHOOD} images on each side ({sides}).")
 
 
-def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, *, kid_subsets: int = 100,
-                    kid_subset_size: int = 1000, device: torch.device | None = None) -> dict[str, float]:
+def compute_metrics(
+    metrics: tuple[str, ...],
+    gen: Statistics,
+    ref: Statistics,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    device: torch.device | None = None,
+) -> dict[str, float]:
     """torch-fidelity's metric functions on our statistics and features (generated = its input1)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -154,8 +178,9 @@ def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, 
     if "fid" in metrics:
         out["fid"] = frechet_distance(gen, ref, device or "cpu")
     if "kid" in metrics:
-        kid = kid_features_to_metric(gen.features, ref.features, kid_subsets=kid_subsets,
-                                     kid_subset_size=kid_subset_size, verbose=False)
+        kid = kid_features_to_metric(
+            gen.features, ref.features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, verbose=False
+        )
         out["kid_mean"] = kid["kernel_inception_distance_mean"]
         out["kid_std"] = kid["kernel_inception_distance_std"]
     if "isc" in metrics:
@@ -164,8 +189,7 @@ def compute_metrics(metrics: tuple[str, ...], gen: Statistics, ref: Statistics, 
     if "prc" in metrics:
         # Pairwise distances are the cost here (N x N x 2048): run them where the features were made.
         f1, f2 = (f.to(device or "cpu") for f in (gen.features, ref.features))
-        prc = prc_features_to_metric(f1, f2, prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True,
-                                     verbose=False)
+        prc = prc_features_to_metric(f1, f2, prc_neighborhood=PRC_NEIGHBORHOOD, save_cpu_ram=True, verbose=False)
         out["precision"], out["recall"] = prc["precision"], prc["recall"]
     return out
 
@@ -204,17 +228,24 @@ def evaluate(
     ref_input = open_input(reference, role="reference", limit=None, need_features=needs_features) if inception else None
     sampling = config.sampling or ModelInput().sampling
     model = ModelInput(sampling, config.classes, config.base, config.vae, config.force_base, config.prompts)
-    gen_input = open_input(generated, role="generated", limit=config.num_samples, model=model, device=torch_device,
-                           need_features=needs_features or "isc" in metrics, progress=progress)
+    gen_input = open_input(
+        generated,
+        role="generated",
+        limit=config.num_samples,
+        model=model,
+        device=torch_device,
+        need_features=needs_features or "isc" in metrics,
+        progress=progress,
+    )
     clip_model = _clip_model(gen_input, generated, config.clip_model) if "clip" in metrics else None
     values, ref, ref_source, skipped = {}, None, "none", []
     scored = None
     if "clip" in metrics and inception:  # scored as the Inception network reads them: each image made once
         gen_input = scored = ScoredAsRead(gen_input, ClipScorer(str(clip_model), torch_device))
     if inception:
-        values, ref, ref_source, skipped = _inception_metrics(inception, gen_input, ref_input, config,
-                                                              device=torch_device, save_stats=save_stats,
-                                                              progress=progress)
+        values, ref, ref_source, skipped = _inception_metrics(
+            inception, gen_input, ref_input, config, device=torch_device, save_stats=save_stats, progress=progress
+        )
     if scored is not None:
         values["clip_score"] = scored.scorer.score()
     elif "clip" in metrics:
@@ -229,19 +260,26 @@ def _clip_model(gen_input: ImageSet, generated: str, clip_model: str | None) -> 
     """The clip metric's model folder, once GENERATED is known to record its prompts; a missing model fails
     here, not after FID."""
     if getattr(gen_input, "prompts", None) is None:
-        raise DiffFitError(f"The clip metric scores each image against its prompt, and {generated} records no "
-                           "prompts.", hint="Score a folder written by `difffit sample --prompt ...` (its "
-                           "sample.json lists them), or a text-to-image adapter with --prompts FILE.")
+        raise DiffFitError(
+            f"The clip metric scores each image against its prompt, and {generated} records no prompts.",
+            hint="Score a folder written by `difffit sample --prompt ...` (its "
+            "sample.json lists them), or a text-to-image adapter with --prompts FILE.",
+        )
     return clip_folder(clip_model or DEFAULT_CLIP_MODEL)
 
 
 def _clip_score(gen_input: ImageSet, clip_model: Path, device: torch.device, batch_size: int, progress: bool) -> float:
     """The clip metric alone: each readable image of GENERATED scored against its prompt."""
     batches = zip(gen_input.batches(batch_size), _chunks(gen_input.prompts, batch_size), strict=True)
-    pairs = ((image, prompt) for images, prompts in batches
-             for image, prompt in zip(images, prompts, strict=True) if image is not None)
-    return score_pairs(pairs, gen_input.count, model=str(clip_model), device=device, batch_size=batch_size,
-                       progress=progress)
+    pairs = (
+        (image, prompt)
+        for images, prompts in batches
+        for image, prompt in zip(images, prompts, strict=True)
+        if image is not None
+    )
+    return score_pairs(
+        pairs, gen_input.count, model=str(clip_model), device=device, batch_size=batch_size, progress=progress
+    )
 
 
 def _check_config(config: EvalConfig, metrics: tuple[str, ...], *, has_reference: bool) -> None:
@@ -258,19 +296,29 @@ def _check_config(config: EvalConfig, metrics: tuple[str, ...], *, has_reference
         raise DiffFitError("--clip-model is the model of the clip metric; add clip to --metrics.")
     inception = tuple(m for m in metrics if m != "clip")
     if inception and not has_reference:
-        raise DiffFitError(f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; "
-                           "none was given.",
-                           hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.")
+        raise DiffFitError(
+            f"--metrics {','.join(inception)} compares the generated images with a REFERENCE; none was given.",
+            hint="Give an image folder or statistics .npz, or ask for --metrics clip alone.",
+        )
     if config.save_stats is not None and not inception:
         raise DiffFitError("--save-stats saves the REFERENCE's Inception statistics; --metrics clip computes none.")
     if has_reference and not inception:
-        raise DiffFitError("A REFERENCE was given, but --metrics clip compares images with their prompts only.",
-                           hint="Leave the REFERENCE out, or add fid to --metrics.")
+        raise DiffFitError(
+            "A REFERENCE was given, but --metrics clip compares images with their prompts only.",
+            hint="Leave the REFERENCE out, or add fid to --metrics.",
+        )
 
 
-def _inception_metrics(metrics: tuple[str, ...], gen_input: ImageSet | Statistics,
-                       ref_input: FolderImages | NpzImages | Statistics, config: EvalConfig, *, device: torch.device,
-                       save_stats: Path | None, progress: bool) -> tuple[dict[str, float], Statistics, str, list]:
+def _inception_metrics(
+    metrics: tuple[str, ...],
+    gen_input: ImageSet | Statistics,
+    ref_input: FolderImages | NpzImages | Statistics,
+    config: EvalConfig,
+    *,
+    device: torch.device,
+    save_stats: Path | None,
+    progress: bool,
+) -> tuple[dict[str, float], Statistics, str, list]:
     """(values, reference statistics, reference source, skipped images) of FID, KID, IS and precision/recall."""
     needs_features = "kid" in metrics or "prc" in metrics
     layers = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
@@ -289,11 +337,17 @@ def _inception_metrics(metrics: tuple[str, ...], gen_input: ImageSet | Statistic
     if isinstance(gen_input, Statistics):
         gen = gen_input
     else:
-        features = extract_features(gen_input, extractor.get(), batch_size=config.batch_size,
-                                    description="Inception features (generated)", progress=progress)
+        features = extract_features(
+            gen_input,
+            extractor.get(),
+            batch_size=config.batch_size,
+            description="Inception features (generated)",
+            progress=progress,
+        )
         gen = Statistics.from_features(features, extractor.identity, needs_features, gen_input.skipped)
-    values = compute_metrics(metrics, gen, ref, kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size,
-                             device=device)
+    values = compute_metrics(
+        metrics, gen, ref, kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, device=device
+    )
     return values, ref, ref_source, gen.skipped + ref.skipped
 
 

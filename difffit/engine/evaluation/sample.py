@@ -56,9 +56,7 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
 
 
-def draw_noise(
-    generators: list[torch.Generator], shape: Sequence[int], device: torch.device | str
-) -> torch.Tensor:
+def draw_noise(generators: list[torch.Generator], shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
     """One standard-normal tensor of `shape` per generator, stacked: (len(generators), *shape)."""
     noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
     return noise.to(device, non_blocking=True)
@@ -114,12 +112,16 @@ class SamplingOptions(SamplingFields):
         defaults = family.sampling_defaults(base)
         resolved = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
         if resolved.scheduler not in family.schedulers:
-            raise DiffFitError(f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
-                               f"{', '.join(family.schedulers)}.")
+            raise DiffFitError(
+                f"--scheduler {resolved.scheduler} is not one of {family.title}'s; choose one of "
+                f"{', '.join(family.schedulers)}."
+            )
         family.check_sample_size(base, self.width, self.height)
         if self.negative_prompt and isinstance(family, TextConditioning) and not family.negative_prompts:
-            raise DiffFitError(f"--negative-prompt has nothing to steer on {family.title} bases: they sample with "
-                               "guidance distilled into the model, without an unconditional branch.")
+            raise DiffFitError(
+                f"--negative-prompt has nothing to steer on {family.title} bases: they sample with "
+                "guidance distilled into the model, without an unconditional branch."
+            )
         return resolved
 
     @property
@@ -157,9 +159,7 @@ def make_denoiser(
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
         t_batch = torch.full((len(y),), int(t), device=x.device, dtype=torch.long)
-        with torch.autocast(
-            x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             if guided:
                 out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y, cfg_scale, cfg_channels)[: len(x)]
             else:
@@ -184,9 +184,7 @@ def sample_denoised(
     """Denoise one batch: labels (B,) on the model's device, one generator per sample -> latents x_0."""
     sampler = make_sampler(scheduler, steps) if isinstance(scheduler, str) else scheduler
     if isinstance(sampler, ReferenceSampler) and not model.config.learn_sigma:
-        raise DiffFitError(
-            "The ddpm and ddim schedulers need a model with a learned variance; use dpm-solver."
-        )
+        raise DiffFitError("The ddpm and ddim schedulers need a model with a learned variance; use dpm-solver.")
     sampler.reset()
     device = labels.device
     c, size = model.config.in_channels, model.config.input_size
@@ -209,7 +207,8 @@ def check_finite(images: torch.Tensor | np.ndarray, batch: list[int], options: S
             f"Sampling produced NaN or inf values (images {batch[0]}-{batch[-1]}); they would be black images, "
             "so nothing more is written or scored.",
             hint=f"Lower --cfg-scale (now {options.cfg_scale:g}), or use --mixed-precision no; an adapter whose "
-                 "training diverged samples this way too.")
+            "training diverged samples this way too.",
+        )
 
 
 def to_bytes(images: np.ndarray) -> np.ndarray:
@@ -219,17 +218,13 @@ def to_bytes(images: np.ndarray) -> np.ndarray:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 on the CPU, the reference sample_ddp.py way."""
-    return (
-        torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
-    )
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
 # -- images ---------------------------------------------------------------------------------------
 
 
-def parse_classes(
-    specs: Sequence[str], class_names: Sequence[str] | None, num_classes: int
-) -> list[int] | None:
+def parse_classes(specs: Sequence[str], class_names: Sequence[str] | None, num_classes: int) -> list[int] | None:
     """--class values (names, case-insensitive, or indices) -> class indices; None when none given."""
     if not specs:
         return None
@@ -242,16 +237,12 @@ def parse_classes(
         elif key.isdigit() and int(key) < num_classes:
             out.append(int(key))
         elif key.isdigit():
-            raise DiffFitError(
-                f"Class index {key} is out of range; this model has classes 0..{num_classes - 1}."
-            )
+            raise DiffFitError(f"Class index {key} is out of range; this model has classes 0..{num_classes - 1}.")
         elif class_names:
             shown = ", ".join(class_names[:20]) + (
                 f", ... ({len(class_names) - 20} more)" if len(class_names) > 20 else ""
             )
-            raise DiffFitError(
-                f"Unknown class {spec!r}; valid classes: {shown}.", hint="Give a name or an index."
-            )
+            raise DiffFitError(f"Unknown class {spec!r}; valid classes: {shown}.", hint="Give a name or an index.")
         else:
             raise DiffFitError(
                 f"Unknown class {spec!r}: this model has no class names; give an index 0..{num_classes - 1}."
@@ -273,9 +264,7 @@ def resolve_labels(num_classes: int, classes: Sequence[int] | None, indices: Seq
     classes = list(range(num_classes)) if not classes else [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise DiffFitError(
-            f"Class index {bad[0]} is out of range; this model has classes 0..{num_classes - 1}."
-        )
+        raise DiffFitError(f"Class index {bad[0]} is out of range; this model has classes 0..{num_classes - 1}.")
     return [classes[i % len(classes)] for i in indices]
 
 
@@ -325,14 +314,16 @@ def check_conditioning(base: Base, classes: Sequence | None, prompts: Sequence[s
     if (classes and family.conditioning != "class") or (prompts and family.conditioning != "text"):
         given, wanted = ("--class", "--prompt") if classes else ("--prompt", "--class")
         what = "text" if family.conditioning == "text" else "classes"
-        raise DiffFitError(f"{given} does not apply to {base.spec}, a {family.title} base conditioned on {what}; "
-                           f"use {wanted}.")
+        raise DiffFitError(
+            f"{given} does not apply to {base.spec}, a {family.title} base conditioned on {what}; use {wanted}."
+        )
     if family.conditioning == "text" and not prompts:
         raise DiffFitError(f"{base.spec} is a text-to-image base; give it --prompt TEXT or --prompts FILE.")
 
 
-def _class_batches(base: Base, indices: list[int], options: SamplingOptions, classes: Sequence[int] | None,
-                   device: torch.device) -> Callable[[int, list[int]], torch.Tensor]:
+def _class_batches(
+    base: Base, indices: list[int], options: SamplingOptions, classes: Sequence[int] | None, device: torch.device
+) -> Callable[[int, list[int]], torch.Tensor]:
     """DiT: `images(lo, batch)` for the batch starting at position `lo`, through the reference samplers."""
     model = base.model.to(device).eval()
     labels_all = resolve_labels(model.config.num_classes, classes, indices)
@@ -348,10 +339,19 @@ def _class_batches(base: Base, indices: list[int], options: SamplingOptions, cla
         # Compiled: every batch at the full size (the last one padded), so one graph serves the run.
         padded, real = padded_batch(batch, options.batch_size) if compiled else (batch, len(batch))
         labels = torch.tensor(labels + labels[-1:] * (len(padded) - real), device=device)
-        latents = sample_denoised(model, labels, sample_generators(options.seed, padded), cfg_scale=options.cfg_scale,
-                                  cfg_channels=options.guided_channels, scheduler=sampler, autocast_dtype=mixed)[:real]
-        with torch.inference_mode(), torch.autocast(device.type, dtype=mixed or torch.float32,
-                                                    enabled=mixed is not None):
+        latents = sample_denoised(
+            model,
+            labels,
+            sample_generators(options.seed, padded),
+            cfg_scale=options.cfg_scale,
+            cfg_channels=options.guided_channels,
+            scheduler=sampler,
+            autocast_dtype=mixed,
+        )[:real]
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),
+        ):
             decoded = vae.decode(latents)
         check_finite(decoded, batch, options)
         return to_uint8(decoded)
@@ -359,8 +359,14 @@ def _class_batches(base: Base, indices: list[int], options: SamplingOptions, cla
     return images
 
 
-def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prompts: Sequence[str],
-                  device: torch.device, embeddings: TextEmbeddings | None) -> Callable[[int, list[int]], torch.Tensor]:
+def _text_batches(
+    base: Base,
+    indices: list[int],
+    options: SamplingOptions,
+    prompts: Sequence[str],
+    device: torch.device,
+    embeddings: TextEmbeddings | None,
+) -> Callable[[int, list[int]], torch.Tensor]:
     """Text families: `images(lo, batch)` through the family's pipeline. Each distinct prompt (and the
     negative prompt) is encoded once, on its own, so its embedding does not depend on the other prompts
     of the run; the text encoder is freed before the first image."""
@@ -369,8 +375,9 @@ def _text_batches(base: Base, indices: list[int], options: SamplingOptions, prom
     negatives = [options.negative_prompt] if family.negative_prompts else []  # FLUX: no unconditional branch
     if embeddings is None:
         encode = family.prompt_encoder(base, device, base.max_text_tokens)
-        embeddings = text_embeddings(per_image, encode, key="", cache_dir=None, batch_size=1, progress=False,
-                                     extra=negatives)
+        embeddings = text_embeddings(
+            per_image, encode, key="", cache_dir=None, batch_size=1, progress=False, extra=negatives
+        )
         encode.report_truncated()
         del encode  # the encoder goes with it (T5-XXL: 9 GB)
     negative = {name: value for prompt in negatives for name, value in embeddings.of(prompt).items()}
@@ -399,6 +406,14 @@ def generate(
 ) -> torch.Tensor:
     """n images as uint8 (n, H, W, 3): samples 0..n-1 of `generate_batches`."""
     check_image_count("-n", n)
-    batches = generate_batches(base, range(n), options or SamplingOptions(), classes=classes, prompts=prompts,
-                               embeddings=embeddings, device=device, progress=progress)
+    batches = generate_batches(
+        base,
+        range(n),
+        options or SamplingOptions(),
+        classes=classes,
+        prompts=prompts,
+        embeddings=embeddings,
+        device=device,
+        progress=progress,
+    )
     return torch.cat([images for _, images in batches])

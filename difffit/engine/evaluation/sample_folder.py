@@ -60,8 +60,10 @@ def finished_manifest(folder: Path) -> set[str] | None:
     unfinished run is refused: its files are a mix of two runs."""
     manifest = read_manifest(folder)
     if manifest is not None and not manifest[1]:
-        raise DiffFitError(f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
-                           hint="Let it finish, or sample again with --overwrite.")
+        raise DiffFitError(
+            f"{folder} holds an unfinished `difffit sample` run (interrupted, or still running).",
+            hint="Let it finish, or sample again with --overwrite.",
+        )
     return None if manifest is None else manifest[0]
 
 
@@ -94,16 +96,21 @@ def check_sample_folder(folder: Path, planned: Sequence[str], overwrite: bool) -
         return set()
     manifest = read_manifest(folder)
     if manifest is None:
-        raise DiffFitError(f"--out {folder} already holds files that `difffit sample` did not write.",
-                           hint="Choose a new or empty folder.")
+        raise DiffFitError(
+            f"--out {folder} already holds files that `difffit sample` did not write.",
+            hint="Choose a new or empty folder.",
+        )
     listed, complete = manifest
     if not overwrite:
-        raise DiffFitError(f"{folder} already holds samples{'' if complete else ' of an unfinished run'}.",
-                           hint="Add --overwrite to replace them.")
+        raise DiffFitError(
+            f"{folder} already holds samples{'' if complete else ' of an unfinished run'}.",
+            hint="Add --overwrite to replace them.",
+        )
     foreign = sorted((set(planned) & existing) - listed)
     if foreign:
-        raise DiffFitError(f"{folder / foreign[0]} is not one of difffit's samples; it is left as it is.",
-                           hint="Choose another --out.")
+        raise DiffFitError(
+            f"{folder / foreign[0]} is not one of difffit's samples; it is left as it is.", hint="Choose another --out."
+        )
     return listed & existing
 
 
@@ -265,8 +272,15 @@ def sample_to_folder(
         if state is not None:
             state.wait_for_everyone()
         start = time.perf_counter()
-        batches = generate_batches(base, shard(n, rank, world), options, classes=classes, prompts=prompts,
-                                   device=device, progress=progress and is_main)
+        batches = generate_batches(
+            base,
+            shard(n, rank, world),
+            options,
+            classes=classes,
+            prompts=prompts,
+            device=device,
+            progress=progress and is_main,
+        )
         for batch, images in batches:
             save_pngs(images, folder, start=batch[0])
         if state is not None:

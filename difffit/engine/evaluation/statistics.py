@@ -36,25 +36,38 @@ class Statistics:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     @classmethod
-    def from_features(cls, features: dict[str, torch.Tensor], extractor: str, keep_features: bool,
-                      skipped: Iterable[tuple[Path, str]] = ()) -> Statistics:
+    def from_features(
+        cls,
+        features: dict[str, torch.Tensor],
+        extractor: str,
+        keep_features: bool,
+        skipped: Iterable[tuple[Path, str]] = (),
+    ) -> Statistics:
         from torch_fidelity.metric_fid import fid_features_to_statistics
 
         pool = features["2048"]
         stats = fid_features_to_statistics(pool)
         keep_features = keep_features or len(pool) <= pool.shape[1]  # small: lets FID solve an n x n problem
         return cls(
-            mu=stats["mu"].astype(np.float64), sigma=stats["sigma"].astype(np.float64), count=len(pool),
-            features=pool if keep_features else None, logits=features.get("logits_unbiased"),
-            extractor=extractor, skipped=list(skipped),
+            mu=stats["mu"].astype(np.float64),
+            sigma=stats["sigma"].astype(np.float64),
+            count=len(pool),
+            features=pool if keep_features else None,
+            logits=features.get("logits_unbiased"),
+            extractor=extractor,
+            skipped=list(skipped),
         )
 
 
 def save_statistics(path: str | os.PathLike, stats: Statistics, option: str = "--save-stats") -> Path:
     """An .npz with `mu`, `sigma` (ADM's names) and, when kept, `features`; usable as a REFERENCE.
     `option`: what puts it elsewhere (named when the disk is full)."""
-    arrays = {"mu": stats.mu, "sigma": stats.sigma, "count": np.array(stats.count),
-              "difffit_stats": np.array(json.dumps({"format": STATS_FORMAT, "extractor": stats.extractor}))}
+    arrays = {
+        "mu": stats.mu,
+        "sigma": stats.sigma,
+        "count": np.array(stats.count),
+        "difffit_stats": np.array(json.dumps({"format": STATS_FORMAT, "extractor": stats.extractor})),
+    }
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
     path = Path(path)

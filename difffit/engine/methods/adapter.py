@@ -118,10 +118,18 @@ class AdapterMeta:
         return out
 
 
-def make_meta(base: Base, model: nn.Module, method: str, *, new_class_table: bool = False,
-              class_names: Sequence[str] | None = None,
-              training: dict | None = None, pos_embed: str = "standard", base_config: DiTConfig | dict | None = None,
-              settings: MethodSettings | None = None) -> AdapterMeta:
+def make_meta(
+    base: Base,
+    model: nn.Module,
+    method: str,
+    *,
+    new_class_table: bool = False,
+    class_names: Sequence[str] | None = None,
+    training: dict | None = None,
+    pos_embed: str = "standard",
+    base_config: DiTConfig | dict | None = None,
+    settings: MethodSettings | None = None,
+) -> AdapterMeta:
     """Metadata for `model`, prepared by `prepare_model` from `base`. Pass `base_config` when the base's
     model was changed in place since loading (upscale-res moves it to a new resolution)."""
     family = family_of(model)
@@ -149,8 +157,14 @@ def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
     """The tensors an adapter with this metadata holds, from a meta-device model (no memory)."""
     with torch.device("meta"):
         model = meta.model_family.empty_model(meta.base_config)
-        prepare_model(model, meta.method, meta.gamma_blocks, meta.num_classes, new_classes=meta.new_class_table,
-                      settings=meta.method_settings)
+        prepare_model(
+            model,
+            meta.method,
+            meta.gamma_blocks,
+            meta.num_classes,
+            new_classes=meta.new_class_table,
+            settings=meta.method_settings,
+        )
     return {name: p.shape for name, p in trainable_parameters(model).items()}
 
 
@@ -160,8 +174,9 @@ def expected_shapes(meta: AdapterMeta) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def save_adapter(path: str | Path, model: nn.Module, base_state: dict[str, torch.Tensor], meta: AdapterMeta,
-                 dtype: str = "fp16") -> None:
+def save_adapter(
+    path: str | Path, model: nn.Module, base_state: dict[str, torch.Tensor], meta: AdapterMeta, dtype: str = "fp16"
+) -> None:
     """Write the trained tensors of `model` (those `meta` names) to `path`, atomically."""
     from safetensors.torch import save_file
 
@@ -183,8 +198,7 @@ def save_adapter(path: str | Path, model: nn.Module, base_state: dict[str, torch
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta.to_dict())})
 
 
-def _reference(name: str, base_state: dict[str, torch.Tensor], shape: torch.Size, meta: AdapterMeta
-               ) -> torch.Tensor:
+def _reference(name: str, base_state: dict[str, torch.Tensor], shape: torch.Size, meta: AdapterMeta) -> torch.Tensor:
     """What a delta is measured from: an added tensor's base value (1 for gamma, else 0), the base's
     tensor, or 0 for a new class table."""
     if (added := added_reference(name)) is not None:
@@ -232,18 +246,21 @@ def read_adapter(path: str | Path, *, allow_non_finite: bool = False) -> tuple[d
             for label, names in (("missing", missing), ("unexpected", extra))
             if names
         )
-        raise DiffFitError(
-            f"{path} does not hold the tensors its metadata ({meta.method}) describes: {what}."
-        )
+        raise DiffFitError(f"{path} does not hold the tensors its metadata ({meta.method}) describes: {what}.")
     if bad := [n for n in expected if tensors[n].shape != expected[n]]:
-        raise DiffFitError(f"{path}: tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, "
-                           f"expected {tuple(expected[bad[0]])}.")
+        raise DiffFitError(
+            f"{path}: tensor {bad[0]} has shape {tuple(tensors[bad[0]].shape)}, expected {tuple(expected[bad[0]])}."
+        )
     if meta.checksum is not None and meta.checksum != tensors_checksum(tensors):
-        raise DiffFitError(f"{path} is corrupt: its tensors do not match the checksum its metadata records.",
-                           hint="Copy it again from where it came from, or re-train it.")
+        raise DiffFitError(
+            f"{path} is corrupt: its tensors do not match the checksum its metadata records.",
+            hint="Copy it again from where it came from, or re-train it.",
+        )
     if not allow_non_finite and (broken := non_finite_tensors(tensors)):
-        raise DiffFitError(f"{path} holds NaN or inf values (in {', '.join(broken[:3])}); it cannot be used.",
-                           hint="Re-train it, or use an earlier checkpoint's adapter.")
+        raise DiffFitError(
+            f"{path} holds NaN or inf values (in {', '.join(broken[:3])}); it cannot be used.",
+            hint="Re-train it, or use an earlier checkpoint's adapter.",
+        )
     return tensors, meta
 
 
@@ -262,8 +279,9 @@ def refuse_run_folder(path: str | Path) -> None:
     """A `fit` run folder given where its adapter is meant: say which file to give instead."""
     path = Path(path)
     if path.is_dir() and (path / "adapter.safetensors").is_file() and not (path / "model_index.json").exists():
-        raise DiffFitError(f"{path} is a training run folder, not a model.",
-                           hint=f"Use {path / 'adapter.safetensors'}.")
+        raise DiffFitError(
+            f"{path} is a training run folder, not a model.", hint=f"Use {path / 'adapter.safetensors'}."
+        )
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -275,15 +293,19 @@ def check_metadata_shape(path: Path, text: str) -> None:
     """Refuse metadata larger or more deeply nested than any adapter's, before it is parsed (a parser recurses once
     per level): in one sentence, not a RecursionError."""
     if len(text) > MAX_METADATA_CHARS:
-        raise DiffFitError(f"{path} has {len(text):,} characters of adapter metadata, more than the "
-                           f"{MAX_METADATA_CHARS:,} an adapter writes; it is not a difffit adapter.")
+        raise DiffFitError(
+            f"{path} has {len(text):,} characters of adapter metadata, more than the "
+            f"{MAX_METADATA_CHARS:,} an adapter writes; it is not a difffit adapter."
+        )
     depth = deepest = 0
     for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
         depth += 1 if bracket in "[{" else -1
         deepest = max(deepest, depth)
     if deepest > MAX_METADATA_DEPTH:
-        raise DiffFitError(f"{path} has adapter metadata nested {deepest:,} levels deep, more than the "
-                           f"{MAX_METADATA_DEPTH} an adapter writes; it is not a difffit adapter.")
+        raise DiffFitError(
+            f"{path} has adapter metadata nested {deepest:,} levels deep, more than the "
+            f"{MAX_METADATA_DEPTH} an adapter writes; it is not a difffit adapter."
+        )
 
 
 def read_adapter_meta(path: str | Path) -> AdapterMeta:
@@ -302,15 +324,11 @@ def _parse_meta(path: Path, header: dict) -> AdapterMeta:
         check_metadata_shape(path, text)
         raw = json.loads(text)
     except (KeyError, ValueError, TypeError):
-        raise DiffFitError(
-            f"{path} is a safetensors file but not a difffit adapter (no difffit metadata)."
-        ) from None
+        raise DiffFitError(f"{path} is a safetensors file but not a difffit adapter (no difffit metadata).") from None
     if not isinstance(raw, dict):
         raise DiffFitError(f"{path} has adapter metadata that is not a JSON object; it is not a difffit adapter.")
     if raw.get("format") != FORMAT:
-        raise DiffFitError(
-            f"{path} has format {raw.get('format')!r}, not {FORMAT!r}; it is not a difffit adapter."
-        )
+        raise DiffFitError(f"{path} has format {raw.get('format')!r}, not {FORMAT!r}; it is not a difffit adapter.")
     if raw.get("version") != VERSION:
         raise DiffFitError(
             f"{path} is adapter format version {raw.get('version')}, but difffit {__version__} reads version "
@@ -400,13 +418,18 @@ def check_base_architecture(meta: AdapterMeta, model: nn.Module, spec: str) -> N
     """Refuse a base of another family, or one whose shapes the adapter's tensors do not fit, naming both."""
     family = family_of(model)
     if family.name != meta.family:
-        raise DiffFitError(f"The adapter was trained on a {meta.model_family.title} base ({meta.base_spec}), and "
-                           f"{spec} is a {family.title} model.",
-                           hint=f"Use the adapter with its base, {meta.base_spec}.")
+        raise DiffFitError(
+            f"The adapter was trained on a {meta.model_family.title} base ({meta.base_spec}), and "
+            f"{spec} is a {family.title} model.",
+            hint=f"Use the adapter with its base, {meta.base_spec}.",
+        )
     if not family.fits_adapter(model, meta):
-        raise DiffFitError(f"The adapter needs a {family.architecture(meta.base_config)} base (it was trained on "
-                           f"{meta.base_spec}), but {spec} is a {family.architecture(family.config_of(model))}: the "
-                           "adapter's base differs.", hint=f"Pass --base {meta.base_spec}, or a copy of it.")
+        raise DiffFitError(
+            f"The adapter needs a {family.architecture(meta.base_config)} base (it was trained on "
+            f"{meta.base_spec}), but {spec} is a {family.architecture(family.config_of(model))}: the "
+            "adapter's base differs.",
+            hint=f"Pass --base {meta.base_spec}, or a copy of it.",
+        )
 
 
 def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta: AdapterMeta) -> torch.Tensor:
@@ -417,9 +440,7 @@ def _decode(name: str, stored: torch.Tensor, current: torch.Tensor | None, meta:
     if (added := added_reference(name)) is not None:  # gamma is stored as gamma - 1
         return stored + added
     if current.shape != stored.shape:
-        raise DiffFitError(
-            f"The adapter's {name} has shape {tuple(stored.shape)}, the base's {tuple(current.shape)}."
-        )
+        raise DiffFitError(f"The adapter's {name} has shape {tuple(stored.shape)}, the base's {tuple(current.shape)}.")
     base = current.detach().float()
     # Where the delta is zero keep the base's bits exactly (x + 0.0 would turn -0.0 into +0.0).
     return torch.where(stored == 0, base, base + stored)

@@ -42,8 +42,9 @@ TEXT_FAMILIES = ", ".join(family.title for family in FAMILIES.values() if family
 
 
 @torch.no_grad()
-def load_adapter(pipe_or_transformer: DiffusionPipeline | nn.Module, path: str | Path, *,
-                 force_base: bool = False) -> AdapterMeta:
+def load_adapter(
+    pipe_or_transformer: DiffusionPipeline | nn.Module, path: str | Path, *, force_base: bool = False
+) -> AdapterMeta:
     """Apply a text-to-image difffit adapter (difffit, bitfit, full or lora; PixArt-α/Σ, SD3/3.5, FLUX.1) to a
     stock diffusers pipeline, or to its transformer, in place; returns the adapter's metadata.
 
@@ -55,9 +56,11 @@ def load_adapter(pipe_or_transformer: DiffusionPipeline | nn.Module, path: str |
     """
     transformer = transformer_of(pipe_or_transformer)
     if (applied := getattr(transformer, APPLIED, None)) is not None:
-        raise DiffFitError(f"This {type(transformer).__name__} already has the adapter {applied[1]} applied, and "
-                           "load_adapter applies one adapter at a time.",
-                           hint="Call difffit.unload_adapter(pipe) first.")
+        raise DiffFitError(
+            f"This {type(transformer).__name__} already has the adapter {applied[1]} applied, and "
+            "load_adapter applies one adapter at a time.",
+            hint="Call difffit.unload_adapter(pipe) first.",
+        )
     source = local_source(str(path))
     tensors, meta = read_adapter(source)
     spec = f"this {type(transformer).__name__}"
@@ -80,31 +83,47 @@ def check_target(transformer: nn.Module, spec: str, source: str, meta: AdapterMe
     architecture, quantized or float8 weights, or (unless `force_base`) other weights than the base's it trained on."""
     family = meta.model_family
     if family.conditioning != "text":
-        raise DiffFitError(f"{source} is a {family.title} adapter, and load_adapter applies text-to-image adapters "
-                           f"({TEXT_FAMILIES}) to diffusers pipelines.",
-                           hint=f"Sample from it with `difffit sample {source}`, or write a DiTPipeline with "
-                                f"`difffit merge {source} --format diffusers`.")
+        raise DiffFitError(
+            f"{source} is a {family.title} adapter, and load_adapter applies text-to-image adapters "
+            f"({TEXT_FAMILIES}) to diffusers pipelines.",
+            hint=f"Sample from it with `difffit sample {source}`, or write a DiTPipeline with "
+            f"`difffit merge {source} --format diffusers`.",
+        )
     try:
         own = family_of(transformer)
     except TypeError:
         own = None
     if own is not family:
-        raise DiffFitError(f"{source} is a {family.title} adapter, and {spec} is not a {family.title} transformer.",
-                           hint=f"Load its base, {meta.base_spec}, with diffusers.")
+        raise DiffFitError(
+            f"{source} is a {family.title} adapter, and {spec} is not a {family.title} transformer.",
+            hint=f"Load its base, {meta.base_spec}, with diffusers.",
+        )
     try:  # the architecture first: a fingerprint mismatch would hide what differs
         check_base_architecture(meta, transformer, spec)
     except DiffFitError as wrong:
         raise DiffFitError(wrong.message, hint=f"Load its base, {meta.base_spec}, with diffusers.") from None
     stored = {p.dtype for p in transformer.parameters()} - set(FOLDS_INTO)
     if stored or getattr(transformer, "is_quantized", False):
-        what = f"{', '.join(sorted(str(dtype).removeprefix('torch.') for dtype in stored))} weights" if stored \
+        what = (
+            f"{', '.join(sorted(str(dtype).removeprefix('torch.') for dtype in stored))} weights"
+            if stored
             else "quantized weights"
-        raise DiffFitError(f"load_adapter folds the adapter into the transformer's weights, and {spec} holds {what}.",
-                           hint="Load the pipeline in bf16, fp16 or float32 and apply the adapter before quantizing, "
-                                "or quantize the pipeline `difffit merge` writes.")
-    check_fingerprint(source, meta, spec, state_dict_fingerprint(transformer.state_dict()), force_base=force_base,
-                      hint=f"Load the pipeline of {meta.base_spec}, in the dtype its weights are stored in, or pass "
-                           "force_base=True to apply it anyway.", forced="force_base=True")
+        )
+        raise DiffFitError(
+            f"load_adapter folds the adapter into the transformer's weights, and {spec} holds {what}.",
+            hint="Load the pipeline in bf16, fp16 or float32 and apply the adapter before quantizing, "
+            "or quantize the pipeline `difffit merge` writes.",
+        )
+    check_fingerprint(
+        source,
+        meta,
+        spec,
+        state_dict_fingerprint(transformer.state_dict()),
+        force_base=force_base,
+        hint=f"Load the pipeline of {meta.base_spec}, in the dtype its weights are stored in, or pass "
+        "force_base=True to apply it anyway.",
+        forced="force_base=True",
+    )
 
 
 def unload_adapter(pipe_or_transformer: DiffusionPipeline | nn.Module) -> None:
@@ -121,7 +140,8 @@ def transformer_of(pipe_or_transformer: DiffusionPipeline | nn.Module) -> nn.Mod
     """A pipeline's transformer, or the transformer given; one sentence for anything else."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not isinstance(transformer, nn.Module):
-        raise DiffFitError(f"load_adapter takes a diffusers pipeline or its transformer, not a "
-                           f"{type(pipe_or_transformer).__name__}.",
-                           hint=f"Pass a {TEXT_FAMILIES} pipeline loaded with diffusers.")
+        raise DiffFitError(
+            f"load_adapter takes a diffusers pipeline or its transformer, not a {type(pipe_or_transformer).__name__}.",
+            hint=f"Pass a {TEXT_FAMILIES} pipeline loaded with diffusers.",
+        )
     return transformer

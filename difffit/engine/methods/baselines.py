@@ -35,16 +35,22 @@ def check_fits(settings: MethodSettings, method: str, model: nn.Module) -> None:
         target, layer = min(layers, key=lambda pair: min(pair[1].in_features, pair[1].out_features))
         limit = min(layer.in_features, layer.out_features)
         if settings.rank > limit:
-            raise DiffFitError(f"--rank {settings.rank} is above {limit}, the smaller dimension of the {target} "
-                               f"layers of {name}; a LoRA rank can be at most that.")
+            raise DiffFitError(
+                f"--rank {settings.rank} is above {limit}, the smaller dimension of the {target} "
+                f"layers of {name}; a LoRA rank can be at most that."
+            )
     # The adapters and prompts are DiT's methods (check_method refuses them on other families).
     if method in ADAPTER_PLACEMENTS and settings.adapter_dim > model.config.hidden_size:
-        raise DiffFitError(f"--adapter-dim {settings.adapter_dim} is above the width of {name} "
-                           f"({model.config.hidden_size}); a bottleneck adapter can be at most as wide as the "
-                           "layer it adapts.")
+        raise DiffFitError(
+            f"--adapter-dim {settings.adapter_dim} is above the width of {name} "
+            f"({model.config.hidden_size}); a bottleneck adapter can be at most as wide as the "
+            "layer it adapts."
+        )
     if method == "vpt-deep" and settings.prompt_tokens > (tokens := model.pos_embed.shape[1]):  # image tokens
-        raise DiffFitError(f"--prompt-tokens {settings.prompt_tokens} is above the {tokens} image tokens of {name} "
-                           f"at latent size {model.config.input_size}; use at most {tokens}.")
+        raise DiffFitError(
+            f"--prompt-tokens {settings.prompt_tokens} is above the {tokens} image tokens of {name} "
+            f"at latent size {model.config.input_size}; use at most {tokens}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,13 +63,22 @@ def lora_config(settings: MethodSettings, modules_to_save: list[str] | None = No
     states none), no bias training (the biases stay the base's), targets by a regex over block modules."""
     from peft import LoraConfig
 
-    paths = "|".join(re.escape(path) for t in parse_lora_targets(settings.lora_targets, family.lora)
-                     for path in family.lora.targets[t])
+    paths = "|".join(
+        re.escape(path)
+        for t in parse_lora_targets(settings.lora_targets, family.lora)
+        for path in family.lora.targets[t]
+    )
     lists = family.block_lists
     blocks = lists[0] if len(lists) == 1 else f"({'|'.join(lists)})"  # FLUX: joint and single blocks
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none",
-                      init_lora_weights=True, target_modules=rf"{blocks}\.\d+\.({paths})",
-                      modules_to_save=modules_to_save)
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+        target_modules=rf"{blocks}\.\d+\.({paths})",
+        modules_to_save=modules_to_save,
+    )
 
 
 def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family = DIT) -> list[tuple[str, str]]:
@@ -72,8 +87,12 @@ def lora_target_names(model: nn.Module, targets: tuple[str, ...], family: Family
     names = []
     for blocks in family.block_lists:
         for i, block in enumerate(getattr(model, blocks)):
-            names += [(t, f"{blocks}.{i}.{path}") for t in targets for path in family.lora.targets[t]
-                      if isinstance(_module_at(block, path), nn.Linear)]
+            names += [
+                (t, f"{blocks}.{i}.{path}")
+                for t in targets
+                for path in family.lora.targets[t]
+                if isinstance(_module_at(block, path), nn.Linear)
+            ]
     if not names:
         raise DiffFitError(f"--lora-targets {','.join(targets)} names no layer of this {family.title} model.")
     return names

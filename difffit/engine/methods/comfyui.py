@@ -70,63 +70,86 @@ class Native:
 FLUX_JOINT = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
-    "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",),
-    "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
 }
 FLUX_JOINT_TENSORS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
-               "modulation.lin": ("norm.linear",)}
+FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
 FLUX_SINGLE_TENSORS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 FLUX_TOP = {
-    "img_in": ("x_embedder",), "txt_in": ("context_embedder",),
+    "img_in": ("x_embedder",),
+    "txt_in": ("context_embedder",),
     "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
     "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
     "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
     "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
     "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
     "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
-    "final_layer.adaLN_modulation.1": ("norm_out.linear",), "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+    "final_layer.linear": ("proj_out",),
 }
 
 SD3_JOINT = {
     "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
     "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    "x_block.attn.proj": ("attn.to_out.0",), "context_block.attn.proj": ("attn.to_add_out",),
+    "x_block.attn.proj": ("attn.to_out.0",),
+    "context_block.attn.proj": ("attn.to_add_out",),
     "x_block.attn2.proj": ("attn2.to_out.0",),
-    "x_block.adaLN_modulation.1": ("norm1.linear",), "context_block.adaLN_modulation.1": ("norm1_context.linear",),
-    "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
-    "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",),
+    "x_block.mlp.fc2": ("ff.net.2",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",),
+    "context_block.mlp.fc2": ("ff_context.net.2",),
 }
 SD3_JOINT_TENSORS = {
-    "x_block.attn.ln_q.weight": "attn.norm_q.weight", "x_block.attn.ln_k.weight": "attn.norm_k.weight",
+    "x_block.attn.ln_q.weight": "attn.norm_q.weight",
+    "x_block.attn.ln_k.weight": "attn.norm_k.weight",
     "context_block.attn.ln_q.weight": "attn.norm_added_q.weight",
     "context_block.attn.ln_k.weight": "attn.norm_added_k.weight",
-    "x_block.attn2.ln_q.weight": "attn2.norm_q.weight", "x_block.attn2.ln_k.weight": "attn2.norm_k.weight",
+    "x_block.attn2.ln_q.weight": "attn2.norm_q.weight",
+    "x_block.attn2.ln_k.weight": "attn2.norm_k.weight",
 }
 SD3_TOP = {
-    "x_embedder.proj": ("pos_embed.proj",), "context_embedder": ("context_embedder",),
+    "x_embedder.proj": ("pos_embed.proj",),
+    "context_embedder": ("context_embedder",),
     "t_embedder.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
     "t_embedder.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
     "y_embedder.mlp.0": ("time_text_embed.text_embedder.linear_1",),
     "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",),
-    "final_layer.adaLN_modulation.1": ("norm_out.linear",), "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+    "final_layer.linear": ("proj_out",),
 }
 
 PIXART_BLOCK = {
-    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "attn.proj": ("attn1.to_out.0",),
-    "cross_attn.q_linear": ("attn2.to_q",), "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
-    "cross_attn.proj": ("attn2.to_out.0",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
+    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "attn.proj": ("attn1.to_out.0",),
+    "cross_attn.q_linear": ("attn2.to_q",),
+    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
+    "cross_attn.proj": ("attn2.to_out.0",),
+    "mlp.fc1": ("ff.net.0.proj",),
+    "mlp.fc2": ("ff.net.2",),
 }
 PIXART_BLOCK_TENSORS = {"scale_shift_table": "scale_shift_table"}
 PIXART_TOP = {
-    "x_embedder.proj": ("pos_embed.proj",), "t_block.1": ("adaln_single.linear",),
+    "x_embedder.proj": ("pos_embed.proj",),
+    "t_block.1": ("adaln_single.linear",),
     "t_embedder.mlp.0": ("adaln_single.emb.timestep_embedder.linear_1",),
     "t_embedder.mlp.2": ("adaln_single.emb.timestep_embedder.linear_2",),
     "csize_embedder.mlp.0": ("adaln_single.emb.resolution_embedder.linear_1",),
@@ -142,8 +165,14 @@ PIXART_TOP_TENSORS = {"final_layer.scale_shift_table": "scale_shift_table"}
 # family -> (top-level Linears, top-level tensors, [(diffusers block list, native block list, Linears, tensors)])
 UNPATCHED = {"pixart"}  # families whose native tensors outside Linears ComfyUI never patches (see the docstring)
 LAYOUTS = {
-    "flux": (FLUX_TOP, {}, [("transformer_blocks", "double_blocks", FLUX_JOINT, FLUX_JOINT_TENSORS),
-                            ("single_transformer_blocks", "single_blocks", FLUX_SINGLE, FLUX_SINGLE_TENSORS)]),
+    "flux": (
+        FLUX_TOP,
+        {},
+        [
+            ("transformer_blocks", "double_blocks", FLUX_JOINT, FLUX_JOINT_TENSORS),
+            ("single_transformer_blocks", "single_blocks", FLUX_SINGLE, FLUX_SINGLE_TENSORS),
+        ],
+    ),
     "sd3": (SD3_TOP, {}, [("transformer_blocks", "joint_blocks", SD3_JOINT, SD3_JOINT_TENSORS)]),
     "pixart": (PIXART_TOP, PIXART_TOP_TENSORS, [("transformer_blocks", "blocks", PIXART_BLOCK, PIXART_BLOCK_TENSORS)]),
 }
@@ -186,8 +215,13 @@ def _plain(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def comfyui_tensors(model: nn.Module, base_state: dict[str, torch.Tensor], trained: set[str], family: str,
-                    lora_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def comfyui_tensors(
+    model: nn.Module,
+    base_state: dict[str, torch.Tensor],
+    trained: set[str],
+    family: str,
+    lora_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """The ComfyUI file's tensors for `model` (its base with the adapter applied, gamma and LoRA unfolded);
     `base_state`: the base's own tensors by diffusers name; `trained`: the adapter's tensor names."""
     lora = dict(lora_layers(model))
@@ -199,9 +233,11 @@ def comfyui_tensors(model: nn.Module, base_state: dict[str, torch.Tensor], train
             if part in trained:
                 delta = (model.get_parameter(part).float() - base_state[part].float()).contiguous()
                 if delta.any() and not entry.patched:
-                    raise DiffFitError(f"ComfyUI does not apply changes to {part} (its loader patches only the "
-                                       "tensors of leaf layers), and this adapter changed it.",
-                                       hint="Use difffit merge with --format diffusers instead.")
+                    raise DiffFitError(
+                        f"ComfyUI does not apply changes to {part} (its loader patches only the "
+                        "tensors of leaf layers), and this adapter changed it.",
+                        hint="Use difffit merge with --format diffusers instead.",
+                    )
                 if entry.patched:
                     stem = key.removesuffix(".weight")  # ComfyUI names a tensor by its module where it is a weight
                     out[stem + ".diff"] = delta
@@ -214,20 +250,29 @@ def comfyui_tensors(model: nn.Module, base_state: dict[str, torch.Tensor], train
         factors = [1.0 if g is None else g for g in gammas]
         used |= {f"{p}.gamma_" for p, g in zip(entry.parts, gammas, strict=True) if g is not None}
         if scaled or any(f"{p}.bias" in trained for p in entry.parts):
-            out[key + ".diff_b"] = _stack([_plain(m).bias.float() * f - base_state[f"{p}.bias"].float()
-                                           for m, f, p in zip(modules, factors, entry.parts, strict=True)], swap)
+            out[key + ".diff_b"] = _stack(
+                [
+                    _plain(m).bias.float() * f - base_state[f"{p}.bias"].float()
+                    for m, f, p in zip(modules, factors, entry.parts, strict=True)
+                ],
+                swap,
+            )
             used |= {f"{p}.bias" for p in entry.parts}
         if scaled and any(p in lora for p in entry.parts):  # one up/down pair per layer: DoRA's or LoRA's
-            raise DiffFitError(f"{entry.parts[0]} holds both gamma and LoRA, which one ComfyUI file cannot express.",
-                               hint="Use difffit merge with --format diffusers instead.")
+            raise DiffFitError(
+                f"{entry.parts[0]} holds both gamma and LoRA, which one ComfyUI file cannot express.",
+                hint="Use difffit merge with --format diffusers instead.",
+            )
         if scaled:
             out.update(_dora(key, entry.parts, factors, base_state, swap))
         if any(p in lora for p in entry.parts):
             out.update(_lora(key, [lora.get(p) for p in entry.parts], modules, swap, lora_dtype))
             used |= {f"{p}.lora_{ab}.default.weight" for p in entry.parts if p in lora for ab in "AB"}
     if missed := sorted(trained - used):
-        raise DiffFitError(f"The adapter trains {missed[0]}, which has no place in ComfyUI's {family} layout.",
-                           hint="Merge with --format diffusers instead.")
+        raise DiffFitError(
+            f"The adapter trains {missed[0]}, which has no place in ComfyUI's {family} layout.",
+            hint="Merge with --format diffusers instead.",
+        )
     return out
 
 
@@ -238,9 +283,11 @@ def _dora(key: str, parts: tuple[str, ...], gammas: list, base_state: dict, swap
     norms = [w.reshape(w.shape[0], -1).norm(dim=1) + EPS for w in weights]
     scale = [n * g for n, g in zip(norms, gammas, strict=True)]
     rows, inputs = sum(w.shape[0] for w in weights), weights[0].shape[1]
-    return {key + ".dora_scale": _stack(scale, swap)[:, None],  # (rows, 1): ComfyUI's per-output-row shape
-            key + ".lora_up.weight": torch.zeros(rows, 1, dtype=torch.float16),
-            key + ".lora_down.weight": torch.zeros(1, inputs, dtype=torch.float16)}
+    return {
+        key + ".dora_scale": _stack(scale, swap)[:, None],  # (rows, 1): ComfyUI's per-output-row shape
+        key + ".lora_up.weight": torch.zeros(rows, 1, dtype=torch.float16),
+        key + ".lora_down.weight": torch.zeros(1, inputs, dtype=torch.float16),
+    }
 
 
 def _lora(key: str, layers: list, modules: list[nn.Module], swap: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -260,13 +307,15 @@ def _lora(key: str, layers: list, modules: list[nn.Module], swap: bool, dtype: t
     blocks, column = [], 0
     for b, rows in ups:
         block = torch.zeros(rows, rank)
-        block[:, column:column + b.shape[1]] = b
+        block[:, column : column + b.shape[1]] = b
         blocks.append(block)
         column += b.shape[1]
     dtype = dtype if len(scalings) == 1 else torch.float32  # one scaling: the stored factors as they are
-    return {key + ".lora_up.weight": _stack(blocks, swap).to(dtype),
-            key + ".lora_down.weight": torch.cat(downs).to(dtype).contiguous(),
-            key + ".alpha": torch.tensor(common * rank, dtype=torch.float32)}
+    return {
+        key + ".lora_up.weight": _stack(blocks, swap).to(dtype),
+        key + ".lora_down.weight": torch.cat(downs).to(dtype).contiguous(),
+        key + ".alpha": torch.tensor(common * rank, dtype=torch.float32),
+    }
 
 
 def comfyui_problem(meta: AdapterMeta) -> str | None:
@@ -293,8 +342,9 @@ def check_comfyui_adapter(meta: AdapterMeta) -> None:
     """Refuse, in one sentence, what a ComfyUI LoRA file cannot hold."""
     if problem := comfyui_problem(meta):
         formats = "original or diffusers" if meta.family not in LAYOUTS else "diffusers"
-        raise DiffFitError(problem[0].upper() + problem[1:] + ".", hint=f"Use difffit merge with --format {formats} "
-                           "instead.")
+        raise DiffFitError(
+            problem[0].upper() + problem[1:] + ".", hint=f"Use difffit merge with --format {formats} instead."
+        )
 
 
 def write_comfyui(base: Base, tensors: dict[str, torch.Tensor], meta: AdapterMeta, path: Path) -> None:
@@ -312,9 +362,14 @@ def write_comfyui(base: Base, tensors: dict[str, torch.Tensor], meta: AdapterMet
         state = comfyui_tensors(model, base_state, set(expected_shapes(meta)), meta.family, lora_dtype)
     finally:
         swapper.restore()
-    record = {"base": meta.base_spec, "base_fingerprint": base.fingerprint, "family": meta.family,
-              "architecture": meta.architecture, "method": meta.method,
-              "adapter_base_fingerprint": meta.base_fingerprint}
+    record = {
+        "base": meta.base_spec,
+        "base_fingerprint": base.fingerprint,
+        "family": meta.family,
+        "architecture": meta.architecture,
+        "method": meta.method,
+        "adapter_base_fingerprint": meta.base_fingerprint,
+    }
     with atomic_path(path) as tmp:
         # One metadata key: safetensors writes its metadata map in no fixed order, so one key keeps the bytes fixed.
         save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
@@ -322,5 +377,7 @@ def write_comfyui(base: Base, tensors: dict[str, torch.Tensor], meta: AdapterMet
 
 def check_comfyui_out(out: str | Path) -> None:
     if not str(out).endswith(SUFFIX):
-        raise DiffFitError(f"--out {out} must end in {SUFFIX}: ComfyUI lists the .safetensors files of models/loras.",
-                           hint=f"Write --out {Path(out).stem}{SUFFIX}.")
+        raise DiffFitError(
+            f"--out {out} must end in {SUFFIX}: ComfyUI lists the .safetensors files of models/loras.",
+            hint=f"Write --out {Path(out).stem}{SUFFIX}.",
+        )

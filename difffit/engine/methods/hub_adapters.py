@@ -41,11 +41,15 @@ def resolve_adapter_source(spec: str) -> str | None:
         if not ref.explicit:
             return None
         if files is None:
-            raise DiffFitError(f"{spec}: the hub repo {ref.repo_id} {why}.",
-                               hint=f"Check the name, or run `hf download {ref.repo_id}` where there is network "
-                                    "(with the same HF_HOME).")
-        raise DiffFitError(f"{spec} is a base model repo, not a difffit adapter.",
-                           hint=f"To use it as a base, pass {ref.repo_id} without hf://.")
+            raise DiffFitError(
+                f"{spec}: the hub repo {ref.repo_id} {why}.",
+                hint=f"Check the name, or run `hf download {ref.repo_id}` where there is network "
+                "(with the same HF_HOME).",
+            )
+        raise DiffFitError(
+            f"{spec} is a base model repo, not a difffit adapter.",
+            hint=f"To use it as a base, pass {ref.repo_id} without hf://.",
+        )
     candidates = sorted(name for name in files if name.endswith(".safetensors") and "/" not in name)
     if ADAPTER_FILE in candidates:
         return _download(ref.repo_id, ADAPTER_FILE, spec)
@@ -53,8 +57,10 @@ def resolve_adapter_source(spec: str) -> str | None:
         return None  # a bare OWNER/NAME is an adapter repo only by push's file name (no guessing downloads)
     if len(candidates) != 1:
         found = ", ".join(candidates) or "no .safetensors file"
-        raise DiffFitError(f"The hub repo {ref.repo_id} holds {found}, not one {ADAPTER_FILE}.",
-                           hint=f"Name the file: hf://{ref.repo_id}/FILE.safetensors.")
+        raise DiffFitError(
+            f"The hub repo {ref.repo_id} holds {found}, not one {ADAPTER_FILE}.",
+            hint=f"Name the file: hf://{ref.repo_id}/FILE.safetensors.",
+        )
     return _download(ref.repo_id, candidates[0], spec)
 
 

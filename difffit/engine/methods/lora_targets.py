@@ -15,8 +15,7 @@ def split_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip())
 
 
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None,
-                       names: LoraNames = DIT_LORA) -> tuple[str, ...]:
+def parse_lora_targets(spec: str | list[str] | tuple[str, ...] | None, names: LoraNames = DIT_LORA) -> tuple[str, ...]:
     """Comma-separated names of `names` (a family's: DiT's by default), groups expanded; None: its default."""
     if spec is None:
         return names.default
@@ -32,5 +31,7 @@ def check_any_family(spec: tuple[str, ...] | None) -> None:
     """Refuse a name no family accepts (before the base, and so its family, is known)."""
     known = {name for names in EVERY_FAMILY for name in (*names.targets, *names.groups)}
     if spec is not None and (bad := [n for n in spec if n not in known]):
-        raise DiffFitError(f"Unknown --lora-targets entry {bad[0]!r}; use "
-                           f"{'; or '.join(f'{n.title}: {n.describe()}' for n in EVERY_FAMILY)}.")
+        raise DiffFitError(
+            f"Unknown --lora-targets entry {bad[0]!r}; use "
+            f"{'; or '.join(f'{n.title}: {n.describe()}' for n in EVERY_FAMILY)}."
+        )

@@ -45,8 +45,15 @@ FORMATS = ("original", "diffusers", "peft", "comfyui")
 FILE_FORMATS = ("original", "comfyui")  # one file; the others write a folder
 
 
-def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt: str | None = None,
-                  force_base: bool = False, overwrite: bool = False) -> dict:
+def merge_adapter(
+    adapter: str,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    fmt: str | None = None,
+    force_base: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Apply `adapter` to its base, fold gamma and LoRA (or export LoRA for peft), write `out`; returns a
     summary for the CLI. `fmt`: one of the adapter's family's formats (default its first: DiT "original",
     PixArt "diffusers").
@@ -87,8 +94,10 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
     files = [f for f in out.rglob("*") if f.is_file()] if out.is_dir() else [out]
     classes = {}
     if family.class_table:  # DiTPipeline's null label is fixed at 1000
-        classes = {"num_classes": meta.num_classes,
-                   "null_label": meta.num_classes if fmt == "original" else DIFFUSERS_NULL_LABEL}
+        classes = {
+            "num_classes": meta.num_classes,
+            "null_label": meta.num_classes if fmt == "original" else DIFFUSERS_NULL_LABEL,
+        }
     return {
         "adapter": str(adapter),
         "base": meta.base_spec if base is None else base,
@@ -99,8 +108,11 @@ def merge_adapter(adapter: str, out: str | Path, *, base: str | None = None, fmt
         **classes,
         "resolution": meta.resolution,
         # The ComfyUI file keeps gamma apart (ComfyUI applies it, through its DoRA path, to this very base).
-        **({"gamma_blocks": meta.gamma_blocks, "base_fingerprint": loaded.fingerprint} if fmt == "comfyui"
-           else {"gamma_blocks_folded": meta.gamma_blocks, "total_params": sum(p.numel() for p in model.parameters())}),
+        **(
+            {"gamma_blocks": meta.gamma_blocks, "base_fingerprint": loaded.fingerprint}
+            if fmt == "comfyui"
+            else {"gamma_blocks_folded": meta.gamma_blocks, "total_params": sum(p.numel() for p in model.parameters())}
+        ),
         "bytes": sum(f.stat().st_size for f in files),
     }
 
@@ -109,20 +121,25 @@ def _check_mergeable(adapter: str, meta: AdapterMeta, fmt: str) -> None:
     """The adapter folds into its base, in a format its family offers (checked before the base is loaded)."""
     family = meta.model_family
     if fmt not in family.merge_formats:
-        raise DiffFitError(f"--format {fmt} is not available for {family.title} adapters; choose "
-                           f"{' or '.join(family.merge_formats)}.")
+        raise DiffFitError(
+            f"--format {fmt} is not available for {family.title} adapters; choose {' or '.join(family.merge_formats)}."
+        )
     if meta.method not in FOLDABLE:
-        raise DiffFitError(f"A {meta.method} adapter adds layers that cannot be folded into the base weights; "
-                           f"sample from the adapter instead (difffit sample {adapter}).")
+        raise DiffFitError(
+            f"A {meta.method} adapter adds layers that cannot be folded into the base weights; "
+            f"sample from the adapter instead (difffit sample {adapter})."
+        )
     if fmt == "peft" and meta.method != "lora":
         raise DiffFitError(f"--format peft exports LoRA adapters only, and {adapter} is a {meta.method} adapter.")
     if fmt == "diffusers" and (problem := family.pipeline_problem(meta)):
-        raise DiffFitError(f"A {family.pipeline_name} cannot hold this model: {problem}.",
-                           hint="Merge with --format original instead.")
+        raise DiffFitError(
+            f"A {family.pipeline_name} cannot hold this model: {problem}.", hint="Merge with --format original instead."
+        )
 
 
-def write_original(model: DiT, path: Path, *, class_names: list[str] | None, vae_spec: str,
-                   meta: AdapterMeta | None = None) -> None:
+def write_original(
+    model: DiT, path: Path, *, class_names: list[str] | None, vae_spec: str, meta: AdapterMeta | None = None
+) -> None:
     """The model's state dict in the original layout, fp32, with difffit metadata that load_base reads."""
     from safetensors.torch import save_file
 
@@ -137,8 +154,9 @@ def write_original(model: DiT, path: Path, *, class_names: list[str] | None, vae
         METADATA_NUM_HEADS: str(model.config.num_heads),
     }
     if meta is not None:
-        metadata["difffit.merged_from"] = json.dumps({"base": meta.base_spec, "method": meta.method,
-                                                     "training": meta.training})
+        metadata["difffit.merged_from"] = json.dumps(
+            {"base": meta.base_spec, "method": meta.method, "training": meta.training}
+        )
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
 
@@ -148,8 +166,11 @@ def write_peft(model: nn.Module, folder: Path, meta: AdapterMeta) -> None:
     from safetensors.torch import save_file
 
     prefix = "base_model.model."  # what PeftModel.save_pretrained writes and from_pretrained expects
-    state = {prefix + name.replace(".default.", "."): t.detach().float().cpu().contiguous()
-             for name, t in model.state_dict().items() if ".lora_" in name}
+    state = {
+        prefix + name.replace(".default.", "."): t.detach().float().cpu().contiguous()
+        for name, t in model.state_dict().items()
+        if ".lora_" in name
+    }
     to_save = None
     if meta.new_class_table:
         to_save = ["y_embedder.embedding_table"]
@@ -167,6 +188,10 @@ def merge_formats(meta: AdapterMeta) -> list[str]:
     if meta.method not in FOLDABLE:
         return []
     family = meta.model_family
-    return [fmt for fmt in family.merge_formats if (fmt != "peft" or meta.method == "lora")
-            and (fmt != "diffusers" or not family.pipeline_problem(meta))
-            and (fmt != "comfyui" or comfyui_offered(meta))]
+    return [
+        fmt
+        for fmt in family.merge_formats
+        if (fmt != "peft" or meta.method == "lora")
+        and (fmt != "diffusers" or not family.pipeline_problem(meta))
+        and (fmt != "comfyui" or comfyui_offered(meta))
+    ]

@@ -49,8 +49,11 @@ class MethodSettings:
         if method == "difffit":
             return {"gamma_placement": self.gamma_placement}
         if method == "lora":
-            return {"rank": self.rank, "lora_alpha": self.alpha,
-                    "lora_targets": list(parse_lora_targets(self.lora_targets, family.lora if family else DIT_LORA))}
+            return {
+                "rank": self.rank,
+                "lora_alpha": self.alpha,
+                "lora_targets": list(parse_lora_targets(self.lora_targets, family.lora if family else DIT_LORA)),
+            }
         if method in ADAPTER_PLACEMENTS:
             return {"adapter_dim": self.adapter_dim, "adapter_scale": ADAPTER_SCALE}
         if method == "vpt-deep":

@@ -71,19 +71,36 @@ def load_adapter_base(
     """The base the adapter `source` (metadata `meta`) applies to, fingerprint-checked; nothing applied.
     (`difffit sample` with several adapters loads it once and swaps the adapters in.)"""
     loaded = base_for_adapter(meta, base=base, vae=vae)
-    check_fingerprint(source, meta, loaded.spec, loaded.fingerprint, force_base=force_base,
-                      hint=f"Pass --base {meta.base_spec}, or --force-base to apply it anyway.", forced="--force-base")
+    check_fingerprint(
+        source,
+        meta,
+        loaded.spec,
+        loaded.fingerprint,
+        force_base=force_base,
+        hint=f"Pass --base {meta.base_spec}, or --force-base to apply it anyway.",
+        forced="--force-base",
+    )
     return loaded
 
 
-def check_fingerprint(source: str | Path, meta: AdapterMeta, spec: str, fingerprint: str | None, *, force_base: bool,
-                      hint: str, forced: str) -> None:
+def check_fingerprint(
+    source: str | Path,
+    meta: AdapterMeta,
+    spec: str,
+    fingerprint: str | None,
+    *,
+    force_base: bool,
+    hint: str,
+    forced: str,
+) -> None:
     """Refuse a base (`spec`) whose weights' fingerprint is not the one the adapter trained on, in one sentence;
     with `force_base` (the option spelled `forced`) warn and go on."""
     if fingerprint == meta.base_fingerprint:
         return
-    message = (f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
-               f"but {spec} has fingerprint {fingerprint}.")
+    message = (
+        f"{source} was trained on {meta.base_spec} (fingerprint {meta.base_fingerprint}), "
+        f"but {spec} has fingerprint {fingerprint}."
+    )
     if not force_base:
         raise DiffFitError(message, hint=hint)
     say(("Warning:", "yellow"), f" {message} Applying it anyway ({forced}).")
@@ -96,12 +113,16 @@ def base_for_adapter(meta: AdapterMeta, *, base: str | None = None, vae: str | N
     family = meta.model_family
     if why := not_a_model(spec):
         whose = "--base" if base else "The adapter's recorded base"
-        raise DiffFitError(f"{whose} {spec} is not a model: it is {why}.",
-                           hint="Pass --base with the base the adapter was trained on.")
+        raise DiffFitError(
+            f"{whose} {spec} is not a model: it is {why}.", hint="Pass --base with the base the adapter was trained on."
+        )
     resolved = resolve_base(spec)
     if (given := resolved.family) is not family:
-        raise DiffFitError(f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
-                           "applies only to its own family's base.", hint=f"Use its base, {meta.base_spec}.")
+        raise DiffFitError(
+            f"The adapter is a {family.title} adapter, and {spec} is a {given.title} base; an adapter "
+            "applies only to its own family's base.",
+            hint=f"Use its base, {meta.base_spec}.",
+        )
     options = family.adapter_base_options(meta, spec)
     try:
         loaded = family.load(resolved, vae=vae or meta.vae_spec, **options)
@@ -197,13 +218,25 @@ def describe_adapter(path: str | Path) -> dict:
     """`difffit info` for an adapter: its metadata, the model it makes, what it trained (no base needed)."""
     tensors, meta = read_adapter(path, allow_non_finite=True)
     family = meta.model_family
-    trained = describe_method(meta.base_config, meta.method, num_classes=meta.num_classes,
-                              gamma_blocks=meta.gamma_blocks, new_classes=meta.new_class_table,
-                              settings=meta.method_settings, family=family)
-    classes = {"num_classes": meta.num_classes, "class_names": meta.class_names, "null_index": meta.null_index} \
-        if family.class_table else {}
-    positions = {"pos_embed": meta.pos_embed, "pos_embed_scale": meta.pos_embed_scale} \
-        if meta.pos_embed_scale is not None else {}
+    trained = describe_method(
+        meta.base_config,
+        meta.method,
+        num_classes=meta.num_classes,
+        gamma_blocks=meta.gamma_blocks,
+        new_classes=meta.new_class_table,
+        settings=meta.method_settings,
+        family=family,
+    )
+    classes = (
+        {"num_classes": meta.num_classes, "class_names": meta.class_names, "null_index": meta.null_index}
+        if family.class_table
+        else {}
+    )
+    positions = (
+        {"pos_embed": meta.pos_embed, "pos_embed_scale": meta.pos_embed_scale}
+        if meta.pos_embed_scale is not None
+        else {}
+    )
     return {
         "kind": "adapter",
         "family": family.name,
@@ -260,8 +293,11 @@ def describe_source(
         report = describe_adapter(source)
         if base is not None:  # the adapter as `sample --base` would apply it: same loading, same checks
             checked = base_for_adapter(read_adapter_meta(source), base=base)
-            report |= {"checked_base": base, "checked_base_fingerprint": checked.fingerprint,
-                       "checked_base_matches": checked.fingerprint == report["base_fingerprint"]}
+            report |= {
+                "checked_base": base,
+                "checked_base_fingerprint": checked.fingerprint,
+                "checked_base_matches": checked.fingerprint == report["base_fingerprint"],
+            }
         return report
     if base is not None:
         raise DiffFitError(f"--base applies to adapters, and {source} is a base.", hint="Leave --base out.")
@@ -273,10 +309,18 @@ def describe_source(
     report = {"family": family.name, **family.describe(loaded)}
     if method is not None:
         if num_classes is not None and not family.class_table:
-            raise DiffFitError(f"--num-classes applies to class-conditional bases; {source} is a {family.title} "
-                               "base, conditioned on text.")
-        trained = describe_method(family.config_of(loaded.model), method, num_classes=num_classes,
-                                  gamma_blocks=gamma_blocks, settings=settings, family=family)
+            raise DiffFitError(
+                f"--num-classes applies to class-conditional bases; {source} is a {family.title} "
+                "base, conditioned on text."
+            )
+        trained = describe_method(
+            family.config_of(loaded.model),
+            method,
+            num_classes=num_classes,
+            gamma_blocks=gamma_blocks,
+            settings=settings,
+            family=family,
+        )
         # The base's own class count and size stay under their names; the adapted model's get these.
         if "num_classes" in trained:  # class-conditional families only
             report["target_num_classes"] = trained.pop("num_classes")
@@ -322,9 +366,28 @@ def sample_sources(
         record = {"source": source, "adapter": meta.to_dict() if meta else None}
         check_conditioning(source_base, class_ids, prompts)  # before the folder is made
         used.append(options.for_base(source_base))
-        summary = sample_to_folder(source_base, folder, n, used[-1], classes=class_ids, prompts=prompts, npz=npz,
-                                   state=state, progress=progress, record=record, overwrite=overwrite)
+        summary = sample_to_folder(
+            source_base,
+            folder,
+            n,
+            used[-1],
+            classes=class_ids,
+            prompts=prompts,
+            npz=npz,
+            state=state,
+            progress=progress,
+            record=record,
+            overwrite=overwrite,
+        )
         outputs.append({**summary, "source": source})
     first = used[0]
-    return {"outputs": outputs, "n": n, "scheduler": first.scheduler, "steps": first.num_steps, "seed": first.seed,
-            "cfg_scale": first.cfg_scale, "cfg_channels": first.cfg_channels, "processes": state.num_processes}
+    return {
+        "outputs": outputs,
+        "n": n,
+        "scheduler": first.scheduler,
+        "steps": first.num_steps,
+        "seed": first.seed,
+        "cfg_scale": first.cfg_scale,
+        "cfg_channels": first.cfg_channels,
+        "processes": state.num_processes,
+    }

@@ -30,14 +30,25 @@ MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a table of a million rows is
 FOLDABLE = ("full", "bitfit", "lora", "difffit")  # the rest add computation that no weight can absorb
 # Importable from here too, beside the method code that uses them: the DiT family's pieces and the family-generic
 # name rules.
-__all__ = ["CLASS_TABLE", "METHODS", "added_reference", "fold_scale_factors", "norm_parameter_names",
-           "resize_class_table"]
+__all__ = [
+    "CLASS_TABLE",
+    "METHODS",
+    "added_reference",
+    "fold_scale_factors",
+    "norm_parameter_names",
+    "resize_class_table",
+]
 
 # Trainable parameters (millions) on DiT-XL/2 as the DiffFit paper reports them: Xie et al. 2023 (ICCV),
 # Table 1, "Params (M)" column (101-class Food-101 table included). LoRA is keyed by rank (R8, R16).
 PAPER_TRAINABLE_M: dict[str, float | dict[int, float]] = {
-    "full": 673.8, "adapter-parallel": 4.28, "adapter-sequential": 4.28, "bitfit": 0.61, "vpt-deep": 2.81,
-    "lora": {8: 1.15, 16: 2.18}, "difffit": 0.83,
+    "full": 673.8,
+    "adapter-parallel": 4.28,
+    "adapter-sequential": 4.28,
+    "bitfit": 0.61,
+    "vpt-deep": 2.81,
+    "lora": {8: 1.15, 16: 2.18},
+    "difffit": 0.83,
 }
 IMAGENET_WNID = re.compile(r"n\d{8}")
 
@@ -106,8 +117,9 @@ def check_method(method: str, family: Family) -> None:
     if method not in METHODS:
         raise DiffFitError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method not in family.methods:
-        raise DiffFitError(f"--method {method} is not available on {family.title} bases; they support "
-                           f"{', '.join(family.methods)}.")
+        raise DiffFitError(
+            f"--method {method} is not available on {family.title} bases; they support {', '.join(family.methods)}."
+        )
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -156,9 +168,16 @@ def paper_trainable_params(architecture: str, method: str, settings: MethodSetti
     return None if value is None else round(value * 1e6)
 
 
-def describe_method(config: DiTConfig | dict, method: str = "difffit", *, num_classes: int | None = None,
-                    gamma_blocks: str | list[int] | None = None, new_classes: bool = False,
-                    settings: MethodSettings | None = None, family: Family = DIT) -> dict:
+def describe_method(
+    config: DiTConfig | dict,
+    method: str = "difffit",
+    *,
+    num_classes: int | None = None,
+    gamma_blocks: str | list[int] | None = None,
+    new_classes: bool = False,
+    settings: MethodSettings | None = None,
+    family: Family = DIT,
+) -> dict:
     """What `method` would train on a `family` model of `config` (a DiTConfig, or any family's config
     dict), counted on a meta-device model (no memory).
 
@@ -170,15 +189,18 @@ def describe_method(config: DiTConfig | dict, method: str = "difffit", *, num_cl
         model = family.empty_model(config)
         if method == "difffit" and not isinstance(gamma_blocks, list):
             gamma_blocks = parse_gamma_blocks(gamma_blocks, family.depth(model))
-        prepare_model(model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes,
-                      settings=settings)
+        prepare_model(
+            model, method, gamma_blocks if method == "difffit" else None, num_classes, new_classes, settings=settings
+        )
     groups = count_groups(model)
     total = total_parameters(model)
     trainable = sum(groups.values())
     classes = {}
     if family.class_table:  # the class table the adapted model has, and whether it is new
-        classes = {"num_classes": model.config.num_classes,
-                   "new_class_table": model.config.num_classes != config["num_classes"] or new_classes}
+        classes = {
+            "num_classes": model.config.num_classes,
+            "new_class_table": model.config.num_classes != config["num_classes"] or new_classes,
+        }
     return {
         "method": method,
         "settings": settings.for_method(method, family),

@@ -126,16 +126,18 @@ def load_dit_base(
     )
 
 
-def dit_architecture(base: BaseSpec, *, resolution: int | None = None, vae: str | None = None,
-                     num_heads: int | None = None) -> DiTConfig | None:
+def dit_architecture(
+    base: BaseSpec, *, resolution: int | None = None, vae: str | None = None, num_heads: int | None = None
+) -> DiTConfig | None:
     """The architecture `load_dit_base(base)` gives, at `resolution` when given, read without building the model
     or reading weights where that is cheap: a random: name, the tiny base, a local .safetensors file (its
     header holds every shape). None otherwise, and for anything load_dit_base would refuse (it says why)."""
     try:
         if base.source == "random":
             factor, channels = vae_geometry(vae or DEFAULT_VAE)
-            return config_for(base.spec[len(RANDOM_PREFIX):], input_size=(resolution or 256) // factor,
-                              in_channels=channels)
+            return config_for(
+                base.spec[len(RANDOM_PREFIX) :], input_size=(resolution or 256) // factor, in_channels=channels
+            )
         path = base.path
         if base.source not in ("bundled", "file") or path.suffix.lower() != ".safetensors" or not path.is_file():
             return None
@@ -198,13 +200,14 @@ def _find_weights(base: BaseSpec) -> Weights:
 
 
 def _random_base(spec: str, resolution: int | None, num_classes: int | None, vae: str | None) -> Base:
-    name = spec[len(RANDOM_PREFIX):]
+    name = spec[len(RANDOM_PREFIX) :]
     vae_spec = vae or DEFAULT_VAE
     factor, channels = vae_geometry(vae_spec)
     resolution = resolution or 256
     try:
-        config = config_for(name, input_size=resolution // factor, num_classes=num_classes or 1000,
-                            in_channels=channels)
+        config = config_for(
+            name, input_size=resolution // factor, num_classes=num_classes or 1000, in_channels=channels
+        )
     except ValueError as e:
         known = ", ".join(f"{RANDOM_PREFIX}{family}/{p}" for family in DIT_CONFIGS for p in (2, 4, 8))
         raise DiffFitError(f"Unknown random base {spec!r}; known: {known}.") from e

@@ -51,7 +51,7 @@ def _rename(key: str, table: list[tuple[str, str]], reverse: bool = False) -> st
     for diffusers_key, original_key in table:
         old, new = (original_key, diffusers_key) if reverse else (diffusers_key, original_key)
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -82,8 +82,7 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
         differ = [i for i, v in found[1:] if not torch.equal(v, first)]
         if differ:
             log.warning(
-                "The diffusers checkpoint's per-block copies of %s differ (blocks %s vs block %d); "
-                "using block %d's.",
+                "The diffusers checkpoint's per-block copies of %s differ (blocks %s vs block %d); using block %d's.",
                 key,
                 ", ".join(map(str, differ[:8])),
                 found[0][0],
@@ -93,9 +92,7 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def original_to_diffusers(
-    state: Mapping[str, torch.Tensor], config: DiTConfig
-) -> tuple[dict[str, torch.Tensor], dict]:
+def original_to_diffusers(state: Mapping[str, torch.Tensor], config: DiTConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, constructor kwargs) for diffusers' DiTTransformer2DModel, loadable with strict keys.
 
     The embedders are copied into every block, as diffusers expects. norm_eps is set to the reference's
@@ -193,9 +190,7 @@ def load_hub(repo_id: str, what: str) -> Weights:
         bins = [w.replace(".safetensors", ".bin") for w in weights]
         hub_snapshot(repo_id, bins, what=what, instead=instead)
     if not (transformer / "config.json").is_file():
-        raise DiffFitError(
-            f"The hub repo {repo_id} is not a diffusers DiT pipeline or transformer (no config.json)."
-        )
+        raise DiffFitError(f"The hub repo {repo_id} is not a diffusers DiT pipeline or transformer (no config.json).")
     vae_spec = f"{repo_id}/vae" if (folder / "vae" / "config.json").is_file() else None
     loaded = load_diffusers_dir(folder, vae_spec=None)
     loaded.vae_spec = vae_spec
@@ -220,8 +215,10 @@ def class_names_of(id2label: Mapping[str, str] | None) -> list[str] | None:
 def dit_pipeline_problem(config: DiTConfig, vae_spec: str) -> str | None:
     """Why a model of `config` with the VAE `vae_spec` cannot become a DiTPipeline (None: it can)."""
     if config.num_classes > DIFFUSERS_NULL_LABEL:
-        return f"it supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), this model has " \
-               f"{config.num_classes}"
+        return (
+            f"it supports at most {DIFFUSERS_NULL_LABEL} classes (null label fixed at 1000), this model has "
+            f"{config.num_classes}"
+        )
     if config.mlp_ratio != 4.0:  # DiTTransformer2DModel has no MLP-width setting: its blocks are always 4x
         return f"diffusers' DiT supports only MLP ratio 4, this model has {config.mlp_ratio:g}"
     if vae_spec == IDENTITY_VAE:  # the one autoencoder that is not a diffusers AutoencoderKL
@@ -237,8 +234,9 @@ def write_dit_pipeline(model: DiT, folder: Path, *, class_names, vae) -> None:
 
     config = model.config
     if problem := dit_pipeline_problem(config, vae.spec):
-        raise DiffFitError(f"A DiTPipeline cannot hold this model: {problem}.",
-                           hint="Merge with --format original instead.")
+        raise DiffFitError(
+            f"A DiTPipeline cannot hold this model: {problem}.", hint="Merge with --format original instead."
+        )
     autoencoder = vae.vae
     state = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     state[CLASS_TABLE] = pad_class_table(state[CLASS_TABLE], DIFFUSERS_NULL_LABEL)
@@ -247,8 +245,9 @@ def write_dit_pipeline(model: DiT, folder: Path, *, class_names, vae) -> None:
     transformer = DiTTransformer2DModel(**transformer_config)
     transformer.load_state_dict(state, strict=True)
     # The schedule DiT was trained with (linear betas 1e-4..0.02, 1000 steps), as facebook/DiT-* ship.
-    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                              num_train_timesteps=1000, clip_sample=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, clip_sample=False
+    )
     names = class_names or [str(i) for i in range(config.num_classes)]
     with atomic_path(folder, kind="merge") as tmp:
         tmp.mkdir()

@@ -24,7 +24,7 @@ def space_timesteps(num_steps: int, spacing: str | int) -> list[int]:
     """The original steps kept by a respacing: "250", "10,20" (sections) or "ddim25" (even stride)."""
     spacing = str(spacing)
     if spacing.startswith("ddim"):
-        desired = int(spacing[len("ddim"):])
+        desired = int(spacing[len("ddim") :])
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == desired:
                 return list(range(0, num_steps, stride))
@@ -42,8 +42,9 @@ def space_timesteps(num_steps: int, spacing: str | int) -> list[int]:
     return sorted(kept)
 
 
-def draw_timesteps_and_noise(generator: torch.Generator, batch: int, shape: tuple[int, ...],
-                             num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_timesteps_and_noise(
+    generator: torch.Generator, batch: int, shape: tuple[int, ...], num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, noise) for one micro-batch, drawn on the generator's device: t (batch,), noise (batch, *shape).
 
     Successive calls on one generator give the successive micro-batches of a step.
@@ -58,8 +59,9 @@ class GaussianDiffusion:
     """A (possibly respaced) diffusion process. `timesteps[i]` is the original step of spaced step i;
     the model is always called with original timesteps."""
 
-    def __init__(self, spacing: str | int | None = None, num_train_steps: int = 1000,
-                 betas: torch.Tensor | None = None):
+    def __init__(
+        self, spacing: str | int | None = None, num_train_steps: int = 1000, betas: torch.Tensor | None = None
+    ):
         # `betas` (float64): another family's schedule; default DiT's linear 1e-4..0.02.
         base_betas = linear_betas(num_train_steps) if betas is None else betas.to(torch.float64)
         base_alphas_cumprod = torch.cumprod(1 - base_betas, dim=0)
@@ -79,9 +81,7 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1 / kept - 1).sqrt()
         posterior_variance = betas * (1 - prev) / (1 - kept)
         # The first posterior variance is 0; the reference clips its log with the second one.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
-        )
+        self.posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * prev.sqrt() / (1 - kept)
         self.posterior_mean_coef2 = (1 - prev) * (1 - betas).sqrt() / (1 - kept)
         self.log_betas = betas.log()
@@ -167,7 +167,11 @@ class GaussianDiffusion:
         return draw_timesteps_and_noise(generator, batch, shape, self.num_steps)
 
     def training_losses(
-        self, model: ModelFn, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor,
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        index: torch.Tensor,
+        noise: torch.Tensor,
         mse_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample hybrid loss: MSE on epsilon + the variational bound for the learned variance.

@@ -113,9 +113,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         # The reference divides by half (=128), not half - 1 as diffusers does; [cos, sin] order.
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -233,7 +231,7 @@ class DiTBlock(nn.Module):
         if self.gamma_mlp is not None:
             h = h * self.gamma_mlp
         x = x + gate_mlp.unsqueeze(1) * h
-        return x if self.prompts is None else x[:, self.prompts.shape[0]:]
+        return x if self.prompts is None else x[:, self.prompts.shape[0] :]
 
 
 class FinalLayer(nn.Module):
@@ -262,9 +260,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(
             sincos_pos_embed_2d(h, grid, scale=config.pos_embed_scale).unsqueeze(0), requires_grad=False
         )
-        self.blocks = nn.ModuleList(
-            [DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = FinalLayer(h, config.patch_size, config.out_channels)
         self.initialize_weights()  # as the reference; free on the meta device, where loaders build
 

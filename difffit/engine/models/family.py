@@ -40,8 +40,18 @@ if TYPE_CHECKING:  # types only: the loaded bases, adapter files and sampling op
 
     LoadedBase = Base | PipelineBase
 
-__all__ = ["ADDED", "METHODS", "BaseSpec", "Family", "FreeSize", "ModelCall", "Setter", "TextConditioning",
-           "added_reference", "norm_parameter_names"]
+__all__ = [
+    "ADDED",
+    "METHODS",
+    "BaseSpec",
+    "Family",
+    "FreeSize",
+    "ModelCall",
+    "Setter",
+    "TextConditioning",
+    "added_reference",
+    "norm_parameter_names",
+]
 # What `Family.forward` returns: fn(x_t, t, conditioning) -> the model's raw output.
 ModelCall = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 # Every method, in the DiffFit paper's Table 1 order (benchmarks and examples/table1.py iterate over it).
@@ -274,8 +284,11 @@ class TextConditioning(ABC):
     negative_prompts: bool = True  # whether sampling has an unconditional branch to steer with
     max_text_tokens_limit: int | None = None  # the most caption tokens its pipeline reads, where fixed
     # Model cards: the extra arguments of the diffusers call, and when diffusers draws difffit's images.
-    pipeline_call: dict = {"arguments": "", "same_images": "difffit samples through this same pipeline class: "
-                           "given the same prompt, seed, steps and guidance, diffusers draws difffit's images."}
+    pipeline_call: dict = {
+        "arguments": "",
+        "same_images": "difffit samples through this same pipeline class: "
+        "given the same prompt, seed, steps and guidance, diffusers draws difffit's images.",
+    }
 
     def text_token_limit(self, base: LoadedBase | None = None) -> int | None:
         """The most caption tokens `base`'s pipeline reads (None: no bound known, e.g. without a base yet)."""
@@ -291,8 +304,15 @@ class TextConditioning(ABC):
         `encode.report_truncated()` says in one line which of the texts so far were cut."""
 
     @abstractmethod
-    def sample_images(self, base: LoadedBase, text: dict, negative: dict, generators: list[torch.Generator],
-                      options: SamplingOptions, device: torch.device) -> np.ndarray:
+    def sample_images(
+        self,
+        base: LoadedBase,
+        text: dict,
+        negative: dict,
+        generators: list[torch.Generator],
+        options: SamplingOptions,
+        device: torch.device,
+    ) -> np.ndarray:
         """One batch of images (float in [0, 1], B x H x W x 3) for text rows `text`, through the pipeline."""
 
 
@@ -326,7 +346,9 @@ class FreeSize:
             raise DiffFitError(f"{flag} {value} is not a multiple of {step} px, which {base.spec} needs.")
         largest = self.largest_side(base)
         if largest is not None and value > largest:
-            raise DiffFitError(f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
-                               "positional table's size).")
+            raise DiffFitError(
+                f"{flag} {value} is above {largest} px, the largest side {base.spec} takes (its "
+                "positional table's size)."
+            )
         if value > MAX_SIDE:
             raise DiffFitError(f"{flag} {value} is above {MAX_SIDE} px, the largest side difffit trains at or draws.")

@@ -30,8 +30,9 @@ class FlowMatching:
     timesteps (sigma * num_train_timesteps); `tokens(x0)` is the image token count of a latent batch, which
     dynamic shifting needs."""
 
-    def __init__(self, scheduler_config: dict, tokens: Callable[[torch.Tensor], int],
-                 timestep_sampling: str = "logit_normal"):
+    def __init__(
+        self, scheduler_config: dict, tokens: Callable[[torch.Tensor], int], timestep_sampling: str = "logit_normal"
+    ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if timestep_sampling not in TIMESTEP_SAMPLING:
@@ -45,8 +46,15 @@ class FlowMatching:
         timestep density, noise (batch, *shape)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        u = compute_density_for_timestep_sampling(self.timestep_sampling, batch, LOGIT_MEAN, LOGIT_STD, MODE_SCALE,
-                                                  device=generator.device, generator=generator)
+        u = compute_density_for_timestep_sampling(
+            self.timestep_sampling,
+            batch,
+            LOGIT_MEAN,
+            LOGIT_STD,
+            MODE_SCALE,
+            device=generator.device,
+            generator=generator,
+        )
         noise = torch.randn((batch, *shape), generator=generator, device=generator.device)
         return u, noise
 
@@ -59,13 +67,24 @@ class FlowMatching:
         sigmas = self.scheduler.sigmas.to(u.device)[index]
         config = self.scheduler.config
         if config.use_dynamic_shifting:
-            mu = calculate_shift(self.tokens(x0), config.base_image_seq_len, config.max_image_seq_len,
-                                 config.base_shift, config.max_shift)
+            mu = calculate_shift(
+                self.tokens(x0),
+                config.base_image_seq_len,
+                config.max_image_seq_len,
+                config.base_shift,
+                config.max_shift,
+            )
             sigmas = self.scheduler.time_shift(mu, 1.0, sigmas)
         return sigmas
 
-    def training_losses(self, model: ModelFn, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
-                        mse_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        u: torch.Tensor,
+        noise: torch.Tensor,
+        mse_weights: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Per-sample loss: the weighted MSE between the model's velocity and noise - x0. "mse" is the
         unweighted one; "vb" is 0 (no variational-bound term: the variance is not learned)."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3

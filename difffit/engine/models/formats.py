@@ -49,14 +49,19 @@ def config_from_state_dict(
     state: Mapping[str, torch.Tensor], num_heads: int | None = None, *, source: str = "The state dict"
 ) -> DiTConfig:
     """Read the architecture off an original-layout state dict's shapes (meta tensors are fine)."""
-    required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
-                "t_embedder.mlp.0.weight", "blocks.0.mlp.fc1.weight", "final_layer.linear.weight")
+    required = (
+        "x_embedder.proj.weight",
+        "pos_embed",
+        "y_embedder.embedding_table.weight",
+        "t_embedder.mlp.0.weight",
+        "blocks.0.mlp.fc1.weight",
+        "final_layer.linear.weight",
+    )
     missing = [k for k in required if k not in state]
     if missing:
         seen = ", ".join(list(state)[:3]) or "none"
         raise DiffFitError(
-            f"{source} does not look like a DiT checkpoint: missing {', '.join(missing[:3])} "
-            f"(its keys: {seen}, ...)."
+            f"{source} does not look like a DiT checkpoint: missing {', '.join(missing[:3])} (its keys: {seen}, ...)."
         )
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
@@ -72,9 +77,7 @@ def config_from_state_dict(
         raise DiffFitError(f"{source}: width {hidden} is not divisible by {num_heads} attention heads.")
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise DiffFitError(
-            f"{source}: {out_channels} output channels for {in_channels} input channels is not a DiT."
-        )
+        raise DiffFitError(f"{source}: {out_channels} output channels for {in_channels} input channels is not a DiT.")
     pos_embed = state["pos_embed"]
     tokens = pos_embed.shape[-2]
     grid = math.isqrt(tokens)
@@ -114,13 +117,10 @@ def read_original_file(path: Path) -> Weights:
     elif path.suffix.lower() in WEIGHT_SUFFIXES:
         state, metadata = read_torch(path), {}
     else:
-        raise DiffFitError(
-            f"{path} is not a checkpoint difffit reads (.pt, .pth, .bin, .ckpt or .safetensors)."
-        )
+        raise DiffFitError(f"{path} is not a checkpoint difffit reads (.pt, .pth, .bin, .ckpt or .safetensors).")
     if any(k.startswith("transformer_blocks.") for k in state):
         raise DiffFitError(
-            f"{path} holds diffusers-layout weights; pass the folder that holds it with its config.json "
-            "instead."
+            f"{path} holds diffusers-layout weights; pass the folder that holds it with its config.json instead."
         )
     gamma = sorted(k for k in state if k.endswith(GAMMA_SUFFIXES))
     if gamma:
@@ -129,8 +129,6 @@ def read_original_file(path: Path) -> Weights:
             "use its adapter, or `difffit merge` it into a base first."
         )
     return Weights(state, "original", **parse_metadata(metadata, path))
-
-
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -191,8 +189,9 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
         if "Weights only load failed" not in str(e):
             raise DiffFitError(f"{path} is not a readable PyTorch checkpoint ({error_summary(e)}).") from None
         if "Unsupported operand" in str(e):  # bytes that are no pickle: torch's text would blame weights_only
-            raise DiffFitError(f"{path} is not a readable PyTorch checkpoint (its pickle data is damaged); it may "
-                               "be truncated.") from None
+            raise DiffFitError(
+                f"{path} is not a readable PyTorch checkpoint (its pickle data is damaged); it may be truncated."
+            ) from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"Python objects ({found.group(1)})" if found else "Python code"
         raise DiffFitError(
@@ -210,8 +209,7 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DiffFitError(
-            f"{path} holds no state dict: expected a dict of tensors, or a training checkpoint with "
-            "'ema' or 'model'."
+            f"{path} holds no state dict: expected a dict of tensors, or a training checkpoint with 'ema' or 'model'."
         )
     return strip_prefixes(obj)
 
@@ -220,7 +218,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -237,7 +235,5 @@ def parse_metadata(metadata: Mapping[str, str], path: Path) -> dict:
         if METADATA_NUM_HEADS in metadata:
             out["num_heads"] = int(metadata[METADATA_NUM_HEADS])
     except ValueError:
-        raise DiffFitError(
-            f"{path} carries unreadable difffit metadata; re-create it with `difffit merge`."
-        ) from None
+        raise DiffFitError(f"{path} carries unreadable difffit metadata; re-create it with `difffit merge`.") from None
     return out

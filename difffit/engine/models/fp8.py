@@ -55,8 +55,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, 
     return values, scale
 
 
-def scaled_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                  out_dtype: torch.dtype, kernel: bool = True) -> torch.Tensor:
+def scaled_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    kernel: bool = True,
+) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b) for float8 `a` (row-major) and `b` (column-major), in `out_dtype`.
 
     `kernel=False` dequantizes and multiplies in fp32: the same numbers up to accumulation order,
@@ -71,8 +77,9 @@ class FrozenFP8Matmul(torch.autograd.Function):
     """y = x W^T with W frozen in fp8: forward and input gradient through `_scaled_mm`, no weight gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-                kernel: bool) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, kernel: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight, scale)
         ctx.x_dtype, ctx.kernel = x.dtype, kernel
         flat = x.reshape(-1, x.shape[-1])
@@ -127,13 +134,18 @@ class FP8FrozenLinear(nn.Module):
 def quantizable(name: str, module: nn.Module, keep: tuple[str, ...]) -> bool:
     """Whether the module `name` is a frozen Linear (or a ScaledLinear) that goes float8: not kept by a
     `keep` pattern, and of a shape `_scaled_mm` multiplies."""
-    return (type(module) in (nn.Linear, ScaledLinear) and not module.weight.requires_grad
-            and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0
-            and not any(fnmatchcase(name, pattern) for pattern in keep))
+    return (
+        type(module) in (nn.Linear, ScaledLinear)
+        and not module.weight.requires_grad
+        and module.in_features % FP8_MULTIPLE == 0
+        and module.out_features % FP8_MULTIPLE == 0
+        and not any(fnmatchcase(name, pattern) for pattern in keep)
+    )
 
 
-def quantize_frozen_linears(model: nn.Module, *, keep: tuple[str, ...] = KEEP_BF16,
-                            out_dtype: torch.dtype = torch.bfloat16, kernel: bool = True) -> int:
+def quantize_frozen_linears(
+    model: nn.Module, *, keep: tuple[str, ...] = KEEP_BF16, out_dtype: torch.dtype = torch.bfloat16, kernel: bool = True
+) -> int:
     """Swap every frozen nn.Linear (and ScaledLinear) that `keep` does not name for an FP8FrozenLinear, in
     place; returns how many.
 

@@ -39,9 +39,11 @@ class GammaPlacement:
     attention: dict[str, tuple[GammaSite, ...]] = field(default_factory=dict)
 
     @classmethod
-    def on_projections(cls, branch: dict[str, tuple[str, ...]],
-                       attention: dict[str, tuple[str, ...]]) -> GammaPlacement:
+    def on_projections(
+        cls, branch: dict[str, tuple[str, ...]], attention: dict[str, tuple[str, ...]]
+    ) -> GammaPlacement:
         """gamma on the projections themselves (ScaledLinear), named by their paths."""
+
         def sites(paths: dict[str, tuple[str, ...]]) -> dict[str, tuple[GammaSite, ...]]:
             return {blocks: tuple(GammaSite(path) for path in each) for blocks, each in paths.items()}
 
@@ -79,8 +81,11 @@ class GammaPlacement:
                     setter(holder, name, nn.Parameter(ones))
 
     def blocks_with_gamma(self, model: nn.Module) -> list[int]:
-        return [i for i, (kind, block) in enumerate(self.blocks(model))
-                if any(_gamma_of(block, site) is not None for site in self.sites(kind, "branch+attn"))]
+        return [
+            i
+            for i, (kind, block) in enumerate(self.blocks(model))
+            if any(_gamma_of(block, site) is not None for site in self.sites(kind, "branch+attn"))
+        ]
 
     @torch.no_grad()
     def fold(self, model: nn.Module) -> None:

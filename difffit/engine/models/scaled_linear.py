@@ -27,8 +27,9 @@ class ScaledLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.gamma_ = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device,
-                                              dtype=linear.weight.dtype))
+        self.gamma_ = nn.Parameter(
+            torch.ones(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -51,8 +52,14 @@ def fold_scaled_linears(model: nn.Module, setter: Callable[[object, str, object]
             raise ValueError(f"{name} holds gamma on a {type(module).__name__}; fold on the base's own weights")
         if isinstance(module, ScaledLinear):
             dtype, gamma = module.weight.dtype, module.gamma_.float()
-            folded = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
-                                              bias=module.bias is not None, device=module.weight.device, dtype=dtype)
+            folded = torch.nn.utils.skip_init(
+                nn.Linear,
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=dtype,
+            )
             weight = (module.weight.float() * gamma[:, None]).to(dtype)
             folded.weight = nn.Parameter(weight, module.weight.requires_grad)
             if module.bias is not None:

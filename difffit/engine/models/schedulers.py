@@ -36,14 +36,10 @@ class ReferenceSampler:
     ) -> torch.Tensor:
         """x_t -> x_{t-1} at spaced step `index` (per sample); DDPM without noise returns the mean."""
         if self.stochastic:
-            return self.diffusion.ddpm_step(
-                model_output, x, index, torch.zeros_like(x) if noise is None else noise
-            )
+            return self.diffusion.ddpm_step(model_output, x, index, torch.zeros_like(x) if noise is None else noise)
         return self.diffusion.ddim_step(model_output, x, index)
 
-    def step(
-        self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
-    ) -> torch.Tensor:
+    def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         index = torch.full((len(x),), self.diffusion.num_steps - 1 - k, device=x.device, dtype=torch.long)
         return self.step_at(index, model_output, x, noise)
 
@@ -71,9 +67,7 @@ class DPMSolverSampler:
     def reset(self) -> None:
         self.scheduler.set_timesteps(self.steps)  # clears the multistep history between batches
 
-    def step(
-        self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
-    ) -> torch.Tensor:
+    def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         eps = model_output[:, : x.shape[1]]
         return self.scheduler.step(eps, self.scheduler.timesteps[k], x).prev_sample
 
@@ -87,8 +81,10 @@ def checked_steps(scheduler: str, steps: int | None) -> int:
         raise DiffFitError(f"--steps must be between 1 and 1000 (got {steps}).")
     if steps == 1 and scheduler != "dpm-solver":
         # The reference's respacing keeps only timestep 0 for one step: it would start at noise level 0.
-        raise DiffFitError(f"--scheduler {scheduler} needs 2 or more --steps (one step keeps only timestep 0, "
-                           "which never denoises).", hint="Use --steps 2 or more, or --scheduler dpm-solver.")
+        raise DiffFitError(
+            f"--scheduler {scheduler} needs 2 or more --steps (one step keeps only timestep 0, which never denoises).",
+            hint="Use --steps 2 or more, or --scheduler dpm-solver.",
+        )
     return steps
 
 

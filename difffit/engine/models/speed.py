@@ -35,8 +35,9 @@ def resolve_compile(choice: str | bool, device: torch.device | str) -> bool:
     return choice == "on"
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None, blocks: str = "blocks",
-                   dynamic: bool | None = False) -> int:
+def compile_blocks(
+    model: nn.Module, mode: str | None = None, blocks: str = "blocks", dynamic: bool | None = False
+) -> int:
     """torch.compile each module of `model.<blocks>` in place, with fixed shapes; returns how many.
 
     `mode`: torch.compile's mode (None = default; "max-autotune-no-cudagraphs" searches matmul
@@ -70,9 +71,16 @@ def make_optimizer(params: Iterable[torch.Tensor], lr: float, device: torch.devi
 # -- attention ---------------------------------------------------------------------------------------
 
 
-def time_attention_backends(device: torch.device | str, *, batch: int = 32, heads: int = 16, tokens: int = 256,
-                            head_dim: int = HEAD_DIM_DIT, dtype: torch.dtype = torch.bfloat16,
-                            repeats: int = 10) -> dict[str, float]:
+def time_attention_backends(
+    device: torch.device | str,
+    *,
+    batch: int = 32,
+    heads: int = 16,
+    tokens: int = 256,
+    head_dim: int = HEAD_DIM_DIT,
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 10,
+) -> dict[str, float]:
     """Seconds of SDPA forward + backward per backend ("flash", "cudnn") that runs this shape on this
     CUDA device; empty on the CPU."""
     device = torch.device(device)
@@ -80,8 +88,9 @@ def time_attention_backends(device: torch.device | str, *, batch: int = 32, head
         return {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
     timings = {}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
@@ -111,6 +120,10 @@ def attention_backend(name: str | None) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     return sdpa_kernel([backends[name]])

@@ -80,10 +80,8 @@ class IdentityAutoencoder(Autoencoder):
         return self
 
 
-def load_vae(
-    spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Autoencoder:
-    """"identity", a local diffusers AutoencoderKL folder (or a pipeline folder with vae/), or a hub id."""
+def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Autoencoder:
+    """The VAE `spec` names: "identity", an AutoencoderKL folder (or a pipeline folder with vae/), or a hub id."""
     if spec == IDENTITY_VAE:
         return IdentityAutoencoder()
     folder = _vae_folder(spec)
@@ -119,8 +117,7 @@ def _vae_folder(spec: str, config_only: bool = False) -> Path:
     ref = None if path.exists() else hub_ref(spec, subfolders=True)
     if ref is None:
         raise DiffFitError(
-            f"VAE {spec!r} is neither 'identity', a diffusers AutoencoderKL folder, nor a hub id like "
-            f"{DEFAULT_VAE}."
+            f"VAE {spec!r} is neither 'identity', a diffusers AutoencoderKL folder, nor a hub id like {DEFAULT_VAE}."
         )
     repo_id, subfolder = ref.repo_id, ref.filename
     prefix = f"{subfolder}/" if subfolder else ""

@@ -31,15 +31,25 @@ ALIAS_REPOS = {**ALIASES, **{name: alias.transformer for name, alias in PIPELINE
 # Licenses of the bases difffit knows by name: Meta released DiT's weights under CC-BY-NC 4.0; each pipeline
 # alias names its repo's (PixArt: CreativeML Open RAIL++-M; FLUX.1-schnell: Apache 2.0; SD3 and FLUX.1-dev:
 # licenses of their own, "other").
-BASE_LICENSES = {**{hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()},
-                 **{alias.transformer: alias.license for alias in PIPELINE_ALIASES.values()}}
+BASE_LICENSES = {
+    **{hub_id: "cc-by-nc-4.0" for hub_id in ALIASES.values()},
+    **{alias.transformer: alias.license for alias in PIPELINE_ALIASES.values()},
+}
 # A license of the base's own ("other") is named as its repo names it, and linked to the repo, which shows it.
-BASE_LICENSE_NAMES = {alias.transformer: alias.license_name for alias in PIPELINE_ALIASES.values()
-                      if alias.license_name}
+BASE_LICENSE_NAMES = {
+    alias.transformer: alias.license_name for alias in PIPELINE_ALIASES.values() if alias.license_name
+}
 DEFAULT_LICENSE = "other"
 MAX_CLASSES_LISTED = 100
-METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID std", "isc_mean": "Inception Score",
-                "isc_std": "IS std", "precision": "Precision", "recall": "Recall"}
+METRIC_NAMES = {
+    "fid": "FID",
+    "kid_mean": "KID",
+    "kid_std": "KID std",
+    "isc_mean": "Inception Score",
+    "isc_std": "IS std",
+    "precision": "Precision",
+    "recall": "Recall",
+}
 
 
 def hub_base_id(base_spec: str) -> str | None:
@@ -70,9 +80,17 @@ def _hub_repo(spec: str, subfolders: bool = False) -> str | None:
     return ref.repo_id if ref else None
 
 
-def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, grid: str | None = None,
-               grid_caption: str = "", merged: bool = False, license: str | None = None,
-               comfyui_file: str | None = None) -> ModelCard:
+def model_card(
+    summary: dict,
+    repo_id: str,
+    *,
+    eval_result: dict | None = None,
+    grid: str | None = None,
+    grid_caption: str = "",
+    merged: bool = False,
+    license: str | None = None,
+    comfyui_file: str | None = None,
+) -> ModelCard:
     """The card of the adapter described by `summary` (`runs.training_summary`), pushed to `repo_id`.
 
     `grid`: the sample image's name in the repo; `merged`: the repo holds a merged DiTPipeline
@@ -109,8 +127,9 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         text=family.conditioning == "text",
         prompt_rows=prompts[:MAX_CLASSES_LISTED],
         example_prompt=example_prompt,
-        sample_condition=f"--prompt {shlex.quote(example_prompt)}" if family.conditioning == "text" else
-        f"--class {names[0] if ' ' not in names[0] else '0'}",
+        sample_condition=f"--prompt {shlex.quote(example_prompt)}"
+        if family.conditioning == "text"
+        else f"--class {names[0] if ' ' not in names[0] else '0'}",
         pipeline_class=summary["training"].get("pipeline") or "DiTPipeline",
         pipeline_call=family.pipeline_call if isinstance(family, TextConditioning) else None,
         grid=grid,
@@ -119,9 +138,20 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
         duration=format_duration(summary.get("elapsed_s") or summary["training"].get("elapsed_s")),
         metrics={METRIC_NAMES[k]: v for k, v in metrics.items()},
         eval_settings=settings,
-        **{key: summary.get(key) for key in (
-            "method", "architecture", "resolution", "trainable_params", "trainable_percent",
-            "total_params", "base_fingerprint", "dtype", "storage")},
+        **{
+            key: summary.get(key)
+            for key in (
+                "method",
+                "architecture",
+                "resolution",
+                "trainable_params",
+                "trainable_percent",
+                "total_params",
+                "base_fingerprint",
+                "dtype",
+                "storage",
+            )
+        },
         num_classes=summary.get("num_classes"),
         vae=public_name(summary["vae"], subfolders=True),
         vae_local=not resolvable(summary["vae"], subfolders=True),
@@ -129,8 +159,7 @@ def model_card(summary: dict, repo_id: str, *, eval_result: dict | None = None, 
     )
 
 
-def _card_data(base_id: str | None, family: Family, method: str, *, merged: bool,
-               license: str | None) -> ModelCardData:
+def _card_data(base_id: str | None, family: Family, method: str, *, merged: bool, license: str | None) -> ModelCardData:
     """The card's YAML header: base model and relation, library, license, pipeline tag and tags."""
     from huggingface_hub import ModelCardData
 

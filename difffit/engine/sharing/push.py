@@ -35,10 +35,19 @@ GRID_PER_CLASS = 4
 GRID_SAMPLING = {"scheduler": "ddim", "steps": 50, "cfg_scale": 4.0, "seed": 0}
 
 
-def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                 message: str | None = None, eval_json: str | Path | None = None,
-                 grid_classes: list[str] | None = None, merged: bool = False, license: str | None = None,
-                 dry_run_out: str | Path | None = None) -> dict:
+def push_adapter(
+    adapter: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    eval_json: str | Path | None = None,
+    grid_classes: list[str] | None = None,
+    merged: bool = False,
+    license: str | None = None,
+    dry_run_out: str | Path | None = None,
+) -> dict:
     """Build the upload folder of `adapter` for `repo_id` and upload it (or, with `dry_run_out`, write
     it there and upload nothing). Returns what was done: repo, url, revision, files."""
     if not REPO_ID.match(repo_id):
@@ -48,27 +57,51 @@ def push_adapter(adapter: str | Path, repo_id: str, *, private: bool = False, re
     summary = training_summary(adapter)
     announce_quoted_prompts(summary["training"])
     eval_result = read_eval_json(eval_json) if eval_json is not None else None
-    build = {"summary": summary, "repo_id": repo_id, "eval_result": eval_result, "grid_classes": grid_classes,
-             "merged": merged, "license": license}
+    build = {
+        "summary": summary,
+        "repo_id": repo_id,
+        "eval_result": eval_result,
+        "grid_classes": grid_classes,
+        "merged": merged,
+        "license": license,
+    }
     if dry_run_out is not None:
         out = Path(dry_run_out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise DiffFitError(f"{out} already exists and is not an empty folder; --dry-run writes a new one.",
-                               hint="Choose another --out.")
+            raise DiffFitError(
+                f"{out} already exists and is not an empty folder; --dry-run writes a new one.",
+                hint="Choose another --out.",
+            )
         with atomic_path(out, kind=None) as tmp:  # no marker: exactly the files that would be uploaded
             tmp.mkdir()
             files = build_upload_folder(adapter, tmp, **build)
-        return {"repo_id": repo_id, "dry_run": True, "out": str(out), "files": files, "url": None,
-                "revision": revision, "private": private}
+        return {
+            "repo_id": repo_id,
+            "dry_run": True,
+            "out": str(out),
+            "files": files,
+            "url": None,
+            "revision": revision,
+            "private": private,
+        }
     if downloads_disabled():
-        raise DiffFitError("push needs the network, but HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set.",
-                           hint="Unset them, or use --dry-run --out DIR to see what would be uploaded.")
+        raise DiffFitError(
+            "push needs the network, but HF_HUB_OFFLINE or DIFFFIT_NO_DOWNLOAD is set.",
+            hint="Unset them, or use --dry-run --out DIR to see what would be uploaded.",
+        )
     message = message or f"Upload {'merged ' if merged else ''}{summary['method']} adapter with difffit"
     with tempfile.TemporaryDirectory(prefix="difffit-push-") as tmp:
         files = build_upload_folder(adapter, Path(tmp), **build)
         url = _upload(Path(tmp), repo_id, private=private, revision=revision, message=message)
-    return {"repo_id": repo_id, "dry_run": False, "out": None, "files": files, "url": url, "revision": revision,
-            "private": private}
+    return {
+        "repo_id": repo_id,
+        "dry_run": False,
+        "out": None,
+        "files": files,
+        "url": url,
+        "revision": revision,
+        "private": private,
+    }
 
 
 def announce_quoted_prompts(training: dict) -> None:
@@ -81,12 +114,26 @@ def announce_quoted_prompts(training: dict) -> None:
     say(f"The model card quotes {len(quoted)} preview prompt(s): {'; '.join(map(repr, quoted))}.")
     outside = training.get("outside_prompts") or {}
     for prompt in (p for p in quoted if p in outside):
-        say((f"Warning: the preview prompt {prompt!r} is the caption file {outside[prompt]}, outside the data "
-             "folder; it is published in the card.", "yellow"))
+        say(
+            (
+                f"Warning: the preview prompt {prompt!r} is the caption file {outside[prompt]}, outside the data "
+                "folder; it is published in the card.",
+                "yellow",
+            )
+        )
 
 
-def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: str, eval_result: dict | None,
-                        grid_classes: list[str] | None, merged: bool, license: str | None) -> list[str]:
+def build_upload_folder(
+    adapter: Path,
+    folder: Path,
+    *,
+    summary: dict,
+    repo_id: str,
+    eval_result: dict | None,
+    grid_classes: list[str] | None,
+    merged: bool,
+    license: str | None,
+) -> list[str]:
     """Write the repo's files into the empty `folder`; returns their names, sorted."""
     if merged:
         merge_adapter(str(adapter), folder / "pipeline", fmt="diffusers")
@@ -101,8 +148,16 @@ def build_upload_folder(adapter: Path, folder: Path, *, summary: dict, repo_id: 
         comfyui = comfyui_file_name(repo_id)
         merge_adapter(str(adapter), folder / comfyui, fmt="comfyui")
     caption = _write_grid(adapter, folder / GRID_FILE, grid_classes)
-    card = model_card(summary, repo_id, eval_result=eval_result, grid=GRID_FILE if caption else None,
-                      grid_caption=caption or "", merged=merged, license=license, comfyui_file=comfyui)
+    card = model_card(
+        summary,
+        repo_id,
+        eval_result=eval_result,
+        grid=GRID_FILE if caption else None,
+        grid_caption=caption or "",
+        merged=merged,
+        license=license,
+        comfyui_file=comfyui,
+    )
     card.save(folder / CARD_FILE)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
@@ -118,17 +173,27 @@ def _write_grid(adapter: Path, path: Path, grid_classes: list[str] | None) -> st
     if grid_classes:
         base, meta = load_source(str(adapter))
         if not meta.model_family.class_table:
-            raise DiffFitError(f"--grid-classes applies to class-conditional adapters, and {adapter} is a "
-                               f"{meta.model_family.title} adapter.", hint="Leave it out: the card shows the run's "
-                               "last preview grid, of its validation prompts.")
+            raise DiffFitError(
+                f"--grid-classes applies to class-conditional adapters, and {adapter} is a "
+                f"{meta.model_family.title} adapter.",
+                hint="Leave it out: the card shows the run's last preview grid, of its validation prompts.",
+            )
         classes = parse_classes(grid_classes, meta.class_names, meta.num_classes)
-        images = generate(base, GRID_PER_CLASS * len(classes), SamplingOptions(**GRID_SAMPLING), classes=classes,
-                          device=resolve_device("auto"), progress=False)
+        images = generate(
+            base,
+            GRID_PER_CLASS * len(classes),
+            SamplingOptions(**GRID_SAMPLING),
+            classes=classes,
+            device=resolve_device("auto"),
+            progress=False,
+        )
         save_grid(images, path)
         names = [meta.class_names[c] if meta.class_names else str(c) for c in classes]
         settings = GRID_SAMPLING
-        return (f"{GRID_PER_CLASS} samples each of {', '.join(names)} (difffit sample, {settings['scheduler']} "
-                f"{settings['steps']} steps, cfg {settings['cfg_scale']}, seed {settings['seed']}).")
+        return (
+            f"{GRID_PER_CLASS} samples each of {', '.join(names)} (difffit sample, {settings['scheduler']} "
+            f"{settings['steps']} steps, cfg {settings['cfg_scale']}, seed {settings['seed']})."
+        )
     found = previews(adapter.parent)
     if not found:
         return None
@@ -150,7 +215,10 @@ def _upload(folder: Path, repo_id: str, *, private: bool, revision: str | None, 
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
     except network_errors() as exc:
         refused = isinstance(exc, HfHubHTTPError)  # the Hub answered: no token, no write access, bad name
-        hint = ("Log in with `hf auth login` (a token with write access to the repo), then push again."
-                if refused else "Check the network connection, then push again.")
+        hint = (
+            "Log in with `hf auth login` (a token with write access to the repo), then push again."
+            if refused
+            else "Check the network connection, then push again."
+        )
         raise DiffFitError(f"Uploading to {repo_id} failed ({error_summary(exc)}).", hint=hint) from None
     return str(getattr(commit, "commit_url", None) or repo_url)

@@ -54,10 +54,13 @@ section.run{border-top:2px solid #ddd;margin-top:2rem}svg{max-width:100%;height:
 def _inline_svg(fig, figure_id: str) -> str:
     """The figure as an <svg> element to put in HTML (no XML prolog), ids made unique on the page."""
     text = save_figure(fig, "svg").decode()
-    text = text[text.index("<svg"):]
+    text = text[text.index("<svg") :]
     # matplotlib's clip-path and glyph ids are only unique within one file.
-    return text.replace('id="', f'id="{figure_id}-').replace('url(#', f'url(#{figure_id}-').replace(
-        'xlink:href="#', f'xlink:href="#{figure_id}-')
+    return (
+        text.replace('id="', f'id="{figure_id}-')
+        .replace("url(#", f"url(#{figure_id}-")
+        .replace('xlink:href="#', f'xlink:href="#{figure_id}-')
+    )
 
 
 # -- the page ---------------------------------------------------------------------------------------
@@ -75,8 +78,12 @@ def _run_info(run_dir: Path) -> dict:
     summary = training_summary(adapter) if adapter.is_file() else log_summary(records)
     config = run_dir / "config.toml"
     return {
-        "path": run_dir, "records": records, "summary": summary, "evals": eval_results(run_dir),
-        "previews": previews(run_dir), "config": config.read_text() if config.is_file() else None,
+        "path": run_dir,
+        "records": records,
+        "summary": summary,
+        "evals": eval_results(run_dir),
+        "previews": previews(run_dir),
+        "config": config.read_text() if config.is_file() else None,
     }
 
 
@@ -94,37 +101,70 @@ def _fmt(value, spec: str = "") -> str:
 def _table(rows: list[tuple[str, str]], header: tuple[str, ...] | None = None, numeric: bool = False) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     cell = '<td class="num">' if numeric else "<td>"
-    body = "".join("<tr>" + "".join(
-        (f"<th>{html.escape(str(c))}</th>" if i == 0 and not header else f"{cell}{html.escape(str(c))}</td>")
-        for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            (f"<th>{html.escape(str(c))}</th>" if i == 0 and not header else f"{cell}{html.escape(str(c))}</td>")
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f"<table>{head}{body}</table>"
 
 
-COMPARISON = ("run", "method", "trainable params", "adapter bytes", "img/s", "peak memory (MB)",
-              "final loss", "final loss (smoothed)", "FID")
+COMPARISON = (
+    "run",
+    "method",
+    "trainable params",
+    "adapter bytes",
+    "img/s",
+    "peak memory (MB)",
+    "final loss",
+    "final loss (smoothed)",
+    "FID",
+)
 
 
 def _comparison_row(name: str, info: dict) -> tuple[str, ...]:
     s = info["summary"]
-    return (name, _fmt(s.get("method")), _fmt(s.get("trainable_params"), ","), _fmt(s.get("file_bytes"), ","),
-            _fmt(s.get("img_per_s"), ".1f"), _fmt(s.get("peak_mem_mb"), ",.0f"), _fmt(s.get("final_loss"), ".4f"),
-            _fmt(s.get("final_loss_smoothed"), ".4f"), _fmt(_fid(info), ".2f"))
+    return (
+        name,
+        _fmt(s.get("method")),
+        _fmt(s.get("trainable_params"), ","),
+        _fmt(s.get("file_bytes"), ","),
+        _fmt(s.get("img_per_s"), ".1f"),
+        _fmt(s.get("peak_mem_mb"), ",.0f"),
+        _fmt(s.get("final_loss"), ".4f"),
+        _fmt(s.get("final_loss_smoothed"), ".4f"),
+        _fmt(_fid(info), ".2f"),
+    )
 
 
 def _summary_rows(s: dict) -> list[tuple[str, str]]:
     """The run's summary table: (label, formatted value), leaving out what the run does not record."""
     training = s.get("training", {})
     elapsed = s.get("elapsed_s")
-    rows = [("method", s.get("method"), ""), ("base", s.get("base"), ""), ("family", s.get("family"), ""),
-            ("architecture", s.get("architecture"), ""), ("resolution", s.get("resolution"), ""),
-            ("classes", s.get("num_classes"), ""), ("captions", training.get("captions"), ","),
-            ("trainable params", s.get("trainable_params"), ","), ("adapter bytes", s.get("file_bytes"), ","),
-            ("steps", training.get("steps", s.get("logged_steps")), ","),
-            ("batch size", training.get("batch_size"), ""), ("learning rate", training.get("lr"), ""),
-            ("training images", training.get("images"), ","),
-            ("training time", format_duration(elapsed) if elapsed is not None else None, ""),
-            ("img/s (median)", s.get("img_per_s"), ".1f"), ("peak memory (MB)", s.get("peak_mem_mb"), ",.0f"),
-            ("final loss", s.get("final_loss"), ".4f"), ("final val_loss", s.get("final_val_loss"), ".4f")]
+    rows = [
+        ("method", s.get("method"), ""),
+        ("base", s.get("base"), ""),
+        ("family", s.get("family"), ""),
+        ("architecture", s.get("architecture"), ""),
+        ("resolution", s.get("resolution"), ""),
+        ("classes", s.get("num_classes"), ""),
+        ("captions", training.get("captions"), ","),
+        ("trainable params", s.get("trainable_params"), ","),
+        ("adapter bytes", s.get("file_bytes"), ","),
+        ("steps", training.get("steps", s.get("logged_steps")), ","),
+        ("batch size", training.get("batch_size"), ""),
+        ("learning rate", training.get("lr"), ""),
+        ("training images", training.get("images"), ","),
+        ("training time", format_duration(elapsed) if elapsed is not None else None, ""),
+        ("img/s (median)", s.get("img_per_s"), ".1f"),
+        ("peak memory (MB)", s.get("peak_mem_mb"), ",.0f"),
+        ("final loss", s.get("final_loss"), ".4f"),
+        ("final val_loss", s.get("final_val_loss"), ".4f"),
+    ]
     return [(label, _fmt(value, spec)) for label, value, spec in rows if value is not None]
 
 
@@ -139,18 +179,25 @@ def _timeline(found: list[tuple[int, Path]]) -> str:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
         data = base64.b64encode(buffer.getvalue()).decode()
-        figures.append(f'<figure><img alt="step {step}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>step {step:,}</figcaption></figure>")
+        figures.append(
+            f'<figure><img alt="step {step}" src="data:image/png;base64,{data}">'
+            f"<figcaption>step {step:,}</figcaption></figure>"
+        )
     return f'<div class="timeline">{"".join(figures)}</div>'
 
 
 def _run_section(i: int, name: str, info: dict) -> str:
-    parts = [f'<section class="run" id="run-{i}"><h2>{html.escape(name)}</h2>',
-             f"<p><code>{html.escape(str(info['path']))}</code></p>",
-             '<div class="overview">', _table(_summary_rows(info["summary"]))]
+    parts = [
+        f'<section class="run" id="run-{i}"><h2>{html.escape(name)}</h2>',
+        f"<p><code>{html.escape(str(info['path']))}</code></p>",
+        '<div class="overview">',
+        _table(_summary_rows(info["summary"])),
+    ]
     if info["records"]:
-        plotted = {key: dict(zip(("step", "value"), series(info["records"], key), strict=True))
-                   for key in ("loss", "mse", "vb", "val_loss", "fid", "kid", "clip")}
+        plotted = {
+            key: dict(zip(("step", "value"), series(info["records"], key), strict=True))
+            for key in ("loss", "mse", "vb", "val_loss", "fid", "kid", "clip")
+        }
         parts.append(f'<div class="plot">{_inline_svg(loss_figure({name: info["records"]}), f"loss-{i}")}')
         if (evaluation := eval_figure(info["records"])) is not None:  # in-training FID / CLIP score
             parts.append(_inline_svg(evaluation, f"eval-{i}"))
@@ -160,8 +207,10 @@ def _run_section(i: int, name: str, info: dict) -> str:
         parts += ["<h3>Samples during training</h3>", _timeline(info["previews"])]
     for file, result in info["evals"].items():
         metrics, settings = split_eval(result)
-        parts += [f"<h3>Evaluation: {html.escape(file)}</h3>",
-                  _table([(k, f"{v:.6g}") for k, v in metrics.items()] + [(k, _fmt(v)) for k, v in settings.items()])]
+        parts += [
+            f"<h3>Evaluation: {html.escape(file)}</h3>",
+            _table([(k, f"{v:.6g}") for k, v in metrics.items()] + [(k, _fmt(v)) for k, v in settings.items()]),
+        ]
     if info["config"]:
         parts += ["<h3>Resolved config (config.toml)</h3>", f"<pre>{html.escape(info['config'])}</pre>"]
     return "".join(parts) + "</section>"
@@ -181,15 +230,19 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool
     count = f"{len(infos)} run{'s' if len(infos) > 1 else ''}"
     body = [f"<h1>difffit report</h1><p>{count}; written {datetime.date.today()} by difffit {__version__}.</p>"]
     if len(infos) > 1:
-        body += ["<h2>Comparison</h2>", _table([_comparison_row(n, i) for n, i in zip(names, infos, strict=True)],
-                                                header=COMPARISON, numeric=True)]
+        body += [
+            "<h2>Comparison</h2>",
+            _table([_comparison_row(n, i) for n, i in zip(names, infos, strict=True)], header=COMPARISON, numeric=True),
+        ]
         runs = {n: i["records"] for n, i in zip(names, infos, strict=True) if i["records"]}
         if runs:
             body += ["<h3>Smoothed loss</h3>", _inline_svg(loss_figure(runs), "overlay")]
     body += [_run_section(i, n, info) for i, (n, info) in enumerate(zip(names, infos, strict=True))]
     title = html.escape(f"difffit report: {', '.join(names)}")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f'<style>{STYLE}</style></head><body>{"".join(body)}</body></html>\n')
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out

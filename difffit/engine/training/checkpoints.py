@@ -36,8 +36,15 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(c for c in found if (c[1] / "state.json").exists())
 
 
-def save_checkpoint(out_dir: Path, step: int, params: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int,
+) -> Path:
     """Write checkpoint `step`, then drop all but the newest `keep` (only checkpoint folders are removed)."""
     path = out_dir / "checkpoints" / f"step-{step:07d}"
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
@@ -60,8 +67,13 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, check: Callable[[dict], None] | None = None) -> dict:
+def load_checkpoint(
+    path: Path,
+    params: dict[str, torch.nn.Parameter],
+    ema: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    check: Callable[[dict], None] | None = None,
+) -> dict:
     """Restore trained tensors, EMA and optimizer from `path`; returns its state.json. `check` sees the
     state first and raises a DiffFitError when the checkpoint does not fit this run."""
     state = read_state(path)
@@ -83,9 +95,13 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], ema: dict
     return state
 
 
-def restore_newest(checkpoints: list[tuple[int, Path]], params: dict[str, torch.nn.Parameter],
-                   ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                   check: Callable[[dict], None] | None = None) -> tuple[int, dict]:
+def restore_newest(
+    checkpoints: list[tuple[int, Path]],
+    params: dict[str, torch.nn.Parameter],
+    ema: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    check: Callable[[dict], None] | None = None,
+) -> tuple[int, dict]:
     """Load the newest readable checkpoint: (its step, its state.json); (0, {}) when there is none.
 
     A damaged checkpoint (a crash while the disk filled, say: its tensors or its state.json) falls back
@@ -129,13 +145,17 @@ def check_run_folder(out_dir: Path, data: str) -> None:
         raise DiffFitError(f"--out {out_dir} is an existing file; a run needs a folder.", hint="Choose a new --out.")
     data_dir = Path(data).expanduser().resolve()
     if out_dir.resolve() == data_dir or out_dir.resolve() in data_dir.parents:
-        raise DiffFitError(f"--out {out_dir} holds the training data {data}; an input is never an output.",
-                           hint="Choose another --out.")
+        raise DiffFitError(
+            f"--out {out_dir} holds the training data {data}; an input is never an output.",
+            hint="Choose another --out.",
+        )
     legacy_run = (out_dir / "config.toml").is_file() and (out_dir / "checkpoints").is_dir()  # difffit 0.1
     foreign = out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir())  # a lock alone: a run starting
     if foreign and not (has_marker(out_dir) or legacy_run):
-        raise DiffFitError(f"--out {out_dir} already holds files that difffit did not write.",
-                           hint="Choose a new or empty folder for the run.")
+        raise DiffFitError(
+            f"--out {out_dir} already holds files that difffit did not write.",
+            hint="Choose a new or empty folder for the run.",
+        )
 
 
 def claim_run_folder(out_dir: Path) -> None:
@@ -151,12 +171,16 @@ def nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[
     if not checkpoints:
         return None
     if not config.resume:
-        raise DiffFitError(f"{out_dir} already holds checkpoints of an earlier run.",
-                           hint="Add --resume to continue it, or choose another --out.")
+        raise DiffFitError(
+            f"{out_dir} already holds checkpoints of an earlier run.",
+            hint="Add --resume to continue it, or choose another --out.",
+        )
     last, path = checkpoints[-1]
     if config.steps < last:
-        raise DiffFitError(f"--steps {config.steps} is below the step of the newest checkpoint ({last}) in {out_dir}.",
-                           hint=f"--steps counts the whole run: give {last} or more.")
+        raise DiffFitError(
+            f"--steps {config.steps} is below the step of the newest checkpoint ({last}) in {out_dir}.",
+            hint=f"--steps counts the whole run: give {last} or more.",
+        )
     if config.steps > last:
         return None
     say(f"{out_dir} is already at step {last} of {config.steps}; nothing to do.")
@@ -165,7 +189,19 @@ def nothing_to_resume(config: FitConfig, out_dir: Path, checkpoints: list[tuple[
     except (OSError, ValueError):  # the counts below are only for the report
         state = {}
     adapter = out_dir / "adapter.safetensors"
-    return FitResult(out_dir=out_dir, adapter=adapter if adapter.exists() else None, step=last, start_step=last,
-                     steps=config.steps, loss=None, images=state.get("images", 0),
-                     classes=len(state.get("class_names", [])), skipped=0, trainable_params=0, elapsed_s=0.0,
-                     img_per_s=None, interrupted=False, cache=None)
+    return FitResult(
+        out_dir=out_dir,
+        adapter=adapter if adapter.exists() else None,
+        step=last,
+        start_step=last,
+        steps=config.steps,
+        loss=None,
+        images=state.get("images", 0),
+        classes=len(state.get("class_names", [])),
+        skipped=0,
+        trainable_params=0,
+        elapsed_s=0.0,
+        img_per_s=None,
+        interrupted=False,
+        cache=None,
+    )

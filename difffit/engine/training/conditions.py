@@ -37,9 +37,14 @@ if TYPE_CHECKING:
 
 PREVIEW_IMAGES = 8
 # Options of one kind of family only: (FitConfig field, flag) and whether a value other than the default was given.
-TEXT_ONLY = (("caption_column", "--caption-column"), ("caption_template", "--caption-template"),
-             ("max_text_tokens", "--max-text-tokens"), ("validation_prompts", "--validation-prompt"),
-             ("caption_dropout", "--caption-dropout"), ("eval_prompts", "--eval-prompts"))
+TEXT_ONLY = (
+    ("caption_column", "--caption-column"),
+    ("caption_template", "--caption-template"),
+    ("max_text_tokens", "--max-text-tokens"),
+    ("validation_prompts", "--validation-prompt"),
+    ("caption_dropout", "--caption-dropout"),
+    ("eval_prompts", "--eval-prompts"),
+)
 CLASS_ONLY = (("vae", "--vae"), ("num_heads", "--num-heads"))
 
 
@@ -47,35 +52,51 @@ def check_options(config: FitConfig, family: Family) -> None:
     """Refuse, in one sentence each, the options that do not apply to the base's family (before any work)."""
     check_method(config.method, family)
     if not family.fixed_size and config.pos_embed:
-        raise DiffFitError(f"upscale-res moves DiT's fixed positional grid; a {family.title} transformer trains at "
-                           "any size as it is.", hint=f"Use `difffit fit --resolution {config.resolution}` instead.")
+        raise DiffFitError(
+            f"upscale-res moves DiT's fixed positional grid; a {family.title} transformer trains at any size as it is.",
+            hint=f"Use `difffit fit --resolution {config.resolution}` instead.",
+        )
     wrong = CLASS_ONLY if family.conditioning == "text" else TEXT_ONLY
     for field, flag in wrong:
         if getattr(config, field):
             kind = "class-conditional (DiT)" if family.conditioning == "text" else "text-to-image"
             raise DiffFitError(f"{flag} applies to {kind} bases, and this base is a {family.title} model.")
     if family.conditioning != "text" and "clip" in config.evaluation_metrics():
-        raise DiffFitError(f"--eval-metrics clip scores samples against their captions, and this base is a "
-                           f"class-conditional {family.title} model.", hint="Use --eval-metrics fid.")
+        raise DiffFitError(
+            f"--eval-metrics clip scores samples against their captions, and this base is a "
+            f"class-conditional {family.title} model.",
+            hint="Use --eval-metrics fid.",
+        )
     check_text_tokens(config, family)
     if family.prediction == "flow" and (config.snr_gamma is not None or config.p2_gamma is not None):
         flag = "--snr-gamma" if config.snr_gamma is not None else "--p2-gamma"
-        raise DiffFitError(f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
-                           "(it predicts noise minus data), where it does not apply.",
-                           hint="Leave it out; --timestep-sampling chooses where the flow loss is drawn.")
+        raise DiffFitError(
+            f"{flag} weights the epsilon-prediction loss, and {family.title} trains by rectified flow "
+            "(it predicts noise minus data), where it does not apply.",
+            hint="Leave it out; --timestep-sampling chooses where the flow loss is drawn.",
+        )
     if family.prediction != "flow" and config.timestep_sampling is not None:
-        raise DiffFitError(f"--timestep-sampling applies to rectified-flow bases (SD3, FLUX), and this base is a "
-                           f"{family.title} model, which draws its diffusion steps uniformly.")
+        raise DiffFitError(
+            f"--timestep-sampling applies to rectified-flow bases (SD3, FLUX), and this base is a "
+            f"{family.title} model, which draws its diffusion steps uniformly."
+        )
     if config.buckets == "auto" and family.fixed_size:
-        raise DiffFitError(f"--buckets auto needs a base that takes any image size, and a {family.title} model takes "
-                           "only its own square size.", hint="Leave --buckets out (none is the default here).")
+        raise DiffFitError(
+            f"--buckets auto needs a base that takes any image size, and a {family.title} model takes "
+            "only its own square size.",
+            hint="Leave --buckets out (none is the default here).",
+        )
     if config.class_balance and config.bucketed(family):
-        raise DiffFitError(f"--class-balance cannot be used with aspect-ratio buckets (on by default for "
-                           f"{family.title}), where each batch comes from one bucket.",
-                           hint="Add --buckets none to balance classes over square crops.")
+        raise DiffFitError(
+            f"--class-balance cannot be used with aspect-ratio buckets (on by default for "
+            f"{family.title}), where each batch comes from one bucket.",
+            hint="Add --buckets none to balance classes over square crops.",
+        )
     if config.mixed_precision == "fp8" and family.fp8_keep() is None:
-        raise DiffFitError(f"--mixed-precision fp8 is not available on {family.title} bases yet.",
-                           hint="Use --mixed-precision bf16 (the default on CUDA).")
+        raise DiffFitError(
+            f"--mixed-precision fp8 is not available on {family.title} bases yet.",
+            hint="Use --mixed-precision bf16 (the default on CUDA).",
+        )
 
 
 def check_text_tokens(config: FitConfig, family: Family, base: Base | None = None) -> None:
@@ -84,8 +105,9 @@ def check_text_tokens(config: FitConfig, family: Family, base: Base | None = Non
     limit = family.text_token_limit(base) if isinstance(family, TextConditioning) else None
     if config.max_text_tokens is not None and limit is not None and config.max_text_tokens > limit:
         pipeline = f"{base.pipeline}" if base is not None else f"{family.title} pipeline"
-        raise DiffFitError(f"--max-text-tokens {config.max_text_tokens:,} is above {limit}, the most a {pipeline} "
-                           "reads.")
+        raise DiffFitError(
+            f"--max-text-tokens {config.max_text_tokens:,} is above {limit}, the most a {pipeline} reads."
+        )
 
 
 def with_family_defaults(config: FitConfig, family: Family) -> FitConfig:
@@ -115,8 +137,15 @@ class Conditioning:
     preview_prompts: list[str]  # text-to-image: what previews show
 
 
-def prepare_conditions(config: FitConfig, accelerator: Accelerator, base: Base, family: Family,
-                       folder: ImageFolder, held_out_prompts: list[str], progress: bool) -> Conditioning:
+def prepare_conditions(
+    config: FitConfig,
+    accelerator: Accelerator,
+    base: Base,
+    family: Family,
+    folder: ImageFolder,
+    held_out_prompts: list[str],
+    progress: bool,
+) -> Conditioning:
     """The conditions of `folder`'s items (labels, or cached caption embeddings, `held_out_prompts` encoded
     with them), the class plan and the preview prompts."""
     if family.conditioning == "class":
@@ -136,15 +165,28 @@ def prepare_conditions(config: FitConfig, accelerator: Accelerator, base: Base, 
     return Conditioning(Captions(embeddings, config.caption_dropout), folder.class_names, False, preview_prompts)
 
 
-def _caption_embeddings(config: FitConfig, accelerator: Accelerator, base: Base, family: Family,
-                        captions: list[str], extra: list[str], progress: bool) -> TextEmbeddings:
+def _caption_embeddings(
+    config: FitConfig,
+    accelerator: Accelerator,
+    base: Base,
+    family: Family,
+    captions: list[str],
+    extra: list[str],
+    progress: bool,
+) -> TextEmbeddings:
     device = accelerator.device
     max_tokens = config.max_text_tokens or base.max_text_tokens
     with one_builder_first(accelerator):  # process 0 encodes; the others wait, then open the finished cache
         encode = family.prompt_encoder(base, device, max_tokens, "caption")
-        embeddings = text_embeddings(captions, encode, key=family.text_key(base, max_tokens),
-                                     cache_dir=text_cache_dir(config.cache_dir), batch_size=config.batch_size,
-                                     progress=progress, extra=extra)
+        embeddings = text_embeddings(
+            captions,
+            encode,
+            key=family.text_key(base, max_tokens),
+            cache_dir=text_cache_dir(config.cache_dir),
+            batch_size=config.batch_size,
+            progress=progress,
+            extra=extra,
+        )
         encode.report_truncated()
         del encode  # the text encoder with it: training needs the transformer and the cached tensors only
     gc.collect()
@@ -164,8 +206,12 @@ def preview_options(run: Run, batch_size: int = PREVIEW_IMAGES) -> SamplingOptio
     """How previews (and a text-to-image run's in-training evaluation) sample: the family's cheap preview
     settings over its defaults, fixed seed; a text-to-image run at the size it trains at (DiT at its base's)."""
     size = {} if run.family.fixed_size else {"width": run.resolution, "height": run.resolution}
-    return SamplingOptions(**{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
-                           seed=run.config.seed, batch_size=batch_size, mixed_precision=run.sampling_precision)
+    return SamplingOptions(
+        **{"cfg_scale": None, "scheduler": None, **run.family.preview_sampling(run.base), **size},
+        seed=run.config.seed,
+        batch_size=batch_size,
+        mixed_precision=run.sampling_precision,
+    )
 
 
 def text_summary(run: Run) -> dict:
@@ -174,11 +220,16 @@ def text_summary(run: Run) -> dict:
         return {}
     flow = {"timestep_sampling": run.config.timestep_sampling} if run.family.prediction == "flow" else {}
     # resolution: the size it trained at, which FLUX's transformer config does not say (AdapterMeta.resolution)
-    return {"pipeline": run.base.pipeline, "resolution": run.resolution,
-            "caption_dropout": run.config.caption_dropout, **flow,
-            "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
-            "captions": len(set(run.folder.captions)), "validation_prompts": run.preview_prompts,
-            **({"outside_prompts": outside} if (outside := _outside_prompts(run)) else {})}
+    return {
+        "pipeline": run.base.pipeline,
+        "resolution": run.resolution,
+        "caption_dropout": run.config.caption_dropout,
+        **flow,
+        "max_text_tokens": run.config.max_text_tokens or run.base.max_text_tokens,
+        "captions": len(set(run.folder.captions)),
+        "validation_prompts": run.preview_prompts,
+        **({"outside_prompts": outside} if (outside := _outside_prompts(run)) else {}),
+    }
 
 
 def _outside_prompts(run: Run) -> dict[str, str]:

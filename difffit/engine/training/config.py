@@ -94,16 +94,19 @@ class FitConfig(FitFields):
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
             raise DiffFitError(f"`repeats` must be an integer >= 1 or a table of class = integer (got {self.repeats}).")
         if (most := max(counts, default=1)) > MAX_EPOCH_ITEMS:
-            raise DiffFitError(f"--repeats {most:,} is above the limit of {MAX_EPOCH_ITEMS:,} items per epoch "
-                               "(an epoch is shuffled in memory).")
+            raise DiffFitError(
+                f"--repeats {most:,} is above the limit of {MAX_EPOCH_ITEMS:,} items per epoch "
+                "(an epoch is shuffled in memory)."
+            )
         for spec in (self.data, self.val_data):
             if spec is not None and spec.startswith(HF_PREFIX):
                 hub_dataset(spec)
         check_template(self.caption_template)
         if self.timestep_sampling is not None:
             _choice("--timestep-sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
-        if self.caption_dropout is not None and not (math.isfinite(self.caption_dropout)
-                                                     and 0.0 <= self.caption_dropout < 1.0):
+        if self.caption_dropout is not None and not (
+            math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout < 1.0
+        ):
             raise DiffFitError(f"--caption-dropout must be in [0, 1) (got {self.caption_dropout}).")
         if self.max_text_tokens is not None:
             _at_least("max_text_tokens", self.max_text_tokens, 1)
@@ -122,15 +125,19 @@ class FitConfig(FitFields):
         if self.clip_model is not None and "clip" not in metrics:
             raise DiffFitError("--clip-model is the model of the clip metric; add clip to --eval-metrics.")
         if self.eval_every and "fid" in metrics and not (self.eval_reference or has_val):
-            raise DiffFitError("--eval-every needs --eval-reference (an image folder or a statistics .npz) or a "
-                               "validation set to compare samples with.",
-                               hint="Add --eval-reference DIR, or --val-fraction 0.1 on a text-to-image base.")
+            raise DiffFitError(
+                "--eval-every needs --eval-reference (an image folder or a statistics .npz) or a "
+                "validation set to compare samples with.",
+                hint="Add --eval-reference DIR, or --val-fraction 0.1 on a text-to-image base.",
+            )
         if self.keep_best is not None:
             _choice("--keep-best", self.keep_best, KEEP_BEST)
             if self.keep_best in EVAL_METRICS and self.keep_best not in metrics:
-                raise DiffFitError(f"--keep-best {self.keep_best} keeps the best {self.keep_best} score, and "
-                                   f"--eval-metrics {self.eval_metrics} does not compute it.",
-                                   hint=f"Add {self.keep_best} to --eval-metrics.")
+                raise DiffFitError(
+                    f"--keep-best {self.keep_best} keeps the best {self.keep_best} score, and "
+                    f"--eval-metrics {self.eval_metrics} does not compute it.",
+                    hint=f"Add {self.keep_best} to --eval-metrics.",
+                )
             if self.keep_best in EVAL_METRICS and not self.eval_every:
                 raise DiffFitError(f"--keep-best {self.keep_best} needs --eval-every N.")
             if self.keep_best == "val_loss" and not has_val:
@@ -141,8 +148,10 @@ class FitConfig(FitFields):
         names = [name.strip().lower() for name in self.eval_metrics.split(",") if name.strip()]
         unknown = [name for name in names if name not in EVAL_METRICS]
         if unknown or not names:
-            raise DiffFitError(f"Unknown --eval-metrics {unknown[0] if unknown else '(none)'!r}; choose from "
-                               f"{', '.join(EVAL_METRICS)}.")
+            raise DiffFitError(
+                f"Unknown --eval-metrics {unknown[0] if unknown else '(none)'!r}; choose from "
+                f"{', '.join(EVAL_METRICS)}."
+            )
         return tuple(name for name in EVAL_METRICS if name in names)
 
     def bucketed(self, family: Family) -> bool:
@@ -167,7 +176,7 @@ def _at_least(name: str, value: int, low: int) -> None:
 def default_out_dir(data: str | None, method: str) -> Path:
     """runs/<data folder>-<method>; for hf:OWNER/NAME[:split], runs/NAME-split-<method>."""
     if data and data.startswith(HF_PREFIX):
-        name = re.sub(r"[^\w.-]+", "-", data[len(HF_PREFIX):].rsplit("/", 1)[-1]).strip("-")
+        name = re.sub(r"[^\w.-]+", "-", data[len(HF_PREFIX) :].rsplit("/", 1)[-1]).strip("-")
     else:
         name = Path(data).expanduser().resolve().name if data else "run"
     return Path("runs") / f"{name}-{method}"

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 VAL_SEED = 0x7A11  # the validation noise's own stream: independent of the training draws
 
 
-def split_validation(config: FitConfig, folder: ImageFolder, family: Family = DIT,
-                     base: Base | None = None) -> tuple[ImageFolder, ImageFolder | None]:
+def split_validation(
+    config: FitConfig, folder: ImageFolder, family: Family = DIT, base: Base | None = None
+) -> tuple[ImageFolder, ImageFolder | None]:
     """(training items, held-out items or None). Also checks, before any work, what evaluation needs: the FID
     weights and the CLIP model offline, the prompts to sample. `base`: a text-to-image base, whose bucket
     shapes a bucketed run's held-out set is drawn over."""
@@ -55,14 +56,18 @@ def split_validation(config: FitConfig, folder: ImageFolder, family: Family = DI
     if family.conditioning == "text":  # every class and shape keeps an image to train on
         for group, count in sorted(Counter(groups).items()):
             if math.floor(config.val_fraction * count + 0.5) >= count:
-                raise DiffFitError(f"--val-fraction {config.val_fraction} would hold out all {count} image(s) of "
-                                   f"{describe(group)}, leaving none of it to train on.",
-                                   hint="Use a smaller --val-fraction, or --val-data DIR.")
+                raise DiffFitError(
+                    f"--val-fraction {config.val_fraction} would hold out all {count} image(s) of "
+                    f"{describe(group)}, leaving none of it to train on.",
+                    hint="Use a smaller --val-fraction, or --val-data DIR.",
+                )
     chosen = held_out(groups, config.val_fraction, config.seed)
     if not chosen:
-        raise DiffFitError(f"--val-fraction {config.val_fraction} holds out no image of {config.data} "
-                           f"({len(folder)} images in {len(folder.class_names)} classes).",
-                           hint="Use a larger fraction, or --val-data DIR.")
+        raise DiffFitError(
+            f"--val-fraction {config.val_fraction} holds out no image of {config.data} "
+            f"({len(folder)} images in {len(folder.class_names)} classes).",
+            hint="Use a larger fraction, or --val-data DIR.",
+        )
     kept = sorted(set(range(len(folder))) - set(chosen))
     return replace(folder.take(kept), skipped=folder.skipped), folder.take(chosen)
 
@@ -73,8 +78,10 @@ def _check_evaluation_inputs(config: FitConfig, family: Family) -> None:
     if config.eval_prompts:
         read_prompts(config.eval_prompts)
     elif family.conditioning == "text" and not (config.val_fraction or config.val_data):
-        raise DiffFitError(f"--eval-every samples the held-out captions on a {family.title} base, and there is no "
-                           "validation set.", hint="Add --val-fraction 0.1, --val-data DIR or --eval-prompts FILE.")
+        raise DiffFitError(
+            f"--eval-every samples the held-out captions on a {family.title} base, and there is no validation set.",
+            hint="Add --val-fraction 0.1, --val-data DIR or --eval-prompts FILE.",
+        )
     metrics = config.evaluation_metrics()
     if "fid" in metrics:
         resolve_inception_weights(config.inception_weights)  # missing offline: one sentence, before any work
@@ -93,14 +100,17 @@ def _validation_data(config: FitConfig, folder: ImageFolder, family: Family) -> 
         index = {val.class_names[0]: 0}
     unknown = sorted({val.class_names[label] for label in val.labels} - set(index))
     if unknown:
-        raise DiffFitError(f"--val-data {config.val_data} has classes the training data lacks: "
-                           f"{', '.join(unknown[:10])}.", hint="Validate on the training data's classes.")
+        raise DiffFitError(
+            f"--val-data {config.val_data} has classes the training data lacks: {', '.join(unknown[:10])}.",
+            hint="Validate on the training data's classes.",
+        )
     labels = [index[val.class_names[label]] for label in val.labels]
     return replace(val, labels=labels, class_names=folder.class_names, skipped=[])
 
 
-def _strata(config: FitConfig, folder: ImageFolder, family: Family,
-            base: Base | None) -> tuple[list[int], Callable[[int], str]]:
+def _strata(
+    config: FitConfig, folder: ImageFolder, family: Family, base: Base | None
+) -> tuple[list[int], Callable[[int], str]]:
     """(each item's stratum, a stratum's name): its class, or with buckets its class and nearest bucket shape."""
     classes = folder.class_names
 
@@ -124,8 +134,10 @@ def _strata(config: FitConfig, folder: ImageFolder, family: Family,
 def held_out_prompts(config: FitConfig, val: ImageFolder | None) -> list[str]:
     """What a text-to-image run encodes for validation besides its training captions: the held-out captions
     and the --eval-prompts."""
-    return [*(val.captions or [] if val is not None else []),
-            *(read_prompts(config.eval_prompts) if config.eval_every and config.eval_prompts else [])]
+    return [
+        *(val.captions or [] if val is not None else []),
+        *(read_prompts(config.eval_prompts) if config.eval_every and config.eval_prompts else []),
+    ]
 
 
 @dataclass
@@ -149,9 +161,18 @@ def held_out_groups(run: Run, val: ImageFolder, progress: bool) -> tuple[ImageFo
         val = val.keep_classes(run.folder.class_names)  # without the classes training dropped as unreadable
     groups, usable, done = [], [], 0
     for size, members in _shapes(run, val):
-        images, latents = usable_latents(val.take(members), size, base.vae_spec, base.vae, cache=config.cache_latents,
-                                         cache_dir=config.cache_dir, batch_size=config.batch_size, device=device,
-                                         num_workers=0, progress=progress)
+        images, latents = usable_latents(
+            val.take(members),
+            size,
+            base.vae_spec,
+            base.vae,
+            cache=config.cache_latents,
+            cache_dir=config.cache_dir,
+            batch_size=config.batch_size,
+            device=device,
+            num_workers=0,
+            progress=progress,
+        )
         for item, reason in images.skipped if run.main else ():
             say(f"skipped validation image {item}: {reason}")
         if not len(images):
@@ -182,8 +203,11 @@ def _shapes(run: Run, val: ImageFolder) -> list[tuple[int | tuple[int, int], lis
         say(f"skipped validation image {item}: {reason}")
     readable = [i for i, item in enumerate(val.files) if item in sizes]
     where = nearest([sizes[val.files[i]] for i in readable], [bucket.size for bucket in run.buckets]).tolist()
-    return [(bucket.size, [i for i, b in zip(readable, where, strict=True) if b == k])
-            for k, bucket in enumerate(run.buckets) if k in where]
+    return [
+        (bucket.size, [i for i, b in zip(readable, where, strict=True) if b == k])
+        for k, bucket in enumerate(run.buckets)
+        if k in where
+    ]
 
 
 def _caption_rows(run: Run, captions: list[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:

@@ -34,13 +34,13 @@ def loss_figure(runs: dict[str, list[dict]]):
         for key, label, smoothed, style in CURVES:
             steps, values = series(records, key)
             if values:
-                line, = ax.plot(*_thin(steps, smooth(values) if smoothed else values), label=label, **style)
+                (line,) = ax.plot(*_thin(steps, smooth(values) if smoothed else values), label=label, **style)
                 line.set_gid(label.replace(" (smoothed)", "-smoothed"))
     else:
         for i, (name, records) in enumerate(runs.items()):
             steps, values = series(records, "loss")
             if values:
-                line, = ax.plot(*_thin(steps, smooth(values)), label=f"{name} (smoothed loss)", linewidth=1.6)
+                (line,) = ax.plot(*_thin(steps, smooth(values)), label=f"{name} (smoothed loss)", linewidth=1.6)
                 line.set_gid(f"run-{i}")
     if ax.lines:
         positive = all(v > 0 for line in ax.lines for v in line.get_ydata())
@@ -65,9 +65,10 @@ def eval_figure(records: list[dict]):
     if not logged:
         return None
     fig = Figure(figsize=(4 * len(logged), 3), dpi=100, layout="constrained")
-    for ax, (key, label, color, (steps, values)) in zip(fig.subplots(1, len(logged), squeeze=False)[0], logged,
-                                                         strict=True):
-        line, = ax.plot(steps, values, color=color, marker="o", markersize=3, label=label)
+    for ax, (key, label, color, (steps, values)) in zip(
+        fig.subplots(1, len(logged), squeeze=False)[0], logged, strict=True
+    ):
+        (line,) = ax.plot(steps, values, color=color, marker="o", markersize=3, label=label)
         line.set_gid(key)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize="medium")

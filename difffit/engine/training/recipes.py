@@ -50,8 +50,9 @@ def _coerce(key: str, value, source: str):
         return values
     if declared.startswith("tuple[str"):  # --lora-targets: comma-separated, or a list of names
         if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise DiffFitError(f"{source}: `{key}` should be a comma-separated string or a list of strings, "
-                               f"not {value!r}.")
+            raise DiffFitError(
+                f"{source}: `{key}` should be a comma-separated string or a list of strings, not {value!r}."
+            )
         return value
     if isinstance(value, dict) and "dict[str, int]" in declared:  # a table such as [repeats]: class = count
         return {str(k): _coerce(key, v, f"{source}, [{key}] {k}") for k, v in value.items()}
@@ -77,8 +78,10 @@ def read_options(path: str | Path, source: str | None = None) -> dict:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _FIELDS or name == "resume":
-            raise DiffFitError(f"{source}: unknown option `{key}`; recipe keys are `difffit fit` option "
-                               "names such as data, base, method, steps, batch_size, lr, resolution.")
+            raise DiffFitError(
+                f"{source}: unknown option `{key}`; recipe keys are `difffit fit` option "
+                "names such as data, base, method, steps, batch_size, lr, resolution."
+            )
         if name == "compile" and isinstance(value, bool):  # difffit 0.1 wrote compile = true / false
             value = "on" if value else "off"
         options[name] = _coerce(name, value, source)

@@ -16,12 +16,36 @@ from difffit.engine.errors import DiffFitError
 
 # Options a resumed run may change: where and how often it writes, logs and evaluates, how fast it runs, its
 # length (--steps, refused below the checkpoint's step elsewhere), and the data's path (its content is checked).
-RESUMABLE = frozenset({
-    "steps", "out", "resume", "data", "base", "vae", "save_every", "sample_every", "keep", "log_every", "log_with",
-    "num_workers", "cache_dir", "cache_latents", "compile", "device", "grad_checkpointing", "adapter_dtype",
-    "validation_prompts", "val_every", "eval_every", "eval_n", "eval_reference", "inception_weights", "keep_best",
-    "val_data",
-})
+RESUMABLE = frozenset(
+    {
+        "steps",
+        "out",
+        "resume",
+        "data",
+        "base",
+        "vae",
+        "save_every",
+        "sample_every",
+        "keep",
+        "log_every",
+        "log_with",
+        "num_workers",
+        "cache_dir",
+        "cache_latents",
+        "compile",
+        "device",
+        "grad_checkpointing",
+        "adapter_dtype",
+        "validation_prompts",
+        "val_every",
+        "eval_every",
+        "eval_n",
+        "eval_reference",
+        "inception_weights",
+        "keep_best",
+        "val_data",
+    }
+)
 RUN_KEY = "run"  # the checkpoint's state.json entry that holds the identity
 
 
@@ -43,8 +67,9 @@ def data_identity(folder: ImageFolder) -> dict:
     return {"images": len(folder), "image_list": images, "captions": captions}
 
 
-def run_identity(resolved: dict, folder: ImageFolder, base_fingerprint: str | None, vae: str | None,
-                 buckets: list[dict] | None) -> dict:
+def run_identity(
+    resolved: dict, folder: ImageFolder, base_fingerprint: str | None, vae: str | None, buckets: list[dict] | None
+) -> dict:
     """What defines the run: `resolved` (its resolved options) less RESUMABLE, the data, the base's weights, its
     VAE (one inside the base's folder by its place there: the folder may move), and the buckets; plain JSON,
     as state.json holds it."""
@@ -52,8 +77,13 @@ def run_identity(resolved: dict, folder: ImageFolder, base_fingerprint: str | No
     base = Path(str(resolved.get("base")))
     if vae is not None and base.is_dir() and Path(vae).is_relative_to(base):
         vae = f"<base>/{Path(vae).relative_to(base).as_posix()}"
-    identity = {"settings": settings, "data": data_identity(folder), "base_fingerprint": base_fingerprint,
-                "vae": vae, "buckets": buckets}
+    identity = {
+        "settings": settings,
+        "data": data_identity(folder),
+        "base_fingerprint": base_fingerprint,
+        "vae": vae,
+        "buckets": buckets,
+    }
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -64,9 +94,11 @@ def check_same_run(saved: dict | None, now: dict, checkpoint: str) -> None:
         return
     changes = _changes(saved, now)
     if changes:
-        raise DiffFitError(f"This run is not the one checkpointed in {checkpoint}: {'; '.join(changes)}.",
-                           hint="Resume with the same data and options (a larger --steps is fine), or start a new "
-                                "run with another --out.")
+        raise DiffFitError(
+            f"This run is not the one checkpointed in {checkpoint}: {'; '.join(changes)}.",
+            hint="Resume with the same data and options (a larger --steps is fine), or start a new "
+            "run with another --out.",
+        )
 
 
 def _changes(saved: dict, now: dict) -> list[str]:
@@ -74,15 +106,19 @@ def _changes(saved: dict, now: dict) -> list[str]:
     old_data, new_data = saved.get("data") or {}, now["data"]
     if old_data.get("image_list") != new_data["image_list"]:
         was, count = old_data.get("images"), new_data["images"]
-        changes.append(f"the training images changed ({was} then, {count} now)" if was != count else
-                       f"the training images changed (as many, {count}, but other files or sizes)")
+        changes.append(
+            f"the training images changed ({was} then, {count} now)"
+            if was != count
+            else f"the training images changed (as many, {count}, but other files or sizes)"
+        )
     elif old_data.get("captions") != new_data["captions"]:
         changes.append("the captions changed")
     old_settings, new_settings = saved.get("settings") or {}, now["settings"]
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
-            changes.append(f"--{key.replace('_', '-')} was {_shown(old_settings.get(key))}, now "
-                           f"{_shown(new_settings.get(key))}")
+            changes.append(
+                f"--{key.replace('_', '-')} was {_shown(old_settings.get(key))}, now {_shown(new_settings.get(key))}"
+            )
     if saved.get("base_fingerprint") != now["base_fingerprint"]:
         changes.append("the base model's weights changed")
     if saved.get("vae") != now["vae"]:

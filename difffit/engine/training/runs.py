@@ -83,13 +83,17 @@ def read_eval_json(path: str | Path, *, strict: bool = True) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         if strict:
-            raise DiffFitError(f"Could not read the eval result {path} ({exc}).",
-                               hint="Write it with `difffit eval-fid ... --json > eval.json`.") from None
+            raise DiffFitError(
+                f"Could not read the eval result {path} ({exc}).",
+                hint="Write it with `difffit eval-fid ... --json > eval.json`.",
+            ) from None
         return None
     if not isinstance(result, dict) or not any(key in result for key in METRIC_KEYS):
         if strict:
-            raise DiffFitError(f"{path} holds no metric ({', '.join(METRIC_KEYS)}); it is not an eval-fid "
-                               "--json result.", hint="Write it with `difffit eval-fid ... --json > eval.json`.")
+            raise DiffFitError(
+                f"{path} holds no metric ({', '.join(METRIC_KEYS)}); it is not an eval-fid --json result.",
+                hint="Write it with `difffit eval-fid ... --json > eval.json`.",
+            )
         return None
     return result
 

@@ -54,8 +54,10 @@ if TYPE_CHECKING:
     from difffit.engine.models.dit import DiTConfig
 
 Latents = CachedLatents | EncodedLatents
-MEMORY_HINT = ("--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
-               "fp8 (on an FP8 GPU) halves them again.")
+MEMORY_HINT = (
+    "--grad-checkpointing recomputes activations; --mixed-precision bf16 halves the frozen weights, and "
+    "fp8 (on an FP8 GPU) halves them again."
+)
 
 
 # -- checks that need the base or the data --------------------------------------------------------------
@@ -66,16 +68,22 @@ def check_architecture(config: FitConfig, architecture: DiTConfig | dict | None,
     image tokens, ...) before anything is allocated for them. `architecture`: the config of a `family` base
     (None: not known yet)."""
     if architecture is not None:
-        describe_method(architecture, config.method, gamma_blocks=config.gamma_blocks,
-                        settings=config.method_settings, family=family)
+        describe_method(
+            architecture,
+            config.method,
+            gamma_blocks=config.gamma_blocks,
+            settings=config.method_settings,
+            family=family,
+        )
 
 
 def check_base_shapes(config: FitConfig) -> None:
     """`check_architecture` from the options alone, where the base's shapes are cheap to read without loading it
     (`base_architecture`: a random: name, the tiny base, a local .safetensors file); other bases are checked
     once loaded."""
-    check_architecture(config, base_architecture(config.base, resolution=config.resolution, vae=config.vae,
-                                                 num_heads=config.num_heads))
+    check_architecture(
+        config, base_architecture(config.base, resolution=config.resolution, vae=config.vae, num_heads=config.num_heads)
+    )
 
 
 def check_data(config: FitConfig, folder: ImageFolder) -> None:
@@ -84,12 +92,17 @@ def check_data(config: FitConfig, folder: ImageFolder) -> None:
     repeats = item_repeats(config.repeats, folder.labels, folder.class_names)
     epoch = epoch_size(folder.labels, repeats, config.class_balance)
     if epoch > max(len(folder), MAX_EPOCH_ITEMS):
-        raise DiffFitError(f"`repeats` makes an epoch of {epoch:,} items; the limit is {MAX_EPOCH_ITEMS:,} "
-                           "(an epoch is shuffled in memory).", hint="Use a smaller --repeats.")
+        raise DiffFitError(
+            f"`repeats` makes an epoch of {epoch:,} items; the limit is {MAX_EPOCH_ITEMS:,} "
+            "(an epoch is shuffled in memory).",
+            hint="Use a smaller --repeats.",
+        )
     if config.batch_size > epoch:
-        raise DiffFitError(f"--batch-size {config.batch_size} is larger than the {epoch:,} images of an epoch, "
-                           "so every step would repeat images.",
-                           hint=f"Use --batch-size {epoch} or less, or more images (or --repeats).")
+        raise DiffFitError(
+            f"--batch-size {config.batch_size} is larger than the {epoch:,} images of an epoch, "
+            "so every step would repeat images.",
+            hint=f"Use --batch-size {epoch} or less, or more images (or --repeats).",
+        )
 
 
 # -- the inputs: base and data ------------------------------------------------------------------------------
@@ -126,14 +139,16 @@ def open_inputs(config: FitConfig, base: Base | None, spec: BaseSpec | None, fam
     return Inputs(base, base_config, pos_embed, folder, val_folder)
 
 
-def load_base_at_resolution(config: FitConfig, base: Base | None, spec: BaseSpec | None,
-                            family: Family) -> tuple[Base, dict, str]:
+def load_base_at_resolution(
+    config: FitConfig, base: Base | None, spec: BaseSpec | None, family: Family
+) -> tuple[Base, dict, str]:
     """(base of `family` at the run's resolution, its config before any move, positional mode)."""
     if base is None:
         # --resolution sizes a random base; any other base keeps its own and is moved below.
         sized = spec.source == "random"
-        base = family.load(spec, resolution=config.resolution if sized else None, vae=config.vae,
-                           num_heads=config.num_heads)
+        base = family.load(
+            spec, resolution=config.resolution if sized else None, vae=config.vae, num_heads=config.num_heads
+        )
     base_config, pos_embed = family.config_of(base.model), "standard"
     # A positional mode asks for a move (upscale-res sets one), and a move must go up: --to 32 on a 32 px base
     # is refused there, not trained at 32 px.
@@ -160,8 +175,7 @@ class Data:
     conditioning: Conditioning
 
 
-def prepare_data(config: FitConfig, accelerator: Accelerator, inputs: Inputs, family: Family,
-                 progress: bool) -> Data:
+def prepare_data(config: FitConfig, accelerator: Accelerator, inputs: Inputs, family: Family, progress: bool) -> Data:
     """Latents for every usable image (cached, or a VAE encoding them each step), square or in aspect-ratio
     buckets; their conditions; the data order."""
     base, device, main = inputs.base, accelerator.device, accelerator.is_main_process
@@ -171,15 +185,31 @@ def prepare_data(config: FitConfig, accelerator: Accelerator, inputs: Inputs, fa
 
     def latents_for(images: ImageFolder, size: int | tuple[int, int]) -> tuple[ImageFolder, Latents]:
         # usable images, and their latents cropped to size (a side or a bucket)
-        return usable_latents(images, size, base.vae_spec, base.vae, cache=config.cache_latents,
-                              cache_dir=config.cache_dir, batch_size=split.per_process, device=device,
-                              num_workers=num_workers, progress=progress)
+        return usable_latents(
+            images,
+            size,
+            base.vae_spec,
+            base.vae,
+            cache=config.cache_latents,
+            cache_dir=config.cache_dir,
+            batch_size=split.per_process,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
 
     bucketed = config.bucketed(family)
     with one_builder_first(accelerator):  # process 0 encodes; the others wait, then open the finished cache
         if bucketed:
-            folder, latents = bucketed_latents(inputs.folder, resolution, family.size_multiple(base),
-                                               config.batch_size, latents_for, progress, family.largest_side(base))
+            folder, latents = bucketed_latents(
+                inputs.folder,
+                resolution,
+                family.size_multiple(base),
+                config.batch_size,
+                latents_for,
+                progress,
+                family.largest_side(base),
+            )
         else:
             folder, latents = latents_for(inputs.folder, resolution)
     if main:
@@ -216,27 +246,38 @@ class Trainable:
     ema: dict[str, torch.Tensor]  # their EMA ({} without --ema)
 
 
-def prepare_trainable_state(config: FitConfig, accelerator: Accelerator, precision: str, base: Base,
-                            family: Family, data: Data) -> Trainable:
+def prepare_trainable_state(
+    config: FitConfig, accelerator: Accelerator, precision: str, base: Base, family: Family, data: Data
+) -> Trainable:
     """Freeze and unfreeze as the method says; optimizer and EMA over the trained tensors only."""
     model, device = base.model, accelerator.device
     gamma_blocks = parse_gamma_blocks(config.gamma_blocks, family.depth(model)) if config.method == "difffit" else None
     torch.manual_seed(step_seed(config.seed, 0xADD))  # the added modules' init (LoRA A, adapters, prompts)
-    prepare_model(model, config.method, gamma_blocks, len(data.folder.class_names),
-                  new_classes=data.conditioning.new_classes, settings=config.method_settings)
+    prepare_model(
+        model,
+        config.method,
+        gamma_blocks,
+        len(data.folder.class_names),
+        new_classes=data.conditioning.new_classes,
+        settings=config.method_settings,
+    )
     base_state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
     # float8 matmuls, quantized from the weights as loaded and before the move: the device never holds the bf16 copy
     if precision == "fp8" and not quantize_frozen_linears(model, keep=family.fp8_keep()):
-        raise DiffFitError(f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to "
-                           "speed up.", hint="Use --mixed-precision bf16.")
+        raise DiffFitError(
+            f"--method {config.method} trains every weight matrix, so fp8 has nothing frozen to speed up.",
+            hint="Use --mixed-precision bf16.",
+        )
     if (dtype := AUTOCAST_DTYPES.get(precision)) is not None:
         cast_frozen_matrices(model, dtype)  # same matmuls as autocast, half the weight memory
     family.set_gradient_checkpointing(model, config.grad_checkpointing)
     try:
         model.to(device).train()
     except torch.OutOfMemoryError:
-        raise DiffFitError(f"The {family.title} model does not fit in the memory of {device} "
-                           f"(--mixed-precision {precision}).", hint=MEMORY_HINT) from None
+        raise DiffFitError(
+            f"The {family.title} model does not fit in the memory of {device} (--mixed-precision {precision}).",
+            hint=MEMORY_HINT,
+        ) from None
     if resolve_compile(config.compile, device):
         # One graph per block shape, fixed batch: no recompiles; with several bucket shapes, torch's automatic
         # dynamic shapes instead of one static graph per bucket (past its recompile limit, eager).

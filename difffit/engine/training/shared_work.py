@@ -33,8 +33,9 @@ def own_batches(count: int, batch_size: int, rank: int, world: int) -> list[rang
     return batches(count, batch_size)[rank::world]
 
 
-def map_batches(count: int, batch_size: int, work: Callable[[range], T],
-                accelerator: Accelerator | SingleProcess) -> list[T]:
+def map_batches(
+    count: int, batch_size: int, work: Callable[[range], T], accelerator: Accelerator | SingleProcess
+) -> list[T]:
     """[work(batch) for every batch], each computed on one process and returned to all, in batch order."""
     world = accelerator.num_processes
     mine = [work(batch) for batch in own_batches(count, batch_size, accelerator.process_index, world)]

@@ -31,8 +31,13 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = self.signal or signal.Signals(signum).name
-        say((f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-             "(Ctrl-C again: abort, no save).", "yellow"))
+        say(
+            (
+                f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                "(Ctrl-C again: abort, no save).",
+                "yellow",
+            )
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():

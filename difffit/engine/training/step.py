@@ -59,8 +59,12 @@ class LossMeter:
             packed = reduce(packed)
         values = packed.tolist()  # the one host sync
         stats = dict(zip(STATS, values[: len(STATS)], strict=True))
-        out = {**stats, "finite": all(math.isfinite(v) for v in stats.values()), "steps": self._steps,
-               "extra": values[len(STATS):]}
+        out = {
+            **stats,
+            "finite": all(math.isfinite(v) for v in stats.values()),
+            "steps": self._steps,
+            "extra": values[len(STATS) :],
+        }
         self._sums.zero_()
         self._steps = 0
         return out
@@ -92,9 +96,11 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
                 p.copy_(live[name])
 
 
-def denoiser(forward: ModelCall, y: torch.Tensor | dict[str, torch.Tensor],
-             autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def denoiser(
+    forward: ModelCall, y: torch.Tensor | dict[str, torch.Tensor], autocast_dtype: torch.dtype | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model as the loss calls it: autocast around the network only, fp32 out (the loss stays fp32)."""
+
     def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(xt.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             return forward(xt, t, y).float()

@@ -33,8 +33,9 @@ def check_log_with(name: str | None) -> None:
     if name not in TRACKERS:
         raise DiffFitError(f"Unknown --log-with {name!r}; choose {' or '.join(TRACKERS)}.")
     if not any(importlib.util.find_spec(module) for module in TRACKERS[name]):
-        raise DiffFitError(f"--log-with {name} needs the {name} package, which is not installed.",
-                           hint=f"pip install {name}")
+        raise DiffFitError(
+            f"--log-with {name} needs the {name} package, which is not installed.", hint=f"pip install {name}"
+        )
     if name != "wandb" or "WANDB_MODE" in os.environ:
         return
     if downloads_disabled() or not network_reachable(WANDB_HOST, timeout=2.0):

@@ -83,11 +83,15 @@ class Validation:
         if "fid" in self.metrics:
             self.extractor = LazyExtractor(resolve_inception_weights(config.inception_weights), device, ("2048",))
         if "fid" in self.metrics and run.main:  # the main process compares; every process makes samples
-            reference = open_input(config.eval_reference, role="reference", limit=None, need_features=False) \
-                if config.eval_reference else CroppedImages(val, run.resolution)
+            reference = (
+                open_input(config.eval_reference, role="reference", limit=None, need_features=False)
+                if config.eval_reference
+                else CroppedImages(val, run.resolution)
+            )
             if not isinstance(reference, Statistics):
-                reference = reference_statistics(reference, self.extractor, keep_features=True, batch_size=64,
-                                                 progress=progress)[0]
+                reference = reference_statistics(
+                    reference, self.extractor, keep_features=True, batch_size=64, progress=progress
+                )[0]
             self.reference = reference
 
     def due(self, step: int) -> bool:
@@ -101,9 +105,16 @@ class Validation:
         record: dict = {"step": step}
         model = run.accelerator.unwrap_model(run.model).eval()
         if self.val_due(step):
-            record["val_loss"] = held_out_loss(run.family.forward(model, run.base), self.diffusion, self.groups,
-                                               run.config.seed, run.config.batch_size, run.accelerator.device,
-                                               run.autocast_dtype, run.accelerator)
+            record["val_loss"] = held_out_loss(
+                run.family.forward(model, run.base),
+                self.diffusion,
+                self.groups,
+                run.config.seed,
+                run.config.batch_size,
+                run.accelerator.device,
+                run.autocast_dtype,
+                run.accelerator,
+            )
         if self.eval_every and step % self.eval_every == 0:
             record |= self._sample_metrics(run)
         model.train()
@@ -121,8 +132,9 @@ class Validation:
         the others): each sample made once, batch k on process k mod P."""
         config, device = run.config, run.accelerator.device
         if self.prompts is None:  # DiT
-            options = SamplingOptions(**EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size,
-                                      mixed_precision=run.sampling_precision)
+            options = SamplingOptions(
+                **EVAL_SAMPLING, seed=config.seed, batch_size=config.batch_size, mixed_precision=run.sampling_precision
+            )
             extra = {}
         else:
             options = preview_options(run, config.batch_size)
@@ -135,9 +147,16 @@ class Validation:
                 samples = ScoredAsRead(samples, scorer)
             part = {}
             if "fid" in self.metrics:
-                part = {name: value.cpu() for name, value in extract_features(
-                    samples, self.extractor.get(), batch_size=config.batch_size, description="Inception features",
-                    progress=False).items()}
+                part = {
+                    name: value.cpu()
+                    for name, value in extract_features(
+                        samples,
+                        self.extractor.get(),
+                        batch_size=config.batch_size,
+                        description="Inception features",
+                        progress=False,
+                    ).items()
+                }
             else:
                 for _ in samples.batches(config.batch_size):
                     pass
@@ -153,9 +172,13 @@ class Validation:
             features = {name: torch.cat([part[name] for part in parts]) for name in parts[0] if name != "clip"}
             generated = Statistics.from_features(features, self.extractor.identity, keep_features=True)
             kid = self.reference.features is not None
-            computed = compute_metrics(("fid", "kid") if kid else ("fid",), generated, self.reference,
-                                       kid_subset_size=min(KID_SUBSET_SIZE, generated.count, self.reference.count),
-                                       device=device)
+            computed = compute_metrics(
+                ("fid", "kid") if kid else ("fid",),
+                generated,
+                self.reference,
+                kid_subset_size=min(KID_SUBSET_SIZE, generated.count, self.reference.count),
+                device=device,
+            )
             values = {"fid": computed["fid"]} | ({"kid": computed["kid_mean"]} if kid else {})
         if scorer is not None:
             for part in parts:  # in batch order
@@ -188,17 +211,37 @@ class Validation:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
-                    autocast_dtype: torch.dtype | None = None) -> float:
+def validation_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
     """DiT's validation loss of latents `x0` of classes `labels` (one shape): `held_out_loss` of one group."""
-    return held_out_loss(model, GaussianDiffusion(), [Group(x0, labels)], seed, batch_size,
-                         next(model.parameters()).device, autocast_dtype)
+    return held_out_loss(
+        model,
+        GaussianDiffusion(),
+        [Group(x0, labels)],
+        seed,
+        batch_size,
+        next(model.parameters()).device,
+        autocast_dtype,
+    )
 
 
 @torch.no_grad()
-def held_out_loss(forward: ModelCall, diffusion: GaussianDiffusion | FlowMatching, groups: list[Group], seed: int,
-                  batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
-                  accelerator: Accelerator | None = None) -> float:
+def held_out_loss(
+    forward: ModelCall,
+    diffusion: GaussianDiffusion | FlowMatching,
+    groups: list[Group],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    accelerator: Accelerator | None = None,
+) -> float:
     """Mean loss of every (image, fixed noise level, fixed noise) pair: a function of the weights only.
 
     `forward(x_t, t, conditions)` is the family's model call. Pair j = i * VAL_TIMESTEPS + k of the N images
@@ -215,6 +258,7 @@ def held_out_loss(forward: ModelCall, diffusion: GaussianDiffusion | FlowMatchin
         levels = ((order.double() + 0.5) * diffusion.num_steps / pairs).long()
     total, first = 0.0, 0
     for group in groups:
+
         def batch_sum(batch: range, group: Group = group, first: int = first) -> float:
             j = torch.arange(first + batch.start, first + batch.stop)
             x, y = group.take(j // VAL_TIMESTEPS - first // VAL_TIMESTEPS)

@@ -38,20 +38,28 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, Family] = {DIT.name: DIT, PIXART.name: PIXART, SD3.name: SD3, FLUX.name: FLUX}
 PIPELINE_KINDS = [family.kind for family in (PIXART, SD3, FLUX)]  # the families whose bases are pipelines
 # What each family's pipelines are called in model_index.json, and its aliases.
-PIPELINE_FAMILIES = {"DiTPipeline": DIT, **{pipeline: FAMILIES[kind.family] for kind in PIPELINE_KINDS
-                                            for pipeline in kind.pipelines}}
-ALIAS_FAMILIES = {**dict.fromkeys(DIT_ALIASES, DIT), **{alias: FAMILIES[kind.family] for kind in PIPELINE_KINDS
-                                                        for alias in kind.aliases}}
-SUPPORTED = ("DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline), "
-             "SD3/3.5 (StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)")
+PIPELINE_FAMILIES = {
+    "DiTPipeline": DIT,
+    **{pipeline: FAMILIES[kind.family] for kind in PIPELINE_KINDS for pipeline in kind.pipelines},
+}
+ALIAS_FAMILIES = {
+    **dict.fromkeys(DIT_ALIASES, DIT),
+    **{alias: FAMILIES[kind.family] for kind in PIPELINE_KINDS for alias in kind.aliases},
+}
+SUPPORTED = (
+    "DiT (DiTPipeline, original checkpoints), PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline), "
+    "SD3/3.5 (StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)"
+)
 
 
 def family_named(name: str | None) -> Family:
     """The family an adapter file or a base records by name (a file that names none: DiT)."""
     family = FAMILIES.get(name or DIT.name)
     if family is None:
-        raise DiffFitError(f"Unknown model family {name!r}; this difffit knows {', '.join(FAMILIES)}.",
-                           hint="A newer difffit may have written it.")
+        raise DiffFitError(
+            f"Unknown model family {name!r}; this difffit knows {', '.join(FAMILIES)}.",
+            hint="A newer difffit may have written it.",
+        )
     return family
 
 
@@ -93,13 +101,18 @@ def resolve_base(spec: str, *, offline: bool = False) -> BaseSpec | None:
         _dit(spec, "file", path)  # a DiT- name that is no alias is named as one
         raise DiffFitError(f"{spec} does not exist (no such file or folder).")
     if ref.filename:
-        raise DiffFitError(f"{spec} names a file in a hub repo; a base on the Hub is a whole diffusers repo.",
-                           hint=f"Pass --base {ref.repo_id}, or download the file and pass its local path.")
+        raise DiffFitError(
+            f"{spec} names a file in a hub repo; a base on the Hub is a whole diffusers repo.",
+            hint=f"Pass --base {ref.repo_id}, or download the file and pass its local path.",
+        )
     if offline:
         return None
-    folder = hub_snapshot(ref.repo_id, ["model_index.json", "config.json", "transformer/config.json"],
-                          what=f"the base {spec} (no such local path, so read as a hub repo id)",
-                          instead="pass --base a local checkpoint file or folder")
+    folder = hub_snapshot(
+        ref.repo_id,
+        ["model_index.json", "config.json", "transformer/config.json"],
+        what=f"the base {spec} (no such local path, so read as a hub repo id)",
+        instead="pass --base a local checkpoint file or folder",
+    )
     return BaseSpec(spec, _family_of_folder(folder, spec), "hub", folder, ref.repo_id)
 
 
@@ -114,11 +127,14 @@ def _family_of_folder(folder: Path, spec: str) -> Family:
     if index.is_file():
         pipeline = read_json(index).get("_class_name")
         if isinstance(pipeline, list):  # [module, class]: a class defined by Python code in the folder or its repo
-            raise DiffFitError(f"{spec} names custom pipeline code ({pipeline!r} in model_index.json), which difffit "
-                               f"does not load; it supports {SUPPORTED}.")
+            raise DiffFitError(
+                f"{spec} names custom pipeline code ({pipeline!r} in model_index.json), which difffit "
+                f"does not load; it supports {SUPPORTED}."
+            )
         if not isinstance(pipeline, str):
-            raise DiffFitError(f"{index} names no pipeline class (_class_name is {pipeline!r}); it supports "
-                               f"{SUPPORTED}.")
+            raise DiffFitError(
+                f"{index} names no pipeline class (_class_name is {pipeline!r}); it supports {SUPPORTED}."
+            )
         check_model_index(index, read_json(index))
         if pipeline not in PIPELINE_FAMILIES:
             raise DiffFitError(f"{spec} is a {pipeline}, which difffit does not adapt; it supports {SUPPORTED}.")
@@ -126,12 +142,16 @@ def _family_of_folder(folder: Path, spec: str) -> Family:
     config = folder / "config.json"
     lone = next((kind for kind in PIPELINE_KINDS if config.is_file() and kind.is_transformer(read_json(config))), None)
     if lone is not None:
-        raise DiffFitError(f"{spec} holds a {lone.title} transformer alone; difffit needs the whole pipeline (text "
-                           "encoders, VAE, scheduler).", hint="Pass the pipeline folder or its Hub id, or an alias "
-                           f"such as {next(iter(lone.aliases))}.")
+        raise DiffFitError(
+            f"{spec} holds a {lone.title} transformer alone; difffit needs the whole pipeline (text "
+            "encoders, VAE, scheduler).",
+            hint=f"Pass the pipeline folder or its Hub id, or an alias such as {next(iter(lone.aliases))}.",
+        )
     if config.is_file() and read_json(config).get("_class_name") not in ("DiTTransformer2DModel", "Transformer2DModel"):
-        raise DiffFitError(f"{spec} holds a {read_json(config).get('_class_name')}, which difffit does not adapt; "
-                           f"it supports {SUPPORTED}.")
+        raise DiffFitError(
+            f"{spec} holds a {read_json(config).get('_class_name')}, which difffit does not adapt; "
+            f"it supports {SUPPORTED}."
+        )
     return DIT
 
 
@@ -143,8 +163,9 @@ def load_base(spec: str | BaseSpec, **options: Any) -> Base | PipelineBase:
     return base.family.load(base, **options)
 
 
-def base_architecture(spec: str, *, resolution: int | None = None, vae: str | None = None,
-                      num_heads: int | None = None) -> DiTConfig | None:
+def base_architecture(
+    spec: str, *, resolution: int | None = None, vae: str | None = None, num_heads: int | None = None
+) -> DiTConfig | None:
     """The DiT architecture `load_base(spec)` gives where it is cheap to read (see `dit_architecture`), without
     the network; None otherwise, and for anything `load_base` would refuse (it says why)."""
     try:

@@ -50,8 +50,9 @@ def resize_class_table(model: DiT, num_classes: int) -> None:
 # gamma in the reference layout: Parameters of each block, multiplied in after the projection they fold into.
 GAMMA = GammaPlacement(
     branch={"blocks": (GammaSite("attn.proj", slot="gamma_attn"), GammaSite("mlp.fc2", slot="gamma_mlp"))},
-    attention={"blocks": (GammaSite("attn.qkv", slot="attn.gamma_qkv"),
-                          GammaSite("attn.proj", slot="attn.gamma_proj"))},
+    attention={
+        "blocks": (GammaSite("attn.qkv", slot="attn.gamma_qkv"), GammaSite("attn.proj", slot="attn.gamma_proj"))
+    },
 )
 
 
@@ -114,8 +115,12 @@ class DiTFamily(Family):
             return is_bias or new_table
         if method != "difffit":  # the baselines that add modules: those train (they add nothing else)
             return new_table or (added_reference(name) is not None and ".gamma_" not in name)
-        return (is_bias and not name.startswith("t_embedder.")) or name == CLASS_TABLE or ".gamma_" in name \
+        return (
+            (is_bias and not name.startswith("t_embedder."))
+            or name == CLASS_TABLE
+            or ".gamma_" in name
             or name in norm_names
+        )
 
     def prepare_conditioning(self, model: DiT, num_classes: int | None, new_classes: bool) -> bool:
         """A new class table when `num_classes` differs from the base's, or `new_classes` (same count,
@@ -157,8 +162,10 @@ class DiTFamily(Family):
 
     def check_sample_size(self, base: Base, width: int | None, height: int | None) -> None:
         if width is not None or height is not None:
-            raise DiffFitError(f"--width and --height apply to text-to-image bases; {base.spec} samples at its "
-                               f"{base.resolution} px (move it with `difffit upscale-res`).")
+            raise DiffFitError(
+                f"--width and --height apply to text-to-image bases; {base.spec} samples at its "
+                f"{base.resolution} px (move it with `difffit upscale-res`)."
+            )
 
     def preview_sampling(self, base: Base) -> dict:
         return {"scheduler": "ddim", "steps": 25}  # not DDPM's 250
@@ -171,8 +178,11 @@ class DiTFamily(Family):
 
     def attention_shape(self, model: DiT) -> dict:
         config = model.config
-        return {"heads": config.num_heads, "head_dim": config.hidden_size // config.num_heads,
-                "tokens": (config.input_size // config.patch_size) ** 2}
+        return {
+            "heads": config.num_heads,
+            "head_dim": config.hidden_size // config.num_heads,
+            "tokens": (config.input_size // config.patch_size) ** 2,
+        }
 
 
 DIT = DiTFamily()

@@ -43,8 +43,9 @@ class FlowFamily(TextFamily):
         return (x0.shape[-2] // patch) * (x0.shape[-1] // patch)
 
     def diffusion(self, base: PipelineBase, timestep_sampling: str | None = None) -> FlowMatching:
-        return FlowMatching(base.scheduler_config(), lambda x0: self.tokens(base, x0),
-                            timestep_sampling or "logit_normal")
+        return FlowMatching(
+            base.scheduler_config(), lambda x0: self.tokens(base, x0), timestep_sampling or "logit_normal"
+        )
 
     def preview_sampling(self, base: PipelineBase) -> dict:
         return {"steps": min(PREVIEW_STEPS, self.sampling_defaults(base)["steps"])}

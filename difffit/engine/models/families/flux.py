@@ -47,16 +47,29 @@ TRANSFORMER = "FluxTransformer2DModel"
 PIPELINE = "FluxPipeline"
 REPOS = {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev", "FLUX.1-schnell": "black-forest-labs/FLUX.1-schnell"}
 # FLUX.1-dev is under its own non-commercial license ("other"), schnell under Apache 2.0.
-ALIASES = {"FLUX.1-dev": Alias(REPOS["FLUX.1-dev"], REPOS["FLUX.1-dev"], PIPELINE, "other",
-                               "flux-1-dev-non-commercial-license"),
-           "FLUX.1-schnell": Alias(REPOS["FLUX.1-schnell"], REPOS["FLUX.1-schnell"], PIPELINE, "apache-2.0")}
+ALIASES = {
+    "FLUX.1-dev": Alias(
+        REPOS["FLUX.1-dev"], REPOS["FLUX.1-dev"], PIPELINE, "other", "flux-1-dev-non-commercial-license"
+    ),
+    "FLUX.1-schnell": Alias(REPOS["FLUX.1-schnell"], REPOS["FLUX.1-schnell"], PIPELINE, "apache-2.0"),
+}
 # The transformers as their repos configure them (transformer/config.json), so `info` counts what each
 # method trains without downloading anything (FLUX.1-dev is gated besides).
-_FLUX1 = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-          "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-          "axes_dims_rope": [16, 56, 56]}
-ALIAS_CONFIGS = {"FLUX.1-dev": {**_FLUX1, "guidance_embeds": True},
-                 "FLUX.1-schnell": {**_FLUX1, "guidance_embeds": False}}
+_FLUX1 = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
+}
+ALIAS_CONFIGS = {
+    "FLUX.1-dev": {**_FLUX1, "guidance_embeds": True},
+    "FLUX.1-schnell": {**_FLUX1, "guidance_embeds": False},
+}
 # What the model cards sample with (FLUX.1-dev: 50 steps at guidance 3.5; schnell: 4 steps, no guidance,
 # 256 T5 tokens). A base without guidance embedding is schnell's kind, wherever it was loaded from.
 DEV_CARD, SCHNELL_CARD = {"steps": 50, "cfg_scale": 3.5}, {"steps": 4, "cfg_scale": 0.0}
@@ -99,8 +112,9 @@ class FluxBase(PipelineBase):
         return self.tokenizer_capped(tokens)
 
 
-FLUX_KIND = PipelineKind("flux", "FLUX", TRANSFORMER, (PIPELINE,), ALIASES, ALIAS_CONFIGS, is_flux_transformer,
-                         FluxBase, "tokenizer_2")
+FLUX_KIND = PipelineKind(
+    "flux", "FLUX", TRANSFORMER, (PIPELINE,), ALIASES, ALIAS_CONFIGS, is_flux_transformer, FluxBase, "tokenizer_2"
+)
 
 
 class FluxFamily(FlowFamily):
@@ -111,18 +125,45 @@ class FluxFamily(FlowFamily):
     # the joint blocks, then the single ones
     gamma = GammaPlacement.on_projections(
         {"transformer_blocks": JOINT_BRANCHES, "single_transformer_blocks": ("proj_out",)},
-        {"transformer_blocks": JOINT_QKV, "single_transformer_blocks": SINGLE_QKV})
+        {"transformer_blocks": JOINT_QKV, "single_transformer_blocks": SINGLE_QKV},
+    )
     frozen_embedders = ("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder.")
-    shape_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
-                  "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
-                  "axes_dims_rope")
-    config_keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                   "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+    shape_keys = (
+        "num_layers",
+        "num_single_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "guidance_embeds",
+        "axes_dims_rope",
+    )
+    config_keys = (
+        "num_layers",
+        "num_single_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "in_channels",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "guidance_embeds",
+    )
     card_defaults = CARD_DEFAULTS
     # fp8: the embedders, the adaLN modulation projections (joint blocks' both streams, single blocks' `norm`)
     # and the output layer stay bf16; a single block's fused proj_out is a block matrix and goes float8.
-    keep_bf16 = ("x_embedder", "context_embedder", "time_text_embed.*", "*.norm1.*", "*.norm1_context.*",
-                 "single_transformer_blocks.*.norm.*", "norm_out.*", "proj_out")
+    keep_bf16 = (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.*",
+        "*.norm1.*",
+        "*.norm1_context.*",
+        "single_transformer_blocks.*.norm.*",
+        "norm_out.*",
+        "proj_out",
+    )
     caption_dropout = 0.0  # no unconditional branch at sampling (see the module docstring)
     negative_prompts = False
 
@@ -134,8 +175,12 @@ class FluxFamily(FlowFamily):
         return {"in_channels": config["in_channels"] // PACK**2, "learn_sigma": False}
 
     def shape_fields(self, config: dict) -> dict:
-        return {"latent_size": self.latent_size(config), **self.channels(config), "patch_size": PACK,
-                "text_channels": config["joint_attention_dim"]}
+        return {
+            "latent_size": self.latent_size(config),
+            **self.channels(config),
+            "patch_size": PACK,
+            "text_channels": config["joint_attention_dim"],
+        }
 
     def describe(self, base: FluxBase) -> dict:
         return {**super().describe(base), "latent_size": base.resolution // base.vae_factor}
@@ -159,12 +204,16 @@ class FluxFamily(FlowFamily):
         def call(x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
             b, c, h, w = x.shape
             embeds = text["prompt_embeds"].to(x.dtype)
-            out = model(hidden_states=pipeline._pack_latents(x, b, c, h, w), timestep=t / 1000,
-                        guidance=torch.full((b,), guidance, device=x.device) if guided else None,
-                        pooled_projections=text["pooled_prompt_embeds"].to(x.dtype), encoder_hidden_states=embeds,
-                        txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype),
-                        img_ids=pipeline._prepare_latent_image_ids(b, h // PACK, w // PACK, x.device, x.dtype),
-                        return_dict=False)[0]
+            out = model(
+                hidden_states=pipeline._pack_latents(x, b, c, h, w),
+                timestep=t / 1000,
+                guidance=torch.full((b,), guidance, device=x.device) if guided else None,
+                pooled_projections=text["pooled_prompt_embeds"].to(x.dtype),
+                encoder_hidden_states=embeds,
+                txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+                img_ids=pipeline._prepare_latent_image_ids(b, h // PACK, w // PACK, x.device, x.dtype),
+                return_dict=False,
+            )[0]
             return pipeline._unpack_latents(out, h, w, 1)
 
         return call
@@ -175,13 +224,17 @@ class FluxFamily(FlowFamily):
 
     def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
         # guidance_scale is FLUX.1-dev's embedded guidance (schnell ignores it); no negative branch.
-        return {"prompt_embeds": text["prompt_embeds"].float(),
-                "pooled_prompt_embeds": text["pooled_prompt_embeds"].float(), "guidance_scale": cfg_scale}
+        return {
+            "prompt_embeds": text["prompt_embeds"].float(),
+            "pooled_prompt_embeds": text["pooled_prompt_embeds"].float(),
+            "guidance_scale": cfg_scale,
+        }
 
     def card(self, base: PipelineBase) -> dict:
         return self.card_defaults.get(base.hub_id) or ({} if base.model.config.guidance_embeds else SCHNELL_CARD)
 
     def size_multiple(self, base: PipelineBase) -> int:
         return math.lcm(8, base.vae_factor * PACK)  # whole 2 x 2 packs of latent pixels, as check_inputs asks
+
 
 FLUX = FluxFamily()

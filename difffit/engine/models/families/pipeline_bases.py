@@ -33,8 +33,15 @@ from difffit.engine.models.vae import Autoencoder, load_vae, vae_geometry
 from difffit.engine.progress import library_bars_off
 
 # What a repo's snapshot needs before any weights: every component's config, the tokenizers whole.
-CONFIG_FILES = ["model_index.json", "transformer/config.json", "scheduler/*", "vae/config.json", "tokenizer*/*",
-                "text_encoder*/config.json", "text_encoder*/*.index*.json"]
+CONFIG_FILES = [
+    "model_index.json",
+    "transformer/config.json",
+    "scheduler/*",
+    "vae/config.json",
+    "tokenizer*/*",
+    "text_encoder*/config.json",
+    "text_encoder*/*.index*.json",
+]
 TEXT_PARTS = ("tokenizer", "text_encoder")  # the folders whose files identify a pipeline's text encoding
 TINY_T2I = "tiny-t2i"  # the text-to-image base bundled with difffit
 TINY_T2I_BASE = Path(__file__).resolve().parents[3] / "assets" / "tiny-t2i"
@@ -85,16 +92,25 @@ class Components:
                 patterns = [f"{name}/*.json", f"{name}/*.fp16*.safetensors"]  # half the bytes of fp32
             hub_snapshot(self.repo_id, patterns, **fetch)
         if not _component_complete(here):
-            raise DiffFitError(f"The base's pipeline {self.repo_id or self.folder} has no {name} ({here} is missing "
-                               "or has no weights); difffit needs the whole pipeline.",
-                               hint="Pass a folder written by the pipeline's save_pretrained, or a Hub id.")
+            raise DiffFitError(
+                f"The base's pipeline {self.repo_id or self.folder} has no {name} ({here} is missing "
+                "or has no weights); difffit needs the whole pipeline.",
+                hint="Pass a folder written by the pipeline's save_pretrained, or a Hub id.",
+            )
         return here
 
     def names(self) -> list[str]:
         """The pipeline's components other than the transformer, as its model_index.json lists them."""
         index = read_json(self.folder / "model_index.json")
-        return [name for name, value in index.items() if not name.startswith("_") and name != "transformer"
-                and isinstance(value, list) and value and value[0] is not None]
+        return [
+            name
+            for name, value in index.items()
+            if not name.startswith("_")
+            and name != "transformer"
+            and isinstance(value, list)
+            and value
+            and value[0] is not None
+        ]
 
     def library_class(self, name: str) -> str:
         """The class model_index.json names for component `name` (e.g. CLIPTextModelWithProjection)."""
@@ -109,8 +125,13 @@ class Components:
         local folder's tokenizer and encoder files (names, sizes, mtimes)."""
         if self.repo_id is not None:
             return f"{self.repo_id}@{self.folder.name}"
-        files = sorted(f for part in TEXT_PARTS for folder in sorted(self.folder.glob(f"{part}*"))
-                       for f in folder.rglob("*") if f.is_file())
+        files = sorted(
+            f
+            for part in TEXT_PARTS
+            for folder in sorted(self.folder.glob(f"{part}*"))
+            for f in folder.rglob("*")
+            if f.is_file()
+        )
         return f"{self.folder.resolve()}\n{files_signature(files, self.folder)}"
 
 
@@ -195,8 +216,10 @@ def read_json(path: Path) -> dict:
     except (OSError, ValueError, RecursionError) as e:
         raise DiffFitError(f"Could not read {path} ({error_summary(e)}).") from None
     if not isinstance(value, dict):
-        raise DiffFitError(f"{path} holds a JSON {type(value).__name__}, not the object of names a pipeline writes; "
-                           "it is damaged or not a diffusers file.")
+        raise DiffFitError(
+            f"{path} holds a JSON {type(value).__name__}, not the object of names a pipeline writes; "
+            "it is damaged or not a diffusers file."
+        )
     return value
 
 
@@ -208,8 +231,10 @@ def check_model_index(path: Path, index: dict) -> None:
         if name.startswith("_") or value is None or isinstance(value, dict | bool | int | float):
             continue
         if not (isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
-            raise DiffFitError(f"{path} lists the component {name} as {value!r}, not as [library, class]; it is "
-                               "damaged or not a diffusers pipeline.")
+            raise DiffFitError(
+                f"{path} lists the component {name} as {value!r}, not as [library, class]; it is "
+                "damaged or not a diffusers pipeline."
+            )
 
 
 # Sizes the families compute with: a transformer config must give each as a positive whole number.
@@ -242,8 +267,10 @@ def check_transformer_config(path: Path, config: dict, kind: PipelineKind) -> No
             fits = True
         if not fits:
             wanted = "a positive whole number" if name in SHAPE_KEYS else f"a {type(default).__name__}"
-            raise DiffFitError(f"{path} gives {name} as {value!r}, and a {kind.transformer_class} takes {wanted}; the "
-                               "file is damaged or not a transformer config.")
+            raise DiffFitError(
+                f"{path} gives {name} as {value!r}, and a {kind.transformer_class} takes {wanted}; the "
+                "file is damaged or not a transformer config."
+            )
 
 
 def pipeline_class_of(folder: Path) -> str | None:
@@ -264,29 +291,50 @@ def load_pipeline_base(base: BaseSpec, kind: PipelineKind, *, weights: bool = Tr
         transformer = _snapshot(alias.transformer, spec, weights, optional=not weights)
         if transformer is None:  # an alias not in the cache, for info: its published config
             return _config_only(spec, kind.alias_configs[spec], alias, kind)
-        components = Components(_snapshot(alias.components, spec, False, optional=not weights) or Path(),
-                                alias.components)
-        return _load(spec, transformer / "transformer", components, alias.pipeline, "hub", alias.transformer,
-                     weights, kind)
+        components = Components(
+            _snapshot(alias.components, spec, False, optional=not weights) or Path(), alias.components
+        )
+        return _load(
+            spec, transformer / "transformer", components, alias.pipeline, "hub", alias.transformer, weights, kind
+        )
     if base.source in ("folder", "bundled"):  # a local folder, or one bundled with difffit (`tiny-t2i`)
         pipeline = pipeline_class_of(base.path)
         if pipeline not in kind.pipelines:
-            raise DiffFitError(f"{base.path} is not a {kind.title} pipeline folder (model_index.json names "
-                               f"{pipeline}).")
-        return _load(spec, base.path / "transformer", Components(base.path), pipeline,
-                     "bundled" if base.source == "bundled" else "diffusers", None, weights, kind)
+            raise DiffFitError(
+                f"{base.path} is not a {kind.title} pipeline folder (model_index.json names {pipeline})."
+            )
+        return _load(
+            spec,
+            base.path / "transformer",
+            Components(base.path),
+            pipeline,
+            "bundled" if base.source == "bundled" else "diffusers",
+            None,
+            weights,
+            kind,
+        )
     folder = _snapshot(base.repo_id, spec, weights)
-    return _load(spec, folder / "transformer", Components(folder, base.repo_id), pipeline_class_of(folder), "hub",
-                 base.repo_id, weights, kind)
+    return _load(
+        spec,
+        folder / "transformer",
+        Components(folder, base.repo_id),
+        pipeline_class_of(folder),
+        "hub",
+        base.repo_id,
+        weights,
+        kind,
+    )
 
 
 def bundled_folder(spec: str) -> Path:
     """The pipeline folder a bundled base's alias names (only `tiny-t2i` so far), refused when this build of
     difffit does not ship it."""
     if not (TINY_T2I_BASE / "model_index.json").is_file():
-        raise DiffFitError(f"The tiny text-to-image base is not bundled in this build of difffit (nothing at "
-                           f"{TINY_T2I_BASE}).", hint="Rebuild it with `python examples/make_tiny_t2i_base.py` "
-                           "from a source checkout, or pass --base a text-to-image pipeline (a Hub id or a folder).")
+        raise DiffFitError(
+            f"The tiny text-to-image base is not bundled in this build of difffit (nothing at {TINY_T2I_BASE}).",
+            hint="Rebuild it with `python examples/make_tiny_t2i_base.py` "
+            "from a source checkout, or pass --base a text-to-image pipeline (a Hub id or a folder).",
+        )
     return TINY_T2I_BASE
 
 
@@ -295,8 +343,9 @@ def _snapshot(repo_id: str, spec: str, weights: bool, optional: bool = False) ->
     not downloadable: None if `optional`, else the one-sentence error."""
     files = CONFIG_FILES + (["transformer/*"] if weights else [])
     try:
-        return hub_snapshot(repo_id, files, what=f"the base {spec} (Hub repo {repo_id})",
-                            instead="pass --base a local pipeline folder")
+        return hub_snapshot(
+            repo_id, files, what=f"the base {spec} (Hub repo {repo_id})", instead="pass --base a local pipeline folder"
+        )
     except DiffFitError:
         if optional:
             return None
@@ -312,30 +361,62 @@ def _transformer_class(kind: PipelineKind):
 def _config_only(spec: str, config: dict, alias: Alias, kind: PipelineKind) -> PipelineBase:
     with torch.device("meta"):
         model = _transformer_class(kind)(**config)
-    return kind.base_class(model.eval(), spec, "config", None, Components(Path(), alias.components), alias.pipeline,
-                           alias.transformer, family=kind.family)
+    return kind.base_class(
+        model.eval(),
+        spec,
+        "config",
+        None,
+        Components(Path(), alias.components),
+        alias.pipeline,
+        alias.transformer,
+        family=kind.family,
+    )
 
 
-def _load(spec: str, transformer_dir: Path, components: Components, pipeline: str, source_format: str,
-          hub_id: str | None, weights: bool, kind: PipelineKind) -> PipelineBase:
+def _load(
+    spec: str,
+    transformer_dir: Path,
+    components: Components,
+    pipeline: str,
+    source_format: str,
+    hub_id: str | None,
+    weights: bool,
+    kind: PipelineKind,
+) -> PipelineBase:
     config = read_json(transformer_dir / "config.json") if (transformer_dir / "config.json").is_file() else {}
     if not kind.is_transformer(config):
-        raise DiffFitError(f"{spec}: {transformer_dir} does not hold a {kind.title} transformer "
-                           f"({config.get('_class_name', 'no config.json')}).")
+        raise DiffFitError(
+            f"{spec}: {transformer_dir} does not hold a {kind.title} transformer "
+            f"({config.get('_class_name', 'no config.json')})."
+        )
     check_transformer_config(transformer_dir / "config.json", config, kind)
     if not weights:
-        return _config_only(spec, {k: v for k, v in config.items() if not k.startswith("_")},
-                            Alias(hub_id or spec, components.repo_id or spec, pipeline), kind)
+        return _config_only(
+            spec,
+            {k: v for k, v in config.items() if not k.startswith("_")},
+            Alias(hub_id or spec, components.repo_id or spec, pipeline),
+            kind,
+        )
     try:
         with library_bars_off():
             model = _transformer_class(kind).from_pretrained(transformer_dir, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
-        raise DiffFitError(f"Could not load the {kind.title} transformer of {spec} from {transformer_dir} "
-                           f"({error_summary(e)}).") from None
+        raise DiffFitError(
+            f"Could not load the {kind.title} transformer of {spec} from {transformer_dir} ({error_summary(e)})."
+        ) from None
     model.eval().requires_grad_(True)
-    return kind.base_class(model, spec, source_format, state_dict_fingerprint(model.state_dict()), components,
-                           pipeline, hub_id, _stored_dtype(transformer_dir), family=kind.family,
-                           tokenizer_tokens=_tokenizer_length(components.folder / kind.long_text_tokenizer))
+    return kind.base_class(
+        model,
+        spec,
+        source_format,
+        state_dict_fingerprint(model.state_dict()),
+        components,
+        pipeline,
+        hub_id,
+        _stored_dtype(transformer_dir),
+        family=kind.family,
+        tokenizer_tokens=_tokenizer_length(components.folder / kind.long_text_tokenizer),
+    )
 
 
 def _tokenizer_length(folder: Path) -> int | None:

@@ -80,10 +80,12 @@ def text_components(base: PipelineBase, device: torch.device | str, dtype: torch
                     continue
                 variant = "fp16" if any(folder.glob("*.fp16*.safetensors")) else None
                 encoder = getattr(transformers, base.components.library_class(name)).from_pretrained(
-                    folder, torch_dtype=dtype, variant=variant)
+                    folder, torch_dtype=dtype, variant=variant
+                )
         except (OSError, ValueError, RuntimeError, AttributeError) as e:
-            raise DiffFitError(f"Could not load the {name.replace('_', ' ')} of {base.spec} from {folder} "
-                               f"({error_summary(e)}).") from None
+            raise DiffFitError(
+                f"Could not load the {name.replace('_', ' ')} of {base.spec} from {folder} ({error_summary(e)})."
+            ) from None
         parts[name] = encoder.to(device).eval().requires_grad_(False)
     return parts
 
@@ -94,8 +96,15 @@ class PipelinePromptEncoder:
     length --max-text-tokens sets) are truncated as the pipeline does; `report_truncated()` says so in one line
     for all the texts encoded so far (`what`: "prompt" or "caption")."""
 
-    def __init__(self, base: PipelineBase, device: torch.device | str, max_tokens: int, what: str,
-                 encode: PipelineEncode, long_text_tokenizer: str) -> None:
+    def __init__(
+        self,
+        base: PipelineBase,
+        device: torch.device | str,
+        max_tokens: int,
+        what: str,
+        encode: PipelineEncode,
+        long_text_tokenizer: str,
+    ) -> None:
         self.base, self.device, self.max_tokens, self.what = base, torch.device(device), max_tokens, what
         self.encode, self.long_text_tokenizer = encode, long_text_tokenizer
         self.loaded: tuple[dict, object] | None = None
@@ -118,11 +127,16 @@ class PipelinePromptEncoder:
         if not self.long:
             return
         count, m = len(self.long), self.max_tokens
-        shown = "; ".join(f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({n} tokens)" for text, n in
-                          list(self.long.items())[:LONG_PROMPTS_SHOWN])
+        shown = "; ".join(
+            f"{text[:60]!r}{'...' if len(text) > 60 else ''} ({n} tokens)"
+            for text, n in list(self.long.items())[:LONG_PROMPTS_SHOWN]
+        )
         more = f" and {count - LONG_PROMPTS_SHOWN} more" if count > LONG_PROMPTS_SHOWN else ""
-        said = (f"{count} {self.what}s are longer than {m} tokens; their ends are cut" if count > 1 else
-                f"1 {self.what} is longer than {m} tokens; its end is cut")
+        said = (
+            f"{count} {self.what}s are longer than {m} tokens; their ends are cut"
+            if count > 1
+            else f"1 {self.what} is longer than {m} tokens; its end is cut"
+        )
         # Plain text, never markup: a prompt may hold [brackets].
         say(("Warning:", "yellow"), f" {said}: {shown}{more}.")
         self.long = {}
@@ -169,9 +183,12 @@ def write_pipeline_folder(base: PipelineBase, model: torch.nn.Module, folder: Pa
         model.save_pretrained(tmp / "transformer")
         for name, source in sources.items():
             _link_tree(source, tmp / name)
-        index = {**{k: v for k, v in index.items() if not k.startswith("_")},
-                 "_class_name": base.pipeline, "_diffusers_version": diffusers.__version__,
-                 "transformer": ["diffusers", type(model).__name__]}
+        index = {
+            **{k: v for k, v in index.items() if not k.startswith("_")},
+            "_class_name": base.pipeline,
+            "_diffusers_version": diffusers.__version__,
+            "transformer": ["diffusers", type(model).__name__],
+        }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

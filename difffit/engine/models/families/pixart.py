@@ -62,26 +62,52 @@ class PixArtFamily(TextFamily):
     gamma = GammaPlacement.on_projections({"transformer_blocks": BRANCHES}, {"transformer_blocks": QKV})
     frozen_embedders = ("adaln_single.emb.",)  # timestep (and resolution / aspect-ratio) embedders
     tables = ("scale_shift_table",)
-    pipeline_call = {"arguments": ", clean_caption=False", "same_images": "difffit samples through this same "
-                     "pipeline class, with captions as written (`clean_caption=False`): given the same prompt, seed "
-                     "and `use_resolution_binning=False`, diffusers draws difffit's images."}
+    pipeline_call = {
+        "arguments": ", clean_caption=False",
+        "same_images": "difffit samples through this same "
+        "pipeline class, with captions as written (`clean_caption=False`): given the same prompt, seed "
+        "and `use_resolution_binning=False`, diffusers draws difffit's images.",
+    }
     keep_bf16 = ("pos_embed.*", "adaln_single.*", "caption_projection.*", "proj_out")
-    shape_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
-                  "out_channels", "caption_channels", "cross_attention_dim", "use_additional_conditions")
-    config_keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size",
-                   "in_channels", "out_channels", "caption_channels")
+    shape_keys = (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "caption_channels",
+        "cross_attention_dim",
+        "use_additional_conditions",
+    )
+    config_keys = (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "patch_size",
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "caption_channels",
+    )
 
     def text_token_limit(self, base: PipelineBase | None = None) -> int | None:
         # The pipeline's own token count (PixArt-α 120, Σ 300): what its published models were trained to read.
         return None if base is None else pipeline_default(base.pipeline, "max_sequence_length")
 
     def owns(self, model: nn.Module) -> bool:
-        return type(model).__name__ in TRANSFORMER_CLASSES and getattr(model, "config", {}).get("norm_type") \
-            == "ada_norm_single"
+        return (
+            type(model).__name__ in TRANSFORMER_CLASSES
+            and getattr(model, "config", {}).get("norm_type") == "ada_norm_single"
+        )
 
     def shape_fields(self, config: dict) -> dict:
-        return {"latent_size": config["sample_size"], **self.channels(config), "patch_size": config["patch_size"],
-                "text_channels": config["caption_channels"]}
+        return {
+            "latent_size": config["sample_size"],
+            **self.channels(config),
+            "patch_size": config["patch_size"],
+            "text_channels": config["caption_channels"],
+        }
 
     def latent_size(self, config: dict) -> int:
         return config["sample_size"]
@@ -96,9 +122,14 @@ class PixArtFamily(TextFamily):
         inner = getattr(model, "module", model)  # DDP wraps the model
 
         def call(x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-            return model(x, encoder_hidden_states=text["prompt_embeds"].to(x.dtype),
-                         encoder_attention_mask=text["prompt_attention_mask"], timestep=t,
-                         added_cond_kwargs=micro_conditions(inner, x, base), return_dict=False)[0]
+            return model(
+                x,
+                encoder_hidden_states=text["prompt_embeds"].to(x.dtype),
+                encoder_attention_mask=text["prompt_attention_mask"],
+                timestep=t,
+                added_cond_kwargs=micro_conditions(inner, x, base),
+                return_dict=False,
+            )[0]
 
         return call
 
@@ -106,10 +137,15 @@ class PixArtFamily(TextFamily):
         config = base.scheduler_config()
         schedule = config.get("beta_schedule", "linear")
         if schedule not in SCHEDULES or config.get("prediction_type", "epsilon") != "epsilon":
-            raise DiffFitError(f"The base {base.spec} trains with a {schedule} {config.get('prediction_type')} "
-                               "schedule; difffit trains PixArt's epsilon prediction on linear betas only.")
-        start, end, steps = config.get("beta_start", 1e-4), config.get("beta_end", 0.02), \
-            config.get("num_train_timesteps", 1000)
+            raise DiffFitError(
+                f"The base {base.spec} trains with a {schedule} {config.get('prediction_type')} "
+                "schedule; difffit trains PixArt's epsilon prediction on linear betas only."
+            )
+        start, end, steps = (
+            config.get("beta_start", 1e-4),
+            config.get("beta_end", 0.02),
+            config.get("num_train_timesteps", 1000),
+        )
         if schedule == "scaled_linear":
             betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
         else:
@@ -117,17 +153,23 @@ class PixArtFamily(TextFamily):
         return GaussianDiffusion(num_train_steps=steps, betas=betas)
 
     def encode(self, pipe: Any, texts: list[str], device: torch.device, max_tokens: int) -> dict[str, torch.Tensor]:
-        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
-                                                clean_caption=False, max_sequence_length=max_tokens)
+        embeds, mask, _, _ = pipe.encode_prompt(
+            texts, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=max_tokens
+        )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     def pipeline_inputs(self, base: PipelineBase, text: dict, negative: dict, cfg_scale: float) -> dict:
         # No resolution binning: the pipeline samples at the size asked for, so image i depends only on the seed,
         # its prompt and i, and a merged pipeline given the same embeddings draws the same images.
-        return {"prompt_embeds": text["prompt_embeds"].float(), "prompt_attention_mask": text["prompt_attention_mask"],
-                "negative_prompt_embeds": negative["prompt_embeds"].float(),
-                "negative_prompt_attention_mask": negative["prompt_attention_mask"], "negative_prompt": None,
-                "guidance_scale": cfg_scale, "use_resolution_binning": False}
+        return {
+            "prompt_embeds": text["prompt_embeds"].float(),
+            "prompt_attention_mask": text["prompt_attention_mask"],
+            "negative_prompt_embeds": negative["prompt_embeds"].float(),
+            "negative_prompt_attention_mask": negative["prompt_attention_mask"],
+            "negative_prompt": None,
+            "guidance_scale": cfg_scale,
+            "use_resolution_binning": False,
+        }
 
 
 def micro_conditions(model: nn.Module, x: torch.Tensor, base: PipelineBase | None) -> dict:

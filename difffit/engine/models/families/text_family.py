@@ -66,10 +66,17 @@ class TextFamily(TextConditioning, FreeSize, Family):
     def describe(self, base: PipelineBase) -> dict:
         config = dict(base.model.config)
         return {
-            "kind": "base", "spec": base.spec, "source_format": base.source_format, "pipeline": base.pipeline,
-            "architecture": self.architecture(config), "total_params": sum(p.numel() for p in base.model.parameters()),
-            "resolution": base.resolution, **self.shape_fields(config), "max_text_tokens": base.max_text_tokens,
-            "fingerprint": base.fingerprint, "vae": base.vae_spec if base.source_format != "config" else None,
+            "kind": "base",
+            "spec": base.spec,
+            "source_format": base.source_format,
+            "pipeline": base.pipeline,
+            "architecture": self.architecture(config),
+            "total_params": sum(p.numel() for p in base.model.parameters()),
+            "resolution": base.resolution,
+            **self.shape_fields(config),
+            "max_text_tokens": base.max_text_tokens,
+            "fingerprint": base.fingerprint,
+            "vae": base.vae_spec if base.source_format != "config" else None,
             "hub_id": base.hub_id,
         }
 
@@ -105,8 +112,12 @@ class TextFamily(TextConditioning, FreeSize, Family):
             return name.endswith(".bias") or table
         if method == "lora":
             return added_reference(name) is not None and ".gamma_" not in name
-        return ((name.endswith(".bias") and not name.startswith(self.frozen_embedders)) or table
-                or ".gamma_" in name or name in norm_names)
+        return (
+            (name.endswith(".bias") and not name.startswith(self.frozen_embedders))
+            or table
+            or ".gamma_" in name
+            or name in norm_names
+        )
 
     def parameter_group(self, name: str, norm_names: set[str]) -> str:
         if name.endswith(self.tables):
@@ -148,8 +159,10 @@ class TextFamily(TextConditioning, FreeSize, Family):
         """The text and guidance arguments of the pipeline's __call__ (embeddings on the CPU, float32)."""
 
     def sampling_defaults(self, base: PipelineBase) -> dict:
-        defaults = {"cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
-                    "steps": int(pipeline_default(base.pipeline, "num_inference_steps"))}
+        defaults = {
+            "cfg_scale": float(pipeline_default(base.pipeline, "guidance_scale")),
+            "steps": int(pipeline_default(base.pipeline, "num_inference_steps")),
+        }
         return {**defaults, **self.card(base), "scheduler": default_scheduler_name(base, self.scheduler_classes)}
 
     def card(self, base: PipelineBase) -> dict:
@@ -157,24 +170,44 @@ class TextFamily(TextConditioning, FreeSize, Family):
         return self.card_defaults.get(base.hub_id, {})
 
     @torch.inference_mode()
-    def sample_images(self, base: PipelineBase, text: dict, negative: dict, generators: list[torch.Generator],
-                      options: SamplingOptions, device: torch.device) -> np.ndarray:
+    def sample_images(
+        self,
+        base: PipelineBase,
+        text: dict,
+        negative: dict,
+        generators: list[torch.Generator],
+        options: SamplingOptions,
+        device: torch.device,
+    ) -> np.ndarray:
         """One batch through the pipeline -> float (B, H, W, 3) in [0, 1], the pipeline's own post-processing."""
         vae = base.vae(device, torch.float32)
-        parts = {**dict.fromkeys(base.components.names()), "transformer": base.model, "vae": vae.vae,
-                 "scheduler": make_scheduler(base, options.scheduler, self.scheduler_classes)}
+        parts = {
+            **dict.fromkeys(base.components.names()),
+            "transformer": base.model,
+            "vae": vae.vae,
+            "scheduler": make_scheduler(base, options.scheduler, self.scheduler_classes),
+        }
         pipe = pipeline_class(base.pipeline)(**parts)
         pipe.set_progress_bar_config(disable=True)
         mixed = autocast_dtype(options.mixed_precision)
-        inputs = {name: value.to(device) if isinstance(value, torch.Tensor) else value
-                  for name, value in self.pipeline_inputs(base, text, negative, options.cfg_scale).items()}
+        inputs = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            for name, value in self.pipeline_inputs(base, text, negative, options.cfg_scale).items()
+        }
         # The pipeline draws its latents in the embeddings' dtype and steps the scheduler in it: float32 always
         # (bf16 scheduler steps lose detail); under --mixed-precision autocast runs the transformer in bf16/fp16.
-        with quiet_pipeline(base.pipeline), torch.autocast(device.type, dtype=mixed or torch.float32,
-                                                           enabled=mixed is not None):
-            return pipe(**inputs, num_inference_steps=options.steps, generator=generators,
-                        width=options.width or base.resolution, height=options.height or base.resolution,
-                        output_type="np").images
+        with (
+            quiet_pipeline(base.pipeline),
+            torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None),
+        ):
+            return pipe(
+                **inputs,
+                num_inference_steps=options.steps,
+                generator=generators,
+                width=options.width or base.resolution,
+                height=options.height or base.resolution,
+                output_type="np",
+            ).images
 
     def set_gradient_checkpointing(self, model: nn.Module, enabled: bool) -> None:
         """diffusers' own switch (`ModelMixin.enable_gradient_checkpointing`: non-reentrant torch checkpointing
