@@ -289,6 +289,7 @@ def test_the_default_text_tokens_are_the_pipelines_capped_by_its_long_text_token
     assert pipeline_tokens in (256, 512) and settings.get("model_max_length", 10**30) > pipeline_tokens
     tokenizer.write_text(json.dumps({**settings, "model_max_length": 24}))
     assert load_base(str(folder)).max_text_tokens == 24
+    assert describe_source(str(folder))["max_text_tokens"] == 24  # info reads the config alone, and the same
     shutil.copytree(folder, tmp_path / "long")  # a tokenizer made for more leaves the pipeline's default
     tokenizer = tmp_path / "long" / case.family.kind.long_text_tokenizer / "tokenizer_config.json"
     tokenizer.write_text(json.dumps({**settings, "model_max_length": 4096}))

@@ -1,7 +1,7 @@
 """Bases that are diffusers pipelines (PixArt, SD3, FLUX): a Hub id, a local folder, or an alias.
 
-`tiny-t2i` names the pipeline folder bundled under difffit/assets/tiny-t2i (a tiny PixArt-α trained on
-drawn scenes, rebuilt by examples/make_tiny_t2i_base.py); it loads as any local pipeline folder does.
+`tiny-t2i` names the pipeline folder bundled under difffit/assets/tiny-t2i (a tiny Stable Diffusion 3 trained
+on drawn scenes, rebuilt by examples/make_tiny_t2i_base.py); it loads as any local pipeline folder does.
 
 A pipeline base is diffusers' own transformer plus the pipeline's other components (text encoders and
 tokenizers, VAE, scheduler), read where the pipeline keeps them. Each family describes its pipelines with
@@ -358,7 +358,9 @@ def _transformer_class(kind: PipelineKind):
     return getattr(diffusers, kind.transformer_class)
 
 
-def _config_only(spec: str, config: dict, alias: Alias, kind: PipelineKind) -> PipelineBase:
+def _config_only(
+    spec: str, config: dict, alias: Alias, kind: PipelineKind, tokenizer_tokens: int | None = None
+) -> PipelineBase:
     with torch.device("meta"):
         model = _transformer_class(kind)(**config)
     return kind.base_class(
@@ -370,6 +372,7 @@ def _config_only(spec: str, config: dict, alias: Alias, kind: PipelineKind) -> P
         alias.pipeline,
         alias.transformer,
         family=kind.family,
+        tokenizer_tokens=tokenizer_tokens,
     )
 
 
@@ -396,6 +399,7 @@ def _load(
             {k: v for k, v in config.items() if not k.startswith("_")},
             Alias(hub_id or spec, components.repo_id or spec, pipeline),
             kind,
+            _tokenizer_length(components.folder / kind.long_text_tokenizer),
         )
     try:
         with library_bars_off():
