@@ -245,7 +245,8 @@ def difffit(*args: str) -> None:
 
 
 def main() -> None:
-    shutil.rmtree(DATA, ignore_errors=True)
+    for scratch in (DATA, RUN):  # this script's own folders: a rebuild starts from nothing, never resumes
+        shutil.rmtree(scratch, ignore_errors=True)
     write_scenes(DATA, SCENES, "light", seed=3)
     write_init()
     difffit("fit", "--recipe", str(REPO / "recipes" / "tiny-t2i-base.toml"))
