@@ -28,7 +28,7 @@ from difffit.engine.training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
-from make_examples import NEON_COLOURS, SCENE_COLOURS, SCENE_PLACES  # noqa: E402
+from make_examples import NEON_COLOURS, SCENE_BACKGROUNDS, SCENE_COLOURS, SCENE_PLACES  # noqa: E402
 
 TARGET = REPO / "examples" / "target-t2i"
 RECIPE = REPO / "recipes" / "quickstart-t2i.toml"
@@ -37,7 +37,7 @@ SAMPLES = 64  # by the target's first 64 captions
 # wide margin there (measured: base 25.7, adapted 1.5), and the shapes' places are above chance already.
 TEST_STEPS = 200
 SAMPLER_STEPS = 14  # the pipeline's own sampler and guidance (Euler, 7), at half its 28 steps to save time
-LIGHT, NEON = "on a light background", "as a neon outline on a dark background"
+LIGHT, NEON = SCENE_BACKGROUNDS["light"], SCENE_BACKGROUNDS["neon"]  # the styles' caption endings
 PALETTE = {name: np.array([SCENE_COLOURS[name], NEON_COLOURS[name]], dtype=float) for name in SCENE_COLOURS}
 
 
